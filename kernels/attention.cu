@@ -1,0 +1,2 @@
+// attention kernels. See common.cuh.
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// moe kernels. See common.cuh.
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// nf4 kernels. See common.cuh.
+#include "common.cuh"

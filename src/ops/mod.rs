@@ -1,0 +1,2 @@
+//! Launchers: argument validation, launch configuration and kernel launch for each op family.
+pub mod py;
