@@ -1,8 +1,9 @@
-// Common header for every gptoss-3090 kernel (compiled by NVRTC at run time).
+// Common header for every gptoss-3090 kernel (compiled by NVRTC at run time, sm_80 and newer).
 //
-// NVRTC has no headers built in and we do not depend on the CUDA toolkit's headers, so this file
-// provides the fixed-width integer types, bf16/fp16 conversions and the PTX helpers that the
-// kernels share. Every kernel file starts with `#include "common.cuh"`.
+// NVRTC has no headers built in, and we do not depend on the CUDA toolkit's headers at all, so
+// this file provides the fixed-width types, bf16/fp16 conversions (through PTX `cvt`) and the
+// small PTX helpers (mma.sync, ldmatrix, cp.async) that the kernel families share. Every kernel
+// file starts with `#include "common.cuh"`. Keep helpers small, named and commented with *why*.
 #pragma once
 
 typedef unsigned char u8;
@@ -12,3 +13,187 @@ typedef unsigned long long u64;
 typedef signed char i8;
 typedef int i32;
 typedef long long i64;
+
+// 16-byte vector for wide global loads (one LDG.128 per thread).
+struct __align__(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+// Element dtype selector shared with Rust (`crate::ops::Dtype`): 0 = bf16, 1 = fp16.
+#define DTYPE_BF16 0
+#define DTYPE_F16 1
+
+// ---------------------------------------------------------------------------------------------
+// Scalar conversions. bf16/fp16 values travel as raw u16 bit patterns.
+// ---------------------------------------------------------------------------------------------
+
+// bf16 -> f32 is exact: bf16 is the top half of an f32.
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> bf16 with round-to-nearest-even, as torch's `.to(torch.bfloat16)` does (NaN stays NaN).
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// fp16 -> f32 (exact).
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// f32 -> fp16, round-to-nearest-even.
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Dtype-generic load/store of one 16-bit element; `dtype` is a compile-time constant at call sites.
+template <int DTYPE>
+__device__ __forceinline__ float half_to_f32(u16 h) {
+    return DTYPE == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+template <int DTYPE>
+__device__ __forceinline__ u16 f32_to_half(float f) {
+    return DTYPE == DTYPE_BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+}
+
+// Two f32 -> one packed pair (low 16 bits = `lo`), the register layout mma.sync expects.
+template <int DTYPE>
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+    u32 r;
+    if (DTYPE == DTYPE_BF16) {
+        // cvt.rn.bf16x2.f32 d, a, b puts a in the upper half and b in the lower half.
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NF4 decoding.
+// ---------------------------------------------------------------------------------------------
+
+// The NF4 code table (bitsandbytes); index = 4-bit code. Code 7 is exact zero.
+__device__ __constant__ float kNf4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Elements per NF4 block and blocks per nested (double-quantization) block.
+#define NF4_BLOCK 64
+#define NF4_NESTED_BLOCK 256
+
+// ---------------------------------------------------------------------------------------------
+// Memory helpers.
+// ---------------------------------------------------------------------------------------------
+
+// 16-byte global load that bypasses L1 allocation: weights are streamed once, so caching them in
+// L1 would only evict activations that are reused.
+__device__ __forceinline__ u32x4 ld_global_stream_16(const void* ptr) {
+    u32x4 v;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// Converts a generic pointer to a shared-memory address, which cp.async and ldmatrix take.
+__device__ __forceinline__ u32 smem_addr(const void* ptr) {
+    return (u32)__cvta_generic_to_shared(ptr);
+}
+
+// cp.async 16 bytes global -> shared without staging through registers (sm_80+), so the copy of
+// the next tile overlaps the math on the current one.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem_dst)),
+                 "l"(gmem_src));
+}
+
+// Same, but copies only `src_bytes` (0..16) and zero-fills the rest: used for ragged tile edges
+// so out-of-range rows read as zero instead of faulting.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src,
+                                                  u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem_dst)),
+                 "l"(gmem_src), "r"(src_bytes));
+}
+
+// Closes the current group of cp.async copies, so a later wait can target it.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+// Waits until at most N groups are still in flight (N = pipeline depth - 1).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores.
+// ---------------------------------------------------------------------------------------------
+
+// ldmatrix x4: four 8x8 b16 tiles from shared memory into the mma.sync fragment layout in one
+// instruction, instead of 8 scalar shared loads per thread.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row_ptr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row_ptr)));
+}
+
+// ldmatrix x2 (two 8x8 tiles), for B fragments of an m16n8k16 product.
+__device__ __forceinline__ void ldmatrix_x2(u32 (&r)[2], const void* smem_row_ptr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(smem_row_ptr)));
+}
+
+// Transposing variant: loads row-major [k][n] tiles as the column-major B operand.
+__device__ __forceinline__ void ldmatrix_x2_trans(u32 (&r)[2], const void* smem_row_ptr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(smem_row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row_ptr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(smem_row_ptr)));
+}
+
+// D = A(16x16) * B(16x8) + C with fp32 accumulation: the sm_80 tensor-core instruction that also
+// runs on sm_86/89/90, so one kernel serves every target.
+template <int DTYPE>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    if (DTYPE == DTYPE_BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp reductions.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
