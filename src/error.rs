@@ -62,7 +62,11 @@ pub enum Error {
     NoNvrtc(String),
     /// The GPU is older than sm_80.
     #[error("GPU {ordinal} is sm_{major}{minor}; gptoss-3090 kernels need sm_80 or newer (Ampere, Ada, Hopper)")]
-    UnsupportedGpu { ordinal: i32, major: i32, minor: i32 },
+    UnsupportedGpu {
+        ordinal: i32,
+        major: i32,
+        minor: i32,
+    },
     /// NVRTC rejected a kernel source; carries the compiler log.
     #[error("NVRTC failed to compile kernels/{source_name} for {arch}:\n{log}")]
     Compile {
@@ -77,7 +81,11 @@ pub enum Error {
 
 impl Error {
     /// Shorthand for a [`Error::Tensor`] mismatch.
-    pub fn tensor(key: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> Self {
+    pub fn tensor(
+        key: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Self {
         Error::Tensor {
             key: key.into(),
             expected: expected.into(),
@@ -142,5 +150,24 @@ impl From<Error> for PyErr {
             Error::Compile { .. } => KernelCompileError::new_err(message),
             _ => CudaError::new_err(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_error_names_key_expected_and_found() {
+        let e = Error::tensor(
+            "model.layers.0.mlp.router.linear.weight",
+            "[32, 2880]",
+            "[32, 2881]",
+        );
+        let s = e.to_string();
+        assert!(s.contains("model.layers.0.mlp.router.linear.weight"));
+        assert!(s.contains("[32, 2880]") && s.contains("[32, 2881]"));
+        assert!(e.is_checkpoint());
+        assert!(!Error::arg("x").is_checkpoint());
     }
 }

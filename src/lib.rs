@@ -18,7 +18,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("CheckpointError", py.get_type::<error::CheckpointError>())?;
     m.add("CudaError", py.get_type::<error::CudaError>())?;
-    m.add("KernelCompileError", py.get_type::<error::KernelCompileError>())?;
+    m.add(
+        "KernelCompileError",
+        py.get_type::<error::KernelCompileError>(),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     nf4::py::register(m)?;
     checkpoint::py::register(m)?;
