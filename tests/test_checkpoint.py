@@ -17,7 +17,6 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 import bnb_fixtures as fx  # noqa: E402
-
 from gptoss_3090 import Checkpoint, CheckpointError, FusedExperts, open_checkpoint  # noqa: E402
 
 

@@ -14,7 +14,6 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 import bnb_fixtures as fx  # noqa: E402
-
 from gptoss_3090 import CheckpointError, open_checkpoint  # noqa: E402
 
 SPEC = fx.Spec(
@@ -72,7 +71,7 @@ def test_sanity_base_opens(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> 
     assert ck.summary()["experts"] == SPEC.experts
 
 
-# --- damaged files ------------------------------------------------------------------------------
+# --- damaged files ---
 
 @pytest.mark.parametrize("keep", [0, 5, 20, -100, -1])
 def test_truncated_shard(tmp_path: Path, tensors: dict[str, torch.Tensor], keep: int) -> None:
@@ -141,7 +140,7 @@ def test_fuzzed_headers_never_crash(tmp_path: Path, tensors: dict[str, torch.Ten
             pass
 
 
-# --- config ----------------------------------------------------------------------------------------
+# --- config ---
 
 def test_missing_config(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path = save(tmp_path, tensors)
@@ -188,7 +187,7 @@ def test_no_shards(tmp_path: Path) -> None:
     expect(tmp_path, str(tmp_path), "safetensors")
 
 
-# --- quant states ----------------------------------------------------------------------------------
+# --- quant states ---
 
 def test_fp4_instead_of_nf4(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     requantize(tensors, GU1, (2 * SPEC.intermediate, SPEC.hidden), nested=True, quant_type="fp4")
@@ -294,7 +293,7 @@ def test_missing_absmax(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Non
     expect(save(tmp_path, tensors), f"{GU1}.weight.absmax", "missing")
 
 
-# --- inventory -------------------------------------------------------------------------------------
+# --- inventory ---
 
 def test_missing_expert(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     drop(tensors, GU1)
@@ -353,7 +352,7 @@ def test_hf_fused_layout_is_named(tmp_path: Path, tensors: dict[str, torch.Tenso
            "Hugging Face fused expert layout")
 
 
-# --- shards and index ------------------------------------------------------------------------------
+# --- shards and index ---
 
 @pytest.mark.parametrize("with_index", [False, True])
 def test_duplicated_expert_in_two_shards(
@@ -419,7 +418,7 @@ def test_bad_index_json(tmp_path: Path, tensors: dict[str, torch.Tensor], text: 
     expect(path, "model.safetensors.index.json")
 
 
-# --- fused experts that cannot be fused ------------------------------------------------------------
+# --- fused experts that cannot be fused ---
 
 def test_mixed_nesting_in_one_layer(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     requantize(tensors, GU1, (2 * SPEC.intermediate, SPEC.hidden), nested=False)

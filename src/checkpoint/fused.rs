@@ -263,7 +263,11 @@ pub fn layout(ckpt: &Checkpoint, layer: usize, proj: Proj) -> Result<FusedLayout
     let (n, k) = match first.shape.as_slice() {
         [n, k] => (*n, *k),
         other => {
-            return Err(Error::tensor(&first.key, "a 2-D weight", format!("shape {other:?}")))
+            return Err(Error::tensor(
+                &first.key,
+                "a 2-D weight",
+                format!("shape {other:?}"),
+            ))
         }
     };
     if first.numel % BLOCKSIZE != 0 {
@@ -305,7 +309,11 @@ pub fn layout(ckpt: &Checkpoint, layer: usize, proj: Proj) -> Result<FusedLayout
             let s = |x: bool| if x { "nested" } else { "not nested" };
             return Err(Error::tensor(
                 &t.key,
-                format!("{} statistics like {}", s(first.nested.is_some()), first.key),
+                format!(
+                    "{} statistics like {}",
+                    s(first.nested.is_some()),
+                    first.key
+                ),
                 s(t.nested.is_some()),
             ));
         }
@@ -350,7 +358,7 @@ fn check_len(name: &str, buf: &[u8], expected: usize) -> Result<()> {
     Ok(())
 }
 
-fn need<'a, 'b>(name: &str, b: &'a mut Option<&'b mut [u8]>) -> Result<&'a mut [u8]> {
+fn need<'a>(name: &str, b: &'a mut Option<&mut [u8]>) -> Result<&'a mut [u8]> {
     match b {
         Some(x) => Ok(&mut **x),
         None => Err(Error::arg(format!(
@@ -397,7 +405,12 @@ fn copy_experts(
 
 /// Fills the caller's buffers with the fused view of (layer, proj), in one pass over the mapped
 /// bytes, using up to `threads` threads (experts split evenly). Call without the GIL.
-pub fn fill(ckpt: &Checkpoint, lay: &FusedLayout, mut out: FusedOut<'_>, threads: usize) -> Result<()> {
+pub fn fill(
+    ckpt: &Checkpoint,
+    lay: &FusedLayout,
+    mut out: FusedOut<'_>,
+    threads: usize,
+) -> Result<()> {
     let e = lay.experts;
     for spec in lay.buffers() {
         let buf: &[u8] = match spec.name {
@@ -468,8 +481,7 @@ pub fn fill(ckpt: &Checkpoint, lay: &FusedLayout, mut out: FusedOut<'_>, threads
     // The shared maps: taken from expert 0 (validated identical across experts).
     let t0 = linears.first().map(nf4_of).transpose()?;
     if let Some(t0) = t0 {
-        out.quant_map
-            .copy_from_slice(shards.bytes(&t0.quant_map)?);
+        out.quant_map.copy_from_slice(shards.bytes(&t0.quant_map)?);
         if let (Some(d), Some(nr)) = (out.nested_quant_map.as_deref_mut(), &t0.nested) {
             d.copy_from_slice(shards.bytes(&nr.nested_quant_map)?);
         }
@@ -566,16 +578,15 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
             v.experts
         )));
     }
-    let numel = v
-        .n
-        .checked_mul(v.k)
-        .filter(|&x| x > 0 && x % BLOCKSIZE == 0)
-        .ok_or_else(|| {
-            Error::arg(format!(
-                "fused shape: expected N*K > 0 and divisible by {BLOCKSIZE}, found N={} K={}",
-                v.n, v.k
-            ))
-        })?;
+    let numel =
+        v.n.checked_mul(v.k)
+            .filter(|&x| x > 0 && x % BLOCKSIZE == 0)
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "fused shape: expected N*K > 0 and divisible by {BLOCKSIZE}, found N={} K={}",
+                    v.n, v.k
+                ))
+            })?;
     let total = |per: usize| -> Result<usize> {
         per.checked_mul(v.experts)
             .ok_or_else(|| Error::arg("fused shape: size overflow"))
@@ -585,7 +596,9 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
     check_len("quant_map", v.quant_map, 64)?;
     let qmap = read_f32s(v.quant_map);
     if matches!(v.dtype, FloatDtype::F32) {
-        return Err(Error::arg("dtype: expected bfloat16 or float16, found float32"));
+        return Err(Error::arg(
+            "dtype: expected bfloat16 or float16, found float32",
+        ));
     }
     match (v.nested_absmax, v.nested_offset, v.nested_quant_map) {
         (Some(nab), Some(off), Some(nqm)) => {
@@ -601,12 +614,24 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
                 nested_map: &nmap,
                 offset: off.first().copied().unwrap_or(0.0),
             };
-            nf4::dequantize_into(packed, &stats, &qmap, numel, DequantOut::Bits16(out, v.dtype))
+            nf4::dequantize_into(
+                packed,
+                &stats,
+                &qmap,
+                numel,
+                DequantOut::Bits16(out, v.dtype),
+            )
         }
         (None, None, None) => {
             let abs = read_f32s(slice_of("absmax", v.absmax, nb * 4, e, total(nb * 4)?)?);
             let stats = Absmax::Plain(&abs);
-            nf4::dequantize_into(packed, &stats, &qmap, numel, DequantOut::Bits16(out, v.dtype))
+            nf4::dequantize_into(
+                packed,
+                &stats,
+                &qmap,
+                numel,
+                DequantOut::Bits16(out, v.dtype),
+            )
         }
         _ => Err(Error::arg(
             "fused buffers: nested_absmax, nested_offset and nested_quant_map must be all given \

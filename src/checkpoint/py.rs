@@ -45,13 +45,19 @@ fn float_dtype(s: &str) -> Result<FloatDtype, Error> {
 }
 
 fn slice_ro<'a>(name: &str, a: &'a PyReadonlyArray1<'_, u8>) -> Result<&'a [u8], Error> {
-    a.as_slice()
-        .map_err(|_| Error::arg(format!("buffer '{name}': expected a contiguous uint8 array")))
+    a.as_slice().map_err(|_| {
+        Error::arg(format!(
+            "buffer '{name}': expected a contiguous uint8 array"
+        ))
+    })
 }
 
 fn slice_rw<'a>(name: &str, a: &'a mut PyReadwriteArray1<'_, u8>) -> Result<&'a mut [u8], Error> {
-    a.as_slice_mut()
-        .map_err(|_| Error::arg(format!("buffer '{name}': expected a contiguous uint8 array")))
+    a.as_slice_mut().map_err(|_| {
+        Error::arg(format!(
+            "buffer '{name}': expected a contiguous uint8 array"
+        ))
+    })
 }
 
 /// An opened, validated GPT-OSS checkpoint (the native half of `gptoss_3090.Checkpoint`).
