@@ -457,13 +457,42 @@ pub fn fill(
         for entry in [&t.packed, &t.absmax, &bias.entry] {
             ranges.push(entry.clone());
         }
-        srcs.push(ExpertSrc {
+        let src = ExpertSrc {
             packed: shards.bytes(&t.packed)?,
             absmax: shards.bytes(&t.absmax)?,
             nested_absmax: nab,
             offset,
             bias: shards.bytes(&bias.entry)?,
-        });
+        };
+        // The layout may come from the caller: every source must have exactly the per-expert
+        // size the destination slots have, or the copy would not line up.
+        let sizes = [
+            ("packed", src.packed.len(), lay.packed_per_expert()),
+            (
+                "absmax",
+                src.absmax.len(),
+                lay.blocks_per_expert() * lay.absmax_item(),
+            ),
+            (
+                "nested_absmax",
+                src.nested_absmax.len(),
+                lay.nested_blocks_per_expert() * 4,
+            ),
+            ("bias", src.bias.len(), lay.n * lay.bias_item()),
+        ];
+        for (what, found, expected) in sizes {
+            if found != expected {
+                return Err(Error::tensor(
+                    &t.key,
+                    format!(
+                        "{expected} bytes of {what} per expert (layout of layer {})",
+                        lay.layer
+                    ),
+                    format!("{found} bytes"),
+                ));
+            }
+        }
+        srcs.push(src);
     }
     if srcs.len() != e {
         return Err(Error::arg(format!(
@@ -570,8 +599,9 @@ fn slice_of<'a>(name: &str, buf: &'a [u8], per: usize, e: usize, total: usize) -
         .ok_or_else(|| Error::arg(format!("fused buffer '{name}': expert {e} out of range")))
 }
 
-/// Dequantizes expert `e` straight from fused buffers into `out` (`N*K` raw 16-bit values).
-pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result<()> {
+/// Dequantizes expert `e` straight from fused buffers: `N*K` raw 16-bit values of `v.dtype`.
+/// The output is allocated only after the buffer sizes have been checked against the shape.
+pub fn dequantize_expert(v: &FusedView<'_>, e: usize) -> Result<Vec<u16>> {
     if e >= v.experts {
         return Err(Error::arg(format!(
             "expert: expected an index in 0..{}, found {e}",
@@ -600,7 +630,9 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
             "dtype: expected bfloat16 or float16, found float32",
         ));
     }
-    match (v.nested_absmax, v.nested_offset, v.nested_quant_map) {
+    let mut bits = vec![0u16; numel];
+    let out = &mut bits[..];
+    let done = match (v.nested_absmax, v.nested_offset, v.nested_quant_map) {
         (Some(nab), Some(off), Some(nqm)) => {
             let nnb = nb.div_ceil(NESTED_BLOCKSIZE);
             let codes = slice_of("absmax", v.absmax, nb, e, total(nb)?)?;
@@ -637,5 +669,66 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
             "fused buffers: nested_absmax, nested_offset and nested_quant_map must be all given \
              (nested) or all None",
         )),
+    };
+    done.map(|()| bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes_for_gpt_oss_20b_gate_up() {
+        let lay = FusedLayout {
+            layer: 0,
+            proj: Proj::GateUp,
+            experts: 32,
+            n: 5760,
+            k: 2880,
+            nested: true,
+            dtype: FloatDtype::BF16,
+            bias_dtype: Dtype::BF16,
+        };
+        assert_eq!(lay.packed_per_expert(), 8_294_400);
+        assert_eq!(lay.blocks_per_expert(), 259_200);
+        assert_eq!(lay.nested_blocks_per_expert(), 1013);
+        let names: Vec<_> = lay.buffers().iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            [
+                "packed",
+                "absmax",
+                "nested_absmax",
+                "nested_offset",
+                "bias",
+                "quant_map",
+                "nested_quant_map"
+            ]
+        );
+        let expected = 32 * (8_294_400 + 259_200 + 1013 * 4 + 4 + 5760 * 2) + 64 + 1024;
+        assert_eq!(lay.total_bytes(), expected);
+        let plain = FusedLayout {
+            nested: false,
+            ..lay
+        };
+        assert_eq!(plain.buffers().len(), 4);
+        assert_eq!(
+            plain.total_bytes(),
+            32 * (8_294_400 + 259_200 * 4 + 5760 * 2) + 64
+        );
+    }
+
+    #[test]
+    fn projection_names() {
+        assert_eq!(
+            Proj::parse("gate_up").map(Proj::as_str).ok(),
+            Some("gate_up")
+        );
+        assert_eq!(Proj::parse("down").map(Proj::as_str).ok(), Some("down"));
+        let err = Proj::parse("up")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("'up'"), "{err}");
     }
 }

@@ -253,14 +253,7 @@ fn fused_dequantize<'py>(
             .map(|a| slice_ro("nested_quant_map", a))
             .transpose()?,
     };
-    let numel = n
-        .checked_mul(k)
-        .ok_or_else(|| Error::arg("fused shape: N*K overflows"))?;
-    let bits = py.detach(|| -> Result<Vec<u16>, Error> {
-        let mut out = vec![0u16; numel];
-        fused::dequantize_expert(&view, e, &mut out)?;
-        Ok(out)
-    })?;
+    let bits = py.detach(|| fused::dequantize_expert(&view, e))?;
     Ok(PyArray1::from_vec(py, bits))
 }
 
