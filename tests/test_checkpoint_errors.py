@@ -119,13 +119,11 @@ def test_wrong_header_sizes(tmp_path: Path, tensors: dict[str, torch.Tensor]) ->
 
 def test_fuzzed_headers_never_crash(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Random byte flips in the header and random truncations: open or CheckpointError."""
-    small = {k: v for k, v in tensors.items() if k.startswith("model.layers.0.self_attn.k_proj")}
     path = save(tmp_path, tensors)
     f = path / "model.safetensors"
     original = f.read_bytes()
     (hlen,) = struct.unpack("<Q", original[:8])
     rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-    assert small
     for _ in range(40):
         data = bytearray(original)
         if rng.random() < 0.7:
