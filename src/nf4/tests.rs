@@ -1,0 +1,2 @@
+//! Unit tests for exact NF4.
+use super::*;
