@@ -58,42 +58,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptoss_3090 import _native
 from gptoss_3090 import presets as _presets
 from gptoss_3090 import tokenizer as _tokenizer
 
 __all__ = [
-    "NF4_CODE",
     "dequantize_nf4",
-    "dynamic_map_signed",
     "quantize_nf4",
     "write_synthetic_checkpoint",
 ]
 
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
-
-#: The bitsandbytes NF4 code table (index = 4-bit code), also stored as ``weight.quant_map``.
-NF4_CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -117,71 +93,10 @@ _TINY_SHARDS = 3
 # --------------------------------------------------------------------------------------------
 
 
-def dynamic_map_signed() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted f32), used for nested absmax.
-
-    Built the way bitsandbytes' ``create_dynamic_map(signed=True, max_exponent_bits=7,
-    total_bits=8)`` builds it (fp32 linspace midpoints scaled by powers of ten, plus 0 and 1).
-    """
-    values: list[float] = []
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scale = 10 ** (-6 + i)
-        values += (scale * means).tolist()
-        values += (-scale * means).tolist()
-    values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def _native_quantize() -> Callable[..., dict] | None:
-    try:
-        from gptoss_3090 import _native
-    except ImportError:  # pragma: no cover - extension not built
-        return None
-    return getattr(_native, "nf4_quantize", None)
-
-
-def _torch_quantize(values: torch.Tensor, nested: bool) -> dict[str, Any]:
-    """Plain torch NF4 quantizer with bitsandbytes' CUDA rounding (ties to the lower code).
-
-    Only used when the native quantizer (``_native.nf4_quantize``) is unavailable; the
-    checkpoint format does not depend on which quantizer made the codes.
-    """
-    blocks = values.view(-1, BLOCKSIZE)
-    absmax = blocks.abs().amax(dim=1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = blocks * inv[:, None]
-    mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2.0
-    codes = torch.bucketize(scaled, mids, right=False).to(torch.uint8).view(-1, 2)
-    packed = (codes[:, 0] << 4) | codes[:, 1]
-    out: dict[str, Any] = {"packed": packed.numpy()}
-    if not nested:
-        out["absmax"] = absmax.numpy()
-        return out
-    offset = absmax.mean()
-    centred = absmax - offset
-    nb = centred.numel()
-    pad = (-nb) % NESTED_BLOCKSIZE
-    padded = torch.cat([centred, centred.new_zeros(pad)]).view(-1, NESTED_BLOCKSIZE)
-    nabs = padded.abs().amax(dim=1)
-    ninv = torch.where(nabs > 0, 1.0 / nabs, torch.zeros_like(nabs))
-    normed = (padded * ninv[:, None]).reshape(-1)[:nb]
-    dmap = dynamic_map_signed()
-    dmids = (dmap[:-1] + dmap[1:]) / 2.0
-    out["absmax"] = torch.bucketize(normed, dmids).to(torch.uint8).numpy()
-    out["nested_absmax"] = nabs.numpy()
-    out["nested_offset"] = float(offset)
-    return out
-
-
 def quantize_nf4(values: torch.Tensor, nested: bool) -> dict[str, Any]:
-    """Quantizes a flat f32 tensor (length a multiple of 64) to NF4.
+    """Quantizes a flat f32 tensor (length a multiple of 64) to NF4 (bitsandbytes' CUDA rounding).
 
-    Uses the exact native quantizer ``gptoss_3090._native.nf4_quantize`` when the extension
-    provides it (it releases the GIL), else a torch implementation.
+    Thin wrapper over ``gptoss_3090._native.nf4_quantize`` (which releases the GIL).
 
     Returns:
         ``{"packed": uint8[n/2], "absmax": uint8[nb] | f32[nb]}`` plus, when nested,
@@ -190,44 +105,28 @@ def quantize_nf4(values: torch.Tensor, nested: bool) -> dict[str, Any]:
     flat = values.reshape(-1).to(torch.float32).contiguous()
     if flat.numel() % BLOCKSIZE:
         raise ValueError(f"NF4 needs a multiple of {BLOCKSIZE} elements, got {flat.numel()}")
-    native = _native_quantize()
-    if native is None:
-        return _torch_quantize(flat, nested)
-    res = native(flat.numpy(), nested)
-    out: dict[str, Any] = {
-        "packed": np.asarray(res["packed"], dtype=np.uint8).reshape(-1),
-        "absmax": np.asarray(res["absmax"]).reshape(-1),
-    }
-    if nested:
-        out["nested_absmax"] = np.asarray(res["nested_absmax"], dtype=np.float32).reshape(-1)
-        out["nested_offset"] = float(res["nested_offset"])
-    return out
-
-
-def _absmax_f32(q: dict[str, Any]) -> torch.Tensor:
-    absmax = torch.from_numpy(np.ascontiguousarray(q["absmax"]))
-    if "nested_absmax" not in q:
-        return absmax.to(torch.float32)
-    nb = absmax.numel()
-    dmap = dynamic_map_signed()
-    scale = torch.from_numpy(np.ascontiguousarray(q["nested_absmax"], dtype=np.float32))
-    per_block = scale.repeat_interleave(NESTED_BLOCKSIZE)[:nb]
-    # fp32 multiply, then fp32 add (two roundings), as bitsandbytes does.
-    prod = dmap[absmax.to(torch.int64)] * per_block
-    return prod + torch.tensor(q["nested_offset"], dtype=torch.float32)
+    return dict(_native.nf4_quantize(flat.numpy(), nested))
 
 
 def dequantize_nf4(q: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     """Exact dequantization of :func:`quantize_nf4`'s output to a flat ``dtype`` tensor.
 
-    ``W[i] = cast(NF4[code(i)] * absmax_f32[i // 64])``: fp32 product, one round-to-nearest
-    cast, with the nested absmax ``map[code] * nested_absmax[b // 256] + offset`` in fp32.
+    ``W[i] = cast(NF4[code(i)] * absmax_f32[i // 64])`` (fp32 product, one cast), with nested
+    absmax ``map[code] * nested_absmax[b // 256] + offset`` in fp32: ``_native.nf4_dequantize``.
     """
-    packed = torch.from_numpy(np.ascontiguousarray(q["packed"]))
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).to(torch.int32)
-    vals = NF4_CODE.index_select(0, codes).view(-1, BLOCKSIZE)
-    vals *= _absmax_f32(q)[:, None]
-    return vals.reshape(-1).to(dtype)
+    n = q["packed"].size * 2
+    nested = "nested_absmax" in q
+    out = _native.nf4_dequantize(
+        q["packed"],
+        q["absmax"],
+        n,
+        _DTYPE_NAMES[dtype],
+        _native.nf4_code_table(),
+        q["nested_absmax"] if nested else None,
+        _native.dynamic_map_signed() if nested else None,
+        q["nested_offset"] if nested else None,
+    )
+    return torch.from_numpy(out.view(np.int16)).view(dtype)
 
 
 def _quant_state_json(q: dict[str, Any], shape: tuple[int, int], dtype: torch.dtype) -> bytes:
@@ -254,12 +153,12 @@ def _bnb_tensors(
     items: list[tuple[str, Any, tuple[int, ...]]] = [
         (f"{prefix}.weight", packed, (packed.size, 1)),
         (f"{prefix}.weight.absmax", absmax, (absmax.size,)),
-        (f"{prefix}.weight.quant_map", NF4_CODE.numpy(), (16,)),
+        (f"{prefix}.weight.quant_map", _native.nf4_code_table(), (16,)),
     ]
     if "nested_absmax" in q:
         nabs = q["nested_absmax"]
         items.append((f"{prefix}.weight.nested_absmax", nabs, (nabs.size,)))
-        items.append((f"{prefix}.weight.nested_quant_map", dynamic_map_signed().numpy(), (256,)))
+        items.append((f"{prefix}.weight.nested_quant_map", _native.dynamic_map_signed(), (256,)))
     blob = np.frombuffer(_quant_state_json(q, shape, dtype), dtype=np.uint8)
     items.append((f"{prefix}.weight.quant_state.bitsandbytes__nf4", blob, (blob.size,)))
     return items
