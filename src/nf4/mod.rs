@@ -23,12 +23,20 @@
 //!
 //! Quantization mirrors bitsandbytes' CUDA kernels (`kQuantizeBlockwise*`, `dQuantizeNF4`,
 //! `dQuantize<0>`): per-block absmax in fp32, values multiplied by the fp32 reciprocal `1/absmax`,
-//! NF4 code chosen by comparing against the fp32 midpoints of adjacent codes (ties go to the lower
-//! code), all-zero blocks get code 0 (`0 * inf = NaN` fails every comparison). bitsandbytes' CPU
-//! path differs in two documented places: it writes code 7 for an all-zero block, and its 8-bit
-//! (nested) quantizer uses a 65,536-bin approximation instead of the exact search used here.
-//! The nested offset is the mean of the block absmax values accumulated in f64 and rounded once to
-//! f32; torch's fp32 `mean()` may differ from it in the last bit.
+//! NF4 code chosen by comparing against the CUDA thresholds [`NF4_THRESHOLDS`] (ties go to the
+//! lower code), all-zero blocks get code 0 (`0 * inf = NaN` fails every comparison), the 8-bit
+//! nested codes by the CUDA binary search + midpoint rule.
+//!
+//! Where this cannot be bit-identical to a CUDA-made checkpoint:
+//! - bitsandbytes builds its CUDA library with `--use_fast_math`, so its `1.0f / absmax` is
+//!   `rcp.approx.ftz.f32` (up to 1 ulp off). We use the correctly rounded reciprocal. A code can
+//!   differ only where `value * (1/absmax)` lies within about one ulp of a threshold.
+//! - The nested offset is the mean of the block absmax values accumulated in f64 and rounded once
+//!   to f32; torch's fp32 `mean()` (CPU or CUDA) may differ in the last bit.
+//!
+//! bitsandbytes' CPU path differs from its CUDA path: code 7 for an all-zero block, fp32
+//! midpoints instead of the CUDA literals (see [`NF4_THRESHOLDS`]), division instead of the
+//! reciprocal for a partial last block, and a 65,536-bin approximation for the 8-bit nested codes.
 
 pub mod py;
 
@@ -40,6 +48,8 @@ pub const BLOCKSIZE: usize = 64;
 pub const NESTED_BLOCKSIZE: usize = 256;
 
 /// NF4 code table; index = 4-bit code.
+// The literals are bitsandbytes' decimal strings; they round to the intended f32 values.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -59,20 +69,36 @@ pub const NF4_CODE: [f32; 16] = [
     1.0,
 ];
 
-/// Decision thresholds of the NF4 quantizer: the fp32 midpoints of adjacent codes.
+/// Decision thresholds of the NF4 quantizer, exactly as bitsandbytes' CUDA `dQuantizeNF4` has them.
 ///
-/// These equal, bit for bit, the constants of bitsandbytes' CUDA `dQuantizeNF4` decision tree.
-/// A value `x` gets the code `#{k : x > NF4_THRESHOLDS[k]}`, so a value exactly on a midpoint
+/// A value `x` gets the code `#{k : x > NF4_THRESHOLDS[k]}`, so a value exactly on a threshold
 /// goes to the lower code and NaN gets code 0.
-pub const NF4_THRESHOLDS: [f32; 15] = {
-    let mut t = [0.0f32; 15];
-    let mut k = 0;
-    while k < 15 {
-        t[k] = (NF4_CODE[k] + NF4_CODE[k + 1]) * 0.5;
-        k += 1;
-    }
-    t
-};
+///
+/// The CUDA source writes the midpoints of adjacent codes as decimal `float` literals, which the
+/// compiler rounds directly to f32 (checked with NVRTC's PTX output). For 11 of the 15 this is
+/// the fp32 midpoint `(c[k] + c[k+1]) / 2`; for k = 0, 8, 12 and 14 the exact midpoint is a tie
+/// between two f32 values and the literal lands one ulp away from the round-to-even fp32
+/// midpoint. bitsandbytes' CPU quantizer (`torch.bucketize` over fp32 midpoints) therefore
+/// disagrees with CUDA for a normalised value exactly equal to one of those four values.
+// The literals are kept exactly as in the CUDA source: rounding them is the point.
+#[allow(clippy::excessive_precision)]
+pub const NF4_THRESHOLDS: [f32; 15] = [
+    -0.848_096_400_499_343_9,
+    -0.610_632_926_225_662_2,
+    -0.459_995_269_775_390_6,
+    -0.339_679_434_895_515_44,
+    -0.234_607_405_960_559_84,
+    -0.137_911_733_239_889_14,
+    -0.045_525_018_125_772_476,
+    0.039_790_149_778_127_67,
+    0.120_255_250_483_751_3,
+    0.203_521_251_678_466_8,
+    0.292_013_771_831_989_3,
+    0.389_312_535_524_368_3,
+    0.501_663_416_624_069_2,
+    0.642_786_920_070_648_2,
+    0.861_478_418_111_801_1,
+];
 
 /// Inputs at least this long are split over two threads.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 20;
