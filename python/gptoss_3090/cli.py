@@ -34,6 +34,14 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _size(n: float) -> str:
+    """Decimal size with a unit that keeps 3 significant digits readable."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def _gib(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
@@ -75,7 +83,7 @@ def _format_inspect(summary: dict[str, Any], plan: dict[str, Any]) -> str:
         for x in (
             f"{files} files" if files is not None else "",
             f"{tensors} tensors" if tensors is not None else "",
-            _gb(total) if total is not None else "",
+            _size(total) if total is not None else "",
         )
         if x
     )
@@ -97,7 +105,12 @@ def _format_inspect(summary: dict[str, Any], plan: dict[str, Any]) -> str:
     lines.append(f"format        {fmt}; nested {s('nested')}; dtype {s('dtype')}")
     by_cat = s("bytes") or {}
     if by_cat:
-        lines.append("bytes         " + ", ".join(f"{k} {_gb(v)}" for k, v in by_cat.items()))
+        parts = [f"{k} {_size(v)}" for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+        for i in range(0, len(parts), 4):
+            head = "bytes         " if i == 0 else "              "
+            lines.append(head + ", ".join(parts[i : i + 4]))
+    if s("gpu_weight_bytes") is not None:
+        lines.append(f"GPU weights   {_gib(s('gpu_weight_bytes'))}")
     lines.append("")
     lines.append(
         f"memory plan   budget {_gib(plan['budget_bytes'])}, "
