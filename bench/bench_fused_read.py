@@ -21,8 +21,8 @@ What it measures, in one process and one run (page cache warm for both):
    only; the mapped checkpoint pages count in ``RssFile``), sampled every 2 ms by a thread
    and after every build, minus the value before the builds.
 4. **inspect**: wall time of ``python -m gptoss_3090.cli inspect PATH --json`` in a fresh
-   process (Python start-up and imports included), and of ``open_checkpoint(path).summary()``
-   in this process.
+   process (Python start-up and imports included), of ``import gptoss_3090`` alone in a fresh
+   process, and of ``open_checkpoint(path).summary()`` in this process.
 
 Targets (issue 2): fused >= 0.8x plain read, peak RssAnon beyond baseline < 1 GB, inspect < 2 s.
 Results are printed as a table and written to ``bench/results/fused_read-<host>-<time>.json``.
@@ -157,6 +157,22 @@ def time_inspect(path: Path) -> float:
     return elapsed
 
 
+def time_import() -> float:
+    """Seconds to ``import gptoss_3090`` in a fresh interpreter (measured inside it)."""
+    code = (
+        "import time; t = time.perf_counter(); import gptoss_3090; print(time.perf_counter() - t)"
+    )
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[1] / "python"
+    env["PYTHONPATH"] = (
+        f"{root}{os.pathsep}{env['PYTHONPATH']}" if "PYTHONPATH" in env else str(root)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -193,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_reuse = sampler2.peak - base_reuse
 
     inspect_s = min(time_inspect(args.path) for _ in range(2))
+    import_s = min(time_import() for _ in range(2))
 
     plain_gbs = plain_bytes / plain_s / 1e9
     fused_gbs = fused_bytes / fused_s / 1e9
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "inspect_subprocess_seconds": inspect_s,
         "open_and_summary_seconds": open_s,
+        "import_gptoss_3090_seconds": import_s,
         "targets": {"ratio_vs_plain": 0.8, "peak_rss_beyond_cache_bytes": 1e9, "inspect_s": 2.0},
     }
 
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28}{nbytes / 1e9:>8.2f}{secs:>8.2f}{gbs:>8.2f}{r:>9}{pk:>14}")
     print(
         f"inspect (fresh process, --json): {inspect_s:.2f} s; "
+        f"of which `import gptoss_3090` {import_s:.2f} s; "
         f"open+summary in-process: {open_s:.3f} s"
     )
 

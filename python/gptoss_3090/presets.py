@@ -27,7 +27,7 @@ from typing import Any
 
 from gptoss_3090 import tokenizer as _tok
 
-__all__ = ["GPTOSS_20B", "PRESETS", "TINY", "get_preset"]
+__all__ = ["GPTOSS_20B", "PRESETS", "TINY", "get_preset", "special_ids_for"]
 
 
 def _layer_types(n: int) -> list[str]:

@@ -565,6 +565,9 @@ def _clear_outputs(out: Path) -> None:
                 and (p.name.endswith(".safetensors") or p.name.endswith(".safetensors.partial"))
             ):
                 p.unlink()
+    ref = out / "reference"
+    if ref.is_dir() and not any(ref.iterdir()):
+        ref.rmdir()
 
 
 @dataclass
