@@ -130,7 +130,7 @@ def quantize_linear(
     quant_type: str = "nf4",
     blocksize: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """bitsandbytes-quantizes ``weight`` and returns the state-dict entries of ``<prefix>.weight``."""
+    """Quantizes ``weight`` with bitsandbytes: the state-dict entries of ``<prefix>.weight``."""
     if bnbf is None:  # pragma: no cover
         raise RuntimeError("bitsandbytes is required to write fixtures")
     packed, qs = bnbf.quantize_4bit(

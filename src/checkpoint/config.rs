@@ -106,7 +106,9 @@ fn get_dim(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
 
 fn require_dim(obj: &Map<String, Value>, key: &str) -> Result<usize> {
     get_dim(obj, key)?.ok_or_else(|| {
-        Error::Config(format!("'{key}': expected a positive integer, found nothing (key missing)"))
+        Error::Config(format!(
+            "'{key}': expected a positive integer, found nothing (key missing)"
+        ))
     })
 }
 
@@ -114,7 +116,9 @@ fn get_bool(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<bo
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(Error::Config(format!("{what}'{key}': expected true or false, found {v}"))),
+        Some(v) => Err(Error::Config(format!(
+            "{what}'{key}': expected true or false, found {v}"
+        ))),
     }
 }
 
@@ -122,7 +126,9 @@ fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, what: &str) -> Result<Opt
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(Error::Config(format!("{what}'{key}': expected a string, found {v}"))),
+        Some(v) => Err(Error::Config(format!(
+            "{what}'{key}': expected a string, found {v}"
+        ))),
     }
 }
 
@@ -227,7 +233,10 @@ impl ModelConfig {
     /// Validates an already parsed `config.json`.
     pub fn from_value(value: &Value) -> Result<Self> {
         let obj = value.as_object().ok_or_else(|| {
-            Error::Config(format!("expected a JSON object, found {}", json_kind(value)))
+            Error::Config(format!(
+                "expected a JSON object, found {}",
+                json_kind(value)
+            ))
         })?;
         is_gpt_oss(obj)?;
 
@@ -276,7 +285,13 @@ impl ModelConfig {
 
         let layer_types = match obj.get("layer_types") {
             None | Some(Value::Null) => (0..num_layers)
-                .map(|i| if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full })
+                .map(|i| {
+                    if i % 2 == 0 {
+                        LayerType::Sliding
+                    } else {
+                        LayerType::Full
+                    }
+                })
                 .collect::<Vec<_>>(),
             Some(Value::Array(a)) => {
                 if a.len() != num_layers {
@@ -378,7 +393,9 @@ mod tests {
         assert_eq!(c.experts_per_token, 4);
         assert_eq!(c.layer_types[1], LayerType::Full);
         assert_eq!(c.sliding_window, Some(128));
-        let q = c.quantization.ok_or_else(|| Error::Config("no quant".into()))?;
+        let q = c
+            .quantization
+            .ok_or_else(|| Error::Config("no quant".into()))?;
         assert!(q.double_quant);
         assert_eq!(q.skip_modules.len(), 3);
         Ok(())
@@ -399,7 +416,12 @@ mod tests {
         assert_eq!(c.experts_per_token, 4);
         assert_eq!(
             c.layer_types,
-            vec![LayerType::Sliding, LayerType::Full, LayerType::Sliding, LayerType::Full]
+            vec![
+                LayerType::Sliding,
+                LayerType::Full,
+                LayerType::Sliding,
+                LayerType::Full
+            ]
         );
         assert!(c.quantization.is_none());
         Ok(())

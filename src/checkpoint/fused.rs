@@ -263,7 +263,11 @@ pub fn layout(ckpt: &Checkpoint, layer: usize, proj: Proj) -> Result<FusedLayout
     let (n, k) = match first.shape.as_slice() {
         [n, k] => (*n, *k),
         other => {
-            return Err(Error::tensor(&first.key, "a 2-D weight", format!("shape {other:?}")))
+            return Err(Error::tensor(
+                &first.key,
+                "a 2-D weight",
+                format!("shape {other:?}"),
+            ))
         }
     };
     if first.numel % BLOCKSIZE != 0 {
@@ -305,7 +309,11 @@ pub fn layout(ckpt: &Checkpoint, layer: usize, proj: Proj) -> Result<FusedLayout
             let s = |x: bool| if x { "nested" } else { "not nested" };
             return Err(Error::tensor(
                 &t.key,
-                format!("{} statistics like {}", s(first.nested.is_some()), first.key),
+                format!(
+                    "{} statistics like {}",
+                    s(first.nested.is_some()),
+                    first.key
+                ),
                 s(t.nested.is_some()),
             ));
         }
@@ -350,7 +358,7 @@ fn check_len(name: &str, buf: &[u8], expected: usize) -> Result<()> {
     Ok(())
 }
 
-fn need<'a, 'b>(name: &str, b: &'a mut Option<&'b mut [u8]>) -> Result<&'a mut [u8]> {
+fn need<'a>(name: &str, b: &'a mut Option<&mut [u8]>) -> Result<&'a mut [u8]> {
     match b {
         Some(x) => Ok(&mut **x),
         None => Err(Error::arg(format!(
@@ -397,7 +405,12 @@ fn copy_experts(
 
 /// Fills the caller's buffers with the fused view of (layer, proj), in one pass over the mapped
 /// bytes, using up to `threads` threads (experts split evenly). Call without the GIL.
-pub fn fill(ckpt: &Checkpoint, lay: &FusedLayout, mut out: FusedOut<'_>, threads: usize) -> Result<()> {
+pub fn fill(
+    ckpt: &Checkpoint,
+    lay: &FusedLayout,
+    mut out: FusedOut<'_>,
+    threads: usize,
+) -> Result<()> {
     let e = lay.experts;
     for spec in lay.buffers() {
         let buf: &[u8] = match spec.name {
@@ -444,13 +457,42 @@ pub fn fill(ckpt: &Checkpoint, lay: &FusedLayout, mut out: FusedOut<'_>, threads
         for entry in [&t.packed, &t.absmax, &bias.entry] {
             ranges.push(entry.clone());
         }
-        srcs.push(ExpertSrc {
+        let src = ExpertSrc {
             packed: shards.bytes(&t.packed)?,
             absmax: shards.bytes(&t.absmax)?,
             nested_absmax: nab,
             offset,
             bias: shards.bytes(&bias.entry)?,
-        });
+        };
+        // The layout may come from the caller: every source must have exactly the per-expert
+        // size the destination slots have, or the copy would not line up.
+        let sizes = [
+            ("packed", src.packed.len(), lay.packed_per_expert()),
+            (
+                "absmax",
+                src.absmax.len(),
+                lay.blocks_per_expert() * lay.absmax_item(),
+            ),
+            (
+                "nested_absmax",
+                src.nested_absmax.len(),
+                lay.nested_blocks_per_expert() * 4,
+            ),
+            ("bias", src.bias.len(), lay.n * lay.bias_item()),
+        ];
+        for (what, found, expected) in sizes {
+            if found != expected {
+                return Err(Error::tensor(
+                    &t.key,
+                    format!(
+                        "{expected} bytes of {what} per expert (layout of layer {})",
+                        lay.layer
+                    ),
+                    format!("{found} bytes"),
+                ));
+            }
+        }
+        srcs.push(src);
     }
     if srcs.len() != e {
         return Err(Error::arg(format!(
@@ -468,8 +510,7 @@ pub fn fill(ckpt: &Checkpoint, lay: &FusedLayout, mut out: FusedOut<'_>, threads
     // The shared maps: taken from expert 0 (validated identical across experts).
     let t0 = linears.first().map(nf4_of).transpose()?;
     if let Some(t0) = t0 {
-        out.quant_map
-            .copy_from_slice(shards.bytes(&t0.quant_map)?);
+        out.quant_map.copy_from_slice(shards.bytes(&t0.quant_map)?);
         if let (Some(d), Some(nr)) = (out.nested_quant_map.as_deref_mut(), &t0.nested) {
             d.copy_from_slice(shards.bytes(&nr.nested_quant_map)?);
         }
@@ -558,24 +599,24 @@ fn slice_of<'a>(name: &str, buf: &'a [u8], per: usize, e: usize, total: usize) -
         .ok_or_else(|| Error::arg(format!("fused buffer '{name}': expert {e} out of range")))
 }
 
-/// Dequantizes expert `e` straight from fused buffers into `out` (`N*K` raw 16-bit values).
-pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result<()> {
+/// Dequantizes expert `e` straight from fused buffers: `N*K` raw 16-bit values of `v.dtype`.
+/// The output is allocated only after the buffer sizes have been checked against the shape.
+pub fn dequantize_expert(v: &FusedView<'_>, e: usize) -> Result<Vec<u16>> {
     if e >= v.experts {
         return Err(Error::arg(format!(
             "expert: expected an index in 0..{}, found {e}",
             v.experts
         )));
     }
-    let numel = v
-        .n
-        .checked_mul(v.k)
-        .filter(|&x| x > 0 && x % BLOCKSIZE == 0)
-        .ok_or_else(|| {
-            Error::arg(format!(
-                "fused shape: expected N*K > 0 and divisible by {BLOCKSIZE}, found N={} K={}",
-                v.n, v.k
-            ))
-        })?;
+    let numel =
+        v.n.checked_mul(v.k)
+            .filter(|&x| x > 0 && x % BLOCKSIZE == 0)
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "fused shape: expected N*K > 0 and divisible by {BLOCKSIZE}, found N={} K={}",
+                    v.n, v.k
+                ))
+            })?;
     let total = |per: usize| -> Result<usize> {
         per.checked_mul(v.experts)
             .ok_or_else(|| Error::arg("fused shape: size overflow"))
@@ -585,9 +626,13 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
     check_len("quant_map", v.quant_map, 64)?;
     let qmap = read_f32s(v.quant_map);
     if matches!(v.dtype, FloatDtype::F32) {
-        return Err(Error::arg("dtype: expected bfloat16 or float16, found float32"));
+        return Err(Error::arg(
+            "dtype: expected bfloat16 or float16, found float32",
+        ));
     }
-    match (v.nested_absmax, v.nested_offset, v.nested_quant_map) {
+    let mut bits = vec![0u16; numel];
+    let out = &mut bits[..];
+    let done = match (v.nested_absmax, v.nested_offset, v.nested_quant_map) {
         (Some(nab), Some(off), Some(nqm)) => {
             let nnb = nb.div_ceil(NESTED_BLOCKSIZE);
             let codes = slice_of("absmax", v.absmax, nb, e, total(nb)?)?;
@@ -601,16 +646,89 @@ pub fn dequantize_expert(v: &FusedView<'_>, e: usize, out: &mut [u16]) -> Result
                 nested_map: &nmap,
                 offset: off.first().copied().unwrap_or(0.0),
             };
-            nf4::dequantize_into(packed, &stats, &qmap, numel, DequantOut::Bits16(out, v.dtype))
+            nf4::dequantize_into(
+                packed,
+                &stats,
+                &qmap,
+                numel,
+                DequantOut::Bits16(out, v.dtype),
+            )
         }
         (None, None, None) => {
             let abs = read_f32s(slice_of("absmax", v.absmax, nb * 4, e, total(nb * 4)?)?);
             let stats = Absmax::Plain(&abs);
-            nf4::dequantize_into(packed, &stats, &qmap, numel, DequantOut::Bits16(out, v.dtype))
+            nf4::dequantize_into(
+                packed,
+                &stats,
+                &qmap,
+                numel,
+                DequantOut::Bits16(out, v.dtype),
+            )
         }
         _ => Err(Error::arg(
             "fused buffers: nested_absmax, nested_offset and nested_quant_map must be all given \
              (nested) or all None",
         )),
+    };
+    done.map(|()| bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes_for_gpt_oss_20b_gate_up() {
+        let lay = FusedLayout {
+            layer: 0,
+            proj: Proj::GateUp,
+            experts: 32,
+            n: 5760,
+            k: 2880,
+            nested: true,
+            dtype: FloatDtype::BF16,
+            bias_dtype: Dtype::BF16,
+        };
+        assert_eq!(lay.packed_per_expert(), 8_294_400);
+        assert_eq!(lay.blocks_per_expert(), 259_200);
+        assert_eq!(lay.nested_blocks_per_expert(), 1013);
+        let names: Vec<_> = lay.buffers().iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            [
+                "packed",
+                "absmax",
+                "nested_absmax",
+                "nested_offset",
+                "bias",
+                "quant_map",
+                "nested_quant_map"
+            ]
+        );
+        let expected = 32 * (8_294_400 + 259_200 + 1013 * 4 + 4 + 5760 * 2) + 64 + 1024;
+        assert_eq!(lay.total_bytes(), expected);
+        let plain = FusedLayout {
+            nested: false,
+            ..lay
+        };
+        assert_eq!(plain.buffers().len(), 4);
+        assert_eq!(
+            plain.total_bytes(),
+            32 * (8_294_400 + 259_200 * 4 + 5760 * 2) + 64
+        );
+    }
+
+    #[test]
+    fn projection_names() {
+        assert_eq!(
+            Proj::parse("gate_up").map(Proj::as_str).ok(),
+            Some("gate_up")
+        );
+        assert_eq!(Proj::parse("down").map(Proj::as_str).ok(), Some("down"));
+        let err = Proj::parse("up")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("'up'"), "{err}");
     }
 }

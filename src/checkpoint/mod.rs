@@ -129,7 +129,10 @@ impl Checkpoint {
             Some(Weight::Plain(p)) => Err(Error::tensor(
                 name,
                 "an NF4 weight to dequantize",
-                format!("an unquantized {}", shards::describe(p.entry.dtype, &p.entry.shape)),
+                format!(
+                    "an unquantized {}",
+                    shards::describe(p.entry.dtype, &p.entry.shape)
+                ),
             )),
             None => Err(Error::MissingTensor {
                 key: name.to_string(),

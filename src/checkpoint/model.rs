@@ -152,7 +152,10 @@ struct Resolver<'a> {
 /// What to add to a "missing" message when the checkpoint looks like another known layout.
 fn layout_hint(shards: &ShardSet, key: &str) -> String {
     let probes: [(&str, &str); 3] = [
-        (".mlp.experts.gate_up_proj", "the Hugging Face fused expert layout"),
+        (
+            ".mlp.experts.gate_up_proj",
+            "the Hugging Face fused expert layout",
+        ),
         (".mlp.router.weight", "the Hugging Face router layout"),
         (".mlp.experts.gate_up_proj_blocks", "OpenAI's MXFP4 layout"),
     ];
@@ -187,8 +190,14 @@ impl Resolver<'_> {
             .shards
             .get(key)
             .ok_or_else(|| self.missing(key, &format!("{what}, float {shape:?}")))?;
-        if self.shards.get(&format!("{key}{NF4_STATE_SUFFIX}")).is_some()
-            || self.shards.get(&format!("{key}{FP4_STATE_SUFFIX}")).is_some()
+        if self
+            .shards
+            .get(&format!("{key}{NF4_STATE_SUFFIX}"))
+            .is_some()
+            || self
+                .shards
+                .get(&format!("{key}{FP4_STATE_SUFFIX}"))
+                .is_some()
         {
             return Err(Error::tensor(
                 key,
@@ -221,7 +230,11 @@ impl Resolver<'_> {
                 "fp4 (bitsandbytes__fp4 quant state)",
             ));
         }
-        if self.shards.get(&format!("{key}{NF4_STATE_SUFFIX}")).is_some() {
+        if self
+            .shards
+            .get(&format!("{key}{NF4_STATE_SUFFIX}"))
+            .is_some()
+        {
             let t = Nf4Tensor::resolve(self.shards, key, &mut self.consumed)?;
             if t.shape != [out, inp] {
                 return Err(Error::tensor(
@@ -233,10 +246,7 @@ impl Resolver<'_> {
             return Ok(Weight::Nf4(Box::new(t)));
         }
         let entry = self.shards.get(key).ok_or_else(|| {
-            self.missing(
-                key,
-                &format!("{what}: NF4 or float [{out}, {inp}] weight"),
-            )
+            self.missing(key, &format!("{what}: NF4 or float [{out}, {inp}] weight"))
         })?;
         if entry.dtype == Dtype::U8 {
             return Err(Error::tensor(
@@ -265,7 +275,11 @@ impl Resolver<'_> {
         } else {
             Weight::Plain(self.plain(&wkey, &[out, inp], what)?)
         };
-        let bias = self.plain(&format!("{prefix}.bias"), &[out], &format!("bias of {what}"))?;
+        let bias = self.plain(
+            &format!("{prefix}.bias"),
+            &[out],
+            &format!("bias of {what}"),
+        )?;
         Ok(Linear {
             weight,
             bias: Some(bias),

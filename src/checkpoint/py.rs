@@ -45,13 +45,19 @@ fn float_dtype(s: &str) -> Result<FloatDtype, Error> {
 }
 
 fn slice_ro<'a>(name: &str, a: &'a PyReadonlyArray1<'_, u8>) -> Result<&'a [u8], Error> {
-    a.as_slice()
-        .map_err(|_| Error::arg(format!("buffer '{name}': expected a contiguous uint8 array")))
+    a.as_slice().map_err(|_| {
+        Error::arg(format!(
+            "buffer '{name}': expected a contiguous uint8 array"
+        ))
+    })
 }
 
 fn slice_rw<'a>(name: &str, a: &'a mut PyReadwriteArray1<'_, u8>) -> Result<&'a mut [u8], Error> {
-    a.as_slice_mut()
-        .map_err(|_| Error::arg(format!("buffer '{name}': expected a contiguous uint8 array")))
+    a.as_slice_mut().map_err(|_| {
+        Error::arg(format!(
+            "buffer '{name}': expected a contiguous uint8 array"
+        ))
+    })
 }
 
 /// An opened, validated GPT-OSS checkpoint (the native half of `gptoss_3090.Checkpoint`).
@@ -247,14 +253,7 @@ fn fused_dequantize<'py>(
             .map(|a| slice_ro("nested_quant_map", a))
             .transpose()?,
     };
-    let numel = n
-        .checked_mul(k)
-        .ok_or_else(|| Error::arg("fused shape: N*K overflows"))?;
-    let bits = py.detach(|| -> Result<Vec<u16>, Error> {
-        let mut out = vec![0u16; numel];
-        fused::dequantize_expert(&view, e, &mut out)?;
-        Ok(out)
-    })?;
+    let bits = py.detach(|| fused::dequantize_expert(&view, e))?;
     Ok(PyArray1::from_vec(py, bits))
 }
 

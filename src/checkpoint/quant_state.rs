@@ -61,7 +61,10 @@ fn field<'a>(key: &str, obj: &'a Map<String, Value>, name: &str) -> Result<&'a V
         Error::tensor(
             key,
             format!("quant-state JSON with a '{name}' field"),
-            format!("no '{name}' (keys: {})", obj.keys().cloned().collect::<Vec<_>>().join(", ")),
+            format!(
+                "no '{name}' (keys: {})",
+                obj.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
         )
     })
 }
@@ -76,7 +79,11 @@ fn str_field(key: &str, obj: &Map<String, Value>, name: &str) -> Result<String> 
 fn uint_field(key: &str, obj: &Map<String, Value>, name: &str) -> Result<u64> {
     let v = field(key, obj, name)?;
     v.as_u64().ok_or_else(|| {
-        Error::tensor(key, format!("'{name}' to be a non-negative integer"), v.to_string())
+        Error::tensor(
+            key,
+            format!("'{name}' to be a non-negative integer"),
+            v.to_string(),
+        )
     })
 }
 
@@ -103,7 +110,11 @@ pub fn parse_quant_state(key: &str, bytes: &[u8]) -> Result<QuantStateJson> {
                 .collect::<Option<Vec<usize>>>()
         })
         .ok_or_else(|| {
-            Error::tensor(key, "'shape' to be a list of non-negative integers", shape_v.to_string())
+            Error::tensor(
+                key,
+                "'shape' to be a list of non-negative integers",
+                shape_v.to_string(),
+            )
         })?;
     let any_nested = ["nested_blocksize", "nested_dtype", "nested_offset"]
         .iter()
@@ -118,7 +129,11 @@ pub fn parse_quant_state(key: &str, bytes: &[u8]) -> Result<QuantStateJson> {
         // bitsandbytes: torch.tensor(float(nested_offset)) -> f32, round to nearest.
         let offset = off as f32;
         if !offset.is_finite() {
-            return Err(Error::tensor(key, "a finite f32 'nested_offset'", ov.to_string()));
+            return Err(Error::tensor(
+                key,
+                "a finite f32 'nested_offset'",
+                ov.to_string(),
+            ));
         }
         Some(NestedJson {
             blocksize: nb,
@@ -278,7 +293,11 @@ impl Nf4Tensor {
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .filter(|&n| n > 0)
             .ok_or_else(|| {
-                Error::tensor(&state_key, "a non-empty shape", format!("shape {:?}", qs.shape))
+                Error::tensor(
+                    &state_key,
+                    "a non-empty shape",
+                    format!("shape {:?}", qs.shape),
+                )
             })?;
         let blocks = numel.div_ceil(BLOCKSIZE);
         let packed_len = numel.div_ceil(2);

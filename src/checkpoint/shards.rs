@@ -133,7 +133,10 @@ impl Shard {
         if mmap.len() != file_len {
             return Err(safetensors_err(
                 path,
-                format!("file changed while mapping: {file_len} bytes, mapped {}", mmap.len()),
+                format!(
+                    "file changed while mapping: {file_len} bytes, mapped {}",
+                    mmap.len()
+                ),
             ));
         }
         // Full validation (the same as `SafeTensors::deserialize`): header JSON, dtypes, offsets
@@ -186,7 +189,10 @@ impl Shard {
         self.mmap.get(start..end).ok_or_else(|| {
             safetensors_err(
                 &self.path,
-                format!("byte range {start}..{end} lies outside the {}-byte file", self.mmap.len()),
+                format!(
+                    "byte range {start}..{end} lies outside the {}-byte file",
+                    self.mmap.len()
+                ),
             )
         })
     }

@@ -140,7 +140,11 @@ pub fn summary(ck: &Checkpoint) -> Value {
         (a, e) => json!({"attention": a, "experts": e}),
     };
     let dtype = if nf4_dtypes.len() == 1 {
-        nf4_dtypes.first().copied().unwrap_or("bfloat16").to_string()
+        nf4_dtypes
+            .first()
+            .copied()
+            .unwrap_or("bfloat16")
+            .to_string()
     } else {
         dtype_name(m.embed.entry.dtype).to_string()
     };
