@@ -140,7 +140,16 @@ def get_preset(name: str) -> dict[str, Any]:
 
 
 def special_ids_for(config: dict[str, Any]) -> dict[str, int]:
-    """The special-token ids the tokenizer written next to ``config`` must use."""
-    if config["vocab_size"] == _tok.TINY_VOCAB_SIZE:
+    """The special-token ids the tokenizer written next to ``config`` must use.
+
+    The real GPT-OSS ids when the vocabulary holds them (20b), else the tiny ids (1015..1023).
+
+    Raises:
+        ValueError: the vocabulary is smaller than the tiny tokenizer's 1,024 ids.
+    """
+    vocab = config["vocab_size"]
+    if vocab > max(_tok.GPTOSS_SPECIAL_IDS.values()):
+        return dict(_tok.GPTOSS_SPECIAL_IDS)
+    if vocab >= _tok.TINY_VOCAB_SIZE:
         return dict(_tok.TINY_SPECIAL_IDS)
-    return dict(_tok.GPTOSS_SPECIAL_IDS)
+    raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({_tok.TINY_VOCAB_SIZE})")
