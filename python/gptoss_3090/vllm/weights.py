@@ -279,7 +279,7 @@ def dequantize_nf4_cpu(
     dtype: torch.dtype,
     nested_absmax: torch.Tensor | None = None,
     nested_quant_map: torch.Tensor | None = None,
-    nested_offset: float = 0.0,
+    nested_offset: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Exact NF4 dequantization in torch (CPU or any device), bitsandbytes 0.50 semantics.
 
@@ -294,7 +294,12 @@ def dequantize_nf4_cpu(
             )
         idx = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCKSIZE
         scale = nested_quant_map.float()[absmax.long()] * nested_absmax.float()[idx]
-        absmax_f = scale + torch.tensor(nested_offset, dtype=torch.float32, device=absmax.device)
+        if isinstance(nested_offset, torch.Tensor):
+            absmax_f = scale + nested_offset.float()
+        else:
+            absmax_f = scale + torch.tensor(
+                nested_offset, dtype=torch.float32, device=absmax.device
+            )
     else:
         absmax_f = absmax.float()
     flat = packed.reshape(-1)
@@ -720,3 +725,246 @@ class SafetensorsDir:
     def close(self) -> None:
         """Drops the open file handles."""
         self._handles.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 storage: layouts, slots, reading bitsandbytes tensors and filling our buffers
+# ----------------------------------------------------------------------------------------------
+
+#: The components of our NF4 storage, in the order they are allocated.
+NF4_PARAM_SUFFIXES: tuple[str, ...] = (
+    "qweight",
+    "absmax",
+    "nested_absmax",
+    "nested_offset",
+    "nested_quant_map",
+)
+
+
+@dataclass(frozen=True)
+class Nf4Layout:
+    """Back-to-back NF4 storage of ``len(rows)`` weights ``[rows[s], cols]`` (segments).
+
+    A fused ``qkv_proj`` has three segments (q, k, v) in one set of buffers: packed bytes,
+    absmax (uint8 codes when ``nested``, else float32), nested absmax (per segment, each padded to
+    whole 256-blocks of its own) and one nested offset per segment. Experts use one segment per
+    expert row of 2-D ``[E, ...]`` buffers instead.
+    """
+
+    rows: tuple[int, ...]
+    cols: int
+    nested: bool
+
+    @property
+    def sizes(self) -> list[Nf4Sizes]:
+        """Sizes of each segment."""
+        return [nf4_sizes(r, self.cols) for r in self.rows]
+
+    def _starts(self, attr: str) -> list[int]:
+        starts, acc = [], 0
+        for s in self.sizes:
+            starts.append(acc)
+            acc += getattr(s, attr)
+        return starts
+
+    def total(self, attr: str) -> int:
+        """Sum of one size attribute (``packed_bytes``, ``num_blocks``, ``num_nested_blocks``)."""
+        return sum(getattr(s, attr) for s in self.sizes)
+
+    def ranges(self, segment: int) -> dict[str, tuple[int, int]]:
+        """``(start, length)`` of each component of one segment in the flat buffers."""
+        size = self.sizes[segment]
+        return {
+            "qweight": (self._starts("packed_bytes")[segment], size.packed_bytes),
+            "absmax": (self._starts("num_blocks")[segment], size.num_blocks),
+            "nested_absmax": (self._starts("num_nested_blocks")[segment], size.num_nested_blocks),
+            "nested_offset": (segment, 1),
+        }
+
+    def param_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every buffer (nested ones only when ``nested``)."""
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "qweight": ((self.total("packed_bytes"),), torch.uint8),
+            "absmax": (
+                (self.total("num_blocks"),),
+                torch.uint8 if self.nested else torch.float32,
+            ),
+        }
+        if self.nested:
+            shapes["nested_absmax"] = ((self.total("num_nested_blocks"),), torch.float32)
+            shapes["nested_offset"] = ((len(self.rows),), torch.float32)
+            shapes["nested_quant_map"] = ((256,), torch.float32)
+        return shapes
+
+
+@dataclass
+class Nf4Slot:
+    """Views of our buffers that receive one quantized weight (one segment / one expert)."""
+
+    name: str
+    shape: tuple[int, int]
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_offset: torch.Tensor | None
+    #: the layer-wide nested quant map (one per parameter, identical for every segment)
+    nested_quant_map: torch.nn.Parameter | torch.Tensor | None
+
+    @property
+    def nested(self) -> bool:
+        """Whether this slot stores double-quantized absmax."""
+        return self.nested_absmax is not None
+
+
+def nf4_slot(
+    name: str, params: Mapping[str, torch.Tensor], layout: Nf4Layout, segment: int, row: int | None
+) -> Nf4Slot:
+    """The slot of ``segment`` in buffers ``params`` (keys from :data:`NF4_PARAM_SUFFIXES`).
+
+    ``row`` selects the expert row of 2-D expert buffers (``None`` for 1-D linear buffers).
+    """
+
+    def view(comp: str) -> torch.Tensor | None:
+        if comp not in params:
+            return None
+        t = params[comp].data
+        if row is not None:
+            t = t[row]
+        start, length = layout.ranges(0 if row is not None else segment)[comp]
+        return t.narrow(0, start, length)
+
+    return Nf4Slot(
+        name=name,
+        shape=(layout.rows[segment], layout.cols),
+        qweight=view("qweight"),  # type: ignore[arg-type]
+        absmax=view("absmax"),  # type: ignore[arg-type]
+        nested_absmax=view("nested_absmax") if layout.nested else None,
+        nested_offset=view("nested_offset") if layout.nested else None,
+        nested_quant_map=params.get("nested_quant_map") if layout.nested else None,
+    )
+
+
+@dataclass
+class Nf4Parts:
+    """One weight in bitsandbytes NF4 form, as read from a checkpoint or made by a quantizer."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_quant_map: torch.Tensor | None
+    nested_offset: float
+    shape: tuple[int, ...]
+
+    @property
+    def nested(self) -> bool:
+        """Whether absmax is double-quantized."""
+        return self.nested_absmax is not None
+
+
+def _expect(key: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    if t.dtype != dtype or t.numel() != numel:
+        raise CheckpointError(
+            f"'{key}': expected {dtype} with {numel} elements, "
+            f"found {t.dtype} {tuple(t.shape)} ({t.numel()} elements)"
+        )
+    return t.reshape(-1)
+
+
+def read_nf4_parts(source: Any, key: str, expected_shape: tuple[int, int]) -> Nf4Parts:
+    """Reads and validates the bitsandbytes tensors of weight ``key`` from ``source``.
+
+    ``source`` has ``tensor(name)``. Checks the JSON (NF4, blocksize, shape), byte and block
+    counts, dtypes and that ``quant_map`` is the NF4 code table; every error names the key.
+    """
+    qs = parse_quant_state(key + _QS_SUFFIX, source.tensor(key + _QS_SUFFIX))
+    if tuple(qs.shape) != tuple(expected_shape):
+        raise CheckpointError(
+            f"'{key}': expected shape {list(expected_shape)} for this model, "
+            f"found {list(qs.shape)} in its quant state"
+        )
+    sizes = nf4_sizes(*expected_shape)
+    packed = _expect(key, source.tensor(key), torch.uint8, sizes.packed_bytes)
+    qmap = _expect(f"{key}.quant_map", source.tensor(f"{key}.quant_map"), torch.float32, 16)
+    if not torch.equal(qmap.cpu(), torch.tensor(NF4_CODE, dtype=torch.float32)):
+        raise CheckpointError(
+            f"'{key}.quant_map': expected the NF4 code table, found {qmap.tolist()[:4]}..."
+        )
+    if qs.nested:
+        absmax = _expect(
+            f"{key}.absmax", source.tensor(f"{key}.absmax"), torch.uint8, sizes.num_blocks
+        )
+        nested_absmax = _expect(
+            f"{key}.nested_absmax",
+            source.tensor(f"{key}.nested_absmax"),
+            torch.float32,
+            sizes.num_nested_blocks,
+        )
+        nested_map = _expect(
+            f"{key}.nested_quant_map", source.tensor(f"{key}.nested_quant_map"), torch.float32, 256
+        )
+    else:
+        absmax = _expect(
+            f"{key}.absmax", source.tensor(f"{key}.absmax"), torch.float32, sizes.num_blocks
+        )
+        nested_absmax = nested_map = None
+    return Nf4Parts(
+        packed, absmax, nested_absmax, nested_map, qs.nested_offset, tuple(expected_shape)
+    )
+
+
+def expand_nested_absmax(parts: Nf4Parts) -> torch.Tensor:
+    """float32 absmax of nested ``parts``, exactly as bitsandbytes dequantizes it.
+
+    ``map[code] * nested_absmax[b // 256]`` (fp32 multiply), then ``+ offset`` (fp32 add).
+    """
+    assert parts.nested_absmax is not None and parts.nested_quant_map is not None
+    codes = parts.absmax.long()
+    idx = torch.arange(codes.numel(), device=codes.device) // NESTED_BLOCKSIZE
+    scaled = parts.nested_quant_map.float()[codes] * parts.nested_absmax.float()[idx]
+    return scaled + torch.tensor(parts.nested_offset, dtype=torch.float32, device=scaled.device)
+
+
+def fill_nf4_slot(slot: Nf4Slot, parts: Nf4Parts, key: str) -> None:
+    """Copies ``parts`` into ``slot`` (any device to any device).
+
+    A nested tensor fills a non-nested slot by exact expansion of its absmax; a non-nested tensor
+    cannot fill a nested slot (that would requantize absmax) and raises.
+    """
+    if tuple(parts.shape) != tuple(slot.shape):
+        raise CheckpointError(
+            f"'{key}': expected shape {list(slot.shape)}, found {list(parts.shape)}"
+        )
+    slot.qweight.copy_(parts.packed.reshape(-1))
+    if slot.nested:
+        if not parts.nested:
+            raise CheckpointError(
+                f"'{key}': stored without double quantization (float32 absmax), but the model "
+                f"was allocated for double-quantized statistics (bnb_4bit_use_double_quant is "
+                f"true in config.json); make them agree"
+            )
+        assert slot.nested_absmax is not None and slot.nested_offset is not None
+        assert parts.nested_absmax is not None and parts.nested_quant_map is not None
+        slot.absmax.copy_(parts.absmax.reshape(-1))
+        slot.nested_absmax.copy_(parts.nested_absmax.reshape(-1))
+        slot.nested_offset.fill_(parts.nested_offset)
+        _set_shared_map(slot, parts.nested_quant_map.reshape(-1), key)
+    else:
+        absmax = expand_nested_absmax(parts) if parts.nested else parts.absmax
+        slot.absmax.copy_(absmax.reshape(-1).float())
+
+
+def _set_shared_map(slot: Nf4Slot, qmap: torch.Tensor, key: str) -> None:
+    """The nested quant map is one buffer per parameter: the first weight sets it, the others
+    must agree bit for bit (bitsandbytes uses one constant map)."""
+    holder = slot.nested_quant_map
+    assert holder is not None
+    first = getattr(holder, "_gptoss_map_cpu", None)
+    cpu = qmap.detach().float().cpu()
+    if first is None:
+        holder.data.copy_(qmap)
+        holder._gptoss_map_cpu = cpu  # type: ignore[union-attr]
+    elif not torch.equal(first, cpu):
+        raise CheckpointError(
+            f"'{key}.nested_quant_map': expected the same map as the other weights of "
+            f"'{slot.name}', found a different one"
+        )
