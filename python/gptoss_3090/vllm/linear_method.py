@@ -29,8 +29,22 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from gptoss_3090.vllm.weights import Nf4Layout, dequantize_nf4_cpu
 
 logger = logging.getLogger("vllm.gptoss_3090")
+_warned: set[str] = set()
 
-__all__ = ["Nf4LinearMethod", "nf4_linear_reference", "use_reference_kernels"]
+
+def warn_once(msg: str, *args: Any) -> None:
+    """Logs ``msg`` once per process (per-layer fallbacks would repeat it for every layer)."""
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.warning(msg, *args)
+
+
+__all__ = [
+    "Nf4LinearMethod",
+    "nf4_linear_reference",
+    "use_reference_kernels",
+    "warn_once",
+]
 
 
 def use_reference_kernels() -> bool:
@@ -131,9 +145,9 @@ class Nf4LinearMethod(LinearMethodBase):
         try:
             layer.nf4_kernel_weight = _make_kernel_weight(layer)
         except ImportError as e:
-            logger.warning(
-                "gptoss-3090: NF4 linear kernels unavailable (%s); %s uses the slow torch "
-                "reference path",
+            warn_once(
+                "gptoss-3090: NF4 linear kernels unavailable (%s); %s and the other NF4 "
+                "linear layers use the slow torch reference path",
                 e,
                 getattr(layer, "prefix", "a layer"),
             )

@@ -47,10 +47,11 @@ from vllm.model_executor.layers.fused_moe.config import (
 )
 
 from gptoss_3090.vllm.defaults import moe_chunk_tokens
-from gptoss_3090.vllm.linear_method import use_reference_kernels
+from gptoss_3090.vllm.linear_method import use_reference_kernels, warn_once
 from gptoss_3090.vllm.weights import Nf4Layout, dequantize_nf4_cpu
 
 logger = logging.getLogger("vllm.gptoss_3090")
+
 
 __all__ = ["BnbMoeMethod", "moe_reference", "SWIGLU_ALPHA", "SWIGLU_LIMIT"]
 
@@ -145,8 +146,9 @@ class BnbMoeMethod(FusedMoEMethodBase):
             self._kernel_weights = _make_kernel_weights(layer)
             self._monolithic = os.environ.get("GPTOSS_3090_MOE_ROUTING", "vllm") == "internal"
         except ImportError as e:
-            logger.warning(
-                "gptoss-3090: MoE kernels unavailable (%s); %s uses the slow torch reference",
+            warn_once(
+                "gptoss-3090: MoE kernels unavailable (%s); %s and the other MoE layers use "
+                "the slow torch reference",
                 e,
                 getattr(layer, "layer_name", "a MoE layer"),
             )
