@@ -28,7 +28,7 @@ back, each expert's bytes exactly as bitsandbytes wrote them):
 ``{p}_nested_absmax``    f32 [E, NN]      per-expert nested absmax (nested only)
 ``{p}_nested_offset``    f32 [E, 1]       per-expert nested offset (nested only)
 ``{p}_nested_quant_map`` f32 [256]        the 8-bit dynamic map (nested only)
-``{p}_bias``             dtype [E, out]   biases (interleaved like the rows for w13)
+``{p}_bias``             f32 [E, out]     biases (interleaved like the rows for w13)
 =======================  ===============  =========================================
 """
 
@@ -122,9 +122,10 @@ class BnbMoeMethod(FusedMoEMethodBase):
             for comp, (shape, dtype) in layout.param_shapes().items():
                 full = shape if comp == "nested_quant_map" else (num_experts, *shape)
                 _register(layer, f"{proj}_{comp}", torch.empty(full, dtype=dtype), comp)
+            # float32: what the MoE op reads (bf16 checkpoint biases convert exactly)
             rows = layout.rows[0]
             _register(
-                layer, f"{proj}_bias", torch.empty(num_experts, rows, dtype=params_dtype), "bias"
+                layer, f"{proj}_bias", torch.empty(num_experts, rows, dtype=torch.float32), "bias"
             )
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> FusedMoEQuantConfig | None:
@@ -144,6 +145,7 @@ class BnbMoeMethod(FusedMoEMethodBase):
             return
         try:
             self._kernel_weights = _make_kernel_weights(layer)
+            _shared_workspace(self._kernel_weights, self._chunk)
             self._monolithic = os.environ.get("GPTOSS_3090_MOE_ROUTING", "vllm") == "internal"
         except ImportError as e:
             warn_once(
@@ -332,20 +334,64 @@ def moe_reference(
 
 
 def _make_kernel_weights(layer: torch.nn.Module) -> Any:
-    from gptoss_3090.moe import MoeLayerWeights
+    """``gptoss_3090.moe.MoeLayerWeights`` viewing our buffers (no copies)."""
+    from gptoss_3090.moe import MoeLayerWeights, Nf4Experts
 
+    qweight = layer.w13_qweight
+    num_experts, device = qweight.shape[0], qweight.device
     nested = layer.nf4_layouts["w13"].nested
-    kwargs: dict[str, Any] = {}
-    for proj in PROJECTIONS:
-        kwargs[f"{proj}_packed"] = getattr(layer, f"{proj}_qweight")
-        kwargs[f"{proj}_absmax"] = getattr(layer, f"{proj}_absmax")
-        kwargs[f"{proj}_nested_absmax"] = getattr(layer, f"{proj}_nested_absmax", None)
-        kwargs[f"{proj}_nested_offset"] = (
-            getattr(layer, f"{proj}_nested_offset").reshape(-1) if nested else None
+
+    def experts(proj: str) -> Any:
+        layout: Nf4Layout = layer.nf4_layouts[proj]
+        if nested:
+            nabs = getattr(layer, f"{proj}_nested_absmax")
+            noff = getattr(layer, f"{proj}_nested_offset").view(num_experts)
+        else:
+            nabs = torch.zeros(num_experts, 0, dtype=torch.float32, device=device)
+            noff = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        return Nf4Experts(
+            packed=getattr(layer, f"{proj}_qweight"),
+            absmax=getattr(layer, f"{proj}_absmax"),
+            nested_absmax=nabs,
+            nested_offset=noff,
+            bias=getattr(layer, f"{proj}_bias"),
+            shape=(num_experts, layout.rows[0], layout.cols),
+            nested=nested,
         )
-        kwargs[f"{proj}_nested_quant_map"] = getattr(layer, f"{proj}_nested_quant_map", None)
-        kwargs[f"{proj}_bias"] = getattr(layer, f"{proj}_bias")
-    return MoeLayerWeights(**kwargs)
+
+    if nested:
+        nested_map = layer.w13_nested_quant_map
+        if not torch.equal(nested_map, layer.w2_nested_quant_map):
+            raise ValueError(
+                f"{getattr(layer, 'layer_name', 'MoE layer')}: gate_up and down use different "
+                "nested quant maps; the MoE kernels take one map per layer"
+            )
+    else:
+        nested_map = torch.zeros(256, dtype=torch.float32, device=device)
+    weights = MoeLayerWeights(
+        gate_up=experts("w13"), down=experts("w2"), nested_map=nested_map, top_k=layer.top_k
+    )
+    weights.check()
+    return weights
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _shared_workspace(weights: Any, tokens: int) -> torch.Tensor:
+    """One MoE workspace per device, shared by every layer (they run one after another on one
+    stream), sized for ``tokens`` tokens; allocated at load time, before CUDA-graph capture."""
+    from gptoss_3090.moe import moe_workspace_bytes
+
+    device = weights.gate_up.packed.device
+    need = moe_workspace_bytes(
+        tokens, weights.hidden, weights.intermediate, weights.experts, weights.top_k
+    )
+    ws = _workspaces.get(device)
+    if ws is None or ws.numel() < need:
+        ws = torch.empty(need, dtype=torch.uint8, device=device)
+        _workspaces[device] = ws
+    return ws
 
 
 def _run_kernel(
@@ -356,8 +402,12 @@ def _run_kernel(
     topk_ids: torch.Tensor | None,
     router_logits: torch.Tensor | None,
 ) -> torch.Tensor:
-    from gptoss_3090.moe import moe_forward
+    from gptoss_3090.moe import moe
 
+    workspace = _workspaces[weights.gate_up.packed.device]
+    tuning = os.environ.get("GPTOSS_3090_TUNING", "auto")
     if router_logits is not None:
-        return moe_forward(x, weights, router_logits=router_logits, top_k=layer.top_k)
-    return moe_forward(x, weights, topk_weights=topk_weights, topk_ids=topk_ids)
+        return moe(x, weights, router_logits=router_logits, workspace=workspace, tuning=tuning)
+    return moe(
+        x, weights, topk_ids=topk_ids, topk_weights=topk_weights, workspace=workspace, tuning=tuning
+    )
