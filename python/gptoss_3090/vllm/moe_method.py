@@ -80,6 +80,7 @@ class BnbMoeMethod(FusedMoEMethodBase):
         self._chunk = 0
         self._monolithic = False
         self._gpu_util = 0.9
+        self._max_tokens = 0
 
     # -- sizes and weights -----------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class BnbMoeMethod(FusedMoEMethodBase):
             )
         if extra_weight_attrs.get("global_num_experts", num_experts) != num_experts:
             raise NotImplementedError("bnb_moe does not support redundant or remote experts")
-        self._gpu_util = _current_gpu_memory_utilization()
+        self._gpu_util, self._max_tokens = _current_budget_settings()
         extra_weight_attrs.pop("weight_loader", None)  # RoutedExperts.weight_loader: not ours
         nested = bool(self.quant_config.nested) if self.quant_config.prequantized else True
         layouts = expert_layouts(hidden_size, intermediate_size_per_partition, nested)
@@ -140,6 +141,8 @@ class BnbMoeMethod(FusedMoEMethodBase):
             total = torch.cuda.get_device_properties(layer.w13_qweight.device).total_memory
             budget = int(total * self._gpu_util)
         self._chunk = int(os.environ.get("GPTOSS_3090_MOE_CHUNK", moe_chunk_tokens(budget)))
+        if self._max_tokens > 0:
+            self._chunk = min(self._chunk, self._max_tokens)
         self._kernel_weights = None
         if use_reference_kernels():
             return
@@ -228,8 +231,9 @@ class BnbMoeMethod(FusedMoEMethodBase):
         return _run_kernel(x, self._kernel_weights, layer, topk_weights, topk_ids, router_logits)
 
 
-def _current_gpu_memory_utilization() -> float:
-    """``gpu_memory_utilization`` of the vLLM config being built (0.9 outside vLLM)."""
+def _current_budget_settings() -> tuple[float, int]:
+    """``gpu_memory_utilization`` and ``max_num_batched_tokens`` of the vLLM config being built
+    (0.9 and 0 = unknown outside vLLM)."""
     try:
         from vllm.config import get_current_vllm_config_or_none
 
@@ -237,7 +241,9 @@ def _current_gpu_memory_utilization() -> float:
     except ImportError:
         cfg = None
     cache = getattr(cfg, "cache_config", None)
-    return float(getattr(cache, "gpu_memory_utilization", 0.9) or 0.9)
+    sched = getattr(cfg, "scheduler_config", None)
+    util = float(getattr(cache, "gpu_memory_utilization", 0.9) or 0.9)
+    return util, int(getattr(sched, "max_num_batched_tokens", 0) or 0)
 
 
 def _register(layer: torch.nn.Module, name: str, data: torch.Tensor, component: str) -> None:
