@@ -197,16 +197,20 @@ try:
     ModelConfig(model={str(tmp_path)!r}, skip_tokenizer_init=True, max_model_len=64,
                 quantization="bnb_moe")
 except Exception as e:
-    print("ERROR", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    print("ERROR", type(e).__name__, " ".join(str(e).split()))
 """
     env = dict(os.environ, VLLM_PLUGINS="")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )
     assert "REGISTERED False False False" in out.stdout, out.stdout + out.stderr
-    assert "bnb_moe" in out.stdout.split("ERROR", 1)[1], out.stdout + out.stderr
-    assert out.stderr.count("gptoss-3090 supports vLLM") == 1
-    assert gv.SUPPORTED_VLLM in out.stderr
+    error = out.stdout.split("ERROR", 1)[1]
+    # vLLM's own error (a bnb checkpoint: name mismatch; bf16: unknown method) names bnb_moe, and
+    # our one warning, logged before it, names the supported range.
+    assert "(bnb_moe)" in error or "Unknown quantization method: bnb_moe" in error, error
+    logs = out.stdout + out.stderr  # vLLM's log handler writes to stdout
+    assert logs.count("gptoss-3090 supports vLLM") == 1
+    assert f"gptoss-3090 supports vLLM {gv.SUPPORTED_VLLM} but vLLM 0.27.1" in logs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,7 +698,8 @@ def test_loads_every_parameter_byte_for_byte(loaded) -> None:
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 def test_attention_projections_match_bitsandbytes(loaded) -> None:
@@ -811,12 +816,17 @@ def test_quantize_at_load_reproduces_synth_codes(cpu_vllm, synth_tiny: Path) -> 
 def test_stock_bf16_gpt_oss_is_served_by_vllms_own_path(cpu_vllm, synth_tiny: Path) -> None:
     """With the plugin installed, a bf16 GPT-OSS checkpoint builds and loads exactly as stock."""
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+    from vllm.platforms import current_platform
 
     ref = synth_tiny / "reference"
-    try:
-        model, vc = _build(ref)
-    except Exception as e:  # stock bf16 MoE may need a GPU backend to even construct
-        pytest.skip(f"stock bf16 GPT-OSS cannot be built on this CPU-only vLLM: {e}")
+    # vLLM's unquantized-MoE oracle (fused_moe/oracle/unquantized.py) knows no backend for the
+    # 'unspecified' platform of a GPU-less machine; let it pick its CPU one for construction.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(current_platform), "is_cpu", lambda self: True)
+        try:
+            model, vc = _build(ref)
+        except Exception as e:
+            pytest.skip(f"stock bf16 GPT-OSS cannot be built on this CPU-only vLLM: {e}")
     assert vc.quant_config is None and not model._bnb_moe
     names = dict(model.named_parameters())
     assert "model.layers.0.mlp.experts.routed_experts.w13_weight" in names
