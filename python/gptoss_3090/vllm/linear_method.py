@@ -140,7 +140,7 @@ class Nf4LinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Builds the kernel-side weight descriptors (views of our buffers, no copies)."""
         layer.nf4_kernel_weight = None
-        if use_reference_kernels():
+        if use_reference_kernels() or not layer.qweight.is_cuda:
             return
         try:
             layer.nf4_kernel_weight = _make_kernel_weight(layer)
@@ -168,44 +168,35 @@ class Nf4LinearMethod(LinearMethodBase):
 
 
 def _make_kernel_weight(layer: torch.nn.Module) -> Any:
-    """One ``Nf4Weight`` per segment, viewing our buffers."""
-    from gptoss_3090.ops import Nf4Weight
+    """``gptoss_3090.ops.Nf4Weight`` per segment viewing our buffers (no copies); fused q/k/v
+    become one ``Nf4FusedWeight`` (the kernel takes up to three separately quantized parts)."""
+    from gptoss_3090.ops import Nf4FusedWeight, Nf4Weight
 
     layout: Nf4Layout = layer.nf4_layout
-    weights = []
+    parts = []
     for seg in range(len(layout.rows)):
         t = _segment_tensors(layer, seg)
         offset = t["nested_offset"]
-        weights.append(
+        parts.append(
             Nf4Weight(
                 packed=t["packed"],
                 absmax=t["absmax"],
-                nested_absmax=t["nested_absmax"],
-                nested_quant_map=t["nested_quant_map"],
-                nested_offset=float(offset.item()) if isinstance(offset, torch.Tensor) else offset,
                 shape=t["shape"],
                 dtype=layer.nf4_params_dtype,
+                nested_absmax=t["nested_absmax"],
+                nested_quant_map=t["nested_quant_map"],
+                nested_offset=float(offset.item()) if isinstance(offset, torch.Tensor) else None,
             )
         )
-    return weights
+    return parts[0] if len(parts) == 1 else Nf4FusedWeight(tuple(parts))
 
 
 def _run_kernel(
-    x: torch.Tensor, weights: list[Any], bias: torch.Tensor | None, layer: torch.nn.Module
+    x: torch.Tensor, weight: Any, bias: torch.Tensor | None, layer: torch.nn.Module
 ) -> torch.Tensor:
     from gptoss_3090.ops import nf4_linear
 
-    if len(weights) == 1:
-        return nf4_linear(x, weights[0], bias)
-    # fused qkv: the segments' outputs side by side
-    outs = []
-    start = 0
-    for w in weights:
-        rows = w.shape[0]
-        b = bias.narrow(0, start, rows) if bias is not None else None
-        outs.append(nf4_linear(x, w, b))
-        start += rows
-    return torch.cat(outs, dim=-1)
+    return nf4_linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,7 +89,13 @@ def _is_bnb_moe(vllm_config: Any) -> bool:
 _backend_logged = False
 
 
-def choose_attention_backend(vllm_config: Any, head_size: int, dtype: torch.dtype) -> type | None:
+def choose_attention_backend(
+    vllm_config: Any,
+    head_size: int,
+    dtype: torch.dtype,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+) -> type | None:
     """Our attention backend class for bnb_moe GPT-OSS, or None to keep vLLM's choice.
 
     Ours is used when the user chose no backend (``attention_config.backend`` None and no
@@ -124,13 +130,35 @@ def choose_attention_backend(vllm_config: Any, head_size: int, dtype: torch.dtyp
     except (ImportError, ValueError, AttributeError) as e:
         fallback(f"our attention backend is unavailable ({e})")
         return None
-    cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
+    cache_config = getattr(vllm_config, "cache_config", None)
+    cache_dtype = getattr(cache_config, "cache_dtype", "auto")
+    block_size = (
+        cache_config.block_size
+        if cache_config is not None and getattr(cache_config, "user_specified_block_size", False)
+        else None
+    )
     try:
-        reasons = cls.validate_configuration(
+        reasons = []
+        # the backend's own check (attention issue): names the first unsupported property
+        unsupported = getattr(cls, "unsupported_reason", None)
+        if unsupported is not None and num_heads is not None and num_kv_heads is not None:
+            why = unsupported(
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_size=head_size,
+                dtype=dtype,
+                kv_cache_dtype=cache_dtype,
+                block_size=block_size,
+                attn_type=AttentionType.DECODER,
+                compute_capability=(cap.major, cap.minor),
+            )
+            if why:
+                reasons.append(why)
+        reasons += cls.validate_configuration(
             head_size=head_size,
             dtype=dtype,
             kv_cache_dtype=cache_dtype,
-            block_size=None,
+            block_size=block_size,
             use_mla=False,
             has_sink=True,
             use_sparse=False,
@@ -163,7 +191,11 @@ class _BnbOAIAttention(OAIAttention):
         from vllm.config import get_current_vllm_config
 
         backend = choose_attention_backend(
-            get_current_vllm_config(), self.head_dim, torch.get_default_dtype()
+            get_current_vllm_config(),
+            self.head_dim,
+            torch.get_default_dtype(),
+            self.num_local_attention_heads,
+            self.num_local_key_value_heads,
         )
         sliding_window = config.sliding_window if self.layer_idx % 2 == 0 else None
         return Attention(

@@ -144,7 +144,7 @@ class BnbMoeMethod(FusedMoEMethodBase):
         if self._max_tokens > 0:
             self._chunk = min(self._chunk, self._max_tokens)
         self._kernel_weights = None
-        if use_reference_kernels():
+        if use_reference_kernels() or not layer.w13_qweight.is_cuda:
             return
         try:
             self._kernel_weights = _make_kernel_weights(layer)
