@@ -840,3 +840,67 @@ def test_stock_bf16_gpt_oss_is_served_by_vllms_own_path(cpu_vllm, synth_tiny: Pa
     w13 = names["model.layers.0.mlp.experts.routed_experts.w13_weight"]
     want = src.tensor("model.layers.0.mlp.experts.gate_up_proj")[2].T
     assert torch.equal(w13[2].to(want.dtype), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-level: tracing and the weight_loader convention
+# ----------------------------------------------------------------------------------------------
+
+
+def _nf4_qkv_layer(nested: bool = True):
+    from gptoss_3090.vllm.linear_method import Nf4LinearMethod
+
+    method = Nf4LinearMethod(SimpleNamespace(prequantized=True, nested=nested))
+    layer = torch.nn.Module()
+    method.create_weights(layer, 320, [512, 128, 128], 320, 768, torch.bfloat16, weight_loader=None)
+    g = torch.Generator().manual_seed(5)
+    layer.bias = torch.nn.Parameter(
+        torch.randn(768, generator=g).to(torch.bfloat16), requires_grad=False
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for seg, (name, rows) in enumerate((("q", 512), ("k", 128), ("v", 128))):
+        key = f"{name}.weight"
+        tensors.update(
+            fx.quantize_linear(
+                (torch.randn(rows, 320, generator=g) * 0.02).to(torch.bfloat16), name, nested
+            )  # noqa: E501
+        )
+        params = {n: getattr(layer, n) for n in layer.nf4_layout.param_shapes()}
+        slot = W.nf4_slot("qkv", params, layer.nf4_layout, seg, None)
+        W.fill_nf4_slot(slot, W.read_nf4_parts(_Dict(tensors), key, (rows, 320)), key)
+    method.process_weights_after_loading(layer)
+    want = torch.cat([fx.bnb_dequantize(tensors, f"{n}.weight") for n in "qkv"])
+    return method, layer, want
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_linear_traces_with_fullgraph(nested: bool) -> None:
+    """``apply`` runs inside vLLM's ``@support_torch_compile(fullgraph=True)`` graph."""
+    method, layer, want = _nf4_qkv_layer(nested)
+    x = torch.randn(5, 320).to(torch.bfloat16)
+    compiled = torch.compile(
+        lambda x: method.apply(layer, x, layer.bias), fullgraph=True, backend="eager"
+    )
+    with torch.no_grad():
+        eager, traced = method.apply(layer, x, layer.bias), compiled(x)
+    assert torch.equal(eager, traced)
+    ref = x.float() @ want.float().T + layer.bias.float()
+    assert _rel_err(eager, ref) < 1e-2
+
+
+def test_weight_loaders_follow_vllms_convention() -> None:
+    from gptoss_3090.vllm.moe_method import expert_weight_loader
+
+    _, layer, _ = _nf4_qkv_layer()
+    before = layer.qweight.detach().clone()
+    k_start, k_len = layer.nf4_layout.ranges(1)["qweight"]
+    fresh = torch.randint(0, 255, (k_len,), dtype=torch.uint8)
+    layer.qweight.weight_loader(layer.qweight, fresh, "k")
+    assert torch.equal(layer.qweight[k_start : k_start + k_len], fresh)
+    assert torch.equal(layer.qweight[:k_start], before[:k_start])
+    with pytest.raises(ValueError, match="expected"):
+        layer.qweight.weight_loader(layer.qweight, fresh[:-1], "v")
+    p = torch.nn.Parameter(torch.zeros(4, 6), requires_grad=False)
+    assert expert_weight_loader(p, torch.ones(2, 3), "w13_absmax", "w1", 2, True) is True
+    assert p[2].sum() == 6 and p.sum() == 6
+    assert expert_weight_loader(p, torch.ones(5), "w13_absmax", "w1", 1, True) is False
