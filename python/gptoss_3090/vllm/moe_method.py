@@ -324,7 +324,7 @@ def moe_reference(
     w2 = _dequant_experts(layer, "w2", dtype)  # [E, H, I]
     num_experts = w13.shape[0]
     dense = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
-    dense.scatter_(1, topk_ids.long(), topk_weights.float())
+    dense.scatter_add_(1, topk_ids.long(), topk_weights.float())  # repeated ids add up
     h = torch.einsum("th,eoh->teo", x, w13) + layer.w13_bias.to(dtype)  # [T, E, 2I]
     gate = h[..., 0::2].float().clamp(max=SWIGLU_LIMIT)
     up = h[..., 1::2].float().clamp(min=-SWIGLU_LIMIT, max=SWIGLU_LIMIT)
