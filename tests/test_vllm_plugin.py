@@ -904,3 +904,51 @@ def test_weight_loaders_follow_vllms_convention() -> None:
     assert expert_weight_loader(p, torch.ones(2, 3), "w13_absmax", "w1", 2, True) is True
     assert p[2].sum() == 6 and p.sum() == 6
     assert expert_weight_loader(p, torch.ones(5), "w13_absmax", "w1", 1, True) is False
+
+
+def test_attention_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours on sm_80-sm_89 when the user chose nothing; vLLM's choice otherwise, with a reason."""
+    import gptoss_3090.vllm.model as M
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    class Fake:
+        reason: str | None = None
+
+        @classmethod
+        def unsupported_reason(cls, **kw: object) -> str | None:
+            return cls.reason
+
+        @classmethod
+        def validate_configuration(cls, **kw: object) -> list[str]:
+            return []
+
+    monkeypatch.setattr(AttentionBackendEnum.CUSTOM.__class__, "get_class", lambda self: Fake)
+    cap = [DeviceCapability(8, 6)]
+    monkeypatch.setattr(
+        type(current_platform), "get_device_capability", classmethod(lambda cls, d=0: cap[0])
+    )
+
+    def choose(backend: str | None = None, per_kind: dict | None = None) -> type | None:
+        M._backend_logged = False
+        vc = SimpleNamespace(
+            attention_config=SimpleNamespace(backend=backend, backend_per_kind=per_kind or {}),
+            cache_config=SimpleNamespace(cache_dtype="auto", block_size=16),
+        )
+        return M.choose_attention_backend(vc, 64, torch.bfloat16, 64, 8)
+
+    assert choose() is Fake
+    assert choose("TRITON_ATTN") is None and choose("CUSTOM") is None  # explicit: vLLM selects
+    assert choose(per_kind={"sliding_window": "TRITON_ATTN"}) is None
+    monkeypatch.setenv(M.ATTENTION_ENV, "triton")
+    assert choose() is None
+    monkeypatch.delenv(M.ATTENTION_ENV)
+    Fake.reason = "kv cache dtype fp8"
+    assert choose() is None
+    Fake.reason = None
+    for c in (DeviceCapability(9, 0), DeviceCapability(7, 5)):
+        cap[0] = c
+        assert choose() is None
+    cap[0] = DeviceCapability(8, 0)
+    assert choose() is Fake
