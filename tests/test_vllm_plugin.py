@@ -634,12 +634,18 @@ def _build(path: Path, quantization: str | None = None):
     return model, vc
 
 
-def _load(model, vc, weights=()) -> set[str]:
+def _load(model, vc) -> set[str]:
+    """What vLLM's DefaultModelLoader.load_model does after building the model."""
     from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
+    loader = DefaultModelLoader(vc.load_config)
     with set_current_vllm_config(vc):
-        names = model.load_weights(iter(weights))
+        names = model.load_weights(loader.get_all_weights(vc.model_config, model))
+        loader.load_weights(model, vc.model_config)  # the real entry point, once more
+        assert 0 < loader.counter_before_loading_weights <= loader.counter_after_loading_weights
+        assert loader.counter_after_loading_weights - loader.counter_before_loading_weights < 600
         process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
     return names
 

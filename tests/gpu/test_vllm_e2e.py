@@ -151,6 +151,9 @@ def _parse_log(text: str) -> dict[str, Any]:
     m = re.search(r"Loading weights took ([\d.]+) seconds", text)
     if m:
         info["weights_read_s"] = float(m.group(1))
+    m = re.search(r"gptoss-3090: loaded (\d+) tensors in ([\d.]+) s", text)
+    if m:
+        info["bnb_moe_tensors"], info["bnb_moe_load_s"] = int(m.group(1)), float(m.group(2))
     m = re.search(r"Available KV cache memory: ([\d.]+) GiB", text)
     if m:
         info["kv_cache_gib"] = float(m.group(1))

@@ -253,7 +253,13 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self._bnb_moe:
             return super().load_weights(weights)
-        # DefaultModelLoader hands us a lazy generator: closing it unread costs nothing.
+        # DefaultModelLoader.load_weights hands us get_all_weights(...), a generator not yet
+        # started: closing it unread costs nothing. Its timer starts inside that generator, so
+        # start it here, else vLLM logs "Loading weights took <seconds since boot>".
+        frame = getattr(weights, "gi_frame", None)
+        owner = frame.f_locals.get("self") if frame is not None else None
+        if owner is not None and hasattr(owner, "counter_before_loading_weights"):
+            owner.counter_before_loading_weights = time.perf_counter()
         close = getattr(weights, "close", None)
         if callable(close):
             close()
