@@ -273,6 +273,11 @@ def test_skip_modules_translate_to_vllm_names() -> None:
     assert cfg.linear_is_quantized("model.layers.1.attn.qkv_proj")
     assert not cfg.linear_is_quantized("model.layers.1.attn.o_proj")
     assert cfg.linear_is_quantized("model.layers.11.attn.o_proj")
+    cfg = BnbMoeConfig.from_config(
+        {**BNB_NF4, "llm_int8_skip_modules": [r"model.layers.\d+.self_attn.(q|k|v)_proj"]}
+    )
+    assert not cfg.linear_is_quantized("model.layers.7.attn.qkv_proj")  # transformers 5 regex
+    assert cfg.linear_is_quantized("model.layers.7.attn.o_proj")
     # the files decide over the list when they could be scanned
     cfg.quantized_bases = frozenset({"model.layers.1.self_attn.o_proj.weight"})
     assert cfg.linear_is_quantized("model.layers.1.attn.o_proj")

@@ -611,9 +611,24 @@ def quantized_weight_bases(keys: Iterable[str]) -> set[str]:
 
 
 def is_hf_module_skipped(module: str, skip_modules: Iterable[str]) -> bool:
-    """transformers' rule for ``llm_int8_skip_modules``: an entry skips every module whose dotted
-    name contains it (``replace_with_bnb_linear`` tests ``key in current_key_name``)."""
-    return any(entry and entry in module for entry in skip_modules)
+    """Whether ``llm_int8_skip_modules`` leaves the HF module ``module`` unquantized.
+
+    Checkpoints were written under transformers 4's rule, an entry skips every module whose
+    dotted name contains it (``replace_with_bnb_linear``: ``key in current_key_name``);
+    transformers 5 (``quantizers_utils.should_convert_module``) also reads entries as regexes
+    anchored at the start and ending at a module boundary. Either match skips.
+    """
+    for entry in skip_modules:
+        if not entry:
+            continue
+        if entry in module:
+            return True
+        try:
+            if re.match(rf"(?:{entry})(?:(?<=\.)|(?=\.|$))", module):
+                return True
+        except re.error:
+            continue
+    return False
 
 
 _QKV_RE = re.compile(r"^(?P<pre>.*\.layers\.(?P<n>\d+))\.attn\.(?P<proj>qkv_proj|o_proj)$")
