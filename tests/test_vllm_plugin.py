@@ -963,3 +963,58 @@ def test_attention_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         assert choose() is None
     cap[0] = DeviceCapability(8, 0)
     assert choose() is Fake
+
+
+def test_stock_mxfp4_gpt_oss_is_served_by_vllms_own_path(cpu_vllm, tmp_path: Path) -> None:
+    """With the plugin installed, an MXFP4 GPT-OSS checkpoint (OpenAI's layout) still builds
+    with vLLM's MXFP4 method and loads through vLLM's own ``_load_weights_mxfp4``."""
+    from safetensors.torch import save_file
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+    from vllm.platforms import current_platform
+
+    spec = fx.Spec(attention="plain")
+    g = torch.Generator().manual_seed(11)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in fx.build_tensors(spec).items():
+        if ".mlp.experts." in k:
+            continue
+        tensors[k.replace(".mlp.router.linear.", ".mlp.router.")] = v
+    e, h, i = spec.experts, spec.hidden, spec.intermediate
+    for n in range(spec.layers):
+        p = f"model.layers.{n}.mlp.experts"
+        for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+            tensors[f"{p}.{name}_blocks"] = torch.randint(
+                0, 256, (e, rows, cols // 32, 16), generator=g, dtype=torch.uint8
+            )
+            tensors[f"{p}.{name}_scales"] = torch.randint(
+                118, 130, (e, rows, cols // 32), generator=g, dtype=torch.uint8
+            )
+            tensors[f"{p}.{name}_bias"] = torch.randn(e, rows, generator=g).to(torch.bfloat16)
+    cfg = _plain_config()
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    d = tmp_path / "mxfp4"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(current_platform), "is_cpu", lambda self: True)
+        try:
+            model, vc = _build(d)
+        except Exception as exc:
+            pytest.skip(f"stock MXFP4 GPT-OSS cannot be built on this CPU-only vLLM: {exc}")
+    assert vc.model_config.quantization == "gpt_oss_mxfp4" and not model._bnb_moe
+    assert type(vc.quant_config).__name__ == "GptOssMxfp4Config"
+    with set_current_vllm_config(vc):
+        model.load_weights(safetensors_weights_iterator([str(d / "model.safetensors")], False))
+    params = dict(model.named_parameters())
+    for n in range(spec.layers):
+        p = f"model.layers.{n}.mlp.experts"
+        w13 = params[f"{p}.routed_experts.w13_weight"]
+        assert torch.equal(w13, tensors[f"{p}.gate_up_proj_blocks"].reshape(w13.shape))
+        s2 = params[f"{p}.routed_experts.w2_weight_scale"]
+        assert torch.equal(s2, tensors[f"{p}.down_proj_scales"].reshape(s2.shape))
+        assert torch.equal(
+            params[f"model.layers.{n}.mlp.router.weight"],
+            tensors[f"model.layers.{n}.mlp.router.weight"],
+        )  # noqa: E501
