@@ -327,6 +327,13 @@ def correctness(out: Path, workdir: Path, variants: list[str], eager: bool = Fal
                 "model": str(ckpt),
                 "llm": {**common, "quantization": "bnb_moe", "attention_backend": "TRITON_ATTN"},
             },
+            # diagnostic (not part of the verdict): our glue with pure-torch NF4/MoE math and
+            # vLLM's attention, to tell glue bugs from kernel bugs
+            "glue_torch_reference": {
+                "model": str(ckpt),
+                "env": {"GPTOSS_3090_REFERENCE_KERNELS": "1"},
+                "llm": {**common, "quantization": "bnb_moe", "attention_backend": "TRITON_ATTN"},
+            },
             "negative_sinks_minus30": {
                 "model": str(_sinks_copy(ref_dir, workdir / f"tiny_{variant}_sinks30")),
                 "plugin": False,
