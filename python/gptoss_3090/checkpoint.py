@@ -150,9 +150,7 @@ class FusedExperts:
     def buffers(self) -> dict[str, torch.Tensor]:
         """The fused buffers by name (only those that exist for this nesting)."""
         return {
-            name: getattr(self, name)
-            for name in _BUFFER_NAMES
-            if getattr(self, name) is not None
+            name: getattr(self, name) for name in _BUFFER_NAMES if getattr(self, name) is not None
         }
 
     @property

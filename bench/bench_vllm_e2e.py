@@ -1,0 +1,301 @@
+"""End-to-end throughput: our bnb_moe stack vs stock vLLM 0.26 MXFP4 on Marlin (issue 6, item 5).
+
+Stock: OpenAI's MXFP4 layout at full GPT-OSS-20B size with random weights (``load_format=
+"dummy"`` on a config.json carrying the MXFP4 quantization_config), ``moe_backend="marlin"`` and
+TRITON_ATTN: exactly what vLLM runs on Ampere. Ours: the 20b synthetic NF4 checkpoint
+(``gptoss-3090 synth OUT --preset 20b``) with ``--quantization bnb_moe`` and our attention
+backend (CUSTOM; ``--ours-attention TRITON_ATTN`` to compare like for like). Both with the same
+compilation settings (vLLM defaults: torch.compile + FULL_AND_PIECEWISE CUDA graphs, the same
+explicit ``max_cudagraph_capture_size``), prefix caching off, on the same card in one sitting.
+
+Workloads (token-id prompts, greedy, ``ignore_eos``, a warm-up run of each shape first):
+decode at batch 1, 16 and 64 with 128 tokens in and 256 out (output tok/s), and prefill 16 x 2048
+tokens with 1 token out (input tok/s); each at 0.85 of the card and on the 24 GiB budget
+(vLLM's total 23.0 GiB, ``max_model_len`` 131072). KV capacity comes from vLLM's log.
+
+Usage (GPU host)::
+
+    python bench/bench_vllm_e2e.py --ours /data/synth-20b --out bench/results/vllm_e2e_bench
+
+Writes ``result.json``, ``summary.md``, ``throughput.png`` and one log per engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+WORKLOADS = {
+    "decode_b1": (1, 128, 256),
+    "decode_b16": (16, 128, 256),
+    "decode_b64": (64, 128, 256),
+    "prefill_16x2048": (16, 2048, 1),
+}
+TARGETS = {"decode_b1": 1.5, "decode_b64": 1.0, "prefill_16x2048": 1.0}
+
+
+def mxfp4_config_dir(out: Path) -> Path:
+    """config.json of GPT-OSS-20B in OpenAI's MXFP4 form (weights come from load_format=dummy)."""
+    from gptoss_3090.presets import get_preset
+
+    d = out / "mxfp4_20b_config"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = get_preset("20b")
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker
+# ----------------------------------------------------------------------------------------------
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec["side"] == "ours":
+        import gptoss_3090.vllm as gv
+
+        gv.register()
+    import torch
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    kwargs = dict(spec["llm"])
+    if spec.get("budget_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        kwargs["gpu_memory_utilization"] = round(spec["budget_gib"] * GIB / total, 4)
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], **kwargs)
+    result: dict[str, Any] = {
+        "startup_s": time.perf_counter() - t0,
+        "gpu_memory_utilization": kwargs.get("gpu_memory_utilization"),
+        "device": torch.cuda.get_device_name(0),
+        "workloads": {},
+    }
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(batch: int, length: int) -> list[TokensPrompt]:
+        ids = torch.randint(1000, 190000, (batch, length), generator=g).tolist()
+        return [TokensPrompt(prompt_token_ids=p) for p in ids]
+
+    for name in spec["workloads"]:
+        batch, n_in, n_out = WORKLOADS[name]
+        params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        llm.generate(prompts(batch, n_in), params, use_tqdm=False)  # warm-up, other prompts
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        outs = llm.generate(prompts(batch, n_in), params, use_tqdm=False)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t1
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        result["workloads"][name] = {
+            "seconds": dt,
+            "output_tok_s": produced / dt,
+            "input_tok_s": batch * n_in / dt,
+            "tok_s": (batch * n_in if n_out == 1 else produced) / dt,
+        }
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _parse_log(text: str) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", text)
+    if m:
+        info["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
+    m = re.search(r"Model loading took ([\d.]+) GiB", text)
+    if m:
+        info["weights_gib"] = float(m.group(1))
+    m = re.search(r"Available KV cache memory: ([\d.]+) GiB", text)
+    if m:
+        info["kv_cache_gib"] = float(m.group(1))
+    return info
+
+
+def run(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    spec_p, res_p, log_p = out / f"{name}.spec.json", out / f"{name}.json", out / f"{name}.log"
+    spec_p.write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH", "")) if p
+    )
+    if spec["side"] == "stock":
+        env["VLLM_PLUGINS"] = ""  # stock vLLM: our plugin not even loaded
+    with open(log_p, "w") as log:
+        rc = subprocess.run(
+            [sys.executable, __file__, "worker", str(spec_p), str(res_p)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=spec.get("timeout", 5400),
+        ).returncode
+    text = log_p.read_text(errors="replace")
+    if rc != 0 or not res_p.exists():
+        return {"error": f"rc={rc}; see {log_p}", "tail": text.splitlines()[-30:]}
+    res = json.loads(res_p.read_text())
+    res.update(_parse_log(text))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker")
+    w.add_argument("spec")
+    w.add_argument("result")
+    p.add_argument("--ours", help="the 20b synthetic NF4 checkpoint")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/vllm_e2e_bench")
+    p.add_argument("--budget-gib", type=float, default=23.0)
+    p.add_argument("--full-util", type=float, default=0.85)
+    p.add_argument("--max-capture", type=int, default=512, help="same for both sides")
+    p.add_argument("--ours-attention", default="CUSTOM")
+    p.add_argument("--budgets", nargs="+", default=["full", "24gib"])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    a = p.parse_args(argv)
+    if a.cmd == "worker":
+        worker(a.spec, a.result)
+        return 0
+    if not a.ours:
+        p.error("--ours PATH (gptoss-3090 synth PATH --preset 20b) is required")
+    a.out.mkdir(parents=True, exist_ok=True)
+    stock_model = str(mxfp4_config_dir(a.out))
+    common = {
+        "max_model_len": 131072,
+        "enable_prefix_caching": False,
+        "seed": 0,
+        "compilation_config": {"max_cudagraph_capture_size": a.max_capture},
+    }
+    sides = {
+        "stock": {
+            "model": stock_model,
+            "llm": {
+                **common,
+                "load_format": "dummy",
+                "skip_tokenizer_init": True,
+                "moe_backend": "marlin",
+                "attention_backend": "TRITON_ATTN",
+            },
+        },
+        "ours": {
+            "model": a.ours,
+            "llm": {
+                **common,
+                "quantization": "bnb_moe",
+                "skip_tokenizer_init": True,
+                "attention_backend": a.ours_attention,
+            },
+        },
+    }
+    report: dict[str, Any] = {"settings": vars(a) | {"out": str(a.out)}, "runs": {}}
+    for budget in a.budgets:
+        for side, base in sides.items():
+            spec = {**base, "side": side, "workloads": a.workloads}
+            spec["llm"] = dict(base["llm"])
+            if budget == "24gib":
+                spec["budget_gib"] = a.budget_gib
+            else:
+                spec["llm"]["gpu_memory_utilization"] = a.full_util
+            name = f"{side}_{budget}"
+            print(f"== {name}", flush=True)
+            report["runs"][name] = run(name, spec, a.out)
+    report["ratios"] = ratios(report["runs"], a.budgets, a.workloads)
+    (a.out / "result.json").write_text(json.dumps(report, indent=2))
+    md = summary_md(report, a.budgets, a.workloads)
+    (a.out / "summary.md").write_text(md)
+    print(md)
+    plot(report, a.budgets, a.workloads, a.out / "throughput.png")
+    return 0
+
+
+def ratios(runs: dict[str, Any], budgets: list[str], workloads: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for b in budgets:
+        s, o = runs.get(f"stock_{b}", {}), runs.get(f"ours_{b}", {})
+        if "error" in s or "error" in o:
+            continue
+        r = {w: o["workloads"][w]["tok_s"] / s["workloads"][w]["tok_s"] for w in workloads}
+        r["targets_met"] = {w: r[w] >= t for w, t in TARGETS.items() if w in r}
+        if "kv_cache_tokens" in s and "kv_cache_tokens" in o:
+            r["kv_tokens_ratio"] = o["kv_cache_tokens"] / s["kv_cache_tokens"]
+        out[b] = r
+    return out
+
+
+def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str]) -> str:
+    lines = [
+        "| budget | workload | stock tok/s | ours tok/s | ours/stock | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in budgets:
+        s, o = report["runs"].get(f"stock_{b}", {}), report["runs"].get(f"ours_{b}", {})
+        if "error" in s or "error" in o:
+            lines.append(f"| {b} | error | {s.get('error', '')} | {o.get('error', '')} | | |")
+            continue
+        for w in workloads:
+            st, ot = s["workloads"][w]["tok_s"], o["workloads"][w]["tok_s"]
+            tgt = TARGETS.get(w)
+            target = f">= {tgt:.1f}x" if tgt else ""
+            lines.append(f"| {b} | {w} | {st:,.0f} | {ot:,.0f} | {ot / st:.2f}x | {target} |")
+        sk, ok = s.get("kv_cache_tokens"), o.get("kv_cache_tokens")
+        kv_ratio = f"{ok / sk:.2f}x" if isinstance(sk, int) and isinstance(ok, int) else ""
+        lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
+        lines.append(f"| {b} | weights GiB | {s.get('weights_gib')} | {o.get('weights_gib')} | | |")
+    dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "?")
+    return f"Device: {dev}\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], budgets: list[str], workloads: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    for ax, b in zip(axes[0], budgets, strict=True):
+        s, o = report["runs"].get(f"stock_{b}", {}), report["runs"].get(f"ours_{b}", {})
+        if "error" in s or "error" in o or not s or not o:
+            ax.set_title(f"{b}: failed")
+            continue
+        xs = range(len(workloads))
+        st = [s["workloads"][w]["tok_s"] for w in workloads]
+        ot = [o["workloads"][w]["tok_s"] for w in workloads]
+        ax.bar([x - 0.2 for x in xs], st, 0.4, label="stock vLLM MXFP4 (Marlin, TRITON_ATTN)")
+        ax.bar([x + 0.2 for x in xs], ot, 0.4, label="gptoss-3090 bnb_moe (NF4)")
+        for x, a, c in zip(xs, st, ot, strict=True):
+            ax.text(x + 0.2, c, f"{c / a:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), workloads, rotation=15)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s (decode: output, prefill: input)")
+        ax.set_title(f"budget: {b}")
+        ax.legend(fontsize=7)
+    dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "")
+    fig.suptitle(f"GPT-OSS-20B end to end, vLLM 0.26, {dev}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

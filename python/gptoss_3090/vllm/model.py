@@ -1,0 +1,592 @@
+"""GPT-OSS model class for ``bnb_moe``: a conditional subclass of vLLM 0.26's ``GptOssForCausalLM``.
+
+Registered by :func:`gptoss_3090.vllm.register` under vLLM's own architecture name
+``GptOssForCausalLM`` (``ModelRegistry.register_model`` replaces the stock entry). Unless
+``vllm_config.quant_config`` is our ``BnbMoeConfig`` it *is* the stock class: ``__init__`` and
+``load_weights`` go straight to ``vllm/model_executor/models/gpt_oss.py``, so MXFP4, bf16 and every
+other GPT-OSS checkpoint is served exactly as before.
+
+With ``bnb_moe``:
+
+* **Modules.** The stock ``GptOssModel`` / ``TransformerBlock`` / ``OAIAttention`` / ``MLPBlock``
+  with our quant methods (NF4 ``qkv_proj``/``o_proj``, fused NF4 experts). The only structural
+  change is ``OAIAttention._build_attention``: on sm_80-sm_89, with no attention backend chosen by
+  the user, the ``Attention`` layers get our sink/sliding-window backend (registered as
+  ``AttentionBackendEnum.CUSTOM``) through ``Attention(..., attn_backend=cls)``. vLLM never picks
+  CUSTOM on its own; ``--attention-backend TRITON_ATTN`` (or any explicit choice) keeps vLLM's
+  selection, and an unavailable/invalid backend falls back to it with a log line.
+* **Loading** (:class:`BnbCheckpointLoader`). vLLM's own GPT-OSS loader
+  (``GptOssModel._load_weights_other``) silently skips unknown names and cannot place Unsloth's
+  per-expert tensors, and ``DefaultModelLoader`` only tracks unloaded weights when
+  ``quantization is None``. So ``load_weights`` ignores vLLM's weight iterator (a lazy generator:
+  nothing is read) and reads the checkpoint itself, one decoder layer after another, with a
+  progress bar: per-expert NF4 tensors are copied into the fused expert buffers (no repacking),
+  ``mlp.router.linear.*`` is renamed to ``mlp.router.*``, sinks and biases load, q/k/v become
+  segments of ``qkv_proj``. bf16 weights that go to NF4 buffers (the Hugging Face layout with
+  ``--quantization bnb_moe``, or modules an NF4 checkpoint left unquantized) are quantized on the
+  GPU one tensor (one expert) at a time. Every checkpoint key must be used and every model
+  parameter filled, else one error names each missing / unexpected tensor.
+
+Only tensor_parallel_size=1, pipeline_parallel_size=1, no expert parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.gpt_oss import (
+    GptOssForCausalLM,
+    GptOssModel,
+    OAIAttention,
+    TransformerBlock,
+)
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.v1.attention.backend import AttentionType
+
+from gptoss_3090.vllm.quant_config import QUANT_NAME
+from gptoss_3090.vllm.weights import (
+    CheckpointError,
+    GptOssDims,
+    Kind,
+    LoadPlan,
+    LogicalTensor,
+    Nf4Parts,
+    SafetensorsDir,
+    SourceRef,
+    dequantize_nf4_cpu,
+    fill_nf4_slot,
+    nf4_slot,
+    plan_checkpoint,
+    read_nf4_parts,
+)
+
+logger = logging.getLogger("vllm.gptoss_3090")
+
+__all__ = ["BnbCheckpointLoader", "GptOssBnbForCausalLM", "choose_attention_backend"]
+
+#: Set to ``triton`` (or ``vllm``) to keep vLLM's attention selection for bnb_moe models.
+ATTENTION_ENV = "GPTOSS_3090_ATTENTION"
+
+
+def _is_bnb_moe(vllm_config: Any) -> bool:
+    qc = getattr(vllm_config, "quant_config", None)
+    return qc is not None and qc.get_name() == QUANT_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention backend choice
+# ----------------------------------------------------------------------------------------------
+
+_backend_logged = False
+
+
+def choose_attention_backend(
+    vllm_config: Any,
+    head_size: int,
+    dtype: torch.dtype,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+) -> type | None:
+    """Our attention backend class for bnb_moe GPT-OSS, or None to keep vLLM's choice.
+
+    Ours is used when the user chose no backend (``attention_config.backend`` None and no
+    per-kind map), ``GPTOSS_3090_ATTENTION`` is not ``triton``/``vllm``, the GPU is sm_80-sm_89
+    (sm_90+ has FlashAttention with sinks), the class imports and it validates this configuration.
+    """
+    global _backend_logged
+
+    def fallback(reason: str) -> None:
+        global _backend_logged
+        if not _backend_logged:
+            _backend_logged = True
+            logger.info("gptoss-3090: keeping vLLM's attention backend selection: %s", reason)
+
+    attn_cfg = getattr(vllm_config, "attention_config", None)
+    if attn_cfg is not None and (attn_cfg.backend is not None or attn_cfg.backend_per_kind):
+        fallback("an attention backend was chosen explicitly")
+        return None
+    if os.environ.get(ATTENTION_ENV, "").lower() in ("triton", "vllm", "off", "0"):
+        fallback(f"{ATTENTION_ENV}={os.environ[ATTENTION_ENV]}")
+        return None
+    from vllm.platforms import current_platform
+
+    cap = current_platform.get_device_capability()
+    if cap is None or not (80 <= cap.to_int() < 90):
+        fallback(f"compute capability {cap} is outside sm_80-sm_89")
+        return None
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        cls = AttentionBackendEnum.CUSTOM.get_class()
+    except (ImportError, ValueError, AttributeError) as e:
+        fallback(f"our attention backend is unavailable ({e})")
+        return None
+    cache_config = getattr(vllm_config, "cache_config", None)
+    cache_dtype = getattr(cache_config, "cache_dtype", "auto")
+    block_size = (
+        cache_config.block_size
+        if cache_config is not None and getattr(cache_config, "user_specified_block_size", False)
+        else None
+    )
+    try:
+        reasons = []
+        # the backend's own check (attention issue): names the first unsupported property
+        unsupported = getattr(cls, "unsupported_reason", None)
+        if unsupported is not None and num_heads is not None and num_kv_heads is not None:
+            why = unsupported(
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_size=head_size,
+                dtype=dtype,
+                kv_cache_dtype=cache_dtype,
+                block_size=block_size,
+                attn_type=AttentionType.DECODER,
+                compute_capability=(cap.major, cap.minor),
+            )
+            if why:
+                reasons.append(why)
+        reasons += cls.validate_configuration(
+            head_size=head_size,
+            dtype=dtype,
+            kv_cache_dtype=cache_dtype,
+            block_size=block_size,
+            use_mla=False,
+            has_sink=True,
+            use_sparse=False,
+            use_mm_prefix=False,
+            use_per_head_quant_scales=False,
+            device_capability=cap,
+            attn_type=AttentionType.DECODER,
+            has_sliding_window=True,
+        )
+    except Exception as e:  # a backend bug must not stop the model from loading
+        reasons = [f"validate_configuration raised {e!r}"]
+    if reasons:
+        fallback("our attention backend rejected this configuration: " + "; ".join(reasons))
+        return None
+    if not _backend_logged:
+        _backend_logged = True
+        logger.info(
+            "gptoss-3090: using attention backend %s (sinks + sliding window)", cls.__name__
+        )
+    return cls
+
+
+class _BnbOAIAttention(OAIAttention):
+    """OAIAttention whose Attention layer gets our backend when :func:`choose_attention_backend`
+    says so. Same arguments as the stock ``_build_attention`` otherwise."""
+
+    def _build_attention(
+        self, config: Any, cache_config: Any, quant_config: Any, prefix: str
+    ) -> Attention:
+        from vllm.config import get_current_vllm_config
+
+        backend = choose_attention_backend(
+            get_current_vllm_config(),
+            self.head_dim,
+            torch.get_default_dtype(),
+            self.num_local_attention_heads,
+            self.num_local_key_value_heads,
+        )
+        sliding_window = config.sliding_window if self.layer_idx % 2 == 0 else None
+        return Attention(
+            self.num_local_attention_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_local_key_value_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=sliding_window,
+            attn_type=AttentionType.DECODER,
+            prefix=f"{prefix}.attn",
+            sinks=self.sinks,
+            attn_backend=backend,
+        )
+
+
+class _BnbTransformerBlock(TransformerBlock):
+    attention_cls = _BnbOAIAttention
+
+
+class _BnbGptOssModel(GptOssModel):
+    # GptOssModel is @support_torch_compile; the decorator patches its __init__/__call__ in
+    # place, so this subclass compiles the same way (decorators.py::_support_torch_compile).
+    block_cls = _BnbTransformerBlock
+
+
+# ----------------------------------------------------------------------------------------------
+# The model class
+# ----------------------------------------------------------------------------------------------
+
+
+class GptOssBnbForCausalLM(GptOssForCausalLM):
+    """vLLM's ``GptOssForCausalLM``, plus the bnb_moe modules and loader when quantized so."""
+
+    def __init__(self, vllm_config: Any, prefix: str = "") -> None:
+        self._bnb_moe = _is_bnb_moe(vllm_config)
+        if not self._bnb_moe:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            return
+        _check_parallelism(vllm_config)
+        # What GptOssForCausalLM.__init__ does (gpt_oss.py, 0.26), with our GptOssModel subclass.
+        super(GptOssForCausalLM, self).__init__()
+        self.vllm_config = vllm_config
+        self.config = vllm_config.model_config.hf_config
+        self.model = _BnbGptOssModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(
+            self.config.vocab_size,
+            self.config.hidden_size,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        self.logits_processor = LogitsProcessor(self.config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if not self._bnb_moe:
+            return super().load_weights(weights)
+        # DefaultModelLoader.load_weights hands us get_all_weights(...), a generator not yet
+        # started: closing it unread costs nothing. Its timer starts inside that generator, so
+        # start it here, else vLLM logs "Loading weights took <seconds since boot>".
+        frame = getattr(weights, "gi_frame", None)
+        owner = frame.f_locals.get("self") if frame is not None else None
+        if owner is not None and hasattr(owner, "counter_before_loading_weights"):
+            owner.counter_before_loading_weights = time.perf_counter()
+        close = getattr(weights, "close", None)
+        if callable(close):
+            close()
+        model_config = self.vllm_config.model_config
+        load_config = self.vllm_config.load_config
+        path = resolve_checkpoint_dir(model_config, load_config)
+        loader = BnbCheckpointLoader(
+            self,
+            GptOssDims.from_hf_config(self.config),
+            path,
+            prequantized=bool(self.vllm_config.quant_config.prequantized),
+            use_tqdm=bool(getattr(load_config, "use_tqdm_on_load", True)),
+        )
+        return loader.load()
+
+
+def _check_parallelism(vllm_config: Any) -> None:
+    pc = vllm_config.parallel_config
+    bad = []
+    if pc.tensor_parallel_size != 1:
+        bad.append(f"tensor_parallel_size={pc.tensor_parallel_size}")
+    if pc.pipeline_parallel_size != 1:
+        bad.append(f"pipeline_parallel_size={pc.pipeline_parallel_size}")
+    if getattr(pc, "enable_expert_parallel", False):
+        bad.append("enable_expert_parallel")
+    if getattr(pc, "data_parallel_size", 1) != 1:
+        bad.append(f"data_parallel_size={pc.data_parallel_size}")
+    if bad:
+        raise NotImplementedError(
+            "bnb_moe serves GPT-OSS on one GPU; unsupported: " + ", ".join(bad)
+        )
+
+
+def resolve_checkpoint_dir(model_config: Any, load_config: Any) -> str:
+    """The local directory of the checkpoint (downloading from the Hub if needed)."""
+    model = model_config.model
+    if os.path.isdir(model):
+        return model
+    from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+    return download_weights_from_hf(
+        model,
+        load_config.download_dir,
+        ["*.safetensors", "*.json"],
+        model_config.revision,
+        ignore_patterns=load_config.ignore_patterns,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+
+#: ``quantize(weight [out, in] on the target device) -> Nf4Parts`` (nested statistics).
+Quantizer = Callable[[torch.Tensor], Nf4Parts]
+
+_SHARD_INDEX = {"q": 0, "k": 1, "v": 2, None: 0}
+
+
+def default_quantizer() -> Quantizer:
+    """Our GPU quantizer (``gptoss_3090.ops.nf4_quantize``), else bitsandbytes' (same codes)."""
+    try:
+        from gptoss_3090.ops import nf4_quantize
+
+        def ours(w: torch.Tensor) -> Nf4Parts:
+            q = nf4_quantize(w, nested=True)
+            offset = q.nested_offset
+            return Nf4Parts(
+                packed=q.packed,
+                absmax=q.absmax,
+                nested_absmax=q.nested_absmax,
+                nested_quant_map=q.nested_quant_map,
+                nested_offset=float(offset.item() if isinstance(offset, torch.Tensor) else offset),
+                shape=tuple(w.shape),
+            )
+
+        return ours
+    except ImportError:
+        pass
+    try:
+        from bitsandbytes.functional import quantize_4bit
+    except ImportError as e:
+        raise RuntimeError(
+            "quantize-at-load needs gptoss_3090.ops.nf4_quantize (our CUDA kernels) or "
+            "bitsandbytes; neither is available"
+        ) from e
+
+    def bnb(w: torch.Tensor) -> Nf4Parts:
+        packed, qs = quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        return Nf4Parts(
+            packed=packed,
+            absmax=qs.absmax,
+            nested_absmax=qs.state2.absmax,
+            nested_quant_map=qs.state2.code,
+            nested_offset=float(qs.offset.item()),
+            shape=tuple(w.shape),
+        )
+
+    logger.warning("gptoss-3090: our GPU quantizer is unavailable; quantizing with bitsandbytes")
+    return bnb
+
+
+def open_source(path: str, prequantized: bool) -> SafetensorsDir:
+    """The checkpoint's tensors; NF4 checkpoints are first validated by our Rust reader."""
+    if prequantized:
+        try:
+            from gptoss_3090 import open_checkpoint
+        except ImportError:
+            open_checkpoint = None
+        if open_checkpoint is not None:
+            # Validates config, shapes, byte counts, quant-state JSON and expert completeness;
+            # raises gptoss_3090.CheckpointError naming the tensor.
+            open_checkpoint(path)
+    return SafetensorsDir(path)
+
+
+class BnbCheckpointLoader:
+    """Fills a bnb_moe GPT-OSS model (``root``) from a checkpoint, layer after layer.
+
+    Args:
+        root: the model (``GptOssBnbForCausalLM`` or any module tree with the same names).
+        dims: the model sizes.
+        path: the checkpoint directory (or pass ``source``).
+        prequantized: the checkpoint is a bitsandbytes NF4 one (validated by our Rust reader).
+        source: an object with ``keys()``, ``tensor(key)``, ``expert_slice(key, e)``.
+        quantizer: quantizes a bf16 ``[out, in]`` weight to NF4 (default: our GPU quantizer).
+        use_tqdm: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        dims: GptOssDims,
+        path: str | None = None,
+        *,
+        prequantized: bool = True,
+        source: Any = None,
+        quantizer: Quantizer | None = None,
+        use_tqdm: bool = True,
+    ) -> None:
+        self.root = root
+        self.dims = dims
+        self.path = path
+        if source is None:
+            if path is None:
+                raise ValueError("BnbCheckpointLoader needs a path or a source")
+            source = open_source(path, prequantized)
+        self.source = source
+        self._quantizer = quantizer
+        self.use_tqdm = use_tqdm
+        self.params = dict(root.named_parameters())
+        self.stats = {"nf4": 0, "quantized": 0, "dequantized": 0, "dense": 0}
+
+    # -- public ----------------------------------------------------------------------------
+
+    def plan(self) -> LoadPlan:
+        """Matches the checkpoint to the model; raises naming missing/unexpected tensors."""
+        plan = plan_checkpoint(self.source.keys(), self.dims)
+        plan.raise_if_incomplete(self.path)
+        return plan
+
+    def load(self) -> set[str]:
+        """Loads every tensor; returns the names of all model parameters (all filled)."""
+        plan = self.plan()
+        start = time.perf_counter()
+        groups = plan.by_layer()
+        order = [None, *range(self.dims.num_layers)]
+        covered: set[str] = set()
+        bar = self._progress(len(plan.items))
+        try:
+            for layer in order:
+                for t, ref in groups.get(layer, []):
+                    covered |= self._load_one(t, ref)
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None and layer is not None:
+                    bar.set_postfix_str(f"layer {layer + 1}/{self.dims.num_layers}")
+        finally:
+            if bar is not None:
+                bar.close()
+            close = getattr(self.source, "close", None)
+            if callable(close):
+                close()
+        self._check_covered(covered)
+        logger.info(
+            "gptoss-3090: loaded %d tensors in %.1f s (%d NF4 as stored, %d quantized at load, "
+            "%d dequantized, %d dense)",
+            len(plan.items),
+            time.perf_counter() - start,
+            self.stats["nf4"],
+            self.stats["quantized"],
+            self.stats["dequantized"],
+            self.stats["dense"],
+        )
+        return set(self.params)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _progress(self, total: int) -> Any:
+        if not self.use_tqdm:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, desc="gptoss-3090: loading bnb_moe weights", unit="tensor")
+
+    @property
+    def quantizer(self) -> Quantizer:
+        if self._quantizer is None:
+            self._quantizer = default_quantizer()
+        return self._quantizer
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        try:
+            return self.params[name]
+        except KeyError:
+            raise RuntimeError(
+                f"bnb_moe loader: the model has no parameter {name!r} (vLLM layout changed?)"
+            ) from None
+
+    def _rows(self, t: LogicalTensor) -> tuple[int, int] | None:
+        """Row range of a q/k/v shard inside the fused qkv tensors."""
+        if t.shard not in ("q", "k", "v"):
+            return None
+        q, kv = self.dims.q_size, self.dims.kv_size
+        return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[t.shard]
+
+    def _dense_tensor(self, t: LogicalTensor, ref: SourceRef) -> torch.Tensor:
+        if ref.fmt == "fused":
+            assert ref.expert is not None
+            tensor = self.source.expert_slice(ref.key, ref.expert)
+            if t.kind is Kind.EXPERT_WEIGHT:
+                tensor = tensor.t()  # HF stores x @ W: [in, out]
+        else:
+            tensor = self.source.tensor(ref.key)
+        if tuple(tensor.shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"'{ref.key}'{'' if ref.expert is None else f'[{ref.expert}]'}: expected shape "
+                f"{list(t.shape)}, found {list(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"'{ref.key}': expected a float tensor, found {tensor.dtype}")
+        return tensor
+
+    def _load_one(self, t: LogicalTensor, ref: SourceRef) -> set[str]:
+        if t.kind is Kind.DENSE:
+            return self._load_dense(t, ref)
+        if t.kind is Kind.LINEAR_WEIGHT:
+            module = self.root.get_submodule(t.dest)
+            layout = getattr(module, "nf4_layout", None)
+            if layout is None:  # kept unquantized (skip list): dense weight rows
+                return self._load_unquantized_linear(t, ref, module)
+            params = {n: getattr(module, n) for n in layout.param_shapes()}
+            slot = nf4_slot(t.dest, params, layout, _SHARD_INDEX[t.shard], None)
+            self._fill(slot, t, ref)
+            return {f"{t.dest}.{n}" for n in params}
+        # Kind.EXPERT_WEIGHT
+        module = self.root.get_submodule(t.dest)
+        layout = module.nf4_layouts[t.shard]
+        params = {n: getattr(module, f"{t.shard}_{n}") for n in layout.param_shapes()}
+        slot = nf4_slot(f"{t.dest}.{t.shard}", params, layout, 0, t.expert)
+        self._fill(slot, t, ref)
+        return {f"{t.dest}.{t.shard}_{n}" for n in params}
+
+    def _fill(self, slot: Any, t: LogicalTensor, ref: SourceRef) -> None:
+        if ref.fmt == "nf4":
+            parts = read_nf4_parts(self.source, ref.key, t.shape)  # type: ignore[arg-type]
+            fill_nf4_slot(slot, parts, ref.key)
+            self.stats["nf4"] += 1
+            return
+        weight = self._dense_tensor(t, ref)
+        parts = self.quantizer(weight.to(slot.qweight.device).contiguous())
+        fill_nf4_slot(slot, parts, ref.key)
+        self.stats["quantized"] += 1
+
+    def _load_unquantized_linear(
+        self, t: LogicalTensor, ref: SourceRef, module: nn.Module
+    ) -> set[str]:
+        name = f"{t.dest}.weight"
+        dest = self._param(name).data
+        rows = self._rows(t)
+        if rows is not None:
+            dest = dest.narrow(0, *rows)
+        if ref.fmt == "nf4":
+            parts = read_nf4_parts(self.source, ref.key, t.shape)  # type: ignore[arg-type]
+            value = dequantize_nf4_cpu(
+                parts.packed,
+                parts.absmax,
+                parts.shape,
+                dest.dtype,
+                parts.nested_absmax,
+                parts.nested_quant_map,
+                parts.nested_offset,
+            )
+            self.stats["dequantized"] += 1
+        else:
+            value = self._dense_tensor(t, ref)
+            self.stats["dense"] += 1
+        self._copy(dest, value, ref.key)
+        return {name}
+
+    def _load_dense(self, t: LogicalTensor, ref: SourceRef) -> set[str]:
+        dest = self._param(t.dest).data
+        if t.expert is not None:
+            dest = dest[t.expert]
+        else:
+            rows = self._rows(t)
+            if rows is not None:
+                dest = dest.narrow(0, *rows)
+        self._copy(dest, self._dense_tensor(t, ref), ref.key)
+        self.stats["dense"] += 1
+        return {t.dest}
+
+    @staticmethod
+    def _copy(dest: torch.Tensor, value: torch.Tensor, key: str) -> None:
+        if tuple(dest.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"'{key}': expected shape {list(dest.shape)}, found {list(value.shape)}"
+            )
+        dest.copy_(value)
+
+    def _check_covered(self, covered: set[str]) -> None:
+        left = sorted(set(self.params) - covered)
+        if left:
+            raise RuntimeError(
+                "bnb_moe loader: these model parameters were not filled from the checkpoint: "
+                + ", ".join(left[:20])
+                + (f" ... and {len(left) - 20} more" if len(left) > 20 else "")
+            )
