@@ -1,0 +1,254 @@
+"""CPU tests of the attention reference (sinks + sliding window, plain and paged).
+
+The reference in ``gptoss_3090.attention_reference`` is what the GPU kernels are judged by, so it
+is itself checked here against an independent float64 formula written with explicit loops,
+straight from the GPT-OSS definition ``p_j = exp(l_j) / (exp(s_h) + sum_k exp(l_k))``. The
+split-KV combine math used by the decode kernel is checked the same way, and the vLLM backend's
+static contract is checked when vLLM is importable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptoss_3090.attention_reference import (
+    attention_ref,
+    gather_paged_kv,
+    kv_cache_write_ref,
+    paged_attention_ref,
+)
+
+
+def naive_attention(q, k, v, sinks, q_pos, window, scale):
+    """Independent float64 formula: explicit loops over queries/heads, explicit sink term."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    out = torch.zeros(tq, hq, d, dtype=torch.float64)
+    for i in range(tq):
+        p = int(q_pos[i])
+        lo = 0 if window is None else max(0, p - window + 1)
+        keys = list(range(lo, p + 1))
+        for h in range(hq):
+            kh = h // group
+            logits = [scale * float(torch.dot(q64[i, h], k64[j, kh])) for j in keys]
+            sink = None if sinks is None else float(sinks[h])
+            mx = max(logits + ([sink] if sink is not None else []))
+            den = sum(math.exp(x - mx) for x in logits)
+            if sink is not None:
+                den += math.exp(sink - mx)
+            acc = torch.zeros(d, dtype=torch.float64)
+            for x, j in zip(logits, keys, strict=True):
+                acc += math.exp(x - mx) / den * v64[j, kh]
+            out[i, h] = acc
+    return out
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def make_sinks(hq, kind, gen):
+    if kind == "none":
+        return None
+    if kind == "large":
+        return torch.full((hq,), 20.0) + torch.rand(hq, generator=gen)
+    if kind == "small":
+        return torch.full((hq,), -20.0) - torch.rand(hq, generator=gen)
+    return torch.randn(hq, generator=gen) * 2.0
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("sink_kind", ["none", "random", "large", "small"])
+def test_plain_reference_matches_naive(window, sink_kind):
+    gen = torch.Generator().manual_seed(1234 + (window or 0) + len(sink_kind))
+    hq, hkv, d = 8, 2, 16
+    lens = [1, 7, 13]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    t = int(cu[-1])
+    q = torch.randn(t, hq, d, generator=gen)
+    k = torch.randn(t, hkv, d, generator=gen)
+    v = torch.randn(t, hkv, d, generator=gen)
+    sinks = make_sinks(hq, sink_kind, gen)
+    scale = 0.3
+    got = attention_ref(q, k, v, sinks, sliding_window=window, scale=scale, cu_seqlens=cu)
+    for b in range(len(lens)):
+        s, e = int(cu[b]), int(cu[b + 1])
+        want = naive_attention(q[s:e], k[s:e], v[s:e], sinks, range(e - s), window, scale)
+        assert rel_err(got[s:e], want) < 1e-5, (b, rel_err(got[s:e], want))
+
+
+def test_large_sink_shrinks_output_and_small_sink_vanishes():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(9, 4, 8, generator=gen)
+    k = torch.randn(9, 1, 8, generator=gen)
+    v = torch.randn(9, 1, 8, generator=gen)
+    no_sink = attention_ref(q, k, v, None)
+    small = attention_ref(q, k, v, torch.full((4,), -30.0))
+    large = attention_ref(q, k, v, torch.full((4,), 30.0))
+    assert rel_err(small, no_sink) < 1e-6
+    assert float(large.abs().max()) < 1e-6
+
+
+def test_window_one_keeps_only_the_diagonal():
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(6, 2, 8, generator=gen)
+    k = torch.randn(6, 2, 8, generator=gen)
+    v = torch.randn(6, 2, 8, generator=gen)
+    out = attention_ref(q, k, v, None, sliding_window=1)
+    assert rel_err(out, v.float()) < 1e-6
+
+
+def build_paged(seq_k, seq_v, hkv, d, block_size, num_blocks, gen, nhd=True):
+    """A paged cache holding the given per-request K/V, with shuffled block ids.
+
+    With ``nhd`` the cache is the non-contiguous logical view of a physical
+    ``(blocks, block_size, heads, 2d)`` buffer, as vLLM hands it to the backend.
+    """
+    if nhd:
+        phys = torch.randn(num_blocks, block_size, hkv, 2 * d, generator=gen)
+        cache = phys.permute(0, 2, 1, 3)
+    else:
+        cache = torch.randn(num_blocks, hkv, block_size, 2 * d, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max((len(x) + block_size - 1) // block_size for x in seq_k) + 2
+    table = torch.full((len(seq_k), max_blocks), 10**6, dtype=torch.int32)  # junk past the end
+    nxt = 0
+    for r, (kr, vr) in enumerate(zip(seq_k, seq_v, strict=True)):
+        n = kr.shape[0]
+        nb = (n + block_size - 1) // block_size
+        for b in range(nb):
+            blk = int(perm[nxt])
+            nxt += 1
+            table[r, b] = blk
+            rows = slice(b * block_size, min(n, (b + 1) * block_size))
+            cnt = rows.stop - rows.start
+            cache[blk, :, :cnt, :d] = kr[rows].transpose(0, 1)
+            cache[blk, :, :cnt, d:] = vr[rows].transpose(0, 1)
+    return cache, table
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 4])
+def test_paged_reference_matches_naive(block_size, window):
+    gen = torch.Generator().manual_seed(block_size + (window or 0))
+    hq, hkv, d = 4, 2, 8
+    # (q_len, seq_len): decode, full prefill, chunked prefill continuing a context, empty request.
+    reqs = [(1, 40), (5, 5), (3, 37), (0, 9), (2, 2)]
+    seq_k = [torch.randn(s, hkv, d, generator=gen) for _, s in reqs]
+    seq_v = [torch.randn(s, hkv, d, generator=gen) for _, s in reqs]
+    cache, table = build_paged(seq_k, seq_v, hkv, d, block_size, 16, gen)
+    qsl = torch.tensor([0, *torch.tensor([x for x, _ in reqs]).cumsum(0).tolist()], dtype=torch.int32)
+    t = int(qsl[-1])
+    q = torch.randn(t + 3, hq, d, generator=gen)  # 3 padding rows
+    sinks = torch.randn(hq, generator=gen)
+    seq_lens = torch.tensor([s for _, s in reqs], dtype=torch.int32)
+    got = paged_attention_ref(q, cache, qsl, seq_lens, table, sinks, window, scale=0.125)
+    for r, (ql, sl) in enumerate(reqs):
+        s = int(qsl[r])
+        if ql == 0:
+            continue
+        want = naive_attention(q[s : s + ql], seq_k[r], seq_v[r], sinks, range(sl - ql, sl), window, 0.125)
+        assert rel_err(got[s : s + ql], want) < 1e-5
+    assert float(got[t:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("nhd", [True, False])
+def test_kv_cache_write_ref_round_trip(nhd):
+    gen = torch.Generator().manual_seed(11)
+    hkv, d, bs, nb = 2, 8, 16, 6
+    if nhd:
+        cache = torch.zeros(nb, bs, hkv, 2 * d).permute(0, 2, 1, 3)
+    else:
+        cache = torch.zeros(nb, hkv, bs, 2 * d)
+    n = 20
+    key = torch.randn(n + 2, hkv, d, generator=gen)  # 2 trailing rows beyond slot_mapping
+    value = torch.randn(n + 2, hkv, d, generator=gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:n].long()
+    slots[3] = -1
+    slots[11] = -1
+    kv_cache_write_ref(key, value, cache, slots)
+    for i in range(n):
+        s = int(slots[i])
+        if s < 0:
+            continue
+        assert torch.equal(cache[s // bs, :, s % bs, :d], key[i])
+        assert torch.equal(cache[s // bs, :, s % bs, d:], value[i])
+    written = int((slots >= 0).sum())
+    assert int((cache.abs().sum(-1) != 0).sum()) == written * hkv
+
+
+def test_gather_paged_kv_order():
+    gen = torch.Generator().manual_seed(12)
+    k = torch.randn(21, 2, 4, generator=gen)
+    v = torch.randn(21, 2, 4, generator=gen)
+    cache, table = build_paged([k], [v], 2, 4, 16, 5, gen)
+    gk, gv = gather_paged_kv(cache, table[0], 21)
+    assert torch.equal(gk, k) and torch.equal(gv, v)
+
+
+def test_split_combine_math_equals_full_softmax():
+    """The decode kernel's split-KV algebra (log2 domain, sink only in the combine)."""
+    gen = torch.Generator().manual_seed(13)
+    n, d = 300, 8
+    logits = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    vals = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    sink = 2.5
+    full = torch.softmax(torch.cat([logits, torch.tensor([sink], dtype=torch.float64)]), 0)[:-1] @ vals
+    log2e = 1.0 / math.log(2.0)
+    parts = []
+    for chunk in torch.split(torch.arange(n), 64):
+        x = logits[chunk] * log2e
+        m = float(x.max())
+        p = torch.pow(2.0, x - m)
+        parts.append((m, float(p.sum()), p @ vals[chunk]))
+    parts.append((float("-inf"), 0.0, torch.zeros(d, dtype=torch.float64)))  # an empty split
+    s2 = sink * log2e
+    big_m = max([s2] + [m for m, l, _ in parts if l > 0])
+    den = 2.0 ** (s2 - big_m) + sum(l * 2.0 ** (m - big_m) for m, l, _ in parts if l > 0)
+    acc = sum(a * 2.0 ** (m - big_m) for m, l, a in parts if l > 0)
+    assert rel_err(acc / den, full) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM backend static contract (only where vLLM 0.26 is importable).
+# ---------------------------------------------------------------------------------------------
+
+
+def _backend():
+    pytest.importorskip("vllm")
+    from gptoss_3090.vllm.attention_backend import GptOssSinkAttentionBackend
+
+    return GptOssSinkAttentionBackend
+
+
+def test_backend_static_contract():
+    backend = _backend()
+    from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport
+
+    assert issubclass(backend, AttentionBackend)
+    assert backend.get_name() == "CUSTOM"
+    assert backend.forward_includes_kv_cache_update is False
+    assert backend.get_kv_cache_shape(10, 16, 8, 64) == (10, 8, 16, 128)
+    with pytest.raises(ValueError):
+        backend.get_kv_cache_shape(10, 8, 8, 64)
+    assert backend.supports_sink()
+    assert backend.supports_head_size(64) and not backend.supports_head_size(128)
+    assert torch.bfloat16 in backend.supported_dtypes and torch.float16 in backend.supported_dtypes
+    builder = backend.get_builder_cls()
+    assert builder._cudagraph_support.value >= AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE.value
+    impl_cls = backend.get_impl_cls()
+    assert hasattr(impl_cls, "do_kv_cache_update") and hasattr(impl_cls, "forward")
+
+
+def test_backend_impl_positional_ctor():
+    backend = _backend()
+    sinks = torch.zeros(64)
+    impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, 128, "auto", None, "decoder", None, sinks=sinks)
+    assert impl.sliding_window == 128 and impl.num_kv_heads == 8 and impl.sinks is sinks
+    impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, None, "auto")
+    assert impl.sliding_window is None
