@@ -40,7 +40,8 @@
 // Sink modes (AttnParams::sink_mode).
 #define ATTN_SINK_NONE 0
 #define ATTN_SINK_F32 1
-#define ATTN_SINK_HALF 2  // same dtype as q
+#define ATTN_SINK_BF16 2
+#define ATTN_SINK_F16 3
 
 // -------------------------------------------------------------------------------------------------
 // Parameter structs (mirrored `#[repr(C)]` in src/ops/attention.rs; keep field order and types in
@@ -74,7 +75,7 @@ struct AttnParams {
     const i32* block_table;      // [num_reqs, bt_stride] or null in plain mode
     const i32* query_start_loc;  // [num_reqs + 1]
     const i32* seq_lens;         // [num_reqs]: context + new tokens
-    const void* sinks;           // [Hq] fp32 or q dtype (sink_mode), or null
+    const void* sinks;           // [Hq] fp32, bf16 or fp16 (sink_mode), or null
     float* ws;                   // split workspace: [ws_rows][64] acc, then [ws_rows][2] (max, sum)
     i64 q_stride_tok;            // q.stride(0)
     i64 q_stride_head;           // q.stride(1)
@@ -91,7 +92,7 @@ struct AttnParams {
     i32 group;                   // num_q_heads / num_kv_heads, a power of two <= 16
     i32 block_size;              // tokens per KV-cache block (paged mode)
     i32 window;                  // 0: causal; else query i sees keys (i - window, i]
-    i32 sink_mode;               // ATTN_SINK_*
+    i32 sink_mode;               // ATTN_SINK_* (0 none, 1 fp32, 2 bf16, 3 fp16)
     i32 num_splits;              // decode: KV splits per (request, KV head); grid.z
     i32 min_q_len;               // this launch handles requests with min_q_len <= q_len <= max_q_len
     i32 max_q_len;
@@ -120,11 +121,12 @@ __device__ __forceinline__ int attn_swz(int row, int chunk) {
     return row * ATTN_HEAD_DIM + ((chunk ^ (row & 7)) << 3);
 }
 
-// Sink logit of query head `hq`, already multiplied by log2(e); -inf when there is none.
-template <int DTYPE>
+// Sink logit of query head `hq`, already multiplied by log2(e); -inf when there is none. The
+// sinks keep their own dtype (vLLM stores them as a bf16 parameter even for fp16 models).
 __device__ __forceinline__ float attn_sink_log2(const AttnParams& p, int hq) {
     if (p.sink_mode == ATTN_SINK_F32) return ((const float*)p.sinks)[hq] * ATTN_LOG2E;
-    if (p.sink_mode == ATTN_SINK_HALF) return half_to_f32<DTYPE>(((const u16*)p.sinks)[hq]) * ATTN_LOG2E;
+    if (p.sink_mode == ATTN_SINK_BF16) return bf16_to_f32(((const u16*)p.sinks)[hq]) * ATTN_LOG2E;
+    if (p.sink_mode == ATTN_SINK_F16) return f16_to_f32(((const u16*)p.sinks)[hq]) * ATTN_LOG2E;
     return ATTN_NEG_INF;
 }
 
@@ -393,7 +395,7 @@ __device__ __forceinline__ void attn_fwd_impl(const AttnParams& p) {
     for (int i = 0; i < 2; ++i) {
         const int row = warp * 16 + g + 8 * i;
         qpos[i] = ctx + t0 + (row >> g_shift);
-        sink2[i] = attn_sink_log2<DTYPE>(p, kvh * G + (row & (G - 1)));
+        sink2[i] = attn_sink_log2(p, kvh * G + (row & (G - 1)));
         m[i] = sink2[i];  // the sink seeds the running max (denominator-only)
         l[i] = 0.f;
     }
@@ -626,7 +628,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     const int t = row >> g_shift;
     const int hq = kvh * G + (row & (G - 1));
     if (p.num_splits == 1) {
-        const float sink2 = attn_sink_log2<DTYPE>(p, hq);
+        const float sink2 = attn_sink_log2(p, hq);
         const float mm = fmaxf(mx, sink2);
         const float ref2 = mm == ATTN_NEG_INF ? 0.f : mm;
         const float f = attn_exp2(mx - ref2);
@@ -685,7 +687,7 @@ __device__ __forceinline__ void attn_combine_impl(const AttnParams& p) {
     const int hq = kvh * G + (row & (G - 1));
     const float* ml = p.ws + p.ws_rows * ATTN_HEAD_DIM;
 
-    const float sink2 = attn_sink_log2<DTYPE>(p, hq);
+    const float sink2 = attn_sink_log2(p, hq);
     float mx = sink2;
     for (int s = 0; s < p.num_splits; ++s) {
         const i64 wr = attn_ws_row(p, r, s, kvh, row);

@@ -15,5 +15,6 @@ fn register_nf4(_m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Adds every launcher to the extension module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     register_nf4(m)?;
+    super::attention::py::register(m)?;
     Ok(())
 }
