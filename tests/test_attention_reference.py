@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from gptoss_3090.attention_reference import (
     attention_ref,
     gather_paged_kv,
@@ -142,7 +141,8 @@ def test_paged_reference_matches_naive(block_size, window):
     seq_k = [torch.randn(s, hkv, d, generator=gen) for _, s in reqs]
     seq_v = [torch.randn(s, hkv, d, generator=gen) for _, s in reqs]
     cache, table = build_paged(seq_k, seq_v, hkv, d, block_size, 16, gen)
-    qsl = torch.tensor([0, *torch.tensor([x for x, _ in reqs]).cumsum(0).tolist()], dtype=torch.int32)
+    q_lens = torch.tensor([x for x, _ in reqs])
+    qsl = torch.tensor([0, *q_lens.cumsum(0).tolist()], dtype=torch.int32)
     t = int(qsl[-1])
     q = torch.randn(t + 3, hq, d, generator=gen)  # 3 padding rows
     sinks = torch.randn(hq, generator=gen)
@@ -152,7 +152,8 @@ def test_paged_reference_matches_naive(block_size, window):
         s = int(qsl[r])
         if ql == 0:
             continue
-        want = naive_attention(q[s : s + ql], seq_k[r], seq_v[r], sinks, range(sl - ql, sl), window, 0.125)
+        pos = range(sl - ql, sl)
+        want = naive_attention(q[s : s + ql], seq_k[r], seq_v[r], sinks, pos, window, 0.125)
         assert rel_err(got[s : s + ql], want) < 1e-5
     assert float(got[t:].abs().max()) == 0.0
 
@@ -198,7 +199,8 @@ def test_split_combine_math_equals_full_softmax():
     logits = torch.randn(n, generator=gen, dtype=torch.float64) * 3
     vals = torch.randn(n, d, generator=gen, dtype=torch.float64)
     sink = 2.5
-    full = torch.softmax(torch.cat([logits, torch.tensor([sink], dtype=torch.float64)]), 0)[:-1] @ vals
+    with_sink = torch.cat([logits, torch.tensor([sink], dtype=torch.float64)])
+    full = torch.softmax(with_sink, 0)[:-1] @ vals
     log2e = 1.0 / math.log(2.0)
     parts = []
     for chunk in torch.split(torch.arange(n), 64):
@@ -208,9 +210,9 @@ def test_split_combine_math_equals_full_softmax():
         parts.append((m, float(p.sum()), p @ vals[chunk]))
     parts.append((float("-inf"), 0.0, torch.zeros(d, dtype=torch.float64)))  # an empty split
     s2 = sink * log2e
-    big_m = max([s2] + [m for m, l, _ in parts if l > 0])
-    den = 2.0 ** (s2 - big_m) + sum(l * 2.0 ** (m - big_m) for m, l, _ in parts if l > 0)
-    acc = sum(a * 2.0 ** (m - big_m) for m, l, a in parts if l > 0)
+    big_m = max([s2] + [m for m, lsum, _ in parts if lsum > 0])
+    den = 2.0 ** (s2 - big_m) + sum(lsum * 2.0 ** (m - big_m) for m, lsum, _ in parts if lsum > 0)
+    acc = sum(a * 2.0 ** (m - big_m) for m, lsum, a in parts if lsum > 0)
     assert rel_err(acc / den, full) < 1e-12
 
 
@@ -248,7 +250,8 @@ def test_backend_static_contract():
 def test_backend_impl_positional_ctor():
     backend = _backend()
     sinks = torch.zeros(64)
-    impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, 128, "auto", None, "decoder", None, sinks=sinks)
+    impl_cls = backend.get_impl_cls()
+    impl = impl_cls(64, 64, 0.125, 8, None, 128, "auto", None, "decoder", None, sinks=sinks)
     assert impl.sliding_window == 128 and impl.num_kv_heads == 8 and impl.sinks is sinks
-    impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, None, "auto")
+    impl = impl_cls(64, 64, 0.125, 8, None, None, "auto")
     assert impl.sliding_window is None

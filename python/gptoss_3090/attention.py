@@ -298,7 +298,9 @@ def paged_attention(
             f"query_start_loc has {query_start_loc.shape[0]} entries, expected num_reqs + 1 = "
             f"{num_reqs + 1}"
         )
-    if workspace is not None and (workspace.dtype != torch.float32 or not workspace.is_contiguous()):
+    if workspace is not None and (
+        workspace.dtype != torch.float32 or not workspace.is_contiguous()
+    ):
         raise TypeError("workspace: expected a contiguous float32 tensor")
     sink_ptr, sink_mode = _sink_args(sinks, query.shape[1])
     query = _rows(query)

@@ -28,11 +28,14 @@ import math
 import torch
 
 __all__ = [
+    "VllmTritonAttention",
     "attention_ref",
     "gather_paged_kv",
     "kv_cache_write_ref",
     "paged_attention_ref",
+    "random_paged_batch",
     "sink_attention_one_seq",
+    "vllm_triton_available",
 ]
 
 # Queries processed at once per sequence (bounds the [Hq, chunk, seq] fp32 score matrix).
@@ -182,3 +185,156 @@ def kv_cache_write_ref(
     off = slots[idx] % bs
     kv_cache[blk, :, off, :d] = key[:n][idx].to(kv_cache.dtype)
     kv_cache[blk, :, off, d:] = value[:n][idx].to(kv_cache.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the GPU tests and the benchmark.
+# ---------------------------------------------------------------------------------------------
+
+
+def random_paged_batch(
+    q_lens: list[int],
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    generator: torch.Generator | None = None,
+    nhd: bool = True,
+    extra_blocks: int = 3,
+    pad_tokens: int = 0,
+    head_size: int = 64,
+) -> dict:
+    """Random queries and a random paged KV cache for a vLLM-style batch.
+
+    Request ``r`` has ``q_lens[r]`` new tokens and ``seq_lens[r]`` tokens in the cache (so a
+    decode is ``(1, ctx + 1)``, a fresh prefill ``(n, n)`` and a chunked prefill continuing a
+    context ``(n, ctx + n)``). Blocks are assigned in a shuffled order; block-table entries past
+    a request's blocks point at block 0, as vLLM's padding does. With ``nhd`` the cache is the
+    non-contiguous logical view ``(blocks, Hkv, block_size, 2 * hs)`` of a physical
+    ``(blocks, block_size, Hkv, 2 * hs)`` buffer (vLLM's default layout). ``pad_tokens`` extra
+    query rows follow the real ones (padding, as with CUDA graphs).
+
+    Returns a dict with ``query``, ``kv_cache``, ``query_start_loc``, ``seq_lens``,
+    ``block_table`` (int32, on ``device``), ``max_query_len`` and ``max_seq_len``.
+    """
+    if len(q_lens) != len(seq_lens) or any(q > s for q, s in zip(q_lens, seq_lens, strict=True)):
+        raise ValueError("need one q_len per request and q_len <= seq_len")
+    blocks_per = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per) + extra_blocks + 1  # block 0 stays a padding block
+    shape = (num_blocks, block_size, num_kv_heads, 2 * head_size)
+    if nhd:
+        phys = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+        kv_cache = phys.to(device=device, dtype=dtype).permute(0, 2, 1, 3)
+    else:
+        phys = torch.randn(
+            (num_blocks, num_kv_heads, block_size, 2 * head_size),
+            generator=generator,
+            dtype=torch.float32,
+            device="cpu",
+        )
+        kv_cache = phys.to(device=device, dtype=dtype)
+    perm = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
+    max_blocks = max(blocks_per + [1])
+    table = torch.zeros((len(seq_lens), max_blocks), dtype=torch.int32)
+    nxt = 0
+    for r, nb in enumerate(blocks_per):
+        table[r, :nb] = torch.tensor(perm[nxt : nxt + nb], dtype=torch.int32)
+        nxt += nb
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    t = qsl[-1] + pad_tokens
+    query = torch.randn((t, num_q_heads, head_size), generator=generator, dtype=torch.float32)
+    return {
+        "query": query.to(device=device, dtype=dtype),
+        "kv_cache": kv_cache,
+        "query_start_loc": torch.tensor(qsl, dtype=torch.int32, device=device),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        "block_table": table.to(device),
+        "max_query_len": max(q_lens + [0]),
+        "max_seq_len": max(seq_lens + [0]),
+    }
+
+
+def vllm_triton_available() -> bool:
+    """Whether vLLM's Triton ``unified_attention`` can be imported here."""
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import (  # noqa: F401
+            unified_attention,
+        )
+    except Exception:
+        return False
+    return True
+
+
+class VllmTritonAttention:
+    """vLLM 0.26's TRITON_ATTN kernel (``unified_attention``) on the same paged inputs.
+
+    Mirrors what ``TritonAttentionImpl.forward`` passes: K/V views from
+    ``kv_cache.transpose(1, 2).split(hs, -1)``, ``window_size = (W - 1, 0)``, unit descales and
+    the 3D (split) buffers its metadata builder preallocates (16 segments, threshold
+    ``128 // Hkv`` sequences).
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, device, head_size: int = 64):
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        self._fn = unified_attention
+        self.seq_threshold_3d = 128 // num_kv_heads
+        self.segments = 16
+        self.segm_output = torch.empty(
+            (self.seq_threshold_3d, num_q_heads, self.segments, head_size),
+            dtype=torch.float32,
+            device=device,
+        )
+        self.segm_max = torch.empty(
+            (self.seq_threshold_3d, num_q_heads, self.segments), dtype=torch.float32, device=device
+        )
+        self.segm_expsum = torch.empty_like(self.segm_max)
+        self.unit = torch.ones(1, dtype=torch.float32, device=device)
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        output: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        sinks: torch.Tensor | None,
+        max_query_len: int,
+        max_seq_len: int,
+        sliding_window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
+        hs = query.shape[-1]
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(hs, dim=-1)
+        descale = self.unit.expand((seq_lens.shape[0], kv_cache.shape[1]))
+        self._fn(
+            q=query,
+            k=key_cache,
+            v=value_cache,
+            out=output,
+            cu_seqlens_q=query_start_loc,
+            max_seqlen_q=max_query_len,
+            seqused_k=seq_lens,
+            max_seqlen_k=max_seq_len,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1),
+            block_table=block_table,
+            softcap=0,
+            q_descale=None,
+            k_descale=descale,
+            v_descale=descale,
+            seq_threshold_3D=self.seq_threshold_3d,
+            num_par_softmax_segments=self.segments,
+            softmax_segm_output=self.segm_output,
+            softmax_segm_max=self.segm_max,
+            softmax_segm_expsum=self.segm_expsum,
+            sinks=sinks,
+        )
+        return output
