@@ -161,7 +161,8 @@ __device__ __forceinline__ float attn_quad_sum(float v) {
 // Decode split range (in 16-key tiles, relative to `lo`), shared by the decode and combine kernels
 // so both agree on which splits exist.
 struct AttnDecodeRange {
-    int lo;     // first key of tile 0 (multiple of 16)
+    int lo_exact;  // first key any query of the request may see (keys below are never read)
+    int lo;     // first key of tile 0 (lo_exact rounded down to a multiple of 16)
     int begin;  // first tile of this split
     int end;    // one past the last tile of this split
 };
@@ -169,13 +170,14 @@ struct AttnDecodeRange {
 __device__ __forceinline__ AttnDecodeRange attn_decode_range(const AttnParams& p, int seq_len,
                                                              int q_len, int split) {
     const int first_qpos = seq_len - q_len;
-    int lo = p.window > 0 ? max(0, first_qpos - p.window + 1) : 0;
-    lo &= ~(ATTN_DECODE_KEYS - 1);
+    const int lo_exact = p.window > 0 ? max(0, first_qpos - p.window + 1) : 0;
+    const int lo = lo_exact & ~(ATTN_DECODE_KEYS - 1);
     const int n_tiles = seq_len > lo ? (seq_len - lo + ATTN_DECODE_KEYS - 1) / ATTN_DECODE_KEYS : 0;
     int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
     per_split = max(per_split, p.min_chunk / ATTN_DECODE_KEYS);
     per_split = max(per_split, 1);
     AttnDecodeRange rg;
+    rg.lo_exact = lo_exact;
     rg.lo = lo;
     rg.begin = min(split * per_split, n_tiles);
     rg.end = min(rg.begin + per_split, n_tiles);
@@ -352,8 +354,10 @@ __device__ __forceinline__ void attn_fwd_impl(const AttnParams& p) {
     const int qpos_first = ctx + t0;
     const int qpos_last = ctx + t_last;
     const int kv_hi = qpos_last + 1;
-    int kv_lo = p.window > 0 ? max(0, qpos_first - p.window + 1) : 0;
-    kv_lo &= ~(BN - 1);
+    // Keys below kv_lo_exact are outside every row's window: they are never read (zero-filled),
+    // since vLLM may already have freed and reused their blocks on sliding layers.
+    const int kv_lo_exact = p.window > 0 ? max(0, qpos_first - p.window + 1) : 0;
+    const int kv_lo = kv_lo_exact & ~(BN - 1);
     const int n_tiles = kv_hi > kv_lo ? (kv_hi - kv_lo + BN - 1) / BN : 0;
 
     // Q tile -> shared (rows past the request's end read as zero).
@@ -376,7 +380,7 @@ __device__ __forceinline__ void attn_fwd_impl(const AttnParams& p) {
             const int c = tid + i * NT;
             const int row = c >> 3, ch = c & 7;
             const int key = key0 + row;
-            const bool ok = key < kv_hi;
+            const bool ok = key < kv_hi && key >= kv_lo_exact;
             const i64 off = ok ? attn_kv_offset(p, r, kvh, key, q_start) + ch * 8 : 0;
             cp_async_16_zfill(s_k[stage] + attn_swz(row, ch), p.k + off, ok ? 16u : 0u);
             cp_async_16_zfill(s_v[stage] + attn_swz(row, ch), p.v + off, ok ? 16u : 0u);
@@ -535,7 +539,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             const int c = lane + 32 * i;
             const int row = c >> 3, ch = c & 7;
             const int key = key0 + row;
-            const bool ok = key < seq_len;
+            const bool ok = key < seq_len && key >= rg.lo_exact;
             const i64 off = ok ? attn_kv_offset(p, r, kvh, key, q_start) + ch * 8 : 0;
             cp_async_16_zfill(sk + attn_swz(row, ch), p.k + off, ok ? 16u : 0u);
             cp_async_16_zfill(sv + attn_swz(row, ch), p.v + off, ok ? 16u : 0u);
