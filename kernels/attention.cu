@@ -303,10 +303,10 @@ __device__ __forceinline__ void attn_kv_write_impl(const AttnKvWriteParams& p) {
     *(u32x4*)(dst + chunk * 8) = *(const u32x4*)(src + chunk * 8);
 }
 
-extern "C" __global__ void __launch_bounds__(256) attn_kv_write_bf16(const AttnKvWriteParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_kv_write_bf16(const AttnKvWriteParams p) {
     attn_kv_write_impl<DTYPE_BF16>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) attn_kv_write_f16(const AttnKvWriteParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_kv_write_f16(const AttnKvWriteParams p) {
     attn_kv_write_impl<DTYPE_F16>(p);
 }
 
@@ -464,16 +464,16 @@ __device__ __forceinline__ void attn_fwd_impl(const AttnParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_m64_bf16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_fwd_m64_bf16(const AttnParams p) {
     attn_fwd_impl<DTYPE_BF16, 4>(p);
 }
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_m64_f16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_fwd_m64_f16(const AttnParams p) {
     attn_fwd_impl<DTYPE_F16, 4>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_m128_bf16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_fwd_m128_bf16(const AttnParams p) {
     attn_fwd_impl<DTYPE_BF16, 8>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_m128_f16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_fwd_m128_f16(const AttnParams p) {
     attn_fwd_impl<DTYPE_F16, 8>(p);
 }
 
@@ -531,16 +531,20 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     }
 
     u16* my_kv = s_kv + warp * NST * 2 * TILE;
+    // A 16-key tile starts at a multiple of 16 and the block size is a multiple of 16, so the
+    // whole tile lies in one cache block: one block-table lookup per tile, then rows are
+    // consecutive token strides (plain mode is the same formula without the table).
     auto load_tile = [&](int stage, int key0) {
         u16* sk = my_kv + stage * 2 * TILE;
         u16* sv = sk + TILE;
+        const i64 base = attn_kv_offset(p, r, kvh, key0, q_start);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = lane + 32 * i;
             const int row = c >> 3, ch = c & 7;
             const int key = key0 + row;
             const bool ok = key < seq_len && key >= rg.lo_exact;
-            const i64 off = ok ? attn_kv_offset(p, r, kvh, key, q_start) + ch * 8 : 0;
+            const i64 off = ok ? base + (i64)row * p.kv_stride_tok + ch * 8 : 0;
             cp_async_16_zfill(sk + attn_swz(row, ch), p.k + off, ok ? 16u : 0u);
             cp_async_16_zfill(sv + attn_swz(row, ch), p.v + off, ok ? 16u : 0u);
         }
@@ -657,16 +661,16 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attn_decode_s2_bf16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s2_bf16(const AttnParams p) {
     attn_decode_impl<DTYPE_BF16, 2>(p);
 }
-extern "C" __global__ void __launch_bounds__(128) attn_decode_s2_f16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s2_f16(const AttnParams p) {
     attn_decode_impl<DTYPE_F16, 2>(p);
 }
-extern "C" __global__ void __launch_bounds__(128) attn_decode_s3_bf16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_bf16(const AttnParams p) {
     attn_decode_impl<DTYPE_BF16, 3>(p);
 }
-extern "C" __global__ void __launch_bounds__(128) attn_decode_s3_f16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_f16(const AttnParams p) {
     attn_decode_impl<DTYPE_F16, 3>(p);
 }
 
@@ -723,9 +727,9 @@ __device__ __forceinline__ void attn_combine_impl(const AttnParams& p) {
     *(u32x4*)(p.o + (i64)(q_start + t) * p.o_stride_tok + (i64)hq * p.o_stride_head + d0) = out;
 }
 
-extern "C" __global__ void __launch_bounds__(128) attn_combine_bf16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_combine_bf16(const AttnParams p) {
     attn_combine_impl<DTYPE_BF16>(p);
 }
-extern "C" __global__ void __launch_bounds__(128) attn_combine_f16(const AttnParams p) {
+extern "C" __global__ __launch_bounds__(128) void attn_combine_f16(const AttnParams p) {
     attn_combine_impl<DTYPE_F16>(p);
 }

@@ -18,6 +18,8 @@
 //! graph serves every context length (splits that find no keys write an empty partial). With more
 //! than one split the combine kernel merges the partials and the sink; with one split the decode
 //! kernel writes the output itself.
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{ceil_div, check_opt_ptr, check_ptr, to_i32, Dtype};
@@ -30,9 +32,49 @@ pub const HEAD_DIM: i64 = 64;
 pub const DECODE_ROWS: i64 = 16;
 /// Floats per workspace row: 64 accumulator values + (max, sum).
 pub const WS_FLOATS_PER_ROW: i64 = HEAD_DIM + 2;
-/// Fewest keys one decode split handles (a multiple of 16): below this the combine's extra
-/// traffic outweighs the parallelism.
-pub const MIN_KEYS_PER_SPLIT: i64 = 256;
+/// Fewest keys one decode split handles: one 16-key tile per warp of the decode CTA.
+pub const MIN_KEYS_PER_SPLIT: i64 = 64;
+/// Split cost model (in "keys" of one CTA's streaming time): fixed cost of a CTA (launch, Q
+/// load, pipeline fill, merge, partial write) ...
+const CTA_OVERHEAD_KEYS: i64 = 64;
+/// ... and of the combine launch that any split count above one adds.
+const COMBINE_OVERHEAD_KEYS: i64 = 256;
+
+// Benchmark/tuning overrides (0 = automatic), set through `attention_set_overrides`.
+static SPLITS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
+static STAGES_OVERRIDE: AtomicI64 = AtomicI64::new(0);
+static VARLEN_ROWS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
+
+/// Forces the decode split count, the decode pipeline depth (2 or 3) and the varlen tile rows
+/// (64 or 128) for every later launch (`None` = automatic). A benchmarking and tuning hook: the
+/// split count is still capped by [`MAX_SPLITS`] and the workspace.
+pub fn set_overrides(
+    splits: Option<i64>,
+    decode_stages: Option<i64>,
+    varlen_rows: Option<i64>,
+) -> Result<()> {
+    if let Some(s) = splits {
+        if !(1..=MAX_SPLITS).contains(&s) {
+            return Err(Error::arg(format!(
+                "splits = {s}: expected 1..={MAX_SPLITS}"
+            )));
+        }
+    }
+    if let Some(s) = decode_stages {
+        if !(2..=3).contains(&s) {
+            return Err(Error::arg(format!("decode_stages = {s}: expected 2 or 3")));
+        }
+    }
+    if let Some(r) = varlen_rows {
+        if r != 64 && r != 128 {
+            return Err(Error::arg(format!("varlen_rows = {r}: expected 64 or 128")));
+        }
+    }
+    SPLITS_OVERRIDE.store(splits.unwrap_or(0), Ordering::Relaxed);
+    STAGES_OVERRIDE.store(decode_stages.unwrap_or(0), Ordering::Relaxed);
+    VARLEN_ROWS_OVERRIDE.store(varlen_rows.unwrap_or(0), Ordering::Relaxed);
+    Ok(())
+}
 /// Most splits per (request, KV head).
 pub const MAX_SPLITS: i64 = 64;
 
@@ -283,20 +325,24 @@ pub fn workspace_floats(num_reqs: i64, num_kv_heads: i64, splits: i64) -> i64 {
     num_reqs * splits * num_kv_heads * DECODE_ROWS * WS_FLOATS_PER_ROW
 }
 
-/// Decode CTAs that one SM runs at once for this tuning (sets the split target).
+/// Decode CTAs that one SM holds at once for this tuning's pipeline depth (shared memory:
+/// 48 KB per CTA with 3 stages, 32 KB with 2; registers: about 16K per CTA).
 fn decode_ctas_per_sm(tuning: Tuning) -> i64 {
     match tuning {
-        Tuning::Sm86 => 2,
-        Tuning::Sm80 | Tuning::Sm90 => 4,
+        Tuning::Sm86 | Tuning::Sm80 => 3,
+        Tuning::Sm90 => 4,
     }
 }
 
 /// Number of KV splits for the decode kernel.
 ///
-/// Enough `(request, KV head, split)` CTAs to fill every SM about once, no split shorter than
-/// [`MIN_KEYS_PER_SPLIT`] keys for a context of `max_seq_len` (sliding layers only visit
-/// `window + max_query_len - 1` keys), at most [`MAX_SPLITS`], and no more than the workspace
-/// holds (`workspace_floats = 0` means one split).
+/// Picks the split count `S` that minimises a simple cost model of the decode grid:
+/// `waves(S) * (keys_per_split(S) + CTA overhead) + (S > 1) * combine overhead`, where
+/// `waves(S) = ceil(num_reqs * num_kv_heads * S / (SMs * CTAs per SM))` (so a grid that spills
+/// a few CTAs into a second wave is avoided). No split is shorter than [`MIN_KEYS_PER_SPLIT`]
+/// keys of a context of `max_seq_len` (sliding layers only visit `window + max_query_len - 1`
+/// keys), at most [`MAX_SPLITS`], and no more than the workspace holds (`workspace_floats = 0`
+/// means one split).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_splits(
     num_reqs: i64,
@@ -315,13 +361,26 @@ pub fn decode_splits(
     }
     .max(1);
     let by_len = ceil_div(span as u64, MIN_KEYS_PER_SPLIT as u64) as i64;
-    let want = ceil_div(
-        (sm_count.max(1) * decode_ctas_per_sm(tuning)) as u64,
-        ctas as u64,
-    ) as i64;
     let per_split = workspace_floats(num_reqs.max(1), num_kv_heads.max(1), 1);
     let by_ws = workspace_floats_avail / per_split.max(1);
-    want.min(by_len).min(by_ws).clamp(1, MAX_SPLITS)
+    let max_s = by_len.min(by_ws).clamp(1, MAX_SPLITS);
+    let slots = (sm_count.max(1) * decode_ctas_per_sm(tuning)) as u64;
+    let cost = |s: i64| -> i64 {
+        let waves = ceil_div(ctas as u64 * s as u64, slots) as i64;
+        let keys = ceil_div(span as u64, s as u64) as i64;
+        waves * (keys + CTA_OVERHEAD_KEYS) + if s > 1 { COMBINE_OVERHEAD_KEYS } else { 0 }
+    };
+    let mut best = 1;
+    for s in 2..=max_s {
+        if cost(s) < cost(best) {
+            best = s;
+        }
+    }
+    let forced = SPLITS_OVERRIDE.load(Ordering::Relaxed);
+    if forced > 0 {
+        best = forced.min(by_ws).clamp(1, MAX_SPLITS);
+    }
+    best
 }
 
 /// Validates an element stride tuple of a `[T, H, 64]` tensor: last dim contiguous, 16-byte rows.
@@ -613,12 +672,16 @@ pub fn plan(a: &ForwardArgs, group: i64, num_kv_heads: i64, sm_count: i64, tunin
     Plan {
         decode_splits: splits,
         varlen: a.max_query_len > dec_max,
-        varlen_rows: match tuning {
-            Tuning::Sm86 | Tuning::Sm80 | Tuning::Sm90 => 64,
+        varlen_rows: match VARLEN_ROWS_OVERRIDE.load(Ordering::Relaxed) {
+            0 => 64,
+            r => r,
         },
-        decode_stages: match tuning {
-            Tuning::Sm86 => 2,
-            Tuning::Sm80 | Tuning::Sm90 => 3,
+        decode_stages: match STAGES_OVERRIDE.load(Ordering::Relaxed) {
+            0 => match tuning {
+                Tuning::Sm86 => 2,
+                Tuning::Sm80 | Tuning::Sm90 => 3,
+            },
+            s => s,
         },
     }
 }
@@ -706,27 +769,17 @@ mod tests {
     #[test]
     fn splits_policy() {
         let ws = workspace_floats(512, 8, 1);
-        // One long request on an H100-like GPU: as many splits as allowed.
-        assert_eq!(
-            decode_splits(1, 8, 131072, None, 1, 132, Tuning::Sm90, ws),
-            MAX_SPLITS
-        );
+        let h100 = |b, ctx, w| decode_splits(b, 8, ctx, w, 1, 132, Tuning::Sm90, ws);
+        // One long request: as many splits as allowed.
+        assert_eq!(h100(1, 131072, None), MAX_SPLITS);
         // Short context: no split shorter than MIN_KEYS_PER_SPLIT keys.
-        assert_eq!(decode_splits(1, 8, 1000, None, 1, 132, Tuning::Sm90, ws), 4);
+        assert_eq!(h100(1, 1024, None), 1024 / MIN_KEYS_PER_SPLIT);
         // Sliding layers visit at most window + 15 keys: one split.
-        assert_eq!(
-            decode_splits(1, 8, 131072, Some(128), 1, 132, Tuning::Sm90, ws),
-            1
-        );
+        assert_eq!(h100(1, 131072, Some(128)), 1);
+        // 16 x 8 CTAs: 4 splits fill the 528 slots once (5 would spill into a second wave).
+        assert_eq!(h100(16, 8192, None), 4);
         // Big batches fill the GPU without splitting.
-        assert_eq!(
-            decode_splits(64, 8, 8192, None, 1, 132, Tuning::Sm90, ws),
-            2
-        );
-        assert_eq!(
-            decode_splits(256, 8, 8192, None, 1, 82, Tuning::Sm86, ws),
-            1
-        );
+        assert_eq!(h100(64, 8192, None), 1);
         // No workspace: one split.
         assert_eq!(
             decode_splits(1, 8, 131072, None, 1, 132, Tuning::Sm90, 0),
@@ -738,6 +791,17 @@ mod tests {
             decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, small),
             2
         );
+        // Forced splits (benchmark hook) are still capped by the workspace.
+        set_overrides(Some(8), None, None).unwrap();
+        assert_eq!(
+            decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, small),
+            2
+        );
+        assert_eq!(decode_splits(1, 8, 1024, None, 1, 132, Tuning::Sm90, ws), 8);
+        set_overrides(None, None, None).unwrap();
+        assert!(set_overrides(Some(0), None, None).is_err());
+        assert!(set_overrides(None, Some(4), None).is_err());
+        assert!(set_overrides(None, None, Some(32)).is_err());
     }
 }
 
@@ -929,6 +993,19 @@ pub mod py {
         ))
     }
 
+    /// Forces the decode split count / decode pipeline stages / varlen tile rows for later
+    /// launches (None = automatic). Benchmarking and tuning hook.
+    #[pyfunction]
+    #[pyo3(signature = (splits = None, decode_stages = None, varlen_rows = None))]
+    fn attention_set_overrides(
+        splits: Option<i64>,
+        decode_stages: Option<i64>,
+        varlen_rows: Option<i64>,
+    ) -> PyResult<()> {
+        super::set_overrides(splits, decode_stages, varlen_rows)?;
+        Ok(())
+    }
+
     /// Floats of split workspace for `splits` splits of `num_reqs` requests.
     #[pyfunction]
     fn attention_workspace_floats(num_reqs: i64, num_kv_heads: i64, splits: i64) -> i64 {
@@ -941,6 +1018,7 @@ pub mod py {
         m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
         m.add_function(wrap_pyfunction!(attention_decode_splits, m)?)?;
         m.add_function(wrap_pyfunction!(attention_workspace_floats, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_set_overrides, m)?)?;
         Ok(())
     }
 }
