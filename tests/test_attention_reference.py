@@ -255,3 +255,87 @@ def test_backend_impl_positional_ctor():
     assert impl.sliding_window == 128 and impl.num_kv_heads == 8 and impl.sinks is sinks
     impl = impl_cls(64, 64, 0.125, 8, None, None, "auto")
     assert impl.sliding_window is None
+
+
+def test_backend_unsupported_reasons():
+    backend = _backend()
+    ok = {"num_heads": 64, "num_kv_heads": 8, "head_size": 64}
+    assert backend.unsupported_reason(**ok) is None
+    assert backend.unsupported_reason(**ok, dtype=torch.float16, kv_cache_dtype="auto") is None
+    assert "head size" in backend.unsupported_reason(**{**ok, "head_size": 128})
+    assert "power of two" in backend.unsupported_reason(**{**ok, "num_heads": 48})
+    assert "multiple" in backend.unsupported_reason(**{**ok, "num_heads": 60})
+    assert "fp8" in backend.unsupported_reason(**ok, kv_cache_dtype="fp8")
+    assert "differs" in backend.unsupported_reason(
+        **ok, dtype=torch.float16, kv_cache_dtype="bfloat16"
+    )
+    assert "block size" in backend.unsupported_reason(**ok, block_size=24)
+    assert "compute capability" in backend.unsupported_reason(**ok, compute_capability=(7, 5))
+    assert "encoder" in backend.unsupported_reason(**ok, attn_type="encoder")
+    assert backend.unsupported_reason(**ok, logits_soft_cap=30.0) is not None
+    with pytest.raises(ValueError, match="head size"):
+        backend.get_impl_cls()(64, 128, 0.125, 8, None, None, "auto")
+
+
+def test_backend_end_to_end_on_cpu():
+    """Builder -> do_kv_cache_update -> forward, on CPU tensors (the ops fall back to the
+    reference there), against the reference computed from the inputs directly."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    backend = _backend()
+    gen = torch.Generator().manual_seed(99)
+    hq, hkv, d, bs, nb = 8, 2, 64, 16, 12
+    spec = SimpleNamespace(block_size=bs, num_kv_heads=hkv, head_size=d)
+    cfg = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096))
+    builder = backend.get_builder_cls()(spec, ["layer.0"], cfg, torch.device("cpu"))
+    shape = backend.get_kv_cache_shape(nb, bs, hkv, d)
+    kv_cache = torch.zeros(nb, bs, hkv, 2 * d).permute(0, 2, 1, 3)  # NHD physical
+    assert tuple(kv_cache.shape) == shape
+    # Two requests: a decode continuing a 20-token context, and a 5-token prefill.
+    ctx0 = 20
+    old_k = torch.randn(ctx0, hkv, d, generator=gen)
+    old_v = torch.randn(ctx0, hkv, d, generator=gen)
+    table = torch.tensor([[3, 7, 0], [5, 0, 0]], dtype=torch.int32)
+    old_slots = torch.tensor([int(table[0, j // bs]) * bs + j % bs for j in range(ctx0)])
+    torch.ops.gptoss_3090.kv_cache_write(old_k, old_v, kv_cache, old_slots)
+    q_lens, seq_lens = [1, 5], [ctx0 + 1, 5]
+    new_slots = [int(table[0, ctx0 // bs]) * bs + ctx0 % bs] + [5 * bs + j for j in range(5)]
+    t = sum(q_lens)
+    pad = 2
+    query = torch.randn(t + pad, hq, d, generator=gen)
+    key = torch.randn(t + pad, hkv, d, generator=gen)
+    value = torch.randn(t + pad, hkv, d, generator=gen)
+    slot_mapping = torch.tensor(new_slots + [-1] * pad, dtype=torch.int64)
+    qsl = torch.tensor([0, 1, 6], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=2,
+        num_actual_tokens=t,
+        max_query_len=5,
+        max_seq_len=ctx0 + 1,
+        block_table_tensor=table,
+        slot_mapping=slot_mapping,
+    )
+    md = builder.build(0, cm)
+    sinks = torch.randn(hq, generator=gen)
+    impl = backend.get_impl_cls()(hq, d, 0.125, hkv, None, 4, "auto", None, "decoder", None,
+                                  sinks=sinks)
+    impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
+    out = torch.full((t + pad, hq, d), 7.0)
+    impl.forward(None, query, key, value, kv_cache, md, out)
+    # Independent expectation: contiguous K/V per request, naive formula.
+    k0 = torch.cat([old_k, key[:1]])
+    v0 = torch.cat([old_v, value[:1]])
+    want0 = naive_attention(query[:1], k0, v0, sinks, [ctx0], 4, 0.125)
+    want1 = naive_attention(query[1:6], key[1:6], value[1:6], sinks, range(5), 4, 0.125)
+    assert rel_err(out[:1], want0) < 1e-5
+    assert rel_err(out[1:6], want1) < 1e-5
+    assert bool((out[t:] == 7.0).all())
+    assert impl.forward(None, query, key, value, kv_cache, None, out) is out
+    assert float(out.abs().max()) == 0.0
+    cap = builder.build_for_cudagraph_capture(cm)
+    assert cap.max_seq_len == 4096 and bool((cap.seq_lens == 1).all())
