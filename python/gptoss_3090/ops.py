@@ -99,12 +99,20 @@ def _tensor(
         raise ValueError(f"{name}: expected {numel} elements, found {t.numel()} {list(t.shape)}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
-    if align > 1 and t.device.type != "meta" and t.data_ptr() % align:
+    if align > 1 and t.device.type != "meta" and not _compiling() and t.data_ptr() % align:
         raise ValueError(
             f"{name}: data pointer 0x{t.data_ptr():x} is not {align}-byte aligned "
             "(use a fresh tensor or .clone() instead of an offset view)"
         )
     return t
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (fake tensors: no data pointers to check)."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:
+        return False
 
 
 def _check_devices(tensors: Mapping[str, torch.Tensor | None]) -> torch.device:
@@ -858,7 +866,8 @@ def nf4_dequantize(
     elif isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8:
         raise ValueError("absmax is uint8 (nested statistics) but nested_offset is missing")
     shape = [int(s) for s in shape]
-    _validate_dequant(packed, absmax, nested_absmax, nested_quant_map, off_t, shape, 1, dtype)
+    if not _compiling():
+        _validate_dequant(packed, absmax, nested_absmax, nested_quant_map, off_t, shape, 1, dtype)
     return torch.ops.gptoss_3090.nf4_dequantize(
         packed, absmax, nested_absmax, nested_quant_map, off_t, off_v, shape, 1, dtype
     )
@@ -882,9 +891,10 @@ def nf4_dequantize_experts(
     """
     dtype = _dtype_arg(dtype, _HALF)
     shape = [int(s) for s in shape]
-    _validate_dequant(
-        packed, absmax, nested_absmax, nested_quant_map, nested_offset, shape, n_experts, dtype
-    )
+    if not _compiling():
+        _validate_dequant(
+            packed, absmax, nested_absmax, nested_quant_map, nested_offset, shape, n_experts, dtype
+        )
     return torch.ops.gptoss_3090.nf4_dequantize(
         packed, absmax, nested_absmax, nested_quant_map, nested_offset, 0.0, shape, n_experts, dtype
     )
@@ -937,7 +947,8 @@ def nf4_linear(
     for p in parts:
         weights += p._op_tensors()
         offsets.append(float(p.nested_offset) if p.nested_offset is not None else 0.0)
-    _validate_linear(x, weights, offsets, bias)
+    if not _compiling():
+        _validate_linear(x, weights, offsets, bias)
     return torch.ops.gptoss_3090.nf4_linear(x, weights, offsets, bias, path)
 
 

@@ -184,6 +184,22 @@ pub unsafe fn dequantize(
     out: u64,
     stream: u64,
 ) -> Result<()> {
+    let params = dequantize_params(stats, numel, n_experts, out)?;
+    let total = numel * n_experts;
+    let chunks = ceil_div(total as u64, 32);
+    let blocks = ceil_div(chunks, 256).min(dev.sm_count() as u64 * 64).max(1) as u32;
+    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4DequantParams.
+    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, &params) }
+}
+
+/// Validates the arguments of [`dequantize`] and builds its params (no GPU needed).
+pub fn dequantize_params(
+    stats: &Nf4Stats,
+    numel: i64,
+    n_experts: i64,
+    out: u64,
+) -> Result<Nf4DequantParams> {
     stats.check("weight")?;
     check_ptr("out", out, 16)?;
     if numel <= 0 {
@@ -202,19 +218,17 @@ pub unsafe fn dequantize(
     let total = numel
         .checked_mul(n_experts)
         .ok_or_else(|| Error::arg("numel * n_experts overflows"))?;
+    if total > i64::MAX / 4 {
+        return Err(Error::arg(format!("{total} elements is too many")));
+    }
     let nnb = ceil_div(ceil_div(numel as u64, BLOCK as u64), NESTED_BLOCK as u64) as i64;
-    let params = Nf4DequantParams {
+    Ok(Nf4DequantParams {
         w: stats.params(0),
         out,
         numel,
         n_experts: to_i32("n_experts", n_experts)?,
         nnb: to_i32("nested blocks per expert", nnb)?,
-    };
-    let chunks = ceil_div(total as u64, 32);
-    let blocks = ceil_div(chunks, 256).min(dev.sm_count() as u64 * 64).max(1) as u32;
-    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
-    // SAFETY: forwarded contract; params mirrors Nf4DequantParams.
-    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, &params) }
+    })
 }
 
 /// One weight segment of a linear layer: `rows` x K.
@@ -421,6 +435,25 @@ pub unsafe fn linear(
     path: Option<LinearPath>,
     stream: u64,
 ) -> Result<LinearPlan> {
+    let params = linear_params(segments, a)?;
+    let plan = plan_linear(a.m, params.n as i64, dev.sm_count(), dev.tuning(), path)?;
+    let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
+    unsafe {
+        dev.launch(
+            &f,
+            plan.grid,
+            (plan.threads, 1, 1),
+            plan.smem,
+            stream,
+            &params,
+        )?;
+    }
+    Ok(plan)
+}
+
+/// Validates the arguments of [`linear`] and builds its params (no GPU needed).
+pub fn linear_params(segments: &[Segment], a: &LinearArgs) -> Result<Nf4LinearParams> {
     if segments.is_empty() || segments.len() > MAX_SEGMENTS {
         return Err(Error::arg(format!(
             "a weight has 1..={MAX_SEGMENTS} segments, found {}",
@@ -474,22 +507,8 @@ pub unsafe fn linear(
     params.n = to_i32("N", n)?;
     params.k = to_i32("K", a.k)?;
     params.n_segments = segments.len() as i32;
-    // Row offsets of packed data and absmax are computed in 64 bits in the kernels; the
-    // per-segment element count only has to fit the index arithmetic.
-    let plan = plan_linear(a.m, n, dev.sm_count(), dev.tuning(), path)?;
-    let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
-    // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
-    unsafe {
-        dev.launch(
-            &f,
-            plan.grid,
-            (plan.threads, 1, 1),
-            plan.smem,
-            stream,
-            &params,
-        )?;
-    }
-    Ok(plan)
+    // Row offsets of packed data and absmax are computed in 64 bits in the kernels.
+    Ok(params)
 }
 
 /// Input element type of [`quantize`].
@@ -563,6 +582,33 @@ pub unsafe fn quantize(
     out: &QuantizeOut,
     stream: u64,
 ) -> Result<()> {
+    let params = quantize_params(input, kind, n, nested, out)?;
+    let nb = params.nb;
+    let f = dev.function_for_stream("nf4", kind.entry(), stream)?;
+    let grid = ceil_div(nb as u64, 8);
+    // SAFETY: forwarded contract; params mirrors Nf4QuantizeParams.
+    unsafe { dev.launch(&f, (grid as u32, 1, 1), (256, 1, 1), 0, stream, &params)? };
+    if nested {
+        let fm = dev.function_for_stream("nf4", "nf4_quantize_mean", stream)?;
+        let fn_ = dev.function_for_stream("nf4", "nf4_quantize_nested", stream)?;
+        let nnb = ceil_div(nb as u64, NESTED_BLOCK as u64);
+        // SAFETY: as above.
+        unsafe {
+            dev.launch(&fm, (1, 1, 1), (1024, 1, 1), 0, stream, &params)?;
+            dev.launch(&fn_, (nnb as u32, 1, 1), (256, 1, 1), 0, stream, &params)?;
+        }
+    }
+    Ok(())
+}
+
+/// Validates the arguments of [`quantize`] and builds its params (no GPU needed).
+pub fn quantize_params(
+    input: u64,
+    kind: QuantInput,
+    n: i64,
+    nested: bool,
+    out: &QuantizeOut,
+) -> Result<Nf4QuantizeParams> {
     check_ptr("weight", input, kind.align())?;
     check_ptr("packed", out.packed, 1)?;
     check_ptr("absmax", out.absmax, 4)?;
@@ -578,7 +624,10 @@ pub unsafe fn quantize(
         check_ptr("nested_offset", out.offset, 4)?;
     }
     let nb = ceil_div(n as u64, BLOCK as u64) as i64;
-    let params = Nf4QuantizeParams {
+    if ceil_div(nb as u64, 8) > i32::MAX as u64 {
+        return Err(Error::arg(format!("weight of {n} elements is too large")));
+    }
+    Ok(Nf4QuantizeParams {
         input,
         packed: out.packed,
         absmax: out.absmax,
@@ -588,25 +637,7 @@ pub unsafe fn quantize(
         offset: out.offset,
         n,
         nb,
-    };
-    let f = dev.function_for_stream("nf4", kind.entry(), stream)?;
-    let grid = ceil_div(nb as u64, 8);
-    if grid > i32::MAX as u64 {
-        return Err(Error::arg(format!("weight of {n} elements is too large")));
-    }
-    // SAFETY: forwarded contract; params mirrors Nf4QuantizeParams.
-    unsafe { dev.launch(&f, (grid as u32, 1, 1), (256, 1, 1), 0, stream, &params)? };
-    if nested {
-        let fm = dev.function_for_stream("nf4", "nf4_quantize_mean", stream)?;
-        let fn_ = dev.function_for_stream("nf4", "nf4_quantize_nested", stream)?;
-        let nnb = ceil_div(nb as u64, NESTED_BLOCK as u64);
-        // SAFETY: as above.
-        unsafe {
-            dev.launch(&fm, (1, 1, 1), (1024, 1, 1), 0, stream, &params)?;
-            dev.launch(&fn_, (nnb as u32, 1, 1), (256, 1, 1), 0, stream, &params)?;
-        }
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

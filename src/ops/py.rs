@@ -53,8 +53,9 @@ fn cuda_nf4_dequantize(
     out: u64,
 ) -> PyResult<()> {
     let dtype = Dtype::parse(dtype)?;
-    let dev = cuda::device(ordinal)?;
     let stats = stats_of(stats);
+    nf4::dequantize_params(&stats, numel, n_experts, out)?;
+    let dev = cuda::device(ordinal)?;
     cuda::guard("nf4 dequantize", || {
         // SAFETY: Python validated the tensors (device, dtype, sizes, alignment) and passes
         // torch's current stream of this device.
@@ -90,7 +91,6 @@ fn cuda_nf4_linear(
             rows: s.7,
         })
         .collect();
-    let dev = cuda::device(ordinal)?;
     let args = LinearArgs {
         x,
         ldx,
@@ -101,6 +101,8 @@ fn cuda_nf4_linear(
         bias,
         dtype,
     };
+    nf4::linear_params(&segs, &args)?;
+    let dev = cuda::device(ordinal)?;
     let plan = cuda::guard("nf4 linear", || {
         // SAFETY: as in cuda_nf4_dequantize.
         unsafe { nf4::linear(&dev, &segs, &args, path, stream) }
@@ -150,7 +152,6 @@ fn cuda_nf4_quantize(
     offset: u64,
 ) -> PyResult<()> {
     let kind = QuantInput::parse(in_dtype)?;
-    let dev = cuda::device(ordinal)?;
     let out = QuantizeOut {
         packed,
         absmax,
@@ -159,6 +160,8 @@ fn cuda_nf4_quantize(
         nested_map,
         offset,
     };
+    nf4::quantize_params(weight, kind, n, nested, &out)?;
+    let dev = cuda::device(ordinal)?;
     cuda::guard("nf4 quantize", || {
         // SAFETY: as in cuda_nf4_dequantize.
         unsafe { nf4::quantize(&dev, weight, kind, n, nested, &out, stream) }
