@@ -23,7 +23,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use compile::{
-    cache_dir, compile_cubin, compile_options, compile_source, nvrtc_available, nvrtc_version,
+    cache_dir, compile_cubin, compile_options, compile_source, compile_source_with,
+    nvrtc_available, nvrtc_version,
 };
 pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn};
 
