@@ -29,8 +29,8 @@ import subprocess
 import sys
 
 import torch
-from gptoss_3090 import _native
 from gptoss_3090 import attention as A
+from gptoss_3090 import runtime
 from gptoss_3090.attention_reference import (
     VllmTritonAttention,
     random_paged_batch,
@@ -216,10 +216,9 @@ def main() -> int:
         print("bench_attention: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.tuning:
-        _native.set_tuning(args.tuning)
-    ordinal = torch.cuda.current_device()
-    _native.warmup(ordinal)
-    info = dict(_native.device_info(ordinal))
+        runtime.set_tuning(args.tuning)
+    runtime.warmup()
+    info = runtime.device_info()
     use_triton = args.baseline == "triton" or (
         args.baseline == "auto" and vllm_triton_available()
     )

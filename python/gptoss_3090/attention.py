@@ -27,6 +27,7 @@ from typing import Optional  # noqa: UP035  (torch's schema inference wants typi
 import torch
 
 from gptoss_3090 import _native
+from gptoss_3090 import runtime as _rt
 from gptoss_3090.attention_reference import (
     attention_ref,
     kv_cache_write_ref,
@@ -112,8 +113,17 @@ def _sink_args(sinks: torch.Tensor | None, num_q_heads: int) -> tuple[int, int]:
     return sinks.data_ptr(), mode
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _launch_ctx(device: torch.device) -> tuple[int, int]:
+    """(ordinal, raw stream handle) for a launch on ``device``; preloads NVRTC."""
+    _rt.ensure_cuda_libs()
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    current = torch.cuda.current_device()
+    if idx != current:
+        raise ValueError(
+            f"tensors are on cuda:{idx} but the current device is cuda:{current}; "
+            f"call torch.cuda.set_device({idx}) or use `with torch.cuda.device({idx}):`"
+        )
+    return idx, torch.cuda.current_stream(device).cuda_stream
 
 
 def make_workspace(
@@ -150,7 +160,8 @@ def decode_splits(
     workspace: torch.Tensor | None,
 ) -> int:
     """The KV split count the decode path uses for these sizes (for tests and benchmarks)."""
-    ordinal = device if isinstance(device, int) else torch.device(device).index or 0
+    _rt.ensure_cuda_libs()
+    ordinal = _rt.ordinal_of(device)
     return _native.attention_decode_splits(
         ordinal,
         num_reqs,
@@ -207,9 +218,10 @@ def kv_cache_write(
     key = _rows(key)
     value = _rows(value)
     slot_mapping = slot_mapping.contiguous()
+    ordinal, stream = _launch_ctx(kv_cache.device)
     _native.attention_kv_write(
-        kv_cache.device.index,
-        _stream(kv_cache.device),
+        ordinal,
+        stream,
         dtype,
         key.data_ptr(),
         key.stride(),
@@ -306,9 +318,10 @@ def paged_attention(
     query = _rows(query)
     if not _rows_ok(output):
         raise ValueError("output: last dimension must be contiguous with 16-byte aligned rows")
+    ordinal, stream = _launch_ctx(dev)
     _native.attention_forward(
-        dev.index,
-        _stream(dev),
+        ordinal,
+        stream,
         dtype,
         query.data_ptr(),
         tuple(query.shape),
@@ -399,9 +412,10 @@ def attention_varlen(
         k, v = k.contiguous(), v.contiguous()
     if not _rows_ok(output):
         raise ValueError("output: last dimension must be contiguous with 16-byte aligned rows")
+    ordinal, stream = _launch_ctx(dev)
     _native.attention_forward(
-        dev.index,
-        _stream(dev),
+        ordinal,
+        stream,
         dtype,
         q.data_ptr(),
         tuple(q.shape),

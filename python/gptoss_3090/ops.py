@@ -981,3 +981,5 @@ def nf4_quantize(weight: torch.Tensor, nested: bool = True) -> Nf4Weight:
         nested_quant_map=nmap if nested else None,
         nested_offset=float(off.item()) if nested else None,
     )
+
+from gptoss_3090.attention import attention  # noqa: E402,F401  (gptoss_3090.ops.attention)

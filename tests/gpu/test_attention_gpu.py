@@ -19,8 +19,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from gptoss_3090 import _native  # noqa: E402
 from gptoss_3090 import attention as A  # noqa: E402
+from gptoss_3090 import runtime  # noqa: E402
 from gptoss_3090.attention_reference import (  # noqa: E402
     VllmTritonAttention,
     attention_ref,
@@ -52,7 +52,7 @@ def report(case: str, err_ref: float, err_triton: float | None) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _warm_and_table():
-    _native.warmup(torch.cuda.current_device())
+    runtime.warmup()
     yield
     print("\n=== attention GPU errors (rel. Frobenius) ===")
     for line in _ROWS:
@@ -280,15 +280,15 @@ def test_cuda_graph_capture_replay():
 
 
 def test_forced_sm86_tuning():
-    _native.set_tuning("sm86")
+    runtime.set_tuning("sm86")
     try:
-        _native.warmup(torch.cuda.current_device())
+        runtime.warmup()
         run_case("forced sm86: mixed full", [1, 300, 1, 2], [9000, 300, 100, 40], seed=41)
         run_case("forced sm86: mixed sliding", [1, 300, 1], [9000, 1300, 100], window=128,
                  seed=42)
         run_case("forced sm86: decode 131072", [1], [131072], seed=43)
     finally:
-        _native.set_tuning(None)
+        runtime.set_tuning(None)
 
 
 def test_opcheck():
