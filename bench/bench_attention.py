@@ -217,8 +217,7 @@ def main() -> int:
         return 2
     if args.tuning:
         runtime.set_tuning(args.tuning)
-    runtime.warmup()
-    info = runtime.device_info()
+    info = runtime.device_info()  # kernels load on the eager call before each capture
     use_triton = args.baseline == "triton" or (
         args.baseline == "auto" and vllm_triton_available()
     )

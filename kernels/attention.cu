@@ -17,8 +17,11 @@
 //   attn_decode_s{2,3}_{bf16,f16}     split-KV decode for requests with q_len * G <= 16: one CTA =
 //                                     (request, KV head, split); its 4 warps stream disjoint 16-key
 //                                     tiles independently (no block barriers in the main loop) and
-//                                     merge at the end; with one split it writes the output itself.
-//   attn_combine_{bf16,f16}           merges the decode splits' partial (max, sum, acc) and the sink.
+//                                     merge at the end. With one split it writes the output itself;
+//                                     with several, each CTA writes its partial (max, sum, acc) and
+//                                     the last CTA of a (request, KV head) to arrive (an atomic
+//                                     counter, reset by that CTA) merges them with the sink, so no
+//                                     second kernel launch is needed.
 //
 // Numerics: scores are kept in the log2 domain (scale * log2(e) folded into one multiply), the
 // running max of every row is seeded with the sink's logit (denominator-only, like vLLM's Triton
@@ -76,7 +79,9 @@ struct AttnParams {
     const i32* query_start_loc;  // [num_reqs + 1]
     const i32* seq_lens;         // [num_reqs]: context + new tokens
     const void* sinks;           // [Hq] fp32, bf16 or fp16 (sink_mode), or null
-    float* ws;                   // split workspace: [ws_rows][64] acc, then [ws_rows][2] (max, sum)
+    float* ws_acc;               // split partials: [rows][64] unnormalised accumulators
+    float* ws_ml;                // split partials: [rows][2] (running max in log2 units, sum)
+    u32* ws_ctr;                 // [num_reqs * num_kv_heads] arrival counters, zero between launches
     i64 q_stride_tok;            // q.stride(0)
     i64 q_stride_head;           // q.stride(1)
     i64 o_stride_tok;            // o.stride(0)
@@ -85,7 +90,6 @@ struct AttnParams {
     i64 kv_stride_tok;           // paged: kv_cache.stride(2); plain: k.stride(0) (== v.stride(0))
     i64 kv_stride_head;          // paged: kv_cache.stride(1); plain: k.stride(1) (== v.stride(1))
     i64 bt_stride;               // block_table.stride(0)
-    i64 ws_rows;                 // rows of the workspace's acc region
     i32 num_reqs;
     i32 num_q_heads;
     i32 num_kv_heads;
@@ -158,7 +162,7 @@ __device__ __forceinline__ float attn_quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Decode split range (in 16-key tiles, relative to `lo`), shared by the decode and combine kernels
+// Decode split range (in 16-key tiles, relative to `lo`), computed the same way by every split
 // so both agree on which splits exist.
 struct AttnDecodeRange {
     int lo_exact;  // first key any query of the request may see (keys below are never read)
@@ -477,6 +481,73 @@ extern "C" __global__ __launch_bounds__(256) void attn_fwd_m128_f16(const AttnPa
     attn_fwd_impl<DTYPE_F16, 8>(p);
 }
 
+// Normalises one row's 8 accumulators with the sink folded into the denominator and stores them.
+template <int DTYPE>
+__device__ __forceinline__ void attn_store_final(u16* dst, const float (&acc)[8], float mx,
+                                                 float lsum, float sink2) {
+    const float mm = fmaxf(mx, sink2);
+    const float ref = mm == ATTN_NEG_INF ? 0.f : mm;
+    const float f = attn_exp2(mx - ref);
+    const float denom = lsum * f + attn_exp2(sink2 - ref);
+    const float scale = denom > 0.f ? f / denom : 0.f;
+    u32x4 out;
+    out.x = pack_half2<DTYPE>(acc[0] * scale, acc[1] * scale);
+    out.y = pack_half2<DTYPE>(acc[2] * scale, acc[3] * scale);
+    out.z = pack_half2<DTYPE>(acc[4] * scale, acc[5] * scale);
+    out.w = pack_half2<DTYPE>(acc[6] * scale, acc[7] * scale);
+    *(u32x4*)dst = out;
+}
+
+// Loads that bypass L1: partials written by other CTAs of the same launch must come from L2.
+__device__ __forceinline__ float attn_ld_cg(const float* ptr) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
+    return v;
+}
+__device__ __forceinline__ float4 attn_ld_cg4(const float* ptr) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// Merges the partials of every split of (request r, KV head kvh) for one row / 8 dims:
+// out = sum_s acc_s 2^(m_s - M) / (2^(sink - M) + sum_s l_s 2^(m_s - M)), M = max(sink, max m_s).
+// Empty splits (sum 0) are skipped; their accumulators are never read.
+template <int DTYPE>
+__device__ __forceinline__ void attn_combine_row(const AttnParams& p, int r, int kvh, int row,
+                                                 int d0, float sink2, u16* dst) {
+    float mx = sink2;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const i64 wr = attn_ws_row(p, r, s, kvh, row);
+        if (attn_ld_cg(p.ws_ml + wr * 2 + 1) > 0.f) mx = fmaxf(mx, attn_ld_cg(p.ws_ml + wr * 2));
+    }
+    const float ref = mx == ATTN_NEG_INF ? 0.f : mx;
+    float denom = attn_exp2(sink2 - ref);
+    float acc[8];
+#pragma unroll
+    for (int d = 0; d < 8; ++d) acc[d] = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const i64 wr = attn_ws_row(p, r, s, kvh, row);
+        const float ls = attn_ld_cg(p.ws_ml + wr * 2 + 1);
+        if (!(ls > 0.f)) continue;
+        const float f = attn_exp2(attn_ld_cg(p.ws_ml + wr * 2) - ref);
+        denom += ls * f;
+        const float4 a = attn_ld_cg4(p.ws_acc + wr * ATTN_HEAD_DIM + d0);
+        const float4 b = attn_ld_cg4(p.ws_acc + wr * ATTN_HEAD_DIM + d0 + 4);
+        acc[0] += a.x * f; acc[1] += a.y * f; acc[2] += a.z * f; acc[3] += a.w * f;
+        acc[4] += b.x * f; acc[5] += b.y * f; acc[6] += b.z * f; acc[7] += b.w * f;
+    }
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    u32x4 out;
+    out.x = pack_half2<DTYPE>(acc[0] * inv, acc[1] * inv);
+    out.y = pack_half2<DTYPE>(acc[2] * inv, acc[3] * inv);
+    out.z = pack_half2<DTYPE>(acc[4] * inv, acc[5] * inv);
+    out.w = pack_half2<DTYPE>(acc[6] * inv, acc[7] * inv);
+    *(u32x4*)dst = out;
+}
+
 // -------------------------------------------------------------------------------------------------
 // Split-KV decode kernel.
 // grid = (num_reqs, num_kv_heads, num_splits), block = 128 (4 warps). Handles requests with
@@ -491,7 +562,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     // (NST = 3 uses exactly the 48 KB of static shared memory, so the merge's (max, sum) live
     // there too, after the acc.)
     __shared__ __align__(128) u16 s_kv[W * NST * 2 * TILE];
-    static_assert(W * NST * 2 * TILE * 2 >= W * ATTN_DECODE_ROWS * (ATTN_HEAD_DIM + 2) * 4,
+    static_assert(W * NST * 2 * TILE * 2 >= W * ATTN_DECODE_ROWS * (ATTN_HEAD_DIM + 2) * 4 + 16,
                   "merge area must fit in the pipeline buffers");
 
     const int tid = threadIdx.x;
@@ -616,7 +687,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     // 128 threads = 16 rows x 8 groups of 8 dims.
     const int row = tid >> 3;
     const int d0 = (tid & 7) * 8;
-    if (row >= rows) return;
+    const bool row_ok = row < rows;
     float mx = ATTN_NEG_INF;
 #pragma unroll
     for (int w = 0; w < W; ++w) mx = fmaxf(mx, s_m[w * ATTN_DECODE_ROWS + row]);
@@ -635,30 +706,37 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     }
     const int t = row >> g_shift;
     const int hq = kvh * G + (row & (G - 1));
+    u16* out_ptr = p.o + (i64)(q_start + t) * p.o_stride_tok + (i64)hq * p.o_stride_head + d0;
     if (p.num_splits == 1) {
-        const float sink2 = attn_sink_log2(p, hq);
-        const float mm = fmaxf(mx, sink2);
-        const float ref2 = mm == ATTN_NEG_INF ? 0.f : mm;
-        const float f = attn_exp2(mx - ref2);
-        const float denom = lsum * f + attn_exp2(sink2 - ref2);
-        const float scale = denom > 0.f ? f / denom : 0.f;
-        u32x4 out;
-        out.x = pack_half2<DTYPE>(acc[0] * scale, acc[1] * scale);
-        out.y = pack_half2<DTYPE>(acc[2] * scale, acc[3] * scale);
-        out.z = pack_half2<DTYPE>(acc[4] * scale, acc[5] * scale);
-        out.w = pack_half2<DTYPE>(acc[6] * scale, acc[7] * scale);
-        *(u32x4*)(p.o + (i64)(q_start + t) * p.o_stride_tok + (i64)hq * p.o_stride_head + d0) = out;
-    } else {
+        if (row_ok) attn_store_final<DTYPE>(out_ptr, acc, mx, lsum, attn_sink_log2(p, hq));
+        return;
+    }
+
+    // Several splits: publish this CTA's partial, then the last CTA to arrive merges them all.
+    if (row_ok) {
         const i64 wr = attn_ws_row(p, r, split, kvh, row);
-        float* wacc = p.ws + wr * ATTN_HEAD_DIM + d0;
+        float* wacc = p.ws_acc + wr * ATTN_HEAD_DIM + d0;
         *(float4*)wacc = make_float4(acc[0], acc[1], acc[2], acc[3]);
         *(float4*)(wacc + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
         if ((tid & 7) == 0) {
-            float* wml = p.ws + p.ws_rows * ATTN_HEAD_DIM + wr * 2;
-            wml[0] = mx;
-            wml[1] = lsum;
+            p.ws_ml[wr * 2] = mx;
+            p.ws_ml[wr * 2 + 1] = lsum;
         }
     }
+    __threadfence();  // partials visible device-wide before the arrival is counted
+    __syncthreads();
+    int* s_last = (int*)(s_l + W * ATTN_DECODE_ROWS);
+    if (tid == 0) {
+        u32* ctr = p.ws_ctr + (i64)r * p.num_kv_heads + kvh;
+        const u32 prev = atomicAdd(ctr, 1u);
+        const int last = prev == (u32)(p.num_splits - 1);
+        if (last) *ctr = 0u;  // every split has arrived: reset for the next launch / graph replay
+        *s_last = last;
+    }
+    __syncthreads();
+    if (!*s_last || !row_ok) return;
+    __threadfence();
+    attn_combine_row<DTYPE>(p, r, kvh, row, d0, attn_sink_log2(p, hq), out_ptr);
 }
 
 extern "C" __global__ __launch_bounds__(128) void attn_decode_s2_bf16(const AttnParams p) {
@@ -672,64 +750,4 @@ extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_bf16(const Attn
 }
 extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_f16(const AttnParams p) {
     attn_decode_impl<DTYPE_F16, 3>(p);
-}
-
-// -------------------------------------------------------------------------------------------------
-// Split combine: grid = (num_reqs, num_kv_heads), block = 128 = 16 rows x 8 groups of 8 dims.
-// out = sum_s acc_s 2^(m_s - M) / (2^(sink - M) + sum_s l_s 2^(m_s - M)),  M = max(sink, max_s m_s).
-// -------------------------------------------------------------------------------------------------
-
-template <int DTYPE>
-__device__ __forceinline__ void attn_combine_impl(const AttnParams& p) {
-    const int r = blockIdx.x;
-    const int kvh = blockIdx.y;
-    const int tid = threadIdx.x;
-    const int G = p.group;
-    const int g_shift = __ffs(G) - 1;
-    const int q_start = p.query_start_loc[r];
-    const int q_len = p.query_start_loc[r + 1] - q_start;
-    if (q_len < p.min_q_len || q_len > p.max_q_len || q_len <= 0) return;
-    const int row = tid >> 3;
-    const int d0 = (tid & 7) * 8;
-    if (row >= q_len * G) return;
-    const int hq = kvh * G + (row & (G - 1));
-    const float* ml = p.ws + p.ws_rows * ATTN_HEAD_DIM;
-
-    const float sink2 = attn_sink_log2(p, hq);
-    float mx = sink2;
-    for (int s = 0; s < p.num_splits; ++s) {
-        const i64 wr = attn_ws_row(p, r, s, kvh, row);
-        if (ml[wr * 2 + 1] > 0.f) mx = fmaxf(mx, ml[wr * 2]);
-    }
-    const float ref = mx == ATTN_NEG_INF ? 0.f : mx;
-    float denom = attn_exp2(sink2 - ref);
-    float acc[8];
-#pragma unroll
-    for (int d = 0; d < 8; ++d) acc[d] = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-        const i64 wr = attn_ws_row(p, r, s, kvh, row);
-        const float ls = ml[wr * 2 + 1];
-        if (!(ls > 0.f)) continue;  // empty split: its acc was never meaningful
-        const float f = attn_exp2(ml[wr * 2] - ref);
-        denom += ls * f;
-        const float4 a = *(const float4*)(p.ws + wr * ATTN_HEAD_DIM + d0);
-        const float4 b = *(const float4*)(p.ws + wr * ATTN_HEAD_DIM + d0 + 4);
-        acc[0] += a.x * f; acc[1] += a.y * f; acc[2] += a.z * f; acc[3] += a.w * f;
-        acc[4] += b.x * f; acc[5] += b.y * f; acc[6] += b.z * f; acc[7] += b.w * f;
-    }
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    u32x4 out;
-    out.x = pack_half2<DTYPE>(acc[0] * inv, acc[1] * inv);
-    out.y = pack_half2<DTYPE>(acc[2] * inv, acc[3] * inv);
-    out.z = pack_half2<DTYPE>(acc[4] * inv, acc[5] * inv);
-    out.w = pack_half2<DTYPE>(acc[6] * inv, acc[7] * inv);
-    const int t = row >> g_shift;
-    *(u32x4*)(p.o + (i64)(q_start + t) * p.o_stride_tok + (i64)hq * p.o_stride_head + d0) = out;
-}
-
-extern "C" __global__ __launch_bounds__(128) void attn_combine_bf16(const AttnParams p) {
-    attn_combine_impl<DTYPE_BF16>(p);
-}
-extern "C" __global__ __launch_bounds__(128) void attn_combine_f16(const AttnParams p) {
-    attn_combine_impl<DTYPE_F16>(p);
 }

@@ -131,14 +131,16 @@ def make_workspace(
     num_kv_heads: int,
     request_splits: int = DEFAULT_WORKSPACE_REQUEST_SPLITS,
 ) -> torch.Tensor:
-    """A float32 split-KV workspace for ``request_splits`` (request, split) pairs.
+    """A zeroed float32 split-KV workspace for ``request_splits`` (request, split) pairs.
 
     Its size depends only on these arguments (never on data), so one buffer allocated before
     CUDA-graph capture serves every later batch; the decode path lowers its split count so that
-    ``num_reqs * splits <= request_splits``.
+    ``num_reqs * splits <= request_splits``. It starts with arrival counters that must be zero
+    (the kernels reset them after use), so allocate it with this function, and let only
+    stream-ordered launches share it.
     """
-    floats = _native.attention_workspace_floats(request_splits, num_kv_heads, 1)
-    return torch.empty(floats, dtype=torch.float32, device=device)
+    floats = _native.attention_workspace_floats(request_splits, num_kv_heads)
+    return torch.zeros(floats, dtype=torch.float32, device=device)
 
 
 def _default_workspace(device: torch.device, num_kv_heads: int) -> torch.Tensor:

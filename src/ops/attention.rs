@@ -15,9 +15,16 @@
 //! The decode grid is `(num_reqs, num_kv_heads, splits)`; [`decode_splits`] picks `splits` from
 //! the request count, the SM count, an upper bound of the context length and the workspace size.
 //! Each CTA derives its key range from the request's `seq_len` at run time, so one captured CUDA
-//! graph serves every context length (splits that find no keys write an empty partial). With more
-//! than one split the combine kernel merges the partials and the sink; with one split the decode
-//! kernel writes the output itself.
+//! graph serves every context length (splits that find no keys write an empty partial). With one
+//! split the decode kernel writes the output itself; with more, every CTA writes its partial to
+//! the workspace and the last CTA of each (request, KV head) to arrive (an atomic counter in the
+//! workspace, reset by that CTA) merges the partials and the sink, all in the same launch.
+//!
+//! # Workspace
+//! One fp32 buffer sized by [`workspace_floats`] for a number of (request, split) pairs: the
+//! arrival counters (u32, must start at zero: allocate it zeroed), then the partial accumulators
+//! `[rows][64]` and `(max, sum)` pairs `[rows][2]`. It depends only on constants, so one buffer
+//! serves every batch and every captured graph; launches that share it must be stream-ordered.
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::cuda::{GpuDevice, Tuning};
@@ -32,13 +39,11 @@ pub const HEAD_DIM: i64 = 64;
 pub const DECODE_ROWS: i64 = 16;
 /// Floats per workspace row: 64 accumulator values + (max, sum).
 pub const WS_FLOATS_PER_ROW: i64 = HEAD_DIM + 2;
-/// Fewest keys one decode split handles: one 16-key tile per warp of the decode CTA.
-pub const MIN_KEYS_PER_SPLIT: i64 = 64;
-/// Split cost model (in "keys" of one CTA's streaming time): fixed cost of a CTA (launch, Q
-/// load, pipeline fill, merge, partial write) ...
-const CTA_OVERHEAD_KEYS: i64 = 64;
-/// ... and of the combine launch that any split count above one adds.
-const COMBINE_OVERHEAD_KEYS: i64 = 256;
+/// Fewest keys one decode split handles (for the context bound `max_seq_len`).
+pub const MIN_KEYS_PER_SPLIT: i64 = 256;
+/// The decode grid aims at this many CTAs per SM (measured on H100: one to two CTAs per SM of
+/// long splits beat many short ones, whose partials and merge cost more than they save).
+const TARGET_CTAS_PER_SM: i64 = 2;
 
 // Benchmark/tuning overrides (0 = automatic), set through `attention_set_overrides`.
 static SPLITS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
@@ -136,8 +141,12 @@ pub struct AttnParams {
     pub seq_lens: u64,
     /// `[Hq]` sinks or 0.
     pub sinks: u64,
-    /// fp32 split workspace or 0.
-    pub ws: u64,
+    /// fp32 `[rows][64]` split accumulators (or 0).
+    pub ws_acc: u64,
+    /// fp32 `[rows][2]` split (max, sum) (or 0).
+    pub ws_ml: u64,
+    /// u32 `[num_reqs * num_kv_heads]` arrival counters (or 0).
+    pub ws_ctr: u64,
     /// `q.stride(0)`.
     pub q_stride_tok: i64,
     /// `q.stride(1)`.
@@ -154,8 +163,6 @@ pub struct AttnParams {
     pub kv_stride_head: i64,
     /// `block_table.stride(0)`.
     pub bt_stride: i64,
-    /// Rows of the workspace's accumulator region.
-    pub ws_rows: i64,
     /// Requests.
     pub num_reqs: i32,
     /// Query heads.
@@ -320,29 +327,34 @@ pub struct Plan {
     pub decode_stages: i64,
 }
 
-/// Workspace floats needed for `splits` decode splits of `num_reqs` requests.
-pub fn workspace_floats(num_reqs: i64, num_kv_heads: i64, splits: i64) -> i64 {
-    num_reqs * splits * num_kv_heads * DECODE_ROWS * WS_FLOATS_PER_ROW
+/// Floats of a workspace holding `request_splits` (request, split) pairs of `num_kv_heads` heads.
+pub fn workspace_floats(request_splits: i64, num_kv_heads: i64) -> i64 {
+    let slots = request_splits.max(0) * num_kv_heads.max(0);
+    round_up4(slots) + slots * DECODE_ROWS * WS_FLOATS_PER_ROW
 }
 
-/// Decode CTAs that one SM holds at once for this tuning's pipeline depth (shared memory:
-/// 48 KB per CTA with 3 stages, 32 KB with 2; registers: about 16K per CTA).
-fn decode_ctas_per_sm(tuning: Tuning) -> i64 {
-    match tuning {
-        Tuning::Sm86 | Tuning::Sm80 => 3,
-        Tuning::Sm90 => 4,
+/// How many (request, split) pairs a workspace of `floats` floats holds for `num_kv_heads`.
+pub fn workspace_capacity(floats: i64, num_kv_heads: i64) -> i64 {
+    if floats <= 0 || num_kv_heads <= 0 {
+        return 0;
     }
+    let mut r = floats / (num_kv_heads * (1 + DECODE_ROWS * WS_FLOATS_PER_ROW));
+    while r > 0 && workspace_floats(r, num_kv_heads) > floats {
+        r -= 1;
+    }
+    r
+}
+
+fn round_up4(n: i64) -> i64 {
+    (n + 3) / 4 * 4
 }
 
 /// Number of KV splits for the decode kernel.
 ///
-/// Picks the split count `S` that minimises a simple cost model of the decode grid:
-/// `waves(S) * (keys_per_split(S) + CTA overhead) + (S > 1) * combine overhead`, where
-/// `waves(S) = ceil(num_reqs * num_kv_heads * S / (SMs * CTAs per SM))` (so a grid that spills
-/// a few CTAs into a second wave is avoided). No split is shorter than [`MIN_KEYS_PER_SPLIT`]
-/// keys of a context of `max_seq_len` (sliding layers only visit `window + max_query_len - 1`
-/// keys), at most [`MAX_SPLITS`], and no more than the workspace holds (`workspace_floats = 0`
-/// means one split).
+/// About [`TARGET_CTAS_PER_SM`] `(request, KV head, split)` CTAs per SM, no split shorter than
+/// [`MIN_KEYS_PER_SPLIT`] keys of a context of `max_seq_len` (sliding layers only visit
+/// `window + max_query_len - 1` keys), at most [`MAX_SPLITS`], and no more than the workspace
+/// holds (`capacity` (request, split) pairs; 0 means one split).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_splits(
     num_reqs: i64,
@@ -351,36 +363,25 @@ pub fn decode_splits(
     window: Option<i64>,
     max_query_len: i64,
     sm_count: i64,
-    tuning: Tuning,
-    workspace_floats_avail: i64,
+    _tuning: Tuning,
+    capacity: i64,
 ) -> i64 {
-    let ctas = (num_reqs * num_kv_heads).max(1);
+    let num_reqs = num_reqs.max(1);
+    let ctas = num_reqs * num_kv_heads.max(1);
     let span = match window {
         Some(w) => max_seq_len.min(w + max_query_len.max(1) - 1 + 15),
         None => max_seq_len,
     }
     .max(1);
     let by_len = ceil_div(span as u64, MIN_KEYS_PER_SPLIT as u64) as i64;
-    let per_split = workspace_floats(num_reqs.max(1), num_kv_heads.max(1), 1);
-    let by_ws = workspace_floats_avail / per_split.max(1);
+    let by_ws = capacity / num_reqs;
     let max_s = by_len.min(by_ws).clamp(1, MAX_SPLITS);
-    let slots = (sm_count.max(1) * decode_ctas_per_sm(tuning)) as u64;
-    let cost = |s: i64| -> i64 {
-        let waves = ceil_div(ctas as u64 * s as u64, slots) as i64;
-        let keys = ceil_div(span as u64, s as u64) as i64;
-        waves * (keys + CTA_OVERHEAD_KEYS) + if s > 1 { COMBINE_OVERHEAD_KEYS } else { 0 }
-    };
-    let mut best = 1;
-    for s in 2..=max_s {
-        if cost(s) < cost(best) {
-            best = s;
-        }
-    }
+    let want = (sm_count.max(1) * TARGET_CTAS_PER_SM) / ctas;
     let forced = SPLITS_OVERRIDE.load(Ordering::Relaxed);
     if forced > 0 {
-        best = forced.min(by_ws).clamp(1, MAX_SPLITS);
+        return forced.min(by_ws).clamp(1, MAX_SPLITS);
     }
-    best
+    want.clamp(1, max_s)
 }
 
 /// Validates an element stride tuple of a `[T, H, 64]` tensor: last dim contiguous, 16-byte rows.
@@ -558,7 +559,6 @@ fn prepare(a: &ForwardArgs) -> Result<Prepared> {
         } else {
             a.sinks
         },
-        ws: a.workspace,
         q_stride_tok: a.q_strides[0],
         q_stride_head: a.q_strides[1],
         o_stride_tok: a.o_strides[0],
@@ -642,8 +642,6 @@ fn prepare(a: &ForwardArgs) -> Result<Prepared> {
     }
     p.num_kv_heads = to_i32("num_kv_heads", hkv)?;
     p.group = group as i32;
-    let ws_rows = a.workspace_floats.max(0) / WS_FLOATS_PER_ROW;
-    p.ws_rows = if a.workspace == 0 { 0 } else { ws_rows };
     Ok(Prepared {
         p,
         num_tokens: t,
@@ -654,10 +652,10 @@ fn prepare(a: &ForwardArgs) -> Result<Prepared> {
 /// The launch plan for `a` on a device with `sm_count` SMs and `tuning`.
 pub fn plan(a: &ForwardArgs, group: i64, num_kv_heads: i64, sm_count: i64, tuning: Tuning) -> Plan {
     let dec_max = DECODE_ROWS / group;
-    let ws = if a.workspace == 0 {
+    let capacity = if a.workspace == 0 {
         0
     } else {
-        a.workspace_floats
+        workspace_capacity(a.workspace_floats, num_kv_heads)
     };
     let splits = decode_splits(
         a.num_reqs,
@@ -667,7 +665,7 @@ pub fn plan(a: &ForwardArgs, group: i64, num_kv_heads: i64, sm_count: i64, tunin
         a.max_query_len.min(dec_max),
         sm_count,
         tuning,
-        ws,
+        capacity,
     );
     Plan {
         decode_splits: splits,
@@ -711,10 +709,20 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     p.num_splits = to_i32("num_splits", plan.decode_splits)?;
     p.min_q_len = 1;
     p.max_q_len = to_i32("max_q_len", dec_max)?;
-    if p.num_splits > 1
-        && workspace_floats(a.num_reqs, hkv, plan.decode_splits) > a.workspace_floats
-    {
-        return Err(Error::arg("workspace too small for the chosen split count"));
+    if p.num_splits > 1 {
+        // Layout: counters | accumulators | (max, sum), for `capacity` (request, split) pairs.
+        let capacity = workspace_capacity(a.workspace_floats, hkv);
+        if a.num_reqs * plan.decode_splits > capacity || a.workspace == 0 {
+            return Err(Error::arg(format!(
+                "workspace holds {capacity} (request, split) pairs, {} x {} needed",
+                a.num_reqs, plan.decode_splits
+            )));
+        }
+        let slots = capacity * hkv;
+        let rows = slots * DECODE_ROWS;
+        p.ws_ctr = a.workspace;
+        p.ws_acc = a.workspace + 4 * round_up4(slots) as u64;
+        p.ws_ml = p.ws_acc + 4 * (rows * HEAD_DIM) as u64;
     }
     let reqs = u32::try_from(a.num_reqs)
         .map_err(|_| Error::arg(format!("num_reqs = {} is too large", a.num_reqs)))?;
@@ -723,11 +731,6 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     let grid = (reqs, hkv as u32, p.num_splits as u32);
     // SAFETY: forwarded to the caller; params mirror the kernel struct.
     unsafe { dev.launch(&f, grid, (128, 1, 1), 0, stream, &p)? };
-    if p.num_splits > 1 {
-        let f = dev.function_for_stream(SOURCE, &dtype.entry("attn_combine"), stream)?;
-        // SAFETY: as above; the decode launch filled the workspace rows the combine reads.
-        unsafe { dev.launch(&f, (reqs, hkv as u32, 1), (128, 1, 1), 0, stream, &p)? };
-    }
 
     // Varlen path (requests with q_len > dec_max).
     if plan.varlen {
@@ -754,30 +757,42 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_structs() {
-        // 5 pointers + 7 i64 + 4 i32 / 9 pointers + 9 i64 + 12 i32 + f32 + pad.
+        // 5 pointers + 7 i64 + 4 i32 / 11 pointers + 8 i64 + 12 i32 + f32 + pad.
         assert_eq!(
             std::mem::size_of::<AttnKvWriteParams>(),
             5 * 8 + 7 * 8 + 4 * 4
         );
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
-            9 * 8 + 9 * 8 + 12 * 4 + 8
+            11 * 8 + 8 * 8 + 12 * 4 + 8
         );
         assert_eq!(std::mem::align_of::<AttnParams>(), 8);
     }
 
     #[test]
+    fn workspace_layout() {
+        for hkv in [1, 8] {
+            for r in [1, 3, 512] {
+                let f = workspace_floats(r, hkv);
+                assert_eq!(workspace_capacity(f, hkv), r);
+                assert_eq!(workspace_capacity(f - 1, hkv), r - 1);
+            }
+        }
+        assert_eq!(workspace_capacity(0, 8), 0);
+    }
+
+    #[test]
     fn splits_policy() {
-        let ws = workspace_floats(512, 8, 1);
-        let h100 = |b, ctx, w| decode_splits(b, 8, ctx, w, 1, 132, Tuning::Sm90, ws);
-        // One long request: as many splits as allowed.
-        assert_eq!(h100(1, 131072, None), MAX_SPLITS);
+        let cap = 512;
+        let h100 = |b, ctx, w| decode_splits(b, 8, ctx, w, 1, 132, Tuning::Sm90, cap);
+        // One long request: about two CTAs per SM.
+        assert_eq!(h100(1, 131072, None), 33);
         // Short context: no split shorter than MIN_KEYS_PER_SPLIT keys.
         assert_eq!(h100(1, 1024, None), 1024 / MIN_KEYS_PER_SPLIT);
         // Sliding layers visit at most window + 15 keys: one split.
         assert_eq!(h100(1, 131072, Some(128)), 1);
-        // 16 x 8 CTAs: 4 splits fill the 528 slots once (5 would spill into a second wave).
-        assert_eq!(h100(16, 8192, None), 4);
+        assert_eq!(h100(4, 16384, None), 8);
+        assert_eq!(h100(16, 8192, None), 2);
         // Big batches fill the GPU without splitting.
         assert_eq!(h100(64, 8192, None), 1);
         // No workspace: one split.
@@ -786,18 +801,20 @@ mod tests {
             1
         );
         // The workspace caps the split count.
-        let small = workspace_floats(16, 8, 2);
         assert_eq!(
-            decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, small),
+            decode_splits(16, 8, 131072, None, 1, 500, Tuning::Sm90, 32),
             2
         );
         // Forced splits (benchmark hook) are still capped by the workspace.
         set_overrides(Some(8), None, None).unwrap();
         assert_eq!(
-            decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, small),
+            decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, 32),
             2
         );
-        assert_eq!(decode_splits(1, 8, 1024, None, 1, 132, Tuning::Sm90, ws), 8);
+        assert_eq!(
+            decode_splits(1, 8, 1024, None, 1, 132, Tuning::Sm90, cap),
+            8
+        );
         set_overrides(None, None, None).unwrap();
         assert!(set_overrides(Some(0), None, None).is_err());
         assert!(set_overrides(None, Some(4), None).is_err());
@@ -981,6 +998,7 @@ pub mod py {
         workspace_floats: i64,
     ) -> PyResult<i64> {
         let dev = cuda::device(ordinal)?;
+        let capacity = super::workspace_capacity(workspace_floats, num_kv_heads);
         Ok(decode_splits(
             num_reqs,
             num_kv_heads,
@@ -989,7 +1007,7 @@ pub mod py {
             max_query_len,
             dev.sm_count() as i64,
             dev.tuning(),
-            workspace_floats,
+            capacity,
         ))
     }
 
@@ -1006,10 +1024,10 @@ pub mod py {
         Ok(())
     }
 
-    /// Floats of split workspace for `splits` splits of `num_reqs` requests.
+    /// Floats of a split workspace for `request_splits` (request, split) pairs.
     #[pyfunction]
-    fn attention_workspace_floats(num_reqs: i64, num_kv_heads: i64, splits: i64) -> i64 {
-        workspace_floats(num_reqs, num_kv_heads, splits)
+    fn attention_workspace_floats(request_splits: i64, num_kv_heads: i64) -> i64 {
+        workspace_floats(request_splits, num_kv_heads)
     }
 
     /// Adds the attention launchers to the extension module.
