@@ -14,7 +14,7 @@
 //   attn_fwd_m{64,128}_{bf16,f16}     FlashAttention-2 style varlen kernel (prefill / mixed): one CTA
 //                                     = one KV head x a tile of (tokens x the G query heads sharing it),
 //                                     tiled online softmax with mma.sync, cp.async double buffering.
-//   attn_decode_s{2,3}_{bf16,f16}     split-KV decode for requests with q_len * G <= 16: one CTA =
+//   attn_decode_s{2,3,4}_{bf16,f16}   split-KV decode for requests with q_len * G <= 16: one CTA =
 //                                     (request, KV head, split); its 4 warps stream disjoint 16-key
 //                                     tiles independently (no block barriers in the main loop) and
 //                                     merge at the end. With one split it writes the output itself;
@@ -518,26 +518,30 @@ __device__ __forceinline__ float4 attn_ld_cg4(const float* ptr) {
 template <int DTYPE>
 __device__ __forceinline__ void attn_combine_row(const AttnParams& p, int r, int kvh, int row,
                                                  int d0, float sink2, u16* dst) {
+    // One pass, online: the loads of different splits are independent, so unrolling lets them
+    // all be in flight together (one L2 round trip instead of one per split).
     float mx = sink2;
-    for (int s = 0; s < p.num_splits; ++s) {
-        const i64 wr = attn_ws_row(p, r, s, kvh, row);
-        if (attn_ld_cg(p.ws_ml + wr * 2 + 1) > 0.f) mx = fmaxf(mx, attn_ld_cg(p.ws_ml + wr * 2));
-    }
-    const float ref = mx == ATTN_NEG_INF ? 0.f : mx;
-    float denom = attn_exp2(sink2 - ref);
+    float denom = sink2 == ATTN_NEG_INF ? 0.f : 1.f;  // 2^(sink - mx) with mx = sink
     float acc[8];
 #pragma unroll
     for (int d = 0; d < 8; ++d) acc[d] = 0.f;
+#pragma unroll 4
     for (int s = 0; s < p.num_splits; ++s) {
         const i64 wr = attn_ws_row(p, r, s, kvh, row);
+        const float ms = attn_ld_cg(p.ws_ml + wr * 2);
         const float ls = attn_ld_cg(p.ws_ml + wr * 2 + 1);
-        if (!(ls > 0.f)) continue;
-        const float f = attn_exp2(attn_ld_cg(p.ws_ml + wr * 2) - ref);
-        denom += ls * f;
         const float4 a = attn_ld_cg4(p.ws_acc + wr * ATTN_HEAD_DIM + d0);
         const float4 b = attn_ld_cg4(p.ws_acc + wr * ATTN_HEAD_DIM + d0 + 4);
-        acc[0] += a.x * f; acc[1] += a.y * f; acc[2] += a.z * f; acc[3] += a.w * f;
-        acc[4] += b.x * f; acc[5] += b.y * f; acc[6] += b.z * f; acc[7] += b.w * f;
+        if (!(ls > 0.f)) continue;  // empty split
+        const float m_new = fmaxf(mx, ms);
+        const float old = mx == ATTN_NEG_INF ? 0.f : attn_exp2(mx - m_new);
+        const float f = attn_exp2(ms - m_new);
+        denom = denom * old + ls * f;
+        acc[0] = acc[0] * old + a.x * f; acc[1] = acc[1] * old + a.y * f;
+        acc[2] = acc[2] * old + a.z * f; acc[3] = acc[3] * old + a.w * f;
+        acc[4] = acc[4] * old + b.x * f; acc[5] = acc[5] * old + b.y * f;
+        acc[6] = acc[6] * old + b.z * f; acc[7] = acc[7] * old + b.w * f;
+        mx = m_new;
     }
     const float inv = denom > 0.f ? 1.f / denom : 0.f;
     u32x4 out;
@@ -558,10 +562,9 @@ template <int DTYPE, int NST>
 __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     constexpr int W = ATTN_DECODE_WARPS;
     constexpr int TILE = ATTN_DECODE_KEYS * ATTN_HEAD_DIM;  // u16 per K (or V) tile
-    // [warp][stage][K|V][16 x 64]; reused as the fp32 merge area at the end.
-    // (NST = 3 uses exactly the 48 KB of static shared memory, so the merge's (max, sum) live
-    // there too, after the acc.)
-    __shared__ __align__(128) u16 s_kv[W * NST * 2 * TILE];
+    // [warp][stage][K|V][16 x 64] in dynamic shared memory (NST * 16 KB, set by the launcher);
+    // reused as the fp32 merge area at the end.
+    extern __shared__ __align__(128) u16 s_kv[];
     static_assert(W * NST * 2 * TILE * 2 >= W * ATTN_DECODE_ROWS * (ATTN_HEAD_DIM + 2) * 4 + 16,
                   "merge area must fit in the pipeline buffers");
 
@@ -602,13 +605,39 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     }
 
     u16* my_kv = s_kv + warp * NST * 2 * TILE;
+
+    // This warp's tiles: begin + warp, begin + warp + W, ... (warp-local index t).
+    const int first = rg.begin + warp;
+    const int n_mine = first < rg.end ? (rg.end - first + W - 1) / W : 0;
+    auto tile_key0 = [&](int t) { return rg.lo + (first + t * W) * ATTN_DECODE_KEYS; };
+
     // A 16-key tile starts at a multiple of 16 and the block size is a multiple of 16, so the
-    // whole tile lies in one cache block: one block-table lookup per tile, then rows are
-    // consecutive token strides (plain mode is the same formula without the table).
-    auto load_tile = [&](int stage, int key0) {
+    // whole tile lies in one cache block. The block ids of the warp's tiles are fetched 32 at a
+    // time ahead of use (lane j holds tile 32b + j, batches b and b + 1 in flight), so issuing a
+    // tile's copies never waits on a block-table load.
+    auto page_batch = [&](int b) -> int {
+        const int t = b * 32 + lane;
+        if (p.plain_kv || t >= n_mine) return 0;
+        return p.block_table[(i64)r * p.bt_stride + tile_key0(t) / p.block_size];
+    };
+    int pages_even = page_batch(0);  // batches 0, 2, 4, ...
+    int pages_odd = page_batch(1);   // batches 1, 3, 5, ...
+    auto load_tile = [&](int stage, int t) {
         u16* sk = my_kv + stage * 2 * TILE;
         u16* sv = sk + TILE;
-        const i64 base = attn_kv_offset(p, r, kvh, key0, q_start);
+        const int key0 = tile_key0(t);
+        const int b = t >> 5;
+        if ((t & 31) == 0 && b >= 1) {  // entering batch b: refill the slot of b - 1 with b + 1
+            if (b & 1) pages_even = page_batch(b + 1); else pages_odd = page_batch(b + 1);
+        }
+        i64 base;
+        if (p.plain_kv) {
+            base = (i64)(q_start + key0) * p.kv_stride_tok + (i64)kvh * p.kv_stride_head;
+        } else {
+            const int page = __shfl_sync(0xffffffffu, (b & 1) ? pages_odd : pages_even, t & 31);
+            base = (i64)page * p.kv_stride_block + (i64)(key0 % p.block_size) * p.kv_stride_tok +
+                   (i64)kvh * p.kv_stride_head;
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = lane + 32 * i;
@@ -621,10 +650,6 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
         }
     };
 
-    // This warp's tiles: begin + warp, begin + warp + W, ...
-    const int first = rg.begin + warp;
-    const int n_mine = first < rg.end ? (rg.end - first + W - 1) / W : 0;
-
     float m[2] = {ATTN_NEG_INF, ATTN_NEG_INF};
     float l[2] = {0.f, 0.f};
     float o[8][4];
@@ -635,17 +660,17 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
 
 #pragma unroll
     for (int i = 0; i < NST - 1; ++i) {
-        if (i < n_mine) load_tile(i, rg.lo + (first + i * W) * ATTN_DECODE_KEYS);
+        if (i < n_mine) load_tile(i, i);
         cp_async_commit();
     }
     for (int i = 0; i < n_mine; ++i) {
         const int pre = i + NST - 1;
-        if (pre < n_mine) load_tile(pre % NST, rg.lo + (first + pre * W) * ATTN_DECODE_KEYS);
+        if (pre < n_mine) load_tile(pre % NST, pre);
         cp_async_commit();
         cp_async_wait<NST - 1>();
         __syncwarp();
         const u16* sk = my_kv + (i % NST) * 2 * TILE;
-        const int key0 = rg.lo + (first + i * W) * ATTN_DECODE_KEYS;
+        const int key0 = tile_key0(i);
         float s[2][4];
         attn_qk<DTYPE, 2>(s, qf, sk, lane);
 #pragma unroll
@@ -750,4 +775,10 @@ extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_bf16(const Attn
 }
 extern "C" __global__ __launch_bounds__(128) void attn_decode_s3_f16(const AttnParams p) {
     attn_decode_impl<DTYPE_F16, 3>(p);
+}
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s4_bf16(const AttnParams p) {
+    attn_decode_impl<DTYPE_BF16, 4>(p);
+}
+extern "C" __global__ __launch_bounds__(128) void attn_decode_s4_f16(const AttnParams p) {
+    attn_decode_impl<DTYPE_F16, 4>(p);
 }
