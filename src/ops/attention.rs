@@ -1,6 +1,6 @@
-//! Attention launchers: KV-cache write, varlen (prefill / mixed) attention, split-KV decode and
-//! its combine, for GPT-OSS (learned per-head sinks, optional sliding window, GQA, head_dim 64)
-//! over vLLM 0.26's paged KV cache or plain `[T, H, 64]` tensors. Kernels: `kernels/attention.cu`.
+//! Attention launchers: KV-cache write, varlen (prefill / mixed) attention and split-KV decode
+//! (with its in-kernel combine), for GPT-OSS (learned per-head sinks, optional sliding window,
+//! GQA, head_dim 64) over vLLM 0.26's paged KV cache or plain `[T, H, 64]` tensors. Kernels: `kernels/attention.cu`.
 //!
 //! # Dispatch ([`forward`])
 //! With `G = num_q_heads / num_kv_heads` (a power of two <= 16), the decode kernel packs the
@@ -687,7 +687,7 @@ pub fn plan(a: &ForwardArgs, group: i64, num_kv_heads: i64, sm_count: i64, tunin
     }
 }
 
-/// Attention over the paged cache (or plain tensors): decode and/or varlen kernels + combine.
+/// Attention over the paged cache (or plain tensors): the decode and/or the varlen kernel.
 ///
 /// # Safety
 /// Every pointer must be a live device allocation of the described shape and strides on `dev`
@@ -895,7 +895,7 @@ pub mod py {
         Ok(())
     }
 
-    /// Attention (decode / varlen / combine) over the paged cache or plain k/v tensors.
+    /// Attention (decode and/or varlen kernels) over the paged cache or plain k/v tensors.
     /// Returns `(decode_splits, varlen_launched)`.
     #[pyfunction]
     #[pyo3(signature = (
