@@ -1,6 +1,7 @@
 //! Attention launchers: KV-cache write, varlen (prefill / mixed) attention and split-KV decode
 //! (with its in-kernel combine), for GPT-OSS (learned per-head sinks, optional sliding window,
-//! GQA, head_dim 64) over vLLM 0.26's paged KV cache or plain `[T, H, 64]` tensors. Kernels: `kernels/attention.cu`.
+//! GQA, head_dim 64) over vLLM 0.26's paged KV cache or plain `[T, H, 64]` tensors.
+//! Kernels: `kernels/attention.cu`.
 //!
 //! # Dispatch ([`forward`])
 //! With `G = num_q_heads / num_kv_heads` (a power of two <= 16), the decode kernel packs the
