@@ -1,2 +1,782 @@
-// moe kernels. See common.cuh.
+// GPT-OSS mixture-of-experts block over the virtual fused NF4 experts.
+//
+// One forward is a fixed sequence of launches whose grids depend only on the token count T (so a
+// CUDA graph captured for one T replays correctly for any routing):
+//
+//   1. moe_route_*    (only for large T when routing is needed)  router logits -> top-k ids/weights
+//   2. moe_group_*    (one block) [route for small T] + count per expert, padded exclusive scan,
+//                     scatter of the (token, k) pair ids into expert-contiguous order, list of
+//                     touched experts and list of (expert, row) tiles for the prefill GEMMs
+//   3. GEMM 1 (gate_up + bias + SwiGLU-OAI) -> h[pair, I]     decode: moe_dec_up_*, prefill: moe_gemm_up_*
+//   4. GEMM 2 (down + bias)                -> out[pair, H]    decode: moe_dec_down_*, prefill: moe_gemm_down_*
+//   5. moe_combine_*  y[t] = sum_k w[t,k] * out[t*topk + k] in k order (no atomics: deterministic)
+//
+// Weights never leave their NF4 form in global memory: the decode kernels turn each 16-byte load
+// of packed codes straight into mma.sync A fragments in registers; the prefill kernels cp.async
+// the packed bytes into shared memory and decode a 128x64 tile to bf16/f16 there for ldmatrix.
+// Dequantization is exact: w = half(NF4[code] * absmax) with one fp32 product and one
+// round-to-nearest cast, as bitsandbytes does; all products accumulate in fp32.
+//
+// Layout of one expert e of a fused NF4 tensor [E, N, K] (bitsandbytes, row-major per expert):
+//   packed   u8  [E, N*K/2]   element i of the expert at byte i/2, high nibble = even i
+//   absmax   u8  [E, N*K/64]  (nested) or f32 [E, N*K/64] (plain), block b = i / 64
+//   nested   f32 [E, nnb]     absmax_f32 = nested_map[code] * nested[e, b / 256] + offset[e]
+//   offset   f32 [E]
+//   bias     f32 [E, N]       (converted from the checkpoint's bf16 once, exactly)
+// gate_up has N = 2I, K = H and INTERLEAVED rows (2j = gate j, 2j+1 = up j); down has N = H, K = I.
 #include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// Parameters (mirrored by `crate::ops::moe::MoeParams`; keep the field order identical).
+// ---------------------------------------------------------------------------------------------
+
+// How the routing is obtained.
+#define MOE_ROUTE_WEIGHTS 0  // logits = x W_r^T + b_r computed here, then top-k + softmax
+#define MOE_ROUTE_LOGITS 1   // logits [T, E] given, top-k + softmax here
+#define MOE_ROUTE_GIVEN 2    // topk ids/weights given (vLLM's apply()); ws_ids/ws_wts point at them
+
+#define MOE_MAX_EXPERTS 256
+#define MOE_MAX_TOPK 8
+#define MOE_GROUP_THREADS 1024
+
+struct MoeParams {
+    // Activations. x [T, H] act dtype, row stride x_stride elements; y [T, H] contiguous.
+    u64 x;
+    u64 y;
+    // Routing inputs. router_w [E, H] act dtype contiguous; router_b [E] f32 (0 = no bias);
+    // logits [T, E] contiguous, f32 when logits_f32 else act dtype.
+    u64 router_w;
+    u64 router_b;
+    u64 logits;
+    // gate_up experts [E, 2I, H] (see the layout above); bias f32 [E, 2I].
+    u64 gu_packed;
+    u64 gu_absmax;
+    u64 gu_nested;
+    u64 gu_offset;
+    u64 gu_bias;
+    // down experts [E, H, I]; bias f32 [E, H].
+    u64 dn_packed;
+    u64 dn_absmax;
+    u64 dn_nested;
+    u64 dn_offset;
+    u64 dn_bias;
+    // Double-quantization code map, f32 [256] (the same constant for every tensor).
+    u64 nested_map;
+    // Workspace (see `moe_workspace_layout` in Rust). ids i32 [T*topk] / wts f32 [T*topk] are
+    // the routing (caller tensors in MOE_ROUTE_GIVEN mode); counts/offsets i32 [E] per expert
+    // (offsets = padded segment starts in `sorted`); meta i32 [2] = {num_active, num_tiles};
+    // active i32 [E]; tiles i32 [max_tiles, 2] = (expert, first row in sorted); sorted i32
+    // [sorted_cap] = pair ids (t*topk + k) or -1 for padding; h act [T*topk, I]; out act [T*topk, H].
+    u64 ws_ids;
+    u64 ws_wts;
+    u64 ws_counts;
+    u64 ws_offsets;
+    u64 ws_meta;
+    u64 ws_active;
+    u64 ws_tiles;
+    u64 ws_sorted;
+    u64 ws_h;
+    u64 ws_out;
+    i32 T;         // tokens
+    i32 H;         // hidden size (K of gate_up, N of down)
+    i32 I;         // expert intermediate size (gate_up has 2I rows, K of down)
+    i32 E;         // experts (<= 256)
+    i32 topk;      // experts per token (<= 8)
+    i32 x_stride;  // row stride of x in elements (multiple of 8)
+    i32 route_mode;
+    i32 logits_f32;
+    i32 fuse_route;  // moe_group routes the tokens itself (small T)
+    i32 gu_nested_flag;  // 1: gu_absmax is u8 + nested stats; 0: gu_absmax is f32
+    i32 dn_nested_flag;
+    i32 gu_nnb;     // nested blocks per gate_up expert (row stride of gu_nested)
+    i32 dn_nnb;
+    i32 bm;         // segment padding / tile rows of the prefill GEMMs
+    i32 max_tiles;  // capacity of ws_tiles
+    i32 sorted_cap; // capacity of ws_sorted
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+// ---------------------------------------------------------------------------------------------
+
+// 16-byte read-only load that may stay in L1: activations are re-read by every row block.
+__device__ __forceinline__ u32x4 ld_global_nc_16(const void* ptr) {
+    u32x4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// SwiGLU-OAI of one (gate, up) pair, fp32: gate <= 7, up in [-7, 7], (up + 1) * gate * sigmoid(1.702 gate).
+__device__ __forceinline__ float swiglu_oai(float gate, float up) {
+    gate = fminf(gate, 7.0f);
+    up = fminf(fmaxf(up, -7.0f), 7.0f);
+    const float glu = gate / (1.0f + expf(-1.702f * gate));
+    return (up + 1.0f) * glu;
+}
+
+// Statistics of one NF4 tensor of one expert, with the per-expert bases already applied.
+struct Nf4Stats {
+    const u8* absmax;      // u8 codes (nested) or f32 bytes (plain)
+    const float* nested;   // nested absmax of this expert
+    float offset;          // nested offset of this expert
+    int is_nested;
+};
+
+__device__ __forceinline__ Nf4Stats nf4_stats(u64 absmax, u64 nested, u64 offset, int is_nested,
+                                              int nnb, long long e, long long blocks_per_expert) {
+    Nf4Stats s;
+    s.is_nested = is_nested;
+    if (is_nested) {
+        s.absmax = (const u8*)absmax + e * blocks_per_expert;
+        s.nested = (const float*)nested + e * (long long)nnb;
+        s.offset = ((const float*)offset)[e];
+    } else {
+        s.absmax = (const u8*)absmax + e * blocks_per_expert * 4;
+        s.nested = nullptr;
+        s.offset = 0.0f;
+    }
+    return s;
+}
+
+// The raw statistic of block b: the u8 code (nested) or the f32 bits (plain), plus the nested
+// scale it needs. Split from `nf4_absmax_finish` so callers can issue the loads early.
+struct Nf4RawAbsmax {
+    u32 raw;
+    float scale;
+};
+__device__ __forceinline__ Nf4RawAbsmax nf4_absmax_load(const Nf4Stats& s, long long b) {
+    Nf4RawAbsmax r;
+    if (s.is_nested) {
+        r.raw = s.absmax[b];
+        r.scale = s.nested[b / NF4_NESTED_BLOCK];
+    } else {
+        r.raw = ((const u32*)s.absmax)[b];
+        r.scale = 0.0f;
+    }
+    return r;
+}
+// absmax_f32 = nested_map[code] * nested + offset: fp32 multiply, then add (no FMA), bit-exact
+// with bitsandbytes' dequantize_blockwise.
+__device__ __forceinline__ float nf4_absmax_finish(const Nf4Stats& s, Nf4RawAbsmax r,
+                                                   const float* nmap) {
+    if (s.is_nested) return __fadd_rn(__fmul_rn(nmap[r.raw], r.scale), s.offset);
+    return __uint_as_float(r.raw);
+}
+
+// Decodes the two NF4 codes of one packed byte (bits [sh, sh+8) of `w`) into one register of two
+// halves: low half = even element (high nibble), high half = odd element (low nibble).
+template <int DTYPE>
+__device__ __forceinline__ u32 nf4_pair(u32 w, int sh, float am, const float* lut) {
+    const float v0 = __fmul_rn(lut[(w >> (sh + 4)) & 15u], am);
+    const float v1 = __fmul_rn(lut[(w >> sh) & 15u], am);
+    return pack_half2<DTYPE>(v0, v1);
+}
+
+// Loads the code tables into shared memory (NF4 LUT: 16 distinct words in 16 distinct banks, so
+// any warp-wide lookup is conflict-free).
+__device__ __forceinline__ void load_tables(float* s_lut, float* s_nmap, u64 nested_map) {
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) s_lut[i] = kNf4Code[i];
+    if (nested_map)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x)
+            s_nmap[i] = ((const float*)nested_map)[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing: one warp per token.
+// ---------------------------------------------------------------------------------------------
+
+// Top-k over the logits one warp holds (lane l has experts l, l+32, ...), ties to the lower expert
+// index, NaN treated as -inf; softmax over the k selected logits only. Writes ids/wts of token t.
+__device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)[8], int t) {
+    const int lane = threadIdx.x & 31;
+    u32 taken = 0;  // bit j: expert lane + 32 j already selected
+    float sel_v[MOE_MAX_TOPK];
+    int sel_e[MOE_MAX_TOPK];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        if (v[j] != v[j]) v[j] = -__int_as_float(0x7f800000);
+    for (int i = 0; i < p.topk; ++i) {
+        float bv = -__int_as_float(0x7f800000);
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int e = lane + 32 * j;
+            if (e < p.E && !((taken >> j) & 1u) && (v[j] > bv || (v[j] == bv && e < be))) {
+                bv = v[j];
+                be = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (ov > bv || (ov == bv && oe < be)) {
+                bv = ov;
+                be = oe;
+            }
+        }
+        if ((be & 31) == lane && be < p.E) taken |= 1u << (be >> 5);
+        sel_v[i < MOE_MAX_TOPK ? i : 0] = bv;
+        sel_e[i < MOE_MAX_TOPK ? i : 0] = be;
+    }
+    if (lane == 0) {
+        const float m = sel_v[0];
+        float w[MOE_MAX_TOPK];
+        float sum = 0.0f;
+        for (int i = 0; i < p.topk; ++i) {
+            // All selected logits -inf: fall back to equal weights instead of NaN.
+            w[i] = (m == -__int_as_float(0x7f800000)) ? 1.0f : expf(sel_v[i] - m);
+            sum += w[i];
+        }
+        int* ids = (int*)p.ws_ids + (long long)t * p.topk;
+        float* wts = (float*)p.ws_wts + (long long)t * p.topk;
+        for (int i = 0; i < p.topk; ++i) {
+            ids[i] = sel_e[i];
+            wts[i] = w[i] / sum;
+        }
+    }
+}
+
+// Gathers (or computes) token t's logits into the warp's registers, then selects.
+template <int DTYPE>
+__device__ void route_token(const MoeParams& p, int t) {
+    const int lane = threadIdx.x & 31;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+    if (p.route_mode == MOE_ROUTE_LOGITS) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int e = lane + 32 * j;
+            if (e < p.E) {
+                const long long idx = (long long)t * p.E + e;
+                v[j] = p.logits_f32 ? ((const float*)p.logits)[idx]
+                                    : half_to_f32<DTYPE>(((const u16*)p.logits)[idx]);
+            }
+        }
+    } else {
+        // logits = x W_r^T + b_r, fp32: each lane takes 8 consecutive hidden elements per step.
+        const u16* xr = (const u16*)p.x + (long long)t * p.x_stride;
+        for (int e = 0; e < p.E; ++e) {
+            const u16* wr = (const u16*)p.router_w + (long long)e * p.H;
+            float acc = 0.0f;
+            for (int h = lane * 8; h < p.H; h += 256) {
+                const u32x4 xa = ld_global_nc_16(xr + h);
+                const u32x4 wa = ld_global_nc_16(wr + h);
+                const u32 xs[4] = {xa.x, xa.y, xa.z, xa.w};
+                const u32 ws[4] = {wa.x, wa.y, wa.z, wa.w};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    acc += half_to_f32<DTYPE>((u16)(xs[q] & 0xffffu)) *
+                           half_to_f32<DTYPE>((u16)(ws[q] & 0xffffu));
+                    acc += half_to_f32<DTYPE>((u16)(xs[q] >> 16)) *
+                           half_to_f32<DTYPE>((u16)(ws[q] >> 16));
+                }
+            }
+            acc = warp_sum(acc);
+            if (p.router_b) acc += ((const float*)p.router_b)[e];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (lane + 32 * j == e) v[j] = acc;
+        }
+    }
+    warp_topk_softmax(p, v, t);
+}
+
+// Large T: grid (ceil(T / 8)), block 256, one warp per token.
+template <int DTYPE>
+__device__ void moe_route(const MoeParams& p) {
+    const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (t >= p.T) return;
+    route_token<DTYPE>(p, t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouping: one block of 1024 threads (the pair count is at most a few ten thousand, so a single
+// block with shared-memory atomics beats a multi-kernel scan and needs no grid synchronisation).
+// ---------------------------------------------------------------------------------------------
+template <int DTYPE>
+__device__ void moe_group(const MoeParams& p) {
+    __shared__ int s_count[MOE_MAX_EXPERTS];
+    __shared__ int s_off[MOE_MAX_EXPERTS];
+    __shared__ int s_cursor[MOE_MAX_EXPERTS];
+    __shared__ int s_tile0[MOE_MAX_EXPERTS + 1];
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    if (p.fuse_route && p.route_mode != MOE_ROUTE_GIVEN) {
+        for (int t = warp; t < p.T; t += MOE_GROUP_THREADS / 32) route_token<DTYPE>(p, t);
+    }
+    for (int e = tid; e < MOE_MAX_EXPERTS; e += MOE_GROUP_THREADS) {
+        s_count[e] = 0;
+        s_cursor[e] = 0;
+    }
+    __syncthreads();  // also publishes the fused routing's global writes to the whole block
+    const int* ids = (const int*)p.ws_ids;
+    const int TK = p.T * p.topk;
+    for (int i = tid; i < TK; i += MOE_GROUP_THREADS) {
+        const int e = ids[i];
+        if (e >= 0 && e < p.E) atomicAdd(&s_count[e], 1);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int off = 0, tiles = 0, active = 0;
+        for (int e = 0; e < p.E; ++e) {
+            const int c = s_count[e];
+            const int nt = (c + p.bm - 1) / p.bm;
+            s_off[e] = off;
+            s_tile0[e] = tiles;
+            off += nt * p.bm;
+            tiles += nt;
+            if (c > 0) ((int*)p.ws_active)[active++] = e;
+        }
+        s_tile0[p.E] = tiles;
+        ((int*)p.ws_meta)[0] = active;
+        ((int*)p.ws_meta)[1] = tiles;
+    }
+    __syncthreads();
+    // One warp per expert: counts, offsets, tiles and the -1 padding of its segment.
+    for (int e = warp; e < p.E; e += MOE_GROUP_THREADS / 32) {
+        const int c = s_count[e];
+        const int off = s_off[e];
+        if (lane == 0) {
+            ((int*)p.ws_counts)[e] = c;
+            ((int*)p.ws_offsets)[e] = off;
+        }
+        for (int i = s_tile0[e] + lane; i < s_tile0[e + 1]; i += 32) {
+            ((int*)p.ws_tiles)[2 * i] = e;
+            ((int*)p.ws_tiles)[2 * i + 1] = off + (i - s_tile0[e]) * p.bm;
+        }
+        const int padded = (c + p.bm - 1) / p.bm * p.bm;
+        for (int i = c + lane; i < padded; i += 32) ((int*)p.ws_sorted)[off + i] = -1;
+    }
+    // Scatter. The order inside a segment depends on atomic timing, but every pair's result is
+    // computed from its own row only, so outputs are bit-identical from run to run.
+    for (int i = tid; i < TK; i += MOE_GROUP_THREADS) {
+        const int e = ids[i];
+        if (e >= 0 && e < p.E) {
+            const int pos = s_off[e] + atomicAdd(&s_cursor[e], 1);
+            ((int*)p.ws_sorted)[pos] = i;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode regime: per touched expert, stream its NF4 rows once and multiply them with every token
+// routed to it (up to 16 per pass) on the tensor cores.
+//
+// mma.sync m16n8k16 with A = 16 weight rows x 16 k (decoded in registers), B = 16 k x 8 tokens.
+// Thread (g = lane/4, c = lane%4) owns weight rows g and g+8 of the warp's 16 and, per 128-wide
+// k chunk, the 32 consecutive k [kc + 32c, kc + 32c + 32): one 16-byte load per row. A dot product
+// does not care in which order k is summed, so k-step s (0..7) of the chunk maps fragment slots
+// {2c, 2c+1, 2c+8, 2c+9} to physical k kc + 32c + 4s + {0, 1, 2, 3}; the B operand (activations)
+// uses the same map, so thread (g, c) needs x[token g][kc + 32c .. +32]: four 16-byte loads.
+// Each 16-byte weight chunk lies inside one 64-element absmax block, so one absmax per row/chunk.
+// ---------------------------------------------------------------------------------------------
+#define DEC_WARPS 4
+#define DEC_UNROLL 2  // 128-k chunks whose weight loads are issued together
+
+template <int DTYPE, bool UP>
+__device__ void moe_dec(const MoeParams& p) {
+    __shared__ float s_lut[16];
+    __shared__ float s_nmap[256];
+    const int slot = blockIdx.y;
+    const int num_active = ((const int*)p.ws_meta)[0];
+    if (slot >= num_active) return;
+    load_tables(s_lut, s_nmap, p.nested_map);
+    __syncthreads();
+
+    const int e = ((const int*)p.ws_active)[slot];
+    const int cnt = ((const int*)p.ws_counts)[e];
+    const int seg = ((const int*)p.ws_offsets)[e];
+    const int* sorted = (const int*)p.ws_sorted + seg;
+
+    const int N = UP ? 2 * p.I : p.H;
+    const int K = UP ? p.H : p.I;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int wg = blockIdx.x * DEC_WARPS + warp;  // 16-row group of this warp
+    // Row mapping. UP: fragment row g = gate row 2(8wg+g), row g+8 = the matching up row, so the
+    // SwiGLU pair lands in one thread. DOWN: rows 16wg + g and 16wg + g + 8.
+    const int row0 = UP ? 2 * (8 * wg + g) : 16 * wg + g;
+    const int row1 = UP ? row0 + 1 : row0 + 8;
+    if ((UP ? 8 * wg : 16 * wg) >= (UP ? p.I : N)) return;
+    const bool ok0 = row0 < N, ok1 = row1 < N;
+
+    const long long ee = e;
+    const u8* packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * K / 2);
+    const Nf4Stats st = UP ? nf4_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag,
+                                       p.gu_nnb, ee, (long long)N * K / 64)
+                           : nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
+                                       p.dn_nnb, ee, (long long)N * K / 64);
+    const u8* w0 = packed + (long long)row0 * (K / 2);
+    const u8* w1 = packed + (long long)row1 * (K / 2);
+    const long long ab0 = (long long)row0 * (K / 64), ab1 = (long long)row1 * (K / 64);
+    const u16* src = (const u16*)(UP ? p.x : p.ws_h);
+    const long long src_stride = UP ? p.x_stride : p.I;
+
+    for (int p0 = 0; p0 < cnt; p0 += 16) {
+        const bool two = cnt - p0 > 8;  // warp-uniform: second 8-token tile in use
+        const u16* xr[2];
+        int pair_lo[2], pair_hi[2];  // pairs of the output columns 2c, 2c+1 per tile
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int m = p0 + nt * 8 + g;
+            const int pr = m < cnt ? sorted[m] : -1;
+            xr[nt] = pr >= 0 ? src + (UP ? (long long)(pr / p.topk) : (long long)pr) * src_stride
+                             : nullptr;
+            const int m0 = p0 + nt * 8 + 2 * c;
+            pair_lo[nt] = m0 < cnt ? sorted[m0] : -1;
+            pair_hi[nt] = m0 + 1 < cnt ? sorted[m0 + 1] : -1;
+        }
+        float acc[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
+
+        for (int kc = 0; kc < K; kc += 128 * DEC_UNROLL) {
+            u32x4 wv0[DEC_UNROLL], wv1[DEC_UNROLL];
+            Nf4RawAbsmax ra0[DEC_UNROLL], ra1[DEC_UNROLL];
+            bool kv[DEC_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                const int k0 = kc + 128 * u + 32 * c;
+                kv[u] = k0 < K;
+                const u32x4 z = {0u, 0u, 0u, 0u};
+                wv0[u] = (kv[u] && ok0) ? ld_global_stream_16(w0 + k0 / 2) : z;
+                wv1[u] = (kv[u] && ok1) ? ld_global_stream_16(w1 + k0 / 2) : z;
+                Nf4RawAbsmax zr;
+                zr.raw = 0u;
+                zr.scale = 0.0f;
+                ra0[u] = (kv[u] && ok0) ? nf4_absmax_load(st, ab0 + k0 / 64) : zr;
+                ra1[u] = (kv[u] && ok1) ? nf4_absmax_load(st, ab1 + k0 / 64) : zr;
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                if (!kv[u]) continue;  // only ever false for the tail chunk of a row
+                const int k0 = kc + 128 * u + 32 * c;
+                const float am0 = ok0 ? nf4_absmax_finish(st, ra0[u], s_nmap) : 0.0f;
+                const float am1 = ok1 ? nf4_absmax_finish(st, ra1[u], s_nmap) : 0.0f;
+                u32 xw[2][16];
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        u32x4 v = {0u, 0u, 0u, 0u};
+                        if (xr[nt] && (nt == 0 || two)) v = ld_global_nc_16(xr[nt] + k0 + 8 * q);
+                        xw[nt][4 * q + 0] = v.x;
+                        xw[nt][4 * q + 1] = v.y;
+                        xw[nt][4 * q + 2] = v.z;
+                        xw[nt][4 * q + 3] = v.w;
+                    }
+                }
+                const u32 r0w[4] = {wv0[u].x, wv0[u].y, wv0[u].z, wv0[u].w};
+                const u32 r1w[4] = {wv1[u].x, wv1[u].y, wv1[u].z, wv1[u].w};
+#pragma unroll
+                for (int s = 0; s < 8; ++s) {
+                    const int wd = s >> 1, sh = (s & 1) * 16;
+                    u32 a[4];
+                    a[0] = nf4_pair<DTYPE>(r0w[wd], sh, am0, s_lut);
+                    a[1] = nf4_pair<DTYPE>(r1w[wd], sh, am1, s_lut);
+                    a[2] = nf4_pair<DTYPE>(r0w[wd], sh + 8, am0, s_lut);
+                    a[3] = nf4_pair<DTYPE>(r1w[wd], sh + 8, am1, s_lut);
+                    const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
+                    mma_m16n8k16<DTYPE>(acc[0], a, b0);
+                    if (two) {
+                        const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
+                        mma_m16n8k16<DTYPE>(acc[1], a, b1);
+                    }
+                }
+            }
+        }
+
+        // Epilogue. acc[nt] = {(row g, token 2c), (row g, token 2c+1), (row g+8, 2c), (row g+8, 2c+1)}.
+        const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+        const float bias0 = ok0 ? bias[row0] : 0.0f, bias1 = ok1 ? bias[row1] : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int prs[2] = {pair_lo[nt], pair_hi[nt]};
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int pr = prs[q];
+                if (pr < 0) continue;
+                if (UP) {
+                    if (!ok0) continue;
+                    const float h = swiglu_oai(acc[nt][q] + bias0, acc[nt][2 + q] + bias1);
+                    ((u16*)p.ws_h)[(long long)pr * p.I + (row0 >> 1)] = f32_to_half<DTYPE>(h);
+                } else {
+                    u16* o = (u16*)p.ws_out + (long long)pr * p.H;
+                    if (ok0) o[row0] = f32_to_half<DTYPE>(acc[nt][q] + bias0);
+                    if (ok1) o[row1] = f32_to_half<DTYPE>(acc[nt][2 + q] + bias1);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill regime: tiled tensor-core GEMM per (expert, BM routed rows) x (BN weight rows).
+//
+// Per 64-wide k tile: cp.async brings the gathered activation rows (A, BM x 64) and the packed
+// NF4 bytes (BN x 32 B) into a STAGES-deep ring; the block then decodes the packed tile into a
+// bf16/f16 [BN][64] tile in shared memory (exact dequantization) and runs ldmatrix + mma.sync.
+// 8 warps as 2 (m) x 4 (n); warp tile (BM/2) x 32. Row strides are padded by 16 bytes so the
+// 8 row addresses of an ldmatrix hit 8 different bank groups.
+// ---------------------------------------------------------------------------------------------
+#define GEMM_BN 128
+#define GEMM_BK 64
+#define GEMM_LD (GEMM_BK + 8)  // padded row stride of A and decoded-B tiles, in elements
+#define GEMM_THREADS 256
+
+template <int BM, int STAGES>
+struct GemmSmem {
+    static constexpr int A_BYTES = STAGES * BM * GEMM_LD * 2;
+    static constexpr int P_BYTES = STAGES * GEMM_BN * (GEMM_BK / 2);
+    static constexpr int B_BYTES = GEMM_BN * GEMM_LD * 2;
+    static constexpr int TOTAL = A_BYTES + P_BYTES + B_BYTES + BM * 4;
+};
+
+template <int DTYPE, bool UP, int BM, int STAGES>
+__device__ void moe_gemm(const MoeParams& p) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float s_lut[16];
+    __shared__ float s_nmap[256];
+    typedef GemmSmem<BM, STAGES> L;
+    u16* sA = (u16*)smem;
+    u8* sP = smem + L::A_BYTES;
+    u16* sB = (u16*)(smem + L::A_BYTES + L::P_BYTES);
+    int* s_rows = (int*)(smem + L::A_BYTES + L::P_BYTES + L::B_BYTES);
+
+    const int tile = blockIdx.y;
+    if (tile >= ((const int*)p.ws_meta)[1]) return;
+    const int e = ((const int*)p.ws_tiles)[2 * tile];
+    const int row_start = ((const int*)p.ws_tiles)[2 * tile + 1];
+    const int N = UP ? 2 * p.I : p.H;
+    const int K = UP ? p.H : p.I;
+    const int n_base = blockIdx.x * GEMM_BN;
+    if (n_base >= N) return;
+    const int KT = K / GEMM_BK;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+    load_tables(s_lut, s_nmap, p.nested_map);
+    for (int m = tid; m < BM; m += GEMM_THREADS) s_rows[m] = ((const int*)p.ws_sorted)[row_start + m];
+    __syncthreads();
+
+    const long long ee = e;
+    const u8* packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * K / 2);
+    const Nf4Stats st = UP ? nf4_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag,
+                                       p.gu_nnb, ee, (long long)N * K / 64)
+                           : nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
+                                       p.dn_nnb, ee, (long long)N * K / 64);
+    const u16* src = (const u16*)(UP ? p.x : p.ws_h);
+    const long long src_stride = UP ? p.x_stride : p.I;
+
+    // cp.async of k tile kt into ring stage `stage`: A rows (8 x 16 B each) and packed B rows (2 x 16 B).
+    auto load_tile = [&](int kt, int stage) {
+        u16* a = sA + stage * BM * GEMM_LD;
+        for (int i = tid; i < BM * 8; i += GEMM_THREADS) {
+            const int m = i >> 3, q = i & 7;
+            const int pr = s_rows[m];
+            const u16* g = src;
+            u32 bytes = 0;
+            if (pr >= 0) {
+                const long long r = UP ? (long long)(pr / p.topk) : (long long)pr;
+                g = src + r * src_stride + kt * GEMM_BK + q * 8;
+                bytes = 16;
+            }
+            cp_async_16_zfill(a + m * GEMM_LD + q * 8, g, bytes);
+        }
+        u8* pk = sP + stage * GEMM_BN * (GEMM_BK / 2);
+        for (int i = tid; i < GEMM_BN * 2; i += GEMM_THREADS) {
+            const int n = i >> 1, q = i & 1;
+            const bool ok = n_base + n < N;
+            const u8* g = ok ? packed + (long long)(n_base + n) * (K / 2) + kt * (GEMM_BK / 2) + q * 16
+                             : packed;
+            cp_async_16_zfill(pk + n * (GEMM_BK / 2) + q * 16, g, ok ? 16u : 0u);
+        }
+    };
+
+    // The decoding thread's row/half and its absmax prefetch (register double buffer).
+    const int dn = tid >> 1, dh = tid & 1;
+    const bool drow_ok = n_base + dn < N;
+    const long long dab = (long long)(n_base + dn) * (K / 64);
+    Nf4RawAbsmax zr;
+    zr.raw = 0u;
+    zr.scale = 0.0f;
+    Nf4RawAbsmax ra_next = drow_ok ? nf4_absmax_load(st, dab) : zr;
+
+    constexpr int WM = BM / 2, MT = WM / 16;
+    const int wm = warp >> 2, wn = warp & 3;
+    float acc[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KT) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile kt visible; every warp is done with the previous sB and stage
+        if (kt + STAGES - 1 < KT) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        // Decode: thread (row dn, half dh) turns 16 packed bytes into 32 halves.
+        {
+            const Nf4RawAbsmax ra = ra_next;
+            if (kt + 1 < KT && drow_ok) ra_next = nf4_absmax_load(st, dab + kt + 1);
+            const float am = drow_ok ? nf4_absmax_finish(st, ra, s_nmap) : 0.0f;
+            const u32x4 pv =
+                *(const u32x4*)(sP + (kt % STAGES) * GEMM_BN * (GEMM_BK / 2) + dn * 32 + dh * 16);
+            const u32 pw[4] = {pv.x, pv.y, pv.z, pv.w};
+            u16* brow = sB + dn * GEMM_LD + dh * 32;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                u32x4 o;
+                // Byte b of the little-endian word = elements 2b (high nibble), 2b+1 (low nibble).
+                o.x = nf4_pair<DTYPE>(pw[q], 0, am, s_lut);
+                o.y = nf4_pair<DTYPE>(pw[q], 8, am, s_lut);
+                o.z = nf4_pair<DTYPE>(pw[q], 16, am, s_lut);
+                o.w = nf4_pair<DTYPE>(pw[q], 24, am, s_lut);
+                *(u32x4*)(brow + q * 8) = o;
+            }
+        }
+        __syncthreads();
+
+        const u16* a_tile = sA + (kt % STAGES) * BM * GEMM_LD;
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK; ks += 16) {
+            u32 af[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int r = wm * WM + i * 16 + (lane & 15);
+                ldmatrix_x4(af[i], a_tile + r * GEMM_LD + ks + (lane >> 4) * 8);
+            }
+            u32 bf[4][2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                u32 r4[4];
+                const int n = wn * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+                ldmatrix_x4(r4, sB + n * GEMM_LD + ks + ((lane >> 3) & 1) * 8);
+                bf[2 * j][0] = r4[0];
+                bf[2 * j][1] = r4[1];
+                bf[2 * j + 1][0] = r4[2];
+                bf[2 * j + 1][1] = r4[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_m16n8k16<DTYPE>(acc[i][j], af[i], bf[j]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: acc[i][j] = {(m g, n 2c), (m g, n 2c+1), (m g+8, n 2c), (m g+8, n 2c+1)}.
+    const int g = lane >> 2, c = lane & 3;
+    const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = n_base + wn * 32 + j * 8 + 2 * c;
+        if (n >= N) continue;
+        const float b0 = bias[n], b1 = bias[n + 1];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int m = wm * WM + i * 16 + g + hh * 8;
+                const int pr = s_rows[m];
+                if (pr < 0) continue;
+                const float v0 = acc[i][j][2 * hh] + b0, v1 = acc[i][j][2 * hh + 1] + b1;
+                if (UP) {
+                    // Columns n (even, gate) and n+1 (up) of the interleaved layout -> h[n/2].
+                    ((u16*)p.ws_h)[(long long)pr * p.I + (n >> 1)] =
+                        f32_to_half<DTYPE>(swiglu_oai(v0, v1));
+                } else {
+                    *(u32*)((u16*)p.ws_out + (long long)pr * p.H + n) = pack_half2<DTYPE>(v0, v1);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine: grid (T), block 128; y[t] = sum_k w[t,k] out[t*topk+k] in k order, fp32.
+// ---------------------------------------------------------------------------------------------
+template <int DTYPE>
+__device__ void moe_combine(const MoeParams& p) {
+    const int t = blockIdx.x;
+    const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
+    const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;
+    for (int h = threadIdx.x * 8; h < p.H; h += blockDim.x * 8) {
+        float acc[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
+        for (int k = 0; k < p.topk; ++k) {
+            const int e = ids[k];
+            if (e < 0 || e >= p.E) continue;
+            const float w = wts[k];
+            const u32x4 v = ld_global_nc_16((const u16*)p.ws_out +
+                                            ((long long)t * p.topk + k) * p.H + h);
+            const u32 vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                acc[2 * q] += w * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
+                acc[2 * q + 1] += w * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
+            }
+        }
+        u32x4 o;
+        o.x = pack_half2<DTYPE>(acc[0], acc[1]);
+        o.y = pack_half2<DTYPE>(acc[2], acc[3]);
+        o.z = pack_half2<DTYPE>(acc[4], acc[5]);
+        o.w = pack_half2<DTYPE>(acc[6], acc[7]);
+        *(u32x4*)((u16*)p.y + (long long)t * p.H + h) = o;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entries: one per stage and dtype. Prefill variants: `_m64s2` (BM 64, 2 stages: sm_86/89 with
+// 2 blocks per SM in 99 KB), `_m64s3`, `_m128s4` (sm_80/sm_90 with large shared memory).
+// ---------------------------------------------------------------------------------------------
+#define MOE_ENTRY(name, body)                                                              \
+    extern "C" __global__ void __launch_bounds__(1024) name##_bf16(const MoeParams p) {     \
+        body<DTYPE_BF16>(p);                                                               \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(1024) name##_f16(const MoeParams p) {      \
+        body<DTYPE_F16>(p);                                                                \
+    }
+
+MOE_ENTRY(moe_route, moe_route)
+MOE_ENTRY(moe_group, moe_group)
+MOE_ENTRY(moe_combine, moe_combine)
+
+#define MOE_DEC_ENTRY(name, up)                                                                 \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) name##_bf16(const MoeParams p) { \
+        moe_dec<DTYPE_BF16, up>(p);                                                             \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) name##_f16(const MoeParams p) {  \
+        moe_dec<DTYPE_F16, up>(p);                                                              \
+    }
+MOE_DEC_ENTRY(moe_dec_up, true)
+MOE_DEC_ENTRY(moe_dec_down, false)
+
+#define MOE_GEMM_ENTRY(name, up, bm, stages)                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) name##_bf16(const MoeParams p) { \
+        moe_gemm<DTYPE_BF16, up, bm, stages>(p);                                           \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) name##_f16(const MoeParams p) {  \
+        moe_gemm<DTYPE_F16, up, bm, stages>(p);                                            \
+    }
+MOE_GEMM_ENTRY(moe_gemm_up_m64s2, true, 64, 2)
+MOE_GEMM_ENTRY(moe_gemm_down_m64s2, false, 64, 2)
+MOE_GEMM_ENTRY(moe_gemm_up_m64s3, true, 64, 3)
+MOE_GEMM_ENTRY(moe_gemm_down_m64s3, false, 64, 3)
+MOE_GEMM_ENTRY(moe_gemm_up_m128s4, true, 128, 4)
+MOE_GEMM_ENTRY(moe_gemm_down_m128s4, false, 128, 4)
