@@ -1,2 +1,3 @@
 //! Launchers: argument validation, launch configuration and kernel launch for each op family.
+pub mod moe;
 pub mod py;

@@ -1,6 +1,7 @@
 //! Python bindings.
 use pyo3::prelude::*;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    super::moe::register(m)?;
     Ok(())
 }
