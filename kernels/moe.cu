@@ -742,41 +742,74 @@ __device__ void moe_combine(const MoeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entries: one per stage and dtype. Prefill variants: `_m64s2` (BM 64, 2 stages: sm_86/89 with
-// 2 blocks per SM in 99 KB), `_m64s3`, `_m128s4` (sm_80/sm_90 with large shared memory).
+// Entries: one per stage and dtype, written out (no macros) so that the runtime's entry scan
+// (`crate::cuda::entry_names`, used by warmup before graph capture) sees every one.
+// Prefill variants: `_m64s2` (BM 64, 2 stages: sm_86/89, 2 blocks per SM in 100 KB), `_m64s3`,
+// `_m128s4` (sm_80/sm_90 with large shared memory).
 // ---------------------------------------------------------------------------------------------
-#define MOE_ENTRY(name, body)                                                              \
-    extern "C" __global__ void __launch_bounds__(1024) name##_bf16(const MoeParams p) {     \
-        body<DTYPE_BF16>(p);                                                               \
-    }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(1024) name##_f16(const MoeParams p) {      \
-        body<DTYPE_F16>(p);                                                                \
-    }
-
-MOE_ENTRY(moe_route, moe_route)
-MOE_ENTRY(moe_group, moe_group)
-MOE_ENTRY(moe_combine, moe_combine)
-
-#define MOE_DEC_ENTRY(name, up)                                                                 \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) name##_bf16(const MoeParams p) { \
-        moe_dec<DTYPE_BF16, up>(p);                                                             \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) name##_f16(const MoeParams p) {  \
-        moe_dec<DTYPE_F16, up>(p);                                                              \
-    }
-MOE_DEC_ENTRY(moe_dec_up, true)
-MOE_DEC_ENTRY(moe_dec_down, false)
-
-#define MOE_GEMM_ENTRY(name, up, bm, stages)                                              \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) name##_bf16(const MoeParams p) { \
-        moe_gemm<DTYPE_BF16, up, bm, stages>(p);                                           \
-    }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) name##_f16(const MoeParams p) {  \
-        moe_gemm<DTYPE_F16, up, bm, stages>(p);                                            \
-    }
-MOE_GEMM_ENTRY(moe_gemm_up_m64s2, true, 64, 2)
-MOE_GEMM_ENTRY(moe_gemm_down_m64s2, false, 64, 2)
-MOE_GEMM_ENTRY(moe_gemm_up_m64s3, true, 64, 3)
-MOE_GEMM_ENTRY(moe_gemm_down_m64s3, false, 64, 3)
-MOE_GEMM_ENTRY(moe_gemm_up_m128s4, true, 128, 4)
-MOE_GEMM_ENTRY(moe_gemm_down_m128s4, false, 128, 4)
+extern "C" __global__ __launch_bounds__(1024) void moe_route_bf16(const MoeParams p) {
+    moe_route<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(1024) void moe_route_f16(const MoeParams p) {
+    moe_route<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(1024) void moe_group_bf16(const MoeParams p) {
+    moe_group<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(1024) void moe_group_f16(const MoeParams p) {
+    moe_group<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(1024) void moe_combine_bf16(const MoeParams p) {
+    moe_combine<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(1024) void moe_combine_f16(const MoeParams p) {
+    moe_combine<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_bf16(const MoeParams p) {
+    moe_dec<DTYPE_BF16, true>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_f16(const MoeParams p) {
+    moe_dec<DTYPE_F16, true>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_bf16(const MoeParams p) {
+    moe_dec<DTYPE_BF16, false>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_f16(const MoeParams p) {
+    moe_dec<DTYPE_F16, false>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, true, 64, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, true, 64, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, false, 64, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, false, 64, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s3_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, true, 64, 3>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s3_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, true, 64, 3>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s3_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, false, 64, 3>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s3_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, false, 64, 3>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, true, 128, 4>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, true, 128, 4>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, false, 128, 4>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, false, 128, 4>(p);
+}

@@ -1,6 +1,138 @@
-//! Python bindings.
+//! Python bindings of the CUDA runtime (`gptoss_3090._native`).
+//!
+//! | function | purpose |
+//! |---|---|
+//! | `compile_kernels(arch: str) -> dict[str, int]` | NVRTC-compile every family (cubin bytes each); no GPU |
+//! | `compile_source(src: str, arch: str) -> bytes` | test hook: compile one source text to a cubin |
+//! | `cuda_driver_available() -> bool` | libcuda loads and `cuInit` succeeds |
+//! | `nvrtc_version() -> tuple[int, int]` | NVRTC version (raises CudaError without NVRTC) |
+//! | `kernel_cache_dir() -> str \| None` | where cubins are cached |
+//! | `device_info(ordinal: int) -> dict` | name, arch, SMs, shared memory, L2, tuning, ... |
+//! | `warmup(ordinal: int) -> None` | compile + load every kernel (before CUDA-graph capture) |
+//! | `set_tuning(name: str \| None) -> None` | force `sm80`/`sm86`/`sm90` launch configs, or clear |
+//! | `forced_tuning() -> str \| None` | the current override |
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use super::{Arch, Tuning, SOURCES};
+use crate::error::Result;
+
+/// Compiles every kernel family for `arch` (e.g. "sm_86") through the disk cache.
+/// Returns `{family: cubin_bytes}`. Needs NVRTC, not a GPU.
+#[pyfunction]
+fn compile_kernels<'py>(py: Python<'py>, arch: &str) -> PyResult<Bound<'py, PyDict>> {
+    let arch = Arch::parse(arch)?;
+    let sizes: Result<Vec<(&str, usize)>> = py.detach(|| {
+        SOURCES
+            .iter()
+            .map(|s| super::compile_cubin(s, arch).map(|c| (s.name, c.len())))
+            .collect()
+    });
+    let d = PyDict::new(py);
+    for (name, size) in sizes? {
+        d.set_item(name, size)?;
+    }
+    Ok(d)
+}
+
+/// Compiles one source text (it may `#include "common.cuh"`) for `arch`, without the cache.
+/// Raises KernelCompileError with the NVRTC log on failure. Test hook.
+#[pyfunction]
+#[pyo3(signature = (src, arch, name = "test_source"))]
+fn compile_source<'py>(
+    py: Python<'py>,
+    src: &str,
+    arch: &str,
+    name: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let arch = Arch::parse(arch)?;
+    let cubin = py.detach(|| super::compile_source(name, src, arch))?;
+    Ok(PyBytes::new(py, &cubin))
+}
+
+/// Whether the NVIDIA driver library loads and `cuInit` succeeds.
+#[pyfunction]
+fn cuda_driver_available() -> bool {
+    super::driver_available()
+}
+
+/// The NVRTC version as (major, minor).
+#[pyfunction]
+fn nvrtc_version() -> PyResult<(i32, i32)> {
+    Ok(super::nvrtc_version()?)
+}
+
+/// The folder where compiled cubins are cached, or None when caching is off.
+#[pyfunction]
+fn kernel_cache_dir() -> Option<String> {
+    super::cache_dir().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Facts about GPU `ordinal`: name, arch, SM count, shared memory, L2, memory, tuning.
+#[pyfunction]
+fn device_info<'py>(py: Python<'py>, ordinal: i32) -> PyResult<Bound<'py, PyDict>> {
+    let dev = super::device(ordinal)?;
+    let d = PyDict::new(py);
+    d.set_item("ordinal", dev.ordinal())?;
+    d.set_item("name", dev.name())?;
+    d.set_item("arch", dev.arch().to_string())?;
+    d.set_item("major", dev.arch().major)?;
+    d.set_item("minor", dev.arch().minor)?;
+    d.set_item("sm_count", dev.sm_count())?;
+    d.set_item(
+        "max_shared_per_block_optin",
+        dev.max_shared_per_block_optin(),
+    )?;
+    d.set_item("shared_per_sm", dev.shared_per_sm())?;
+    d.set_item("l2_bytes", dev.l2_bytes())?;
+    d.set_item("total_mem", dev.total_mem())?;
+    d.set_item("tuning", dev.tuning().name())?;
+    d.set_item("natural_tuning", dev.natural_tuning().name())?;
+    d.set_item("driver_version", super::driver_version().ok())?;
+    d.set_item("nvrtc_version", super::nvrtc_version().ok())?;
+    d.set_item(
+        "kernel_cache_dir",
+        super::cache_dir().map(|p| p.to_string_lossy().into_owned()),
+    )?;
+    Ok(d)
+}
+
+/// Compiles (disk cache) and loads every kernel on GPU `ordinal`. Call before CUDA-graph capture.
+#[pyfunction]
+fn warmup(py: Python<'_>, ordinal: i32) -> PyResult<()> {
+    py.detach(|| super::device(ordinal).and_then(|d| d.warmup()))?;
+    Ok(())
+}
+
+/// Forces a launch-configuration family ("sm80", "sm86", "sm90") on every GPU, or clears the
+/// override with None (then GPTOSS_3090_FORCE_TUNING is not consulted again).
+#[pyfunction]
+#[pyo3(signature = (name = None))]
+fn set_tuning(name: Option<&str>) -> PyResult<()> {
+    let t = match name {
+        Some(n) => Some(Tuning::parse(n)?),
+        None => None,
+    };
+    super::set_tuning(t);
+    Ok(())
+}
+
+/// The current tuning override ("sm80"/"sm86"/"sm90") or None.
+#[pyfunction]
+fn forced_tuning() -> Option<&'static str> {
+    super::forced_tuning().map(Tuning::name)
+}
+
+/// Adds the runtime functions to the extension module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(compile_source, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_driver_available, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(device_info, m)?)?;
+    m.add_function(wrap_pyfunction!(warmup, m)?)?;
+    m.add_function(wrap_pyfunction!(set_tuning, m)?)?;
+    m.add_function(wrap_pyfunction!(forced_tuning, m)?)?;
     Ok(())
 }

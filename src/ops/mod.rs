@@ -1,3 +1,81 @@
 //! Launchers: argument validation, launch configuration and kernel launch for each op family.
+//!
+//! Each family (`nf4`, and later `moe`, `attention`) has a `#[repr(C)]` params struct that
+//! mirrors the one in `kernels/<family>.cu` field for field (pointers as `u64`, sizes as
+//! `i32`/`i64`; fields ordered so that no implicit padding appears; sizes asserted in tests),
+//! and a launcher that checks every argument, picks the launch configuration from the device's
+//! [`crate::cuda::Tuning`] and launches on the caller's stream (PyTorch's current stream, passed
+//! as a raw handle). Python validates tensors first (`gptoss_3090.ops`); the checks here are the
+//! second line of defence so that no bad pointer or size reaches a kernel.
+pub mod nf4;
 pub mod moe;
 pub mod py;
+
+use crate::error::{Error, Result};
+
+/// Element type of activations and outputs; mirrors `DTYPE_BF16` / `DTYPE_F16` in common.cuh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// bfloat16.
+    Bf16 = 0,
+    /// IEEE half.
+    F16 = 1,
+}
+
+impl Dtype {
+    /// Parses `"bfloat16"`/`"bf16"` or `"float16"`/`"f16"`/`"half"` (also with a `torch.` prefix).
+    pub fn parse(text: &str) -> Result<Dtype> {
+        match text.trim().trim_start_matches("torch.") {
+            "bfloat16" | "bf16" => Ok(Dtype::Bf16),
+            "float16" | "f16" | "fp16" | "half" => Ok(Dtype::F16),
+            other => Err(Error::arg(format!(
+                "dtype '{other}': expected bfloat16 or float16"
+            ))),
+        }
+    }
+
+    /// Kernel entry suffix: `"bf16"` or `"f16"`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// `"{base}_{suffix}"`, the kernel entry name for this dtype.
+    pub fn entry(self, base: &str) -> String {
+        format!("{base}_{}", self.suffix())
+    }
+}
+
+/// Checks that a device pointer argument is non-null and `align`-byte aligned.
+pub fn check_ptr(name: &str, ptr: u64, align: u64) -> Result<()> {
+    if ptr == 0 {
+        return Err(Error::arg(format!("{name}: null device pointer")));
+    }
+    if align > 1 && ptr % align != 0 {
+        return Err(Error::arg(format!(
+            "{name}: pointer 0x{ptr:x} is not {align}-byte aligned"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an optional pointer (0 = absent) for alignment.
+pub fn check_opt_ptr(name: &str, ptr: u64, align: u64) -> Result<()> {
+    if ptr == 0 {
+        Ok(())
+    } else {
+        check_ptr(name, ptr, align)
+    }
+}
+
+/// `ceil(a / b)` for positive sizes.
+pub fn ceil_div(a: u64, b: u64) -> u64 {
+    a.div_ceil(b.max(1))
+}
+
+/// Converts a size to `i32` for a params struct, naming it in the error.
+pub fn to_i32(name: &str, v: i64) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::arg(format!("{name} = {v} does not fit in int32")))
+}

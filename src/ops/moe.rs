@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
+use crate::ops::Dtype;
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
 pub const ROUTE_WEIGHTS: i32 = 0;
@@ -125,34 +126,6 @@ pub struct MoeParams {
     pub max_tiles: i32,
     /// Capacity of `ws_sorted`.
     pub sorted_cap: i32,
-}
-
-/// Activation dtype of the op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActDtype {
-    /// bfloat16.
-    Bf16,
-    /// float16.
-    F16,
-}
-
-impl ActDtype {
-    /// Parses `"bfloat16"`/`"bf16"` or `"float16"`/`"fp16"`/`"f16"`.
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "bfloat16" | "bf16" | "torch.bfloat16" => Ok(ActDtype::Bf16),
-            "float16" | "fp16" | "f16" | "half" | "torch.float16" => Ok(ActDtype::F16),
-            other => Err(Error::arg(format!(
-                "dtype: expected bfloat16 or float16 activations, found {other}"
-            ))),
-        }
-    }
-    fn suffix(self) -> &'static str {
-        match self {
-            ActDtype::Bf16 => "_bf16",
-            ActDtype::F16 => "_f16",
-        }
-    }
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -312,7 +285,7 @@ pub struct MoeArgs {
     /// CUstream handle (torch's current stream).
     pub stream: u64,
     /// Activation dtype.
-    pub dtype: ActDtype,
+    pub dtype: Dtype,
     /// Tokens.
     pub tokens: usize,
     /// Hidden size H.
@@ -541,10 +514,9 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
         return Ok(regime);
     }
     let p = args.params(&layout, regime)?;
-    let sfx = args.dtype.suffix();
-    let func = |name: &str| dev.function("moe", &format!("{name}{sfx}"));
-    let (t, k, e) = (args.tokens, args.topk, args.experts);
     let s = args.stream;
+    let func = |name: &str| dev.function_for_stream("moe", &args.dtype.entry(name), s);
+    let (t, k, e) = (args.tokens, args.topk, args.experts);
 
     // SAFETY (all launches below): `p` is a plain #[repr(C)] copy of kernels/moe.cu's
     // MoeParams; every pointer in it was checked non-null/aligned by `validate`, and the Python
@@ -589,14 +561,9 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
 
 /// Parses a tuning name (`"sm80"`, `"sm86"`, `"sm90"`; `"auto"`/empty = the device's).
 pub fn parse_tuning(name: &str) -> Result<Option<Tuning>> {
-    match name.to_ascii_lowercase().replace('_', "").as_str() {
+    match name.trim() {
         "" | "auto" => Ok(None),
-        "sm80" => Ok(Some(Tuning::Sm80)),
-        "sm86" | "sm89" => Ok(Some(Tuning::Sm86)),
-        "sm90" => Ok(Some(Tuning::Sm90)),
-        _ => Err(Error::arg(format!(
-            "tuning: expected auto, sm80, sm86 or sm90, found {name:?}"
-        ))),
+        other => Tuning::parse(other).map(Some),
     }
 }
 
@@ -638,7 +605,7 @@ fn args_of(d: &Bound<'_, PyDict>) -> Result<MoeArgs> {
     Ok(MoeArgs {
         device: item(d, "device")?,
         stream: item(d, "stream")?,
-        dtype: ActDtype::parse(&dtype)?,
+        dtype: Dtype::parse(&dtype)?,
         tokens: item(d, "tokens")?,
         hidden: item(d, "hidden")?,
         intermediate: item(d, "intermediate")?,
@@ -733,7 +700,7 @@ mod tests {
         MoeArgs {
             device: 0,
             stream: 0,
-            dtype: ActDtype::Bf16,
+            dtype: Dtype::Bf16,
             tokens,
             hidden: 2880,
             intermediate: 2880,
