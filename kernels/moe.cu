@@ -455,17 +455,21 @@ __device__ void moe_dec(const MoeParams& p) {
             }
 #pragma unroll
             for (int u = 0; u < DEC_UNROLL; ++u) {
-                if (!kv[u]) continue;  // only ever false for the tail chunk of a row
+                // Warp-uniform: the whole 128-wide chunk lies past K. Inside the last chunk,
+                // lanes whose 32 k are past K (kv false) still run the mma (it is warp-wide)
+                // with zero weights and zero activations.
+                if (kc + 128 * u >= K) continue;
                 const int k0 = kc + 128 * u + 32 * c;
-                const float am0 = ok0 ? nf4_absmax_finish(st, ra0[u], s_nmap) : 0.0f;
-                const float am1 = ok1 ? nf4_absmax_finish(st, ra1[u], s_nmap) : 0.0f;
+                const float am0 = (ok0 && kv[u]) ? nf4_absmax_finish(st, ra0[u], s_nmap) : 0.0f;
+                const float am1 = (ok1 && kv[u]) ? nf4_absmax_finish(st, ra1[u], s_nmap) : 0.0f;
                 u32 xw[2][16];
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
                     for (int q = 0; q < 4; ++q) {
                         u32x4 v = {0u, 0u, 0u, 0u};
-                        if (xr[nt] && (nt == 0 || two)) v = ld_global_nc_16(xr[nt] + k0 + 8 * q);
+                        if (xr[nt] && kv[u] && (nt == 0 || two))
+                            v = ld_global_nc_16(xr[nt] + k0 + 8 * q);
                         xw[nt][4 * q + 0] = v.x;
                         xw[nt][4 * q + 1] = v.y;
                         xw[nt][4 * q + 2] = v.z;

@@ -37,6 +37,7 @@ __all__ = [
     "moe_workspace_bytes",
     "quantize_nf4_experts",
     "reference_forward",
+    "workspace_routing",
 ]
 
 #: bitsandbytes NF4 code table (index = 4-bit code).
@@ -127,7 +128,9 @@ class Nf4Experts:
         if nested and nested_map is not None:
             qm = torch.as_tensor(fused.nested_quant_map, dtype=torch.float32).reshape(-1).cpu()
             if not torch.equal(qm, nested_map.cpu()):
-                raise ValueError("nested_quant_map: expected the signed dynamic map of bitsandbytes")
+                raise ValueError(
+                    "nested_quant_map: expected the signed dynamic map of bitsandbytes"
+                )
         nnb = (n * k // _BLOCK + _NESTED_BLOCK - 1) // _NESTED_BLOCK
 
         def dev(t: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -178,7 +181,9 @@ def quantize_nf4_experts(
     depend on the format, not on which quantizer produced the codes.
     """
     if weight.dim() != 3 or weight.shape[2] % _BLOCK:
-        raise ValueError(f"weight: expected [E, N, K] with K % 64 == 0, found {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected [E, N, K] with K % 64 == 0, found {tuple(weight.shape)}"
+        )
     e, n, k = (int(v) for v in weight.shape)
     dev = weight.device
     blocks = weight.float().reshape(e, -1, _BLOCK)
@@ -282,7 +287,9 @@ class MoeLayerWeights:
 
     def workspace(self, tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
         """A workspace for ``tokens`` tokens (allocate once per token count, e.g. per graph)."""
-        nbytes = moe_workspace_bytes(tokens, self.hidden, self.intermediate, self.experts, self.top_k)
+        nbytes = moe_workspace_bytes(
+            tokens, self.hidden, self.intermediate, self.experts, self.top_k
+        )
         return torch.empty(nbytes, dtype=torch.uint8, device=device or self.gate_up.packed.device)
 
     def layer_bytes(self) -> int:
@@ -299,7 +306,9 @@ class MoeLayerWeights:
 # ---------------------------------------------------------------------------------------------
 
 
-def moe_workspace_bytes(tokens: int, hidden: int, intermediate: int, experts: int, top_k: int) -> int:
+def moe_workspace_bytes(
+    tokens: int, hidden: int, intermediate: int, experts: int, top_k: int
+) -> int:
     """Workspace bytes the MoE op needs for ``tokens`` tokens (any GPU, any regime)."""
     return int(_native().moe_workspace_bytes(tokens, hidden, intermediate, experts, top_k))
 
@@ -349,11 +358,11 @@ def _check_args(
     t, h = (int(v) for v in x.shape)
     _check_dtype("workspace", workspace, (torch.uint8,))
     names = ("packed", "absmax", "nested_absmax", "nested_offset", "bias")
-    gu_b, dn_b = gu[4], dn[4]
+    gu_b = gu[4]
     for prefix, parts in (("gate_up", gu), ("down", dn)):
         _check_dtype(f"{prefix}.packed", parts[0], (torch.uint8,))
         _check_dtype(f"{prefix}.absmax", parts[1], (torch.uint8, torch.float32))
-        for nm, part in zip(names[2:], parts[2:]):
+        for nm, part in zip(names[2:], parts[2:], strict=True):
             _check_dtype(f"{prefix}.{nm}", part, (torch.float32,))
     _check_dtype("nested_map", nested_map, (torch.float32,))
     _need(gu_b.dim() == 2, ValueError, f"gate_up.bias: expected [E, 2I], found {list(gu_b.shape)}")
@@ -361,7 +370,9 @@ def _check_args(
     _need(two_i % 2 == 0, ValueError, f"gate_up.bias: expected an even row count, found {two_i}")
     i = two_i // 2
     _need(h % 64 == 0 and h > 0, ValueError, f"x: hidden size must be a multiple of 64, found {h}")
-    _need(i % 64 == 0 and i > 0, ValueError, f"intermediate size must be a multiple of 64, found {i}")
+    _need(
+        i % 64 == 0 and i > 0, ValueError, f"intermediate size must be a multiple of 64, found {i}"
+    )
     _need(1 <= e <= 256, ValueError, f"experts: expected 1..256, found {e}")
     _need(
         isinstance(top_k, int) and 1 <= top_k <= min(8, e),
@@ -420,7 +431,7 @@ def _check_args(
         ("topk_weights", topk_weights if mode == _ROUTE_GIVEN else None),
     ]
     for prefix, parts in (("gate_up", gu), ("down", dn)):
-        tensors += [(f"{prefix}.{nm}", part) for nm, part in zip(names, parts)]
+        tensors += [(f"{prefix}.{nm}", part) for nm, part in zip(names, parts, strict=True)]
     for name, tt in tensors:
         if tt is None:
             continue
@@ -602,6 +613,20 @@ def moe(
         weights.router_weight, weights.router_bias, router_logits, topk_ids, topk_weights,
         weights.top_k, tuning,
     )
+
+
+def workspace_routing(
+    workspace: torch.Tensor, tokens: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing the last :func:`moe` call with this workspace computed (router modes only):
+    ``(ids int32 [T, k], weights f32 [T, k])``, views into the workspace (its first two buffers,
+    see ``WorkspaceLayout`` in src/ops/moe.rs). Meant for tests and debugging.
+    """
+    n = tokens * top_k
+    wts_at = (n * 4 + 255) // 256 * 256
+    ids = workspace[: n * 4].view(torch.int32).view(tokens, top_k)
+    wts = workspace[wts_at : wts_at + n * 4].view(torch.float32).view(tokens, top_k)
+    return ids, wts
 
 
 # ---------------------------------------------------------------------------------------------
