@@ -188,8 +188,10 @@ __device__ __forceinline__ void load_tables(float* s_lut, float* s_nmap, u64 nes
 // ---------------------------------------------------------------------------------------------
 
 // Top-k over the logits one warp holds (lane l has experts l, l+32, ...), ties to the lower expert
-// index, NaN treated as -inf; softmax over the k selected logits only. Writes ids/wts of token t.
-__device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)[8], int t) {
+// index, NaN treated as -inf; softmax over the k selected logits only. Lane 0 writes the token's
+// topk ids/weights to ids[0..topk) / wts[0..topk) (global or shared memory).
+__device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)[8], int* ids,
+                                                  float* wts) {
     const int lane = threadIdx.x & 31;
     u32 taken = 0;  // bit j: expert lane + 32 j already selected
     float sel_v[MOE_MAX_TOPK];
@@ -230,8 +232,6 @@ __device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)
             w[i] = (m == -__int_as_float(0x7f800000)) ? 1.0f : expf(sel_v[i] - m);
             sum += w[i];
         }
-        int* ids = (int*)p.ws_ids + (long long)t * p.topk;
-        float* wts = (float*)p.ws_wts + (long long)t * p.topk;
         for (int i = 0; i < p.topk; ++i) {
             ids[i] = sel_e[i];
             wts[i] = w[i] / sum;
@@ -239,9 +239,9 @@ __device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)
     }
 }
 
-// Gathers (or computes) token t's logits into the warp's registers, then selects.
+// Gathers (or computes) token t's logits into the warp's registers, then selects into ids/wts.
 template <int DTYPE>
-__device__ void route_token(const MoeParams& p, int t) {
+__device__ void route_token(const MoeParams& p, int t, int* ids, float* wts) {
     const int lane = threadIdx.x & 31;
     float v[8];
 #pragma unroll
@@ -282,7 +282,14 @@ __device__ void route_token(const MoeParams& p, int t) {
                 if (lane + 32 * j == e) v[j] = acc;
         }
     }
-    warp_topk_softmax(p, v, t);
+    warp_topk_softmax(p, v, ids, wts);
+}
+
+// Token t's routing into the workspace.
+template <int DTYPE>
+__device__ __forceinline__ void route_token_ws(const MoeParams& p, int t) {
+    route_token<DTYPE>(p, t, (int*)p.ws_ids + (long long)t * p.topk,
+                       (float*)p.ws_wts + (long long)t * p.topk);
 }
 
 // Large T: grid (ceil(T / 8)), block 256, one warp per token.
@@ -290,7 +297,7 @@ template <int DTYPE>
 __device__ void moe_route(const MoeParams& p) {
     const int t = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (t >= p.T) return;
-    route_token<DTYPE>(p, t);
+    route_token_ws<DTYPE>(p, t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,7 +313,7 @@ __device__ void moe_group(const MoeParams& p) {
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
     if (p.fuse_route && p.route_mode != MOE_ROUTE_GIVEN) {
-        for (int t = warp; t < p.T; t += MOE_GROUP_THREADS / 32) route_token<DTYPE>(p, t);
+        for (int t = warp; t < p.T; t += MOE_GROUP_THREADS / 32) route_token_ws<DTYPE>(p, t);
     }
     for (int e = tid; e < MOE_MAX_EXPERTS; e += MOE_GROUP_THREADS) {
         s_count[e] = 0;
@@ -363,160 +370,305 @@ __device__ void moe_group(const MoeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode regime: per touched expert, stream its NF4 rows once and multiply them with every token
-// routed to it (up to 16 per pass) on the tensor cores.
+// Decode regime (T <= 16): two launches, no grouping kernel, no combine kernel.
 //
-// mma.sync m16n8k16 with A = 16 weight rows x 16 k (decoded in registers), B = 16 k x 8 tokens.
-// Thread (g = lane/4, c = lane%4) owns weight rows g and g+8 of the warp's 16 and, per 128-wide
-// k chunk, the 32 consecutive k [kc + 32c, kc + 32c + 32): one 16-byte load per row. A dot product
-// does not care in which order k is summed, so k-step s (0..7) of the chunk maps fragment slots
-// {2c, 2c+1, 2c+8, 2c+9} to physical k kc + 32c + 4s + {0, 1, 2, 3}; the B operand (activations)
-// uses the same map, so thread (g, c) needs x[token g][kc + 32c .. +32]: four 16-byte loads.
-// Each 16-byte weight chunk lies inside one 64-element absmax block, so one absmax per row/chunk.
+//   moe_dec_up:   grid (I/8 row groups, expert slots). Each block routes the T tokens itself
+//                 into shared memory (from logits, or reads the given/precomputed top-k), finds
+//                 the slot-th touched expert and its tokens, streams 16 rows (8 gate/up pairs)
+//                 of that expert's NF4 gate_up once and writes h[pair] with bias + SwiGLU-OAI.
+//                 Block (0, 0) also stores the routing for moe_dec_down.
+//   moe_dec_down: grid (H/16 row groups). Each block loops over every touched expert (ascending)
+//                 and accumulates y[t] = sum_e w[t,e] (W_e h[pair(t,e)] + b_e) in registers with
+//                 tokens as mma columns, then writes y: the combine is fused and its order fixed.
+//
+// Both use mma.sync m16n8k16 with A = 16 weight rows x 16 k decoded in registers and B = 16 k x
+// 8 tokens. Thread (g = lane/4, c = lane%4) owns weight rows g and g+8 and, per 128-wide k chunk,
+// the 32 consecutive k [kc + 32c, kc + 32c + 32): one 16-byte load per row. A dot product does not
+// care in which order k is summed, so k-step s (0..7) maps fragment slots {2c, 2c+1, 2c+8, 2c+9}
+// to physical k kc + 32c + 4s + {0, 1, 2, 3}; B uses the same map, so thread (g, c) needs the
+// activations of token column g at [kc + 32c, +32): four 16-byte loads. A 16-byte weight chunk
+// lies inside one 64-element absmax block: one absmax per row and chunk. The k chunks are split
+// over the block's warps (split-K) so that every warp has all its loads in flight at once; the
+// partial sums are reduced through shared memory in a fixed order.
 // ---------------------------------------------------------------------------------------------
-#define DEC_WARPS 4
-#define DEC_UNROLL 2  // 128-k chunks whose weight loads are issued together
+#define DEC_WARPS 8
+#define DEC_UNROLL 3      // 128-k chunks per warp whose loads are issued together
+#define DEC_MAX_PAIRS 128 // T * topk of the decode regime (T <= 16, topk <= 8)
 
-template <int DTYPE, bool UP>
-__device__ void moe_dec(const MoeParams& p) {
-    __shared__ float s_lut[16];
-    __shared__ float s_nmap[256];
-    const int slot = blockIdx.y;
-    const int num_active = ((const int*)p.ws_meta)[0];
-    if (slot >= num_active) return;
-    load_tables(s_lut, s_nmap, p.nested_map);
-    __syncthreads();
+struct DecShared {
+    float lut[16];
+    float nmap[256];
+    int ids[DEC_MAX_PAIRS];
+    float wts[DEC_MAX_PAIRS];
+    int experts[MOE_MAX_EXPERTS];  // touched experts, ascending
+    int n_experts;
+    int pairs[DEC_MAX_PAIRS];      // moe_dec_up: pairs of the block's expert, ascending
+    int n_pairs;
+    float red[DEC_WARPS * 2 * 4 * 32];  // split-K partial sums
+};
 
-    const int e = ((const int*)p.ws_active)[slot];
-    const int cnt = ((const int*)p.ws_counts)[e];
-    const int seg = ((const int*)p.ws_offsets)[e];
-    const int* sorted = (const int*)p.ws_sorted + seg;
-
-    const int N = UP ? 2 * p.I : p.H;
-    const int K = UP ? p.H : p.I;
+// Routing of the T (<= 16) decode tokens into shared memory, plus the ascending list of touched
+// experts. From logits when route_mode is LOGITS (then `store` writes it to the workspace for the
+// later kernels), else from ws_ids/ws_wts (given by the caller, or written by moe_route).
+template <int DTYPE>
+__device__ void dec_route(const MoeParams& p, DecShared& sh, bool store) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, c = lane & 3;
-    const int wg = blockIdx.x * DEC_WARPS + warp;  // 16-row group of this warp
-    // Row mapping. UP: fragment row g = gate row 2(8wg+g), row g+8 = the matching up row, so the
-    // SwiGLU pair lands in one thread. DOWN: rows 16wg + g and 16wg + g + 8.
-    const int row0 = UP ? 2 * (8 * wg + g) : 16 * wg + g;
-    const int row1 = UP ? row0 + 1 : row0 + 8;
-    if ((UP ? 8 * wg : 16 * wg) >= (UP ? p.I : N)) return;
-    const bool ok0 = row0 < N, ok1 = row1 < N;
-
-    const long long ee = e;
-    const u8* packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * K / 2);
-    const Nf4Stats st = UP ? nf4_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag,
-                                       p.gu_nnb, ee, (long long)N * K / 64)
-                           : nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
-                                       p.dn_nnb, ee, (long long)N * K / 64);
-    const u8* w0 = packed + (long long)row0 * (K / 2);
-    const u8* w1 = packed + (long long)row1 * (K / 2);
-    const long long ab0 = (long long)row0 * (K / 64), ab1 = (long long)row1 * (K / 64);
-    const u16* src = (const u16*)(UP ? p.x : p.ws_h);
-    const long long src_stride = UP ? p.x_stride : p.I;
-
-    for (int p0 = 0; p0 < cnt; p0 += 16) {
-        const bool two = cnt - p0 > 8;  // warp-uniform: second 8-token tile in use
-        const u16* xr[2];
-        int pair_lo[2], pair_hi[2];  // pairs of the output columns 2c, 2c+1 per tile
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const int m = p0 + nt * 8 + g;
-            const int pr = m < cnt ? sorted[m] : -1;
-            xr[nt] = pr >= 0 ? src + (UP ? (long long)(pr / p.topk) : (long long)pr) * src_stride
-                             : nullptr;
-            const int m0 = p0 + nt * 8 + 2 * c;
-            pair_lo[nt] = m0 < cnt ? sorted[m0] : -1;
-            pair_hi[nt] = m0 + 1 < cnt ? sorted[m0 + 1] : -1;
+    const int TK = p.T * p.topk;
+    if (p.route_mode == MOE_ROUTE_LOGITS) {
+        for (int t = warp; t < p.T; t += DEC_WARPS)
+            route_token<DTYPE>(p, t, sh.ids + t * p.topk, sh.wts + t * p.topk);
+    } else {
+        for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+            sh.ids[i] = ((const int*)p.ws_ids)[i];
+            sh.wts[i] = ((const float*)p.ws_wts)[i];
         }
-        float acc[2][4];
+    }
+    __syncthreads();
+    if (store && p.route_mode == MOE_ROUTE_LOGITS) {
+        for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+            ((int*)p.ws_ids)[i] = sh.ids[i];
+            ((float*)p.ws_wts)[i] = sh.wts[i];
+        }
+    }
+    if (warp == 0) {
+        // Ascending distinct experts: lane l tests experts l, l+32, ...; ballot + popc ranks them.
+        int base = 0;
+        for (int e0 = 0; e0 < p.E; e0 += 32) {
+            const int e = e0 + lane;
+            bool hit = false;
+            for (int i = 0; i < TK && e < p.E; ++i) hit |= sh.ids[i] == e;
+            const u32 m = __ballot_sync(0xffffffffu, hit);
+            if (hit) sh.experts[base + __popc(m & ((1u << lane) - 1u))] = e;
+            base += __popc(m);
+        }
+        if (lane == 0) sh.n_experts = base;
+    }
+    __syncthreads();
+}
+
+// Accumulates the warp's share of the k chunks of one weight-row group into acc[nt] (nt < NT
+// token tiles of 8): A = rows (row0 of the thread, row1 = its second row), B = activations of
+// token column g of tile nt at src[nt] (nullptr: zero column).
+template <int DTYPE>
+__device__ __forceinline__ void dec_rows(const u8* w0, const u8* w1, bool ok0, bool ok1,
+                                         long long ab0, long long ab1, const Nf4Stats& st,
+                                         const u16* const (&src)[2], bool two, int K,
+                                         const DecShared& sh, float (&acc)[2][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int c = lane & 3;
+    const int nchunks = (K + 127) / 128;
+    for (int j0 = warp; j0 < nchunks; j0 += DEC_WARPS * DEC_UNROLL) {
+        u32x4 wv0[DEC_UNROLL], wv1[DEC_UNROLL];
+        Nf4RawAbsmax ra0[DEC_UNROLL], ra1[DEC_UNROLL];
+        bool kv[DEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            const int k0 = (j0 + u * DEC_WARPS) * 128 + 32 * c;
+            kv[u] = k0 < K;
+            const u32x4 z = {0u, 0u, 0u, 0u};
+            wv0[u] = (kv[u] && ok0) ? ld_global_stream_16(w0 + k0 / 2) : z;
+            wv1[u] = (kv[u] && ok1) ? ld_global_stream_16(w1 + k0 / 2) : z;
+            Nf4RawAbsmax zr;
+            zr.raw = 0u;
+            zr.scale = 0.0f;
+            ra0[u] = (kv[u] && ok0) ? nf4_absmax_load(st, ab0 + k0 / 64) : zr;
+            ra1[u] = (kv[u] && ok1) ? nf4_absmax_load(st, ab1 + k0 / 64) : zr;
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            // Warp-uniform: the whole chunk lies past K. Inside the last chunk, lanes whose 32 k
+            // are past K still run the (warp-wide) mma with zero weights and activations.
+            if ((j0 + u * DEC_WARPS) * 128 >= K) continue;
+            const int k0 = (j0 + u * DEC_WARPS) * 128 + 32 * c;
+            const float am0 = (ok0 && kv[u]) ? nf4_absmax_finish(st, ra0[u], sh.nmap) : 0.0f;
+            const float am1 = (ok1 && kv[u]) ? nf4_absmax_finish(st, ra1[u], sh.nmap) : 0.0f;
+            u32 xw[2][16];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    u32x4 v = {0u, 0u, 0u, 0u};
+                    if (src[nt] && kv[u] && (nt == 0 || two)) v = ld_global_nc_16(src[nt] + k0 + 8 * q);
+                    xw[nt][4 * q + 0] = v.x;
+                    xw[nt][4 * q + 1] = v.y;
+                    xw[nt][4 * q + 2] = v.z;
+                    xw[nt][4 * q + 3] = v.w;
+                }
+            }
+            const u32 r0w[4] = {wv0[u].x, wv0[u].y, wv0[u].z, wv0[u].w};
+            const u32 r1w[4] = {wv1[u].x, wv1[u].y, wv1[u].z, wv1[u].w};
+#pragma unroll
+            for (int s = 0; s < 8; ++s) {
+                const int wd = s >> 1, shf = (s & 1) * 16;
+                u32 a[4];
+                a[0] = nf4_pair<DTYPE>(r0w[wd], shf, am0, sh.lut);
+                a[1] = nf4_pair<DTYPE>(r1w[wd], shf, am1, sh.lut);
+                a[2] = nf4_pair<DTYPE>(r0w[wd], shf + 8, am0, sh.lut);
+                a[3] = nf4_pair<DTYPE>(r1w[wd], shf + 8, am1, sh.lut);
+                const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
+                mma_m16n8k16<DTYPE>(acc[0], a, b0);
+                if (two) {
+                    const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
+                    mma_m16n8k16<DTYPE>(acc[1], a, b1);
+                }
+            }
+        }
+    }
+}
+
+// Sums acc over the block's warps in warp order (deterministic); the result lands in warp 0.
+__device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) sh.red[((warp * 2 + nt) * 4 + q) * 32 + lane] = acc[nt][q];
+    __syncthreads();
+    if (warp == 0) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[nt][q] = 0.0f;
-
-        for (int kc = 0; kc < K; kc += 128 * DEC_UNROLL) {
-            u32x4 wv0[DEC_UNROLL], wv1[DEC_UNROLL];
-            Nf4RawAbsmax ra0[DEC_UNROLL], ra1[DEC_UNROLL];
-            bool kv[DEC_UNROLL];
-#pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                const int k0 = kc + 128 * u + 32 * c;
-                kv[u] = k0 < K;
-                const u32x4 z = {0u, 0u, 0u, 0u};
-                wv0[u] = (kv[u] && ok0) ? ld_global_stream_16(w0 + k0 / 2) : z;
-                wv1[u] = (kv[u] && ok1) ? ld_global_stream_16(w1 + k0 / 2) : z;
-                Nf4RawAbsmax zr;
-                zr.raw = 0u;
-                zr.scale = 0.0f;
-                ra0[u] = (kv[u] && ok0) ? nf4_absmax_load(st, ab0 + k0 / 64) : zr;
-                ra1[u] = (kv[u] && ok1) ? nf4_absmax_load(st, ab1 + k0 / 64) : zr;
+            for (int q = 0; q < 4; ++q) {
+                float v = 0.0f;
+                for (int w = 0; w < DEC_WARPS; ++w) v += sh.red[((w * 2 + nt) * 4 + q) * 32 + lane];
+                acc[nt][q] = v;
             }
-#pragma unroll
-            for (int u = 0; u < DEC_UNROLL; ++u) {
-                // Warp-uniform: the whole 128-wide chunk lies past K. Inside the last chunk,
-                // lanes whose 32 k are past K (kv false) still run the mma (it is warp-wide)
-                // with zero weights and zero activations.
-                if (kc + 128 * u >= K) continue;
-                const int k0 = kc + 128 * u + 32 * c;
-                const float am0 = (ok0 && kv[u]) ? nf4_absmax_finish(st, ra0[u], s_nmap) : 0.0f;
-                const float am1 = (ok1 && kv[u]) ? nf4_absmax_finish(st, ra1[u], s_nmap) : 0.0f;
-                u32 xw[2][16];
-#pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        u32x4 v = {0u, 0u, 0u, 0u};
-                        if (xr[nt] && kv[u] && (nt == 0 || two))
-                            v = ld_global_nc_16(xr[nt] + k0 + 8 * q);
-                        xw[nt][4 * q + 0] = v.x;
-                        xw[nt][4 * q + 1] = v.y;
-                        xw[nt][4 * q + 2] = v.z;
-                        xw[nt][4 * q + 3] = v.w;
-                    }
-                }
-                const u32 r0w[4] = {wv0[u].x, wv0[u].y, wv0[u].z, wv0[u].w};
-                const u32 r1w[4] = {wv1[u].x, wv1[u].y, wv1[u].z, wv1[u].w};
-#pragma unroll
-                for (int s = 0; s < 8; ++s) {
-                    const int wd = s >> 1, sh = (s & 1) * 16;
-                    u32 a[4];
-                    a[0] = nf4_pair<DTYPE>(r0w[wd], sh, am0, s_lut);
-                    a[1] = nf4_pair<DTYPE>(r1w[wd], sh, am1, s_lut);
-                    a[2] = nf4_pair<DTYPE>(r0w[wd], sh + 8, am0, s_lut);
-                    a[3] = nf4_pair<DTYPE>(r1w[wd], sh + 8, am1, s_lut);
-                    const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
-                    mma_m16n8k16<DTYPE>(acc[0], a, b0);
-                    if (two) {
-                        const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
-                        mma_m16n8k16<DTYPE>(acc[1], a, b1);
-                    }
-                }
-            }
-        }
+    }
+    __syncthreads();
+}
 
-        // Epilogue. acc[nt] = {(row g, token 2c), (row g, token 2c+1), (row g+8, 2c), (row g+8, 2c+1)}.
-        const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
-        const float bias0 = ok0 ? bias[row0] : 0.0f, bias1 = ok1 ? bias[row1] : 0.0f;
+template <int DTYPE>
+__device__ void moe_dec_up(const MoeParams& p) {
+    __shared__ DecShared sh;
+    load_tables(sh.lut, sh.nmap, p.nested_map);
+    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0);
+    const int slot = blockIdx.y;
+    if (slot >= sh.n_experts) return;  // block-uniform
+    const int e = sh.experts[slot];
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int i = 0; i < p.T * p.topk; ++i)
+            if (sh.ids[i] == e) sh.pairs[n++] = i;
+        sh.n_pairs = n;
+    }
+    __syncthreads();
+    const int cnt = sh.n_pairs;
+
+    const int N = 2 * p.I, K = p.H;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    // Fragment row g = gate row 2(8 bx + g), row g+8 = the matching up row: the SwiGLU pair
+    // lands in one thread.
+    const int row0 = 2 * (8 * blockIdx.x + g), row1 = row0 + 1;
+    const bool ok0 = row0 < N, ok1 = row1 < N;
+    const long long ee = e;
+    const u8* packed = (const u8*)p.gu_packed + ee * ((long long)N * K / 2);
+    const Nf4Stats st = nf4_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag,
+                                  p.gu_nnb, ee, (long long)N * K / 64);
+    const u8* w0 = packed + (long long)row0 * (K / 2);
+    const u8* w1 = packed + (long long)row1 * (K / 2);
+    const long long ab0 = (long long)row0 * (K / 64), ab1 = (long long)row1 * (K / 64);
+    const float* bias = (const float*)p.gu_bias + ee * N;
+
+    for (int p0 = 0; p0 < cnt; p0 += 16) {
+        const bool two = cnt - p0 > 8;
+        const u16* src[2];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-            const int prs[2] = {pair_lo[nt], pair_hi[nt]};
+            const int m = p0 + nt * 8 + g;
+            src[nt] = m < cnt ? (const u16*)p.x + (long long)(sh.pairs[m] / p.topk) * p.x_stride
+                              : nullptr;
+        }
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        dec_rows<DTYPE>(w0, w1, ok0, ok1, ab0, ab1, st, src, two, K, sh, acc);
+        dec_reduce(sh, acc);
+        if (warp == 0 && ok0) {
+            // acc[nt] = {(gate, column 2c), (gate, 2c+1), (up, 2c), (up, 2c+1)}.
+            const float bg = bias[row0], bu = ok1 ? bias[row1] : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = p0 + nt * 8 + 2 * c + q;
+                    if (m >= cnt) continue;
+                    const float h = swiglu_oai(acc[nt][q] + bg, acc[nt][2 + q] + bu);
+                    ((u16*)p.ws_h)[(long long)sh.pairs[m] * p.I + (row0 >> 1)] = f32_to_half<DTYPE>(h);
+                }
+        }
+    }
+}
+
+template <int DTYPE>
+__device__ void moe_dec_down(const MoeParams& p) {
+    __shared__ DecShared sh;
+    load_tables(sh.lut, sh.nmap, p.nested_map);
+    dec_route<DTYPE>(p, sh, false);  // moe_dec_up stored logits-mode routing in ws_ids/ws_wts
+
+    const int N = p.H, K = p.I;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int row0 = 16 * blockIdx.x + g, row1 = row0 + 8;
+    const bool ok0 = row0 < N, ok1 = row1 < N;
+    const bool two = p.T > 8;
+    // acc: columns are tokens (tile nt holds tokens 8 nt .. 8 nt + 7), weighted sum over experts.
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    for (int xi = 0; xi < sh.n_experts; ++xi) {
+        const int e = sh.experts[xi];
+        const long long ee = e;
+        const u8* packed = (const u8*)p.dn_packed + ee * ((long long)N * K / 2);
+        const Nf4Stats st = nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
+                                      p.dn_nnb, ee, (long long)N * K / 64);
+        // B column g of tile nt: h of the pair (token 8 nt + g, expert e), if that token chose e.
+        const u16* src[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int t = nt * 8 + g;
+            int pr = -1;
+            if (t < p.T)
+                for (int k = 0; k < p.topk; ++k)
+                    if (sh.ids[t * p.topk + k] == e) {
+                        pr = t * p.topk + k;
+                        break;
+                    }
+            src[nt] = pr >= 0 ? (const u16*)p.ws_h + (long long)pr * p.I : nullptr;
+        }
+        float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        dec_rows<DTYPE>(packed + (long long)row0 * (K / 2), packed + (long long)row1 * (K / 2),
+                        ok0, ok1, (long long)row0 * (K / 64), (long long)row1 * (K / 64), st,
+                        src, two, K, sh, part);
+        // Output columns 2c, 2c+1 of each tile: weight w[t, e] (0 if t did not choose e); warp 0
+        // also adds the bias there, so each (token, expert) adds w (W_e h + b_e) exactly once.
+        const float* bias = (const float*)p.dn_bias + ee * N;
+        const float b0 = (warp == 0 && ok0) ? bias[row0] : 0.0f;
+        const float b1 = (warp == 0 && ok1) ? bias[row1] : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
-                const int pr = prs[q];
-                if (pr < 0) continue;
-                if (UP) {
-                    if (!ok0) continue;
-                    const float h = swiglu_oai(acc[nt][q] + bias0, acc[nt][2 + q] + bias1);
-                    ((u16*)p.ws_h)[(long long)pr * p.I + (row0 >> 1)] = f32_to_half<DTYPE>(h);
-                } else {
-                    u16* o = (u16*)p.ws_out + (long long)pr * p.H;
-                    if (ok0) o[row0] = f32_to_half<DTYPE>(acc[nt][q] + bias0);
-                    if (ok1) o[row1] = f32_to_half<DTYPE>(acc[nt][2 + q] + bias1);
-                }
+                const int t = nt * 8 + 2 * c + q;
+                float w = 0.0f;
+                if (t < p.T)
+                    for (int k = 0; k < p.topk; ++k)
+                        if (sh.ids[t * p.topk + k] == e) {
+                            w = sh.wts[t * p.topk + k];
+                            break;
+                        }
+                acc[nt][q] += w * (part[nt][q] + b0);
+                acc[nt][2 + q] += w * (part[nt][2 + q] + b1);
             }
-        }
+    }
+    dec_reduce(sh, acc);
+    if (warp == 0) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int t = nt * 8 + 2 * c + q;
+                if (t >= p.T) continue;
+                u16* y = (u16*)p.y + (long long)t * p.H;
+                if (ok0) y[row0] = f32_to_half<DTYPE>(acc[nt][q]);
+                if (ok1) y[row1] = f32_to_half<DTYPE>(acc[nt][2 + q]);
+            }
     }
 }
 
@@ -770,16 +922,16 @@ extern "C" __global__ __launch_bounds__(1024) void moe_combine_f16(const MoePara
     moe_combine<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_bf16(const MoeParams p) {
-    moe_dec<DTYPE_BF16, true>(p);
+    moe_dec_up<DTYPE_BF16>(p);
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_f16(const MoeParams p) {
-    moe_dec<DTYPE_F16, true>(p);
+    moe_dec_up<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_bf16(const MoeParams p) {
-    moe_dec<DTYPE_BF16, false>(p);
+    moe_dec_down<DTYPE_BF16>(p);
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_f16(const MoeParams p) {
-    moe_dec<DTYPE_F16, false>(p);
+    moe_dec_down<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 64, 2>(p);

@@ -26,7 +26,7 @@ pub const MAX_EXPERTS: usize = 256;
 pub const MAX_TOPK: usize = 8;
 /// Token counts up to this use the decode kernels (weights streamed once per touched expert).
 pub const DECODE_MAX_TOKENS: usize = 16;
-/// Token counts up to this route inside `moe_group` (one block) instead of a separate launch.
+/// Token counts up to this take top-k of given logits inside `moe_group` (one block).
 pub const FUSED_ROUTE_MAX_TOKENS: usize = 64;
 /// Smallest prefill tile height (sizes the tile list).
 const MIN_BM: usize = 64;
@@ -35,7 +35,7 @@ const MAX_BM: usize = 128;
 /// Rows of decoded weights per prefill block (kernels/moe.cu `GEMM_BN`).
 const GEMM_BN: usize = 128;
 /// Warps per decode block (kernels/moe.cu `DEC_WARPS`).
-const DEC_WARPS: usize = 4;
+const DEC_WARPS: usize = 8;
 
 /// Kernel parameters, mirrored field by field from `struct MoeParams` in kernels/moe.cu.
 /// Pointers are device addresses (0 = absent); strides are in elements.
@@ -469,7 +469,11 @@ impl MoeArgs {
             x_stride: to_i32("x stride", self.x_stride)?,
             route_mode: self.route_mode,
             logits_f32: i32::from(self.logits_f32),
-            fuse_route: i32::from(self.tokens <= FUSED_ROUTE_MAX_TOKENS),
+            // Only top-k from given logits is cheap enough for one block; router-weights
+            // logits always get their own grid-wide launch.
+            fuse_route: i32::from(
+                self.route_mode == ROUTE_LOGITS && self.tokens <= FUSED_ROUTE_MAX_TOKENS,
+            ),
             gu_nested_flag: i32::from(self.gate_up.nested),
             dn_nested_flag: i32::from(self.down.nested),
             gu_nnb: to_i32("gate_up nested blocks", self.gate_up.nnb)?,
@@ -522,27 +526,32 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     // MoeParams; every pointer in it was checked non-null/aligned by `validate`, and the Python
     // op checked each tensor's dtype, device, contiguity and shape against these sizes; the
     // workspace is at least `layout.total` bytes. Grids match what each kernel indexes.
-    if args.route_mode != ROUTE_GIVEN && p.fuse_route == 0 {
+    // Router-weights mode: logits and top-k in their own launch, except for small prefill
+    // batches where moe_group routes (decode has no moe_group).
+    let route_launch = args.route_mode == ROUTE_WEIGHTS
+        || (args.route_mode == ROUTE_LOGITS && regime != Regime::Decode && p.fuse_route == 0);
+    if route_launch {
         let f = func("moe_route")?;
         let grid = u32_of("route", t.div_ceil(8))?;
         unsafe { dev.launch(&f, (grid, 1, 1), (256, 1, 1), 0, s, &p)? };
     }
-    let f = func("moe_group")?;
-    unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
-
+    let block = (32 * DEC_WARPS as u32, 1, 1);
     match regime {
         Regime::Decode => {
+            // moe_dec_up routes (logits) or reads the routing itself and groups per block;
+            // moe_dec_down fuses the combine: two launches in all.
             let slots = u32_of("expert slots", e.min(t * k))?;
             let up = func("moe_dec_up")?;
-            let gx = u32_of("dec_up", args.intermediate.div_ceil(8).div_ceil(DEC_WARPS))?;
-            unsafe { dev.launch(&up, (gx, slots, 1), (32 * DEC_WARPS as u32, 1, 1), 0, s, &p)? };
+            let gx = u32_of("dec_up", args.intermediate.div_ceil(8))?;
+            unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
             let down = func("moe_dec_down")?;
-            let gx = u32_of("dec_down", args.hidden.div_ceil(16).div_ceil(DEC_WARPS))?;
-            unsafe {
-                dev.launch(&down, (gx, slots, 1), (32 * DEC_WARPS as u32, 1, 1), 0, s, &p)?
-            };
+            let gx = u32_of("dec_down", args.hidden.div_ceil(16))?;
+            unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
+            return Ok(regime);
         }
         Regime::Prefill { bm, stages } => {
+            let f = func("moe_group")?;
+            unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             let variant = format!("m{bm}s{stages}");
             let smem = u32_of("shared memory", Regime::gemm_smem_bytes(bm, stages))?;
             let tiles = u32_of("tiles", prefill_tiles(t, k, e, bm))?;
@@ -798,7 +807,7 @@ mod tests {
         assert_eq!(p.ws_ids, a.topk_ids);
         assert_eq!(p.ws_wts, a.topk_weights);
         assert_eq!(p.ws_sorted, a.workspace + l.sorted as u64);
-        assert_eq!(p.fuse_route, 1);
+        assert_eq!(p.fuse_route, 0);
         Ok(())
     }
 }
