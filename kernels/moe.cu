@@ -686,20 +686,24 @@ __device__ void moe_dec_down(const MoeParams& p) {
 #define GEMM_LD (GEMM_BK + 8)  // padded row stride of A and decoded-B tiles, in elements
 #define GEMM_THREADS 256
 
-template <int BM, int STAGES>
+// DB: two decoded-B buffers. The block then decodes tile kt+1 while it multiplies tile kt, with
+// one barrier per k tile (needs STAGES >= 3); without DB (for 2 blocks per SM in 100 KB on
+// sm_86/89) decode and multiply alternate with two barriers per tile.
+template <int BM, int STAGES, bool DB>
 struct GemmSmem {
     static constexpr int A_BYTES = STAGES * BM * GEMM_LD * 2;
     static constexpr int P_BYTES = STAGES * GEMM_BN * (GEMM_BK / 2);
-    static constexpr int B_BYTES = GEMM_BN * GEMM_LD * 2;
+    static constexpr int B_BYTES = (DB ? 2 : 1) * GEMM_BN * GEMM_LD * 2;
     static constexpr int TOTAL = A_BYTES + P_BYTES + B_BYTES + BM * 4;
 };
 
-template <int DTYPE, bool UP, int BM, int STAGES>
+template <int DTYPE, bool UP, int BM, int STAGES, bool DB>
 __device__ void moe_gemm(const MoeParams& p) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float s_lut[16];
     __shared__ float s_nmap[256];
-    typedef GemmSmem<BM, STAGES> L;
+    static_assert(!DB || STAGES >= 3, "double-buffered B needs 3 or more stages");
+    typedef GemmSmem<BM, STAGES, DB> L;
     u16* sA = (u16*)smem;
     u8* sP = smem + L::A_BYTES;
     u16* sB = (u16*)(smem + L::A_BYTES + L::P_BYTES);
@@ -779,35 +783,30 @@ __device__ void moe_gemm(const MoeParams& p) {
         cp_async_commit();
     }
 
-    for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();  // tile kt visible; every warp is done with the previous sB and stage
-        if (kt + STAGES - 1 < KT) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
-        cp_async_commit();
-
-        // Decode: thread (row dn, half dh) turns 16 packed bytes into 32 halves.
-        {
-            const Nf4RawAbsmax ra = ra_next;
-            if (kt + 1 < KT && drow_ok) ra_next = nf4_absmax_load(st, dab + kt + 1);
-            const float am = drow_ok ? nf4_absmax_finish(st, ra, s_nmap) : 0.0f;
-            const u32x4 pv =
-                *(const u32x4*)(sP + (kt % STAGES) * GEMM_BN * (GEMM_BK / 2) + dn * 32 + dh * 16);
-            const u32 pw[4] = {pv.x, pv.y, pv.z, pv.w};
-            u16* brow = sB + dn * GEMM_LD + dh * 32;
+    // Decode: thread (row dn, half dh) turns the 16 packed bytes of k tile kt into 32 halves of
+    // decoded-B buffer `buf`. Consumes the prefetched absmax and prefetches the next tile's.
+    auto decode_tile = [&](int kt, int buf) {
+        const Nf4RawAbsmax ra = ra_next;
+        if (kt + 1 < KT && drow_ok) ra_next = nf4_absmax_load(st, dab + kt + 1);
+        const float am = drow_ok ? nf4_absmax_finish(st, ra, s_nmap) : 0.0f;
+        const u32x4 pv =
+            *(const u32x4*)(sP + (kt % STAGES) * GEMM_BN * (GEMM_BK / 2) + dn * 32 + dh * 16);
+        const u32 pw[4] = {pv.x, pv.y, pv.z, pv.w};
+        u16* brow = sB + buf * GEMM_BN * GEMM_LD + dn * GEMM_LD + dh * 32;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                u32x4 o;
-                // Byte b of the little-endian word = elements 2b (high nibble), 2b+1 (low nibble).
-                o.x = nf4_pair<DTYPE>(pw[q], 0, am, s_lut);
-                o.y = nf4_pair<DTYPE>(pw[q], 8, am, s_lut);
-                o.z = nf4_pair<DTYPE>(pw[q], 16, am, s_lut);
-                o.w = nf4_pair<DTYPE>(pw[q], 24, am, s_lut);
-                *(u32x4*)(brow + q * 8) = o;
-            }
+        for (int q = 0; q < 4; ++q) {
+            u32x4 o;
+            // Byte b of the little-endian word = elements 2b (high nibble), 2b+1 (low nibble).
+            o.x = nf4_pair<DTYPE>(pw[q], 0, am, s_lut);
+            o.y = nf4_pair<DTYPE>(pw[q], 8, am, s_lut);
+            o.z = nf4_pair<DTYPE>(pw[q], 16, am, s_lut);
+            o.w = nf4_pair<DTYPE>(pw[q], 24, am, s_lut);
+            *(u32x4*)(brow + q * 8) = o;
         }
-        __syncthreads();
-
+    };
+    auto mma_tile = [&](int kt, int buf) {
         const u16* a_tile = sA + (kt % STAGES) * BM * GEMM_LD;
+        const u16* b_tile = sB + buf * GEMM_BN * GEMM_LD;
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK; ks += 16) {
             u32 af[MT][4];
@@ -821,7 +820,7 @@ __device__ void moe_gemm(const MoeParams& p) {
             for (int j = 0; j < 2; ++j) {
                 u32 r4[4];
                 const int n = wn * 32 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(r4, sB + n * GEMM_LD + ks + ((lane >> 3) & 1) * 8);
+                ldmatrix_x4(r4, b_tile + n * GEMM_LD + ks + ((lane >> 3) & 1) * 8);
                 bf[2 * j][0] = r4[0];
                 bf[2 * j][1] = r4[1];
                 bf[2 * j + 1][0] = r4[2];
@@ -831,6 +830,33 @@ __device__ void moe_gemm(const MoeParams& p) {
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) mma_m16n8k16<DTYPE>(acc[i][j], af[i], bf[j]);
+        }
+    };
+
+    if (DB) {
+        // Commit group j = k tile j. Before the loop: tile 0 decoded into buffer 0.
+        cp_async_wait<(DB ? STAGES - 2 : 0)>();
+        __syncthreads();
+        decode_tile(0, 0);
+        for (int kt = 0; kt < KT; ++kt) {
+            // Groups 0 .. kt+STAGES-2 issued; tile kt+1 must have landed.
+            cp_async_wait<(DB ? STAGES - 3 : 0)>();
+            // Tile kt+1 visible, decoded tile kt visible, every warp done with tile kt-1.
+            __syncthreads();
+            if (kt + STAGES - 1 < KT) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+            cp_async_commit();
+            if (kt + 1 < KT) decode_tile(kt + 1, (kt + 1) & 1);
+            mma_tile(kt, kt & 1);
+        }
+    } else {
+        for (int kt = 0; kt < KT; ++kt) {
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();  // tile kt visible; every warp is done with the previous sB and stage
+            if (kt + STAGES - 1 < KT) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+            cp_async_commit();
+            decode_tile(kt, 0);
+            __syncthreads();
+            mma_tile(kt, 0);
         }
     }
     cp_async_wait<0>();
@@ -901,7 +927,7 @@ __device__ void moe_combine(const MoeParams& p) {
 // Entries: one per stage and dtype, written out (no macros) so that the runtime's entry scan
 // (`crate::cuda::entry_names`, used by warmup before graph capture) sees every one.
 // Prefill variants: `_m64s2` (BM 64, 2 stages: sm_86/89, 2 blocks per SM in 100 KB), `_m64s3`,
-// `_m128s4` (sm_80/sm_90 with large shared memory).
+// `_m64s3` (sm_80), `_m64s4` and `_m128s4` (sm_90); the s3/s4 variants double-buffer decoded B.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ __launch_bounds__(1024) void moe_route_bf16(const MoeParams p) {
     moe_route<DTYPE_BF16>(p);
@@ -934,38 +960,50 @@ extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_f16(co
     moe_dec_down<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, true, 64, 2>(p);
+    moe_gemm<DTYPE_BF16, true, 64, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, true, 64, 2>(p);
+    moe_gemm<DTYPE_F16, true, 64, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, false, 64, 2>(p);
+    moe_gemm<DTYPE_BF16, false, 64, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, false, 64, 2>(p);
+    moe_gemm<DTYPE_F16, false, 64, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s3_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, true, 64, 3>(p);
+    moe_gemm<DTYPE_BF16, true, 64, 3, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s3_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, true, 64, 3>(p);
+    moe_gemm<DTYPE_F16, true, 64, 3, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s3_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, false, 64, 3>(p);
+    moe_gemm<DTYPE_BF16, false, 64, 3, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s3_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, false, 64, 3>(p);
+    moe_gemm<DTYPE_F16, false, 64, 3, true>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s4_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, true, 64, 4, true>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s4_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, true, 64, 4, true>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s4_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, false, 64, 4, true>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s4_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, false, 64, 4, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, true, 128, 4>(p);
+    moe_gemm<DTYPE_BF16, true, 128, 4, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, true, 128, 4>(p);
+    moe_gemm<DTYPE_F16, true, 128, 4, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_bf16(const MoeParams p) {
-    moe_gemm<DTYPE_BF16, false, 128, 4>(p);
+    moe_gemm<DTYPE_BF16, false, 128, 4, true>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_f16(const MoeParams p) {
-    moe_gemm<DTYPE_F16, false, 128, 4>(p);
+    moe_gemm<DTYPE_F16, false, 128, 4, true>(p);
 }
