@@ -401,6 +401,7 @@ struct DecShared {
     int ids[DEC_MAX_PAIRS];
     float wts[DEC_MAX_PAIRS];
     int experts[MOE_MAX_EXPERTS];  // touched experts, ascending
+    int mult[MOE_MAX_EXPERTS];     // most times one token chose experts[i] (1 unless ids repeat)
     int n_experts;
     int pairs[DEC_MAX_PAIRS];      // moe_dec_up: pairs of the block's expert, ascending
     int n_pairs;
@@ -442,6 +443,18 @@ __device__ void dec_route(const MoeParams& p, DecShared& sh, bool store) {
             base += __popc(m);
         }
         if (lane == 0) sh.n_experts = base;
+        // Repeated ids within a token (never produced by a router, possible in given routing)
+        // make moe_dec_down run one pass per repetition.
+        for (int xi = lane; xi < base; xi += 32) {
+            const int e = sh.experts[xi];
+            int most = 1;
+            for (int t = 0; t < p.T; ++t) {
+                int n = 0;
+                for (int k = 0; k < p.topk; ++k) n += sh.ids[t * p.topk + k] == e;
+                most = n > most ? n : most;
+            }
+            sh.mult[xi] = most;
+        }
     }
     __syncthreads();
 }
@@ -612,21 +625,25 @@ __device__ void moe_dec_down(const MoeParams& p) {
     const bool two = p.T > 8;
     // acc: columns are tokens (tile nt holds tokens 8 nt .. 8 nt + 7), weighted sum over experts.
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    for (int xi = 0; xi < sh.n_experts; ++xi) {
+    for (int xj = 0; xj < DEC_MAX_PAIRS; ++xj) {
+        // (expert index, repetition) pairs in order: xi advances once rep reaches mult[xi].
+        int xi = 0, rep = xj;
+        while (xi < sh.n_experts && rep >= sh.mult[xi]) rep -= sh.mult[xi++];
+        if (xi >= sh.n_experts) break;
         const int e = sh.experts[xi];
         const long long ee = e;
         const u8* packed = (const u8*)p.dn_packed + ee * ((long long)N * K / 2);
         const Nf4Stats st = nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
                                       p.dn_nnb, ee, (long long)N * K / 64);
-        // B column g of tile nt: h of the pair (token 8 nt + g, expert e), if that token chose e.
+        // B column g of tile nt: h of the rep-th pair (token 8 nt + g, expert e), if any.
         const u16* src[2];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
             const int t = nt * 8 + g;
             int pr = -1;
             if (t < p.T)
-                for (int k = 0; k < p.topk; ++k)
-                    if (sh.ids[t * p.topk + k] == e) {
+                for (int k = 0, seen = 0; k < p.topk; ++k)
+                    if (sh.ids[t * p.topk + k] == e && seen++ == rep) {
                         pr = t * p.topk + k;
                         break;
                     }
@@ -648,8 +665,8 @@ __device__ void moe_dec_down(const MoeParams& p) {
                 const int t = nt * 8 + 2 * c + q;
                 float w = 0.0f;
                 if (t < p.T)
-                    for (int k = 0; k < p.topk; ++k)
-                        if (sh.ids[t * p.topk + k] == e) {
+                    for (int k = 0, seen = 0; k < p.topk; ++k)
+                        if (sh.ids[t * p.topk + k] == e && seen++ == rep) {
                             w = sh.wts[t * p.topk + k];
                             break;
                         }
