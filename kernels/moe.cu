@@ -372,11 +372,11 @@ __device__ void moe_group(const MoeParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Decode regime (T <= 16): two launches, no grouping kernel, no combine kernel.
 //
-//   moe_dec_up:   grid (I/8 row groups, expert slots). Each block routes the T tokens itself
-//                 into shared memory (from logits, or reads the given/precomputed top-k), finds
-//                 the slot-th touched expert and its tokens, streams 16 rows (8 gate/up pairs)
-//                 of that expert's NF4 gate_up once and writes h[pair] with bias + SwiGLU-OAI.
-//                 Block (0, 0) also stores the routing for moe_dec_down.
+//   moe_dec_up:   grid (I/64, expert slots). Each block routes the T tokens itself into shared
+//                 memory (from logits, or reads the given/precomputed top-k), finds the slot-th
+//                 touched expert and its tokens; each warp streams 16 rows (8 gate/up pairs) of
+//                 that expert's NF4 gate_up once over the full K and writes h[pair] with bias +
+//                 SwiGLU-OAI. Block (0, 0) also stores the routing for moe_dec_down.
 //   moe_dec_down: grid (H/16 row groups). Each block loops over every touched expert (ascending)
 //                 and accumulates y[t] = sum_e w[t,e] (W_e h[pair(t,e)] + b_e) in registers with
 //                 tokens as mma columns, then writes y: the combine is fused and its order fixed.
@@ -387,12 +387,11 @@ __device__ void moe_group(const MoeParams& p) {
 // care in which order k is summed, so k-step s (0..7) maps fragment slots {2c, 2c+1, 2c+8, 2c+9}
 // to physical k kc + 32c + 4s + {0, 1, 2, 3}; B uses the same map, so thread (g, c) needs the
 // activations of token column g at [kc + 32c, +32): four 16-byte loads. A 16-byte weight chunk
-// lies inside one 64-element absmax block: one absmax per row and chunk. The k chunks are split
-// over the block's warps (split-K) so that every warp has all its loads in flight at once; the
-// partial sums are reduced through shared memory in a fixed order.
+// lies inside one 64-element absmax block: one absmax per row and chunk. Each warp keeps the
+// loads of its next DEC_DEPTH chunks in flight (dec_stream). moe_dec_down has only H/16 row
+// groups, so it also splits K over its warps and reduces their sums in a fixed order.
 // ---------------------------------------------------------------------------------------------
 #define DEC_WARPS 8
-#define DEC_UNROLL 3      // 128-k chunks per warp whose loads are issued together
 #define DEC_MAX_PAIRS 128 // T * topk of the decode regime (T <= 16, topk <= 8)
 
 struct DecShared {
@@ -403,7 +402,7 @@ struct DecShared {
     int experts[MOE_MAX_EXPERTS];  // touched experts, ascending
     int mult[MOE_MAX_EXPERTS];     // most times one token chose experts[i] (1 unless ids repeat)
     int n_experts;
-    int pairs[DEC_MAX_PAIRS];      // moe_dec_up: pairs of the block's expert, ascending
+    int pairs[DEC_MAX_PAIRS];      // up: pairs of the block's expert; down: (expert, repeat) list
     int n_pairs;
     float red[DEC_WARPS * 2 * 4 * 32];  // split-K partial sums
 };
@@ -459,76 +458,6 @@ __device__ void dec_route(const MoeParams& p, DecShared& sh, bool store) {
     __syncthreads();
 }
 
-// Accumulates the warp's share of the k chunks of one weight-row group into acc[nt] (nt < NT
-// token tiles of 8): A = rows (row0 of the thread, row1 = its second row), B = activations of
-// token column g of tile nt at src[nt] (nullptr: zero column).
-template <int DTYPE>
-__device__ __forceinline__ void dec_rows(const u8* w0, const u8* w1, bool ok0, bool ok1,
-                                         long long ab0, long long ab1, const Nf4Stats& st,
-                                         const u16* const (&src)[2], bool two, int K,
-                                         const DecShared& sh, float (&acc)[2][4]) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int c = lane & 3;
-    const int nchunks = (K + 127) / 128;
-    for (int j0 = warp; j0 < nchunks; j0 += DEC_WARPS * DEC_UNROLL) {
-        u32x4 wv0[DEC_UNROLL], wv1[DEC_UNROLL];
-        Nf4RawAbsmax ra0[DEC_UNROLL], ra1[DEC_UNROLL];
-        bool kv[DEC_UNROLL];
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            const int k0 = (j0 + u * DEC_WARPS) * 128 + 32 * c;
-            kv[u] = k0 < K;
-            const u32x4 z = {0u, 0u, 0u, 0u};
-            wv0[u] = (kv[u] && ok0) ? ld_global_stream_16(w0 + k0 / 2) : z;
-            wv1[u] = (kv[u] && ok1) ? ld_global_stream_16(w1 + k0 / 2) : z;
-            Nf4RawAbsmax zr;
-            zr.raw = 0u;
-            zr.scale = 0.0f;
-            ra0[u] = (kv[u] && ok0) ? nf4_absmax_load(st, ab0 + k0 / 64) : zr;
-            ra1[u] = (kv[u] && ok1) ? nf4_absmax_load(st, ab1 + k0 / 64) : zr;
-        }
-#pragma unroll
-        for (int u = 0; u < DEC_UNROLL; ++u) {
-            // Warp-uniform: the whole chunk lies past K. Inside the last chunk, lanes whose 32 k
-            // are past K still run the (warp-wide) mma with zero weights and activations.
-            if ((j0 + u * DEC_WARPS) * 128 >= K) continue;
-            const int k0 = (j0 + u * DEC_WARPS) * 128 + 32 * c;
-            const float am0 = (ok0 && kv[u]) ? nf4_absmax_finish(st, ra0[u], sh.nmap) : 0.0f;
-            const float am1 = (ok1 && kv[u]) ? nf4_absmax_finish(st, ra1[u], sh.nmap) : 0.0f;
-            u32 xw[2][16];
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    u32x4 v = {0u, 0u, 0u, 0u};
-                    if (src[nt] && kv[u] && (nt == 0 || two)) v = ld_global_nc_16(src[nt] + k0 + 8 * q);
-                    xw[nt][4 * q + 0] = v.x;
-                    xw[nt][4 * q + 1] = v.y;
-                    xw[nt][4 * q + 2] = v.z;
-                    xw[nt][4 * q + 3] = v.w;
-                }
-            }
-            const u32 r0w[4] = {wv0[u].x, wv0[u].y, wv0[u].z, wv0[u].w};
-            const u32 r1w[4] = {wv1[u].x, wv1[u].y, wv1[u].z, wv1[u].w};
-#pragma unroll
-            for (int s = 0; s < 8; ++s) {
-                const int wd = s >> 1, shf = (s & 1) * 16;
-                u32 a[4];
-                a[0] = nf4_pair<DTYPE>(r0w[wd], shf, am0, sh.lut);
-                a[1] = nf4_pair<DTYPE>(r1w[wd], shf, am1, sh.lut);
-                a[2] = nf4_pair<DTYPE>(r0w[wd], shf + 8, am0, sh.lut);
-                a[3] = nf4_pair<DTYPE>(r1w[wd], shf + 8, am1, sh.lut);
-                const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
-                mma_m16n8k16<DTYPE>(acc[0], a, b0);
-                if (two) {
-                    const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
-                    mma_m16n8k16<DTYPE>(acc[1], a, b1);
-                }
-            }
-        }
-    }
-}
-
 // Sums acc over the block's warps in warp order (deterministic); the result lands in warp 0.
 __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -550,6 +479,104 @@ __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     __syncthreads();
 }
 
+// Software-pipelined streaming of 128-wide k chunks of one 16-row group: the loads of the next
+// DEC_DEPTH chunks are in flight while the current chunk is decoded and multiplied.
+//
+// Chunk i of the warp's stream is described by `desc(i, d)` (fills a DecChunk: weight rows,
+// absmax indices, k0). `compute(i, d, loaded)` consumes it. The ring is indexed with constants
+// only (unrolled by DEC_DEPTH) so it stays in registers.
+#define DEC_DEPTH 4
+
+struct DecChunk {
+    const u8* w0;        // weight row of fragment row g (already offset by expert)
+    const u8* w1;        // weight row of fragment row g+8
+    long long ab0, ab1;  // absmax block index of k0 in rows g, g+8 (expert-relative)
+    int k0;              // first k of this thread's 32
+    bool ok0, ok1;       // rows exist
+    bool kv;             // k0 < K
+};
+struct DecLoaded {
+    u32x4 w0, w1;
+    Nf4RawAbsmax a0, a1;
+};
+
+__device__ __forceinline__ DecLoaded dec_load(const DecChunk& d, const Nf4Stats& st) {
+    DecLoaded l;
+    const u32x4 z = {0u, 0u, 0u, 0u};
+    Nf4RawAbsmax zr;
+    zr.raw = 0u;
+    zr.scale = 0.0f;
+    l.w0 = (d.kv && d.ok0) ? ld_global_stream_16(d.w0 + d.k0 / 2) : z;
+    l.w1 = (d.kv && d.ok1) ? ld_global_stream_16(d.w1 + d.k0 / 2) : z;
+    l.a0 = (d.kv && d.ok0) ? nf4_absmax_load(st, d.ab0 + d.k0 / 64) : zr;
+    l.a1 = (d.kv && d.ok1) ? nf4_absmax_load(st, d.ab1 + d.k0 / 64) : zr;
+    return l;
+}
+
+// acc[nt] += W(chunk) x B(chunk, tile nt) for the 8 k-steps of one loaded chunk. src[nt]: the
+// activations of this thread's token column for tile nt (nullptr = zero column).
+template <int DTYPE>
+__device__ __forceinline__ void dec_mma_chunk(const DecChunk& d, const DecLoaded& l,
+                                              const Nf4Stats& st, const u16* src0,
+                                              const u16* src1, bool two, const float* lut,
+                                              const float* nmap, float (&acc)[2][4]) {
+    const float am0 = (d.ok0 && d.kv) ? nf4_absmax_finish(st, l.a0, nmap) : 0.0f;
+    const float am1 = (d.ok1 && d.kv) ? nf4_absmax_finish(st, l.a1, nmap) : 0.0f;
+    u32 xw[2][16];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+        const u16* src = nt == 0 ? src0 : src1;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            u32x4 v = {0u, 0u, 0u, 0u};
+            if (src && d.kv && (nt == 0 || two)) v = ld_global_nc_16(src + d.k0 + 8 * q);
+            xw[nt][4 * q + 0] = v.x;
+            xw[nt][4 * q + 1] = v.y;
+            xw[nt][4 * q + 2] = v.z;
+            xw[nt][4 * q + 3] = v.w;
+        }
+    }
+    const u32 r0w[4] = {l.w0.x, l.w0.y, l.w0.z, l.w0.w};
+    const u32 r1w[4] = {l.w1.x, l.w1.y, l.w1.z, l.w1.w};
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+        const int wd = s >> 1, shf = (s & 1) * 16;
+        u32 a[4];
+        a[0] = nf4_pair<DTYPE>(r0w[wd], shf, am0, lut);
+        a[1] = nf4_pair<DTYPE>(r1w[wd], shf, am1, lut);
+        a[2] = nf4_pair<DTYPE>(r0w[wd], shf + 8, am0, lut);
+        a[3] = nf4_pair<DTYPE>(r1w[wd], shf + 8, am1, lut);
+        const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
+        mma_m16n8k16<DTYPE>(acc[0], a, b0);
+        if (two) {
+            const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
+            mma_m16n8k16<DTYPE>(acc[1], a, b1);
+        }
+    }
+}
+
+// Runs the pipeline over chunks 0 .. n-1 of the warp's stream (n warp-uniform).
+template <class Desc, class Stats, class Compute>
+__device__ __forceinline__ void dec_stream(int n, Desc desc, Stats stats, Compute compute) {
+    DecLoaded ring[DEC_DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEC_DEPTH; ++u)
+        if (u < n) ring[u] = dec_load(desc(u), stats(u));
+    for (int i0 = 0; i0 < n; i0 += DEC_DEPTH) {
+#pragma unroll
+        for (int u = 0; u < DEC_DEPTH; ++u) {
+            const int i = i0 + u;
+            if (i < n) {
+                const DecLoaded cur = ring[u];
+                if (i + DEC_DEPTH < n) ring[u] = dec_load(desc(i + DEC_DEPTH), stats(i + DEC_DEPTH));
+                compute(i, cur);
+            }
+        }
+    }
+}
+
+// moe_dec_up: grid (ceil(I / 64), expert slots), DEC_WARPS warps; warp w streams the full K of
+// its own 16 rows = gate/up pairs 8 (8 bx + w) ... + 7 of the block's expert, so no reduction.
 template <int DTYPE>
 __device__ void moe_dec_up(const MoeParams& p) {
     __shared__ DecShared sh;
@@ -570,18 +597,24 @@ __device__ void moe_dec_up(const MoeParams& p) {
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    // Fragment row g = gate row 2(8 bx + g), row g+8 = the matching up row: the SwiGLU pair
+    const int pair0 = 8 * (blockIdx.x * DEC_WARPS + warp);  // first gate/up pair of the warp
+    if (pair0 >= p.I) return;
+    // Fragment row g = gate row 2(pair0 + g), row g+8 = the matching up row: the SwiGLU pair
     // lands in one thread.
-    const int row0 = 2 * (8 * blockIdx.x + g), row1 = row0 + 1;
-    const bool ok0 = row0 < N, ok1 = row1 < N;
+    const int row0 = 2 * (pair0 + g), row1 = row0 + 1;
+    DecChunk d;
     const long long ee = e;
     const u8* packed = (const u8*)p.gu_packed + ee * ((long long)N * K / 2);
     const Nf4Stats st = nf4_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag,
                                   p.gu_nnb, ee, (long long)N * K / 64);
-    const u8* w0 = packed + (long long)row0 * (K / 2);
-    const u8* w1 = packed + (long long)row1 * (K / 2);
-    const long long ab0 = (long long)row0 * (K / 64), ab1 = (long long)row1 * (K / 64);
+    d.w0 = packed + (long long)row0 * (K / 2);
+    d.w1 = packed + (long long)row1 * (K / 2);
+    d.ab0 = (long long)row0 * (K / 64);
+    d.ab1 = (long long)row1 * (K / 64);
+    d.ok0 = row0 < N;
+    d.ok1 = row1 < N;
     const float* bias = (const float*)p.gu_bias + ee * N;
+    const int nchunks = (K + 127) / 128;
 
     for (int p0 = 0; p0 < cnt; p0 += 16) {
         const bool two = cnt - p0 > 8;
@@ -593,11 +626,20 @@ __device__ void moe_dec_up(const MoeParams& p) {
                               : nullptr;
         }
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        dec_rows<DTYPE>(w0, w1, ok0, ok1, ab0, ab1, st, src, two, K, sh, acc);
-        dec_reduce(sh, acc);
-        if (warp == 0 && ok0) {
+        auto desc = [&](int i) {
+            DecChunk di = d;
+            di.k0 = i * 128 + 32 * c;
+            di.kv = di.k0 < K;
+            return di;
+        };
+        auto stats = [&](int) { return st; };
+        auto compute = [&](int i, const DecLoaded& l) {
+            dec_mma_chunk<DTYPE>(desc(i), l, st, src[0], src[1], two, sh.lut, sh.nmap, acc);
+        };
+        dec_stream(nchunks, desc, stats, compute);
+        if (d.ok0) {
             // acc[nt] = {(gate, column 2c), (gate, 2c+1), (up, 2c), (up, 2c+1)}.
-            const float bg = bias[row0], bu = ok1 ? bias[row1] : 0.0f;
+            const float bg = bias[row0], bu = d.ok1 ? bias[row1] : 0.0f;
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -611,69 +653,103 @@ __device__ void moe_dec_up(const MoeParams& p) {
     }
 }
 
+// The rep-th (token t, expert e) pair and its weight, or -1 / 0 when t did not choose e rep+1 times.
+__device__ __forceinline__ int dec_pair_of(const MoeParams& p, const DecShared& sh, int t, int e,
+                                           int rep, float* w) {
+    if (t < p.T)
+        for (int k = 0, seen = 0; k < p.topk; ++k)
+            if (sh.ids[t * p.topk + k] == e && seen++ == rep) {
+                *w = sh.wts[t * p.topk + k];
+                return t * p.topk + k;
+            }
+    *w = 0.0f;
+    return -1;
+}
+
+// moe_dec_down: grid (ceil(H / 16)), DEC_WARPS warps splitting K; every warp streams its k
+// chunks of the block's 16 rows for every touched expert (one pipeline over expert x chunk) and
+// accumulates w[t,e] (W_e h + b_e) per token column; the warps' sums are reduced in warp order.
 template <int DTYPE>
 __device__ void moe_dec_down(const MoeParams& p) {
     __shared__ DecShared sh;
     load_tables(sh.lut, sh.nmap, p.nested_map);
     dec_route<DTYPE>(p, sh, false);  // moe_dec_up stored logits-mode routing in ws_ids/ws_wts
+    if (threadIdx.x == 0) {
+        // (expert index, repetition) list, in order.
+        int n = 0;
+        for (int xi = 0; xi < sh.n_experts; ++xi)
+            for (int r = 0; r < sh.mult[xi] && n < DEC_MAX_PAIRS; ++r) sh.pairs[n++] = xi * 16 + r;
+        sh.n_pairs = n;
+    }
+    __syncthreads();
 
     const int N = p.H, K = p.I;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int row0 = 16 * blockIdx.x + g, row1 = row0 + 8;
-    const bool ok0 = row0 < N, ok1 = row1 < N;
     const bool two = p.T > 8;
-    // acc: columns are tokens (tile nt holds tokens 8 nt .. 8 nt + 7), weighted sum over experts.
+    const int nchunks = (K + 127) / 128;
+    const int cpw = (nchunks + DEC_WARPS - 1) / DEC_WARPS;  // chunk slots per warp and expert
+    const long long estride = (long long)N * K / 2, bstride = (long long)N * K / 64;
+
+    auto expert_of = [&](int i) { return sh.experts[sh.pairs[i / cpw] >> 4]; };
+    auto desc = [&](int i) {
+        const long long ee = expert_of(i);
+        const u8* packed = (const u8*)p.dn_packed + ee * estride;
+        DecChunk di;
+        di.w0 = packed + (long long)row0 * (K / 2);
+        di.w1 = packed + (long long)row1 * (K / 2);
+        di.ab0 = (long long)row0 * (K / 64);
+        di.ab1 = (long long)row1 * (K / 64);
+        di.ok0 = row0 < N;
+        di.ok1 = row1 < N;
+        di.k0 = (warp + DEC_WARPS * (i % cpw)) * 128 + 32 * c;
+        di.kv = di.k0 < K;
+        return di;
+    };
+    auto stats = [&](int i) {
+        return nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag, p.dn_nnb,
+                         expert_of(i), bstride);
+    };
+
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    for (int xj = 0; xj < DEC_MAX_PAIRS; ++xj) {
-        // (expert index, repetition) pairs in order: xi advances once rep reaches mult[xi].
-        int xi = 0, rep = xj;
-        while (xi < sh.n_experts && rep >= sh.mult[xi]) rep -= sh.mult[xi++];
-        if (xi >= sh.n_experts) break;
-        const int e = sh.experts[xi];
-        const long long ee = e;
-        const u8* packed = (const u8*)p.dn_packed + ee * ((long long)N * K / 2);
-        const Nf4Stats st = nf4_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag,
-                                      p.dn_nnb, ee, (long long)N * K / 64);
-        // B column g of tile nt: h of the rep-th pair (token 8 nt + g, expert e), if any.
-        const u16* src[2];
+    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const u16* src[2] = {nullptr, nullptr};
+    auto compute = [&](int i, const DecLoaded& l) {
+        const int item = sh.pairs[i / cpw];
+        const int e = sh.experts[item >> 4], rep = item & 15;
+        if (i % cpw == 0) {
+            // New expert: B column g of tile nt = h of the rep-th pair (token 8 nt + g, e).
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const int t = nt * 8 + g;
-            int pr = -1;
-            if (t < p.T)
-                for (int k = 0, seen = 0; k < p.topk; ++k)
-                    if (sh.ids[t * p.topk + k] == e && seen++ == rep) {
-                        pr = t * p.topk + k;
-                        break;
-                    }
-            src[nt] = pr >= 0 ? (const u16*)p.ws_h + (long long)pr * p.I : nullptr;
-        }
-        float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        dec_rows<DTYPE>(packed + (long long)row0 * (K / 2), packed + (long long)row1 * (K / 2),
-                        ok0, ok1, (long long)row0 * (K / 64), (long long)row1 * (K / 64), st,
-                        src, two, K, sh, part);
-        // Output columns 2c, 2c+1 of each tile: weight w[t, e] (0 if t did not choose e); warp 0
-        // also adds the bias there, so each (token, expert) adds w (W_e h + b_e) exactly once.
-        const float* bias = (const float*)p.dn_bias + ee * N;
-        const float b0 = (warp == 0 && ok0) ? bias[row0] : 0.0f;
-        const float b1 = (warp == 0 && ok1) ? bias[row1] : 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int t = nt * 8 + 2 * c + q;
-                float w = 0.0f;
-                if (t < p.T)
-                    for (int k = 0, seen = 0; k < p.topk; ++k)
-                        if (sh.ids[t * p.topk + k] == e && seen++ == rep) {
-                            w = sh.wts[t * p.topk + k];
-                            break;
-                        }
-                acc[nt][q] += w * (part[nt][q] + b0);
-                acc[nt][2 + q] += w * (part[nt][2 + q] + b1);
+            for (int nt = 0; nt < 2; ++nt) {
+                float w;
+                const int pr = dec_pair_of(p, sh, nt * 8 + g, e, rep, &w);
+                src[nt] = pr >= 0 ? (const u16*)p.ws_h + (long long)pr * p.I : nullptr;
             }
-    }
+        }
+        const DecChunk di = desc(i);
+        if ((warp + DEC_WARPS * (i % cpw)) * 128 < K)  // warp-uniform: chunk exists
+            dec_mma_chunk<DTYPE>(di, l, stats(i), src[0], src[1], two, sh.lut, sh.nmap, part);
+        if (i % cpw == cpw - 1) {
+            // Expert done: weight w[t, e] per output column (0 if t did not choose e); warp 0
+            // adds the bias there, so each (token, expert) adds w (W_e h + b_e) exactly once.
+            const float* bias = (const float*)p.dn_bias + (long long)e * N;
+            const float b0 = (warp == 0 && di.ok0) ? bias[row0] : 0.0f;
+            const float b1 = (warp == 0 && di.ok1) ? bias[row1] : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    float w;
+                    dec_pair_of(p, sh, nt * 8 + 2 * c + q, e, rep, &w);
+                    acc[nt][q] += w * (part[nt][q] + b0);
+                    acc[nt][2 + q] += w * (part[nt][2 + q] + b1);
+                    part[nt][q] = 0.0f;
+                    part[nt][2 + q] = 0.0f;
+                }
+        }
+    };
+    dec_stream(sh.n_pairs * cpw, desc, stats, compute);
     dec_reduce(sh, acc);
     if (warp == 0) {
 #pragma unroll
@@ -683,8 +759,8 @@ __device__ void moe_dec_down(const MoeParams& p) {
                 const int t = nt * 8 + 2 * c + q;
                 if (t >= p.T) continue;
                 u16* y = (u16*)p.y + (long long)t * p.H;
-                if (ok0) y[row0] = f32_to_half<DTYPE>(acc[nt][q]);
-                if (ok1) y[row1] = f32_to_half<DTYPE>(acc[nt][2 + q]);
+                if (row0 < N) y[row0] = f32_to_half<DTYPE>(acc[nt][q]);
+                if (row1 < N) y[row1] = f32_to_half<DTYPE>(acc[nt][2 + q]);
             }
     }
 }

@@ -547,7 +547,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             // moe_dec_down fuses the combine: two launches in all.
             let slots = u32_of("expert slots", e.min(t * k))?;
             let up = func("moe_dec_up")?;
-            let gx = u32_of("dec_up", args.intermediate.div_ceil(8))?;
+            let gx = u32_of("dec_up", args.intermediate.div_ceil(8 * DEC_WARPS))?;
             unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
             let down = func("moe_dec_down")?;
             let gx = u32_of("dec_down", args.hidden.div_ceil(16))?;
