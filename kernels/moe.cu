@@ -174,6 +174,19 @@ __device__ __forceinline__ u32 nf4_pair(u32 w, int sh, float am, const float* lu
     return pack_half2<DTYPE>(v0, v1);
 }
 
+// Packed product of two halves pairs, round to nearest. bf16x2 has no plain multiply before
+// sm_90, so it is an fma with -0 (which keeps the sign of an exact zero product).
+template <int DTYPE>
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    if (DTYPE == DTYPE_BF16) {
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    } else {
+        asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    }
+    return d;
+}
+
 // Loads the code tables into shared memory (NF4 LUT: 16 distinct words in 16 distinct banks, so
 // any warp-wide lookup is conflict-free).
 __device__ __forceinline__ void load_tables(float* s_lut, float* s_nmap, u64 nested_map) {
@@ -395,8 +408,11 @@ __device__ void moe_group(const MoeParams& p) {
 #define DEC_MAX_PAIRS 128 // T * topk of the decode regime (T <= 16, topk <= 8)
 
 struct DecShared {
-    float lut[16];
+    // NF4 code pairs: lut2[b * 32 + lane] = (NF4[b >> 4], NF4[b & 15]) as two halves, one copy
+    // per lane so that 32 lanes looking up 32 random bytes hit 32 different banks.
+    u32 lut2[256 * 32];
     float nmap[256];
+    u32 mask[MOE_MAX_EXPERTS / 32];  // touched experts
     int ids[DEC_MAX_PAIRS];
     float wts[DEC_MAX_PAIRS];
     int experts[MOE_MAX_EXPERTS];  // touched experts, ascending
@@ -411,9 +427,10 @@ struct DecShared {
 // experts. From logits when route_mode is LOGITS (then `store` writes it to the workspace for the
 // later kernels), else from ws_ids/ws_wts (given by the caller, or written by moe_route).
 template <int DTYPE>
-__device__ void dec_route(const MoeParams& p, DecShared& sh, bool store) {
+__device__ void dec_route(const MoeParams& p, DecShared& sh, bool store, bool need_mult) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int TK = p.T * p.topk;
+    if (threadIdx.x < MOE_MAX_EXPERTS / 32) sh.mask[threadIdx.x] = 0u;
     if (p.route_mode == MOE_ROUTE_LOGITS) {
         for (int t = warp; t < p.T; t += DEC_WARPS)
             route_token<DTYPE>(p, t, sh.ids + t * p.topk, sh.wts + t * p.topk);
@@ -430,21 +447,23 @@ __device__ void dec_route(const MoeParams& p, DecShared& sh, bool store) {
             ((float*)p.ws_wts)[i] = sh.wts[i];
         }
     }
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+        const int e = sh.ids[i];
+        if (e >= 0 && e < p.E) atomicOr(&sh.mask[e >> 5], 1u << (e & 31));
+    }
+    __syncthreads();
     if (warp == 0) {
-        // Ascending distinct experts: lane l tests experts l, l+32, ...; ballot + popc ranks them.
+        // Ascending distinct experts: lane l owns bit l of each mask word; popc ranks them.
         int base = 0;
         for (int e0 = 0; e0 < p.E; e0 += 32) {
-            const int e = e0 + lane;
-            bool hit = false;
-            for (int i = 0; i < TK && e < p.E; ++i) hit |= sh.ids[i] == e;
-            const u32 m = __ballot_sync(0xffffffffu, hit);
-            if (hit) sh.experts[base + __popc(m & ((1u << lane) - 1u))] = e;
+            const u32 m = sh.mask[e0 >> 5];
+            if ((m >> lane) & 1u) sh.experts[base + __popc(m & ((1u << lane) - 1u))] = e0 + lane;
             base += __popc(m);
         }
         if (lane == 0) sh.n_experts = base;
         // Repeated ids within a token (never produced by a router, possible in given routing)
         // make moe_dec_down run one pass per repetition.
-        for (int xi = lane; xi < base; xi += 32) {
+        for (int xi = lane; need_mult && xi < base; xi += 32) {
             const int e = sh.experts[xi];
             int most = 1;
             for (int t = 0; t < p.T; ++t) {
@@ -477,6 +496,25 @@ __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
             }
     }
     __syncthreads();
+}
+
+// Fills the per-lane NF4 pair table (all warps; each warp writes whole 128-byte rows).
+template <int DTYPE>
+__device__ __forceinline__ void dec_tables(DecShared& sh, u64 nested_map) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int b = warp; b < 256; b += DEC_WARPS)
+        sh.lut2[b * 32 + lane] = pack_half2<DTYPE>(kNf4Code[b >> 4], kNf4Code[b & 15]);
+    if (nested_map)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.nmap[i] = ((const float*)nested_map)[i];
+}
+
+// Two weights from one packed byte (bits [sh, sh+8) of w): the code pair from the lane's table
+// times the block's absmax, both as halves (one packed multiply; the code and the scale are
+// each rounded to the activation type, so this is within ~2 ulp of the exact dequantization).
+template <int DTYPE>
+__device__ __forceinline__ u32 nf4_pair_fast(u32 w, int sh, u32 am2, const u32* lut_lane) {
+    const u32 codes = lut_lane[((w >> sh) & 0xffu) * 32];
+    return hmul2<DTYPE>(codes, am2);
 }
 
 // Software-pipelined streaming of 128-wide k chunks of one 16-row group: the loads of the next
@@ -518,39 +556,35 @@ __device__ __forceinline__ DecLoaded dec_load(const DecChunk& d, const Nf4Stats&
 template <int DTYPE>
 __device__ __forceinline__ void dec_mma_chunk(const DecChunk& d, const DecLoaded& l,
                                               const Nf4Stats& st, const u16* src0,
-                                              const u16* src1, bool two, const float* lut,
-                                              const float* nmap, float (&acc)[2][4]) {
-    const float am0 = (d.ok0 && d.kv) ? nf4_absmax_finish(st, l.a0, nmap) : 0.0f;
-    const float am1 = (d.ok1 && d.kv) ? nf4_absmax_finish(st, l.a1, nmap) : 0.0f;
-    u32 xw[2][16];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-        const u16* src = nt == 0 ? src0 : src1;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            u32x4 v = {0u, 0u, 0u, 0u};
-            if (src && d.kv && (nt == 0 || two)) v = ld_global_nc_16(src + d.k0 + 8 * q);
-            xw[nt][4 * q + 0] = v.x;
-            xw[nt][4 * q + 1] = v.y;
-            xw[nt][4 * q + 2] = v.z;
-            xw[nt][4 * q + 3] = v.w;
-        }
-    }
+                                              const u16* src1, bool two, const DecShared& sh,
+                                              float (&acc)[2][4]) {
+    const float am0 = (d.ok0 && d.kv) ? nf4_absmax_finish(st, l.a0, sh.nmap) : 0.0f;
+    const float am1 = (d.ok1 && d.kv) ? nf4_absmax_finish(st, l.a1, sh.nmap) : 0.0f;
+    const u32 am20 = pack_half2<DTYPE>(am0, am0), am21 = pack_half2<DTYPE>(am1, am1);
+    const u32* lut = sh.lut2 + (threadIdx.x & 31);
     const u32 r0w[4] = {l.w0.x, l.w0.y, l.w0.z, l.w0.w};
     const u32 r1w[4] = {l.w1.x, l.w1.y, l.w1.z, l.w1.w};
+    const bool x0 = src0 && d.kv, x1 = src1 && d.kv && two;
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
-        const int wd = s >> 1, shf = (s & 1) * 16;
-        u32 a[4];
-        a[0] = nf4_pair<DTYPE>(r0w[wd], shf, am0, lut);
-        a[1] = nf4_pair<DTYPE>(r1w[wd], shf, am1, lut);
-        a[2] = nf4_pair<DTYPE>(r0w[wd], shf + 8, am0, lut);
-        a[3] = nf4_pair<DTYPE>(r1w[wd], shf + 8, am1, lut);
-        const u32 b0[2] = {xw[0][2 * s], xw[0][2 * s + 1]};
-        mma_m16n8k16<DTYPE>(acc[0], a, b0);
-        if (two) {
-            const u32 b1[2] = {xw[1][2 * s], xw[1][2 * s + 1]};
-            mma_m16n8k16<DTYPE>(acc[1], a, b1);
+    for (int q = 0; q < 4; ++q) {
+        // 8 activations (16 bytes) per token column = k-steps 2q and 2q+1.
+        const u32x4 z = {0u, 0u, 0u, 0u};
+        const u32x4 v0 = x0 ? ld_global_nc_16(src0 + d.k0 + 8 * q) : z;
+        const u32x4 v1 = x1 ? ld_global_nc_16(src1 + d.k0 + 8 * q) : z;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int shf = h * 16;
+            u32 a[4];
+            a[0] = nf4_pair_fast<DTYPE>(r0w[q], shf, am20, lut);
+            a[1] = nf4_pair_fast<DTYPE>(r1w[q], shf, am21, lut);
+            a[2] = nf4_pair_fast<DTYPE>(r0w[q], shf + 8, am20, lut);
+            a[3] = nf4_pair_fast<DTYPE>(r1w[q], shf + 8, am21, lut);
+            const u32 b0[2] = {h ? v0.z : v0.x, h ? v0.w : v0.y};
+            mma_m16n8k16<DTYPE>(acc[0], a, b0);
+            if (two) {
+                const u32 b1[2] = {h ? v1.z : v1.x, h ? v1.w : v1.y};
+                mma_m16n8k16<DTYPE>(acc[1], a, b1);
+            }
         }
     }
 }
@@ -580,16 +614,22 @@ __device__ __forceinline__ void dec_stream(int n, Desc desc, Stats stats, Comput
 template <int DTYPE>
 __device__ void moe_dec_up(const MoeParams& p) {
     __shared__ DecShared sh;
-    load_tables(sh.lut, sh.nmap, p.nested_map);
-    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0);
+    dec_tables<DTYPE>(sh, p.nested_map);
+    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0, false);
     const int slot = blockIdx.y;
     if (slot >= sh.n_experts) return;  // block-uniform
     const int e = sh.experts[slot];
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < 32) {
+        // Pairs routed to e in ascending order: ballot compaction, 32 pairs per step.
+        const int lane = threadIdx.x;
         int n = 0;
-        for (int i = 0; i < p.T * p.topk; ++i)
-            if (sh.ids[i] == e) sh.pairs[n++] = i;
-        sh.n_pairs = n;
+        for (int i0 = 0; i0 < p.T * p.topk; i0 += 32) {
+            const bool hit = i0 + lane < p.T * p.topk && sh.ids[i0 + lane] == e;
+            const u32 m = __ballot_sync(0xffffffffu, hit);
+            if (hit) sh.pairs[n + __popc(m & ((1u << lane) - 1u))] = i0 + lane;
+            n += __popc(m);
+        }
+        if (lane == 0) sh.n_pairs = n;
     }
     __syncthreads();
     const int cnt = sh.n_pairs;
@@ -634,7 +674,7 @@ __device__ void moe_dec_up(const MoeParams& p) {
         };
         auto stats = [&](int) { return st; };
         auto compute = [&](int i, const DecLoaded& l) {
-            dec_mma_chunk<DTYPE>(desc(i), l, st, src[0], src[1], two, sh.lut, sh.nmap, acc);
+            dec_mma_chunk<DTYPE>(desc(i), l, st, src[0], src[1], two, sh, acc);
         };
         dec_stream(nchunks, desc, stats, compute);
         if (d.ok0) {
@@ -672,8 +712,9 @@ __device__ __forceinline__ int dec_pair_of(const MoeParams& p, const DecShared& 
 template <int DTYPE>
 __device__ void moe_dec_down(const MoeParams& p) {
     __shared__ DecShared sh;
-    load_tables(sh.lut, sh.nmap, p.nested_map);
-    dec_route<DTYPE>(p, sh, false);  // moe_dec_up stored logits-mode routing in ws_ids/ws_wts
+    dec_tables<DTYPE>(sh, p.nested_map);
+    // moe_dec_up stored logits-mode routing in ws_ids/ws_wts.
+    dec_route<DTYPE>(p, sh, false, true);
     if (threadIdx.x == 0) {
         // (expert index, repetition) list, in order.
         int n = 0;
@@ -729,7 +770,7 @@ __device__ void moe_dec_down(const MoeParams& p) {
         }
         const DecChunk di = desc(i);
         if ((warp + DEC_WARPS * (i % cpw)) * 128 < K)  // warp-uniform: chunk exists
-            dec_mma_chunk<DTYPE>(di, l, stats(i), src[0], src[1], two, sh.lut, sh.nmap, part);
+            dec_mma_chunk<DTYPE>(di, l, stats(i), src[0], src[1], two, sh, part);
         if (i % cpw == cpw - 1) {
             // Expert done: weight w[t, e] per output column (0 if t did not choose e); warp 0
             // adds the bias there, so each (token, expert) adds w (W_e h + b_e) exactly once.
@@ -1040,16 +1081,16 @@ extern "C" __global__ __launch_bounds__(1024) void moe_combine_bf16(const MoePar
 extern "C" __global__ __launch_bounds__(1024) void moe_combine_f16(const MoeParams p) {
     moe_combine<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_up_bf16(const MoeParams p) {
     moe_dec_up<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_up_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_up_f16(const MoeParams p) {
     moe_dec_up<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_bf16(const MoeParams p) {
     moe_dec_down<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32) void moe_dec_down_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_f16(const MoeParams p) {
     moe_dec_down<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
