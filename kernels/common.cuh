@@ -103,6 +103,41 @@ __device__ __forceinline__ u32x4 ld_global_stream_16(const void* ptr) {
     return v;
 }
 
+// 16-byte load through the read-only (non-coherent) path: for activations that many warps
+// re-read (they stay in L1), never written while the kernel runs. Not volatile, so the
+// compiler may schedule it early.
+__device__ __forceinline__ u32x4 ld_global_nc_16(const void* ptr) {
+    u32x4 v;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// Scalar read-only loads (statistics tables: small, hot, shared by many threads).
+__device__ __forceinline__ float ld_nc_f32(const float* ptr) {
+    float v;
+    asm("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
+    return v;
+}
+__device__ __forceinline__ u32 ld_nc_u8(const u8* ptr) {
+    u32 v;
+    asm("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(ptr));
+    return v;
+}
+__device__ __forceinline__ u16 ld_nc_u16(const u16* ptr) {
+    u16 v;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(ptr));
+    return v;
+}
+
+// 16-byte store (one STG.128); the destination must be 16-byte aligned.
+__device__ __forceinline__ void st_global_16(void* ptr, u32x4 v) {
+    asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
 // Converts a generic pointer to a shared-memory address, which cp.async and ldmatrix take.
 __device__ __forceinline__ u32 smem_addr(const void* ptr) {
     return (u32)__cvta_generic_to_shared(ptr);
@@ -179,6 +214,26 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const u32 (&a)[4], c
             "{%8,%9}, {%0,%1,%2,%3};"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
+// D = A * B (C = 0): starts a fresh accumulator without spending instructions on zeroing it
+// (the zero C operand becomes the hardware zero register).
+template <int DTYPE>
+__device__ __forceinline__ void mma_m16n8k16_zc(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    const float z = 0.0f;
+    if (DTYPE == DTYPE_BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(z));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(z));
     }
 }
 

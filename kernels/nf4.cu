@@ -1,2 +1,761 @@
-// nf4 kernels. See common.cuh.
+// NF4 (bitsandbytes) kernels: dequantize, linear y = x W^T + b, and GPU quantize.
+//
+// Layout of an NF4 tensor (bitsandbytes, blocksize 64): the [rows, K] weight is flattened
+// row-major; two 4-bit codes per byte, the first element in the HIGH nibble; one absmax per 64
+// consecutive elements, either f32 or (nested / double-quantised) a uint8 code decoded as
+//     absmax = nested_map[code] * nested_absmax[block / 256] + nested_offset
+// in fp32, product first, then sum, never fused. A weight element is
+//     W = cast(NF4[code] * absmax)    (fp32 product, one round-to-nearest-even cast).
+// Every kernel here reproduces those roundings exactly where the result is stored (dequantize,
+// and the weight tiles of the tensor-core linear); the decode linear scales in fp32 after the
+// tensor-core product (see nf4_linear_decode).
+//
+// Entries (one per dtype, ONE by-value params struct each, mirrored in src/ops/nf4.rs):
+//   nf4_dequant_{bf16,f16}                          Nf4DequantParams
+//   nf4_linear_decode_m8_{bf16,f16}                 Nf4LinearParams   (M <= 8)
+//   nf4_linear_decode_m16_{bf16,f16}                Nf4LinearParams   (M <= 16)
+//   nf4_linear_mma_{l4,l3,m4,m3,s4}_{bf16,f16}      Nf4LinearParams   (tile configs, see below)
+//   nf4_quantize_blocks_{bf16,f16,f32}              Nf4QuantizeParams
+//   nf4_quantize_mean                               Nf4QuantizeParams
+//   nf4_quantize_nested                             Nf4QuantizeParams
 #include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// Parameter structs. Pointers are u64 device addresses; strides are in ELEMENTS. Every field is
+// naturally aligned and the sizes are asserted here and in Rust (src/ops/nf4.rs).
+// ---------------------------------------------------------------------------------------------
+
+// One NF4 tensor, or one segment of a multi-segment weight (vLLM's fused q/k/v: three
+// separately quantised tensors whose output rows are concatenated).
+struct Nf4Tensor {
+    u64 packed;               // u8 [numel / 2], high nibble first
+    u64 absmax;               // nested ? u8 [nb] : f32 [nb], nb = numel / 64 (per expert x E)
+    u64 nested_absmax;        // f32 [E * nnb] (nested only), nnb = ceil(nb_per_expert / 256)
+    u64 nested_map;           // f32 [256] signed dynamic map (nested only)
+    u64 nested_offset;        // f32 [E] on the device, or 0 to use nested_offset_value
+    float nested_offset_value;
+    i32 nested;               // 1 = uint8 absmax codes + nested statistics, 0 = f32 absmax
+    i32 rows;                 // linear only: rows of this segment ([rows, K])
+    i32 pad_;
+};
+static_assert(sizeof(Nf4Tensor) == 56, "Nf4Tensor layout must match src/ops/nf4.rs");
+
+struct Nf4DequantParams {
+    Nf4Tensor w;
+    u64 out;                  // bf16/f16 [n_experts * numel], 16-byte aligned
+    i64 numel;                // elements per expert (a multiple of 64 when n_experts > 1)
+    i32 n_experts;            // >= 1; expert e owns elements [e*numel, (e+1)*numel)
+    i32 nnb;                  // nested blocks per expert: ceil(numel / 64 / 256) (nested only)
+};
+static_assert(sizeof(Nf4DequantParams) == 80, "Nf4DequantParams layout must match Rust");
+
+#define NF4_MAX_SEGMENTS 3
+struct Nf4LinearParams {
+    Nf4Tensor seg[NF4_MAX_SEGMENTS];  // output columns [sum(rows of seg < s), +rows of seg s)
+    u64 x;                    // [M, K] activations, row stride ldx; 16-byte aligned rows
+    u64 y;                    // [M, N] output, row stride ldy
+    u64 bias;                 // [N] (same dtype as x) or 0
+    i64 ldx;                  // elements, multiple of 8
+    i64 ldy;                  // elements
+    i32 M;
+    i32 N;                    // sum of seg[s].rows over the used segments
+    i32 K;                    // multiple of 64 (a block never straddles rows)
+    i32 n_segments;           // 1..3
+};
+static_assert(sizeof(Nf4LinearParams) == 224, "Nf4LinearParams layout must match Rust");
+
+struct Nf4QuantizeParams {
+    u64 input;                // [n] bf16 / f16 / f32 (contiguous)
+    u64 packed;               // out: u8 [ceil(n / 2)]
+    u64 absmax;               // out (plain) or workspace (nested): f32 [nb]
+    u64 codes;                // out (nested): u8 [nb]
+    u64 nested_absmax;        // out (nested): f32 [ceil(nb / 256)]
+    u64 nested_map;           // in (nested): f32 [256] signed dynamic map
+    u64 offset;               // out (nested): f32 [1] = mean(absmax)
+    i64 n;                    // elements
+    i64 nb;                   // blocks: ceil(n / 64)
+};
+static_assert(sizeof(Nf4QuantizeParams) == 72, "Nf4QuantizeParams layout must match Rust");
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+// ---------------------------------------------------------------------------------------------
+
+// absmax of block `b_global` (index into the absmax array) of expert `e`, whose nested index is
+// e * nnb + b_local / 256. bitsandbytes computes the nested form as two separate fp32 ops
+// (dequantize_blockwise, then `+ offset`), so __fmul_rn/__fadd_rn keep the compiler from
+// contracting them into one FMA, which would round once instead of twice.
+__device__ __forceinline__ float nf4_block_absmax(const Nf4Tensor& t, i64 b_global, int e,
+                                                  i64 b_local, i64 nnb) {
+    if (!t.nested) return ld_nc_f32((const float*)t.absmax + b_global);
+    const u32 code = ld_nc_u8((const u8*)t.absmax + b_global);
+    const float m = ld_nc_f32((const float*)t.nested_map + code);
+    const float s = ld_nc_f32((const float*)t.nested_absmax + (i64)e * nnb + b_local / NF4_NESTED_BLOCK);
+    const float off = t.nested_offset ? ld_nc_f32((const float*)t.nested_offset + e)
+                                      : t.nested_offset_value;
+    return __fadd_rn(__fmul_rn(m, s), off);
+}
+
+// One segment of a linear weight, with the fields a thread needs, selected without dynamic
+// indexing into the params struct (that would copy it to local memory).
+struct SegView {
+    const u8* packed;
+    const u8* absmax;
+    const float* nested_absmax;
+    const float* nested_map;
+    float offset;
+    int nested;
+};
+
+__device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, int& local) {
+    int s = 0;
+    local = row;
+    if (p.n_segments > 1 && local >= p.seg[0].rows) {
+        local -= p.seg[0].rows;
+        s = 1;
+        if (p.n_segments > 2 && local >= p.seg[1].rows) {
+            local -= p.seg[1].rows;
+            s = 2;
+        }
+    }
+    SegView v;
+#define GPTOSS_SEL(field) (s == 0 ? p.seg[0].field : (s == 1 ? p.seg[1].field : p.seg[2].field))
+    v.packed = (const u8*)GPTOSS_SEL(packed);
+    v.absmax = (const u8*)GPTOSS_SEL(absmax);
+    v.nested_absmax = (const float*)GPTOSS_SEL(nested_absmax);
+    v.nested_map = (const float*)GPTOSS_SEL(nested_map);
+    v.nested = GPTOSS_SEL(nested);
+    const u64 off_ptr = GPTOSS_SEL(nested_offset);
+    const float off_val = GPTOSS_SEL(nested_offset_value);
+#undef GPTOSS_SEL
+    v.offset = (v.nested && off_ptr) ? ld_nc_f32((const float*)off_ptr) : off_val;
+    return v;
+}
+
+// The two loads an absmax needs, issued early; finished by seg_absmax_finish once they landed.
+struct AbsmaxRaw {
+    u32 code;     // nested: u8 code; plain: f32 bits of the absmax
+    float scale;  // nested: nested_absmax of the 256-block
+};
+
+__device__ __forceinline__ AbsmaxRaw seg_absmax_load(const SegView& v, i64 b) {
+    AbsmaxRaw r;
+    if (v.nested) {
+        r.code = ld_nc_u8(v.absmax + b);
+        r.scale = ld_nc_f32(v.nested_absmax + b / NF4_NESTED_BLOCK);
+    } else {
+        r.code = __float_as_uint(ld_nc_f32((const float*)v.absmax + b));
+        r.scale = 0.0f;
+    }
+    return r;
+}
+
+__device__ __forceinline__ float seg_absmax_finish(const SegView& v, AbsmaxRaw r) {
+    if (!v.nested) return __uint_as_float(r.code);
+    return __fadd_rn(__fmul_rn(ld_nc_f32(v.nested_map + r.code), r.scale), v.offset);
+}
+
+__device__ __forceinline__ float seg_absmax(const SegView& v, i64 b) {
+    return seg_absmax_finish(v, seg_absmax_load(v, b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize: each thread turns one 16-byte load (32 codes, always inside one 64-block) into
+// four 16-byte stores. Bandwidth-bound; the NF4 table sits in shared memory (16 words in 16
+// banks: any pattern of codes is conflict-free).
+// ---------------------------------------------------------------------------------------------
+
+template <int DTYPE>
+__device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Code[threadIdx.x];
+    __syncthreads();
+    const i64 total = p.numel * (i64)p.n_experts;
+    const i64 nchunks = (total + 31) / 32;
+    const u8* packed = (const u8*)p.w.packed;
+    u16* out = (u16*)p.out;
+    for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < nchunks;
+         c += (i64)gridDim.x * blockDim.x) {
+        const i64 g0 = c * 32;
+        const int e = p.n_experts == 1 ? 0 : (int)(g0 / p.numel);
+        const i64 b_local = (g0 - (i64)e * p.numel) / NF4_BLOCK;
+        const float am = nf4_block_absmax(p.w, g0 / NF4_BLOCK, e, b_local, p.nnb);
+        if (g0 + 32 <= total) {
+            const u32x4 raw = ld_global_stream_16(packed + g0 / 2);
+            const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+            u32 o[16];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const u32 byte = (words[i] >> (8 * j)) & 0xFFu;
+                    // First element (high nibble) goes to the low half: it has the lower address.
+                    o[i * 4 + j] = pack_half2<DTYPE>(__fmul_rn(lut[byte >> 4], am),
+                                                     __fmul_rn(lut[byte & 15u], am));
+                }
+            }
+            u16* dst = out + g0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                st_global_16(dst + q * 8, u32x4{o[q * 4], o[q * 4 + 1], o[q * 4 + 2], o[q * 4 + 3]});
+            }
+        } else {
+            for (i64 g = g0; g < total; ++g) {
+                const u32 byte = packed[g / 2];
+                const u32 code = (g & 1) ? (byte & 15u) : (byte >> 4);
+                out[g] = f32_to_half<DTYPE>(__fmul_rn(lut[code], am));
+            }
+        }
+    }
+}
+
+extern "C" __global__ void nf4_dequant_bf16(const Nf4DequantParams p) { nf4_dequant<DTYPE_BF16>(p); }
+extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequant<DTYPE_F16>(p); }
+
+// ---------------------------------------------------------------------------------------------
+// Linear, decode path (M <= 16): stream the 4-bit weights once, tensor cores do the products.
+//
+// A block owns NT tiles of 8 weight rows (the n8 of mma.m16n8k16) and its 8 warps split K.
+// Per "pair" of 64-blocks (128 k) a lane (g = lane/4, t = lane%4) loads 16 bytes of row g with
+// one LDG.128: lanes t=0,1 get block 2j, t=2,3 block 2j+1. One shuffle with lane^2 swaps halves
+// so that every lane holds 8 bytes of EACH block (byte offset o(t) = 16(t&1) + 8(t>>1)); then
+// each mma.k16 step only mixes k of one block, and the block's absmax can scale its fp32 result.
+//
+// The k order inside an mma is free as long as A and B agree: lane t's B slots (k = 2t, 2t+1,
+// 2t+8, 2t+9) hold its own 4 consecutive weights 4s..4s+3 of step s, so its A slots read the
+// same 4 consecutive activations: one 8-byte piece per row, taken from two 16-byte loads.
+//
+// B values are the UNSCALED NF4 codes as bf16/f16 pairs from a 256-entry byte -> pair table
+// (one shared load per 2 weights), replicated 32 times so that lane l always reads bank l:
+// conflict-free whatever the codes. The fp32 result of a block is scaled by the absmax of its
+// row (computed by one lane per row and block, fetched with two shuffles) and accumulated in
+// fp32. Rounding therefore differs from dequantize-then-matmul only by the bf16/f16 rounding of
+// the 16 NF4 constants (relative 2^-9 / 2^-12), well inside the tests' 1e-2.
+// ---------------------------------------------------------------------------------------------
+
+#define DECODE_WARPS 8
+#define DECODE_LUT_WORDS (256 * 32)
+
+template <int DTYPE, bool M16, int NT, int U>
+__device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
+    extern __shared__ __align__(16) u32 dsmem[];
+    u32* lut = dsmem;                                            // [256 bytes][32 lanes]
+    float* red = (float*)(dsmem + DECODE_LUT_WORDS);             // [warps][NT][4][32]
+    const int tid = threadIdx.x;
+    {
+        // Thread tid fills the 32 copies of entry `tid` (8 x STS.128).
+        const u32 pair = pack_half2<DTYPE>(kNf4Code[tid >> 4], kNf4Code[tid & 15]);
+        u32x4* d = (u32x4*)(lut + tid * 32);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) d[c] = u32x4{pair, pair, pair, pair};
+    }
+    __syncthreads();
+
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int nkb = p.K >> 6;
+    const int npairs = (nkb + 1) >> 1;
+    const i64 row_bytes = p.K >> 1;
+    const int n0 = blockIdx.x * (8 * NT);
+
+    SegView sv[NT];
+    const u8* wrow[NT];
+    i64 blk0[NT];
+    bool rok[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int row = n0 + j * 8 + g;
+        rok[j] = row < p.N;
+        int local;
+        sv[j] = seg_view(p, rok[j] ? row : 0, local);
+        wrow[j] = sv[j].packed + (i64)local * row_bytes + t * 16;
+        blk0[j] = (i64)local * nkb;
+    }
+    // Activation rows of this lane's A fragments: g and (M16) g + 8.
+    const u16* xg = (const u16*)p.x + (i64)g * p.ldx + (t & 1) * 32 + (t >> 1) * 16;
+    const u16* xg8 = xg + 8 * p.ldx;
+    const bool xok = g < p.M;
+    const bool xok8 = M16 && (g + 8 < p.M);
+    const u32* lut_lane = lut + lane;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+    for (int pb = warp; pb < npairs; pb += DECODE_WARPS * U) {
+        // 1. Issue every weight load of this round first (U * NT x 16 bytes in flight per lane),
+        //    and the absmax loads (one row/block per lane: block 2pr + (t & 1) of row g).
+        u32x4 raw[U][NT];
+        AbsmaxRaw amr[U][NT];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int pr = pb + u * DECODE_WARPS;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const bool okw = rok[j] && pr < npairs && (2 * pr + (t >> 1)) < nkb;
+                raw[u][j] = okw ? ld_global_stream_16(wrow[j] + (i64)pr * 64) : u32x4{0, 0, 0, 0};
+                const int kba = 2 * pr + (t & 1);
+                const bool oka = rok[j] && pr < npairs && kba < nkb;
+                if (oka) {
+                    amr[u][j] = seg_absmax_load(sv[j], blk0[j] + kba);
+                } else {
+                    amr[u][j].code = 0;
+                    amr[u][j].scale = 0.0f;
+                }
+            }
+        }
+        // 2. Consume them.
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int pr = pb + u * DECODE_WARPS;
+            if (pr >= npairs) break;  // warp-uniform
+            u32 blk[NT][2][2];
+            float am[NT];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const u32x4 r = raw[u][j];
+                const bool lo = t < 2;
+                const u32 s0 = lo ? r.z : r.x, s1 = lo ? r.w : r.y;
+                const u32 q0 = __shfl_xor_sync(0xffffffffu, s0, 2);
+                const u32 q1 = __shfl_xor_sync(0xffffffffu, s1, 2);
+                blk[j][0][0] = lo ? r.x : q0;
+                blk[j][0][1] = lo ? r.y : q1;
+                blk[j][1][0] = lo ? q0 : r.z;
+                blk[j][1][1] = lo ? q1 : r.w;
+                const bool oka = rok[j] && (2 * pr + (t & 1)) < nkb;
+                am[j] = oka ? seg_absmax_finish(sv[j], amr[u][j]) : 0.0f;
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int kb = 2 * pr + h;
+                if (kb >= nkb) break;  // warp-uniform (odd number of blocks)
+                u32 xa[8], xb[8];
+                if (xok) {
+                    const u32x4 v0 = ld_global_nc_16(xg + kb * 64);
+                    const u32x4 v1 = ld_global_nc_16(xg + kb * 64 + 8);
+                    xa[0] = v0.x; xa[1] = v0.y; xa[2] = v0.z; xa[3] = v0.w;
+                    xa[4] = v1.x; xa[5] = v1.y; xa[6] = v1.z; xa[7] = v1.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) xa[i] = 0;
+                }
+                if (xok8) {
+                    const u32x4 v0 = ld_global_nc_16(xg8 + kb * 64);
+                    const u32x4 v1 = ld_global_nc_16(xg8 + kb * 64 + 8);
+                    xb[0] = v0.x; xb[1] = v0.y; xb[2] = v0.z; xb[3] = v0.w;
+                    xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) xb[i] = 0;
+                }
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    float d[4];
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) {
+                        const u32 word = blk[j][h][s >> 1];
+                        const int sh = (s & 1) * 16;
+                        u32 b[2];
+                        b[0] = lut_lane[((word >> sh) & 0xFFu) * 32];
+                        b[1] = lut_lane[((word >> (sh + 8)) & 0xFFu) * 32];
+                        const u32 a[4] = {xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1]};
+                        if (s == 0) {
+                            mma_m16n8k16_zc<DTYPE>(d, a, b);
+                        } else {
+                            mma_m16n8k16<DTYPE>(d, a, b);
+                        }
+                    }
+                    // d[0], d[2] belong to row n = 2t of the tile, d[1], d[3] to 2t + 1; the
+                    // absmax of (row, block h) lives in lane row * 4 + h.
+                    const float sc0 = __shfl_sync(0xffffffffu, am[j], (2 * t) * 4 + h);
+                    const float sc1 = __shfl_sync(0xffffffffu, am[j], (2 * t + 1) * 4 + h);
+                    acc[j][0] = fmaf(sc0, d[0], acc[j][0]);
+                    acc[j][1] = fmaf(sc1, d[1], acc[j][1]);
+                    if (M16) {
+                        acc[j][2] = fmaf(sc0, d[2], acc[j][2]);
+                        acc[j][3] = fmaf(sc1, d[3], acc[j][3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // 3. Sum the 8 warps' partial products (fixed order), add the bias, store.
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[((warp * NT + j) * 4 + i) * 32 + lane] = acc[j][i];
+    }
+    __syncthreads();
+    if (warp < NT) {
+        const int j = warp;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int w = 0; w < DECODE_WARPS; ++w) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] += red[((w * NT + j) * 4 + i) * 32 + lane];
+        }
+        const int n = n0 + j * 8 + 2 * t;
+        const u16* bias = (const u16*)p.bias;
+        u16* y = (u16*)p.y;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int nn = n + (i & 1);
+            const int m = g + ((i >> 1) ? 8 : 0);
+            if (nn < p.N && m < p.M) {
+                float r = v[i];
+                if (bias) r += half_to_f32<DTYPE>(ld_nc_u16(bias + nn));
+                y[(i64)m * p.ldy + nn] = f32_to_half<DTYPE>(r);
+            }
+        }
+    }
+}
+
+#define DECODE_SMEM_BYTES(NT) (DECODE_LUT_WORDS * 4 + DECODE_WARPS * (NT) * 4 * 32 * 4)
+
+extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m8_bf16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_BF16, false, 1, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m8_f16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_F16, false, 1, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m16_bf16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_BF16, true, 2, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m16_f16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_F16, true, 2, 2>(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear, tensor-core path (large M). Block tile BM x BN, k-tile 64 (= one NF4 block per weight
+// row, so one absmax per row and tile). Per k-tile:
+//   - cp.async brings the activation tile [BM][64] and the packed weight tile [BN][32 bytes]
+//     into a STAGES-deep ring;
+//   - every thread decodes exactly the 16-byte weight chunk it copied (row tid/2, half tid%2)
+//     into a double-buffered bf16/f16 tile [BN][64], bit-identical to nf4_dequant, one k-tile
+//     AHEAD of the mma so decode and tensor-core work of different warps overlap;
+//   - ldmatrix + mma.sync m16n8k16 with fp32 accumulation over warp tiles of WTM x WTN.
+// Rows are 128 bytes = 8 chunks of 16 bytes, stored at chunk ^ (row & 7) (XOR swizzle) so that
+// ldmatrix (8 rows, same chunk) and the 16-byte stores hit 8 different bank groups.
+// The absmax of a tile is loaded two tiles ahead and finished one tile ahead (registers only).
+// ---------------------------------------------------------------------------------------------
+
+template <int BM, int BN, int STAGES>
+struct MmaSmem {
+    static constexpr int X_STAGE = BM * 64;   // u16 per stage
+    static constexpr int W_DEC = BN * 64;     // u16 per decoded buffer
+    static constexpr int W_STAGE = BN * 32;   // bytes per stage
+    static constexpr int BYTES = STAGES * X_STAGE * 2 + 2 * W_DEC * 2 + STAGES * W_STAGE + 16 * 4;
+};
+
+__device__ __forceinline__ int swz(int row, int chunk) { return row * 64 + ((chunk ^ (row & 7)) << 3); }
+
+template <int DTYPE, int BM, int BN, int WM, int WN, int STAGES>
+__device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
+    constexpr int NTHR = WM * WN * 32;
+    static_assert(BN * 2 == NTHR, "one 16-byte weight chunk per thread");
+    static_assert(STAGES >= 3, "the decode runs one tile ahead");
+    constexpr int WTM = BM / WM, WTN = BN / WN;
+    constexpr int MI = WTM / 16, NI = WTN / 8;
+    static_assert(MI >= 1 && NI >= 2 && NI % 2 == 0, "warp tile");
+    constexpr int XCH = BM * 8 / NTHR;  // 16-byte activation chunks per thread per tile
+    static_assert(XCH * NTHR == BM * 8, "activation chunks");
+    using S = MmaSmem<BM, BN, STAGES>;
+
+    extern __shared__ __align__(128) u8 msmem[];
+    u16* Xs = (u16*)msmem;
+    u16* Wd = Xs + STAGES * S::X_STAGE;
+    u8* Wp = (u8*)(Wd + 2 * S::W_DEC);
+    float* lut = (float*)(Wp + STAGES * S::W_STAGE);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid < 16) lut[tid] = kNf4Code[tid];
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int nkt = p.K >> 6;
+    const u16* X = (const u16*)p.x;
+
+    // The weight chunk this thread copies and decodes.
+    const int wr = tid >> 1, wh = tid & 1;
+    const bool wok = n0 + wr < p.N;
+    int wlocal;
+    const SegView sv = seg_view(p, wok ? n0 + wr : 0, wlocal);
+    const u8* wsrc = sv.packed + (i64)wlocal * (p.K >> 1) + wh * 16;
+    const i64 ablk0 = (i64)wlocal * nkt;
+
+    auto load_tile = [&](int kt, int stage) {
+        u16* xs = Xs + stage * S::X_STAGE;
+#pragma unroll
+        for (int i = 0; i < XCH; ++i) {
+            const int c = tid + i * NTHR;
+            const int r = c >> 3, ch = c & 7;
+            const int gm = m0 + r;
+            const bool ok = gm < p.M;
+            const u16* src = X + (i64)(ok ? gm : 0) * p.ldx + kt * 64 + ch * 8;
+            cp_async_16_zfill(xs + swz(r, ch), src, ok ? 16u : 0u);
+        }
+        u8* wp = Wp + stage * S::W_STAGE + wr * 32 + wh * 16;
+        cp_async_16_zfill(wp, wok ? wsrc + (i64)kt * 32 : wsrc - wh * 16, wok ? 16u : 0u);
+    };
+    auto absmax_load = [&](int kt) {
+        AbsmaxRaw r;
+        if (wok && kt < nkt) {
+            r = seg_absmax_load(sv, ablk0 + kt);
+        } else {
+            r.code = 0;
+            r.scale = 0.0f;
+        }
+        return r;
+    };
+    auto absmax_finish = [&](AbsmaxRaw r) { return wok ? seg_absmax_finish(sv, r) : 0.0f; };
+    auto decode = [&](int stage, int buf, float am) {
+        const u32x4 raw = *(const u32x4*)(Wp + stage * S::W_STAGE + wr * 32 + wh * 16);
+        const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
+        u16* dst = Wd + buf * S::W_DEC;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            u32 o[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 byte = (words[q] >> (8 * j)) & 0xFFu;
+                o[j] = pack_half2<DTYPE>(__fmul_rn(lut[byte >> 4], am), __fmul_rn(lut[byte & 15u], am));
+            }
+            *(u32x4*)(dst + swz(wr, wh * 4 + q)) = u32x4{o[0], o[1], o[2], o[3]};
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
+
+    // Prologue: tiles 0 .. STAGES-2 in flight; decode tile 0.
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nkt) load_tile(st, st);
+        cp_async_commit();
+    }
+    float am_next;
+    AbsmaxRaw raw_next2;
+    {
+        const float am0 = absmax_finish(absmax_load(0));
+        am_next = absmax_finish(absmax_load(1));
+        raw_next2 = absmax_load(2);
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // also publishes `lut`
+        decode(0, 0, am0);
+    }
+
+    const int warp_m = warp / WN, warp_n = warp % WN;
+    for (int kt = 0; kt < nkt; ++kt) {
+        cp_async_wait<STAGES - 3>();  // tile kt+1 has landed (own copies)
+        __syncthreads();              // ... for everyone; Wd[kt&1] decoded; tile kt-1 consumed
+        if (kt + STAGES - 1 < nkt) load_tile(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        cp_async_commit();
+        if (kt + 1 < nkt) decode((kt + 1) % STAGES, (kt + 1) & 1, am_next);
+
+        const u16* xs = Xs + (kt % STAGES) * S::X_STAGE;
+        const u16* wd = Wd + (kt & 1) * S::W_DEC;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            u32 a[MI][4];
+            u32 b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int row = warp_m * WTM + mi * 16 + (lane & 15);
+                ldmatrix_x4(a[mi], xs + swz(row, kk * 2 + (lane >> 4)));
+            }
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; ++nj) {
+                const int nrow = warp_n * WTN + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+                u32 r[4];
+                ldmatrix_x4(r, wd + swz(nrow, kk * 2 + ((lane >> 3) & 1)));
+                b[2 * nj][0] = r[0];
+                b[2 * nj][1] = r[1];
+                b[2 * nj + 1][0] = r[2];
+                b[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) mma_m16n8k16<DTYPE>(acc[mi][ni], a[mi], b[ni]);
+        }
+        am_next = absmax_finish(raw_next2);
+        raw_next2 = absmax_load(kt + 3);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: bias in fp32, one rounding, 4-byte stores where the pair is in range.
+    const u16* bias = (const u16*)p.bias;
+    u16* y = (u16*)p.y;
+    const bool pair_ok = ((p.ldy & 1) == 0) && ((p.y & 3) == 0);
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + warp_n * WTN + ni * 8 + (lane & 3) * 2;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bias) {
+            if (col < p.N) b0 = half_to_f32<DTYPE>(ld_nc_u16(bias + col));
+            if (col + 1 < p.N) b1 = half_to_f32<DTYPE>(ld_nc_u16(bias + col + 1));
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = m0 + warp_m * WTM + mi * 16 + (lane >> 2) + hh * 8;
+                if (row >= p.M) continue;
+                const float v0 = acc[mi][ni][hh * 2] + b0, v1 = acc[mi][ni][hh * 2 + 1] + b1;
+                u16* dst = y + (i64)row * p.ldy + col;
+                if (pair_ok && col + 1 < p.N) {
+                    *(u32*)dst = pack_half2<DTYPE>(v0, v1);
+                } else {
+                    if (col < p.N) dst[0] = f32_to_half<DTYPE>(v0);
+                    if (col + 1 < p.N) dst[1] = f32_to_half<DTYPE>(v1);
+                }
+            }
+        }
+    }
+}
+
+// Tile configurations (the launcher picks one per Tuning and shape; shared memory in bytes):
+//   l4: 128x128, 8 warps (2x4, warp tile 64x32), 4 stages: 114,752   (sm80 / sm90)
+//   l3: 128x128, 8 warps, 3 stages:                         94,272   (sm86: <= 99 KB)
+//   m4: 64x128,  8 warps (2x4, warp tile 32x32), 4 stages:  81,984   (sm80 / sm90, medium M)
+//   m3: 64x128,  8 warps, 3 stages:                         69,696   (sm86, medium M)
+//   s4: 64x64,   4 warps (2x2, warp tile 32x32), 4 stages:  57,408   (small grids, any)
+#define GPTOSS_NF4_MMA(NAME, BM, BN, WM, WN, ST)                                                  \
+    extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                    \
+        nf4_linear_mma_##NAME##_bf16(const Nf4LinearParams p) {                                   \
+        nf4_linear_mma<DTYPE_BF16, BM, BN, WM, WN, ST>(p);                                        \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                    \
+        nf4_linear_mma_##NAME##_f16(const Nf4LinearParams p) {                                    \
+        nf4_linear_mma<DTYPE_F16, BM, BN, WM, WN, ST>(p);                                         \
+    }
+GPTOSS_NF4_MMA(l4, 128, 128, 2, 4, 4)
+GPTOSS_NF4_MMA(l3, 128, 128, 2, 4, 3)
+GPTOSS_NF4_MMA(m4, 64, 128, 2, 4, 4)
+GPTOSS_NF4_MMA(m3, 64, 128, 2, 4, 3)
+GPTOSS_NF4_MMA(s4, 64, 64, 2, 2, 4)
+#undef GPTOSS_NF4_MMA
+
+static_assert(MmaSmem<128, 128, 4>::BYTES == 114752, "l4 smem (Rust mirrors it)");
+static_assert(MmaSmem<128, 128, 3>::BYTES == 94272, "l3 smem");
+static_assert(MmaSmem<64, 128, 4>::BYTES == 81984, "m4 smem");
+static_assert(MmaSmem<64, 128, 3>::BYTES == 69696, "m3 smem");
+static_assert(MmaSmem<64, 64, 4>::BYTES == 57408, "s4 smem");
+
+// ---------------------------------------------------------------------------------------------
+// Quantize with bitsandbytes' CUDA semantics.
+//   1. nf4_quantize_blocks_*: one warp per 64-block. absmax = max |v| (fp32; elements past n
+//      count as 0), inv = 1 / absmax (IEEE division), code(v) = the number of fp32 midpoints of
+//      adjacent NF4 values that v * inv exceeds: bitsandbytes' decision tree compares with
+//      exactly these midpoints, `>` sends ties to the lower code, and NaN (an all-zero block:
+//      0 * inf) gets code 0 as on CUDA. Writes packed codes and f32 absmax.
+//   2. nf4_quantize_mean (nested): offset = mean(absmax), summed in float64 in a fixed order
+//      (thread t of 1024 adds absmax[t + 1024 j] for j ascending, then a pairwise tree over
+//      threads: t += t + s for s = 512, 256, ..., 1), divided in float64, rounded once to f32.
+//      bitsandbytes uses torch's fp32 `mean()`, whose order is unspecified: last-bit
+//      differences in the offset are possible.
+//   3. nf4_quantize_nested: one 256-thread block per 256 absmax values: v = absmax - offset
+//      (fp32), s = max |v|, code = bitsandbytes' 8-bit search of v * (1 / s) in the signed
+//      dynamic map (a 7-step binary search, then the nearer neighbour by fp32 midpoint).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 nf4_quantize_code(float x) {
+    u32 c = 0;
+#pragma unroll
+    for (int i = 0; i < 15; ++i) {
+        const float mid = __fmul_rn(__fadd_rn(kNf4Code[i], kNf4Code[i + 1]), 0.5f);
+        c += (x > mid) ? 1u : 0u;
+    }
+    return c;
+}
+
+template <int KIND>  // 0 = bf16, 1 = f16, 2 = f32
+__device__ __forceinline__ float load_elem(const void* base, i64 i) {
+    if (KIND == 0) return bf16_to_f32(((const u16*)base)[i]);
+    if (KIND == 1) return f16_to_f32(((const u16*)base)[i]);
+    return ((const float*)base)[i];
+}
+
+template <int KIND>
+__device__ __forceinline__ void nf4_quantize_blocks(const Nf4QuantizeParams& p) {
+    const int lane = threadIdx.x & 31;
+    const i64 b = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= p.nb) return;  // whole warp leaves together
+    const i64 i0 = b * NF4_BLOCK + 2 * lane;
+    const float v0 = i0 < p.n ? load_elem<KIND>((const void*)p.input, i0) : 0.0f;
+    const float v1 = i0 + 1 < p.n ? load_elem<KIND>((const void*)p.input, i0 + 1) : 0.0f;
+    const float amax = warp_max(fmaxf(fabsf(v0), fabsf(v1)));
+    const float inv = __fdiv_rn(1.0f, amax);
+    const u32 c0 = nf4_quantize_code(__fmul_rn(v0, inv));
+    const u32 c1 = nf4_quantize_code(__fmul_rn(v1, inv));
+    if (i0 < p.n) ((u8*)p.packed)[i0 / 2] = (u8)((c0 << 4) | c1);
+    if (lane == 0) ((float*)p.absmax)[b] = amax;
+}
+
+extern "C" __global__ void nf4_quantize_blocks_bf16(const Nf4QuantizeParams p) { nf4_quantize_blocks<0>(p); }
+extern "C" __global__ void nf4_quantize_blocks_f16(const Nf4QuantizeParams p) { nf4_quantize_blocks<1>(p); }
+extern "C" __global__ void nf4_quantize_blocks_f32(const Nf4QuantizeParams p) { nf4_quantize_blocks<2>(p); }
+
+// Launch with ONE block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024) nf4_quantize_mean(const Nf4QuantizeParams p) {
+    __shared__ double part[1024];
+    const int t = threadIdx.x;
+    double s = 0.0;
+    for (i64 i = t; i < p.nb; i += 1024) s += (double)((const float*)p.absmax)[i];
+    part[t] = s;
+    __syncthreads();
+    for (int w = 512; w > 0; w >>= 1) {
+        if (t < w) part[t] = part[t] + part[t + w];
+        __syncthreads();
+    }
+    if (t == 0) ((float*)p.offset)[0] = (float)(part[0] / (double)p.nb);
+}
+
+// bitsandbytes' 8-bit encoder (dQuantize, not stochastic) over a sorted 256-entry map.
+__device__ __forceinline__ u32 quantize_map8(const float* code, float x) {
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = code[pivot];
+    for (int step = 64; step > 0; step >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += step;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= step;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[255];
+    if (lower_pivot == 0) lower = code[0];
+    if (x > val) {
+        const float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+        return x > mid ? (u32)upper_pivot : (u32)pivot;
+    }
+    const float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+    return x < mid ? (u32)lower_pivot : (u32)pivot;
+}
+
+// Launch with 256 threads per block, one block per 256 absmax values.
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_nested(const Nf4QuantizeParams p) {
+    __shared__ float map[256];
+    __shared__ float wmax[8];
+    const int t = threadIdx.x;
+    map[t] = ((const float*)p.nested_map)[t];
+    const float offset = ((const float*)p.offset)[0];
+    const i64 i = (i64)blockIdx.x * 256 + t;
+    const float v = i < p.nb ? __fsub_rn(((const float*)p.absmax)[i], offset) : 0.0f;
+    const float m = warp_max(fabsf(v));
+    if ((t & 31) == 0) wmax[t >> 5] = m;
+    __syncthreads();
+    float smax = wmax[0];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) smax = fmaxf(smax, wmax[w]);
+    if (t == 0) ((float*)p.nested_absmax)[blockIdx.x] = smax;
+    if (i < p.nb) {
+        const float inv = __fdiv_rn(1.0f, smax);
+        ((u8*)p.codes)[i] = (u8)quantize_map8(map, __fmul_rn(v, inv));
+    }
+}

@@ -141,6 +141,17 @@ fn program_log(prog: sys::nvrtcProgram) -> String {
 ///
 /// `name` only labels errors. A compile failure is [`Error::Compile`] carrying the NVRTC log.
 pub fn compile_source(name: &str, source: &str, arch: Arch) -> Result<Vec<u8>> {
+    compile_source_with(name, source, arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// Like [`compile_source`] with extra NVRTC options (e.g. `--ptxas-options=-v`); also returns
+/// the NVRTC log of a successful compile (diagnostics: registers, spills).
+pub fn compile_source_with(
+    name: &str,
+    source: &str,
+    arch: Arch,
+    extra_options: &[String],
+) -> Result<(Vec<u8>, String)> {
     nvrtc_available()?;
     if !arch.is_supported() {
         return Err(Error::arg(format!(
@@ -151,7 +162,8 @@ pub fn compile_source(name: &str, source: &str, arch: Arch) -> Result<Vec<u8>> {
     let name_c = to_cstring("kernel name", &format!("{name}.cu"))?;
     let header_c = to_cstring("common.cuh", COMMON_HEADER)?;
     let header_name_c = CString::new("common.cuh").map_err(|_| Error::arg("header name"))?;
-    let options = compile_options(arch);
+    let mut options = compile_options(arch);
+    options.extend(extra_options.iter().cloned());
     let opts_c: Vec<CString> = options
         .iter()
         .map(|o| to_cstring("NVRTC option", o))
@@ -205,7 +217,7 @@ pub fn compile_source(name: &str, source: &str, arch: Arch) -> Result<Vec<u8>> {
                 if r != sys::nvrtcResult::NVRTC_SUCCESS {
                     Err(nvrtc_err("nvrtcGetCUBIN", r))
                 } else {
-                    Ok(cubin)
+                    Ok((cubin, program_log(prog)))
                 }
             }
         };

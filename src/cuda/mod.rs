@@ -23,7 +23,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use compile::{
-    cache_dir, compile_cubin, compile_options, compile_source, nvrtc_available, nvrtc_version,
+    cache_dir, compile_cubin, compile_options, compile_source, compile_source_with,
+    nvrtc_available, nvrtc_version,
 };
 pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn};
 
@@ -91,12 +92,20 @@ pub fn entry_names(source: &str) -> Vec<String> {
         let Some(after_void) = after.strip_prefix("void") else {
             continue;
         };
-        let name: String = after_void
-            .trim_start()
+        let mut tail = after_void.trim_start();
+        if let Some(lb) = tail.strip_prefix("__launch_bounds__") {
+            match lb.find(')') {
+                Some(close) => tail = lb[close + 1..].trim_start_matches([' ', '\t', '\\', '\n']),
+                None => continue,
+            }
+        }
+        let name: String = tail
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
-        if !name.is_empty() && !names.contains(&name) {
+        let rest_after = &tail[name.len()..];
+        // Macro-generated names (`a_##NAME##_b`) cannot be known from the text: skip them.
+        if !name.is_empty() && !rest_after.starts_with("##") && !names.contains(&name) {
             names.push(name);
         }
     }
@@ -330,10 +339,16 @@ mod tests {
     fn entries_are_found() {
         let src = "extern \"C\" __global__ void a_bf16(const P p) {}\n\
                    extern \"C\" __global__ __launch_bounds__(256, 2) void b_f16(const P p) {}\n\
-                   extern \"C\" { int x; }\n";
+                   extern \"C\" { int x; }\n\
+                   extern \"C\" __global__ void __launch_bounds__(128) c_f16(const P p) {}\n\
+                   extern \"C\" __global__ void __launch_bounds__(8) m_##N##_f16(const P p) {}\n";
         assert_eq!(
             entry_names(src),
-            vec!["a_bf16".to_string(), "b_f16".to_string()]
+            vec![
+                "a_bf16".to_string(),
+                "b_f16".to_string(),
+                "c_f16".to_string()
+            ]
         );
     }
 

@@ -50,6 +50,34 @@ fn compile_source<'py>(
     Ok(PyBytes::new(py, &cubin))
 }
 
+/// Compiles one source text with extra NVRTC options; returns (cubin_bytes, nvrtc_log).
+/// Diagnostics hook, e.g. `compile_source_log(src, "sm_86", ["--ptxas-options=-v"])`.
+#[pyfunction]
+#[pyo3(signature = (src, arch, extra_options = Vec::new(), name = "test_source"))]
+fn compile_source_log(
+    py: Python<'_>,
+    src: &str,
+    arch: &str,
+    extra_options: Vec<String>,
+    name: &str,
+) -> PyResult<(usize, String)> {
+    let arch = Arch::parse(arch)?;
+    let (cubin, log) = py.detach(|| super::compile_source_with(name, src, arch, &extra_options))?;
+    Ok((cubin.len(), log))
+}
+
+/// The embedded text of kernel family `name` ("nf4", "moe", "attention").
+#[pyfunction]
+fn kernel_source(name: &str) -> PyResult<&'static str> {
+    Ok(super::source(name)?.source)
+}
+
+/// Names of the kernel families.
+#[pyfunction]
+fn kernel_sources() -> Vec<&'static str> {
+    SOURCES.iter().map(|s| s.name).collect()
+}
+
 /// Whether the NVIDIA driver library loads and `cuInit` succeeds.
 #[pyfunction]
 fn cuda_driver_available() -> bool {
@@ -127,6 +155,9 @@ fn forced_tuning() -> Option<&'static str> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(compile_source, m)?)?;
+    m.add_function(wrap_pyfunction!(compile_source_log, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_sources, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_available, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;

@@ -1,1 +1,690 @@
-//! NF4 launchers (dequantize, linear, quantize). Filled in by the NF4 work of issue 3.
+//! NF4 launchers: dequantize, linear (decode and tensor-core paths), quantize.
+//!
+//! The `#[repr(C)]` structs mirror `kernels/nf4.cu` field for field (sizes asserted on both
+//! sides). Every launcher validates its arguments (null pointers, alignment, sizes that the
+//! kernels assume) and returns [`Error::InvalidArgument`] naming the argument; it then picks the
+//! launch configuration from the device's [`Tuning`] and launches on the caller's stream.
+
+use crate::cuda::{GpuDevice, Tuning};
+use crate::error::{Error, Result};
+use crate::ops::{ceil_div, check_opt_ptr, check_ptr, to_i32, Dtype};
+
+/// Elements per NF4 block.
+pub const BLOCK: i64 = 64;
+/// NF4 blocks per nested block.
+pub const NESTED_BLOCK: i64 = 256;
+/// Most segments of a multi-segment (fused q/k/v) weight.
+pub const MAX_SEGMENTS: usize = 3;
+
+/// Mirror of `Nf4Tensor` (56 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4TensorParams {
+    /// u8 [numel / 2], high nibble first.
+    pub packed: u64,
+    /// nested ? u8 [nb] : f32 [nb].
+    pub absmax: u64,
+    /// f32 [E * nnb] (nested only).
+    pub nested_absmax: u64,
+    /// f32 [256] (nested only).
+    pub nested_map: u64,
+    /// f32 [E] on the device, or 0 to use `nested_offset_value`.
+    pub nested_offset: u64,
+    /// The offset when `nested_offset` is 0.
+    pub nested_offset_value: f32,
+    /// 1 = nested statistics.
+    pub nested: i32,
+    /// Rows of this segment (linear only).
+    pub rows: i32,
+    /// Padding (keeps the size a multiple of 8).
+    pub pad_: i32,
+}
+
+/// Mirror of `Nf4DequantParams` (80 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4DequantParams {
+    /// The quantized tensor (all experts).
+    pub w: Nf4TensorParams,
+    /// bf16/f16 [n_experts * numel].
+    pub out: u64,
+    /// Elements per expert.
+    pub numel: i64,
+    /// Number of experts (1 for a single tensor).
+    pub n_experts: i32,
+    /// Nested blocks per expert.
+    pub nnb: i32,
+}
+
+/// Mirror of `Nf4LinearParams` (224 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4LinearParams {
+    /// Weight segments; output columns are concatenated in this order.
+    pub seg: [Nf4TensorParams; MAX_SEGMENTS],
+    /// [M, K] activations, row stride `ldx` elements.
+    pub x: u64,
+    /// [M, N] output, row stride `ldy` elements.
+    pub y: u64,
+    /// [N] bias or 0.
+    pub bias: u64,
+    /// Row stride of x in elements (multiple of 8).
+    pub ldx: i64,
+    /// Row stride of y in elements.
+    pub ldy: i64,
+    /// Rows of x.
+    pub m: i32,
+    /// Output features (sum of segment rows).
+    pub n: i32,
+    /// Input features (multiple of 64).
+    pub k: i32,
+    /// Used segments (1..=3).
+    pub n_segments: i32,
+}
+
+/// Mirror of `Nf4QuantizeParams` (72 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4QuantizeParams {
+    /// [n] input values.
+    pub input: u64,
+    /// u8 [ceil(n/2)] output codes.
+    pub packed: u64,
+    /// f32 [nb]: output (plain) or workspace (nested).
+    pub absmax: u64,
+    /// u8 [nb] nested codes (nested only).
+    pub codes: u64,
+    /// f32 [ceil(nb/256)] (nested only).
+    pub nested_absmax: u64,
+    /// f32 [256] signed dynamic map (nested only).
+    pub nested_map: u64,
+    /// f32 [1] offset output (nested only).
+    pub offset: u64,
+    /// Elements.
+    pub n: i64,
+    /// Blocks = ceil(n / 64).
+    pub nb: i64,
+}
+
+/// Statistics of one NF4 tensor as device pointers (what Python passes in).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4Stats {
+    /// u8 packed codes.
+    pub packed: u64,
+    /// f32 absmax (plain) or u8 codes (nested).
+    pub absmax: u64,
+    /// f32 nested absmax (nested only).
+    pub nested_absmax: u64,
+    /// f32 [256] nested map (nested only).
+    pub nested_map: u64,
+    /// f32 [E] device offsets, or 0.
+    pub nested_offset_ptr: u64,
+    /// The offset used when `nested_offset_ptr` is 0.
+    pub nested_offset_value: f32,
+    /// Double-quantized statistics.
+    pub nested: bool,
+}
+
+impl Nf4Stats {
+    fn check(&self, what: &str) -> Result<()> {
+        check_ptr(&format!("{what}.packed"), self.packed, 16)?;
+        if self.nested {
+            check_ptr(&format!("{what}.absmax (uint8 codes)"), self.absmax, 1)?;
+            check_ptr(&format!("{what}.nested_absmax"), self.nested_absmax, 4)?;
+            check_ptr(&format!("{what}.nested_quant_map"), self.nested_map, 4)?;
+            check_opt_ptr(&format!("{what}.nested_offset"), self.nested_offset_ptr, 4)?;
+            if self.nested_offset_ptr == 0 && !self.nested_offset_value.is_finite() {
+                return Err(Error::arg(format!(
+                    "{what}.nested_offset: expected a finite value, found {}",
+                    self.nested_offset_value
+                )));
+            }
+        } else {
+            check_ptr(&format!("{what}.absmax (float32)"), self.absmax, 4)?;
+        }
+        Ok(())
+    }
+
+    fn params(&self, rows: i32) -> Nf4TensorParams {
+        Nf4TensorParams {
+            packed: self.packed,
+            absmax: self.absmax,
+            nested_absmax: if self.nested { self.nested_absmax } else { 0 },
+            nested_map: if self.nested { self.nested_map } else { 0 },
+            nested_offset: if self.nested {
+                self.nested_offset_ptr
+            } else {
+                0
+            },
+            nested_offset_value: if self.nested {
+                self.nested_offset_value
+            } else {
+                0.0
+            },
+            nested: self.nested as i32,
+            rows,
+            pad_: 0,
+        }
+    }
+}
+
+/// Dequantizes `n_experts` NF4 tensors of `numel` elements each (expert e: elements
+/// `[e*numel, (e+1)*numel)`, nested index `e * nnb + block / 256`, offset `offsets[e]`) into
+/// `out` (bf16/f16, 16-byte aligned).
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the documented size on `dev`, and
+/// `stream` a stream of `dev`'s primary context.
+pub unsafe fn dequantize(
+    dev: &GpuDevice,
+    stats: &Nf4Stats,
+    numel: i64,
+    n_experts: i64,
+    dtype: Dtype,
+    out: u64,
+    stream: u64,
+) -> Result<()> {
+    let params = dequantize_params(stats, numel, n_experts, out)?;
+    let total = numel * n_experts;
+    let chunks = ceil_div(total as u64, 32);
+    let blocks = ceil_div(chunks, 256).min(dev.sm_count() as u64 * 64).max(1) as u32;
+    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4DequantParams.
+    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, &params) }
+}
+
+/// Validates the arguments of [`dequantize`] and builds its params (no GPU needed).
+pub fn dequantize_params(
+    stats: &Nf4Stats,
+    numel: i64,
+    n_experts: i64,
+    out: u64,
+) -> Result<Nf4DequantParams> {
+    stats.check("weight")?;
+    check_ptr("out", out, 16)?;
+    if numel <= 0 {
+        return Err(Error::arg(format!("numel must be >= 1, found {numel}")));
+    }
+    if n_experts < 1 {
+        return Err(Error::arg(format!(
+            "n_experts must be >= 1, found {n_experts}"
+        )));
+    }
+    if n_experts > 1 && numel % BLOCK != 0 {
+        return Err(Error::arg(format!(
+            "fused experts: elements per expert must be a multiple of 64, found {numel}"
+        )));
+    }
+    let total = numel
+        .checked_mul(n_experts)
+        .ok_or_else(|| Error::arg("numel * n_experts overflows"))?;
+    if total > i64::MAX / 4 {
+        return Err(Error::arg(format!("{total} elements is too many")));
+    }
+    let nnb = ceil_div(ceil_div(numel as u64, BLOCK as u64), NESTED_BLOCK as u64) as i64;
+    Ok(Nf4DequantParams {
+        w: stats.params(0),
+        out,
+        numel,
+        n_experts: to_i32("n_experts", n_experts)?,
+        nnb: to_i32("nested blocks per expert", nnb)?,
+    })
+}
+
+/// One weight segment of a linear layer: `rows` x K.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// The segment's NF4 statistics.
+    pub stats: Nf4Stats,
+    /// Output rows of this segment.
+    pub rows: i64,
+}
+
+/// Which linear kernel to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearPath {
+    /// Pick by M, N and the device tuning.
+    Auto,
+    /// Decode kernel (M <= 16).
+    Decode,
+    /// Tensor-core kernel with the large tile (128 x 128).
+    MmaLarge,
+    /// Tensor-core kernel with the medium tile (64 x 128).
+    MmaMedium,
+    /// Tensor-core kernel with the small tile (64 x 64).
+    MmaSmall,
+}
+
+impl LinearPath {
+    /// Parses `auto`, `decode`, `mma` (auto tile), `mma_l`, `mma_m`, `mma_s`.
+    pub fn parse(text: &str) -> Result<Option<LinearPath>> {
+        Ok(Some(match text {
+            "auto" => LinearPath::Auto,
+            "decode" => LinearPath::Decode,
+            "mma" => return Ok(None),
+            "mma_l" => LinearPath::MmaLarge,
+            "mma_m" => LinearPath::MmaMedium,
+            "mma_s" => LinearPath::MmaSmall,
+            other => {
+                return Err(Error::arg(format!(
+                    "path '{other}': expected 'auto', 'decode', 'mma', 'mma_l', 'mma_m' or 'mma_s'"
+                )))
+            }
+        }))
+    }
+}
+
+/// A resolved launch configuration of the linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearPlan {
+    /// Kernel entry without the dtype suffix.
+    pub entry: &'static str,
+    /// Grid.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory bytes.
+    pub smem: u32,
+}
+
+struct MmaConfig {
+    name: &'static str,
+    bm: i64,
+    bn: i64,
+    threads: u32,
+    stages: i64,
+}
+
+impl MmaConfig {
+    fn smem(&self) -> u32 {
+        (self.stages * self.bm * 64 * 2 + 2 * self.bn * 64 * 2 + self.stages * self.bn * 32 + 64)
+            as u32
+    }
+}
+
+fn mma_config(size: LinearPath, tuning: Tuning) -> MmaConfig {
+    let deep = tuning != Tuning::Sm86;
+    match size {
+        LinearPath::MmaLarge => MmaConfig {
+            name: if deep {
+                "nf4_linear_mma_l4"
+            } else {
+                "nf4_linear_mma_l3"
+            },
+            bm: 128,
+            bn: 128,
+            threads: 256,
+            stages: if deep { 4 } else { 3 },
+        },
+        LinearPath::MmaMedium => MmaConfig {
+            name: if deep {
+                "nf4_linear_mma_m4"
+            } else {
+                "nf4_linear_mma_m3"
+            },
+            bm: 64,
+            bn: 128,
+            threads: 256,
+            stages: if deep { 4 } else { 3 },
+        },
+        _ => MmaConfig {
+            name: "nf4_linear_mma_s4",
+            bm: 64,
+            bn: 64,
+            threads: 128,
+            stages: 4,
+        },
+    }
+}
+
+/// Largest M served by the decode kernel.
+pub const DECODE_MAX_M: i64 = 16;
+
+/// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
+pub fn plan_linear(
+    m: i64,
+    n: i64,
+    sm_count: u32,
+    tuning: Tuning,
+    path: Option<LinearPath>,
+) -> Result<LinearPlan> {
+    let path = match path {
+        Some(LinearPath::Auto) => {
+            if m <= DECODE_MAX_M {
+                LinearPath::Decode
+            } else {
+                auto_mma_size(m, n, sm_count)
+            }
+        }
+        Some(p) => p,
+        None => auto_mma_size(m, n, sm_count),
+    };
+    if path == LinearPath::Decode {
+        if m > DECODE_MAX_M {
+            return Err(Error::arg(format!(
+                "the decode path serves M <= {DECODE_MAX_M}, found M = {m}"
+            )));
+        }
+        let (entry, nt) = if m <= 8 {
+            ("nf4_linear_decode_m8", 1)
+        } else {
+            ("nf4_linear_decode_m16", 2)
+        };
+        return Ok(LinearPlan {
+            entry,
+            grid: (ceil_div(n as u64, 8 * nt) as u32, 1, 1),
+            threads: 256,
+            smem: 256 * 32 * 4 + 8 * nt as u32 * 4 * 32 * 4,
+        });
+    }
+    let c = mma_config(path, tuning);
+    let gy = ceil_div(m as u64, c.bm as u64);
+    if gy > 65535 {
+        return Err(Error::arg(format!("M = {m} is too large for one launch")));
+    }
+    Ok(LinearPlan {
+        entry: c.name,
+        grid: (ceil_div(n as u64, c.bn as u64) as u32, gy as u32, 1),
+        threads: c.threads,
+        smem: c.smem(),
+    })
+}
+
+fn auto_mma_size(m: i64, n: i64, sm_count: u32) -> LinearPath {
+    let blocks = |bm: i64, bn: i64| ceil_div(m as u64, bm as u64) * ceil_div(n as u64, bn as u64);
+    let sms = sm_count as u64;
+    if blocks(128, 128) >= sms {
+        LinearPath::MmaLarge
+    } else if blocks(64, 128) >= sms {
+        LinearPath::MmaMedium
+    } else {
+        LinearPath::MmaSmall
+    }
+}
+
+/// Arguments of [`linear`] besides the weight segments.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearArgs {
+    /// [M, K] activations.
+    pub x: u64,
+    /// Row stride of x (elements).
+    pub ldx: i64,
+    /// Rows of x.
+    pub m: i64,
+    /// Input features.
+    pub k: i64,
+    /// [M, N] output.
+    pub y: u64,
+    /// Row stride of y (elements).
+    pub ldy: i64,
+    /// [N] bias or 0.
+    pub bias: u64,
+    /// Activation / output dtype.
+    pub dtype: Dtype,
+}
+
+/// y = x W^T + b with W given as 1..=3 NF4 segments (rows concatenated). Returns the plan used.
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the documented size on `dev`, and
+/// `stream` a stream of `dev`'s primary context.
+pub unsafe fn linear(
+    dev: &GpuDevice,
+    segments: &[Segment],
+    a: &LinearArgs,
+    path: Option<LinearPath>,
+    stream: u64,
+) -> Result<LinearPlan> {
+    let params = linear_params(segments, a)?;
+    let plan = plan_linear(a.m, params.n as i64, dev.sm_count(), dev.tuning(), path)?;
+    let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
+    unsafe {
+        dev.launch(
+            &f,
+            plan.grid,
+            (plan.threads, 1, 1),
+            plan.smem,
+            stream,
+            &params,
+        )?;
+    }
+    Ok(plan)
+}
+
+/// Validates the arguments of [`linear`] and builds its params (no GPU needed).
+pub fn linear_params(segments: &[Segment], a: &LinearArgs) -> Result<Nf4LinearParams> {
+    if segments.is_empty() || segments.len() > MAX_SEGMENTS {
+        return Err(Error::arg(format!(
+            "a weight has 1..={MAX_SEGMENTS} segments, found {}",
+            segments.len()
+        )));
+    }
+    if a.m < 1 {
+        return Err(Error::arg(format!("x must have >= 1 row, found {}", a.m)));
+    }
+    if a.k < BLOCK || a.k % BLOCK != 0 {
+        return Err(Error::arg(format!(
+            "in_features K must be a positive multiple of 64 (NF4 blocks must not straddle rows), found {}",
+            a.k
+        )));
+    }
+    check_ptr("x", a.x, 16)?;
+    if a.ldx < a.k || a.ldx % 8 != 0 {
+        return Err(Error::arg(format!(
+            "x row stride must be >= K = {} and a multiple of 8 elements, found {}",
+            a.k, a.ldx
+        )));
+    }
+    check_ptr("y", a.y, 4)?;
+    check_opt_ptr("bias", a.bias, 2)?;
+    let mut params = Nf4LinearParams::default();
+    let mut n: i64 = 0;
+    for (i, s) in segments.iter().enumerate() {
+        let what = format!("segment {i}");
+        s.stats.check(&what)?;
+        if s.rows < 1 {
+            return Err(Error::arg(format!(
+                "{what}: rows must be >= 1, found {}",
+                s.rows
+            )));
+        }
+        params.seg[i] = s.stats.params(to_i32("segment rows", s.rows)?);
+        n += s.rows;
+    }
+    if a.ldy < n {
+        return Err(Error::arg(format!(
+            "y row stride must be >= N = {n}, found {}",
+            a.ldy
+        )));
+    }
+    params.x = a.x;
+    params.y = a.y;
+    params.bias = a.bias;
+    params.ldx = a.ldx;
+    params.ldy = a.ldy;
+    params.m = to_i32("M", a.m)?;
+    params.n = to_i32("N", n)?;
+    params.k = to_i32("K", a.k)?;
+    params.n_segments = segments.len() as i32;
+    // Row offsets of packed data and absmax are computed in 64 bits in the kernels.
+    Ok(params)
+}
+
+/// Input element type of [`quantize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantInput {
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+}
+
+impl QuantInput {
+    /// Parses `bfloat16`, `float16` or `float32` (optionally `torch.`-prefixed).
+    pub fn parse(text: &str) -> Result<QuantInput> {
+        match text.trim().trim_start_matches("torch.") {
+            "bfloat16" | "bf16" => Ok(QuantInput::Bf16),
+            "float16" | "f16" | "half" => Ok(QuantInput::F16),
+            "float32" | "f32" | "float" => Ok(QuantInput::F32),
+            other => Err(Error::arg(format!(
+                "weight dtype '{other}': expected bfloat16, float16 or float32"
+            ))),
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            QuantInput::Bf16 => "nf4_quantize_blocks_bf16",
+            QuantInput::F16 => "nf4_quantize_blocks_f16",
+            QuantInput::F32 => "nf4_quantize_blocks_f32",
+        }
+    }
+
+    fn align(self) -> u64 {
+        match self {
+            QuantInput::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// Output and workspace pointers of [`quantize`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantizeOut {
+    /// u8 [ceil(n/2)].
+    pub packed: u64,
+    /// f32 [nb]: the absmax output (plain) or workspace (nested).
+    pub absmax: u64,
+    /// u8 [nb] nested codes (nested only).
+    pub codes: u64,
+    /// f32 [ceil(nb/256)] (nested only).
+    pub nested_absmax: u64,
+    /// f32 [256] signed dynamic map input (nested only).
+    pub nested_map: u64,
+    /// f32 [1] offset output (nested only).
+    pub offset: u64,
+}
+
+/// Quantizes `n` values with bitsandbytes' CUDA semantics (see kernels/nf4.cu).
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the documented size on `dev`, and
+/// `stream` a stream of `dev`'s primary context.
+pub unsafe fn quantize(
+    dev: &GpuDevice,
+    input: u64,
+    kind: QuantInput,
+    n: i64,
+    nested: bool,
+    out: &QuantizeOut,
+    stream: u64,
+) -> Result<()> {
+    let params = quantize_params(input, kind, n, nested, out)?;
+    let nb = params.nb;
+    let f = dev.function_for_stream("nf4", kind.entry(), stream)?;
+    let grid = ceil_div(nb as u64, 8);
+    // SAFETY: forwarded contract; params mirrors Nf4QuantizeParams.
+    unsafe { dev.launch(&f, (grid as u32, 1, 1), (256, 1, 1), 0, stream, &params)? };
+    if nested {
+        let fm = dev.function_for_stream("nf4", "nf4_quantize_mean", stream)?;
+        let fn_ = dev.function_for_stream("nf4", "nf4_quantize_nested", stream)?;
+        let nnb = ceil_div(nb as u64, NESTED_BLOCK as u64);
+        // SAFETY: as above.
+        unsafe {
+            dev.launch(&fm, (1, 1, 1), (1024, 1, 1), 0, stream, &params)?;
+            dev.launch(&fn_, (nnb as u32, 1, 1), (256, 1, 1), 0, stream, &params)?;
+        }
+    }
+    Ok(())
+}
+
+/// Validates the arguments of [`quantize`] and builds its params (no GPU needed).
+pub fn quantize_params(
+    input: u64,
+    kind: QuantInput,
+    n: i64,
+    nested: bool,
+    out: &QuantizeOut,
+) -> Result<Nf4QuantizeParams> {
+    check_ptr("weight", input, kind.align())?;
+    check_ptr("packed", out.packed, 1)?;
+    check_ptr("absmax", out.absmax, 4)?;
+    if n < 1 {
+        return Err(Error::arg(format!(
+            "weight must have >= 1 element, found {n}"
+        )));
+    }
+    if nested {
+        check_ptr("absmax codes", out.codes, 1)?;
+        check_ptr("nested_absmax", out.nested_absmax, 4)?;
+        check_ptr("nested_quant_map", out.nested_map, 4)?;
+        check_ptr("nested_offset", out.offset, 4)?;
+    }
+    let nb = ceil_div(n as u64, BLOCK as u64) as i64;
+    if ceil_div(nb as u64, 8) > i32::MAX as u64 {
+        return Err(Error::arg(format!("weight of {n} elements is too large")));
+    }
+    Ok(Nf4QuantizeParams {
+        input,
+        packed: out.packed,
+        absmax: out.absmax,
+        codes: out.codes,
+        nested_absmax: out.nested_absmax,
+        nested_map: out.nested_map,
+        offset: out.offset,
+        n,
+        nb,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_kernel_structs() {
+        // The .cu static_asserts the same sizes; both must change together.
+        assert_eq!(std::mem::size_of::<Nf4TensorParams>(), 56);
+        assert_eq!(std::mem::size_of::<Nf4DequantParams>(), 80);
+        assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 224);
+        assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
+        assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
+    }
+
+    #[test]
+    fn mma_smem_matches_the_kernel() {
+        let s = |p, t| mma_config(p, t).smem();
+        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm90), 114_752);
+        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm86), 94_272);
+        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm80), 81_984);
+        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm86), 69_696);
+        assert_eq!(s(LinearPath::MmaSmall, Tuning::Sm86), 57_408);
+        for p in [
+            LinearPath::MmaLarge,
+            LinearPath::MmaMedium,
+            LinearPath::MmaSmall,
+        ] {
+            assert!(s(p, Tuning::Sm86) <= Tuning::Sm86.smem_budget(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn plans() {
+        let p = plan_linear(1, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.entry, "nf4_linear_decode_m8");
+        assert_eq!(p.grid.0, 720);
+        let p = plan_linear(16, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.entry, "nf4_linear_decode_m16");
+        assert_eq!(p.grid.0, 360);
+        let p = plan_linear(2048, 5760, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.entry, "nf4_linear_mma_l3");
+        assert_eq!(p.grid, (45, 16, 1));
+        let p = plan_linear(64, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.entry, "nf4_linear_mma_s4");
+        assert!(plan_linear(17, 64, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
+        assert!(LinearPath::parse("bogus").is_err());
+    }
+}

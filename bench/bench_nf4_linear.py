@@ -1,0 +1,312 @@
+"""Benchmark: NF4 linear (y = x W^T + b) against the bandwidth ceiling and cuBLAS bf16.
+
+For each weight shape N x K and each M it reports, on one card in one sitting:
+
+* ``ours``: ``gptoss_3090.ops.nf4_linear`` with the runtime's choice (``auto``), and separately
+  the fused kernel (``kernel``: decode kernel for M <= 16, tensor-core kernel above) and
+  ``dequant_matmul`` (dequantize into a scratch tensor + cuBLAS) for M > 16;
+* ``cublas``: ``torch.nn.functional.linear`` on the dequantized bf16 weight;
+* ``bnb``: bitsandbytes ``matmul_4bit`` when it imports with CUDA;
+* ``copy``: a large device-to-device copy (bytes read + written per second), the ceiling.
+
+Timing: every measured call runs inside a CUDA graph of ``--calls`` back-to-back calls that
+rotate over enough weight copies to exceed 4x the L2 cache (so weights come from DRAM); the
+graph is replayed ``--reps`` times and the median per-call time is reported (CUDA events).
+GB/s counts the weight bytes a call must read (NF4: packed + absmax + nested statistics;
+cuBLAS: the bf16 weight), TFLOP/s counts 2*M*N*K.
+
+Usage: ``PYTHONPATH=python python3 bench/bench_nf4_linear.py --out bench/results/nf4_linear.json``
+(``--quick`` for a short run; ``--tunings auto,sm86`` runs the RTX 3090 configuration too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+
+SHAPES = [(5760, 2880), (2880, 2880), (4096, 2880), (2880, 4096), (512, 2880)]
+MS = [1, 4, 16, 64, 256, 2048]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def time_graph(fn: Callable[[int], object], calls: int, reps: int) -> float:
+    """Median seconds per call of fn(i), i = 0..calls-1, captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(min(calls, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int) -> float:
+    n = 1 << 30  # 1 GiB
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(reps, 5)):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    return 2 * n / statistics.median(times)
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        x = torch.randn(64, 64, dtype=torch.bfloat16, device="cuda")
+        q, st = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+        bnb.matmul_4bit(torch.randn(1, 64, dtype=torch.bfloat16, device="cuda"), q.t(), st)
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+HEADER = (
+    f"{'tuning':6} {'shape':>10} {'M':>5} | {'ours us':>8} {'GB/s':>6} {'%copy':>6} "
+    f"{'TFLOP/s':>7} {'kernel':>24} | {'fused us':>8} {'dq+mm us':>8} | "
+    f"{'cuBLAS us':>9} {'x cuBLAS':>8} | {'bnb us':>7}"
+)
+
+
+def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
+    """Times one (shape, M) under the current tuning; ``w`` holds the weight copies."""
+    from gptoss_3090 import _native, ops, runtime
+
+    args = ctx["args"]
+    dtype = torch.bfloat16
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    ws, wds, bnb_ws, bias = w["nf4"], w["bf16"], w["bnb"], w["bias"]
+    flops = 2.0 * m * n * k
+
+    def ours(i: int, path: str = "auto") -> torch.Tensor:
+        return ops.nf4_linear(x, ws[i % len(ws)], bias, path=path)
+
+    def fused(i: int) -> torch.Tensor:
+        return ours(i, "decode" if m <= 16 else "mma")
+
+    def dequant_mm(i: int) -> torch.Tensor:
+        return ours(i, "dequant_matmul")
+
+    def cublas(i: int) -> torch.Tensor:
+        return torch.nn.functional.linear(x, wds[i % len(wds)], bias)
+
+    t_auto = time_graph(ours, args.calls, args.reps)
+    plan = "dequant_matmul"
+    if not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
+        plan = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n)["entry"]
+    t_fused = time_graph(fused, args.calls, args.reps)
+    t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")
+    t_cublas = time_graph(cublas, args.calls, args.reps)
+    t_bnb = float("nan")
+    if bnb_ws:
+        import bitsandbytes as bnb
+
+        def bnb_call(i: int) -> torch.Tensor:
+            q, st = bnb_ws[i % len(bnb_ws)]
+            return bnb.matmul_4bit(x, q.t(), st, bias=bias)
+
+        try:
+            t_bnb = time_graph(bnb_call, args.calls, args.reps)
+        except Exception as e:  # not capturable: report and go on
+            print(f"# bitsandbytes timing failed: {e}", file=sys.stderr)
+            bnb_ws.clear()
+    nf4_bytes, bf16_bytes, copy_bps = w["nf4_bytes"], w["bf16_bytes"], ctx["copy_bps"]
+    return {
+        "N": n,
+        "K": k,
+        "M": m,
+        "kernel": plan,
+        "ours_us": t_auto * 1e6,
+        "ours_gbps": nf4_bytes / t_auto / 1e9,
+        "ours_frac_copy": nf4_bytes / t_auto / copy_bps,
+        "ours_tflops": flops / t_auto / 1e12,
+        "fused_us": t_fused * 1e6,
+        "dequant_matmul_us": t_dq * 1e6,
+        "cublas_us": t_cublas * 1e6,
+        "cublas_gbps": bf16_bytes / t_cublas / 1e9,
+        "cublas_tflops": flops / t_cublas / 1e12,
+        "speed_vs_cublas": t_cublas / t_auto,
+        "bnb_us": t_bnb * 1e6,
+        "nf4_bytes": nf4_bytes,
+        "weight_copies": len(ws),
+    }
+
+
+def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, first: bool):
+    """All M and tunings for one weight shape; weight copies rotate to exceed 4x L2."""
+    from gptoss_3090 import ops, runtime
+
+    dtype = torch.bfloat16
+    l2 = ctx["l2"]
+    base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
+    copies = max(2, math.ceil(4 * l2 / base.nbytes) + 1)
+    nf4 = [base] + [
+        ops.Nf4Weight(
+            packed=base.packed.clone(),
+            absmax=base.absmax.clone(),
+            shape=base.shape,
+            dtype=base.dtype,
+            nested_absmax=base.nested_absmax.clone(),
+            nested_quant_map=base.nested_quant_map,
+            nested_offset=base.nested_offset,
+        )
+        for _ in range(copies - 1)
+    ]
+    wd = base.dequantize()
+    dcopies = max(2, math.ceil(4 * l2 / (wd.numel() * 2)) + 1)
+    w = {
+        "nf4": nf4,
+        "bf16": [wd] + [wd.clone() for _ in range(dcopies - 1)],
+        "bnb": [],
+        "bias": torch.randn(n, dtype=dtype, device="cuda") * 0.1,
+        "nf4_bytes": base.nbytes,
+        "bf16_bytes": wd.numel() * 2,
+    }
+    if ctx["have_bnb"]:
+        import bitsandbytes.functional as F
+
+        q, st = F.quantize_4bit(wd, blocksize=64, quant_type="nf4", compress_statistics=True)
+        w["bnb"] = [(q.clone(), st) for _ in range(copies)]
+    rows = []
+    for tuning in tunings:
+        with runtime.forced_tuning(None if tuning == "auto" else tuning):
+            for m in ms:
+                row = {"tuning": tuning, **bench_point(m, n, k, w, ctx)}
+                rows.append(row)
+                if first and len(rows) == 1:
+                    print(HEADER)
+                print(
+                    f"{tuning:6} {f'{n}x{k}':>10} {m:5d} | {row['ours_us']:8.1f} "
+                    f"{row['ours_gbps']:6.0f} {100 * row['ours_frac_copy']:5.0f}% "
+                    f"{row['ours_tflops']:7.1f} {row['kernel']:>24} | {row['fused_us']:8.1f} "
+                    f"{row['dequant_matmul_us']:8.1f} | {row['cublas_us']:9.1f} "
+                    f"{row['speed_vs_cublas']:7.2f}x | {row['bnb_us']:7.1f}",
+                    flush=True,
+                )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="write JSON results here")
+    ap.add_argument("--shapes", default=None, help="e.g. 5760x2880,512x2880")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16,2048")
+    ap.add_argument("--tunings", default="auto,sm86", help="comma list of auto/sm80/sm86/sm90")
+    ap.add_argument("--calls", type=int, default=40, help="calls per CUDA graph")
+    ap.add_argument("--reps", type=int, default=7, help="graph replays (median)")
+    ap.add_argument("--quick", action="store_true", help="fewer calls and replays")
+    ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark", file=sys.stderr)
+        return 2
+    from gptoss_3090 import runtime
+
+    if args.quick:
+        args.calls, args.reps = 12, 3
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
+    tunings = [t.strip() for t in args.tunings.split(",") if t.strip()]
+
+    torch.manual_seed(0)
+    runtime.warmup()
+    info = runtime.device_info()
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", info["l2_bytes"]))
+    copy_bps = copy_bandwidth(args.reps)
+    have_bnb = (not args.no_bnb) and bnb_available()
+    print(
+        f"# {info['name']} ({info['arch']}, {info['sm_count']} SMs, L2 {l2 / 2**20:.0f} MiB); "
+        f"device-to-device copy {copy_bps / 1e9:.0f} GB/s; bitsandbytes CUDA: {have_bnb}"
+    )
+    rows: list[dict] = []
+    ctx = {"copy_bps": copy_bps, "l2": l2, "have_bnb": have_bnb, "args": args}
+    for n, k in shapes:
+        rows += bench_shape(n, k, ms, tunings, ctx, first=not rows)
+        torch.cuda.empty_cache()
+
+    result = {
+        "card": info["name"],
+        "arch": info["arch"],
+        "sm_count": info["sm_count"],
+        "l2_bytes": l2,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "git_commit": git_commit(),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "torch": torch.__version__,
+        "copy_gbps": copy_bps / 1e9,
+        "bitsandbytes_cuda": have_bnb,
+        "method": "CUDA-graph replay of back-to-back calls rotating over >4x L2 of weight "
+        "copies; median of replays; GB/s = weight bytes / time",
+        "rows": rows,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"# wrote {args.out}")
+    targets = [r for r in rows if r["M"] == 1 and (r["N"], r["K"]) in ((5760, 2880), (4096, 2880))]
+    for r in targets:
+        print(
+            f"# target M=1 {r['N']}x{r['K']} [{r['tuning']}]: {100 * r['ours_frac_copy']:.0f}% "
+            "of copy bandwidth (goal >= 80%)"
+        )
+    for r in rows:
+        if r["M"] == 2048:
+            print(
+                f"# target M=2048 {r['N']}x{r['K']} [{r['tuning']}]: {r['speed_vs_cublas']:.2f}x "
+                "cuBLAS (goal >= 0.9x)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

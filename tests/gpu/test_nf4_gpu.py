@@ -1,0 +1,612 @@
+"""NF4 GPU kernels against real references (skipped without CUDA).
+
+References, all computed independently of the kernels under test:
+* dequantize: bitsandbytes' CPU ``dequantize_4bit`` when importable, ``gptoss_3090.nf4`` (exact
+  CPU implementation) when present, and always the documented formula in fp32 torch math
+  (product, then one round-to-nearest-even cast);
+* quantize: a vectorised torch transcription of bitsandbytes' CUDA semantics (below),
+  ``gptoss_3090.nf4.quantize`` when present, bitsandbytes' CUDA ``quantize_4bit`` when it imports
+  with CUDA;
+* linear: dequantize, then matmul in fp32 (relative error <= 1e-2 in bf16/fp16).
+
+Run: ``PYTHONPATH=python python3 -m pytest -q tests/gpu/test_nf4_gpu.py`` (``-s`` prints tables).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+if torch.cuda.is_available():
+    from gptoss_3090 import ops, runtime
+    from gptoss_3090.ops import Nf4FusedWeight, Nf4Weight
+
+DEV = "cuda"
+SHAPES = [(5760, 2880), (2880, 2880), (4096, 2880), (2880, 4096), (512, 2880)]
+ODD_SHAPES = [(8, 64), (24, 192), (40, 128), (136, 320), (72, 64), (200, 448)]
+MS = [1, 3, 16, 17, 64, 256, 2048]
+NF4 = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+
+@pytest.fixture(params=[None, "sm86"], ids=["auto-tuning", "forced-sm86"])
+def tuning(request):
+    """Runs each test with the GPU's own launch configs and with the RTX 3090 (sm_86) ones."""
+    with runtime.forced_tuning(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    runtime.warmup()
+    info = runtime.device_info()
+    print(
+        f"\n[device] {info['name']} {info['arch']} tuning={info['tuning']} "
+        f"SMs={info['sm_count']} smem_optin={info['max_shared_per_block_optin']}"
+    )
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# References.
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_absmax(absmax, nested_absmax, nested_map, offset, nb_per_expert, n_experts):
+    """Per-block fp32 absmax, bitsandbytes' formula: map[code] * scale (fp32), then + offset."""
+    if absmax.dtype == torch.float32:
+        return absmax.cpu()
+    codes = absmax.cpu().long().view(n_experts, nb_per_expert)
+    nnb = -(-nb_per_expert // 256)
+    scale = nested_absmax.cpu().view(n_experts, nnb)
+    idx = torch.arange(nb_per_expert) // 256
+    prod = nested_map.cpu()[codes] * scale[:, idx]  # fp32 multiply (rounded)
+    off = offset.cpu().view(n_experts, 1) if isinstance(offset, torch.Tensor) else offset
+    return (prod + off).reshape(-1)  # fp32 add (rounded): never fused
+
+
+def ref_dequant(packed, absmax_f32, numel_total, dtype):
+    p = packed.cpu().reshape(-1)
+    codes = torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[:numel_total].long()
+    am = absmax_f32.repeat_interleave(64)[:numel_total]
+    return (NF4[codes] * am).to(dtype)  # fp32 product, one RNE cast
+
+
+def bnb_cpu_dequant(packed, absmax_f32, shape, dtype):
+    """bitsandbytes' own CPU dequantization (absmax already expanded to f32), or None."""
+    try:
+        import bitsandbytes.functional as F
+        from bitsandbytes.functional import QuantState
+    except Exception:
+        return None
+    try:
+        qs = QuantState(
+            absmax=absmax_f32.cpu(),
+            shape=torch.Size(shape),
+            code=NF4.clone(),
+            blocksize=64,
+            quant_type="nf4",
+            dtype=dtype,
+        )
+        return F.dequantize_4bit(packed.cpu().reshape(-1, 1), qs, quant_type="nf4")
+    except Exception:
+        return None
+
+
+def bnb_search8(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA 8-bit encoder (7-step binary search + fp32 midpoint), vectorised."""
+    n = x.numel()
+    pivot = torch.full((n,), 127, dtype=torch.long)
+    up = torch.full((n,), 255, dtype=torch.long)
+    lo = torch.zeros(n, dtype=torch.long)
+    lower = torch.full((n,), -1.0)
+    upper = torch.full((n,), 1.0)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        right = x > val
+        lo = torch.where(right, pivot, lo)
+        lower = torch.where(right, val, lower)
+        up = torch.where(right, up, pivot)
+        upper = torch.where(right, upper, val)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        val = code[pivot]
+        step //= 2
+    upper = torch.where(up == 255, code[255], upper)
+    lower = torch.where(lo == 0, code[0], lower)
+    mid_up = (upper + val) * 0.5
+    mid_lo = (lower + val) * 0.5
+    res_r = torch.where(x > mid_up, up, pivot)
+    res_l = torch.where(x < mid_lo, lo, pivot)
+    return torch.where(x > val, res_r, res_l).to(torch.uint8)
+
+
+def ref_quantize(w: torch.Tensor, nested: bool, offset_override: float | None = None):
+    """bitsandbytes CUDA quantize_4bit semantics in torch (CPU): see kernels/nf4.cu."""
+    x = w.detach().cpu().float().reshape(-1)
+    n = x.numel()
+    nb = -(-n // 64)
+    xp = torch.zeros(nb * 64)
+    xp[:n] = x
+    blocks = xp.view(nb, 64)
+    amax = blocks.abs().amax(dim=1)
+    inv = 1.0 / amax
+    v = blocks * inv[:, None]
+    mids = (NF4[:-1] + NF4[1:]) * 0.5
+    codes = (v[..., None] > mids).sum(-1).to(torch.uint8).reshape(-1)[: 2 * ((n + 1) // 2)]
+    if codes.numel() < 2 * ((n + 1) // 2):
+        codes = torch.cat([codes, torch.zeros(1, dtype=torch.uint8)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    if not nested:
+        return packed, amax, None, None
+    offset = float(amax.double().sum() / nb) if offset_override is None else offset_override
+    offset = torch.tensor(offset, dtype=torch.float32)
+    v2 = amax - offset
+    nnb = -(-nb // 256)
+    v2p = torch.zeros(nnb * 256)
+    v2p[:nb] = v2
+    s = v2p.view(nnb, 256).abs().amax(1)
+    xq = (v2p.view(nnb, 256) * (1.0 / s)[:, None]).reshape(-1)[:nb]
+    qcodes = bnb_search8(ops.dynamic_map_signed().cpu(), xq)
+    return packed, qcodes, s, float(offset)
+
+
+def rand_nf4(shape, nested: bool, seed: int, n_experts: int = 1):
+    """Random but valid NF4 buffers on the GPU: random codes, realistic statistics."""
+    g = gen(seed)
+    numel = math.prod(shape)
+    total = numel * n_experts
+    packed = torch.randint(0, 256, ((total + 1) // 2,), generator=g, dtype=torch.uint8)
+    nb = -(-numel // 64)
+    if not nested:
+        absmax = (torch.rand(nb * n_experts, generator=g) * 0.1 + 1e-3).float()
+        return packed.to(DEV), absmax.to(DEV), None, None, None
+    codes = torch.randint(0, 256, (nb * n_experts,), generator=g, dtype=torch.uint8)
+    nnb = -(-nb // 256)
+    scale = (torch.rand(nnb * n_experts, generator=g) * 0.05 + 0.01).float()
+    offsets = (torch.rand(n_experts, generator=g) * 0.05 + 0.02).float()
+    nmap = ops.dynamic_map_signed().to(DEV)
+    return packed.to(DEV), codes.to(DEV), scale.to(DEV), nmap, offsets.to(DEV)
+
+
+def make_weight(n, k, dtype, nested=True, seed=0, scale=0.02) -> Nf4Weight:
+    g = gen(seed)
+    w = (torch.randn(n, k, generator=g) * scale).to(dtype).to(DEV)
+    return ops.nf4_quantize(w, nested=nested)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantize.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(5760, 2880), (512, 2880), (3, 100), (1, 7), (257, 64)])
+def test_dequant_single_bit_exact(shape, nested, dtype):
+    packed, absmax, nabs, nmap, offsets = rand_nf4(shape, nested, seed=hash((shape, nested)) % 1000)
+    off = float(offsets[0]) if nested else None
+    out = ops.nf4_dequantize(packed, absmax, shape, dtype, nabs, nmap, off)
+    numel = math.prod(shape)
+    nb = -(-numel // 64)
+    am = ref_absmax(absmax, nabs, nmap, torch.tensor([off]) if nested else None, nb, 1)
+    ref = ref_dequant(packed, am, numel, dtype).reshape(shape)
+    assert out.shape == torch.Size(shape) and out.dtype == dtype
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
+    bnb = bnb_cpu_dequant(packed, am, shape, dtype)
+    if bnb is not None:
+        assert torch.equal(out.cpu().view(torch.int16), bnb.view(torch.int16))
+    # the offset as a device tensor gives the same bits
+    if nested:
+        out2 = ops.nf4_dequantize(packed, absmax, shape, dtype, nabs, nmap, offsets[:1])
+        assert torch.equal(out2, out)
+
+
+def test_dequant_matches_gptoss_cpu_reference():
+    nf4 = pytest.importorskip("gptoss_3090.nf4")
+    if not hasattr(nf4, "dequantize"):
+        pytest.skip("gptoss_3090.nf4.dequantize not available")
+    for nested in (True, False):
+        packed, absmax, nabs, nmap, offsets = rand_nf4((300, 192), nested, seed=5)
+        off = float(offsets[0]) if nested else None
+        out = ops.nf4_dequantize(packed, absmax, (300, 192), torch.bfloat16, nabs, nmap, off)
+        ref = nf4.dequantize(
+            packed.cpu(),
+            absmax.cpu(),
+            (300, 192),
+            torch.bfloat16,
+            NF4,
+            nested_absmax=None if nabs is None else nabs.cpu(),
+            nested_quant_map=None if nmap is None else nmap.cpu(),
+            nested_offset=off,
+        )
+        assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(5760, 2880), (2880, 2880), (64, 320)])
+def test_dequant_fused_experts_bit_exact(shape, nested):
+    e = 4
+    packed, absmax, nabs, nmap, offsets = rand_nf4(shape, nested, seed=11, n_experts=e)
+    out = ops.nf4_dequantize_experts(packed, absmax, shape, e, torch.bfloat16, nabs, nmap, offsets)
+    assert out.shape == torch.Size([e, *shape])
+    numel = math.prod(shape)
+    nb = numel // 64
+    am = ref_absmax(absmax, nabs, nmap, offsets, nb, e)
+    ref = ref_dequant(packed, am, numel * e, torch.bfloat16).reshape(e, *shape)
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
+    # each expert equals the single-tensor dequantization of its own slice
+    nnb = -(-nb // 256)
+    for i in range(e):
+        single = ops.nf4_dequantize(
+            packed[i * numel // 2 : (i + 1) * numel // 2].clone(),
+            absmax[i * nb : (i + 1) * nb].clone(),
+            shape,
+            torch.bfloat16,
+            None if nabs is None else nabs[i * nnb : (i + 1) * nnb].clone(),
+            nmap,
+            float(offsets[i]) if nested else None,
+        )
+        assert torch.equal(single, out[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(2880, 2880), (512, 2880), (130, 70), (1, 3), (64, 64)])
+def test_quantize_matches_reference(shape, nested, dtype):
+    g = gen(sum(shape) + nested)
+    w = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+    if w.numel() >= 128:
+        w.view(-1)[64:128] = 0  # an all-zero block: CUDA semantics give code 0
+    q = ops.nf4_quantize(w.to(DEV), nested=nested)
+    packed, absmax, nabs, offset = ref_quantize(w, nested)
+    assert torch.equal(q.packed.cpu(), packed), "4-bit codes differ"
+    if not nested:
+        assert torch.equal(q.absmax.cpu(), absmax)
+        return
+    # offset: float64 sum, rounded once; allow one ulp
+    assert abs(q.nested_offset - offset) <= abs(offset) * 2**-23 + 1e-30
+    # nested codes and scales with the kernel's own offset (isolates the 8-bit encoder)
+    _, qcodes, s, _ = ref_quantize(w, nested, offset_override=q.nested_offset)
+    assert torch.equal(q.nested_absmax.cpu(), s)
+    assert torch.equal(q.absmax.cpu(), qcodes), "nested 8-bit codes differ"
+    # round trip: dequantization error bounded by the code spacing
+    deq = q.dequantize().float().cpu()
+    assert (deq - w.float()).abs().max() <= w.float().abs().max() * 0.2
+
+
+def test_quantize_matches_gptoss_cpu_quantizer():
+    nf4 = pytest.importorskip("gptoss_3090.nf4")
+    if not hasattr(nf4, "quantize"):
+        pytest.skip("gptoss_3090.nf4.quantize not available")
+    g = gen(3)
+    w = (torch.randn(700, 320, generator=g) * 0.02).to(torch.bfloat16)
+    for nested in (True, False):
+        q = ops.nf4_quantize(w.to(DEV), nested=nested)
+        ref = nf4.quantize(w, nested=nested)
+        assert torch.equal(q.packed.cpu().reshape(-1), ref["weight"].reshape(-1))
+        if nested:
+            ref_off = float(ref["quant_state"]["nested_offset"])
+            assert abs(q.nested_offset - ref_off) <= abs(ref_off) * 2**-23
+            if q.nested_offset == ref_off:
+                assert torch.equal(q.absmax.cpu(), ref["absmax"])
+                assert torch.equal(q.nested_absmax.cpu(), ref["nested_absmax"])
+        else:
+            assert torch.equal(q.absmax.cpu(), ref["absmax"])
+        # the CPU dict builds a GPU weight that dequantizes identically
+        w2 = Nf4Weight.from_dict(ref, device=DEV)
+        if not nested or q.nested_offset == ref_off:
+            assert torch.equal(w2.dequantize(), q.dequantize())
+
+
+def test_quantize_matches_bitsandbytes_cuda():
+    try:
+        import bitsandbytes.functional as F
+
+        x = torch.randn(256, 320, dtype=torch.bfloat16, device=DEV) * 0.02
+        qb, st = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    except Exception as e:  # no CUDA build of bitsandbytes here
+        pytest.skip(f"bitsandbytes CUDA quantize unavailable: {e}")
+    q = ops.nf4_quantize(x, nested=True)
+    assert torch.equal(q.packed.reshape(-1), qb.reshape(-1))
+    off = float(st.offset)
+    assert abs(q.nested_offset - off) <= abs(off) * 2**-22
+    if q.nested_offset == off:
+        assert torch.equal(q.absmax, st.absmax)
+        assert torch.equal(q.nested_absmax, st.state2.absmax)
+    qb2, st2 = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
+    q2 = ops.nf4_quantize(x, nested=False)
+    assert torch.equal(q2.packed.reshape(-1), qb2.reshape(-1))
+    assert torch.equal(q2.absmax, st2.absmax)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear.
+# ---------------------------------------------------------------------------------------------
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def linear_ref(x, w_deq, bias):
+    y = x.float() @ w_deq.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+_RESULTS: list[tuple] = []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES + ODD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_linear_matches_dequant_matmul(shape, dtype, tuning):
+    n, k = shape
+    w = make_weight(n, k, dtype, nested=(n % 2 == 0), seed=n + k)
+    w_deq = w.dequantize()
+    g = gen(k)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV)
+    for m in MS:
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+        y = ops.nf4_linear(x, w, bias)
+        ref = linear_ref(x, w_deq, bias)
+        err = rel_err(y, ref)
+        _RESULTS.append((f"{n}x{k}", m, str(dtype)[6:], tuning or "auto", err))
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert torch.isfinite(y).all()
+        assert err <= 1e-2, f"M={m}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("path", ["decode", "mma_l", "mma_m", "mma_s", "dequant_matmul"])
+def test_linear_every_path(path, tuning):
+    n, k = 520, 2880  # N not a multiple of the tile: ragged column tiles
+    w = make_weight(n, k, torch.bfloat16, nested=True, seed=7)
+    w_deq = w.dequantize()
+    g = gen(99)
+    bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).to(DEV)
+    for m in [1, 5, 8, 9, 16] if path == "decode" else [1, 17, 100, 300]:
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+        y = ops.nf4_linear(x, w, bias, path=path)
+        err = rel_err(y, linear_ref(x, w_deq, bias))
+        assert err <= 1e-2, f"{path} M={m}: {err:.3e}"
+        # no bias, 3-D input
+        y3 = ops.nf4_linear(x.view(1, m, k), w, None, path=path)
+        err3 = rel_err(y3.view(m, n), linear_ref(x, w_deq, None))
+        assert err3 <= 1e-2
+
+
+def test_linear_strided_input():
+    w = make_weight(256, 512, torch.bfloat16, seed=3)
+    big = torch.randn(10, 1024, dtype=torch.bfloat16, device=DEV)
+    x = big[:, 256:768]  # row stride 1024, 16-byte aligned
+    for path in ("decode", "mma_s"):
+        y = ops.nf4_linear(x, w, path=path)
+        assert rel_err(y, linear_ref(x, w.dequantize(), None)) <= 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 512])
+def test_linear_fused_qkv_three_segments(m, tuning):
+    k = 2880
+    q = make_weight(4096, k, torch.bfloat16, nested=True, seed=1)
+    kk = make_weight(512, k, torch.bfloat16, nested=True, seed=2)
+    v = make_weight(512, k, torch.bfloat16, nested=False, seed=3)  # mixed statistics
+    fused = Nf4FusedWeight((q, kk, v))
+    w_deq = fused.dequantize()
+    g = gen(m)
+    bias = (torch.randn(fused.out_features, generator=g) * 0.1).to(torch.bfloat16).to(DEV)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+    y = ops.nf4_linear(x, fused, bias)
+    assert y.shape == (m, 5120)
+    assert rel_err(y, linear_ref(x, w_deq, bias)) <= 1e-2
+    # equal to three separate linears, concatenated
+    parts = [ops.nf4_linear(x, p) for p in (q, kk, v)]
+    sep = torch.cat(parts, dim=1).float() + bias.float()
+    assert rel_err(y, sep) <= 1e-2
+
+
+def test_linear_cuda_graph_replay_identical(tuning):
+    w = make_weight(2880, 2880, torch.bfloat16, seed=4)
+    bias = torch.randn(2880, dtype=torch.bfloat16, device=DEV)
+    for m in (1, 16, 300):
+        x = torch.randn(m, 2880, dtype=torch.bfloat16, device=DEV)
+        eager = ops.nf4_linear(x, w, bias)
+        deq_eager = w.dequantize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.nf4_linear(x, w, bias)  # first call on the capture stream, outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ops.nf4_linear(x, w, bias)
+            d = w.dequantize()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+        assert torch.equal(d, deq_eager)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, ops.nf4_linear(x, w, bias))
+
+
+def test_quantize_under_graph_capture():
+    w = torch.randn(512, 640, dtype=torch.bfloat16, device=DEV)
+    ref = ops.nf4_quantize(w, nested=True)
+    nmap = ops.dynamic_map_signed(DEV)
+    ws = torch.empty(512 * 640 // 64, dtype=torch.float32, device=DEV)
+    torch.ops.gptoss_3090.nf4_quantize(w, True, nmap, ws)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.gptoss_3090.nf4_quantize(w, True, nmap, ws)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], ref.packed)
+    assert torch.equal(out[1], ref.absmax)
+
+
+def test_opcheck_all_ops():
+    w = make_weight(256, 320, torch.bfloat16, seed=8)
+    x = torch.randn(5, 320, dtype=torch.bfloat16, device=DEV)
+    bias = torch.randn(256, dtype=torch.bfloat16, device=DEV)
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.nf4_linear.default,
+        (x, w._op_tensors(), [w.nested_offset], bias, "auto"),
+    )
+    wp = make_weight(128, 192, torch.bfloat16, nested=False, seed=9)
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.nf4_linear.default,
+        (
+            torch.randn(40, 192, dtype=torch.bfloat16, device=DEV),
+            wp._op_tensors(),
+            [0.0],
+            None,
+            "auto",
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.nf4_dequantize.default,
+        (
+            w.packed,
+            w.absmax,
+            w.nested_absmax,
+            w.nested_quant_map,
+            None,
+            w.nested_offset,
+            [256, 320],
+            1,
+            torch.bfloat16,
+        ),
+    )
+    wf = torch.randn(64, 320, dtype=torch.float16, device=DEV)
+    ws = torch.empty(64 * 320 // 64, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.nf4_quantize.default,
+        (wf, True, ops.dynamic_map_signed(DEV), ws),
+    )
+
+
+def test_torch_compile_opaque():
+    w = make_weight(512, 640, torch.bfloat16, seed=12)
+    x = torch.randn(4, 640, dtype=torch.bfloat16, device=DEV)
+
+    def f(x):
+        return ops.nf4_linear(x, w) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_from_dict_roundtrip_and_checkpoint_keys():
+    w = make_weight(96, 128, torch.float16, nested=True, seed=13)
+    d = w.to_dict()
+    w2 = Nf4Weight.from_dict(d, device=DEV)
+    assert torch.equal(w2.dequantize(), w.dequantize())
+    # safetensors-style keys with a module prefix and the JSON blob
+    import json
+
+    blob = json.dumps(d["quant_state"]).encode()
+    flat = {
+        "m.weight": d["weight"],
+        "m.weight.absmax": d["absmax"],
+        "m.weight.quant_map": d["quant_map"],
+        "m.weight.nested_absmax": d["nested_absmax"],
+        "m.weight.nested_quant_map": d["nested_quant_map"],
+        "m.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(blob), dtype=torch.uint8),
+    }
+    w3 = Nf4Weight.from_dict(flat, device=DEV, prefix="m.")
+    assert torch.equal(w3.dequantize(), w.dequantize())
+
+
+def test_bad_arguments_on_gpu_raise_cleanly():
+    w = make_weight(128, 128, torch.bfloat16, seed=14)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(TypeError):
+        ops.nf4_linear(x.half(), w)
+    with pytest.raises(ValueError):
+        ops.nf4_linear(torch.randn(3, 192, dtype=torch.bfloat16, device=DEV), w)
+    with pytest.raises(ValueError):
+        ops.nf4_linear(x, w, torch.zeros(127, dtype=torch.bfloat16, device=DEV))
+    xs = torch.randn(3 * 128 + 1, dtype=torch.bfloat16, device=DEV)[1:].view(3, 128)
+    y = ops.nf4_linear(xs, w)  # misaligned activations are copied, not rejected
+    assert rel_err(y, linear_ref(xs, w.dequantize(), None)) <= 1e-2
+    with pytest.raises(ValueError):
+        ops.nf4_dequantize(
+            w.packed[1:],
+            w.absmax,
+            (128, 128),
+            torch.bfloat16,
+            w.nested_absmax,
+            w.nested_quant_map,
+            w.nested_offset,
+        )
+    from gptoss_3090 import _native
+
+    with pytest.raises(ValueError):  # the native layer re-checks: K not a multiple of 64
+        _native.cuda_nf4_linear(
+            torch.cuda.current_device(),
+            torch.cuda.current_stream().cuda_stream,
+            "bfloat16",
+            x.data_ptr(),
+            128,
+            3,
+            96,
+            x.data_ptr(),
+            128,
+            0,
+            [(w.packed.data_ptr(), w.absmax.data_ptr(), 0, 0, 0, 0.0, False, 128)],
+            "auto",
+        )
+
+
+def test_print_summary():
+    """Prints the linear accuracy table collected above (run with -s)."""
+    if not _RESULTS:
+        pytest.skip("no linear results collected")
+    worst: dict[tuple, float] = {}
+    for shape, _m, dt, tu, err in _RESULTS:
+        key = (shape, dt, tu)
+        worst[key] = max(worst.get(key, 0.0), err)
+    print("\nshape        dtype     tuning  worst rel err over M in", MS)
+    for (shape, dt, tu), err in sorted(worst.items()):
+        print(f"{shape:12s} {dt:9s} {tu:7s} {err:.2e}")
+    if os.environ.get("GPTOSS_3090_TEST_TABLE"):
+        with open(os.environ["GPTOSS_3090_TEST_TABLE"], "w") as f:
+            for row in _RESULTS:
+                f.write(",".join(str(c) for c in row) + "\n")

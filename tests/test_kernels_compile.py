@@ -1,0 +1,133 @@
+"""Every kernel family compiles through NVRTC for every supported architecture (no GPU needed),
+compile errors carry the NVRTC log, and the runtime fails cleanly without a GPU."""
+
+from __future__ import annotations
+
+import gptoss_3090
+import pytest
+import torch
+from gptoss_3090 import _native
+from gptoss_3090._cuda_libs import find_nvrtc, preload_nvrtc
+
+ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90"]
+
+
+def _nvrtc_or_skip() -> None:
+    preload_nvrtc()
+    try:
+        _native.nvrtc_version()
+    except gptoss_3090.CudaError as e:
+        info = find_nvrtc()
+        pytest.skip(f"NVRTC is not installed here ({e}); searched {info.searched}")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A private, empty kernel cache so that the test really compiles."""
+    import os
+
+    d = tmp_path_factory.mktemp("kcache")
+    old = os.environ.get("GPTOSS_3090_CACHE")
+    os.environ["GPTOSS_3090_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("GPTOSS_3090_CACHE", None)
+    else:
+        os.environ["GPTOSS_3090_CACHE"] = old
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_source_compiles(arch, cache_dir):
+    _nvrtc_or_skip()
+    sizes = _native.compile_kernels(arch)
+    assert set(sizes) == set(_native.kernel_sources()) == {"nf4", "moe", "attention"}
+    for name, size in sizes.items():
+        assert size > 0, f"{name} for {arch}: empty cubin"
+    # the cache now holds one entry per family, and a second call is served from it
+    files = sorted(p.name for p in cache_dir.iterdir() if p.suffix == ".cubin")
+    tag = arch.replace("_", "")
+    assert sum(1 for f in files if f"-{tag}-" in f) == 3, files
+    assert _native.compile_kernels(arch) == sizes
+
+
+def test_nf4_entries_exist_in_cubin():
+    _nvrtc_or_skip()
+    cubin = _native.compile_source(_native.kernel_source("nf4"), "sm_86", "nf4")
+    assert cubin[:4] == b"\x7fELF"
+    for entry in (
+        b"nf4_dequant_bf16",
+        b"nf4_dequant_f16",
+        b"nf4_linear_decode_m8_bf16",
+        b"nf4_linear_decode_m16_f16",
+        b"nf4_linear_mma_l3_bf16",
+        b"nf4_linear_mma_l4_f16",
+        b"nf4_linear_mma_m3_bf16",
+        b"nf4_linear_mma_s4_bf16",
+        b"nf4_quantize_blocks_f32",
+        b"nf4_quantize_mean",
+        b"nf4_quantize_nested",
+    ):
+        assert entry in cubin, entry
+
+
+def test_nf4_kernels_do_not_spill():
+    """Register spills would silently cost bandwidth: ptxas must report none."""
+    _nvrtc_or_skip()
+    for arch in ("sm_86", "sm_90"):
+        _, log = _native.compile_source_log(
+            _native.kernel_source("nf4"), arch, ["--ptxas-options=-v"], "nf4"
+        )
+        spills = [
+            line for line in log.splitlines() if "spill" in line and " 0 bytes spill" not in line
+        ]
+        assert not spills, "\n".join(spills)
+
+
+def test_broken_source_raises_compile_error_with_log():
+    _nvrtc_or_skip()
+    src = '#include "common.cuh"\nextern "C" __global__ void k(int* p) { p[0] = no_such_symbol; }\n'
+    with pytest.raises(gptoss_3090.KernelCompileError) as ei:
+        _native.compile_source(src, "sm_86")
+    msg = str(ei.value)
+    assert "no_such_symbol" in msg and "sm_86" in msg
+    assert isinstance(ei.value, gptoss_3090.CudaError)
+
+
+def test_bad_arch_is_a_value_error():
+    with pytest.raises(ValueError):
+        _native.compile_kernels("sm_7x")
+    with pytest.raises(ValueError):
+        _native.compile_source("", "sm_75")  # older than sm_80
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_no_gpu_raises_cuda_error():
+    from gptoss_3090 import runtime
+
+    with pytest.raises(gptoss_3090.CudaError):
+        runtime.device_info(0)
+    with pytest.raises(gptoss_3090.CudaError):
+        runtime.warmup(0)
+    assert _native.cuda_driver_available() in (True, False)
+
+
+def test_nvrtc_discovery_reports_what_it_found():
+    info = preload_nvrtc()
+    assert isinstance(info.searched, list) and info.searched
+    if info.path is not None:
+        assert "libnvrtc.so.1" in info.path
+        assert info.major in (12, 13)
+
+
+def test_tuning_override_round_trip():
+    from gptoss_3090 import runtime
+
+    with runtime.forced_tuning("sm86"):
+        assert _native.forced_tuning() == "sm86"
+        with runtime.forced_tuning("sm90"):
+            assert _native.forced_tuning() == "sm90"
+        assert _native.forced_tuning() == "sm86"
+    with pytest.raises(ValueError):
+        runtime.set_tuning("sm75")
+    with pytest.raises(ValueError):
+        runtime.set_linear_strategy("fastest")

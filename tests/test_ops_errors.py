@@ -1,0 +1,207 @@
+"""Bad arguments to the NF4 ops are rejected in Python with ValueError/TypeError before any
+native code runs (CPU tensors here: no GPU needed), and the native launchers re-check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gptoss_3090 import _native, ops
+from gptoss_3090.ops import Nf4FusedWeight, Nf4Weight
+
+
+def cpu_weight(n=64, k=128, nested=True, dtype=torch.bfloat16) -> Nf4Weight:
+    numel = n * k
+    nb = numel // 64
+    return Nf4Weight(
+        packed=torch.randint(0, 256, (numel // 2,), dtype=torch.uint8),
+        absmax=torch.randint(0, 256, (nb,), dtype=torch.uint8)
+        if nested
+        else torch.rand(nb, dtype=torch.float32),
+        shape=(n, k),
+        dtype=dtype,
+        nested_absmax=torch.rand(-(-nb // 256)) if nested else None,
+        nested_quant_map=ops.dynamic_map_signed() if nested else None,
+        nested_offset=0.05 if nested else None,
+    )
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(ops.dynamic_map_signed(), bnbf.create_dynamic_map(signed=True))
+    # and our fallback implementation on its own
+    assert torch.equal(ops._dynamic_map_cpu(), bnbf.create_dynamic_map(signed=True))
+
+
+def test_linear_rejects_cpu_tensors():
+    w = cpu_weight()
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        ops.nf4_linear(x, w)
+
+
+def test_linear_rejects_wrong_dtypes():
+    w = cpu_weight()
+    with pytest.raises(TypeError, match="dtype"):
+        ops.nf4_linear(torch.randn(2, 128), w)  # float32 activations
+    with pytest.raises(TypeError):
+        ops.nf4_linear(torch.randn(2, 128, dtype=torch.float16), w)  # weight is bf16
+    with pytest.raises(TypeError):
+        ops.nf4_linear(torch.randn(2, 128, dtype=torch.bfloat16), w, torch.zeros(64))  # f32 bias
+    with pytest.raises(TypeError):
+        ops.nf4_linear(torch.randn(2, 128, dtype=torch.bfloat16), "not a weight")
+
+
+def test_linear_rejects_wrong_shapes():
+    w = cpu_weight()
+    with pytest.raises(ValueError, match="in_features"):
+        ops.nf4_linear(torch.randn(2, 192, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="bias"):
+        ops.nf4_linear(
+            torch.randn(2, 128, dtype=torch.bfloat16), w, torch.zeros(63, dtype=torch.bfloat16)
+        )
+    with pytest.raises(ValueError, match="path"):
+        ops.nf4_linear(torch.randn(2, 128, dtype=torch.bfloat16), w, path="fastest")
+    # K not a multiple of 64 cannot run the fused kernels
+    w2 = cpu_weight(n=64, k=96)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ops.nf4_linear(torch.randn(2, 96, dtype=torch.bfloat16), w2)
+
+
+def test_linear_rejects_misaligned_weights():
+    w = cpu_weight()
+    shifted = torch.empty(w.packed.numel() + 16, dtype=torch.uint8)[1:][: w.packed.numel()]
+    shifted.copy_(w.packed)
+    with pytest.raises(ValueError, match="aligned"):
+        Nf4Weight(
+            packed=shifted,
+            absmax=w.absmax,
+            shape=w.shape,
+            dtype=w.dtype,
+            nested_absmax=w.nested_absmax,
+            nested_quant_map=w.nested_quant_map,
+            nested_offset=w.nested_offset,
+        )
+
+
+def test_weight_construction_is_validated():
+    w = cpu_weight()
+    with pytest.raises(ValueError, match="absmax"):
+        Nf4Weight(packed=w.packed, absmax=w.absmax[:-1], shape=w.shape, dtype=w.dtype,
+                  nested_absmax=w.nested_absmax, nested_quant_map=w.nested_quant_map,
+                  nested_offset=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="nested"):
+        Nf4Weight(packed=w.packed, absmax=w.absmax, shape=w.shape, dtype=w.dtype)
+    with pytest.raises(ValueError, match="nested_offset"):
+        Nf4Weight(packed=w.packed, absmax=w.absmax, shape=w.shape, dtype=w.dtype,
+                  nested_absmax=w.nested_absmax, nested_quant_map=w.nested_quant_map)  # fmt: skip
+    with pytest.raises(TypeError):
+        Nf4Weight(packed=w.packed.to(torch.int8), absmax=w.absmax, shape=w.shape, dtype=w.dtype)
+    with pytest.raises(TypeError):
+        Nf4Weight(packed=w.packed, absmax=w.absmax.float(), shape=w.shape, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bytes"):
+        Nf4Weight(packed=w.packed, absmax=w.absmax, shape=(65, 128), dtype=w.dtype,
+                  nested_absmax=w.nested_absmax, nested_quant_map=w.nested_quant_map,
+                  nested_offset=0.1)  # fmt: skip
+    with pytest.raises(ValueError):
+        Nf4FusedWeight((w, cpu_weight(n=64, k=192)))
+    with pytest.raises(ValueError):
+        Nf4FusedWeight((w, w, w, w))
+
+
+def test_from_dict_rejects_fp4_and_bad_blocksize():
+    w = cpu_weight(nested=False)
+    d = w.to_dict()
+    w2 = Nf4Weight.from_dict(d, device="cpu")
+    assert torch.equal(w2.packed.reshape(-1), w.packed) and torch.equal(w2.absmax, w.absmax)
+    bad = dict(d, quant_state=dict(d["quant_state"], quant_type="fp4"))
+    with pytest.raises(ValueError, match="nf4"):
+        Nf4Weight.from_dict(bad, device="cpu")
+    bad = dict(d, quant_state=dict(d["quant_state"], blocksize=128))
+    with pytest.raises(ValueError):
+        Nf4Weight.from_dict(bad, device="cpu")
+    bad = dict(d, quant_map=torch.linspace(-1, 1, 16))
+    with pytest.raises(ValueError, match="quant_map"):
+        Nf4Weight.from_dict(bad, device="cpu")
+    with pytest.raises(ValueError):
+        Nf4Weight.from_dict({}, device="cpu")
+
+
+def test_dequantize_rejects_bad_arguments():
+    w = cpu_weight()
+    with pytest.raises(ValueError, match="CUDA"):
+        ops.nf4_dequantize(w.packed, w.absmax, w.shape, torch.bfloat16, w.nested_absmax,
+                           w.nested_quant_map, w.nested_offset)  # fmt: skip
+    with pytest.raises(TypeError):
+        ops.nf4_dequantize(w.packed, w.absmax, w.shape, torch.float32, w.nested_absmax,
+                           w.nested_quant_map, w.nested_offset)  # fmt: skip
+    with pytest.raises(ValueError, match="nested_offset"):
+        ops.nf4_dequantize(w.packed, w.absmax, w.shape, torch.bfloat16, w.nested_absmax,
+                           w.nested_quant_map)  # fmt: skip
+    with pytest.raises(ValueError, match="bytes"):
+        ops.nf4_dequantize(w.packed, w.absmax, (64, 256), torch.bfloat16, w.nested_absmax,
+                           w.nested_quant_map, 0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of 64"):
+        ops.nf4_dequantize_experts(w.packed, w.absmax, (3, 7), 2, torch.bfloat16)
+
+
+def test_quantize_rejects_bad_arguments():
+    with pytest.raises(TypeError):
+        ops.nf4_quantize(torch.zeros(64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="CUDA"):
+        ops.nf4_quantize(torch.zeros(64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError):
+        ops.nf4_quantize(torch.zeros(0, dtype=torch.bfloat16))
+
+
+def test_custom_ops_are_registered_with_fake_impls():
+    for name in ("nf4_dequantize", "nf4_linear", "nf4_quantize"):
+        assert hasattr(torch.ops.gptoss_3090, name)
+    w = cpu_weight()
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        x = torch.empty(3, 5, 128, dtype=torch.bfloat16, device="cuda")
+        ws = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in w._op_tensors()]
+        y = torch.ops.gptoss_3090.nf4_linear(x, ws, [0.05], None, "auto")
+        assert y.shape == (3, 5, 64) and y.dtype == torch.bfloat16
+        d = torch.ops.gptoss_3090.nf4_dequantize(
+            ws[0], ws[1], ws[2], ws[3], None, 0.05, [64, 128], 1, torch.float16
+        )
+        assert d.shape == (64, 128) and d.dtype == torch.float16
+        q = torch.ops.gptoss_3090.nf4_quantize(
+            torch.empty(100, 64, device="cuda"),
+            True,
+            torch.empty(256, device="cuda"),
+            torch.empty(100, device="cuda"),
+        )
+        assert [t.shape[0] for t in q] == [3200, 100, 1, 1]
+
+
+def test_native_launchers_recheck_arguments():
+    """The Rust launchers validate too (no GPU needed for these checks to fire first)."""
+    seg = (16, 16, 0, 0, 0, 0.0, False, 64)
+    for bad, why in [
+        (dict(k=96), "multiple of 64"),
+        (dict(x=8), "aligned"),
+        (dict(ldx=100), "stride"),
+        (dict(segments=[]), "segments"),
+        (dict(segments=[seg] * 4), "segments"),
+        (dict(dtype="float32"), "dtype"),
+        (dict(path="nope"), "path"),
+    ]:
+        kw = dict(
+            ordinal=0, stream=0, dtype="bfloat16", x=16, ldx=128, m=1, k=128, y=16, ldy=64,
+            bias=0, segments=[seg], path="auto",
+        )  # fmt: skip
+        kw.update(bad)
+        with pytest.raises(ValueError) as ei:
+            _native.cuda_nf4_linear(**kw)
+        assert why in str(ei.value).lower(), (bad, str(ei.value))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        _native.cuda_nf4_dequantize(0, 0, "bfloat16", (16, 16, 0, 0, 0, 0.0, False), 100, 2, 16)
+    with pytest.raises(ValueError, match="nested_absmax"):
+        _native.cuda_nf4_dequantize(0, 0, "bfloat16", (16, 16, 0, 0, 0, 0.0, True), 128, 1, 16)
+    with pytest.raises(ValueError, match="aligned"):
+        _native.cuda_nf4_dequantize(0, 0, "bfloat16", (16, 16, 0, 0, 0, 0.0, False), 128, 1, 8)
+    with pytest.raises(ValueError, match="null"):
+        _native.cuda_nf4_quantize(0, 0, "float32", 16, 64, True, 16, 16, 0, 16, 16, 16)
+    with pytest.raises(ValueError, match="weight dtype"):
+        _native.cuda_nf4_quantize(0, 0, "int8", 16, 64, False, 16, 16, 0, 0, 0, 0)
