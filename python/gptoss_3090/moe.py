@@ -71,6 +71,15 @@ def _native() -> Any:
     return native
 
 
+def _ensure_cuda_libs() -> None:
+    """Preloads NVRTC where the runtime helper exists (branch `cuda`), so cudarc finds it."""
+    try:
+        from gptoss_3090 import runtime
+    except ImportError:  # pragma: no cover - older tree without the runtime helpers
+        return
+    runtime.ensure_cuda_libs()
+
+
 def _dynamic_map_signed() -> torch.Tensor:
     """bitsandbytes' ``create_dynamic_map(signed=True)`` (256 sorted f32): the nested code map."""
     values: list[float] = []
@@ -477,8 +486,9 @@ def _launch(
     )
     if t == 0:
         return "empty"
+    _ensure_cuda_libs()
     args: dict[str, Any] = {
-        "device": x.device.index,
+        "device": x.device.index if x.device.index is not None else torch.cuda.current_device(),
         "stream": torch.cuda.current_stream(x.device).cuda_stream,
         "dtype": "bfloat16" if x.dtype == torch.bfloat16 else "float16",
         "tokens": t,

@@ -981,3 +981,6 @@ def nf4_quantize(weight: torch.Tensor, nested: bool = True) -> Nf4Weight:
         nested_quant_map=nmap if nested else None,
         nested_offset=float(off.item()) if nested else None,
     )
+
+
+from gptoss_3090.moe import MoeLayerWeights, moe, moe_workspace_bytes  # noqa: E402,F401
