@@ -372,13 +372,8 @@ __device__ void moe_group(const MoeParams& p) {
 //                 and accumulates y[t] = sum_e w[t,e] (W_e h[pair(t,e)] + b_e) in registers with
 //                 tokens as mma columns, then writes y: the combine is fused and its order fixed.
 //
-// Both use mma.sync m16n8k16 with A = 16 weight rows x 16 k decoded in registers and B = 16 k x
-// 8 tokens. Thread (g = lane/4, c = lane%4) owns weight rows g and g+8 and, per 128-wide k chunk,
-// the 32 consecutive k [kc + 32c, kc + 32c + 32): one 16-byte load per row. A dot product does not
-// care in which order k is summed, so k-step s (0..7) maps fragment slots {2c, 2c+1, 2c+8, 2c+9}
-// to physical k kc + 32c + 4s + {0, 1, 2, 3}; B uses the same map, so thread (g, c) needs the
-// activations of token column g at [kc + 32c, +32): four 16-byte loads. A 16-byte weight chunk
-// lies inside one 64-element absmax block: one absmax per row and chunk. Each warp keeps the
+// Both use mma.sync with A = 16 NF4 weight rows decoded in registers and B = activations with
+// tokens as columns (fragment layout: see dec_mma_chunk). Each warp keeps the
 // loads of its next DEC_DEPTH chunks in flight (dec_stream). moe_dec_down has only H/16 row
 // groups, so it also splits K over its warps and reduces their sums in a fixed order.
 // ---------------------------------------------------------------------------------------------
