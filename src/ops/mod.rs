@@ -7,8 +7,8 @@
 //! [`crate::cuda::Tuning`] and launches on the caller's stream (PyTorch's current stream, passed
 //! as a raw handle). Python validates tensors first (`gptoss_3090.ops`); the checks here are the
 //! second line of defence so that no bad pointer or size reaches a kernel.
-pub mod nf4;
 pub mod moe;
+pub mod nf4;
 pub mod py;
 
 use crate::error::{Error, Result};

@@ -183,7 +183,9 @@ impl WorkspaceLayout {
         let max_tiles = tk.div_ceil(MIN_BM) + experts;
         let sorted_cap = checked(
             "sorted capacity",
-            experts.checked_mul(MAX_BM - 1).and_then(|v| v.checked_add(tk)),
+            experts
+                .checked_mul(MAX_BM - 1)
+                .and_then(|v| v.checked_add(tk)),
         )?;
         let mut off = 0usize;
         let mut take = |bytes: Option<usize>| -> Result<usize> {
@@ -200,8 +202,14 @@ impl WorkspaceLayout {
         let active = take(Some(experts * 4))?;
         let tiles = take(max_tiles.checked_mul(8))?;
         let sorted = take(sorted_cap.checked_mul(4))?;
-        let h = take(tk.checked_mul(intermediate).and_then(|v| v.checked_mul(elem_size)))?;
-        let out = take(tk.checked_mul(hidden).and_then(|v| v.checked_mul(elem_size)))?;
+        let h = take(
+            tk.checked_mul(intermediate)
+                .and_then(|v| v.checked_mul(elem_size)),
+        )?;
+        let out = take(
+            tk.checked_mul(hidden)
+                .and_then(|v| v.checked_mul(elem_size)),
+        )?;
         Ok(WorkspaceLayout {
             ids,
             wts,
@@ -335,7 +343,9 @@ pub struct MoeArgs {
 
 fn need_aligned(name: &str, ptr: u64, align: u64) -> Result<()> {
     if ptr == 0 {
-        return Err(Error::arg(format!("{name}: expected a device pointer, found null")));
+        return Err(Error::arg(format!(
+            "{name}: expected a device pointer, found null"
+        )));
     }
     if ptr % align != 0 {
         return Err(Error::arg(format!(
@@ -457,7 +467,11 @@ impl MoeArgs {
             dn_bias: self.down.bias,
             nested_map: self.nested_map,
             ws_ids: if given { self.topk_ids } else { at(layout.ids) },
-            ws_wts: if given { self.topk_weights } else { at(layout.wts) },
+            ws_wts: if given {
+                self.topk_weights
+            } else {
+                at(layout.wts)
+            },
             ws_counts: at(layout.counts),
             ws_offsets: at(layout.offsets),
             ws_meta: at(layout.meta),
@@ -673,7 +687,13 @@ fn py_moe_workspace_bytes(
     experts: usize,
     top_k: usize,
 ) -> PyResult<usize> {
-    Ok(workspace_bytes(tokens, hidden, intermediate, experts, top_k)?)
+    Ok(workspace_bytes(
+        tokens,
+        hidden,
+        intermediate,
+        experts,
+        top_k,
+    )?)
 }
 
 /// `moe_regime(tokens, top_k, experts, tuning) -> str`: the regime `moe_forward` picks for a
@@ -777,7 +797,11 @@ mod tests {
         assert!(a.validate().unwrap_err().to_string().contains("x:"));
         let mut a = args(5);
         a.gate_up.nnb = 1012;
-        assert!(a.validate().unwrap_err().to_string().contains("gate_up.nested_absmax"));
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gate_up.nested_absmax"));
         let mut a = args(5);
         a.route_mode = 7;
         assert!(a.validate().unwrap_err().to_string().contains("route_mode"));
