@@ -1,11 +1,294 @@
-"""The `gptoss-3090` command line."""
+"""The ``gptoss-3090`` command line.
+
+Subcommands:
+
+* ``inspect PATH [--json] [--budget-gib 24] [--max-model-len 131072]``: checkpoint summary and
+  GPU memory plan (human table or JSON ``{"summary": ..., "memory_plan": ...}``).
+* ``synth OUT --preset tiny|20b [--seed N] [--no-nested] [--attention nf4|bf16]
+  [--dtype bf16|fp16] [--reference/--no-reference] [--force] [--quiet]``: write a synthetic
+  checkpoint (see :mod:`gptoss_3090.synth`).
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that creates its parser and sets
+``func=<handler>`` (``handler(args) -> int``), and append it to :data:`SUBCOMMANDS`.
+Handlers import heavy modules (torch, vLLM) lazily so ``inspect`` stays fast.
+
+Errors a user can cause (a bad path, a damaged checkpoint, bad arguments) print one line on
+stderr and exit with status 2, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+PROG = "gptoss-3090"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _size(n: float) -> str:
+    """Decimal size with a unit that keeps 3 significant digits readable."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a checkpoint and plan GPU memory",
+        description="Print a checkpoint summary and a GPU memory plan "
+        "(weights, KV-cache tokens left, whether a max_model_len context fits).",
+    )
+    p.add_argument("path", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--budget-gib", type=float, default=24.0, help="GPU memory budget in GiB (default 24)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=131072,
+        help="context length that must fit (default 131072)",
+    )
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _format_inspect(summary: dict[str, Any], plan: dict[str, Any]) -> str:
+    s = summary.get
+    lines = []
+    total = s("total_file_bytes")
+    files = s("files")
+    tensors = s("tensors")
+    extra = ", ".join(
+        x
+        for x in (
+            f"{files} files" if files is not None else "",
+            f"{tensors} tensors" if tensors is not None else "",
+            _size(total) if total is not None else "",
+        )
+        if x
+    )
+    lines.append(f"checkpoint    {s('path', '?')}" + (f" ({extra})" if extra else ""))
+    lines.append(
+        f"model         GPT-OSS: {s('layers')} layers, {s('experts')} experts "
+        f"(top {s('experts_per_token')}), hidden {s('hidden_size')}, "
+        f"intermediate {s('intermediate_size')}"
+    )
+    lines.append(
+        f"attention     {s('heads')} heads / {s('kv_heads')} KV heads x {s('head_dim')}, "
+        f"sliding window {s('sliding_window')}, vocab {s('vocab_size')}"
+    )
+    nf4 = s("nf4") or {}
+    if isinstance(nf4, dict):
+        fmt = ", ".join(f"{k} {'NF4' if v else 'not NF4'}" for k, v in nf4.items())
+    else:
+        fmt = str(nf4)
+    lines.append(f"format        {fmt}; nested {s('nested')}; dtype {s('dtype')}")
+    by_cat = s("bytes") or {}
+    if by_cat:
+        parts = [f"{k} {_size(v)}" for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+        for i in range(0, len(parts), 4):
+            head = "bytes         " if i == 0 else "              "
+            lines.append(head + ", ".join(parts[i : i + 4]))
+    if s("gpu_weight_bytes") is not None:
+        lines.append(f"GPU weights   {_gib(s('gpu_weight_bytes'))}")
+    lines.append("")
+    lines.append(
+        f"memory plan   budget {_gib(plan['budget_bytes'])}, "
+        f"max_model_len {plan['max_model_len']:,}"
+    )
+    rows = [
+        ("weights", plan["weights_bytes"]),
+        ("CUDA context", plan["cuda_context_bytes"]),
+        ("activations", plan["activation_bytes"]),
+        ("KV cache", plan["kv_budget_bytes"]),
+    ]
+    for name, value in rows:
+        lines.append(f"  {name:<14}{_gib(value):>12}")
+    lines.append(
+        f"  KV per token  {plan['kv_bytes_per_token']:,} B "
+        f"({plan['full_attention_layers']} full-attention layers)"
+        + (
+            f" + {plan['sliding_bytes_per_seq'] / 1e6:.1f} MB per sequence "
+            f"({plan['sliding_attention_layers']} sliding layers)"
+            if plan["sliding_attention_layers"]
+            else ""
+        )
+    )
+    lines.append(f"  KV tokens     {plan['kv_cache_tokens']:,}")
+    verdict = "fits" if plan["fits_max_model_len"] else "does NOT fit"
+    lines.append(
+        f"  a {plan['max_model_len']:,}-token context {verdict} "
+        f"({plan['max_concurrency_at_max_len']:.2f} such requests at once)"
+    )
+    return "\n".join(lines)
+
+
+def _load_summary(path: str) -> dict[str, Any]:
+    """``open_checkpoint(path).summary()`` without importing torch.
+
+    The summary is computed by the native reader (``Checkpoint.summary()`` is the same JSON);
+    going to it directly keeps ``inspect`` at a fraction of a second on 20b, where importing
+    torch alone takes 1-3 s.
+    """
+    from gptoss_3090 import _native
+
+    native = getattr(_native, "NativeCheckpoint", None)
+    if native is None:  # pragma: no cover - older extension
+        from gptoss_3090 import open_checkpoint
+
+        return open_checkpoint(path).summary()
+    return json.loads(native(path).summary_json())
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from gptoss_3090.memory import memory_plan
+
+    summary = _load_summary(args.path)
+    plan = memory_plan(summary, budget_gib=args.budget_gib, max_model_len=args.max_model_len)
+    if args.json:
+        print(json.dumps({"summary": summary, "memory_plan": plan}, indent=2))
+    else:
+        print(_format_inspect(summary, plan))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# synth
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic GPT-OSS checkpoint (Unsloth bnb-4bit layout)",
+        description="Write a random GPT-OSS checkpoint in Unsloth's bitsandbytes NF4 layout, "
+        "with a small tokenizer and (optionally) OUT/reference: the same model dequantized in "
+        "the Hugging Face layout.",
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--preset", required=True, choices=["tiny", "20b"], help="model shapes")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--no-nested",
+        dest="nested",
+        action="store_false",
+        help="f32 absmax instead of double quantization",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["nf4", "bf16"],
+        default="nf4",
+        help="quantize q/k/v/o (nf4, default) or keep them unquantized (bf16: in --dtype)",
+    )
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="model dtype")
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write OUT/reference (default: on for tiny, off for 20b: +42 GB)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an earlier synth output in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    from gptoss_3090.synth import write_synthetic_checkpoint
+
+    start = time.perf_counter()
+    out = write_synthetic_checkpoint(
+        args.out,
+        preset=args.preset,
+        seed=args.seed,
+        nested=args.nested,
+        attention=args.attention,
+        dtype=args.dtype,
+        reference=args.reference,
+        progress=not args.quiet,
+        overwrite=args.force,
+    )
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    ref = out / "reference"
+    note = f"; reference in {ref}" if (ref / "config.json").exists() else ""
+    print(
+        f"wrote {out} ({_gb(size)}) in {time.perf_counter() - start:.1f} s{note}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+#: Functions that add one subcommand each to the subparsers object.
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_inspect, _add_synth]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve Unsloth GPT-OSS bitsandbytes NF4 checkpoints with vLLM on sm_80+ GPUs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    try:
+        from gptoss_3090._native import CheckpointError, CudaError
+
+        errors += [CheckpointError, CudaError]
+    except ImportError:  # pragma: no cover - extension not built
+        pass
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gptoss-3090")
-    parser.parse_args(argv)
-    return 0
+    """Runs the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
