@@ -213,3 +213,21 @@ def test_native_validation_names_the_argument() -> None:
         _native.moe_forward(missing)
     with pytest.raises(ValueError, match="dtype"):
         _native.moe_forward({**base, "hidden": 128, "dtype": "float32"})
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_from_fused_tiny_checkpoint_is_exact(tmp_path, nested: bool) -> None:
+    """The device container built from the checkpoint's fused view dequantizes bit-identically."""
+    synth = pytest.importorskip("gptoss_3090.synth")
+    from gptoss_3090 import open_checkpoint
+
+    path = synth.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", nested=nested,
+                                            progress=False)
+    ck = open_checkpoint(path)
+    gu, dn = ck.fused_experts(1, "gate_up"), ck.fused_experts(1, "down")
+    w = M.MoeLayerWeights.from_fused(gu, dn, device="cpu")
+    assert w.gate_up.nested == nested and w.down.nested == nested
+    for e in range(w.experts):
+        assert torch.equal(w.gate_up.dequantize(e, torch.bfloat16), gu.dequantize(e))
+        assert torch.equal(w.down.dequantize(e, torch.bfloat16), dn.dequantize(e))
+    assert torch.equal(w.gate_up.bias, gu.bias.float())

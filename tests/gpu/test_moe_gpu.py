@@ -297,3 +297,29 @@ def test_opcheck() -> None:
         args,
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64, 300])
+def test_tiny_checkpoint_against_reference_moe(tmp_path, tokens: int) -> None:
+    """End to end from a synthetic Unsloth checkpoint: fused view -> device -> op, against the
+    CPU fp32 reference of ``gptoss_3090.reference`` on the checkpoint's bf16 weights."""
+    synth = pytest.importorskip("gptoss_3090.synth")
+    reference = pytest.importorskip("gptoss_3090.reference")
+    from gptoss_3090 import open_checkpoint
+
+    path = synth.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", progress=False)
+    ck = open_checkpoint(path)
+    layer = 2
+    gu, dn = ck.fused_experts(layer, "gate_up"), ck.fused_experts(layer, "down")
+    rw = ck.tensor(f"model.layers.{layer}.mlp.router.linear.weight")
+    rb = ck.tensor(f"model.layers.{layer}.mlp.router.linear.bias")
+    w = M.MoeLayerWeights.from_fused(gu, dn, rw, rb, device=DEV)
+    x = rand_x(tokens, w.hidden, seed=30)
+    ws = w.workspace(tokens)
+    y = M.moe(x, w, workspace=ws)
+    ids, _ = M.workspace_routing(ws, tokens, 4)
+    ref, routing = reference.reference_moe(x.cpu(), rw, rb, gu, dn, 4, return_routing=True)
+    check_choice(ids.cpu(), routing.logits, 4)
+    err = rel_err(y.cpu(), ref)
+    print(f"tiny checkpoint T={tokens}: rel err {err:.2e}")
+    assert err <= TOL
