@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--graph-max-tokens", type=int, default=128)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse)")
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     tokens = [int(t) for t in args.tokens.split(",") if t]
@@ -291,7 +292,7 @@ def main() -> None:
     result = {
         "card": card,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "commit": _commit(),
+        "commit": args.commit or _commit(),
         "command": " ".join([sys.executable, *sys.argv]),
         "copy_GBps": copy_gbs,
         "layers": args.layers,

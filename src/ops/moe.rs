@@ -251,7 +251,7 @@ impl Regime {
         }
         // BM 64, 2 stages, one decoded-B buffer (44 KB): 2 blocks per SM within sm_86/89's
         // 100 KB. On the H100 this variant also beat the double-buffered m64s3/m64s4/m128s4
-        // (bench/results/moe_h100_2026-11-26.txt), so every tuning uses it for now; m128s4 stays
+        // (bench/results/moe_h100_2026-11-26_variants.txt), so every tuning uses it for now; m128s4 stays
         // compiled for tuning on other cards.
         let _ = (topk, experts, tuning);
         Regime::Prefill { bm: 64, stages: 2 }
