@@ -1,21 +1,29 @@
 // GPT-OSS mixture-of-experts block over the virtual fused NF4 experts.
 //
 // One forward is a fixed sequence of launches whose grids depend only on the token count T (so a
-// CUDA graph captured for one T replays correctly for any routing):
+// CUDA graph captured for one T replays correctly for any routing).
 //
-//   1. moe_route_*    (only for large T when routing is needed)  router logits -> top-k ids/weights
-//   2. moe_group_*    (one block) [route for small T] + count per expert, padded exclusive scan,
-//                     scatter of the (token, k) pair ids into expert-contiguous order, list of
-//                     touched experts and list of (expert, row) tiles for the prefill GEMMs
-//   3. GEMM 1 (gate_up + bias + SwiGLU-OAI) -> h[pair, I]     decode: moe_dec_up_*, prefill: moe_gemm_up_*
-//   4. GEMM 2 (down + bias)                -> out[pair, H]    decode: moe_dec_down_*, prefill: moe_gemm_down_*
-//   5. moe_combine_*  y[t] = sum_k w[t,k] * out[t*topk + k] in k order (no atomics: deterministic)
+// Decode (T <= 16), two or three launches:
+//   moe_route_*     (router-weights mode only) logits -> top-k ids/weights in the workspace
+//   moe_dec_up_*    per (row group, touched expert): routes/groups in shared memory, streams the
+//                   expert's NF4 gate_up rows once for all its tokens, bias + SwiGLU-OAI -> h[pair]
+//   moe_dec_down_*  per row group: every touched expert's down rows, weighted sum over experts in
+//                   registers, bias, writes y (the combine is fused; fixed order)
+// Prefill (T > 16):
+//   moe_route_*     (when routing is needed and T is large) router logits -> top-k
+//   moe_group_*     (one block) [top-k of given logits for small T] + count per expert, padded
+//                   exclusive scan, scatter of the (token, k) pair ids into expert-contiguous
+//                   order, list of (expert, row) tiles
+//   moe_gemm_up_*   gate_up + bias + SwiGLU-OAI -> h[pair, I]
+//   moe_gemm_down_* down + bias -> out[pair, H]
+//   moe_combine_*   y[t] = sum_k w[t,k] * out[t*topk + k] in k order (no atomics: deterministic)
 //
-// Weights never leave their NF4 form in global memory: the decode kernels turn each 16-byte load
-// of packed codes straight into mma.sync A fragments in registers; the prefill kernels cp.async
-// the packed bytes into shared memory and decode a 128x64 tile to bf16/f16 there for ldmatrix.
-// Dequantization is exact: w = half(NF4[code] * absmax) with one fp32 product and one
-// round-to-nearest cast, as bitsandbytes does; all products accumulate in fp32.
+// Weights never leave their NF4 form in global memory. The decode kernels turn each 16-byte
+// load of packed codes into mma.sync A fragments in registers (code-pair table + one packed
+// multiply by the block scale, see DEC_GAMMA_BF16 for the rounding). The prefill kernels
+// cp.async the packed bytes into shared memory and dequantize a 128x64 tile exactly there
+// (w = half(NF4[code] * absmax), one fp32 product and one round-to-nearest cast, as bitsandbytes
+// does) for ldmatrix. All products accumulate in fp32.
 //
 // Layout of one expert e of a fused NF4 tensor [E, N, K] (bitsandbytes, row-major per expert):
 //   packed   u8  [E, N*K/2]   element i of the expert at byte i/2, high nibble = even i
