@@ -3,9 +3,9 @@
 //! [`moe_forward`] validates a [`MoeArgs`] (raw device pointers and sizes handed over from the
 //! Python custom op), picks the [`Regime`] for the token count and launches, on the caller's
 //! stream:
-//! - decode (T <= 16): [`moe_route` (router-weights mode)] → `moe_dec_up` (per-block routing
+//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec_up` (per-block routing
 //!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec_down` (down + bias + combine);
-//! - prefill: [`moe_route`] → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
+//! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
 //!
 //! Every grid depends only on the token count, every buffer lives in the caller's workspace
 //! ([`WorkspaceLayout`]), and nothing synchronizes, so the sequence is CUDA-graph capturable
