@@ -241,23 +241,36 @@ extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequa
 #define DECODE_WARPS 8
 #define DECODE_LUT_WORDS (256 * 32)
 
-// Every dependent load is issued before the data it depends on is needed: a round issues all
-// its weight loads (U pairs x 16 bytes per lane) and the absmax raw loads first, the activation
-// fragments are double-buffered one pair ahead, and the nested maps live in shared memory, so
-// the only long wait of a round is the DRAM latency of its weights.
+// The weight state one lane needs for one tile: its row's segment and the raw loads of one
+// round (U pairs x 16 bytes + the absmax raw loads).
+template <int U>
+struct DecodeLoads {
+    u32x4 raw[U];
+    AbsmaxRaw amr[U];
+};
+
+// Persistent blocks: a block fills its tables once, then walks tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ...; while it computes one tile, the weight loads of its next tile
+// are already in flight, so DRAM never waits for the per-tile reduction. Inside a tile the 8
+// warps split K (warp w takes pairs w, w + 8, ...; U pairs per round) and the activation
+// fragments are double-buffered one pair ahead; the nested maps live in shared memory.
 template <int DTYPE, bool M16, int U>
 __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
     extern __shared__ __align__(16) u32 dsmem[];
     u32* lut = dsmem;                                             // [256 bytes][32 lanes]
-    float* red = (float*)(dsmem + DECODE_LUT_WORDS);              // [warps][4][32]
-    float* maps = red + DECODE_WARPS * 4 * 32;                    // [3][256] nested maps
+    float* red = (float*)(dsmem + DECODE_LUT_WORDS);              // [2][warps][4][32]
+    float* maps = red + 2 * DECODE_WARPS * 4 * 32;                // [3][256] nested maps
     const int tid = threadIdx.x;
     {
-        // Thread tid fills the 32 copies of entry `tid` (8 x STS.128).
-        const u32 pair = pack_half2<DTYPE>(kNf4Code[tid >> 4], kNf4Code[tid & 15]);
-        u32x4* d = (u32x4*)(lut + tid * 32);
+        // 8 x STS.128 per thread at consecutive 16-byte slots (conflict-free); slot q holds
+        // 4 copies of entry q / 8.
 #pragma unroll
-        for (int c = 0; c < 8; ++c) d[c] = u32x4{pair, pair, pair, pair};
+        for (int c = 0; c < 8; ++c) {
+            const int q = tid + 256 * c;
+            const int e = q >> 3;
+            const u32 pair = pack_half2<DTYPE>(kNf4Code[e >> 4], kNf4Code[e & 15]);
+            ((u32x4*)lut)[q] = u32x4{pair, pair, pair, pair};
+        }
         if (p.seg[0].nested) maps[tid] = ld_nc_f32((const float*)p.seg[0].nested_map + tid);
         if (p.n_segments > 1 && p.seg[1].nested)
             maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
@@ -270,18 +283,7 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
     const int nkb = p.K >> 6;
     const int npairs = (nkb + 1) >> 1;
     const i64 row_bytes = p.K >> 1;
-    const int n0 = blockIdx.x * 8;
-
-    const int row = n0 + g;
-    const bool rok = row < p.N;
-    int local;
-    const SegView sv = seg_view(p, rok ? row : 0, local);
-    int seg = 0;
-    if (p.n_segments > 1 && (rok ? row : 0) >= p.seg[0].rows) seg = 1;
-    if (p.n_segments > 2 && (rok ? row : 0) >= p.seg[0].rows + p.seg[1].rows) seg = 2;
-    const float* smap = maps + seg * 256;
-    const u8* wrow = sv.packed + (i64)local * row_bytes + t * 16;
-    const i64 blk0 = (i64)local * nkb;
+    const int ntiles = (p.N + 7) >> 3;
     // Activation rows of this lane's A fragments: g and (M16) g + 8.
     const u16* xg = (const u16*)p.x + (i64)g * p.ldx + (t & 1) * 32 + (t >> 1) * 16;
     const u16* xg8 = xg + 8 * p.ldx;
@@ -316,135 +318,167 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
             }
         }
     };
-
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int pb = warp; pb < npairs; pb += DECODE_WARPS * U) {
-        // 1. Issue every weight load of this round (U x 16 bytes in flight per lane) and the
-        //    absmax raw loads (one row/block per lane: block 2pr + (t & 1) of row g).
-        u32x4 raw[U];
-        AbsmaxRaw amr[U];
+    // Issues the weight and absmax loads of round `pb` (pairs pb + u * 8) of tile `tile`.
+    auto issue = [&](int tile, int pb, DecodeLoads<U>& L) {
+        const int row = tile * 8 + g;
+        const bool rok = row < p.N;
+        int local;
+        const SegView sv = seg_view(p, rok ? row : 0, local);
+        const u8* wrow = sv.packed + (i64)local * row_bytes + t * 16;
+        const i64 blk0 = (i64)local * nkb;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int pr = pb + u * DECODE_WARPS;
             const bool okw = rok && pr < npairs && (2 * pr + (t >> 1)) < nkb;
-            raw[u] = okw ? ld_global_stream_16(wrow + (i64)pr * 64) : u32x4{0, 0, 0, 0};
+            L.raw[u] = okw ? ld_global_stream_16(wrow + (i64)pr * 64) : u32x4{0, 0, 0, 0};
             const int kba = 2 * pr + (t & 1);
             if (rok && pr < npairs && kba < nkb) {
-                amr[u] = seg_absmax_load(sv, blk0 + kba);
+                L.amr[u] = seg_absmax_load(sv, blk0 + kba);
             } else {
-                amr[u].code = 0;
-                amr[u].scale = 0.0f;
+                L.amr[u].code = 0;
+                L.amr[u].scale = 0.0f;
             }
         }
-        u32 xa[2][8], xb[2][8];
-        load_x(pb, xa, xb);
-        // 2. Consume them, prefetching the next pair's activations.
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int pr = pb + u * DECODE_WARPS;
-            if (pr >= npairs) break;  // warp-uniform
-            u32 na[2][8], nb[2][8];
-            const bool more = (u + 1 < U) && (pr + DECODE_WARPS < npairs);
-            if (more) load_x(pr + DECODE_WARPS, na, nb);
-            u32 blk[2][2];
-            {
-                const u32x4 r = raw[u];
-                const bool lo = t < 2;
-                const u32 s0 = lo ? r.z : r.x, s1 = lo ? r.w : r.y;
-                const u32 q0 = __shfl_xor_sync(0xffffffffu, s0, 2);
-                const u32 q1 = __shfl_xor_sync(0xffffffffu, s1, 2);
-                blk[0][0] = lo ? r.x : q0;
-                blk[0][1] = lo ? r.y : q1;
-                blk[1][0] = lo ? q0 : r.z;
-                blk[1][1] = lo ? q1 : r.w;
-            }
-            float am = 0.0f;
-            if (rok && (2 * pr + (t & 1)) < nkb) {
-                am = sv.nested ? __fadd_rn(__fmul_rn(smap[amr[u].code], amr[u].scale), sv.offset)
-                               : __uint_as_float(amr[u].code);
-            }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int kb = 2 * pr + h;
-                if (kb >= nkb) break;  // warp-uniform (odd number of blocks)
-                float d[4];
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const u32 word = blk[h][s >> 1];
-                    const int sh = (s & 1) * 16;
-                    u32 b[2];
-                    b[0] = lut_lane[((word >> sh) & 0xFFu) * 32];
-                    b[1] = lut_lane[((word >> (sh + 8)) & 0xFFu) * 32];
-                    const u32 a[4] = {xa[h][2 * s], xb[h][2 * s], xa[h][2 * s + 1], xb[h][2 * s + 1]};
-                    if (s == 0) {
-                        mma_m16n8k16_zc<DTYPE>(d, a, b);
-                    } else {
-                        mma_m16n8k16<DTYPE>(d, a, b);
-                    }
-                }
-                // d[0], d[2] belong to row n = 2t of the tile, d[1], d[3] to 2t + 1; the
-                // absmax of (row, block h) lives in lane row * 4 + h.
-                const float sc0 = __shfl_sync(0xffffffffu, am, (2 * t) * 4 + h);
-                const float sc1 = __shfl_sync(0xffffffffu, am, (2 * t + 1) * 4 + h);
-                acc[0] = fmaf(sc0, d[0], acc[0]);
-                acc[1] = fmaf(sc1, d[1], acc[1]);
-                if (M16) {
-                    acc[2] = fmaf(sc0, d[2], acc[2]);
-                    acc[3] = fmaf(sc1, d[3], acc[3]);
-                }
-            }
-            if (more) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        xa[h][i] = na[h][i];
-                        xb[h][i] = nb[h][i];
-                    }
-            }
-        }
-    }
+    };
 
-    // 3. Sum the 8 warps' partial products (fixed order), add the bias, store.
+    int tile = blockIdx.x;
+    DecodeLoads<U> cur;
+    if (tile < ntiles) issue(tile, warp, cur);
+    int buf = 0;
+    for (; tile < ntiles; tile += gridDim.x) {
+        const int row = tile * 8 + g;
+        const bool rok = row < p.N;
+        int local, seg = 0;
+        const SegView sv = seg_view(p, rok ? row : 0, local);
+        if (p.n_segments > 1 && (rok ? row : 0) >= p.seg[0].rows) seg = 1;
+        if (p.n_segments > 2 && (rok ? row : 0) >= p.seg[0].rows + p.seg[1].rows) seg = 2;
+        const float* smap = maps + seg * 256;
+
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        DecodeLoads<U> nxt;
+        for (int pb = warp; pb < npairs; pb += DECODE_WARPS * U) {
+            const bool last_round = pb + DECODE_WARPS * U >= npairs;
+            // Next round of this tile, or the first round of the block's next tile.
+            if (!last_round) {
+                issue(tile, pb + DECODE_WARPS * U, nxt);
+            } else if (tile + (int)gridDim.x < ntiles) {
+                issue(tile + gridDim.x, warp, nxt);
+            }
+            u32 xa[2][8], xb[2][8];
+            load_x(pb, xa, xb);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[(warp * 4 + i) * 32 + lane] = acc[i];
-    __syncthreads();
-    if (warp == 0) {
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int w = 0; w < DECODE_WARPS; ++w) {
+            for (int u = 0; u < U; ++u) {
+                const int pr = pb + u * DECODE_WARPS;
+                if (pr >= npairs) break;  // warp-uniform
+                u32 na[2][8], nb[2][8];
+                const bool more = (u + 1 < U) && (pr + DECODE_WARPS < npairs);
+                if (more) load_x(pr + DECODE_WARPS, na, nb);
+                u32 blk[2][2];
+                {
+                    const u32x4 r = cur.raw[u];
+                    const bool lo = t < 2;
+                    const u32 s0 = lo ? r.z : r.x, s1 = lo ? r.w : r.y;
+                    const u32 q0 = __shfl_xor_sync(0xffffffffu, s0, 2);
+                    const u32 q1 = __shfl_xor_sync(0xffffffffu, s1, 2);
+                    blk[0][0] = lo ? r.x : q0;
+                    blk[0][1] = lo ? r.y : q1;
+                    blk[1][0] = lo ? q0 : r.z;
+                    blk[1][1] = lo ? q1 : r.w;
+                }
+                float am = 0.0f;
+                if (rok && (2 * pr + (t & 1)) < nkb) {
+                    am = sv.nested
+                             ? __fadd_rn(__fmul_rn(smap[cur.amr[u].code], cur.amr[u].scale), sv.offset)
+                             : __uint_as_float(cur.amr[u].code);
+                }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] += red[(w * 4 + i) * 32 + lane];
+                for (int h = 0; h < 2; ++h) {
+                    const int kb = 2 * pr + h;
+                    if (kb >= nkb) break;  // warp-uniform (odd number of blocks)
+                    float d[4];
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) {
+                        const u32 word = blk[h][s >> 1];
+                        const int sh = (s & 1) * 16;
+                        u32 b[2];
+                        b[0] = lut_lane[((word >> sh) & 0xFFu) * 32];
+                        b[1] = lut_lane[((word >> (sh + 8)) & 0xFFu) * 32];
+                        const u32 a[4] = {xa[h][2 * s], xb[h][2 * s], xa[h][2 * s + 1],
+                                          xb[h][2 * s + 1]};
+                        if (s == 0) {
+                            mma_m16n8k16_zc<DTYPE>(d, a, b);
+                        } else {
+                            mma_m16n8k16<DTYPE>(d, a, b);
+                        }
+                    }
+                    // d[0], d[2] belong to row n = 2t of the tile, d[1], d[3] to 2t + 1; the
+                    // absmax of (row, block h) lives in lane row * 4 + h.
+                    const float sc0 = __shfl_sync(0xffffffffu, am, (2 * t) * 4 + h);
+                    const float sc1 = __shfl_sync(0xffffffffu, am, (2 * t + 1) * 4 + h);
+                    acc[0] = fmaf(sc0, d[0], acc[0]);
+                    acc[1] = fmaf(sc1, d[1], acc[1]);
+                    if (M16) {
+                        acc[2] = fmaf(sc0, d[2], acc[2]);
+                        acc[3] = fmaf(sc1, d[3], acc[3]);
+                    }
+                }
+                if (more) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            xa[h][i] = na[h][i];
+                            xb[h][i] = nb[h][i];
+                        }
+                }
+            }
+            cur = nxt;
         }
-        const int n = n0 + 2 * t;
-        const u16* bias = (const u16*)p.bias;
-        u16* y = (u16*)p.y;
+
+        // Sum the 8 warps' partial products (fixed order), add the bias, store. The buffer
+        // alternates so the next tile's partials never overwrite ones still being summed.
+        float* rb = red + buf * (DECODE_WARPS * 4 * 32);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int nn = n + (i & 1);
-            const int m = g + ((i >> 1) ? 8 : 0);
-            if (nn < p.N && m < p.M) {
-                float r = v[i];
-                if (bias) r += half_to_f32<DTYPE>(ld_nc_u16(bias + nn));
-                y[(i64)m * p.ldy + nn] = f32_to_half<DTYPE>(r);
+        for (int i = 0; i < 4; ++i) rb[(warp * 4 + i) * 32 + lane] = acc[i];
+        __syncthreads();
+        if (warp == 0) {
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int w = 0; w < DECODE_WARPS; ++w) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[i] += rb[(w * 4 + i) * 32 + lane];
+            }
+            const int n = tile * 8 + 2 * t;
+            const u16* bias = (const u16*)p.bias;
+            u16* y = (u16*)p.y;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int nn = n + (i & 1);
+                const int m = g + ((i >> 1) ? 8 : 0);
+                if (nn < p.N && m < p.M) {
+                    float r = v[i];
+                    if (bias) r += half_to_f32<DTYPE>(ld_nc_u16(bias + nn));
+                    y[(i64)m * p.ldy + nn] = f32_to_half<DTYPE>(r);
+                }
             }
         }
+        buf ^= 1;
     }
 }
 
-// Shared memory: LUT 32 KB + reduction 4 KB + 3 nested maps 3 KB = 39,936 bytes.
-#define DECODE_SMEM_BYTES (DECODE_LUT_WORDS * 4 + DECODE_WARPS * 4 * 32 * 4 + 3 * 256 * 4)
+// Shared memory: LUT 32 KB + 2 reduction buffers 8 KB + 3 nested maps 3 KB = 44,032 bytes.
+#define DECODE_SMEM_BYTES (DECODE_LUT_WORDS * 4 + 2 * DECODE_WARPS * 4 * 32 * 4 + 3 * 256 * 4)
 
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m8_bf16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_BF16, false, 4>(p);
+    nf4_linear_decode<DTYPE_BF16, false, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m8_f16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_F16, false, 4>(p);
+    nf4_linear_decode<DTYPE_F16, false, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m16_bf16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_BF16, true, 3>(p);
+    nf4_linear_decode<DTYPE_BF16, true, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m16_f16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_F16, true, 3>(p);
+    nf4_linear_decode<DTYPE_F16, true, 2>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

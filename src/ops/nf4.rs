@@ -388,12 +388,14 @@ pub fn plan_linear(
         } else {
             "nf4_linear_decode_m16"
         };
+        // Persistent blocks (two per SM) walk the 8-row tiles.
+        let tiles = ceil_div(n as u64, 8);
         return Ok(LinearPlan {
             entry,
-            grid: (ceil_div(n as u64, 8) as u32, 1, 1),
+            grid: (tiles.min(2 * sm_count.max(1) as u64) as u32, 1, 1),
             threads: 256,
-            // LUT 32 KB + reduction 4 KB + three nested maps 3 KB (DECODE_SMEM_BYTES).
-            smem: 256 * 32 * 4 + 8 * 4 * 32 * 4 + 3 * 256 * 4,
+            // LUT 32 KB + 2 reduction buffers 8 KB + three nested maps 3 KB (DECODE_SMEM_BYTES).
+            smem: 256 * 32 * 4 + 2 * 8 * 4 * 32 * 4 + 3 * 256 * 4,
             splits: 1,
             workspace_floats: 0,
         });
@@ -740,11 +742,11 @@ mod tests {
     fn plans() {
         let p = plan_linear(1, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m8");
-        assert_eq!(p.grid.0, 720);
+        assert_eq!(p.grid.0, 264);
         let p = plan_linear(16, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m16");
-        assert_eq!(p.grid.0, 720);
-        assert_eq!(p.smem, 39_936);
+        assert_eq!(p.grid.0, 264);
+        assert_eq!(p.smem, 44_032);
         let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_l3");
         assert_eq!(p.grid, (45, 16, 1));
