@@ -139,7 +139,8 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     t_auto = time_graph(ours, args.calls, args.reps)
     plan = "dequant_matmul"
     if not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
-        plan = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n)["entry"]
+        pl = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n, k)
+        plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")
     t_fused = time_graph(fused, args.calls, args.reps)
     t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")
     t_cublas = time_graph(cublas, args.calls, args.reps)
