@@ -67,7 +67,9 @@ fn override_text(file: &str) -> Option<&'static str> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static TEXTS: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
-    let dir = std::env::var(KERNEL_DIR_ENV).ok().filter(|d| !d.trim().is_empty())?;
+    let dir = std::env::var(KERNEL_DIR_ENV)
+        .ok()
+        .filter(|d| !d.trim().is_empty())?;
     let path = std::path::Path::new(dir.trim()).join(file);
     let key = path.to_string_lossy().into_owned();
     let map = TEXTS.get_or_init(|| Mutex::new(HashMap::new()));
