@@ -38,9 +38,14 @@ MS = [1, 4, 16, 64, 256, 2048]
 
 
 def git_commit() -> str:
+    if os.environ.get("GPTOSS_3090_GIT_COMMIT"):
+        return os.environ["GPTOSS_3090_GIT_COMMIT"]
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(__file__),
+            text=True,
+            stderr=subprocess.DEVNULL,
         ).strip()
     except Exception:
         return "unknown"
