@@ -34,6 +34,12 @@
 //! - The nested offset is the mean of the block absmax values accumulated in f64 and rounded once
 //!   to f32; torch's fp32 `mean()` (CPU or CUDA) may differ in the last bit.
 //!
+//! Checked on an H100 against bitsandbytes 0.50.2's CUDA kernels (bf16/fp16, nested or not,
+//! tensors up to 5760x2880, partial and odd-length tails): dequantization bit-identical; 4-bit
+//! and 8-bit codes identical in every run (the fast reciprocal equals the correctly rounded one
+//! for ~86% of inputs and is 1 ulp off otherwise, which almost never moves a code); the offset
+//! was 1 ulp off in 2 of 10 tensors, which changed no code.
+//!
 //! bitsandbytes' CPU path differs from its CUDA path: code 7 for an all-zero block, fp32
 //! midpoints instead of the CUDA literals (see [`NF4_THRESHOLDS`]), division instead of the
 //! reciprocal for a partial last block, and a 65,536-bin approximation for the 8-bit nested codes.
