@@ -160,11 +160,15 @@ def bf16_reference(ws: list[tuple[torch.Tensor, ...]], tokens: int) -> Callable[
 def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], None] | str:
     """vLLM 0.26 Marlin MXFP4 MoE on random MXFP4 weights, or the reason it cannot run."""
     try:
-        from vllm.model_executor.layers.fused_moe.fused_marlin_moe import (  # type: ignore
+        # vLLM 0.26: experts/marlin_moe.py and the pure-function MXFP4 repack.
+        from vllm.model_executor.layers.fused_moe.activation import (  # type: ignore
+            MoEActivation,
+        )
+        from vllm.model_executor.layers.fused_moe.experts.marlin_moe import (  # type: ignore
             fused_marlin_moe,
         )
         from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import (  # type: ignore
-            prepare_moe_fp4_layer_for_marlin,
+            prepare_moe_mxfp4_layer_for_marlin,
         )
         from vllm.scalar_type import scalar_types  # type: ignore
     except Exception as exc:  # noqa: BLE001 - any import problem means "not available"
@@ -197,7 +201,10 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
                                              requires_grad=False)
             lay.num_experts = E
             lay.params_dtype = torch.bfloat16
-            prepare_moe_fp4_layer_for_marlin(lay)
+            (lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
+             lay.w13_bias, lay.w2_bias) = prepare_moe_mxfp4_layer_for_marlin(
+                lay, lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
+                lay.w13_bias, lay.w2_bias)
             layers.append(lay)
         gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
         x = torch.randn(tokens, H, device=dev, generator=gg).to(torch.bfloat16)
@@ -211,9 +218,9 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
             for lay, lg, (tw, ti) in zip(layers, logits, routes, strict=True):
                 fused_marlin_moe(
                     x, lay.w13_weight, lay.w2_weight, lay.w13_bias, lay.w2_bias,
-                    lay.w13_weight_scale, lay.w2_weight_scale, lg, tw, ti,
+                    lay.w13_weight_scale, lay.w2_weight_scale, tw, ti,
                     global_num_experts=E, quant_type_id=scalar_types.float4_e2m1f.id,
-                    activation="swigluoai",
+                    activation=MoEActivation.SWIGLUOAI,
                 )
 
         run()
