@@ -17,12 +17,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import types
 import datetime
 import json
 import statistics
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -203,7 +203,7 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
             routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
 
         def run() -> None:
-            for lay, lg, (tw, ti) in zip(layers, logits, routes, strict=True):
+            for lay, (tw, ti) in zip(layers, routes, strict=True):
                 fused_marlin_moe(
                     x, lay.w13_weight, lay.w2_weight, lay.w13_bias, lay.w2_bias,
                     lay.w13_weight_scale, lay.w2_weight_scale, tw, ti,
