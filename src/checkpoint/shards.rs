@@ -197,9 +197,20 @@ impl Shard {
         })
     }
 
-    /// Hints the kernel to read `start..end` ahead (best effort, errors ignored).
+    /// Prepares `start..end` for one sequential read: maps all its pages into this process in
+    /// one call (`MADV_POPULATE_READ`, Linux 5.14+) instead of one page fault per 4 KiB page,
+    /// which otherwise halves copy throughput from a warm page cache. Falls back to a read-ahead
+    /// hint where that advice is unavailable. Best effort, errors ignored.
     pub fn will_need(&self, start: usize, end: usize) {
         if end > start && end <= self.mmap.len() {
+            #[cfg(target_os = "linux")]
+            if self
+                .mmap
+                .advise_range(Advice::PopulateRead, start, end - start)
+                .is_ok()
+            {
+                return;
+            }
             let _ = self.mmap.advise_range(Advice::WillNeed, start, end - start);
         }
     }
