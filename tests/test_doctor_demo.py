@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gptoss_3090 import _native
 from gptoss_3090.cli import main as cli_main
 

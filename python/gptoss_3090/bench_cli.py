@@ -53,7 +53,9 @@ def add_parser(sub: Any) -> None:
         description="Runs the kernel and end-to-end benchmarks that fit this machine and writes "
         "JSON results plus PNG plots (throughput vs batch/token count, ours vs baseline).",
     )
-    p.add_argument("--out", default="bench-results", help="results folder (default ./bench-results)")
+    p.add_argument(
+        "--out", default="bench-results", help="results folder (default ./bench-results)"
+    )
     p.add_argument(
         "--only",
         default=None,
@@ -129,13 +131,21 @@ def _plan(args: argparse.Namespace, bench_dir: Path) -> list[tuple[str, list[str
                 plan.append((name, None, "needs vLLM 0.26 (pip install 'gptoss-3090[vllm]')"))
             elif not args.e2e_checkpoint:
                 plan.append(
-                    (name, None, "needs --e2e-checkpoint PATH (gptoss-3090 synth PATH --preset 20b)")
+                    (
+                        name,
+                        None,
+                        "needs --e2e-checkpoint PATH (gptoss-3090 synth PATH --preset 20b)",
+                    )
                 )
             elif gpu_gib < E2E_MIN_GIB:
                 plan.append((name, None, f"needs >= {E2E_MIN_GIB:.0f} GiB ({gpu_gib:.1f} GiB)"))
             else:
                 plan.append(
-                    (name, cmd + ["--ours", args.e2e_checkpoint, "--out", str(out / "e2e")], gpu_what)
+                    (
+                        name,
+                        cmd + ["--ours", args.e2e_checkpoint, "--out", str(out / "e2e")],
+                        gpu_what,
+                    )
                 )
             continue
         if name == "moe" and importlib.util.find_spec("gptoss_3090.moe") is None:
@@ -245,14 +255,22 @@ def _plot_nf4_linear(doc: dict[str, Any], png: Path) -> None:
         rs = [r for r in rows if (r["N"], r["K"]) == (n, k)]
         for tuning in sorted({r["tuning"] for r in rs}):
             t = sorted((r for r in rs if r["tuning"] == tuning), key=lambda r: r["M"])
-            ax.plot([r["M"] for r in t], [r["M"] / (r["ours_us"] * 1e-6) for r in t], "o-",
-                    label=f"NF4 linear ({tuning})")
+            ax.plot(
+                [r["M"] for r in t],
+                [r["M"] / (r["ours_us"] * 1e-6) for r in t],
+                "o-",
+                label=f"NF4 linear ({tuning})",
+            )
         first = sorted({r["M"]: r for r in rs}.values(), key=lambda r: r["M"])
         for key, label in (("cublas_us", "cuBLAS bf16"), ("bnb_us", "bitsandbytes NF4")):
             t = [r for r in first if r.get(key)]
             if t:
-                ax.plot([r["M"] for r in t], [r["M"] / (r[key] * 1e-6) for r in t], "s--",
-                        label=f"baseline: {label}")
+                ax.plot(
+                    [r["M"] for r in t],
+                    [r["M"] / (r[key] * 1e-6) for r in t],
+                    "s--",
+                    label=f"baseline: {label}",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M (tokens)")

@@ -215,7 +215,9 @@ def _check_vllm(version: str | None) -> Check:
             "nothing on other versions",
             {"version": version},
         )
-    return Check("vllm", PASS, f"vLLM {version} (supported: {SUPPORTED_VLLM})", {"version": version})
+    return Check(
+        "vllm", PASS, f"vLLM {version} (supported: {SUPPORTED_VLLM})", {"version": version}
+    )
 
 
 _PLUGIN_PROBE = r"""
@@ -225,7 +227,8 @@ load_general_plugins()
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 ok = "bnb_moe" in QUANTIZATION_METHODS
 cls = get_quantization_config("bnb_moe") if ok else None
-print(json.dumps({"registered": ok, "config": f"{cls.__module__}.{cls.__qualname__}" if cls else None}))
+name = f"{cls.__module__}.{cls.__qualname__}" if cls else None
+print(json.dumps({"registered": ok, "config": name}))
 """
 
 
