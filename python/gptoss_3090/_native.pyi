@@ -194,8 +194,9 @@ def nvrtc_version() -> tuple[int, int]:
     """The NVRTC version as ``(major, minor)``; raises CudaError when NVRTC is not found."""
 
 def kernel_cache_dir() -> str | None:
-    """The folder where compiled cubins are cached (``$GPTOSS_3090_CACHE_DIR`` or the user cache
-    folder), or None when caching is off."""
+    """The folder where compiled cubins are cached (``$GPTOSS_3090_CACHE``, else
+    ``$XDG_CACHE_HOME/gptoss_3090/kernels`` or ``~/.cache/gptoss_3090/kernels``), or None when
+    caching is off (``GPTOSS_3090_CACHE=off``)."""
 
 def device_info(ordinal: int) -> dict[str, Any]:
     """Facts about GPU ``ordinal``: ``ordinal``, ``name``, ``arch`` (``"sm_86"``), ``major``,
