@@ -34,7 +34,7 @@ class CudaError(RuntimeError):
     """The CUDA driver or NVRTC could not be loaded, or a driver call failed (the message names
     the operation and the CUDA error)."""
 
-class KernelCompileError(RuntimeError):
+class KernelCompileError(CudaError):
     """NVRTC rejected a kernel source; the message carries the kernel family, the target arch
     and the NVRTC log."""
 
