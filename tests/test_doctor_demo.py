@@ -40,6 +40,18 @@ def test_every_native_name_is_in_the_stub() -> None:
     assert not missing, f"_native.pyi lacks {sorted(missing)}"
 
 
+def test_stub_exception_hierarchy_matches_native() -> None:
+    tree = ast.parse((PKG / "_native.pyi").read_text())
+    bases = {
+        n.name: [b.id for b in n.bases if isinstance(b, ast.Name)]
+        for n in tree.body
+        if isinstance(n, ast.ClassDef)
+    }
+    for name in ("CheckpointError", "CudaError", "KernelCompileError"):
+        native = getattr(_native, name)
+        assert [b.__name__ for b in native.__bases__] == bases[name], name
+
+
 def test_stub_functions_have_docstrings() -> None:
     tree = ast.parse((PKG / "_native.pyi").read_text())
     for node in ast.walk(tree):
