@@ -210,3 +210,13 @@ def test_bench_without_gpu_says_what_it_skipped(tmp_path: Path, capsys) -> None:
     assert "SKIP  fused_read" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["benchmarks"]["attention"]["status"] == "skipped"
+
+
+@pytest.mark.skipif(GPU, reason="the demo serves through vLLM on a GPU (tests/gpu)")
+def test_demo_model_without_reference_explains(tmp_path: Path, capsys) -> None:
+    from gptoss_3090.synth import write_synthetic_checkpoint
+
+    path = write_synthetic_checkpoint(tmp_path / "m", "tiny", reference=False, progress=False)
+    assert cli_main(["demo", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "24 GiB card" in out and "no reference/" in out

@@ -93,6 +93,12 @@ def _describe(path: Path) -> dict[str, Any]:
     return summary
 
 
+def _describe_quiet(path: Path) -> dict[str, Any]:
+    from gptoss_3090 import open_checkpoint
+
+    return open_checkpoint(path).summary()
+
+
 def _run_vllm(path: Path, prompt: str, max_tokens: int, max_model_len: int | None) -> int:
     from vllm import LLM, SamplingParams
 
@@ -150,6 +156,14 @@ def _run_cpu(path: Path, prompt: str, max_tokens: int, why: str) -> int:
 
     ref = path / "reference"
     if not (ref / "config.json").is_file():
+        from gptoss_3090.memory import memory_plan
+
+        plan = memory_plan(_describe_quiet(path), budget_gib=24.0, max_model_len=131072)
+        _say(
+            f"on a 24 GiB card: weights {plan['weights_bytes'] / (1 << 30):.2f} GiB, KV cache "
+            f"{plan['kv_cache_tokens']:,} tokens; a 131,072-token context "
+            + ("fits" if plan["fits_max_model_len"] else "does not fit")
+        )
         _say(
             f"{why}, and {path} has no reference/ (dequantized HF copy) for a CPU run. "
             "On a GPU: `gptoss-3090 demo --model PATH` serves it with vLLM."
