@@ -152,8 +152,15 @@ def _check_reader_matches_reference(path: Path) -> None:
 
 def _run_cpu(path: Path, prompt: str, max_tokens: int, why: str) -> int:
     import torch
-    import transformers
 
+    try:
+        import transformers
+    except ImportError:
+        _say(
+            f"{why}, and the CPU reference needs transformers (it comes with vLLM: "
+            "pip install 'gptoss-3090[vllm]', or pip install transformers)"
+        )
+        return 1
     ref = path / "reference"
     if not (ref / "config.json").is_file():
         from gptoss_3090.memory import memory_plan
