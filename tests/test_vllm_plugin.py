@@ -48,9 +48,7 @@ def _hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Everything here is local; never wait on the Hub. The model-inspection subprocess of
     # vLLM's registry must import gptoss_3090 too (installed in CI; PYTHONPATH in a checkout).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # The folder of the gptoss_3090 this process imported: the checkout's python/ (dev build)
-    # or site-packages (pip install . of a fresh clone, whose python/ has no _native).
-    src = str(Path(gv.__file__).resolve().parents[2])
+    src = str(ROOT / "python")
     path = os.environ.get("PYTHONPATH", "")
     if src not in path.split(os.pathsep):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, path) if p))
