@@ -38,9 +38,14 @@ MS = [1, 4, 16, 64, 256, 2048]
 
 
 def git_commit() -> str:
+    if os.environ.get("GPTOSS_3090_GIT_COMMIT"):
+        return os.environ["GPTOSS_3090_GIT_COMMIT"]
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(__file__),
+            text=True,
+            stderr=subprocess.DEVNULL,
         ).strip()
     except Exception:
         return "unknown"
@@ -139,7 +144,8 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     t_auto = time_graph(ours, args.calls, args.reps)
     plan = "dequant_matmul"
     if not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
-        plan = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n)["entry"]
+        pl = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n, k)
+        plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")
     t_fused = time_graph(fused, args.calls, args.reps)
     t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")
     t_cublas = time_graph(cublas, args.calls, args.reps)

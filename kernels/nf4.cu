@@ -15,6 +15,7 @@
 //   nf4_linear_decode_m8_{bf16,f16}                 Nf4LinearParams   (M <= 8)
 //   nf4_linear_decode_m16_{bf16,f16}                Nf4LinearParams   (M <= 16)
 //   nf4_linear_mma_{l4,l3,m4,m3,s4}_{bf16,f16}      Nf4LinearParams   (tile configs, see below)
+//   nf4_linear_splitk_reduce_{bf16,f16}             Nf4LinearParams   (split-K finish)
 //   nf4_quantize_blocks_{bf16,f16,f32}              Nf4QuantizeParams
 //   nf4_quantize_mean                               Nf4QuantizeParams
 //   nf4_quantize_nested                             Nf4QuantizeParams
@@ -61,8 +62,11 @@ struct Nf4LinearParams {
     i32 N;                    // sum of seg[s].rows over the used segments
     i32 K;                    // multiple of 64 (a block never straddles rows)
     i32 n_segments;           // 1..3
+    u64 ws;                   // split-K (mma path, splits > 1): f32 [splits][M][N] partials
+    i32 splits;               // k-ranges per output tile (gridDim.z); 1 = no split
+    i32 pad_;
 };
-static_assert(sizeof(Nf4LinearParams) == 224, "Nf4LinearParams layout must match Rust");
+static_assert(sizeof(Nf4LinearParams) == 240, "Nf4LinearParams layout must match Rust");
 
 struct Nf4QuantizeParams {
     u64 input;                // [n] bf16 / f16 / f32 (contiguous)
@@ -80,21 +84,6 @@ static_assert(sizeof(Nf4QuantizeParams) == 72, "Nf4QuantizeParams layout must ma
 // ---------------------------------------------------------------------------------------------
 // Statistics.
 // ---------------------------------------------------------------------------------------------
-
-// absmax of block `b_global` (index into the absmax array) of expert `e`, whose nested index is
-// e * nnb + b_local / 256. bitsandbytes computes the nested form as two separate fp32 ops
-// (dequantize_blockwise, then `+ offset`), so __fmul_rn/__fadd_rn keep the compiler from
-// contracting them into one FMA, which would round once instead of twice.
-__device__ __forceinline__ float nf4_block_absmax(const Nf4Tensor& t, i64 b_global, int e,
-                                                  i64 b_local, i64 nnb) {
-    if (!t.nested) return ld_nc_f32((const float*)t.absmax + b_global);
-    const u32 code = ld_nc_u8((const u8*)t.absmax + b_global);
-    const float m = ld_nc_f32((const float*)t.nested_map + code);
-    const float s = ld_nc_f32((const float*)t.nested_absmax + (i64)e * nnb + b_local / NF4_NESTED_BLOCK);
-    const float off = t.nested_offset ? ld_nc_f32((const float*)t.nested_offset + e)
-                                      : t.nested_offset_value;
-    return __fadd_rn(__fmul_rn(m, s), off);
-}
 
 // One segment of a linear weight, with the fields a thread needs, selected without dynamic
 // indexing into the params struct (that would copy it to local memory).
@@ -168,7 +157,11 @@ __device__ __forceinline__ float seg_absmax(const SegView& v, i64 b) {
 template <int DTYPE>
 __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
     __shared__ float lut[16];
+    __shared__ float map[256];
     if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Code[threadIdx.x];
+    if (p.w.nested) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = ld_nc_f32((const float*)p.w.nested_map + i);
+    }
     __syncthreads();
     const i64 total = p.numel * (i64)p.n_experts;
     const i64 nchunks = (total + 31) / 32;
@@ -179,7 +172,19 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
         const i64 g0 = c * 32;
         const int e = p.n_experts == 1 ? 0 : (int)(g0 / p.numel);
         const i64 b_local = (g0 - (i64)e * p.numel) / NF4_BLOCK;
-        const float am = nf4_block_absmax(p.w, g0 / NF4_BLOCK, e, b_local, p.nnb);
+        float am;
+        if (p.w.nested) {
+            // bitsandbytes computes this as two separate fp32 ops (dequantize_blockwise,
+            // then `+ offset`): __fmul_rn/__fadd_rn keep them from fusing into one FMA.
+            const u32 code = ld_nc_u8((const u8*)p.w.absmax + g0 / NF4_BLOCK);
+            const float sc = ld_nc_f32((const float*)p.w.nested_absmax + (i64)e * p.nnb +
+                                       b_local / NF4_NESTED_BLOCK);
+            const float off = p.w.nested_offset ? ld_nc_f32((const float*)p.w.nested_offset + e)
+                                                : p.w.nested_offset_value;
+            am = __fadd_rn(__fmul_rn(map[code], sc), off);
+        } else {
+            am = ld_nc_f32((const float*)p.w.absmax + g0 / NF4_BLOCK);
+        }
         if (g0 + 32 <= total) {
             const u32x4 raw = ld_global_stream_16(packed + g0 / 2);
             const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -236,18 +241,41 @@ extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequa
 #define DECODE_WARPS 8
 #define DECODE_LUT_WORDS (256 * 32)
 
-template <int DTYPE, bool M16, int NT, int U>
+// The weight state one lane needs for one tile: its row's segment and the raw loads of one
+// round (U pairs x 16 bytes + the absmax raw loads).
+template <int U>
+struct DecodeLoads {
+    u32x4 raw[U];
+    AbsmaxRaw amr[U];
+};
+
+// Persistent blocks: a block fills its tables once, then walks tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ...; while it computes one tile, the weight loads of its next tile
+// are already in flight, so DRAM never waits for the per-tile reduction. Inside a tile the 8
+// warps split K (warp w takes pairs w, w + 8, ...; U pairs per round) and the activation
+// fragments are double-buffered one pair ahead; the nested maps live in shared memory.
+template <int DTYPE, bool M16, int U>
 __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
     extern __shared__ __align__(16) u32 dsmem[];
-    u32* lut = dsmem;                                            // [256 bytes][32 lanes]
-    float* red = (float*)(dsmem + DECODE_LUT_WORDS);             // [warps][NT][4][32]
+    u32* lut = dsmem;                                             // [256 bytes][32 lanes]
+    float* red = (float*)(dsmem + DECODE_LUT_WORDS);              // [2][warps][4][32]
+    float* maps = red + 2 * DECODE_WARPS * 4 * 32;                // [3][256] nested maps
     const int tid = threadIdx.x;
     {
-        // Thread tid fills the 32 copies of entry `tid` (8 x STS.128).
-        const u32 pair = pack_half2<DTYPE>(kNf4Code[tid >> 4], kNf4Code[tid & 15]);
-        u32x4* d = (u32x4*)(lut + tid * 32);
+        // 8 x STS.128 per thread at consecutive 16-byte slots (conflict-free); slot q holds
+        // 4 copies of entry q / 8.
 #pragma unroll
-        for (int c = 0; c < 8; ++c) d[c] = u32x4{pair, pair, pair, pair};
+        for (int c = 0; c < 8; ++c) {
+            const int q = tid + 256 * c;
+            const int e = q >> 3;
+            const u32 pair = pack_half2<DTYPE>(kNf4Code[e >> 4], kNf4Code[e & 15]);
+            ((u32x4*)lut)[q] = u32x4{pair, pair, pair, pair};
+        }
+        if (p.seg[0].nested) maps[tid] = ld_nc_f32((const float*)p.seg[0].nested_map + tid);
+        if (p.n_segments > 1 && p.seg[1].nested)
+            maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
+        if (p.n_segments > 2 && p.seg[2].nested)
+            maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
     }
     __syncthreads();
 
@@ -255,21 +283,7 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
     const int nkb = p.K >> 6;
     const int npairs = (nkb + 1) >> 1;
     const i64 row_bytes = p.K >> 1;
-    const int n0 = blockIdx.x * (8 * NT);
-
-    SegView sv[NT];
-    const u8* wrow[NT];
-    i64 blk0[NT];
-    bool rok[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const int row = n0 + j * 8 + g;
-        rok[j] = row < p.N;
-        int local;
-        sv[j] = seg_view(p, rok[j] ? row : 0, local);
-        wrow[j] = sv[j].packed + (i64)local * row_bytes + t * 16;
-        blk0[j] = (i64)local * nkb;
-    }
+    const int ntiles = (p.N + 7) >> 3;
     // Activation rows of this lane's A fragments: g and (M16) g + 8.
     const u16* xg = (const u16*)p.x + (i64)g * p.ldx + (t & 1) * 32 + (t >> 1) * 16;
     const u16* xg8 = xg + 8 * p.ldx;
@@ -277,87 +291,120 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
     const bool xok8 = M16 && (g + 8 < p.M);
     const u32* lut_lane = lut + lane;
 
-    float acc[NT][4];
+    // x fragments of one pair: [block h][8 words] for rows g and g + 8.
+    auto load_x = [&](int pr, u32 (&xa)[2][8], u32 (&xb)[2][8]) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-
-    for (int pb = warp; pb < npairs; pb += DECODE_WARPS * U) {
-        // 1. Issue every weight load of this round first (U * NT x 16 bytes in flight per lane),
-        //    and the absmax loads (one row/block per lane: block 2pr + (t & 1) of row g).
-        u32x4 raw[U][NT];
-        AbsmaxRaw amr[U][NT];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int pr = pb + u * DECODE_WARPS;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const bool okw = rok[j] && pr < npairs && (2 * pr + (t >> 1)) < nkb;
-                raw[u][j] = okw ? ld_global_stream_16(wrow[j] + (i64)pr * 64) : u32x4{0, 0, 0, 0};
-                const int kba = 2 * pr + (t & 1);
-                const bool oka = rok[j] && pr < npairs && kba < nkb;
-                if (oka) {
-                    amr[u][j] = seg_absmax_load(sv[j], blk0[j] + kba);
-                } else {
-                    amr[u][j].code = 0;
-                    amr[u][j].scale = 0.0f;
+        for (int h = 0; h < 2; ++h) {
+            const int kb = 2 * pr + h;
+            const bool okb = kb < nkb;
+            u32x4 v0 = {0, 0, 0, 0}, v1 = {0, 0, 0, 0};
+            if (xok && okb) {
+                v0 = ld_global_nc_16(xg + kb * 64);
+                v1 = ld_global_nc_16(xg + kb * 64 + 8);
+            }
+            xa[h][0] = v0.x; xa[h][1] = v0.y; xa[h][2] = v0.z; xa[h][3] = v0.w;
+            xa[h][4] = v1.x; xa[h][5] = v1.y; xa[h][6] = v1.z; xa[h][7] = v1.w;
+            if (M16) {
+                u32x4 w0 = {0, 0, 0, 0}, w1 = {0, 0, 0, 0};
+                if (xok8 && okb) {
+                    w0 = ld_global_nc_16(xg8 + kb * 64);
+                    w1 = ld_global_nc_16(xg8 + kb * 64 + 8);
                 }
+                xb[h][0] = w0.x; xb[h][1] = w0.y; xb[h][2] = w0.z; xb[h][3] = w0.w;
+                xb[h][4] = w1.x; xb[h][5] = w1.y; xb[h][6] = w1.z; xb[h][7] = w1.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) xb[h][i] = 0;
             }
         }
-        // 2. Consume them.
+    };
+    // Issues the weight and absmax loads of round `pb` (pairs pb + u * 8) of tile `tile`.
+    auto issue = [&](int tile, int pb, DecodeLoads<U>& L) {
+        const int row = tile * 8 + g;
+        const bool rok = row < p.N;
+        int local;
+        const SegView sv = seg_view(p, rok ? row : 0, local);
+        const u8* wrow = sv.packed + (i64)local * row_bytes + t * 16;
+        const i64 blk0 = (i64)local * nkb;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int pr = pb + u * DECODE_WARPS;
-            if (pr >= npairs) break;  // warp-uniform
-            u32 blk[NT][2][2];
-            float am[NT];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const u32x4 r = raw[u][j];
-                const bool lo = t < 2;
-                const u32 s0 = lo ? r.z : r.x, s1 = lo ? r.w : r.y;
-                const u32 q0 = __shfl_xor_sync(0xffffffffu, s0, 2);
-                const u32 q1 = __shfl_xor_sync(0xffffffffu, s1, 2);
-                blk[j][0][0] = lo ? r.x : q0;
-                blk[j][0][1] = lo ? r.y : q1;
-                blk[j][1][0] = lo ? q0 : r.z;
-                blk[j][1][1] = lo ? q1 : r.w;
-                const bool oka = rok[j] && (2 * pr + (t & 1)) < nkb;
-                am[j] = oka ? seg_absmax_finish(sv[j], amr[u][j]) : 0.0f;
+            const bool okw = rok && pr < npairs && (2 * pr + (t >> 1)) < nkb;
+            L.raw[u] = okw ? ld_global_stream_16(wrow + (i64)pr * 64) : u32x4{0, 0, 0, 0};
+            const int kba = 2 * pr + (t & 1);
+            if (rok && pr < npairs && kba < nkb) {
+                L.amr[u] = seg_absmax_load(sv, blk0 + kba);
+            } else {
+                L.amr[u].code = 0;
+                L.amr[u].scale = 0.0f;
             }
+        }
+    };
+
+    int tile = blockIdx.x;
+    DecodeLoads<U> cur;
+    if (tile < ntiles) issue(tile, warp, cur);
+    int buf = 0;
+    for (; tile < ntiles; tile += gridDim.x) {
+        const int row = tile * 8 + g;
+        const bool rok = row < p.N;
+        int local, seg = 0;
+        const SegView sv = seg_view(p, rok ? row : 0, local);
+        if (p.n_segments > 1 && (rok ? row : 0) >= p.seg[0].rows) seg = 1;
+        if (p.n_segments > 2 && (rok ? row : 0) >= p.seg[0].rows + p.seg[1].rows) seg = 2;
+        const float* smap = maps + seg * 256;
+
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        DecodeLoads<U> nxt;
+        for (int pb = warp; pb < npairs; pb += DECODE_WARPS * U) {
+            const bool last_round = pb + DECODE_WARPS * U >= npairs;
+            // Next round of this tile, or the first round of the block's next tile.
+            if (!last_round) {
+                issue(tile, pb + DECODE_WARPS * U, nxt);
+            } else if (tile + (int)gridDim.x < ntiles) {
+                issue(tile + gridDim.x, warp, nxt);
+            }
+            u32 xa[2][8], xb[2][8];
+            load_x(pb, xa, xb);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int kb = 2 * pr + h;
-                if (kb >= nkb) break;  // warp-uniform (odd number of blocks)
-                u32 xa[8], xb[8];
-                if (xok) {
-                    const u32x4 v0 = ld_global_nc_16(xg + kb * 64);
-                    const u32x4 v1 = ld_global_nc_16(xg + kb * 64 + 8);
-                    xa[0] = v0.x; xa[1] = v0.y; xa[2] = v0.z; xa[3] = v0.w;
-                    xa[4] = v1.x; xa[5] = v1.y; xa[6] = v1.z; xa[7] = v1.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) xa[i] = 0;
+            for (int u = 0; u < U; ++u) {
+                const int pr = pb + u * DECODE_WARPS;
+                if (pr >= npairs) break;  // warp-uniform
+                u32 na[2][8], nb[2][8];
+                const bool more = (u + 1 < U) && (pr + DECODE_WARPS < npairs);
+                if (more) load_x(pr + DECODE_WARPS, na, nb);
+                u32 blk[2][2];
+                {
+                    const u32x4 r = cur.raw[u];
+                    const bool lo = t < 2;
+                    const u32 s0 = lo ? r.z : r.x, s1 = lo ? r.w : r.y;
+                    const u32 q0 = __shfl_xor_sync(0xffffffffu, s0, 2);
+                    const u32 q1 = __shfl_xor_sync(0xffffffffu, s1, 2);
+                    blk[0][0] = lo ? r.x : q0;
+                    blk[0][1] = lo ? r.y : q1;
+                    blk[1][0] = lo ? q0 : r.z;
+                    blk[1][1] = lo ? q1 : r.w;
                 }
-                if (xok8) {
-                    const u32x4 v0 = ld_global_nc_16(xg8 + kb * 64);
-                    const u32x4 v1 = ld_global_nc_16(xg8 + kb * 64 + 8);
-                    xb[0] = v0.x; xb[1] = v0.y; xb[2] = v0.z; xb[3] = v0.w;
-                    xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) xb[i] = 0;
+                float am = 0.0f;
+                if (rok && (2 * pr + (t & 1)) < nkb) {
+                    am = sv.nested
+                             ? __fadd_rn(__fmul_rn(smap[cur.amr[u].code], cur.amr[u].scale), sv.offset)
+                             : __uint_as_float(cur.amr[u].code);
                 }
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
+                for (int h = 0; h < 2; ++h) {
+                    const int kb = 2 * pr + h;
+                    if (kb >= nkb) break;  // warp-uniform (odd number of blocks)
                     float d[4];
 #pragma unroll
                     for (int s = 0; s < 4; ++s) {
-                        const u32 word = blk[j][h][s >> 1];
+                        const u32 word = blk[h][s >> 1];
                         const int sh = (s & 1) * 16;
                         u32 b[2];
                         b[0] = lut_lane[((word >> sh) & 0xFFu) * 32];
                         b[1] = lut_lane[((word >> (sh + 8)) & 0xFFu) * 32];
-                        const u32 a[4] = {xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1]};
+                        const u32 a[4] = {xa[h][2 * s], xb[h][2 * s], xa[h][2 * s + 1],
+                                          xb[h][2 * s + 1]};
                         if (s == 0) {
                             mma_m16n8k16_zc<DTYPE>(d, a, b);
                         } else {
@@ -366,62 +413,72 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
                     }
                     // d[0], d[2] belong to row n = 2t of the tile, d[1], d[3] to 2t + 1; the
                     // absmax of (row, block h) lives in lane row * 4 + h.
-                    const float sc0 = __shfl_sync(0xffffffffu, am[j], (2 * t) * 4 + h);
-                    const float sc1 = __shfl_sync(0xffffffffu, am[j], (2 * t + 1) * 4 + h);
-                    acc[j][0] = fmaf(sc0, d[0], acc[j][0]);
-                    acc[j][1] = fmaf(sc1, d[1], acc[j][1]);
+                    const float sc0 = __shfl_sync(0xffffffffu, am, (2 * t) * 4 + h);
+                    const float sc1 = __shfl_sync(0xffffffffu, am, (2 * t + 1) * 4 + h);
+                    acc[0] = fmaf(sc0, d[0], acc[0]);
+                    acc[1] = fmaf(sc1, d[1], acc[1]);
                     if (M16) {
-                        acc[j][2] = fmaf(sc0, d[2], acc[j][2]);
-                        acc[j][3] = fmaf(sc1, d[3], acc[j][3]);
+                        acc[2] = fmaf(sc0, d[2], acc[2]);
+                        acc[3] = fmaf(sc1, d[3], acc[3]);
                     }
+                }
+                if (more) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            xa[h][i] = na[h][i];
+                            xb[h][i] = nb[h][i];
+                        }
+                }
+            }
+            cur = nxt;
+        }
+
+        // Sum the 8 warps' partial products (fixed order), add the bias, store. The buffer
+        // alternates so the next tile's partials never overwrite ones still being summed.
+        float* rb = red + buf * (DECODE_WARPS * 4 * 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) rb[(warp * 4 + i) * 32 + lane] = acc[i];
+        __syncthreads();
+        if (warp == 0) {
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int w = 0; w < DECODE_WARPS; ++w) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[i] += rb[(w * 4 + i) * 32 + lane];
+            }
+            const int n = tile * 8 + 2 * t;
+            const u16* bias = (const u16*)p.bias;
+            u16* y = (u16*)p.y;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int nn = n + (i & 1);
+                const int m = g + ((i >> 1) ? 8 : 0);
+                if (nn < p.N && m < p.M) {
+                    float r = v[i];
+                    if (bias) r += half_to_f32<DTYPE>(ld_nc_u16(bias + nn));
+                    y[(i64)m * p.ldy + nn] = f32_to_half<DTYPE>(r);
                 }
             }
         }
-    }
-
-    // 3. Sum the 8 warps' partial products (fixed order), add the bias, store.
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[((warp * NT + j) * 4 + i) * 32 + lane] = acc[j][i];
-    }
-    __syncthreads();
-    if (warp < NT) {
-        const int j = warp;
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int w = 0; w < DECODE_WARPS; ++w) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] += red[((w * NT + j) * 4 + i) * 32 + lane];
-        }
-        const int n = n0 + j * 8 + 2 * t;
-        const u16* bias = (const u16*)p.bias;
-        u16* y = (u16*)p.y;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int nn = n + (i & 1);
-            const int m = g + ((i >> 1) ? 8 : 0);
-            if (nn < p.N && m < p.M) {
-                float r = v[i];
-                if (bias) r += half_to_f32<DTYPE>(ld_nc_u16(bias + nn));
-                y[(i64)m * p.ldy + nn] = f32_to_half<DTYPE>(r);
-            }
-        }
+        buf ^= 1;
     }
 }
 
-#define DECODE_SMEM_BYTES(NT) (DECODE_LUT_WORDS * 4 + DECODE_WARPS * (NT) * 4 * 32 * 4)
+// Shared memory: LUT 32 KB + 2 reduction buffers 8 KB + 3 nested maps 3 KB = 44,032 bytes.
+#define DECODE_SMEM_BYTES (DECODE_LUT_WORDS * 4 + 2 * DECODE_WARPS * 4 * 32 * 4 + 3 * 256 * 4)
 
-extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m8_bf16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_BF16, false, 1, 4>(p);
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m8_bf16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_BF16, false, 2>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m8_f16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_F16, false, 1, 4>(p);
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m8_f16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_F16, false, 2>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m16_bf16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_BF16, true, 2, 2>(p);
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m16_bf16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_BF16, true, 2>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_linear_decode_m16_f16(const Nf4LinearParams p) {
-    nf4_linear_decode<DTYPE_F16, true, 2, 2>(p);
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_linear_decode_m16_f16(const Nf4LinearParams p) {
+    nf4_linear_decode<DTYPE_F16, true, 2>(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,7 +500,9 @@ struct MmaSmem {
     static constexpr int X_STAGE = BM * 64;   // u16 per stage
     static constexpr int W_DEC = BN * 64;     // u16 per decoded buffer
     static constexpr int W_STAGE = BN * 32;   // bytes per stage
-    static constexpr int BYTES = STAGES * X_STAGE * 2 + 2 * W_DEC * 2 + STAGES * W_STAGE + 16 * 4;
+    // + 16 floats NF4 table + 3 x 256 floats nested maps
+    static constexpr int BYTES =
+        STAGES * X_STAGE * 2 + 2 * W_DEC * 2 + STAGES * W_STAGE + 16 * 4 + 3 * 256 * 4;
 };
 
 __device__ __forceinline__ int swz(int row, int chunk) { return row * 64 + ((chunk ^ (row & 7)) << 3); }
@@ -465,11 +524,22 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     u16* Wd = Xs + STAGES * S::X_STAGE;
     u8* Wp = (u8*)(Wd + 2 * S::W_DEC);
     float* lut = (float*)(Wp + STAGES * S::W_STAGE);
+    float* maps = lut + 16;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (tid < 16) lut[tid] = kNf4Code[tid];
+    for (int i = tid; i < 256; i += NTHR) {
+        if (p.seg[0].nested) maps[i] = ld_nc_f32((const float*)p.seg[0].nested_map + i);
+        if (p.n_segments > 1 && p.seg[1].nested)
+            maps[256 + i] = ld_nc_f32((const float*)p.seg[1].nested_map + i);
+        if (p.n_segments > 2 && p.seg[2].nested)
+            maps[512 + i] = ld_nc_f32((const float*)p.seg[2].nested_map + i);
+    }
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int nkt = p.K >> 6;
+    // Split-K: this block covers k-tiles [kt0, kt0 + nkt) of the K / 64.
+    const int nkt_all = p.K >> 6;
+    const int kt0 = (int)((i64)blockIdx.z * nkt_all / p.splits);
+    const int nkt = (int)((i64)(blockIdx.z + 1) * nkt_all / p.splits) - kt0;
     const u16* X = (const u16*)p.x;
 
     // The weight chunk this thread copies and decodes.
@@ -477,8 +547,12 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     const bool wok = n0 + wr < p.N;
     int wlocal;
     const SegView sv = seg_view(p, wok ? n0 + wr : 0, wlocal);
-    const u8* wsrc = sv.packed + (i64)wlocal * (p.K >> 1) + wh * 16;
-    const i64 ablk0 = (i64)wlocal * nkt;
+    int wseg = 0;
+    if (p.n_segments > 1 && (wok ? n0 + wr : 0) >= p.seg[0].rows) wseg = 1;
+    if (p.n_segments > 2 && (wok ? n0 + wr : 0) >= p.seg[0].rows + p.seg[1].rows) wseg = 2;
+    const float* smap = maps + wseg * 256;
+    const u8* wsrc = sv.packed + (i64)wlocal * (p.K >> 1) + (i64)kt0 * 32 + wh * 16;
+    const i64 ablk0 = (i64)wlocal * nkt_all + kt0;
 
     auto load_tile = [&](int kt, int stage) {
         u16* xs = Xs + stage * S::X_STAGE;
@@ -488,7 +562,7 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
             const int r = c >> 3, ch = c & 7;
             const int gm = m0 + r;
             const bool ok = gm < p.M;
-            const u16* src = X + (i64)(ok ? gm : 0) * p.ldx + kt * 64 + ch * 8;
+            const u16* src = X + (i64)(ok ? gm : 0) * p.ldx + (i64)(kt0 + kt) * 64 + ch * 8;
             cp_async_16_zfill(xs + swz(r, ch), src, ok ? 16u : 0u);
         }
         u8* wp = Wp + stage * S::W_STAGE + wr * 32 + wh * 16;
@@ -504,7 +578,10 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
         }
         return r;
     };
-    auto absmax_finish = [&](AbsmaxRaw r) { return wok ? seg_absmax_finish(sv, r) : 0.0f; };
+    auto absmax_finish = [&](AbsmaxRaw r) {
+        if (!wok) return 0.0f;
+        return sv.nested ? __fadd_rn(__fmul_rn(smap[r.code], r.scale), sv.offset) : __uint_as_float(r.code);
+    };
     auto decode = [&](int stage, int buf, float am) {
         const u32x4 raw = *(const u32x4*)(Wp + stage * S::W_STAGE + wr * 32 + wh * 16);
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -535,13 +612,14 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     }
     float am_next;
     AbsmaxRaw raw_next2;
+    __syncthreads();  // publishes `lut` and `maps`
     {
         const float am0 = absmax_finish(absmax_load(0));
         am_next = absmax_finish(absmax_load(1));
         raw_next2 = absmax_load(2);
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // also publishes `lut`
-        decode(0, 0, am0);
+        __syncthreads();
+        if (nkt > 0) decode(0, 0, am0);
     }
 
     const int warp_m = warp / WN, warp_n = warp % WN;
@@ -583,6 +661,26 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     }
     cp_async_wait<0>();
 
+    if (p.splits > 1) {
+        // Split-K: fp32 partials without bias; nf4_linear_splitk_reduce sums them in order.
+        float* ws = (float*)p.ws + (i64)blockIdx.z * p.M * p.N;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+            const int col = n0 + warp_n * WTN + ni * 8 + (lane & 3) * 2;
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int row = m0 + warp_m * WTM + mi * 16 + (lane >> 2) + hh * 8;
+                    if (row >= p.M) continue;
+                    float* dst = ws + (i64)row * p.N + col;
+                    if (col < p.N) dst[0] = acc[mi][ni][hh * 2];
+                    if (col + 1 < p.N) dst[1] = acc[mi][ni][hh * 2 + 1];
+                }
+            }
+        }
+        return;
+    }
     // Epilogue: bias in fp32, one rounding, 4-byte stores where the pair is in range.
     const u16* bias = (const u16*)p.bias;
     u16* y = (u16*)p.y;
@@ -615,11 +713,12 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
 }
 
 // Tile configurations (the launcher picks one per Tuning and shape; shared memory in bytes):
-//   l4: 128x128, 8 warps (2x4, warp tile 64x32), 4 stages: 114,752   (sm80 / sm90)
-//   l3: 128x128, 8 warps, 3 stages:                         94,272   (sm86: <= 99 KB)
-//   m4: 64x128,  8 warps (2x4, warp tile 32x32), 4 stages:  81,984   (sm80 / sm90, medium M)
-//   m3: 64x128,  8 warps, 3 stages:                         69,696   (sm86, medium M)
-//   s4: 64x64,   4 warps (2x2, warp tile 32x32), 4 stages:  57,408   (small grids, any)
+//   l4: 128x128, 8 warps (2x4, warp tile 64x32), 4 stages: 117,824   (sm80 / sm90)
+//   l3: 128x128, 8 warps, 3 stages:                         97,344   (sm86: <= 99 KB)
+//   m4: 64x128,  8 warps (2x4, warp tile 32x32), 4 stages:  85,056   (sm80 / sm90, medium M)
+//   m3: 64x128,  8 warps, 3 stages:                         72,768   (sm86, medium M)
+//   s4: 64x64,   4 warps (2x2, warp tile 32x32), 4 stages:  60,480   (small grids, any)
+// Small grids split K over gridDim.z (fp32 partials in p.ws, then nf4_linear_splitk_reduce).
 #define GPTOSS_NF4_MMA(NAME, BM, BN, WM, WN, ST)                                                  \
     extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                    \
         nf4_linear_mma_##NAME##_bf16(const Nf4LinearParams p) {                                   \
@@ -636,11 +735,36 @@ GPTOSS_NF4_MMA(m3, 64, 128, 2, 4, 3)
 GPTOSS_NF4_MMA(s4, 64, 64, 2, 2, 4)
 #undef GPTOSS_NF4_MMA
 
-static_assert(MmaSmem<128, 128, 4>::BYTES == 114752, "l4 smem (Rust mirrors it)");
-static_assert(MmaSmem<128, 128, 3>::BYTES == 94272, "l3 smem");
-static_assert(MmaSmem<64, 128, 4>::BYTES == 81984, "m4 smem");
-static_assert(MmaSmem<64, 128, 3>::BYTES == 69696, "m3 smem");
-static_assert(MmaSmem<64, 64, 4>::BYTES == 57408, "s4 smem");
+static_assert(MmaSmem<128, 128, 4>::BYTES == 117824, "l4 smem (Rust mirrors it)");
+static_assert(MmaSmem<128, 128, 3>::BYTES == 97344, "l3 smem");
+static_assert(MmaSmem<64, 128, 4>::BYTES == 85056, "m4 smem");
+static_assert(MmaSmem<64, 128, 3>::BYTES == 72768, "m3 smem");
+static_assert(MmaSmem<64, 64, 4>::BYTES == 60480, "s4 smem");
+
+// Split-K finish: y[m][n] = cast(sum_z ws[z][m][n] + bias[n]), z in order (deterministic).
+// One thread per output element; grid-stride.
+template <int DTYPE>
+__device__ __forceinline__ void nf4_linear_splitk_reduce(const Nf4LinearParams& p) {
+    const i64 total = (i64)p.M * p.N;
+    const i64 plane = total;
+    const float* ws = (const float*)p.ws;
+    const u16* bias = (const u16*)p.bias;
+    u16* y = (u16*)p.y;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int z = 0; z < p.splits; ++z) v += ws[z * plane + i];
+        const int m = (int)(i / p.N), n = (int)(i - (i64)m * p.N);
+        if (bias) v += half_to_f32<DTYPE>(ld_nc_u16(bias + n));
+        y[(i64)m * p.ldy + n] = f32_to_half<DTYPE>(v);
+    }
+}
+extern "C" __global__ void nf4_linear_splitk_reduce_bf16(const Nf4LinearParams p) {
+    nf4_linear_splitk_reduce<DTYPE_BF16>(p);
+}
+extern "C" __global__ void nf4_linear_splitk_reduce_f16(const Nf4LinearParams p) {
+    nf4_linear_splitk_reduce<DTYPE_F16>(p);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Quantize with bitsandbytes' CUDA semantics.

@@ -6,6 +6,7 @@ Every test draws fresh random data.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -84,24 +85,38 @@ def test_code_tables_match_bitsandbytes():
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_bnb_output_bit_exact(dtype, nested, shape):
-    """(a) our dequantize of bitsandbytes' quantized tensor == bnb dequantize_4bit, bit for bit."""
+    """(a) our dequantize of bitsandbytes' quantized tensor == bnb dequantize_4bit, bit for bit.
+
+    The fp32 products equal bnb's float32 dequantization exactly, and the 16-bit output is their
+    round-to-nearest-even cast, which is what bnb's CUDA kernel and its AVX2/AVX-512 CPU kernels
+    produce. Some bnb CPU builds (e.g. the CPU functions inside its CUDA library) round float16
+    halfway cases up instead; the 16-bit comparison therefore tolerates differences only on
+    exact float16/bfloat16 ties, where ours must be the RNE result.
+    """
     t = _random(shape, dtype)
     packed, state = _bnb_quantize(t, nested)
-    ref = bnb_f.dequantize_4bit(packed, state)
-    ours = nf4.dequantize(
-        packed, state.absmax, shape, dtype, state.code, **_bnb_nested_kwargs(state)
-    )
+    kwargs = _bnb_nested_kwargs(state)
+    ours = nf4.dequantize(packed, state.absmax, shape, dtype, state.code, **kwargs)
+    ours32 = nf4.dequantize(packed, state.absmax, shape, torch.float32, state.code, **kwargs)
     assert ours.dtype == dtype and tuple(ours.shape) == shape
-    assert np.array_equal(_bits(ours), _bits(ref))
-    # float32 output from the same statistics equals bnb's float32 dequantization.
-    ours32 = nf4.dequantize(
-        packed, state.absmax, shape, torch.float32, state.code, **_bnb_nested_kwargs(state)
-    )
-    ref32 = bnb_f.dequantize_4bit(packed, state, quant_type="nf4").float()
-    if dtype == torch.float32:
-        assert np.array_equal(_bits(ours32), _bits(ref32))
-    # One RNE cast of the fp32 product: casting our fp32 result gives the 16-bit result.
-    assert np.array_equal(_bits(ours32.to(dtype)), _bits(ours))
+    assert ours32.dtype == torch.float32 and tuple(ours32.shape) == shape
+
+    state32 = copy.copy(state)
+    state32.dtype = torch.float32
+    ref32 = bnb_f.dequantize_4bit(packed, state32)
+    assert ref32.dtype == torch.float32
+    assert np.array_equal(_bits(ours32), _bits(ref32))
+    # One RNE cast of the fp32 product (torch's cast is RNE).
+    assert np.array_equal(_bits(ours), _bits(ref32.to(dtype)))
+
+    ref = bnb_f.dequantize_4bit(packed, state)
+    differ = _bits(ours) != _bits(ref)
+    r32 = _bits(ref32).view(np.uint32)
+    if dtype == torch.float16:
+        tie = (r32 & 0x1FFF) == 0x1000  # normal range: 13 dropped bits exactly halfway
+    else:
+        tie = (r32 & 0xFFFF) == 0x8000
+    assert not (differ & ~tie).any(), f"{int((differ & ~tie).sum())} differences off ties"
 
 
 @pytest.mark.parametrize("shape", [(7, 100), (5, 77), (3, 65)])

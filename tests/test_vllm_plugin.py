@@ -48,7 +48,11 @@ def _hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Everything here is local; never wait on the Hub. The model-inspection subprocess of
     # vLLM's registry must import gptoss_3090 too (installed in CI; PYTHONPATH in a checkout).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    src = str(ROOT / "python")
+    import gptoss_3090
+
+    # The folder this process imports gptoss_3090 from (site-packages in CI, python/ in a
+    # checkout), so child processes see the same build, extension included.
+    src = str(Path(gptoss_3090.__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH", "")
     if src not in path.split(os.pathsep):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, path) if p))
@@ -199,7 +203,8 @@ try:
 except Exception as e:
     print("ERROR", type(e).__name__, " ".join(str(e).split()))
 """
-    env = dict(os.environ, VLLM_PLUGINS="")
+    # The child must import gptoss_3090 exactly as this process does (installed or in-tree).
+    env = dict(os.environ, VLLM_PLUGINS="", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )

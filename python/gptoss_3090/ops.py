@@ -457,6 +457,13 @@ def _nf4_linear_op(
         return torch.nn.functional.linear(x2, w, bias).reshape([*lead, n])
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)
+    ws, ws_floats = 0, 0
+    if mode != "decode" and (m > 16 or mode.startswith("mma")):
+        plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
+        ws_floats = int(plan["workspace_floats"])
+        if ws_floats:
+            ws_t = torch.empty(ws_floats, dtype=torch.float32, device=x.device)
+            ws = ws_t.data_ptr()
     _native.cuda_nf4_linear(
         ordinal,
         stream,
@@ -470,6 +477,8 @@ def _nf4_linear_op(
         bias.data_ptr() if bias is not None else 0,
         seg_args,
         mode,
+        ws,
+        ws_floats,
     )
     return out
 
@@ -983,3 +992,4 @@ def nf4_quantize(weight: torch.Tensor, nested: bool = True) -> Nf4Weight:
     )
 
 from gptoss_3090.attention import attention  # noqa: E402,F401  (gptoss_3090.ops.attention)
+from gptoss_3090.moe import MoeLayerWeights, moe, moe_workspace_bytes  # noqa: E402,F401

@@ -22,7 +22,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::nvrtc::sys;
 use sha2::{Digest, Sha256};
 
-use super::{guard, Arch, KernelSource, COMMON_HEADER};
+use super::{common_header, guard, Arch, KernelSource};
 use crate::error::{Error, Result};
 
 static NVRTC_LOCK: Mutex<()> = Mutex::new(());
@@ -160,7 +160,7 @@ pub fn compile_source_with(
     }
     let src_c = to_cstring("kernel source", source)?;
     let name_c = to_cstring("kernel name", &format!("{name}.cu"))?;
-    let header_c = to_cstring("common.cuh", COMMON_HEADER)?;
+    let header_c = to_cstring("common.cuh", common_header())?;
     let header_name_c = CString::new("common.cuh").map_err(|_| Error::arg("header name"))?;
     let mut options = compile_options(arch);
     options.extend(extra_options.iter().cloned());
@@ -236,7 +236,7 @@ fn cache_key(src: &KernelSource, arch: Arch, nvrtc: (i32, i32)) -> String {
     h.update(b"\0");
     h.update(src.source.as_bytes());
     h.update(b"\0");
-    h.update(COMMON_HEADER.as_bytes());
+    h.update(common_header().as_bytes());
     h.update(b"\0");
     for o in compile_options(arch) {
         h.update(o.as_bytes());

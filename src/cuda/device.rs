@@ -374,9 +374,19 @@ impl GpuDevice {
     /// so that later launches (e.g. inside CUDA-graph capture) never load code.
     pub fn warmup(&self) -> Result<()> {
         for src in SOURCES {
-            self.load_module(src.name)?;
-            for entry in entry_names(src.source) {
-                let k = self.function(src.name, &entry)?;
+            let module = self.load_module(src.name)?;
+            // The driver lists the entries (CUDA 12.4+); older drivers: scan the source text
+            // (which cannot see macro-generated names, so missing ones are skipped).
+            let (names, listed) = match self.module_entries(module) {
+                Ok(n) => (n, true),
+                Err(_) => (entry_names(src.source), false),
+            };
+            for entry in names {
+                let k = match self.function(src.name, &entry) {
+                    Ok(k) => k,
+                    Err(_) if !listed => continue,
+                    Err(e) => return Err(e),
+                };
                 // Lazy loading (CUDA_MODULE_LOADING=LAZY) defers the real load to the first
                 // launch; cuFuncLoad forces it now. Old drivers lack the symbol: ignore.
                 let _ = guard("cuFuncLoad", || {
@@ -387,6 +397,38 @@ impl GpuDevice {
             }
         }
         Ok(())
+    }
+
+    /// The names of every kernel entry in a loaded module, as the driver lists them.
+    fn module_entries(&self, module: RawModule) -> Result<Vec<String>> {
+        self.bind()?;
+        guard("listing kernel entries", || {
+            let mut count: c_uint = 0;
+            // SAFETY: module is loaded; count is a valid out-pointer.
+            unsafe { sys::cuModuleGetFunctionCount(&mut count, module.0) }
+                .result()
+                .map_err(|e| drv("cuModuleGetFunctionCount", e))?;
+            let mut funcs: Vec<sys::CUfunction> = vec![std::ptr::null_mut(); count as usize];
+            // SAFETY: funcs holds `count` slots.
+            unsafe { sys::cuModuleEnumerateFunctions(funcs.as_mut_ptr(), count, module.0) }
+                .result()
+                .map_err(|e| drv("cuModuleEnumerateFunctions", e))?;
+            let mut names = Vec::with_capacity(funcs.len());
+            for f in funcs {
+                let mut name: *const std::ffi::c_char = std::ptr::null();
+                // SAFETY: f is a function handle of the module; name is an out-pointer to a
+                // driver-owned C string.
+                unsafe { sys::cuFuncGetName(&mut name, f) }
+                    .result()
+                    .map_err(|e| drv("cuFuncGetName", e))?;
+                if !name.is_null() {
+                    // SAFETY: the driver returns a NUL-terminated string it keeps alive.
+                    let n = unsafe { std::ffi::CStr::from_ptr(name) };
+                    names.push(n.to_string_lossy().into_owned());
+                }
+            }
+            Ok(names)
+        })
     }
 
     /// Launches `f` with ONE by-value parameter struct on the raw stream handle `stream`

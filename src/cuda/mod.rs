@@ -58,8 +58,48 @@ pub const SOURCES: &[KernelSource] = &[
     },
 ];
 
-/// Looks a kernel family up by name.
+/// Development override: when `GPTOSS_3090_KERNEL_DIR` names a folder, the runtime compiles
+/// `<dir>/<family>.cu` and `<dir>/common.cuh` from there instead of the embedded copies (kernel
+/// work on a GPU host without rebuilding the extension). Unset in normal use.
+pub const KERNEL_DIR_ENV: &str = "GPTOSS_3090_KERNEL_DIR";
+
+fn override_text(file: &str) -> Option<&'static str> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static TEXTS: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let dir = std::env::var(KERNEL_DIR_ENV)
+        .ok()
+        .filter(|d| !d.trim().is_empty())?;
+    let path = std::path::Path::new(dir.trim()).join(file);
+    let key = path.to_string_lossy().into_owned();
+    let map = TEXTS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = map.get(&key) {
+        return Some(t);
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    // Leaked once per file per process: the runtime keeps kernel texts for its whole life.
+    let leaked: &'static str = Box::leak(text.into_boxed_str());
+    map.insert(key, leaked);
+    Some(leaked)
+}
+
+/// `common.cuh` as the runtime compiles it (the embedded copy unless overridden).
+pub fn common_header() -> &'static str {
+    override_text("common.cuh").unwrap_or(COMMON_HEADER)
+}
+
+/// Looks a kernel family up by name (honouring `GPTOSS_3090_KERNEL_DIR`).
 pub fn source(name: &str) -> Result<&'static KernelSource> {
+    if let Some(builtin) = SOURCES.iter().find(|s| s.name == name) {
+        if let Some(text) = override_text(&format!("{name}.cu")) {
+            let leaked: &'static KernelSource = Box::leak(Box::new(KernelSource {
+                name: builtin.name,
+                source: text,
+            }));
+            return Ok(leaked);
+        }
+    }
     SOURCES.iter().find(|s| s.name == name).ok_or_else(|| {
         let known: Vec<&str> = SOURCES.iter().map(|s| s.name).collect();
         Error::arg(format!(
@@ -92,12 +132,20 @@ pub fn entry_names(source: &str) -> Vec<String> {
         let Some(after_void) = after.strip_prefix("void") else {
             continue;
         };
-        let name: String = after_void
-            .trim_start()
+        let mut tail = after_void.trim_start();
+        if let Some(lb) = tail.strip_prefix("__launch_bounds__") {
+            match lb.find(')') {
+                Some(close) => tail = lb[close + 1..].trim_start_matches([' ', '\t', '\\', '\n']),
+                None => continue,
+            }
+        }
+        let name: String = tail
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
-        if !name.is_empty() && !names.contains(&name) {
+        let rest_after = &tail[name.len()..];
+        // Macro-generated names (`a_##NAME##_b`) cannot be known from the text: skip them.
+        if !name.is_empty() && !rest_after.starts_with("##") && !names.contains(&name) {
             names.push(name);
         }
     }
@@ -331,10 +379,16 @@ mod tests {
     fn entries_are_found() {
         let src = "extern \"C\" __global__ void a_bf16(const P p) {}\n\
                    extern \"C\" __global__ __launch_bounds__(256, 2) void b_f16(const P p) {}\n\
-                   extern \"C\" { int x; }\n";
+                   extern \"C\" { int x; }\n\
+                   extern \"C\" __global__ void __launch_bounds__(128) c_f16(const P p) {}\n\
+                   extern \"C\" __global__ void __launch_bounds__(8) m_##N##_f16(const P p) {}\n";
         assert_eq!(
             entry_names(src),
-            vec!["a_bf16".to_string(), "b_f16".to_string()]
+            vec![
+                "a_bf16".to_string(),
+                "b_f16".to_string(),
+                "c_f16".to_string()
+            ]
         );
     }
 

@@ -25,7 +25,9 @@
 //! `dQuantize<0>`): per-block absmax in fp32, values multiplied by the fp32 reciprocal `1/absmax`,
 //! NF4 code chosen by comparing against the CUDA thresholds [`NF4_THRESHOLDS`] (ties go to the
 //! lower code), all-zero blocks get code 0 (`0 * inf = NaN` fails every comparison), the 8-bit
-//! nested codes by the CUDA binary search + midpoint rule.
+//! nested codes by the CUDA binary search + midpoint rule. Note that with nested statistics an
+//! all-zero block decodes to `-absmax_f32[b]` (its decoded absmax is small but not exactly 0), as
+//! it does for a CUDA-made checkpoint; without nesting it decodes to -0.0.
 //!
 //! Where this cannot be bit-identical to a CUDA-made checkpoint:
 //! - bitsandbytes builds its CUDA library with `--use_fast_math`, so its `1.0f / absmax` is
@@ -33,6 +35,12 @@
 //!   differ only where `value * (1/absmax)` lies within about one ulp of a threshold.
 //! - The nested offset is the mean of the block absmax values accumulated in f64 and rounded once
 //!   to f32; torch's fp32 `mean()` (CPU or CUDA) may differ in the last bit.
+//!
+//! Checked on an H100 against bitsandbytes 0.50.2's CUDA kernels (bf16/fp16, nested or not,
+//! tensors up to 5760x2880, partial and odd-length tails): dequantization bit-identical; 4-bit
+//! and 8-bit codes identical in every run (the fast reciprocal equals the correctly rounded one
+//! for ~86% of inputs and is 1 ulp off otherwise, which almost never moves a code); the offset
+//! was 1 ulp off in 2 of 10 tensors, which changed no code.
 //!
 //! bitsandbytes' CPU path differs from its CUDA path: code 7 for an all-zero block, fp32
 //! midpoints instead of the CUDA literals (see [`NF4_THRESHOLDS`]), division instead of the
@@ -248,7 +256,10 @@ fn torch_linspace_01_1(steps: usize) -> Vec<f32> {
 /// bitsandbytes `create_dynamic_map(signed=True)`: 256 sorted f32 values.
 ///
 /// For exponent `e` in 0..7 the map holds `±f32(10^(e-6)) * m` for the fp32 midpoints `m` of
-/// `linspace(0.1, 1, 2^e + 1)`, plus 0 and 1; the whole list is sorted.
+/// `linspace(0.1, 1, 2^e + 1)`, plus 0 and 1; the whole list is sorted. The linspace follows
+/// torch's x86 AVX2/AVX-512 kernels (fused multiply-add); torch's non-vectorised build gives a
+/// table differing in 42 entries by one ulp. Checkpoints store their own map
+/// (`weight.nested_quant_map`), which dequantization uses.
 pub fn dynamic_map_signed() -> [f32; 256] {
     // Python computes 10 ** (e - 6) in f64; torch rounds the scalar to f32 for the product.
     const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];

@@ -8,6 +8,7 @@
 //! as a raw handle). Python validates tensors first (`gptoss_3090.ops`); the checks here are the
 //! second line of defence so that no bad pointer or size reaches a kernel.
 pub mod attention;
+pub mod moe;
 pub mod nf4;
 pub mod py;
 

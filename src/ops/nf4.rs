@@ -56,7 +56,7 @@ pub struct Nf4DequantParams {
     pub nnb: i32,
 }
 
-/// Mirror of `Nf4LinearParams` (224 bytes).
+/// Mirror of `Nf4LinearParams` (240 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Nf4LinearParams {
@@ -80,6 +80,12 @@ pub struct Nf4LinearParams {
     pub k: i32,
     /// Used segments (1..=3).
     pub n_segments: i32,
+    /// Split-K workspace: f32 [splits][M][N] (0 when `splits` is 1).
+    pub ws: u64,
+    /// K ranges per output tile (gridDim.z of the tensor-core kernel).
+    pub splits: i32,
+    /// Padding.
+    pub pad_: i32,
 }
 
 /// Mirror of `Nf4QuantizeParams` (72 bytes).
@@ -285,6 +291,10 @@ pub struct LinearPlan {
     pub threads: u32,
     /// Dynamic shared memory bytes.
     pub smem: u32,
+    /// K ranges per output tile (1 = no split-K).
+    pub splits: u32,
+    /// f32 elements of split-K workspace the launch needs (`splits * M * N`, or 0).
+    pub workspace_floats: u64,
 }
 
 struct MmaConfig {
@@ -297,8 +307,11 @@ struct MmaConfig {
 
 impl MmaConfig {
     fn smem(&self) -> u32 {
-        (self.stages * self.bm * 64 * 2 + 2 * self.bn * 64 * 2 + self.stages * self.bn * 32 + 64)
-            as u32
+        (self.stages * self.bm * 64 * 2
+            + 2 * self.bn * 64 * 2
+            + self.stages * self.bn * 32
+            + 16 * 4
+            + 3 * 256 * 4) as u32
     }
 }
 
@@ -341,9 +354,14 @@ fn mma_config(size: LinearPath, tuning: Tuning) -> MmaConfig {
 pub const DECODE_MAX_M: i64 = 16;
 
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
+///
+/// Tensor-core launches whose grid would leave SMs idle split K over `gridDim.z` (each split at
+/// least 4 k-tiles, at most 8 splits, aiming at two blocks per SM); their fp32 partials go to a
+/// workspace that `nf4_linear_splitk_reduce` sums in order (deterministic).
 pub fn plan_linear(
     m: i64,
     n: i64,
+    k: i64,
     sm_count: u32,
     tuning: Tuning,
     path: Option<LinearPath>,
@@ -365,16 +383,21 @@ pub fn plan_linear(
                 "the decode path serves M <= {DECODE_MAX_M}, found M = {m}"
             )));
         }
-        let (entry, nt) = if m <= 8 {
-            ("nf4_linear_decode_m8", 1)
+        let entry = if m <= 8 {
+            "nf4_linear_decode_m8"
         } else {
-            ("nf4_linear_decode_m16", 2)
+            "nf4_linear_decode_m16"
         };
+        // Persistent blocks (two per SM) walk the 8-row tiles.
+        let tiles = ceil_div(n as u64, 8);
         return Ok(LinearPlan {
             entry,
-            grid: (ceil_div(n as u64, 8 * nt) as u32, 1, 1),
+            grid: (tiles.min(2 * sm_count.max(1) as u64) as u32, 1, 1),
             threads: 256,
-            smem: 256 * 32 * 4 + 8 * nt as u32 * 4 * 32 * 4,
+            // LUT 32 KB + 2 reduction buffers 8 KB + three nested maps 3 KB (DECODE_SMEM_BYTES).
+            smem: 256 * 32 * 4 + 2 * 8 * 4 * 32 * 4 + 3 * 256 * 4,
+            splits: 1,
+            workspace_floats: 0,
         });
     }
     let c = mma_config(path, tuning);
@@ -382,11 +405,26 @@ pub fn plan_linear(
     if gy > 65535 {
         return Err(Error::arg(format!("M = {m} is too large for one launch")));
     }
+    let gx = ceil_div(n as u64, c.bn as u64);
+    let tiles = gx * gy;
+    let nkt = (k / BLOCK).max(1) as u64;
+    let sms = sm_count.max(1) as u64;
+    let splits = if tiles >= sms {
+        1
+    } else {
+        ceil_div(2 * sms, tiles).min(8).min((nkt / 4).max(1)).max(1)
+    };
     Ok(LinearPlan {
         entry: c.name,
-        grid: (ceil_div(n as u64, c.bn as u64) as u32, gy as u32, 1),
+        grid: (gx as u32, gy as u32, splits as u32),
         threads: c.threads,
         smem: c.smem(),
+        splits: splits as u32,
+        workspace_floats: if splits > 1 {
+            splits * m as u64 * n as u64
+        } else {
+            0
+        },
     })
 }
 
@@ -433,10 +471,30 @@ pub unsafe fn linear(
     segments: &[Segment],
     a: &LinearArgs,
     path: Option<LinearPath>,
+    workspace: (u64, u64),
     stream: u64,
 ) -> Result<LinearPlan> {
-    let params = linear_params(segments, a)?;
-    let plan = plan_linear(a.m, params.n as i64, dev.sm_count(), dev.tuning(), path)?;
+    let mut params = linear_params(segments, a)?;
+    let plan = plan_linear(
+        a.m,
+        params.n as i64,
+        a.k,
+        dev.sm_count(),
+        dev.tuning(),
+        path,
+    )?;
+    params.splits = plan.splits as i32;
+    if plan.splits > 1 {
+        let (ws, ws_floats) = workspace;
+        check_ptr("split-K workspace", ws, 16)?;
+        if ws_floats < plan.workspace_floats {
+            return Err(Error::arg(format!(
+                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
+                plan.workspace_floats
+            )));
+        }
+        params.ws = ws;
+    }
     let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
     unsafe {
@@ -448,6 +506,14 @@ pub unsafe fn linear(
             stream,
             &params,
         )?;
+    }
+    if plan.splits > 1 {
+        let r =
+            dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
+        let total = a.m as u64 * params.n as u64;
+        let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
+        // SAFETY: as above; the reduce reads ws [splits][M][N] and writes y.
+        unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, &params)? };
     }
     Ok(plan)
 }
@@ -507,6 +573,7 @@ pub fn linear_params(segments: &[Segment], a: &LinearArgs) -> Result<Nf4LinearPa
     params.n = to_i32("N", n)?;
     params.k = to_i32("K", a.k)?;
     params.n_segments = segments.len() as i32;
+    params.splits = 1;
     // Row offsets of packed data and absmax are computed in 64 bits in the kernels.
     Ok(params)
 }
@@ -649,7 +716,7 @@ mod tests {
         // The .cu static_asserts the same sizes; both must change together.
         assert_eq!(std::mem::size_of::<Nf4TensorParams>(), 56);
         assert_eq!(std::mem::size_of::<Nf4DequantParams>(), 80);
-        assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 224);
+        assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 240);
         assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
         assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
     }
@@ -657,11 +724,11 @@ mod tests {
     #[test]
     fn mma_smem_matches_the_kernel() {
         let s = |p, t| mma_config(p, t).smem();
-        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm90), 114_752);
-        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm86), 94_272);
-        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm80), 81_984);
-        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm86), 69_696);
-        assert_eq!(s(LinearPath::MmaSmall, Tuning::Sm86), 57_408);
+        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm90), 117_824);
+        assert_eq!(s(LinearPath::MmaLarge, Tuning::Sm86), 97_344);
+        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm80), 85_056);
+        assert_eq!(s(LinearPath::MmaMedium, Tuning::Sm86), 72_768);
+        assert_eq!(s(LinearPath::MmaSmall, Tuning::Sm86), 60_480);
         for p in [
             LinearPath::MmaLarge,
             LinearPath::MmaMedium,
@@ -673,18 +740,24 @@ mod tests {
 
     #[test]
     fn plans() {
-        let p = plan_linear(1, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(1, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m8");
-        assert_eq!(p.grid.0, 720);
-        let p = plan_linear(16, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.grid.0, 264);
+        let p = plan_linear(16, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m16");
-        assert_eq!(p.grid.0, 360);
-        let p = plan_linear(2048, 5760, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
+        assert_eq!(p.grid.0, 264);
+        assert_eq!(p.smem, 44_032);
+        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_l3");
         assert_eq!(p.grid, (45, 16, 1));
-        let p = plan_linear(64, 5760, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(64, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_s4");
-        assert!(plan_linear(17, 64, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
+        assert_eq!(p.splits, 3);
+        assert_eq!(p.grid, (90, 1, 3));
+        assert_eq!(p.workspace_floats, 3 * 64 * 5760);
+        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
+        assert_eq!((p.splits, p.workspace_floats), (1, 0));
+        assert!(plan_linear(17, 64, 2880, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
         assert!(LinearPath::parse("bogus").is_err());
     }
 }

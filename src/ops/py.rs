@@ -9,8 +9,9 @@
 //!
 //! NF4 (`cuda_nf4_*`; the CPU reference functions of `src/nf4` use the plain `nf4_*` names):
 //! - `cuda_nf4_dequantize(ordinal, stream, dtype, stats, numel, n_experts, out)`
-//! - `cuda_nf4_linear(ordinal, stream, dtype, x, ldx, m, k, y, ldy, bias, segments, path="auto") -> str`
-//! - `cuda_nf4_linear_plan(ordinal, m, n, path="auto") -> dict`
+//! - `cuda_nf4_linear(ordinal, stream, dtype, x, ldx, m, k, y, ldy, bias, segments, path="auto",
+//!   ws=0, ws_floats=0) -> str` (ws: the split-K workspace the plan asks for)
+//! - `cuda_nf4_linear_plan(ordinal, m, n, k, path="auto") -> dict`
 //! - `cuda_nf4_quantize(ordinal, stream, in_dtype, weight, n, nested, packed, absmax, codes,
 //!   nested_absmax, nested_map, offset)`
 //!
@@ -66,7 +67,7 @@ fn cuda_nf4_dequantize(
 
 /// y = x W^T + b on the GPU; W is 1..=3 NF4 segments. Returns the kernel entry used.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, dtype, x, ldx, m, k, y, ldy, bias, segments, path = "auto"))]
+#[pyo3(signature = (ordinal, stream, dtype, x, ldx, m, k, y, ldy, bias, segments, path = "auto", ws = 0, ws_floats = 0))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_nf4_linear(
     ordinal: i32,
@@ -81,6 +82,8 @@ fn cuda_nf4_linear(
     bias: u64,
     segments: Vec<SegmentTuple>,
     path: &str,
+    ws: u64,
+    ws_floats: u64,
 ) -> PyResult<String> {
     let dtype = Dtype::parse(dtype)?;
     let path = LinearPath::parse(path)?;
@@ -105,32 +108,40 @@ fn cuda_nf4_linear(
     let dev = cuda::device(ordinal)?;
     let plan = cuda::guard("nf4 linear", || {
         // SAFETY: as in cuda_nf4_dequantize.
-        unsafe { nf4::linear(&dev, &segs, &args, path, stream) }
+        unsafe { nf4::linear(&dev, &segs, &args, path, (ws, ws_floats), stream) }
     })?;
     Ok(dtype.entry(plan.entry))
 }
 
-/// The launch plan the linear would use for (M, N) on GPU `ordinal` (no launch).
+/// The launch plan the linear would use for (M, N, K) on GPU `ordinal` (no launch): entry,
+/// grid, threads, smem, tuning, splits and workspace_floats (the split-K workspace to pass).
 #[pyfunction]
-#[pyo3(signature = (ordinal, m, n, path = "auto"))]
+#[pyo3(signature = (ordinal, m, n, k, path = "auto"))]
 fn cuda_nf4_linear_plan<'py>(
     py: Python<'py>,
     ordinal: i32,
     m: i64,
     n: i64,
+    k: i64,
     path: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    if m < 1 || n < 1 {
-        return Err(Error::arg(format!("M and N must be >= 1, found M={m}, N={n}")).into());
+    if m < 1 || n < 1 || k < 1 {
+        return Err(Error::arg(format!(
+            "M, N and K must be >= 1, found M={m}, N={n}, K={k}"
+        ))
+        .into());
     }
     let dev = cuda::device(ordinal)?;
-    let plan = nf4::plan_linear(m, n, dev.sm_count(), dev.tuning(), LinearPath::parse(path)?)?;
+    let path = LinearPath::parse(path)?;
+    let plan = nf4::plan_linear(m, n, k, dev.sm_count(), dev.tuning(), path)?;
     let d = PyDict::new(py);
     d.set_item("entry", plan.entry)?;
     d.set_item("grid", (plan.grid.0, plan.grid.1, plan.grid.2))?;
     d.set_item("threads", plan.threads)?;
     d.set_item("smem", plan.smem)?;
     d.set_item("tuning", dev.tuning().name())?;
+    d.set_item("splits", plan.splits)?;
+    d.set_item("workspace_floats", plan.workspace_floats)?;
     Ok(d)
 }
 
@@ -180,6 +191,7 @@ fn register_nf4(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Adds every launcher to the extension module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     register_nf4(m)?;
+    super::moe::register(m)?;
     super::attention::py::register(m)?;
     Ok(())
 }

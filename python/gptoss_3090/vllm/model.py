@@ -320,11 +320,14 @@ _SHARD_INDEX = {"q": 0, "k": 1, "v": 2, None: 0}
 
 
 def default_quantizer() -> Quantizer:
-    """Our GPU quantizer (``gptoss_3090.ops.nf4_quantize``), else bitsandbytes' (same codes)."""
-    try:
-        from gptoss_3090.ops import nf4_quantize
+    """Our NF4 quantizer with bitsandbytes' CUDA semantics: the GPU kernel
+    (``gptoss_3090.ops.nf4_quantize``) for CUDA tensors, the exact Rust CPU quantizer
+    (``gptoss_3090.nf4.quantize``, same codes) for CPU tensors."""
+    from gptoss_3090 import nf4 as cpu_nf4
+    from gptoss_3090.ops import nf4_quantize
 
-        def ours(w: torch.Tensor) -> Nf4Parts:
+    def quantize(w: torch.Tensor) -> Nf4Parts:
+        if w.is_cuda:
             q = nf4_quantize(w, nested=True)
             offset = q.nested_offset
             return Nf4Parts(
@@ -335,31 +338,17 @@ def default_quantizer() -> Quantizer:
                 nested_offset=float(offset.item() if isinstance(offset, torch.Tensor) else offset),
                 shape=tuple(w.shape),
             )
-
-        return ours
-    except ImportError:
-        pass
-    try:
-        from bitsandbytes.functional import quantize_4bit
-    except ImportError as e:
-        raise RuntimeError(
-            "quantize-at-load needs gptoss_3090.ops.nf4_quantize (our CUDA kernels) or "
-            "bitsandbytes; neither is available"
-        ) from e
-
-    def bnb(w: torch.Tensor) -> Nf4Parts:
-        packed, qs = quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        d = cpu_nf4.quantize(w, nested=True)
         return Nf4Parts(
-            packed=packed,
-            absmax=qs.absmax,
-            nested_absmax=qs.state2.absmax,
-            nested_quant_map=qs.state2.code,
-            nested_offset=float(qs.offset.item()),
+            packed=d["weight"],
+            absmax=d["absmax"],
+            nested_absmax=d["nested_absmax"],
+            nested_quant_map=d["nested_quant_map"],
+            nested_offset=float(d["quant_state"]["nested_offset"]),
             shape=tuple(w.shape),
         )
 
-    logger.warning("gptoss-3090: our GPU quantizer is unavailable; quantizing with bitsandbytes")
-    return bnb
+    return quantize
 
 
 def open_source(path: str, prequantized: bool) -> SafetensorsDir:

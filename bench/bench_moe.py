@@ -1,0 +1,343 @@
+"""Benchmark of the fused NF4 MoE op at GPT-OSS-20B shapes (H = I = 2880, E = 32, top-4).
+
+Cycles through ``--layers`` layers of distinct random NF4 weights (random packed codes with
+plausible nested absmax: same bytes and FLOPs as the real checkpoint), as a forward pass does, so
+L2 cannot hold them. For each token count it reports the time per layer (CUDA events, median;
+small token counts replay a CUDA graph of all layers), for decode the bytes of distinct expert
+weights touched per second against the device-to-device copy bandwidth measured in the same run,
+and TFLOP/s. Baselines in the same run: vLLM 0.26's Marlin MXFP4 MoE (if vllm imports) and a
+bf16 PyTorch reference (per-expert matmuls on dequantized weights). Both the device's own tuning
+and forced sm_86 tuning are measured.
+
+Usage::
+
+    PYTHONPATH=python python3 bench/bench_moe.py --out bench/results/moe_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from gptoss_3090 import moe as M
+
+H = I = 2880  # noqa: E741 - the paper's names
+E = 32
+TOPK = 4
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
+
+
+def random_nf4(e: int, n: int, k: int, seed: int, dev: torch.device) -> M.Nf4Experts:
+    """Random NF4 experts: uniform codes, nested absmax codes around a plausible 0.05 scale."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    packed = torch.randint(0, 256, (e, n * k // 2), dtype=torch.uint8, device=dev, generator=g)
+    nb = n * k // 64
+    nnb = (nb + 255) // 256
+    # codes 128..255 of the signed dynamic map are >= 0; nested scale 0.03 + offset 0.05 keeps
+    # absmax in [0.05, 0.08], about what GPT-OSS expert weights have.
+    absmax = torch.randint(128, 256, (e, nb), dtype=torch.uint8, device=dev, generator=g)
+    nabs = torch.full((e, nnb), 0.03, device=dev)
+    noff = torch.full((e,), 0.05, device=dev)
+    bias = torch.randn(e, n, device=dev, generator=g) * 0.05
+    return M.Nf4Experts(packed, absmax, nabs, noff, bias, (e, n, k), True)
+
+
+def expert_bytes(w: M.MoeLayerWeights) -> int:
+    """Bytes of one expert's gate_up + down (packed + statistics)."""
+    return w.layer_bytes() // w.experts
+
+
+def time_fn(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() / ms / 1e6
+
+
+class Ours:
+    """Our op over ``layers`` layers; graph replay for small token counts."""
+
+    def __init__(self, layers: list[M.MoeLayerWeights], tokens: int, tuning: str, graph: bool):
+        dev = layers[0].gate_up.packed.device
+        self.layers = layers
+        g = torch.Generator(device=dev).manual_seed(1000 + tokens)
+        self.x = torch.randn(tokens, H, device=dev, generator=g).to(torch.bfloat16)
+        self.logits = [torch.randn(tokens, E, device=dev, generator=g) for _ in layers]
+        self.ws = layers[0].workspace(tokens)
+        self.tuning = tuning
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self.run()  # compile/load before capture
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.run()
+
+    def run(self) -> None:
+        for w, lg in zip(self.layers, self.logits, strict=True):
+            M.moe(self.x, w, router_logits=lg, workspace=self.ws, tuning=self.tuning)
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+
+    def distinct_experts(self) -> int:
+        """Sum over layers of the distinct experts the routing touches."""
+        return sum(
+            int(torch.unique(torch.topk(lg, TOPK, dim=-1).indices).numel()) for lg in self.logits
+        )
+
+
+def bf16_weights(layers: list[M.MoeLayerWeights]) -> list[tuple[torch.Tensor, ...]]:
+    """Dequantized bf16 weights of a few layers for the bf16 baseline."""
+    ws = []
+    for w in layers:
+        gu = torch.stack([w.gate_up.dequantize(e, torch.bfloat16) for e in range(E)])
+        dn = torch.stack([w.down.dequantize(e, torch.bfloat16) for e in range(E)])
+        ws.append((gu, w.gate_up.bias.bfloat16(), dn, w.down.bias.bfloat16()))
+    return ws
+
+
+def bf16_reference(ws: list[tuple[torch.Tensor, ...]], tokens: int) -> Callable[[], None]:
+    """bf16 PyTorch MoE (per-expert matmuls on dequantized weights) over a few layers."""
+    dev = ws[0][0].device
+    g = torch.Generator(device=dev).manual_seed(2000 + tokens)
+    x = torch.randn(tokens, H, device=dev, generator=g).to(torch.bfloat16)
+    logits = [torch.randn(tokens, E, device=dev, generator=g) for _ in ws]
+
+    def run() -> None:
+        for (gu, bgu, dn, bdn), lg in zip(ws, logits, strict=True):
+            vals, ids = torch.topk(lg, TOPK, dim=-1)
+            wts = torch.softmax(vals, dim=-1)
+            y = torch.zeros_like(x)
+            flat = ids.flatten()
+            order = torch.argsort(flat)
+            counts = torch.bincount(flat, minlength=E).tolist()
+            start = 0
+            for e, c in enumerate(counts):
+                if c == 0:
+                    continue
+                sel = order[start : start + c]
+                start += c
+                tok = sel // TOPK
+                a = x[tok] @ gu[e].T + bgu[e]
+                gate = a[:, 0::2].clamp(max=7.0)
+                up = a[:, 1::2].clamp(-7.0, 7.0)
+                hh = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+                out = hh @ dn[e].T + bdn[e]
+                y.index_add_(0, tok, out * wts.flatten()[sel, None].to(out.dtype))
+
+    return run
+
+
+def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], None] | str:
+    """vLLM 0.26 Marlin MXFP4 MoE on random MXFP4 weights, or the reason it cannot run."""
+    try:
+        # vLLM 0.26: experts/marlin_moe.py and the pure-function MXFP4 repack.
+        from vllm.model_executor.layers.fused_moe.activation import (  # type: ignore
+            MoEActivation,
+        )
+        from vllm.model_executor.layers.fused_moe.experts.marlin_moe import (  # type: ignore
+            fused_marlin_moe,
+        )
+        from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import (  # type: ignore
+            prepare_moe_mxfp4_layer_for_marlin,
+        )
+        from vllm.scalar_type import scalar_types  # type: ignore
+    except Exception as exc:  # noqa: BLE001 - any import problem means "not available"
+        return f"vllm not available ({type(exc).__name__}: {exc})"
+    try:
+        layers = []
+        for li in range(n_layers):
+            g = torch.Generator(device=dev).manual_seed(3000 + li)
+            lay = torch.nn.Module()
+            # MXFP4: 2 values per byte, one e8m0 scale per 32 values (gpt_oss_mxfp4 layout).
+            lay.w13_weight = torch.nn.Parameter(
+                torch.randint(
+                    0, 256, (E, 2 * I, H // 2), dtype=torch.uint8, device=dev, generator=g
+                ),
+                requires_grad=False,
+            )
+            lay.w2_weight = torch.nn.Parameter(
+                torch.randint(0, 256, (E, H, I // 2), dtype=torch.uint8, device=dev, generator=g),
+                requires_grad=False,
+            )
+            lay.w13_weight_scale = torch.nn.Parameter(
+                torch.randint(118, 124, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev,
+                              generator=g), requires_grad=False)
+            lay.w2_weight_scale = torch.nn.Parameter(
+                torch.randint(118, 124, (E, H, I // 32), dtype=torch.uint8, device=dev,
+                              generator=g), requires_grad=False)
+            lay.w13_bias = torch.nn.Parameter(torch.zeros(E, 2 * I, dtype=torch.bfloat16,
+                                                          device=dev), requires_grad=False)
+            lay.w2_bias = torch.nn.Parameter(torch.zeros(E, H, dtype=torch.bfloat16, device=dev),
+                                             requires_grad=False)
+            lay.num_experts = E
+            lay.params_dtype = torch.bfloat16
+            (lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
+             lay.w13_bias, lay.w2_bias) = prepare_moe_mxfp4_layer_for_marlin(
+                lay, lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
+                lay.w13_bias, lay.w2_bias)
+            layers.append(lay)
+        gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
+        x = torch.randn(tokens, H, device=dev, generator=gg).to(torch.bfloat16)
+        logits = [torch.randn(tokens, E, device=dev, generator=gg) for _ in layers]
+        routes = []
+        for lg in logits:
+            vals, ids = torch.topk(lg, TOPK, dim=-1)
+            routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
+
+        def run() -> None:
+            for lay, lg, (tw, ti) in zip(layers, logits, routes, strict=True):
+                fused_marlin_moe(
+                    x, lay.w13_weight, lay.w2_weight, lay.w13_bias, lay.w2_bias,
+                    lay.w13_weight_scale, lay.w2_weight_scale, tw, ti,
+                    global_num_experts=E, quant_type_id=scalar_types.float4_e2m1f.id,
+                    activation=MoEActivation.SWIGLUOAI,
+                )
+
+        run()
+        torch.cuda.synchronize()
+        return run
+    except Exception as exc:  # noqa: BLE001 - report why the baseline could not run
+        return f"vllm Marlin MXFP4 failed ({type(exc).__name__}: {exc})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--bf16-layers", type=int, default=4, help="layers for the bf16 baseline")
+    ap.add_argument("--tunings", default="auto,sm86")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--graph-max-tokens", type=int, default=128)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse)")
+    args = ap.parse_args()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    tunings = [t for t in args.tunings.split(",") if t]
+
+    layers = []
+    for li in range(args.layers):
+        gu = random_nf4(E, 2 * I, H, 10 * li + 1, dev)
+        dn = random_nf4(E, H, I, 10 * li + 2, dev)
+        layers.append(M.MoeLayerWeights(gu, dn, M._dynamic_map_signed().to(dev), top_k=TOPK))
+    per_expert = expert_bytes(layers[0])
+    copy_gbs = copy_bandwidth(dev)
+    card = torch.cuda.get_device_name(dev)
+    print(f"{card}: copy bandwidth {copy_gbs:.0f} GB/s (read+write); {args.layers} layers of "
+          f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert")
+
+    bf16_ws = [] if args.no_baselines else bf16_weights(layers[: args.bf16_layers])
+    rows: list[dict[str, Any]] = []
+    hdr = (f"{'T':>5} {'tuning':>6} {'regime':>15} {'us/layer':>9} {'GB/s':>7} {'%copy':>6} "
+           f"{'TFLOP/s':>8} {'bf16 us':>8} {'marlin us':>9} {'x bf16':>7} {'x marlin':>8}")
+    print(hdr)
+    for t in tokens:
+        flops = 2.0 * t * TOPK * (2 * I * H + H * I)
+        base: dict[str, float | str | None] = {"bf16_us": None, "marlin_us": None}
+        if not args.no_baselines:
+            ref = bf16_reference(bf16_ws, t)
+            base["bf16_us"] = time_fn(ref, max(3, args.iters // 4)) / len(bf16_ws) * 1e3
+            mar = marlin_mxfp4(t, min(args.layers, 8), dev)
+            if isinstance(mar, str):
+                base["marlin_us"] = None
+                base["marlin_note"] = mar
+            else:
+                base["marlin_us"] = time_fn(mar, args.iters) / min(args.layers, 8) * 1e3
+        for tuning in tunings:
+            ours = Ours(layers, t, tuning, graph=t <= args.graph_max_tokens)
+            ms = time_fn(ours, args.iters)
+            us = ms / len(layers) * 1e3
+            touched = ours.distinct_experts() * per_expert
+            gbs = touched / (ms * 1e-3) / 1e9
+            regime = M.moe_regime(t, TOPK, E, tuning if tuning != "auto" else _auto_tuning(dev))
+            row = {
+                "tokens": t, "tuning": tuning, "regime": regime, "us_per_layer": us,
+                "touched_GBps": gbs, "pct_copy": 100 * gbs / copy_gbs,
+                "tflops": flops / (us * 1e-6) / 1e12, **base,
+            }
+            rows.append(row)
+            bf = base.get("bf16_us")
+            mr = base.get("marlin_us")
+            print(f"{t:>5} {tuning:>6} {regime:>15} {us:>9.1f} {gbs:>7.0f} {row['pct_copy']:>6.1f} "
+                  f"{row['tflops']:>8.1f} {_f(bf):>8} {_f(mr):>9} "
+                  f"{_x(bf, us):>7} {_x(mr, us):>8}")
+            del ours
+            torch.cuda.empty_cache()
+        if base.get("marlin_note") and t == tokens[0]:
+            print(f"  marlin: {base['marlin_note']}")
+    result = {
+        "card": card,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "commit": args.commit or _commit(),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "copy_GBps": copy_gbs,
+        "layers": args.layers,
+        "expert_bytes": per_expert,
+        "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+def _auto_tuning(dev: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(dev)
+    forced = M._native().forced_tuning()
+    if forced:
+        return str(forced)
+    if (major, minor) in ((8, 6), (8, 9)) or major >= 10:
+        return "sm86"
+    return "sm90" if major == 9 else "sm80"
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _x(base: Any, ours: float) -> str:
+    return "-" if base is None else f"{base / ours:.2f}x"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git in the benchmark environment
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,685 @@
+"""The GPT-OSS MoE block on fused NF4 experts, as one PyTorch custom op.
+
+``torch.ops.gptoss_3090.moe_forward`` runs router (optional), grouping, both expert GEMMs (NF4
+weights decoded on the fly, SwiGLU-OAI fused) and the combine in the package's own CUDA
+kernels, launched from Rust on torch's current stream. It allocates nothing but its output,
+never synchronizes and picks its kernels from the token count alone, so it can be captured in a
+CUDA graph for a fixed token count (pass a preallocated ``workspace``).
+
+Notebook use::
+
+    w = MoeLayerWeights.from_fused(ckpt.fused_experts(0, "gate_up"), ckpt.fused_experts(0, "down"),
+                                   router_weight=..., router_bias=..., device="cuda")
+    y = gptoss_3090.ops.moe(x, w)                            # routes with the router weights
+    y = gptoss_3090.ops.moe(x, w, router_logits=logits)      # vLLM's apply_monolithic
+    y = gptoss_3090.ops.moe(x, w, topk_ids=ids, topk_weights=wts)   # vLLM's apply
+
+Math (gpt-oss-math.md): logits = x W_r^T + b_r; top-k; softmax over the k selected logits;
+per expert ``a = x W_gu^T + b_gu`` (rows interleaved gate/up), ``gate = min(gate, 7)``,
+``up = clamp(up, -7, 7)``, ``h = (up + 1) * gate * sigmoid(1.702 gate)``,
+``out = h W_d^T + b_d``; ``y = sum_k w_k out_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "NF4_CODE",
+    "MoeLayerWeights",
+    "Nf4Experts",
+    "moe",
+    "moe_forward",
+    "moe_regime",
+    "moe_workspace_bytes",
+    "quantize_nf4_experts",
+    "reference_forward",
+    "workspace_routing",
+]
+
+#: bitsandbytes NF4 code table (index = 4-bit code).
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+_BLOCK = 64
+_NESTED_BLOCK = 256
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+_ROUTE_WEIGHTS, _ROUTE_LOGITS, _ROUTE_GIVEN = 0, 1, 2
+
+
+def _native() -> Any:
+    from gptoss_3090 import _native as native
+
+    return native
+
+
+def _ensure_cuda_libs() -> None:
+    """Preloads NVRTC where the runtime helper exists (branch `cuda`), so cudarc finds it."""
+    try:
+        from gptoss_3090 import runtime
+    except ImportError:  # pragma: no cover - older tree without the runtime helpers
+        return
+    runtime.ensure_cuda_libs()
+
+
+def _dynamic_map_signed() -> torch.Tensor:
+    """bitsandbytes' ``create_dynamic_map(signed=True)`` (256 sorted f32): the nested code map."""
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-6 + i)
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device containers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Nf4Experts:
+    """One fused NF4 expert tensor ``[E, N, K]`` (bitsandbytes layout per expert) on a device.
+
+    Attributes:
+        packed: uint8 ``[E, N*K/2]``, two codes per byte, high nibble = even element.
+        absmax: uint8 ``[E, N*K/64]`` when ``nested`` else float32.
+        nested_absmax: float32 ``[E, ceil(N*K/64/256)]`` (``[E, 0]`` when not nested).
+        nested_offset: float32 ``[E]`` (zeros when not nested).
+        bias: float32 ``[E, N]``.
+        shape: ``(E, N, K)``.
+        nested: double quantization in use.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor
+    nested_offset: torch.Tensor
+    bias: torch.Tensor
+    shape: tuple[int, int, int]
+    nested: bool
+
+    @classmethod
+    def from_fused(
+        cls, fused: Any, device: torch.device | str, nested_map: torch.Tensor | None = None
+    ) -> Nf4Experts:
+        """Copies a checkpoint ``FusedExperts`` (CPU tensors) to ``device``.
+
+        Raises:
+            ValueError: the fused view's nested code map differs from bitsandbytes' signed
+                dynamic map (the kernels share one map for every tensor), or shapes disagree.
+        """
+        e, n, k = (int(v) for v in fused.shape)
+        nested = bool(fused.nested)
+        if nested and nested_map is not None:
+            qm = torch.as_tensor(fused.nested_quant_map, dtype=torch.float32).reshape(-1).cpu()
+            if not torch.equal(qm, nested_map.cpu()):
+                raise ValueError(
+                    "nested_quant_map: expected the signed dynamic map of bitsandbytes"
+                )
+        nnb = (n * k // _BLOCK + _NESTED_BLOCK - 1) // _NESTED_BLOCK
+
+        def dev(t: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(t).to(device=device, dtype=dtype).contiguous()
+
+        packed = dev(fused.packed, torch.uint8).reshape(e, n * k // 2)
+        if nested:
+            absmax = dev(fused.absmax, torch.uint8).reshape(e, n * k // _BLOCK)
+            nabs = dev(fused.nested_absmax, torch.float32).reshape(e, nnb)
+            noff = dev(fused.nested_offset, torch.float32).reshape(e)
+        else:
+            absmax = dev(fused.absmax, torch.float32).reshape(e, n * k // _BLOCK)
+            nabs = torch.zeros(e, 0, dtype=torch.float32, device=device)
+            noff = torch.zeros(e, dtype=torch.float32, device=device)
+        bias = dev(fused.bias, torch.float32).reshape(e, n)
+        return cls(packed, absmax, nabs, noff, bias, (e, n, k), nested)
+
+    def absmax_f32(self, expert: int) -> torch.Tensor:
+        """Exact f32 absmax of one expert: ``map[code] * nested[b // 256] + offset`` (mul, add)."""
+        if not self.nested:
+            return self.absmax[expert].float()
+        nmap = _dynamic_map_signed().to(self.absmax.device)
+        codes = self.absmax[expert].long()
+        scale = self.nested_absmax[expert].repeat_interleave(_NESTED_BLOCK)[: codes.numel()]
+        return nmap[codes] * scale + self.nested_offset[expert]
+
+    def dequantize(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Exact dequantization of one expert to ``[N, K]``: ``cast(NF4[code] * absmax)``.
+
+        ``dtype=float32`` gives the fp32 products (no cast), bf16/fp16 one rounding.
+        """
+        _, n, k = self.shape
+        p = self.packed[expert]
+        codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
+        table = torch.tensor(NF4_CODE, dtype=torch.float32, device=p.device)
+        vals = table[codes].view(-1, _BLOCK) * self.absmax_f32(expert)[:, None]
+        return vals.reshape(n, k).to(dtype)
+
+
+def quantize_nf4_experts(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, nested: bool = True
+) -> Nf4Experts:
+    """Quantizes float experts ``[E, N, K]`` to NF4 on their own device (GPU-friendly torch).
+
+    Blockwise absmax over 64 consecutive elements, nearest code with ties to the lower code
+    (bitsandbytes' CUDA rule); nested: ``offset = mean(absmax)`` per expert, 8-bit signed
+    dynamic codes per 256 blocks (nearest). Meant for tests and benchmarks: the kernels only
+    depend on the format, not on which quantizer produced the codes.
+    """
+    if weight.dim() != 3 or weight.shape[2] % _BLOCK:
+        raise ValueError(
+            f"weight: expected [E, N, K] with K % 64 == 0, found {tuple(weight.shape)}"
+        )
+    e, n, k = (int(v) for v in weight.shape)
+    dev = weight.device
+    blocks = weight.float().reshape(e, -1, _BLOCK)
+    absmax = blocks.abs().amax(dim=2)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = blocks * inv[..., None]
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=dev)
+    mids = (code[:-1] + code[1:]) / 2.0
+    codes = torch.bucketize(scaled, mids, right=False).to(torch.uint8).reshape(e, -1, 2)
+    packed = ((codes[..., 0] << 4) | codes[..., 1]).reshape(e, n * k // 2).contiguous()
+    nb = n * k // _BLOCK
+    if bias is None:
+        bias = torch.zeros(e, n, device=dev)
+    bias = bias.to(device=dev, dtype=torch.float32).reshape(e, n).contiguous()
+    if not nested:
+        nabs = torch.zeros(e, 0, dtype=torch.float32, device=dev)
+        noff = torch.zeros(e, dtype=torch.float32, device=dev)
+        return Nf4Experts(packed, absmax.contiguous(), nabs, noff, bias, (e, n, k), False)
+    noff = absmax.mean(dim=1)
+    centred = absmax - noff[:, None]
+    nnb = (nb + _NESTED_BLOCK - 1) // _NESTED_BLOCK
+    padded = torch.cat([centred, centred.new_zeros(e, nnb * _NESTED_BLOCK - nb)], dim=1)
+    padded = padded.view(e, nnb, _NESTED_BLOCK)
+    nabs = padded.abs().amax(dim=2)
+    ninv = torch.where(nabs > 0, 1.0 / nabs, torch.zeros_like(nabs))
+    normed = (padded * ninv[..., None]).reshape(e, -1)[:, :nb]
+    dmap = _dynamic_map_signed().to(dev)
+    dmids = (dmap[:-1] + dmap[1:]) / 2.0
+    acodes = torch.bucketize(normed.contiguous(), dmids).to(torch.uint8).contiguous()
+    return Nf4Experts(packed, acodes, nabs.contiguous(), noff.contiguous(), bias, (e, n, k), True)
+
+
+@dataclass
+class MoeLayerWeights:
+    """One GPT-OSS MoE layer on a device: fused NF4 gate_up ``[E, 2I, H]`` and down
+    ``[E, H, I]`` experts, the nested code map and (optionally) the router.
+
+    Attributes:
+        gate_up: interleaved gate/up experts (row 2j = gate j, row 2j+1 = up j).
+        down: down experts.
+        nested_map: float32 ``[256]``, bitsandbytes' signed dynamic map.
+        router_weight: ``[E, H]`` in the activation dtype, or None.
+        router_bias: float32 ``[E]``, or None.
+        top_k: experts per token (4 for GPT-OSS).
+    """
+
+    gate_up: Nf4Experts
+    down: Nf4Experts
+    nested_map: torch.Tensor
+    router_weight: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
+    top_k: int = 4
+
+    @classmethod
+    def from_fused(
+        cls,
+        gate_up: Any,
+        down: Any,
+        router_weight: Any | None = None,
+        router_bias: Any | None = None,
+        device: torch.device | str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        top_k: int = 4,
+    ) -> MoeLayerWeights:
+        """Builds the device container from two checkpoint ``FusedExperts`` (+ router)."""
+        nmap = _dynamic_map_signed()
+        gu = Nf4Experts.from_fused(gate_up, device, nmap)
+        dn = Nf4Experts.from_fused(down, device, nmap)
+        rw = None if router_weight is None else torch.as_tensor(router_weight).to(device, dtype)
+        rb = None
+        if router_bias is not None:
+            rb = torch.as_tensor(router_bias).to(device=device, dtype=torch.float32)
+        w = cls(gu, dn, nmap.to(device), rw, rb, top_k)
+        w.check()
+        return w
+
+    @property
+    def experts(self) -> int:
+        """Number of experts E."""
+        return self.gate_up.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        """Hidden size H."""
+        return self.gate_up.shape[2]
+
+    @property
+    def intermediate(self) -> int:
+        """Expert intermediate size I."""
+        return self.down.shape[2]
+
+    def check(self) -> None:
+        """Raises ValueError when gate_up and down do not describe one MoE layer."""
+        e, n, k = self.gate_up.shape
+        e2, n2, k2 = self.down.shape
+        if e2 != e or n != 2 * k2 or n2 != k:
+            raise ValueError(
+                f"gate_up {self.gate_up.shape} and down {self.down.shape}: expected "
+                "[E, 2I, H] and [E, H, I]"
+            )
+
+    def workspace(self, tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """A workspace for ``tokens`` tokens (allocate once per token count, e.g. per graph)."""
+        nbytes = moe_workspace_bytes(
+            tokens, self.hidden, self.intermediate, self.experts, self.top_k
+        )
+        return torch.empty(nbytes, dtype=torch.uint8, device=device or self.gate_up.packed.device)
+
+    def layer_bytes(self) -> int:
+        """Bytes of the NF4 expert weights (packed + statistics) of the whole layer."""
+        total = 0
+        for t in (self.gate_up, self.down):
+            for a in (t.packed, t.absmax, t.nested_absmax, t.nested_offset):
+                total += a.numel() * a.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op
+# ---------------------------------------------------------------------------------------------
+
+
+def moe_workspace_bytes(
+    tokens: int, hidden: int, intermediate: int, experts: int, top_k: int
+) -> int:
+    """Workspace bytes the MoE op needs for ``tokens`` tokens (any GPU, any regime)."""
+    return int(_native().moe_workspace_bytes(tokens, hidden, intermediate, experts, top_k))
+
+
+def moe_regime(tokens: int, top_k: int, experts: int, tuning: str) -> str:
+    """The kernels the op picks for a token count: ``"decode"`` or ``"prefill_m{bm}s{stages}"``."""
+    return str(_native().moe_regime(tokens, top_k, experts, tuning))
+
+
+def _need(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, found {t.dtype}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, found {list(t.shape)}")
+
+
+def _check_args(
+    x: torch.Tensor,
+    workspace: torch.Tensor,
+    gu: tuple[torch.Tensor, ...],
+    dn: tuple[torch.Tensor, ...],
+    nested_map: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    router_bias: torch.Tensor | None,
+    router_logits: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    top_k: int,
+) -> tuple[int, int, int, int, int]:
+    """Validates every tensor (dtype -> TypeError; shape, layout, device -> ValueError).
+
+    Returns ``(T, H, I, E, route_mode)``.
+    """
+    _check_dtype("x", x, _ACT_DTYPES)
+    _need(x.dim() == 2, ValueError, f"x: expected [T, H], found shape {list(x.shape)}")
+    t, h = (int(v) for v in x.shape)
+    _check_dtype("workspace", workspace, (torch.uint8,))
+    names = ("packed", "absmax", "nested_absmax", "nested_offset", "bias")
+    gu_b = gu[4]
+    for prefix, parts in (("gate_up", gu), ("down", dn)):
+        _check_dtype(f"{prefix}.packed", parts[0], (torch.uint8,))
+        _check_dtype(f"{prefix}.absmax", parts[1], (torch.uint8, torch.float32))
+        for nm, part in zip(names[2:], parts[2:], strict=True):
+            _check_dtype(f"{prefix}.{nm}", part, (torch.float32,))
+    _check_dtype("nested_map", nested_map, (torch.float32,))
+    _need(gu_b.dim() == 2, ValueError, f"gate_up.bias: expected [E, 2I], found {list(gu_b.shape)}")
+    e, two_i = (int(v) for v in gu_b.shape)
+    _need(two_i % 2 == 0, ValueError, f"gate_up.bias: expected an even row count, found {two_i}")
+    i = two_i // 2
+    _need(h % 64 == 0 and h > 0, ValueError, f"x: hidden size must be a multiple of 64, found {h}")
+    _need(
+        i % 64 == 0 and i > 0, ValueError, f"intermediate size must be a multiple of 64, found {i}"
+    )
+    _need(1 <= e <= 256, ValueError, f"experts: expected 1..256, found {e}")
+    _need(
+        isinstance(top_k, int) and 1 <= top_k <= min(8, e),
+        ValueError,
+        f"top_k: expected 1..{min(8, e)}, found {top_k}",
+    )
+    for prefix, parts, n, k in (("gate_up", gu, 2 * i, h), ("down", dn, h, i)):
+        nb = n * k // 64
+        _check_shape(f"{prefix}.packed", parts[0], (e, n * k // 2))
+        _check_shape(f"{prefix}.absmax", parts[1], (e, nb))
+        _check_shape(f"{prefix}.bias", parts[4], (e, n))
+        if parts[1].dtype == torch.uint8:
+            _check_shape(f"{prefix}.nested_absmax", parts[2], (e, (nb + 255) // 256))
+            _check_shape(f"{prefix}.nested_offset", parts[3], (e,))
+    _check_shape("nested_map", nested_map, (256,))
+    if topk_ids is not None or topk_weights is not None:
+        _need(
+            topk_ids is not None and topk_weights is not None,
+            ValueError,
+            "topk_ids and topk_weights: pass both or neither",
+        )
+        assert topk_ids is not None and topk_weights is not None
+        _check_dtype("topk_ids", topk_ids, (torch.int32,))
+        _check_dtype("topk_weights", topk_weights, (torch.float32,))
+        _check_shape("topk_ids", topk_ids, (t, top_k))
+        _check_shape("topk_weights", topk_weights, (t, top_k))
+        mode = _ROUTE_GIVEN
+    elif router_logits is not None:
+        _check_dtype("router_logits", router_logits, (torch.float32, x.dtype))
+        _check_shape("router_logits", router_logits, (t, e))
+        mode = _ROUTE_LOGITS
+    elif router_weight is not None:
+        _check_dtype("router_weight", router_weight, (x.dtype,))
+        _check_shape("router_weight", router_weight, (e, h))
+        if router_bias is not None:
+            _check_dtype("router_bias", router_bias, (torch.float32,))
+            _check_shape("router_bias", router_bias, (e,))
+        mode = _ROUTE_WEIGHTS
+    else:
+        raise ValueError("routing: pass router_weight, router_logits or topk_ids + topk_weights")
+    need_ws = moe_workspace_bytes(t, h, i, e, top_k)
+    _need(workspace.dim() == 1, ValueError, "workspace: expected a 1-D uint8 tensor")
+    _need(
+        workspace.numel() >= need_ws,
+        ValueError,
+        f"workspace: expected at least {need_ws} bytes for {t} tokens, found {workspace.numel()}",
+    )
+    tensors: list[tuple[str, torch.Tensor | None]] = [
+        ("x", x),
+        ("workspace", workspace),
+        ("nested_map", nested_map),
+        ("router_weight", router_weight if mode == _ROUTE_WEIGHTS else None),
+        ("router_bias", router_bias if mode == _ROUTE_WEIGHTS else None),
+        ("router_logits", router_logits if mode == _ROUTE_LOGITS else None),
+        ("topk_ids", topk_ids if mode == _ROUTE_GIVEN else None),
+        ("topk_weights", topk_weights if mode == _ROUTE_GIVEN else None),
+    ]
+    for prefix, parts in (("gate_up", gu), ("down", dn)):
+        tensors += [(f"{prefix}.{nm}", part) for nm, part in zip(names, parts, strict=True)]
+    for name, tt in tensors:
+        if tt is None:
+            continue
+        _need(tt.is_cuda, ValueError, f"{name}: expected a CUDA tensor, found device {tt.device}")
+        _need(
+            tt.device == x.device,
+            ValueError,
+            f"{name}: expected device {x.device} (that of x), found {tt.device}",
+        )
+        if name != "x":
+            _need(tt.is_contiguous(), ValueError, f"{name}: expected a contiguous tensor")
+    _need(
+        x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0,
+        ValueError,
+        f"x: expected unit column stride, a row stride multiple of 8 and 16-byte alignment, "
+        f"found strides {x.stride()}",
+    )
+    return t, h, i, e, mode
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else int(t.data_ptr())
+
+
+def _launch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    workspace: torch.Tensor,
+    gu: tuple[torch.Tensor, ...],
+    dn: tuple[torch.Tensor, ...],
+    nested_map: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    router_bias: torch.Tensor | None,
+    router_logits: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    top_k: int,
+    tuning: str,
+) -> str:
+    t, h, i, e, mode = _check_args(
+        x, workspace, gu, dn, nested_map, router_weight, router_bias, router_logits, topk_ids,
+        topk_weights, top_k,
+    )
+    if t == 0:
+        return "empty"
+    _ensure_cuda_libs()
+    args: dict[str, Any] = {
+        "device": x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        "stream": torch.cuda.current_stream(x.device).cuda_stream,
+        "dtype": "bfloat16" if x.dtype == torch.bfloat16 else "float16",
+        "tokens": t,
+        "hidden": h,
+        "intermediate": i,
+        "experts": e,
+        "top_k": top_k,
+        "x": _ptr(x),
+        "x_stride": x.stride(0),
+        "y": _ptr(y),
+        "route_mode": mode,
+        "router_weight": _ptr(router_weight) if mode == _ROUTE_WEIGHTS else 0,
+        "router_bias": _ptr(router_bias) if mode == _ROUTE_WEIGHTS else 0,
+        "router_logits": _ptr(router_logits) if mode == _ROUTE_LOGITS else 0,
+        "logits_f32": bool(router_logits is not None and router_logits.dtype == torch.float32),
+        "topk_ids": _ptr(topk_ids) if mode == _ROUTE_GIVEN else 0,
+        "topk_weights": _ptr(topk_weights) if mode == _ROUTE_GIVEN else 0,
+        "nested_map": _ptr(nested_map),
+        "workspace": _ptr(workspace),
+        "workspace_bytes": workspace.numel(),
+        "tuning": tuning,
+    }
+    for prefix, parts, n, k in (("gu", gu, 2 * i, h), ("dn", dn, h, i)):
+        nested = parts[1].dtype == torch.uint8
+        args[f"{prefix}_packed"] = _ptr(parts[0])
+        args[f"{prefix}_absmax"] = _ptr(parts[1])
+        args[f"{prefix}_nested_absmax"] = _ptr(parts[2]) if nested else 0
+        args[f"{prefix}_nested_offset"] = _ptr(parts[3]) if nested else 0
+        args[f"{prefix}_bias"] = _ptr(parts[4])
+        args[f"{prefix}_nested"] = nested
+        args[f"{prefix}_nnb"] = (n * k // 64 + 255) // 256 if nested else 0
+    with torch.cuda.device(x.device):
+        return str(_native().moe_forward(args))
+
+
+@torch.library.custom_op("gptoss_3090::moe_forward", mutates_args=("workspace",))
+def moe_forward(
+    x: torch.Tensor,
+    workspace: torch.Tensor,
+    gu_packed: torch.Tensor,
+    gu_absmax: torch.Tensor,
+    gu_nested_absmax: torch.Tensor,
+    gu_nested_offset: torch.Tensor,
+    gu_bias: torch.Tensor,
+    dn_packed: torch.Tensor,
+    dn_absmax: torch.Tensor,
+    dn_nested_absmax: torch.Tensor,
+    dn_nested_offset: torch.Tensor,
+    dn_bias: torch.Tensor,
+    nested_map: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    router_bias: torch.Tensor | None,
+    router_logits: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    top_k: int,
+    tuning: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.gptoss_3090.moe_forward``: the whole MoE block, returns ``y [T, H]``.
+
+    Routing: ``topk_ids`` (int32 ``[T, k]``) + ``topk_weights`` (f32) if given, else
+    ``router_logits`` (``[T, E]`` f32 or x's dtype), else ``router_weight`` (``[E, H]``, x's
+    dtype) + optional ``router_bias`` (f32 ``[E]``). ``workspace``: uint8, at least
+    :func:`moe_workspace_bytes` bytes. ``tuning``: ``"auto"`` or ``"sm80"``/``"sm86"``/``"sm90"``.
+    """
+    y = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    _launch(
+        x, y, workspace,
+        (gu_packed, gu_absmax, gu_nested_absmax, gu_nested_offset, gu_bias),
+        (dn_packed, dn_absmax, dn_nested_absmax, dn_nested_offset, dn_bias),
+        nested_map, router_weight, router_bias, router_logits, topk_ids, topk_weights, top_k,
+        tuning,
+    )
+    return y
+
+
+@moe_forward.register_fake
+def _moe_forward_fake(
+    x: torch.Tensor,
+    workspace: torch.Tensor,
+    gu_packed: torch.Tensor,
+    gu_absmax: torch.Tensor,
+    gu_nested_absmax: torch.Tensor,
+    gu_nested_offset: torch.Tensor,
+    gu_bias: torch.Tensor,
+    dn_packed: torch.Tensor,
+    dn_absmax: torch.Tensor,
+    dn_nested_absmax: torch.Tensor,
+    dn_nested_offset: torch.Tensor,
+    dn_bias: torch.Tensor,
+    nested_map: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    router_bias: torch.Tensor | None,
+    router_logits: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    top_k: int,
+    tuning: str = "auto",
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1])
+
+
+def moe(
+    x: torch.Tensor,
+    weights: MoeLayerWeights,
+    *,
+    router_logits: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    tuning: str = "auto",
+) -> torch.Tensor:
+    """The GPT-OSS MoE block on ``x [T, H]`` (bf16/fp16 CUDA tensor); returns ``y [T, H]``.
+
+    Routing comes from ``topk_ids``/``topk_weights`` if given, else ``router_logits``, else the
+    router stored in ``weights``. ``topk_ids`` may be int64 (converted to int32). Without a
+    ``workspace`` one is allocated for this call; pass one (``weights.workspace(T)``) to capture
+    the call in a CUDA graph.
+    """
+    if topk_ids is not None and topk_ids.dtype == torch.int64:
+        topk_ids = topk_ids.to(torch.int32)
+    if workspace is None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError("x: expected a [T, H] tensor")
+        workspace = weights.workspace(int(x.shape[0]), x.device)
+    gu, dn = weights.gate_up, weights.down
+    return torch.ops.gptoss_3090.moe_forward(
+        x, workspace,
+        gu.packed, gu.absmax, gu.nested_absmax, gu.nested_offset, gu.bias,
+        dn.packed, dn.absmax, dn.nested_absmax, dn.nested_offset, dn.bias,
+        weights.nested_map,
+        weights.router_weight, weights.router_bias, router_logits, topk_ids, topk_weights,
+        weights.top_k, tuning,
+    )
+
+
+def workspace_routing(
+    workspace: torch.Tensor, tokens: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing the last :func:`moe` call with this workspace computed (router modes only):
+    ``(ids int32 [T, k], weights f32 [T, k])``, views into the workspace (its first two buffers,
+    see ``WorkspaceLayout`` in src/ops/moe.rs). Meant for tests and debugging.
+    """
+    n = tokens * top_k
+    wts_at = (n * 4 + 255) // 256 * 256
+    ids = workspace[: n * 4].view(torch.int32).view(tokens, top_k)
+    wts = workspace[wts_at : wts_at + n * 4].view(torch.float32).view(tokens, top_k)
+    return ids, wts
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 reference (any device) on the exactly dequantized weights
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_forward(
+    x: torch.Tensor,
+    weights: MoeLayerWeights,
+    *,
+    router_logits: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    swiglu_limit: float = 7.0,
+    alpha: float = 1.702,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 torch reference of :func:`moe` on ``x``'s device. Returns ``(y, ids, weights)``.
+
+    Routing as in :func:`moe` (router in fp32 from ``weights.router_weight`` by default, top-k,
+    softmax over the selected logits). Expert weights are the exact fp32 dequantization.
+    """
+    xf = x.float()
+    if topk_ids is None:
+        if router_logits is None:
+            if weights.router_weight is None:
+                raise ValueError("routing: no router_weight, router_logits or topk_ids")
+            router_logits = xf @ weights.router_weight.float().T
+            if weights.router_bias is not None:
+                router_logits = router_logits + weights.router_bias.float()
+        vals, topk_ids = torch.topk(router_logits.float(), weights.top_k, dim=-1)
+        topk_weights = torch.softmax(vals, dim=-1)
+    assert topk_weights is not None
+    y = torch.zeros_like(xf)
+    ids = topk_ids.long()
+    for e in torch.unique(ids).tolist():
+        if e < 0 or e >= weights.experts:
+            continue
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        a = xf[tok] @ weights.gate_up.dequantize(e).T + weights.gate_up.bias[e]
+        gate = a[:, 0::2].clamp(max=swiglu_limit)
+        up = a[:, 1::2].clamp(min=-swiglu_limit, max=swiglu_limit)
+        hh = (up + 1.0) * (gate * torch.sigmoid(alpha * gate))
+        out = hh @ weights.down.dequantize(e).T + weights.down.bias[e]
+        y.index_add_(0, tok, out * topk_weights[tok, slot, None].float())
+    return y, topk_ids, topk_weights

@@ -1,0 +1,844 @@
+//! The GPT-OSS MoE block on the virtual fused NF4 experts (kernels/moe.cu).
+//!
+//! [`moe_forward`] validates a [`MoeArgs`] (raw device pointers and sizes handed over from the
+//! Python custom op), picks the [`Regime`] for the token count and launches, on the caller's
+//! stream:
+//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec_up` (per-block routing
+//!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec_down` (down + bias + combine);
+//! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
+//!
+//! Every grid depends only on the token count, every buffer lives in the caller's workspace
+//! ([`WorkspaceLayout`]), and nothing synchronizes, so the sequence is CUDA-graph capturable
+//! for a fixed T.
+
+use std::sync::Arc;
+
+use crate::cuda::{GpuDevice, Tuning};
+use crate::error::{Error, Result};
+use crate::ops::Dtype;
+
+/// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
+pub const ROUTE_WEIGHTS: i32 = 0;
+/// Route from given logits `[T, E]`.
+pub const ROUTE_LOGITS: i32 = 1;
+/// Routing given as top-k ids (i32) and weights (f32), `[T, topk]` (vLLM's `apply`).
+pub const ROUTE_GIVEN: i32 = 2;
+
+/// Largest expert count the kernels support (one warp holds 8 logits per lane).
+pub const MAX_EXPERTS: usize = 256;
+/// Largest top-k the kernels support.
+pub const MAX_TOPK: usize = 8;
+/// Token counts up to this use the decode kernels (weights streamed once per touched expert).
+pub const DECODE_MAX_TOKENS: usize = 16;
+/// Token counts up to this take top-k of given logits inside `moe_group` (one block).
+pub const FUSED_ROUTE_MAX_TOKENS: usize = 64;
+/// Smallest prefill tile height (sizes the tile list).
+const MIN_BM: usize = 64;
+/// Largest prefill tile height (sizes the padded sorted list).
+const MAX_BM: usize = 128;
+/// Rows of decoded weights per prefill block (kernels/moe.cu `GEMM_BN`).
+const GEMM_BN: usize = 128;
+/// Warps per decode block (kernels/moe.cu `DEC_WARPS`).
+const DEC_WARPS: usize = 8;
+
+/// Kernel parameters, mirrored field by field from `struct MoeParams` in kernels/moe.cu.
+/// Pointers are device addresses (0 = absent); strides are in elements.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoeParams {
+    /// x `[T, H]` act dtype, row stride `x_stride`.
+    pub x: u64,
+    /// y `[T, H]` act dtype, contiguous.
+    pub y: u64,
+    /// Router weight `[E, H]` act dtype, contiguous.
+    pub router_w: u64,
+    /// Router bias `[E]` f32.
+    pub router_b: u64,
+    /// Router logits `[T, E]`, f32 or act dtype (`logits_f32`).
+    pub logits: u64,
+    /// gate_up packed codes u8 `[E, 2I*H/2]`.
+    pub gu_packed: u64,
+    /// gate_up absmax: u8 `[E, 2I*H/64]` (nested) or f32.
+    pub gu_absmax: u64,
+    /// gate_up nested absmax f32 `[E, gu_nnb]`.
+    pub gu_nested: u64,
+    /// gate_up nested offset f32 `[E]`.
+    pub gu_offset: u64,
+    /// gate_up bias f32 `[E, 2I]`.
+    pub gu_bias: u64,
+    /// down packed codes u8 `[E, H*I/2]`.
+    pub dn_packed: u64,
+    /// down absmax: u8 `[E, H*I/64]` (nested) or f32.
+    pub dn_absmax: u64,
+    /// down nested absmax f32 `[E, dn_nnb]`.
+    pub dn_nested: u64,
+    /// down nested offset f32 `[E]`.
+    pub dn_offset: u64,
+    /// down bias f32 `[E, H]`.
+    pub dn_bias: u64,
+    /// Double-quantization map f32 `[256]`.
+    pub nested_map: u64,
+    /// Top-k ids i32 `[T, topk]` (workspace, or the caller's when given).
+    pub ws_ids: u64,
+    /// Top-k weights f32 `[T, topk]` (workspace, or the caller's when given).
+    pub ws_wts: u64,
+    /// Pairs per expert i32 `[E]`.
+    pub ws_counts: u64,
+    /// Padded segment start per expert i32 `[E]`.
+    pub ws_offsets: u64,
+    /// `{num_active, num_tiles}` i32 `[2]`.
+    pub ws_meta: u64,
+    /// Touched experts i32 `[E]`.
+    pub ws_active: u64,
+    /// Prefill tiles i32 `[max_tiles, 2]` = (expert, first row).
+    pub ws_tiles: u64,
+    /// Pair ids in expert order i32 `[sorted_cap]` (-1 = padding).
+    pub ws_sorted: u64,
+    /// SwiGLU output act `[T*topk, I]`.
+    pub ws_h: u64,
+    /// Expert outputs act `[T*topk, H]`.
+    pub ws_out: u64,
+    /// Tokens.
+    pub t: i32,
+    /// Hidden size.
+    pub h: i32,
+    /// Expert intermediate size.
+    pub i: i32,
+    /// Experts.
+    pub e: i32,
+    /// Experts per token.
+    pub topk: i32,
+    /// Row stride of x (elements).
+    pub x_stride: i32,
+    /// `ROUTE_*`.
+    pub route_mode: i32,
+    /// Logits are f32 (else act dtype).
+    pub logits_f32: i32,
+    /// `moe_group` routes the tokens itself.
+    pub fuse_route: i32,
+    /// gate_up absmax is nested (u8 codes).
+    pub gu_nested_flag: i32,
+    /// down absmax is nested (u8 codes).
+    pub dn_nested_flag: i32,
+    /// Nested blocks per gate_up expert.
+    pub gu_nnb: i32,
+    /// Nested blocks per down expert.
+    pub dn_nnb: i32,
+    /// Prefill tile height / segment padding.
+    pub bm: i32,
+    /// Capacity of `ws_tiles`.
+    pub max_tiles: i32,
+    /// Capacity of `ws_sorted`.
+    pub sorted_cap: i32,
+}
+
+/// Byte offsets of the buffers inside the caller's workspace for one token count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkspaceLayout {
+    /// Top-k ids i32 `[T*topk]`.
+    pub ids: usize,
+    /// Top-k weights f32 `[T*topk]`.
+    pub wts: usize,
+    /// i32 `[E]`.
+    pub counts: usize,
+    /// i32 `[E]`.
+    pub offsets: usize,
+    /// i32 `[2]`.
+    pub meta: usize,
+    /// i32 `[E]`.
+    pub active: usize,
+    /// i32 `[max_tiles, 2]`.
+    pub tiles: usize,
+    /// i32 `[sorted_cap]`.
+    pub sorted: usize,
+    /// act `[T*topk, I]`.
+    pub h: usize,
+    /// act `[T*topk, H]`.
+    pub out: usize,
+    /// Total bytes.
+    pub total: usize,
+    /// Tile capacity (any tile height >= 64).
+    pub max_tiles: usize,
+    /// Sorted-list capacity (any tile height <= 128).
+    pub sorted_cap: usize,
+}
+
+fn align256(v: usize) -> usize {
+    v.div_ceil(256) * 256
+}
+
+fn checked(what: &str, v: Option<usize>) -> Result<usize> {
+    v.ok_or_else(|| Error::arg(format!("{what}: size overflows")))
+}
+
+impl WorkspaceLayout {
+    /// Layout for `tokens` tokens of a `[hidden] -> [experts x intermediate]` MoE with `topk`
+    /// experts per token and `elem_size`-byte activations. Independent of the GPU and of the
+    /// regime, so one workspace serves every tuning.
+    pub fn new(
+        tokens: usize,
+        hidden: usize,
+        intermediate: usize,
+        experts: usize,
+        topk: usize,
+        elem_size: usize,
+    ) -> Result<Self> {
+        let tk = checked("tokens * top_k", tokens.checked_mul(topk))?;
+        let max_tiles = tk.div_ceil(MIN_BM) + experts;
+        let sorted_cap = checked(
+            "sorted capacity",
+            experts
+                .checked_mul(MAX_BM - 1)
+                .and_then(|v| v.checked_add(tk)),
+        )?;
+        let mut off = 0usize;
+        let mut take = |bytes: Option<usize>| -> Result<usize> {
+            let b = checked("workspace", bytes)?;
+            let at = off;
+            off = checked("workspace", at.checked_add(align256(b)))?;
+            Ok(at)
+        };
+        let ids = take(tk.checked_mul(4))?;
+        let wts = take(tk.checked_mul(4))?;
+        let counts = take(Some(experts * 4))?;
+        let offsets = take(Some(experts * 4))?;
+        let meta = take(Some(8))?;
+        let active = take(Some(experts * 4))?;
+        let tiles = take(max_tiles.checked_mul(8))?;
+        let sorted = take(sorted_cap.checked_mul(4))?;
+        let h = take(
+            tk.checked_mul(intermediate)
+                .and_then(|v| v.checked_mul(elem_size)),
+        )?;
+        let out = take(
+            tk.checked_mul(hidden)
+                .and_then(|v| v.checked_mul(elem_size)),
+        )?;
+        Ok(WorkspaceLayout {
+            ids,
+            wts,
+            counts,
+            offsets,
+            meta,
+            active,
+            tiles,
+            sorted,
+            h,
+            out,
+            total: off,
+            max_tiles,
+            sorted_cap,
+        })
+    }
+}
+
+/// Which kernels run for a token count on a tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regime {
+    /// Weight streaming per touched expert (`moe_dec_*`).
+    Decode,
+    /// Tiled tensor-core GEMMs with tile height `bm` and `stages` cp.async stages.
+    Prefill {
+        /// Tile height (tokens).
+        bm: usize,
+        /// Pipeline depth.
+        stages: usize,
+    },
+}
+
+impl Regime {
+    /// The regime for `tokens` tokens with `topk` experts each among `experts` on `tuning`.
+    /// Only depends on static sizes, so a captured graph stays valid.
+    pub fn choose(tokens: usize, topk: usize, experts: usize, tuning: Tuning) -> Regime {
+        if tokens <= DECODE_MAX_TOKENS {
+            return Regime::Decode;
+        }
+        // BM 64, 2 stages, one decoded-B buffer (44 KB): 2 blocks per SM within sm_86/89's
+        // 100 KB. On the H100 this variant also beat the double-buffered m64s3/m64s4/m128s4
+        // (bench/results/moe_h100_2026-11-26_variants.txt), so every tuning uses it for now; m128s4 stays
+        // compiled for tuning on other cards.
+        let _ = (topk, experts, tuning);
+        Regime::Prefill { bm: 64, stages: 2 }
+    }
+
+    /// Dynamic shared memory of the prefill GEMM (kernels/moe.cu `GemmSmem::TOTAL`); the
+    /// variants with 3 or more stages double-buffer the decoded weight tile.
+    pub fn gemm_smem_bytes(bm: usize, stages: usize) -> usize {
+        let ld = 64 + 8;
+        let b_bufs = if stages >= 3 { 2 } else { 1 };
+        stages * bm * ld * 2 + stages * GEMM_BN * 32 + b_bufs * GEMM_BN * ld * 2 + bm * 4
+    }
+}
+
+/// One fused NF4 expert tensor `[E, N, K]` on the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4Experts {
+    /// u8 `[E, N*K/2]`.
+    pub packed: u64,
+    /// u8 `[E, N*K/64]` (nested) or f32.
+    pub absmax: u64,
+    /// f32 `[E, nnb]` (nested only, else 0).
+    pub nested_absmax: u64,
+    /// f32 `[E]` (nested only, else 0).
+    pub nested_offset: u64,
+    /// f32 `[E, N]`.
+    pub bias: u64,
+    /// Double quantization in use.
+    pub nested: bool,
+    /// Nested blocks per expert (row stride of `nested_absmax`).
+    pub nnb: usize,
+}
+
+/// Everything one MoE forward needs, as device addresses and sizes (checked by the Python op
+/// for dtype, device, contiguity and shape; re-checked here for consistency and alignment).
+#[derive(Debug, Clone, Copy)]
+pub struct MoeArgs {
+    /// CUDA device ordinal (the current torch device).
+    pub device: i32,
+    /// CUstream handle (torch's current stream).
+    pub stream: u64,
+    /// Activation dtype.
+    pub dtype: Dtype,
+    /// Tokens.
+    pub tokens: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// Expert intermediate size I.
+    pub intermediate: usize,
+    /// Experts E.
+    pub experts: usize,
+    /// Experts per token.
+    pub topk: usize,
+    /// x `[T, H]`.
+    pub x: u64,
+    /// Row stride of x in elements.
+    pub x_stride: usize,
+    /// y `[T, H]` contiguous.
+    pub y: u64,
+    /// `ROUTE_*`.
+    pub route_mode: i32,
+    /// Router weight `[E, H]` (ROUTE_WEIGHTS).
+    pub router_w: u64,
+    /// Router bias `[E]` f32 (optional).
+    pub router_b: u64,
+    /// Logits `[T, E]` (ROUTE_LOGITS).
+    pub logits: u64,
+    /// Logits are f32.
+    pub logits_f32: bool,
+    /// Top-k ids i32 `[T, topk]` (ROUTE_GIVEN).
+    pub topk_ids: u64,
+    /// Top-k weights f32 `[T, topk]` (ROUTE_GIVEN).
+    pub topk_weights: u64,
+    /// gate_up experts `[E, 2I, H]`.
+    pub gate_up: Nf4Experts,
+    /// down experts `[E, H, I]`.
+    pub down: Nf4Experts,
+    /// Double-quantization map f32 `[256]` (needed when either tensor is nested).
+    pub nested_map: u64,
+    /// Workspace base.
+    pub workspace: u64,
+    /// Workspace size in bytes.
+    pub workspace_bytes: usize,
+}
+
+fn need_aligned(name: &str, ptr: u64, align: u64) -> Result<()> {
+    if ptr == 0 {
+        return Err(Error::arg(format!(
+            "{name}: expected a device pointer, found null"
+        )));
+    }
+    if ptr % align != 0 {
+        return Err(Error::arg(format!(
+            "{name}: expected a {align}-byte aligned device pointer, found 0x{ptr:x}"
+        )));
+    }
+    Ok(())
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::arg(format!("{name}: {v} does not fit in 32 bits")))
+}
+
+impl MoeArgs {
+    /// Checks sizes, modes and pointers; returns the workspace layout.
+    pub fn validate(&self) -> Result<WorkspaceLayout> {
+        let (h, i, e, k) = (self.hidden, self.intermediate, self.experts, self.topk);
+        if h == 0 || h % 64 != 0 {
+            return Err(Error::arg(format!(
+                "hidden size: expected a positive multiple of 64, found {h}"
+            )));
+        }
+        if i == 0 || i % 64 != 0 {
+            return Err(Error::arg(format!(
+                "intermediate size: expected a positive multiple of 64, found {i}"
+            )));
+        }
+        if e == 0 || e > MAX_EXPERTS {
+            return Err(Error::arg(format!(
+                "experts: expected 1..={MAX_EXPERTS}, found {e}"
+            )));
+        }
+        if k == 0 || k > MAX_TOPK || k > e {
+            return Err(Error::arg(format!(
+                "top_k: expected 1..={} (and at most the {e} experts), found {k}",
+                MAX_TOPK
+            )));
+        }
+        // Element counts (T*topk*H etc.) index with 64-bit math in the kernels, but T itself and
+        // per-expert row counts travel as i32.
+        to_i32("tokens * top_k", self.tokens.saturating_mul(k))?;
+        if self.x_stride < h || self.x_stride % 8 != 0 {
+            return Err(Error::arg(format!(
+                "x: expected a row stride >= hidden ({h}) and a multiple of 8 elements, found {}",
+                self.x_stride
+            )));
+        }
+        let layout = WorkspaceLayout::new(self.tokens, h, i, e, k, 2)?;
+        if self.workspace_bytes < layout.total {
+            return Err(Error::arg(format!(
+                "workspace: expected at least {} bytes for {} tokens, found {}",
+                layout.total, self.tokens, self.workspace_bytes
+            )));
+        }
+        if self.tokens == 0 {
+            return Ok(layout);
+        }
+        need_aligned("x", self.x, 16)?;
+        need_aligned("y", self.y, 16)?;
+        need_aligned("workspace", self.workspace, 256)?;
+        match self.route_mode {
+            ROUTE_WEIGHTS => need_aligned("router_weight", self.router_w, 16)?,
+            ROUTE_LOGITS => need_aligned("router_logits", self.logits, 4)?,
+            ROUTE_GIVEN => {
+                need_aligned("topk_ids", self.topk_ids, 4)?;
+                need_aligned("topk_weights", self.topk_weights, 4)?;
+            }
+            other => {
+                return Err(Error::arg(format!(
+                    "route_mode: expected 0 (weights), 1 (logits) or 2 (given), found {other}"
+                )))
+            }
+        }
+        for (name, t) in [("gate_up", &self.gate_up), ("down", &self.down)] {
+            need_aligned(&format!("{name}.packed"), t.packed, 16)?;
+            need_aligned(&format!("{name}.absmax"), t.absmax, 4)?;
+            need_aligned(&format!("{name}.bias"), t.bias, 4)?;
+            if t.nested {
+                need_aligned(&format!("{name}.nested_absmax"), t.nested_absmax, 4)?;
+                need_aligned(&format!("{name}.nested_offset"), t.nested_offset, 4)?;
+                need_aligned("nested_map", self.nested_map, 4)?;
+            }
+        }
+        let check_nnb = |name: &str, t: &Nf4Experts, n: usize, kk: usize| -> Result<()> {
+            let need = (n * kk / 64).div_ceil(256);
+            if t.nested && t.nnb != need {
+                return Err(Error::arg(format!(
+                    "{name}.nested_absmax: expected {need} nested blocks per expert for [{n}, {kk}], found {}",
+                    t.nnb
+                )));
+            }
+            Ok(())
+        };
+        check_nnb("gate_up", &self.gate_up, 2 * i, h)?;
+        check_nnb("down", &self.down, h, i)?;
+        Ok(layout)
+    }
+
+    /// The kernel parameters for this call (after [`MoeArgs::validate`]).
+    pub fn params(&self, layout: &WorkspaceLayout, regime: Regime) -> Result<MoeParams> {
+        let ws = self.workspace;
+        let at = |off: usize| ws + off as u64;
+        let given = self.route_mode == ROUTE_GIVEN;
+        Ok(MoeParams {
+            x: self.x,
+            y: self.y,
+            router_w: self.router_w,
+            router_b: self.router_b,
+            logits: self.logits,
+            gu_packed: self.gate_up.packed,
+            gu_absmax: self.gate_up.absmax,
+            gu_nested: self.gate_up.nested_absmax,
+            gu_offset: self.gate_up.nested_offset,
+            gu_bias: self.gate_up.bias,
+            dn_packed: self.down.packed,
+            dn_absmax: self.down.absmax,
+            dn_nested: self.down.nested_absmax,
+            dn_offset: self.down.nested_offset,
+            dn_bias: self.down.bias,
+            nested_map: self.nested_map,
+            ws_ids: if given { self.topk_ids } else { at(layout.ids) },
+            ws_wts: if given {
+                self.topk_weights
+            } else {
+                at(layout.wts)
+            },
+            ws_counts: at(layout.counts),
+            ws_offsets: at(layout.offsets),
+            ws_meta: at(layout.meta),
+            ws_active: at(layout.active),
+            ws_tiles: at(layout.tiles),
+            ws_sorted: at(layout.sorted),
+            ws_h: at(layout.h),
+            ws_out: at(layout.out),
+            t: to_i32("tokens", self.tokens)?,
+            h: to_i32("hidden", self.hidden)?,
+            i: to_i32("intermediate", self.intermediate)?,
+            e: to_i32("experts", self.experts)?,
+            topk: to_i32("top_k", self.topk)?,
+            x_stride: to_i32("x stride", self.x_stride)?,
+            route_mode: self.route_mode,
+            logits_f32: i32::from(self.logits_f32),
+            // Only top-k from given logits is cheap enough for one block; router-weights
+            // logits always get their own grid-wide launch.
+            fuse_route: i32::from(
+                self.route_mode == ROUTE_LOGITS && self.tokens <= FUSED_ROUTE_MAX_TOKENS,
+            ),
+            gu_nested_flag: i32::from(self.gate_up.nested),
+            dn_nested_flag: i32::from(self.down.nested),
+            gu_nnb: to_i32("gate_up nested blocks", self.gate_up.nnb)?,
+            dn_nnb: to_i32("down nested blocks", self.down.nnb)?,
+            bm: match regime {
+                Regime::Decode => 1,
+                Regime::Prefill { bm, .. } => to_i32("bm", bm)?,
+            },
+            max_tiles: to_i32("max tiles", layout.max_tiles)?,
+            sorted_cap: to_i32("sorted capacity", layout.sorted_cap)?,
+        })
+    }
+}
+
+/// Bytes of workspace [`moe_forward`] needs for `tokens` tokens (any GPU, any regime).
+pub fn workspace_bytes(
+    tokens: usize,
+    hidden: usize,
+    intermediate: usize,
+    experts: usize,
+    topk: usize,
+) -> Result<usize> {
+    Ok(WorkspaceLayout::new(tokens, hidden, intermediate, experts, topk, 2)?.total)
+}
+
+/// Grid height of the prefill GEMMs: tile capacity for tile height `bm`.
+fn prefill_tiles(tokens: usize, topk: usize, experts: usize, bm: usize) -> usize {
+    (tokens * topk).div_ceil(bm) + experts
+}
+
+fn u32_of(name: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::arg(format!("{name}: grid size {v} too large")))
+}
+
+/// Runs the whole MoE block; returns the regime it used. `tuning` overrides the device's.
+pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
+    let layout = args.validate()?;
+    let dev: Arc<GpuDevice> = crate::cuda::device(args.device)?;
+    let tuning = tuning.unwrap_or_else(|| dev.tuning());
+    let regime = Regime::choose(args.tokens, args.topk, args.experts, tuning);
+    if args.tokens == 0 {
+        return Ok(regime);
+    }
+    let p = args.params(&layout, regime)?;
+    let s = args.stream;
+    let func = |name: &str| dev.function_for_stream("moe", &args.dtype.entry(name), s);
+    let (t, k, e) = (args.tokens, args.topk, args.experts);
+
+    // SAFETY (all launches below): `p` is a plain #[repr(C)] copy of kernels/moe.cu's
+    // MoeParams; every pointer in it was checked non-null/aligned by `validate`, and the Python
+    // op checked each tensor's dtype, device, contiguity and shape against these sizes; the
+    // workspace is at least `layout.total` bytes. Grids match what each kernel indexes.
+    // Router-weights mode: logits and top-k in their own launch, except for small prefill
+    // batches where moe_group routes (decode has no moe_group).
+    let route_launch = args.route_mode == ROUTE_WEIGHTS
+        || (args.route_mode == ROUTE_LOGITS && regime != Regime::Decode && p.fuse_route == 0);
+    if route_launch {
+        let f = func("moe_route")?;
+        let grid = u32_of("route", t.div_ceil(8))?;
+        unsafe { dev.launch(&f, (grid, 1, 1), (256, 1, 1), 0, s, &p)? };
+    }
+    let block = (32 * DEC_WARPS as u32, 1, 1);
+    match regime {
+        Regime::Decode => {
+            // moe_dec_up routes (logits) or reads the routing itself and groups per block;
+            // moe_dec_down fuses the combine: two launches in all.
+            let slots = u32_of("expert slots", e.min(t * k))?;
+            let up = func("moe_dec_up")?;
+            let gx = u32_of("dec_up", args.intermediate.div_ceil(8 * DEC_WARPS))?;
+            unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
+            let down = func("moe_dec_down")?;
+            let gx = u32_of("dec_down", args.hidden.div_ceil(16))?;
+            unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
+            return Ok(regime);
+        }
+        Regime::Prefill { bm, stages } => {
+            let f = func("moe_group")?;
+            unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
+            let variant = format!("m{bm}s{stages}");
+            let smem = u32_of("shared memory", Regime::gemm_smem_bytes(bm, stages))?;
+            let tiles = u32_of("tiles", prefill_tiles(t, k, e, bm))?;
+            let up = func(&format!("moe_gemm_up_{variant}"))?;
+            let gx = u32_of("gemm_up", (2 * args.intermediate).div_ceil(GEMM_BN))?;
+            unsafe { dev.launch(&up, (gx, tiles, 1), (256, 1, 1), smem, s, &p)? };
+            let down = func(&format!("moe_gemm_down_{variant}"))?;
+            let gx = u32_of("gemm_down", args.hidden.div_ceil(GEMM_BN))?;
+            unsafe { dev.launch(&down, (gx, tiles, 1), (256, 1, 1), smem, s, &p)? };
+        }
+    }
+    let f = func("moe_combine")?;
+    unsafe { dev.launch(&f, (u32_of("combine", t)?, 1, 1), (128, 1, 1), 0, s, &p)? };
+    Ok(regime)
+}
+
+/// Parses a tuning name (`"sm80"`, `"sm86"`, `"sm90"`; `"auto"`/empty = the device's).
+pub fn parse_tuning(name: &str) -> Result<Option<Tuning>> {
+    match name.trim() {
+        "" | "auto" => Ok(None),
+        other => Tuning::parse(other).map(Some),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings (registered on `gptoss_3090._native` by `crate::ops::py::register`).
+// ---------------------------------------------------------------------------------------------
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+fn item<'py, T>(d: &Bound<'py, PyDict>, key: &str) -> Result<T>
+where
+    T: for<'a> FromPyObject<'a, 'py>,
+{
+    let v = d
+        .get_item(key)
+        .map_err(|e| Error::arg(format!("moe_forward: reading '{key}': {e}")))?
+        .ok_or_else(|| Error::arg(format!("moe_forward: missing argument '{key}'")))?;
+    v.extract::<T>().map_err(|e| {
+        let e: PyErr = e.into();
+        Error::arg(format!("moe_forward: argument '{key}': {e}"))
+    })
+}
+
+fn nf4_of(d: &Bound<'_, PyDict>, prefix: &str) -> Result<Nf4Experts> {
+    Ok(Nf4Experts {
+        packed: item(d, &format!("{prefix}_packed"))?,
+        absmax: item(d, &format!("{prefix}_absmax"))?,
+        nested_absmax: item(d, &format!("{prefix}_nested_absmax"))?,
+        nested_offset: item(d, &format!("{prefix}_nested_offset"))?,
+        bias: item(d, &format!("{prefix}_bias"))?,
+        nested: item(d, &format!("{prefix}_nested"))?,
+        nnb: item(d, &format!("{prefix}_nnb"))?,
+    })
+}
+
+fn args_of(d: &Bound<'_, PyDict>) -> Result<MoeArgs> {
+    let dtype: String = item(d, "dtype")?;
+    Ok(MoeArgs {
+        device: item(d, "device")?,
+        stream: item(d, "stream")?,
+        dtype: Dtype::parse(&dtype)?,
+        tokens: item(d, "tokens")?,
+        hidden: item(d, "hidden")?,
+        intermediate: item(d, "intermediate")?,
+        experts: item(d, "experts")?,
+        topk: item(d, "top_k")?,
+        x: item(d, "x")?,
+        x_stride: item(d, "x_stride")?,
+        y: item(d, "y")?,
+        route_mode: item(d, "route_mode")?,
+        router_w: item(d, "router_weight")?,
+        router_b: item(d, "router_bias")?,
+        logits: item(d, "router_logits")?,
+        logits_f32: item(d, "logits_f32")?,
+        topk_ids: item(d, "topk_ids")?,
+        topk_weights: item(d, "topk_weights")?,
+        gate_up: nf4_of(d, "gu")?,
+        down: nf4_of(d, "dn")?,
+        nested_map: item(d, "nested_map")?,
+        workspace: item(d, "workspace")?,
+        workspace_bytes: item(d, "workspace_bytes")?,
+    })
+}
+
+/// `moe_forward(args: dict) -> str`: launches the MoE block on `args["stream"]` and returns the
+/// regime used (`"decode"` or `"prefill_m{bm}s{stages}"`). Keys: see `MoeArgs` (pointers as
+/// ints; `gu_*`/`dn_*` for the two expert tensors; optional `tuning`). Raises `ValueError` for
+/// bad arguments and `CudaError` for driver failures. Releases the GIL.
+#[pyfunction]
+#[pyo3(name = "moe_forward")]
+fn py_moe_forward(py: Python<'_>, args: &Bound<'_, PyDict>) -> PyResult<String> {
+    let a = args_of(args)?;
+    let tuning = match args.get_item("tuning")? {
+        Some(v) if !v.is_none() => parse_tuning(&v.extract::<String>()?)?,
+        _ => None,
+    };
+    let regime = py.detach(|| moe_forward(&a, tuning))?;
+    Ok(match regime {
+        Regime::Decode => "decode".to_string(),
+        Regime::Prefill { bm, stages } => format!("prefill_m{bm}s{stages}"),
+    })
+}
+
+/// `moe_workspace_bytes(tokens, hidden, intermediate, experts, top_k) -> int`: workspace bytes
+/// `moe_forward` needs for that token count (valid for every GPU and regime).
+#[pyfunction]
+#[pyo3(name = "moe_workspace_bytes")]
+fn py_moe_workspace_bytes(
+    tokens: usize,
+    hidden: usize,
+    intermediate: usize,
+    experts: usize,
+    top_k: usize,
+) -> PyResult<usize> {
+    Ok(workspace_bytes(
+        tokens,
+        hidden,
+        intermediate,
+        experts,
+        top_k,
+    )?)
+}
+
+/// `moe_regime(tokens, top_k, experts, tuning) -> str`: the regime `moe_forward` picks for a
+/// token count on a tuning (`"sm80"`, `"sm86"`, `"sm90"`), without touching a GPU.
+#[pyfunction]
+#[pyo3(name = "moe_regime")]
+fn py_moe_regime(tokens: usize, top_k: usize, experts: usize, tuning: &str) -> PyResult<String> {
+    let t = parse_tuning(tuning)?
+        .ok_or_else(|| Error::arg("tuning: name a concrete tuning (sm80, sm86 or sm90)"))?;
+    Ok(match Regime::choose(tokens, top_k, experts, t) {
+        Regime::Decode => "decode".to_string(),
+        Regime::Prefill { bm, stages } => format!("prefill_m{bm}s{stages}"),
+    })
+}
+
+/// Registers the MoE functions on the extension module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(py_moe_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(py_moe_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(py_moe_regime, m)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(tokens: usize) -> MoeArgs {
+        let nf4 = |nnb| Nf4Experts {
+            packed: 0x1000,
+            absmax: 0x2000,
+            nested_absmax: 0x3000,
+            nested_offset: 0x4000,
+            bias: 0x5000,
+            nested: true,
+            nnb,
+        };
+        MoeArgs {
+            device: 0,
+            stream: 0,
+            dtype: Dtype::Bf16,
+            tokens,
+            hidden: 2880,
+            intermediate: 2880,
+            experts: 32,
+            topk: 4,
+            x: 0x10000,
+            x_stride: 2880,
+            y: 0x20000,
+            route_mode: ROUTE_GIVEN,
+            router_w: 0,
+            router_b: 0,
+            logits: 0,
+            logits_f32: false,
+            topk_ids: 0x30000,
+            topk_weights: 0x40000,
+            gate_up: nf4(1013),
+            down: nf4(507),
+            nested_map: 0x6000,
+            workspace: 0x100000,
+            workspace_bytes: workspace_bytes(tokens, 2880, 2880, 32, 4).unwrap_or(0),
+        }
+    }
+
+    #[test]
+    fn params_struct_matches_the_kernel_layout() {
+        // 26 pointers + 16 i32 (kernels/moe.cu MoeParams).
+        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 16 * 4);
+    }
+
+    #[test]
+    fn workspace_layout_is_aligned_and_disjoint() -> Result<()> {
+        for t in [1usize, 3, 64, 8192] {
+            let l = WorkspaceLayout::new(t, 2880, 2880, 32, 4, 2)?;
+            let parts = [
+                l.ids, l.wts, l.counts, l.offsets, l.meta, l.active, l.tiles, l.sorted, l.h, l.out,
+            ];
+            assert!(parts.iter().all(|o| o % 256 == 0));
+            assert!(parts.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(l.out + align256(t * 4 * 2880 * 2), l.total);
+            assert!(l.sorted_cap >= t * 4 + 32 * 127);
+            assert!(l.max_tiles >= (t * 4).div_ceil(64) + 32);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(args(5).validate().is_ok());
+        let mut a = args(5);
+        a.hidden = 100;
+        assert!(a.validate().unwrap_err().to_string().contains("hidden"));
+        let mut a = args(5);
+        a.topk = 9;
+        assert!(a.validate().unwrap_err().to_string().contains("top_k"));
+        let mut a = args(5);
+        a.workspace_bytes -= 1;
+        assert!(a.validate().unwrap_err().to_string().contains("workspace"));
+        let mut a = args(5);
+        a.x = 0x10008;
+        assert!(a.validate().unwrap_err().to_string().contains("x:"));
+        let mut a = args(5);
+        a.gate_up.nnb = 1012;
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gate_up.nested_absmax"));
+        let mut a = args(5);
+        a.route_mode = 7;
+        assert!(a.validate().unwrap_err().to_string().contains("route_mode"));
+        let mut a = args(5);
+        a.topk_ids = 0;
+        assert!(a.validate().unwrap_err().to_string().contains("topk_ids"));
+    }
+
+    #[test]
+    fn regime_is_static_in_the_token_count() {
+        assert_eq!(Regime::choose(1, 4, 32, Tuning::Sm90), Regime::Decode);
+        assert_eq!(Regime::choose(16, 4, 32, Tuning::Sm86), Regime::Decode);
+        assert_eq!(
+            Regime::choose(17, 4, 32, Tuning::Sm86),
+            Regime::Prefill { bm: 64, stages: 2 }
+        );
+        assert_eq!(
+            Regime::choose(8192, 4, 32, Tuning::Sm90),
+            Regime::Prefill { bm: 64, stages: 2 }
+        );
+        // Static shared memory of moe_gemm (tables) is about 1.1 KB per block.
+        let fits = |bm, stages, blocks: usize, per_sm: usize| {
+            blocks * (Regime::gemm_smem_bytes(bm, stages) + 2048) <= per_sm * 1024
+        };
+        assert!(fits(64, 2, 2, 100)); // sm_86/89
+        assert!(fits(128, 4, 1, 228)); // sm_90
+    }
+
+    #[test]
+    fn params_route_given_points_at_the_callers_tensors() -> Result<()> {
+        let a = args(3);
+        let l = a.validate()?;
+        let p = a.params(&l, Regime::Decode)?;
+        assert_eq!(p.ws_ids, a.topk_ids);
+        assert_eq!(p.ws_wts, a.topk_weights);
+        assert_eq!(p.ws_sorted, a.workspace + l.sorted as u64);
+        assert_eq!(p.fuse_route, 0);
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+"""GPU tests of the fused NF4 MoE op (``torch.ops.gptoss_3090.moe_forward``).
+
+References (never our own output): transformers' ``GptOssMLP`` (router + experts) run in fp32
+on the exactly dequantized weights, and ``gptoss_3090.moe.reference_forward`` (plain fp32 torch
+on the same dequantized weights; itself checked against transformers on the CPU in
+tests/test_moe_cpu.py). Accuracy: ``||y - ref|| / ||ref|| <= 1e-2`` in bf16, and the same
+expert choice except at near-ties. Run: ``PYTHONPATH=python pytest -q tests/gpu/test_moe_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # pragma: no cover - CPU CI
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from gptoss_3090 import moe as M  # noqa: E402
+
+DEV = torch.device("cuda", torch.cuda.current_device())
+TOL = 1e-2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_layer(
+    e: int,
+    h: int,
+    i: int,
+    *,
+    nested: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    w_scale: float = 1.0,
+    seed: int = 0,
+) -> M.MoeLayerWeights:
+    """Random GPT-OSS-like layer: NF4 experts quantized on the GPU, bf16 router."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w_gu = torch.randn(e, 2 * i, h, device=DEV, generator=g) * (w_scale / h**0.5)
+    w_dn = torch.randn(e, h, i, device=DEV, generator=g) * (w_scale / i**0.5)
+    b_gu = torch.randn(e, 2 * i, device=DEV, generator=g) * 0.5
+    b_dn = torch.randn(e, h, device=DEV, generator=g) * 0.1
+    gu = M.quantize_nf4_experts(w_gu, b_gu, nested=nested)
+    dn = M.quantize_nf4_experts(w_dn, b_dn, nested=nested)
+    rw = (torch.randn(e, h, device=DEV, generator=g) / h**0.5).to(dtype)
+    rb = torch.randn(e, device=DEV, generator=g) * 0.1
+    return M.MoeLayerWeights(gu, dn, M._dynamic_map_signed().to(DEV), rw, rb, top_k=4)
+
+
+def rand_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(t, h, device=DEV, generator=g).to(dtype)
+
+
+def transformers_mlp(layer: M.MoeLayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """transformers' GptOssMLP in fp32 with the dequantized weights (HF stores transposes)."""
+    from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    e, h, i = layer.experts, layer.hidden, layer.intermediate
+    cfg = GptOssConfig(
+        hidden_size=h,
+        intermediate_size=i,
+        num_local_experts=e,
+        num_experts_per_tok=layer.top_k,
+        swiglu_limit=7.0,
+    )
+    mlp = GptOssMLP(cfg).to(DEV).float()
+    with torch.no_grad():
+        assert layer.router_weight is not None and layer.router_bias is not None
+        mlp.router.weight.copy_(layer.router_weight.float())
+        mlp.router.bias.copy_(layer.router_bias.float())
+        for ex in range(e):
+            mlp.experts.gate_up_proj[ex].copy_(layer.gate_up.dequantize(ex).T)
+            mlp.experts.down_proj[ex].copy_(layer.down.dequantize(ex).T)
+        mlp.experts.gate_up_proj_bias.copy_(layer.gate_up.bias)
+        mlp.experts.down_proj_bias.copy_(layer.down.bias)
+        y, _ = mlp(x.float()[None])
+    return y[0]
+
+
+def router_logits_fp32(layer: M.MoeLayerWeights, x: torch.Tensor) -> torch.Tensor:
+    assert layer.router_weight is not None and layer.router_bias is not None
+    return x.float() @ layer.router_weight.float().T + layer.router_bias
+
+
+def check_choice(ours: torch.Tensor, logits: torch.Tensor, k: int, tie_tol: float = 1e-3) -> None:
+    """Our expert set equals the fp32 top-k, except where the k-th and (k+1)-th logits tie."""
+    ref = torch.topk(logits, k, dim=-1)
+    srt = torch.sort(logits, dim=-1, descending=True).values
+    gap = srt[:, k - 1] - srt[:, k] if logits.shape[1] > k else torch.full_like(srt[:, 0], 1e9)
+    same = (torch.sort(ours.long(), dim=1).values == torch.sort(ref.indices, dim=1).values).all(1)
+    near_tie = gap.abs() <= tie_tol * srt[:, 0].abs().clamp_min(1.0)
+    bad = ~(same | near_tie)
+    assert not bool(bad.any()), f"{int(bad.sum())} tokens chose different experts"
+    # Whatever we chose must be a valid top-k up to the tie tolerance.
+    chosen = logits.gather(1, ours.long())
+    slack = tie_tol * srt[:, 0].abs().clamp_min(1)
+    assert bool((chosen.min(1).values >= srt[:, k - 1] - slack).all())
+
+
+SMALL = (8, 320, 192)  # E, H, I: partial row tiles (320 = 2.5 x 128), K tails (320 % 128 = 64)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 64, 8192])
+def test_matches_transformers_router_weights(tokens: int) -> None:
+    layer = make_layer(*SMALL, w_scale=3.0)  # large enough that the +-7 clamps engage
+    x = rand_x(tokens, layer.hidden)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws)
+    torch.cuda.synchronize()
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    logits = router_logits_fp32(layer, x)
+    check_choice(ids, logits, 4)
+    ref_hf = transformers_mlp(layer, x)
+    err = rel_err(y, ref_hf)
+    print(f"T={tokens}: rel err vs transformers {err:.2e}")
+    assert err <= TOL
+    # Same routing as ours -> compare more tightly with the torch reference.
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+    assert rel_err(wts, torch.softmax(logits.gather(1, ids.long()), dim=-1)) <= 1e-5
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64, 8192])
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+def test_router_logits_mode(tokens: int, logits_dtype: torch.dtype) -> None:
+    layer = make_layer(*SMALL, seed=3)
+    x = rand_x(tokens, layer.hidden, seed=4)
+    logits = router_logits_fp32(layer, x).to(logits_dtype)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, router_logits=logits, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    check_choice(ids, logits.float(), 4, tie_tol=0.0)
+    ref, _, _ = M.reference_forward(x, layer, router_logits=logits.float())
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64, 8192])
+def test_given_routing_all_tokens_one_expert_set(tokens: int) -> None:
+    """Every token routed to the same experts (one huge group) and most experts idle."""
+    layer = make_layer(32, 320, 192, seed=5)
+    x = rand_x(tokens, layer.hidden, seed=6)
+    ids = torch.tensor([7, 30, 2, 19], dtype=torch.int32, device=DEV).repeat(tokens, 1)
+    wts = torch.softmax(torch.randn(tokens, 4, device=DEV), dim=-1)
+    y = M.moe(x, layer, topk_ids=ids, topk_weights=wts)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [2, 64])
+def test_given_routing_single_expert_and_invalid_ids(tokens: int) -> None:
+    """One expert for every slot of one token; ids outside [0, E) (expert parallel) are skipped."""
+    layer = make_layer(*SMALL, seed=7)
+    x = rand_x(tokens, layer.hidden, seed=8)
+    ids = torch.randint(0, 8, (tokens, 4), dtype=torch.int32, device=DEV)
+    ids[0] = 5
+    ids[1, 2] = -1
+    ids[-1, 0] = 8
+    wts = torch.rand(tokens, 4, device=DEV)
+    y = M.moe(x, layer, topk_ids=ids, topk_weights=wts)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_tied_logits(tokens: int) -> None:
+    layer = make_layer(*SMALL, seed=9)
+    x = rand_x(tokens, layer.hidden, seed=10)
+    logits = torch.zeros(tokens, layer.experts, device=DEV)
+    logits[:, 5] = 1.0  # one clear winner, then a 7-way tie for the remaining 3 slots
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, router_logits=logits, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    assert bool((ids[:, 0] == 5).all())
+    assert all(len(set(r)) == 4 for r in ids.tolist())  # distinct experts even when tied
+    check_choice(ids, logits, 4, tie_tol=0.0)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 256])
+def test_cuda_graph_capture_and_replay(tokens: int) -> None:
+    layer = make_layer(*SMALL, seed=11)
+    x = rand_x(tokens, layer.hidden, seed=12)
+    ws = layer.workspace(tokens)
+    eager = M.moe(x, layer, workspace=ws).clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        M.moe(x, layer, workspace=ws)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = M.moe(x, layer, workspace=ws)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
+    x.copy_(rand_x(tokens, layer.hidden, seed=13))  # new inputs, new routing, same graph
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, M.moe(x, layer, workspace=ws))
+
+
+@pytest.mark.parametrize("tokens", [4, 8192])
+def test_deterministic(tokens: int) -> None:
+    layer = make_layer(32, 320, 192, seed=14)
+    x = rand_x(tokens, layer.hidden, seed=15)
+    a = M.moe(x, layer)
+    b = M.moe(x, layer)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 8192])
+@pytest.mark.parametrize("tuning", ["sm86", "sm80", "sm90"])
+def test_forced_tunings(tokens: int, tuning: str) -> None:
+    layer = make_layer(*SMALL, seed=16)
+    x = rand_x(tokens, layer.hidden, seed=17)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws, tuning=tuning)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+    assert torch.equal(y, M.moe(x, layer, workspace=ws))  # every tuning gives the same bits
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 1000])
+def test_fp16_and_plain_absmax(tokens: int) -> None:
+    layer = make_layer(*SMALL, nested=False, dtype=torch.float16, seed=18)
+    x = rand_x(tokens, layer.hidden, dtype=torch.float16, seed=19)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws)
+    assert y.dtype == torch.float16
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+
+
+def test_strided_x_and_zero_tokens() -> None:
+    layer = make_layer(*SMALL, seed=20)
+    big = rand_x(40, 2 * layer.hidden, seed=21)
+    x = big[:, : layer.hidden]  # row stride 640 elements
+    y = M.moe(x, layer)
+    ref, _, _ = M.reference_forward(x, layer)
+    assert rel_err(y, ref) <= TOL
+    empty = M.moe(x[:0], layer)
+    assert empty.shape == (0, layer.hidden)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens", [1, 4, 16, 128, 2048])
+def test_full_20b_shapes(tokens: int) -> None:
+    layer = make_layer(32, 2880, 2880, seed=22)
+    x = rand_x(tokens, 2880, seed=23)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    check_choice(ids, router_logits_fp32(layer, x), 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    err = rel_err(y, ref)
+    print(f"20b T={tokens}: rel err {err:.2e}")
+    assert err <= TOL
+    y86 = M.moe(x, layer, workspace=ws, tuning="sm86")
+    assert torch.equal(y, y86)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_full_20b_shapes_positive_inputs(tokens: int) -> None:
+    """Same-sign activations make rounding biases add up over K = 2880 instead of averaging out
+    (the decode kernels' NF4 code table must be unbiased, see DEC_GAMMA_BF16 in moe.cu)."""
+    layer = make_layer(32, 2880, 2880, seed=26)
+    x = (rand_x(tokens, 2880, seed=27).float().abs() + 0.5).to(torch.bfloat16)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    err = rel_err(y, ref)
+    print(f"20b positive T={tokens}: rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_errors_on_gpu() -> None:
+    layer = make_layer(*SMALL, seed=24)
+    x = rand_x(4, layer.hidden)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        M.moe(x.float(), layer)
+    with pytest.raises(ValueError, match="workspace: expected at least"):
+        M.moe(x, layer, workspace=layer.workspace(1))
+    with pytest.raises(ValueError, match="topk_ids"):
+        M.moe(x, layer, topk_ids=torch.zeros(4, 3, dtype=torch.int32, device=DEV),
+              topk_weights=torch.zeros(4, 3, device=DEV))
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        M.moe(x, layer, router_logits=torch.zeros(4, layer.experts))
+
+
+def test_opcheck() -> None:
+    layer = make_layer(*SMALL, seed=25)
+    x = rand_x(8, layer.hidden)
+    ws = layer.workspace(8)
+    gu, dn = layer.gate_up, layer.down
+    args = (
+        x, ws, gu.packed, gu.absmax, gu.nested_absmax, gu.nested_offset, gu.bias,
+        dn.packed, dn.absmax, dn.nested_absmax, dn.nested_offset, dn.bias, layer.nested_map,
+        layer.router_weight, layer.router_bias, None, None, None, 4,
+    )
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.moe_forward.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64, 300])
+def test_tiny_checkpoint_against_reference_moe(tmp_path, tokens: int) -> None:
+    """End to end from a synthetic Unsloth checkpoint: fused view -> device -> op, against the
+    CPU fp32 reference of ``gptoss_3090.reference`` on the checkpoint's bf16 weights."""
+    synth = pytest.importorskip("gptoss_3090.synth")
+    reference = pytest.importorskip("gptoss_3090.reference")
+    from gptoss_3090 import open_checkpoint
+
+    path = synth.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", progress=False)
+    ck = open_checkpoint(path)
+    layer = 2
+    gu, dn = ck.fused_experts(layer, "gate_up"), ck.fused_experts(layer, "down")
+    rw = ck.tensor(f"model.layers.{layer}.mlp.router.linear.weight")
+    rb = ck.tensor(f"model.layers.{layer}.mlp.router.linear.bias")
+    w = M.MoeLayerWeights.from_fused(gu, dn, rw, rb, device=DEV)
+    x = rand_x(tokens, w.hidden, seed=30)
+    ws = w.workspace(tokens)
+    y = M.moe(x, w, workspace=ws)
+    ids, _ = M.workspace_routing(ws, tokens, 4)
+    ref, routing = reference.reference_moe(x.cpu(), rw, rb, gu, dn, 4, return_routing=True)
+    check_choice(ids.cpu(), routing.logits, 4)
+    err = rel_err(y.cpu(), ref)
+    print(f"tiny checkpoint T={tokens}: rel err {err:.2e}")
+    assert err <= TOL

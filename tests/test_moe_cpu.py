@@ -1,0 +1,233 @@
+"""CPU tests of the MoE op's host side: workspace sizing, regimes, argument validation, the fake
+implementation, and the fp32 reference the GPU tests compare against (checked here against
+bitsandbytes' dequantization and transformers' GptOssMLP). Kernels are compile-checked in
+tests/test_kernels_compile.py; their numerics are tested in tests/gpu/test_moe_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gptoss_3090 import moe as M
+
+E, H, I = 8, 128, 192  # noqa: E741 - GPT-OSS names
+
+
+def make_layer(nested: bool = True, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    w_gu = torch.randn(E, 2 * I, H, generator=g) * (3.0 / H**0.5)
+    w_dn = torch.randn(E, H, I, generator=g) * (3.0 / I**0.5)
+    gu = M.quantize_nf4_experts(w_gu, torch.randn(E, 2 * I, generator=g) * 0.5, nested=nested)
+    dn = M.quantize_nf4_experts(w_dn, torch.randn(E, H, generator=g) * 0.1, nested=nested)
+    rw = (torch.randn(E, H, generator=g) / H**0.5).to(dtype)
+    rb = torch.randn(E, generator=g) * 0.1
+    return M.MoeLayerWeights(gu, dn, M._dynamic_map_signed(), rw, rb, top_k=4), w_gu, w_dn
+
+
+def op_args(layer: M.MoeLayerWeights, x: torch.Tensor, ws: torch.Tensor, **kw):
+    gu, dn = layer.gate_up, layer.down
+    args = dict(
+        x=x, workspace=ws,
+        gu_packed=gu.packed, gu_absmax=gu.absmax, gu_nested_absmax=gu.nested_absmax,
+        gu_nested_offset=gu.nested_offset, gu_bias=gu.bias,
+        dn_packed=dn.packed, dn_absmax=dn.absmax, dn_nested_absmax=dn.nested_absmax,
+        dn_nested_offset=dn.nested_offset, dn_bias=dn.bias, nested_map=layer.nested_map,
+        router_weight=layer.router_weight, router_bias=layer.router_bias, router_logits=None,
+        topk_ids=None, topk_weights=None, top_k=4,
+    )
+    args.update(kw)
+    return args
+
+
+def test_workspace_bytes_covers_every_buffer() -> None:
+    for t in (1, 3, 16, 17, 64, 8192):
+        nb = M.moe_workspace_bytes(t, 2880, 2880, 32, 4)
+        # at least h [T*4, I] and out [T*4, H] in bf16 plus the routing and grouping lists
+        assert nb >= t * 4 * 2880 * 2 * 2 + t * 4 * 8 + (t * 4 + 32 * 127) * 4
+        assert nb % 256 == 0
+    assert M.moe_workspace_bytes(0, 2880, 2880, 32, 4) > 0
+    assert M.moe_workspace_bytes(8192, 2880, 2880, 32, 4) < 400e6
+
+
+def test_regimes_depend_only_on_sizes() -> None:
+    for tuning in ("sm80", "sm86", "sm90"):
+        assert M.moe_regime(1, 4, 32, tuning) == "decode"
+        assert M.moe_regime(16, 4, 32, tuning) == "decode"
+        assert M.moe_regime(17, 4, 32, tuning).startswith("prefill_m")
+    assert M.moe_regime(8192, 4, 32, "sm86") == "prefill_m64s2"
+    with pytest.raises(ValueError, match="tuning"):
+        M.moe_regime(1, 4, 32, "sm75")
+
+
+def test_dequantize_matches_bitsandbytes() -> None:
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    layer, _, _ = make_layer(nested=True)
+    gu = layer.gate_up
+    e = 3
+    n, k = gu.shape[1], gu.shape[2]
+    state2 = bnb_f.QuantState(
+        absmax=gu.nested_absmax[e].clone(), code=layer.nested_map.clone(), blocksize=256,
+        dtype=torch.float32,
+    )
+    qs = bnb_f.QuantState(
+        absmax=gu.absmax[e].clone(), shape=torch.Size([n, k]),
+        code=torch.tensor(M.NF4_CODE, dtype=torch.float32), blocksize=64, quant_type="nf4",
+        dtype=torch.bfloat16, offset=gu.nested_offset[e].clone(), state2=state2,
+    )
+    ref = bnb_f.dequantize_4bit(gu.packed[e].clone().view(-1, 1), qs)
+    assert torch.equal(gu.dequantize(e, torch.bfloat16), ref)
+
+
+def test_quantizer_is_close_to_the_weights() -> None:
+    layer, w_gu, _ = make_layer(nested=False)
+    err = (layer.gate_up.dequantize(1) - w_gu[1]).norm() / w_gu[1].norm()
+    assert err < 0.12  # NF4 with blocksize 64 on gaussian weights: ~9% rms error
+
+
+def test_reference_matches_transformers() -> None:
+    from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    layer, _, _ = make_layer(seed=1)
+    x = torch.randn(37, H).to(torch.bfloat16)
+    ref, ids, _ = M.reference_forward(x, layer)
+    cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                       num_experts_per_tok=4, swiglu_limit=7.0)
+    mlp = GptOssMLP(cfg).float()
+    with torch.no_grad():
+        assert layer.router_weight is not None and layer.router_bias is not None
+        mlp.router.weight.copy_(layer.router_weight.float())
+        mlp.router.bias.copy_(layer.router_bias)
+        for e in range(E):
+            mlp.experts.gate_up_proj[e].copy_(layer.gate_up.dequantize(e).T)
+            mlp.experts.down_proj[e].copy_(layer.down.dequantize(e).T)
+        mlp.experts.gate_up_proj_bias.copy_(layer.gate_up.bias)
+        mlp.experts.down_proj_bias.copy_(layer.down.bias)
+        y, scores = mlp(x.float()[None])
+    assert float((y[0] - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_reference_matches_synth_reference_moe() -> None:
+    ref_mod = pytest.importorskip("gptoss_3090.reference")
+    layer, _, _ = make_layer(seed=2)
+
+    class View:
+        def __init__(self, t: M.Nf4Experts) -> None:
+            self.t, self.shape, self.bias = t, t.shape, t.bias
+
+        def dequantize(self, e: int) -> torch.Tensor:
+            return self.t.dequantize(e)
+
+    x = torch.randn(9, H)
+    ours, _, _ = M.reference_forward(x, layer)
+    assert layer.router_weight is not None
+    theirs = ref_mod.reference_moe(
+        x, layer.router_weight, layer.router_bias, View(layer.gate_up), View(layer.down), 4
+    )
+    if isinstance(theirs, tuple):
+        theirs = theirs[0]
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+def test_fake_impl_on_meta_tensors() -> None:
+    layer, _, _ = make_layer(seed=3)
+    x = torch.empty(5, H, dtype=torch.bfloat16, device="meta")
+    ws = torch.empty(M.moe_workspace_bytes(5, H, I, E, 4), dtype=torch.uint8, device="meta")
+
+    def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.empty_like(t, device="meta")
+
+    args = {k: (meta(v) if isinstance(v, torch.Tensor) else v)
+            for k, v in op_args(layer, x, ws).items()}
+    y = torch.ops.gptoss_3090.moe_forward(**args)
+    assert y.shape == (5, H) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "match"),
+    [
+        (lambda a, L: {"x": a["x"].float()}, TypeError, "x: expected dtype"),
+        (lambda a, L: {"x": a["x"][None]}, ValueError, r"x: expected \[T, H\]"),
+        (lambda a, L: {"workspace": a["workspace"].int()}, TypeError, "workspace: expected dtype"),
+        (lambda a, L: {"workspace": a["workspace"][:100]}, ValueError, "workspace: expected"),
+        (lambda a, L: {"gu_packed": a["gu_packed"][:, :-2]}, ValueError, "gate_up.packed: exp"),
+        (lambda a, L: {"dn_absmax": a["dn_absmax"].half()}, TypeError, "down.absmax: expected"),
+        (lambda a, L: {"dn_bias": a["dn_bias"][:3]}, ValueError, "down.bias: expected shape"),
+        (lambda a, L: {"router_weight": None}, ValueError, "routing: pass"),
+        (lambda a, L: {"router_weight": a["router_weight"].float()}, TypeError, "router_weight"),
+        (lambda a, L: {"router_logits": torch.zeros(5, E + 1)}, ValueError, "router_logits"),
+        (lambda a, L: {"topk_ids": torch.zeros(5, 4, dtype=torch.int32)}, ValueError, "both"),
+        (
+            lambda a, L: {"topk_ids": torch.zeros(5, 4), "topk_weights": torch.zeros(5, 4)},
+            TypeError,
+            "topk_ids: expected dtype",
+        ),
+        (lambda a, L: {"top_k": 9}, ValueError, "top_k"),
+        (lambda a, L: {}, ValueError, "CUDA tensor"),
+    ],
+)
+def test_validation_errors(change, exc, match) -> None:
+    layer, _, _ = make_layer(seed=4)
+    x = torch.randn(5, H).to(torch.bfloat16)
+    ws = torch.empty(M.moe_workspace_bytes(5, H, I, E, 4), dtype=torch.uint8)
+    args = op_args(layer, x, ws)
+    args.update(change(args, layer))
+    with pytest.raises(exc, match=match):
+        M._check_args(
+            args["x"], args["workspace"],
+            tuple(args[f"gu_{n}"] for n in ("packed", "absmax", "nested_absmax", "nested_offset",
+                                             "bias")),
+            tuple(args[f"dn_{n}"] for n in ("packed", "absmax", "nested_absmax", "nested_offset",
+                                             "bias")),
+            args["nested_map"], args["router_weight"], args["router_bias"],
+            args["router_logits"], args["topk_ids"], args["topk_weights"], args["top_k"],
+        )
+
+
+def test_moe_rejects_cpu_tensors_before_any_launch() -> None:
+    layer, _, _ = make_layer(seed=5)
+    x = torch.randn(3, H).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        M.moe(x, layer)
+
+
+def test_native_validation_names_the_argument() -> None:
+    from gptoss_3090 import _native
+
+    base = {
+        "device": 0, "stream": 0, "dtype": "bfloat16", "tokens": 4, "hidden": 100,
+        "intermediate": 128, "experts": 8, "top_k": 4, "x": 256, "x_stride": 128, "y": 256,
+        "route_mode": 2, "router_weight": 0, "router_bias": 0, "router_logits": 0,
+        "logits_f32": False, "topk_ids": 256, "topk_weights": 256, "nested_map": 256,
+        "workspace": 256, "workspace_bytes": 1 << 30,
+    }
+    for pre in ("gu", "dn"):
+        base.update({f"{pre}_packed": 256, f"{pre}_absmax": 256, f"{pre}_nested_absmax": 256,
+                     f"{pre}_nested_offset": 256, f"{pre}_bias": 256, f"{pre}_nested": True,
+                     f"{pre}_nnb": 1})
+    with pytest.raises(ValueError, match="hidden size"):
+        _native.moe_forward(base)
+    missing = dict(base)
+    del missing["gu_bias"]
+    with pytest.raises(ValueError, match="missing argument 'gu_bias'"):
+        _native.moe_forward(missing)
+    with pytest.raises(ValueError, match="dtype"):
+        _native.moe_forward({**base, "hidden": 128, "dtype": "float32"})
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_from_fused_tiny_checkpoint_is_exact(tmp_path, nested: bool) -> None:
+    """The device container built from the checkpoint's fused view dequantizes bit-identically."""
+    synth = pytest.importorskip("gptoss_3090.synth")
+    from gptoss_3090 import open_checkpoint
+
+    path = synth.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", nested=nested,
+                                            progress=False)
+    ck = open_checkpoint(path)
+    gu, dn = ck.fused_experts(1, "gate_up"), ck.fused_experts(1, "down")
+    w = M.MoeLayerWeights.from_fused(gu, dn, device="cpu")
+    assert w.gate_up.nested == nested and w.down.nested == nested
+    for e in range(w.experts):
+        assert torch.equal(w.gate_up.dequantize(e, torch.bfloat16), gu.dequantize(e))
+        assert torch.equal(w.down.dequantize(e, torch.bfloat16), dn.dequantize(e))
+    assert torch.equal(w.gate_up.bias, gu.bias.float())
