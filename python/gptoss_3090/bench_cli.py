@@ -224,7 +224,8 @@ def _plot_moe(doc: dict[str, Any], png: Path) -> None:
         )
     for key, label in (("bf16_us", "bf16 PyTorch per-expert"), ("marlin_us", "vLLM Marlin MXFP4")):
         rs = sorted(
-            {r["tokens"]: r for r in rows if r.get(key)}.values(), key=lambda r: r["tokens"]
+            {r["tokens"]: r for r in rows if r.get(key) and r[key] == r[key]}.values(),
+            key=lambda r: r["tokens"],
         )
         if rs:
             ax.plot(
@@ -263,7 +264,7 @@ def _plot_nf4_linear(doc: dict[str, Any], png: Path) -> None:
             )
         first = sorted({r["M"]: r for r in rs}.values(), key=lambda r: r["M"])
         for key, label in (("cublas_us", "cuBLAS bf16"), ("bnb_us", "bitsandbytes NF4")):
-            t = [r for r in first if r.get(key)]
+            t = [r for r in first if r.get(key) and r[key] == r[key]]  # NaN: not measured
             if t:
                 ax.plot(
                     [r["M"] for r in t],
@@ -274,7 +275,7 @@ def _plot_nf4_linear(doc: dict[str, Any], png: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("rows/s")
+        ax.set_ylabel("tokens (rows of x) per second")
         ax.set_title(f"{n}x{k}")
         ax.legend(fontsize=7)
     fig.suptitle(f"NF4 linear, {doc.get('card')}")
