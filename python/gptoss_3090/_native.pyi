@@ -253,14 +253,21 @@ def cuda_nf4_linear(
     bias: int,
     segments: list[Nf4SegmentTuple],
     path: str = "auto",
+    ws: int = 0,
+    ws_floats: int = 0,
 ) -> str:
     """``y = x Wᵀ + b`` on the GPU, W made of 1 to 3 NF4 segments whose outputs are
     concatenated; ``path`` is ``"auto"``, ``"decode"``, ``"mma"``, ``"mma_l"``, ``"mma_m"``,
-    ``"mma_s"`` or ``"dequant_matmul"``. Returns the kernel entry used."""
+    ``"mma_s"`` or ``"dequant_matmul"``. ``ws`` / ``ws_floats``: the fp32 split-K workspace
+    (pointer and size in floats) that :func:`cuda_nf4_linear_plan` asks for (0 when it asks for
+    none). Returns the kernel entry used."""
 
-def cuda_nf4_linear_plan(ordinal: int, m: int, n: int, path: str = "auto") -> dict[str, Any]:
-    """The launch plan ``cuda_nf4_linear`` would use for (M, N) on GPU ``ordinal`` (no launch):
-    ``entry``, ``grid``, ``threads``, ``smem``, ``tuning``."""
+def cuda_nf4_linear_plan(
+    ordinal: int, m: int, n: int, k: int, path: str = "auto"
+) -> dict[str, Any]:
+    """The launch plan ``cuda_nf4_linear`` would use for (M, N, K) on GPU ``ordinal`` (no
+    launch): ``entry``, ``grid``, ``threads``, ``smem``, ``tuning``, ``splits`` (split-K
+    factor) and ``workspace_floats`` (the split-K workspace it needs)."""
 
 def cuda_nf4_quantize(
     ordinal: int,
@@ -363,7 +370,7 @@ def attention_set_overrides(
     launches (None = automatic). Benchmarking and tuning hook."""
 
 # ---------------------------------------------------------------------------------------------
-# fused MoE launchers (src/ops/moe.rs; present once the `moe` branch is merged)
+# fused MoE launchers (src/ops/moe.rs)
 # ---------------------------------------------------------------------------------------------
 
 def moe_forward(args: dict[str, Any]) -> str:
@@ -374,8 +381,9 @@ def moe_forward(args: dict[str, Any]) -> str:
     ``intermediate``, ``experts``, ``top_k``, ``x``, ``x_stride``, ``y``, ``route_mode``
     (0 router weights, 1 given logits, 2 given top-k ids/weights), ``router_weight``,
     ``router_bias``, ``router_logits``, ``logits_f32``, ``topk_ids``, ``topk_weights``,
-    ``gu_*`` / ``dn_*`` (packed, absmax, nested absmax/offset, bias, nested flag, blocks) for
-    the two expert tensors, ``nested_map``, ``workspace``, ``workspace_bytes`` and optional
+    ``{p}_packed``, ``{p}_absmax``, ``{p}_nested_absmax``, ``{p}_nested_offset``,
+    ``{p}_bias``, ``{p}_nested`` (bool) and ``{p}_nnb`` (nested blocks per expert) for
+    ``p`` = ``gu`` (gate_up) and ``dn`` (down), ``nested_map``, ``workspace``, ``workspace_bytes`` and optional
     ``tuning``. Pointers are ints. Returns the regime used: ``"decode"`` or
     ``"prefill_m{bm}s{stages}"``. Raises ValueError for bad arguments, CudaError for driver
     failures.
