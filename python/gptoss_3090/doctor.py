@@ -401,10 +401,21 @@ def format_text(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
+def _runtime_report() -> dict[str, Any]:
+    """``gptoss_3090.runtime.doctor()``: devices, cache, forced tuning, linear strategy."""
+    try:
+        from gptoss_3090 import runtime
+
+        return dict(runtime.doctor())
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def to_json(checks: list[Check]) -> str:
-    """``{"ok": bool, "checks": [{name, status, detail, data}, ...]}``."""
+    """``{"ok": bool, "checks": [{name, status, detail, data}, ...], "runtime": {...}}``."""
     ok = not any(c.status == FAIL for c in checks)
-    return json.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, indent=2, default=str)
+    doc = {"ok": ok, "checks": [asdict(c) for c in checks], "runtime": _runtime_report()}
+    return json.dumps(doc, indent=2, default=str)
 
 
 def main(checkpoint: str | None = None, as_json: bool = False, max_model_len: int = 131072) -> int:
