@@ -22,6 +22,7 @@ import json
 import statistics
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -177,28 +178,15 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
         layers = []
         for li in range(n_layers):
             g = torch.Generator(device=dev).manual_seed(3000 + li)
-            lay = torch.nn.Module()
+            lay = types.SimpleNamespace()
             # MXFP4: 2 values per byte, one e8m0 scale per 32 values (gpt_oss_mxfp4 layout).
-            lay.w13_weight = torch.nn.Parameter(
-                torch.randint(
-                    0, 256, (E, 2 * I, H // 2), dtype=torch.uint8, device=dev, generator=g
-                ),
-                requires_grad=False,
-            )
-            lay.w2_weight = torch.nn.Parameter(
-                torch.randint(0, 256, (E, H, I // 2), dtype=torch.uint8, device=dev, generator=g),
-                requires_grad=False,
-            )
-            lay.w13_weight_scale = torch.nn.Parameter(
-                torch.randint(118, 124, (E, 2 * I, H // 32), dtype=torch.uint8, device=dev,
-                              generator=g), requires_grad=False)
-            lay.w2_weight_scale = torch.nn.Parameter(
-                torch.randint(118, 124, (E, H, I // 32), dtype=torch.uint8, device=dev,
-                              generator=g), requires_grad=False)
-            lay.w13_bias = torch.nn.Parameter(torch.zeros(E, 2 * I, dtype=torch.bfloat16,
-                                                          device=dev), requires_grad=False)
-            lay.w2_bias = torch.nn.Parameter(torch.zeros(E, H, dtype=torch.bfloat16, device=dev),
-                                             requires_grad=False)
+            u8 = {"dtype": torch.uint8, "device": dev, "generator": g}
+            lay.w13_weight = torch.randint(0, 256, (E, 2 * I, H // 2), **u8)
+            lay.w2_weight = torch.randint(0, 256, (E, H, I // 2), **u8)
+            lay.w13_weight_scale = torch.randint(118, 124, (E, 2 * I, H // 32), **u8)
+            lay.w2_weight_scale = torch.randint(118, 124, (E, H, I // 32), **u8)
+            lay.w13_bias = torch.zeros(E, 2 * I, dtype=torch.bfloat16, device=dev)
+            lay.w2_bias = torch.zeros(E, H, dtype=torch.bfloat16, device=dev)
             lay.num_experts = E
             lay.params_dtype = torch.bfloat16
             (lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
@@ -215,7 +203,7 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
             routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
 
         def run() -> None:
-            for lay, lg, (tw, ti) in zip(layers, logits, routes, strict=True):
+            for lay, (tw, ti) in zip(layers, routes, strict=True):
                 fused_marlin_moe(
                     x, lay.w13_weight, lay.w2_weight, lay.w13_bias, lay.w2_bias,
                     lay.w13_weight_scale, lay.w2_weight_scale, tw, ti,

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from gptoss_3090.nf4 import NF4_CODE
+
 __all__ = [
     "NF4_CODE",
     "MoeLayerWeights",
@@ -40,25 +42,6 @@ __all__ = [
     "workspace_routing",
 ]
 
-#: bitsandbytes NF4 code table (index = 4-bit code).
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
 _BLOCK = 64
 _NESTED_BLOCK = 256
 _ACT_DTYPES = (torch.bfloat16, torch.float16)

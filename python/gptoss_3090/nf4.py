@@ -70,6 +70,11 @@ def _numpy(t: torch.Tensor | np.ndarray, dtype: np.dtype[Any] | type, name: str)
     return arr
 
 
+#: The NF4 code table (index = 4-bit code), bit-exact float32 values as bitsandbytes stores them.
+#: Read from the Rust core (``src/nf4``), the one place the table is written down.
+NF4_CODE: tuple[float, ...] = tuple(float(v) for v in _native.nf4_code_table())
+
+
 def code_table() -> torch.Tensor:
     """The 16-entry NF4 code table (``weight.quant_map``), float32."""
     return torch.from_numpy(_native.nf4_code_table())

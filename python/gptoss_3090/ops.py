@@ -36,6 +36,7 @@ import torch
 
 from gptoss_3090 import _native
 from gptoss_3090 import runtime as _rt
+from gptoss_3090.nf4 import NF4_CODE
 
 __all__ = [
     "NF4_CODE",
@@ -48,25 +49,6 @@ __all__ = [
     "nf4_quantize",
 ]
 
-NF4_CODE: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-"""The NF4 code table (bitsandbytes), index = 4-bit code."""
 
 BLOCK = 64
 NESTED_BLOCK = 256

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from gptoss_3090.nf4 import NF4_CODE
+
 try:  # the Rust extension's error type, so users see one exception class for bad checkpoints
     from gptoss_3090._native import CheckpointError
 except ImportError:  # pragma: no cover - only when the extension is not built
@@ -78,25 +80,6 @@ BLOCKSIZE = 64
 #: bitsandbytes double-quantization block size (absmax values per nested absmax).
 NESTED_BLOCKSIZE = 256
 
-#: The NF4 code table (index = 4-bit code), bit-exact float32 values as bitsandbytes stores them.
-NF4_CODE: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
 
 #: Key suffixes that bitsandbytes' ``QuantState.as_dict(packed=True)`` stores next to ``weight``.
 BNB_COMPONENTS: tuple[str, ...] = (
