@@ -7,6 +7,11 @@ Subcommands:
 * ``synth OUT --preset tiny|20b [--seed N] [--no-nested] [--attention nf4|bf16]
   [--dtype bf16|fp16] [--reference/--no-reference] [--force] [--quiet]``: write a synthetic
   checkpoint (see :mod:`gptoss_3090.synth`).
+* ``doctor [--checkpoint PATH] [--json]``: PASS/FAIL/SKIP checks (see :mod:`gptoss_3090.doctor`).
+* ``demo [--model PATH] [--prompt TEXT] [--max-tokens N] [--cache-dir DIR]``: tiny-checkpoint
+  generation (see :mod:`gptoss_3090.demo`).
+* ``bench [--out DIR] ...``: benchmarks that fit this machine, JSON + PNG plots (see
+  :mod:`gptoss_3090.bench_cli`).
 
 Adding a subcommand: write ``_add_<name>(subparsers)`` that creates its parser and sets
 ``func=<handler>`` (``handler(args) -> int``), and append it to :data:`SUBCOMMANDS`.
@@ -240,11 +245,80 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# doctor, demo, bench (handlers live in their own modules)
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_doctor(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check GPU, driver, NVRTC, torch/vLLM, plugin registration, kernels, memory",
+        description="One PASS/FAIL/SKIP line per check; exit status 0 when nothing failed.",
+    )
+    p.add_argument("--checkpoint", metavar="PATH", help="also plan GPU memory for this checkpoint")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=131072,
+        help="context length the memory plan must fit (default 131072)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from gptoss_3090 import doctor
+
+    return doctor.main(args.checkpoint, as_json=args.json, max_model_len=args.max_model_len)
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="build a tiny checkpoint and generate with it (vLLM on a GPU, CPU reference else)",
+        description="Builds (once) a tiny synthetic GPT-OSS checkpoint in the Unsloth NF4 layout "
+        "and generates a few tokens: through vLLM with the bnb_moe plugin on a GPU, with the "
+        "CPU reference forward otherwise.",
+    )
+    p.add_argument("--model", metavar="PATH", help="use this checkpoint instead of the tiny one")
+    p.add_argument("--prompt", default="The RTX 3090 has", help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where the tiny checkpoint lives (default ~/.cache/gptoss_3090/demo-tiny)",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM max_model_len (default: small)"
+    )
+    p.add_argument("--cpu", action="store_true", help="use the CPU reference even with a GPU")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gptoss_3090 import demo
+
+    return demo.main(args)
+
+
+def _add_bench(sub: Any) -> None:
+    from gptoss_3090 import bench_cli
+
+    bench_cli.add_parser(sub)
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
 #: Functions that add one subcommand each to the subparsers object.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_inspect, _add_synth]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_inspect,
+    _add_synth,
+    _add_doctor,
+    _add_demo,
+    _add_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
