@@ -175,18 +175,23 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
     except Exception as exc:  # noqa: BLE001 - any import problem means "not available"
         return f"vllm not available ({type(exc).__name__}: {exc})"
     try:
+        # Stock vLLM's Marlin MXFP4 backend pads GPT-OSS shapes (oracle/mxfp4.py,
+        # mxfp4_round_up_hidden_size_and_intermediate_size): hidden to a multiple of 256 and
+        # intermediate to a multiple of 128 on CUDA (2880 -> 3072 and 2944). Marlin rejects the
+        # unpadded shapes, so the baseline runs exactly what stock serving runs.
+        hp, ip = -(-H // 256) * 256, -(-I // 128) * 128
         layers = []
         for li in range(n_layers):
             g = torch.Generator(device=dev).manual_seed(3000 + li)
             lay = types.SimpleNamespace()
             # MXFP4: 2 values per byte, one e8m0 scale per 32 values (gpt_oss_mxfp4 layout).
             u8 = {"dtype": torch.uint8, "device": dev, "generator": g}
-            lay.w13_weight = torch.randint(0, 256, (E, 2 * I, H // 2), **u8)
-            lay.w2_weight = torch.randint(0, 256, (E, H, I // 2), **u8)
-            lay.w13_weight_scale = torch.randint(118, 124, (E, 2 * I, H // 32), **u8)
-            lay.w2_weight_scale = torch.randint(118, 124, (E, H, I // 32), **u8)
-            lay.w13_bias = torch.zeros(E, 2 * I, dtype=torch.bfloat16, device=dev)
-            lay.w2_bias = torch.zeros(E, H, dtype=torch.bfloat16, device=dev)
+            lay.w13_weight = torch.randint(0, 256, (E, 2 * ip, hp // 2), **u8)
+            lay.w2_weight = torch.randint(0, 256, (E, hp, ip // 2), **u8)
+            lay.w13_weight_scale = torch.randint(118, 124, (E, 2 * ip, hp // 32), **u8)
+            lay.w2_weight_scale = torch.randint(118, 124, (E, hp, ip // 32), **u8)
+            lay.w13_bias = torch.zeros(E, 2 * ip, dtype=torch.bfloat16, device=dev)
+            lay.w2_bias = torch.zeros(E, hp, dtype=torch.bfloat16, device=dev)
             lay.num_experts = E
             lay.params_dtype = torch.bfloat16
             (lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
@@ -195,7 +200,7 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
                 lay.w13_bias, lay.w2_bias)
             layers.append(lay)
         gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
-        x = torch.randn(tokens, H, device=dev, generator=gg).to(torch.bfloat16)
+        x = torch.randn(tokens, hp, device=dev, generator=gg).to(torch.bfloat16)
         logits = [torch.randn(tokens, E, device=dev, generator=gg) for _ in layers]
         routes = []
         for lg in logits:
