@@ -34,6 +34,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
+
+
+def _source_dir() -> str:
+    """ROOT/python when it holds a built ``_native`` (a dev build), else "" (use the installed
+    package: a source tree without the extension would shadow it)."""
+    src = ROOT / "python"
+    return str(src) if any((src / "gptoss_3090").glob("_native*.so")) else ""
+
+
 WORKLOADS = {
     "decode_b1": (1, 128, 256),
     "decode_b16": (16, 128, 256),
@@ -133,7 +142,7 @@ def run(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     spec_p.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (_source_dir(), os.environ.get("PYTHONPATH", "")) if p
     )
     if spec["side"] == "stock":
         env["VLLM_PLUGINS"] = ""  # stock vLLM: our plugin not even loaded

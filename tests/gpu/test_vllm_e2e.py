@@ -52,6 +52,13 @@ NEW_TOKENS = 32
 GIB = 1 << 30
 
 
+def _source_dir() -> str:
+    """ROOT/python when it holds a built ``_native`` (a dev build), else "" (use the installed
+    package: a source tree without the extension would shadow it)."""
+    src = ROOT / "python"
+    return str(src) if any((src / "gptoss_3090").glob("_native*.so")) else ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Engine worker (runs in a subprocess)
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def run_engine(name: str, spec: dict[str, Any], out: Path, timeout: int = 3600) 
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (_source_dir(), os.environ.get("PYTHONPATH", "")) if p
     )
     env.update(spec.get("env", {}))
     cmd = [sys.executable, __file__, "engine", str(spec_path), str(res_path)]

@@ -1,0 +1,133 @@
+#!/bin/bash
+# A GPU-host sitting for the end-to-end items (issue 6) and the kernel benchmarks, built for the
+# device tool's limits: 600 s per call, the machine stays warm only 30 s between calls, and the
+# vLLM bundle travels in three parts. Long jobs therefore run in a background queue (setsid) that
+# outlives each call; every call ends by packing the results so far into $OUT/e2e.tgz.
+#
+#   bash bench/gpu_e2e.sh stage 1            # carry .gpu-wheel, .gpu-bundle/part-1, COMMIT:
+#                                            #   install our wheel, start the 20b synth (CPU)
+#   bash bench/gpu_e2e.sh stage 2            # carry .gpu-bundle/part-2
+#   bash bench/gpu_e2e.sh start JOB... [-- WAIT_S]   # carry .gpu-bundle/part-3: install vLLM,
+#                                            #   queue the jobs, wait up to WAIT_S (default 540)
+#   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
+#
+# Jobs (run in the order given, one GPU job at a time): kernels, profile, correctness, server,
+# budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
+set -u
+W=/root/e2e
+CK=/root/ck
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/gp:/tmp/site PATH=/tmp/site/bin:/tmp/gp/bin:$PATH
+mkdir -p "$W/logs" "$W/res" "$CK" /root/stage
+commit=$(cat COMMIT 2>/dev/null || echo unknown)
+
+pack() {
+  df -h / | tail -1 > "$W/disk.txt"
+  nvidia-smi --query-gpu=name,memory.used --format=csv,noheader >> "$W/disk.txt" 2>&1
+  tar czf "$OUT/e2e.tgz" -C "$W" --exclude='*.safetensors' --exclude='*.ncu-rep' . 2>/dev/null
+  ls -la "$OUT"
+}
+
+status() { echo "$(date -u +%T) $*" | tee -a "$W/status"; }
+
+job_kernels() {
+  python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
+    --tunings auto,sm86 --no-bnb --out "$W/res/nf4_linear.json"
+  python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128,512,2048,8192 --tunings auto,sm86 \
+    --layers 24 --out "$W/res/moe.json" --commit "$commit"
+}
+
+job_profile() {
+  local ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+  local sec="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats --section LaunchStats --section Occupancy --section InstructionStats"
+  # shellcheck disable=SC2086
+  $ncu --graph-profiling node -k regex:'moe_dec|moe_route' -c 6 $sec \
+    python3 bench/bench_moe.py --tokens 1 --tunings auto --layers 2 --no-baselines --iters 2 \
+    > "$W/res/ncu_moe.txt" 2>&1
+  # shellcheck disable=SC2086
+  $ncu --graph-profiling node -k regex:'nf4_linear_decode' -c 2 $sec \
+    python3 bench/bench_nf4_linear.py --shapes 5760x2880 --ms 1 --tunings auto --no-bnb --quick \
+    > "$W/res/ncu_nf4.txt" 2>&1
+}
+
+job_correctness() {
+  python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness" --workdir "$CK/tiny"
+}
+
+job_server() {
+  python3 tests/gpu/test_vllm_e2e.py server --out "$W/res/server" --workdir "$CK/tiny_server"
+}
+
+wait_synth() {
+  while [ ! -e "$CK/synth20b.done" ]; do sleep 5; done
+}
+
+job_budget24() {
+  wait_synth
+  python3 tests/gpu/test_vllm_e2e.py budget24 --out "$W/res/budget24" --model "$CK/g20b"
+}
+
+job_qal() {
+  wait_synth
+  python3 tests/gpu/test_vllm_e2e.py quantize-at-load --out "$W/res/qal" --model "$CK/g20b/reference"
+}
+
+job_e2e() {
+  wait_synth
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e"
+}
+
+job_smoke() {
+  python3 -m gptoss_3090.cli demo
+  wait_synth
+  python3 -m gptoss_3090.cli doctor --checkpoint "$CK/g20b"
+}
+
+case ${1:?stage|start|wait} in
+stage)
+  n=${2:?part}
+  cp ".gpu-bundle/part-$n"/* /root/stage/ && ls /root/stage
+  if [ "$n" = 1 ]; then
+    echo "commit $commit $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)" \
+      | tee "$W/card.txt"
+    python3 -m pip install -q --upgrade --no-deps --target /tmp/gp .gpu-wheel/*.whl 2>&1 | tail -1
+    # The 20b checkpoint (+ its 42 GB bf16 reference) is CPU work: start it now, in the background.
+    setsid bash -c "python3 -m gptoss_3090.cli synth $CK/g20b --preset 20b ${SYNTH_FLAGS:---reference} \
+      --quiet > $W/logs/synth20b.log 2>&1; echo rc=\$? >> $W/logs/synth20b.log; touch $CK/synth20b.done" \
+      < /dev/null > /dev/null 2>&1 &
+    python3 -c "import gptoss_3090, torch; print(gptoss_3090.__version__, torch.__version__)"
+  fi
+  ;;
+start)
+  shift
+  jobs=()
+  waits=540
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "--" ]; then waits=${2:-540}; break; fi
+    jobs+=("$1"); shift
+  done
+  cp .gpu-bundle/part-3/* /root/stage/ 2>/dev/null
+  bash /root/stage/install-bundle.sh /root/stage /tmp/site 2>&1 | tail -2
+  python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+  # The queue runs detached; its jobs run one after another.
+  setsid bash -c "cd $(pwd); for j in ${jobs[*]}; do \
+      echo \"\$(date -u +%T) start \$j\" >> $W/status; \
+      bash bench/gpu_e2e.sh run \$j > $W/logs/\$j.log 2>&1; \
+      echo \"\$(date -u +%T) end \$j rc=\$?\" >> $W/status; done; touch $W/queue.done" \
+    < /dev/null > /dev/null 2>&1 &
+  exec bash "$0" wait "$waits"
+  ;;
+run)
+  "job_$2"
+  ;;
+wait)
+  limit=${2:-540}
+  t0=$(date +%s)
+  while [ ! -e "$W/queue.done" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
+  cat "$W/status" 2>/dev/null
+  tail -n 3 "$W/logs/synth20b.log" 2>/dev/null
+  for f in "$W"/logs/*.log; do echo "== $f"; tail -n 4 "$f"; done
+  pack
+  ;;
+esac
