@@ -158,7 +158,9 @@ def bf16_reference(ws: list[tuple[torch.Tensor, ...]], tokens: int) -> Callable[
     return run
 
 
-def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], None] | str:
+def marlin_mxfp4(
+    tokens: int, n_layers: int, dev: torch.device, graph_max_tokens: int = 128
+) -> Callable[[], None] | str:
     """vLLM 0.26 Marlin MXFP4 MoE on random MXFP4 weights, or the reason it cannot run."""
     try:
         # vLLM 0.26: experts/marlin_moe.py and the pure-function MXFP4 repack.
@@ -194,10 +196,22 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
             lay.w2_bias = torch.zeros(E, hp, dtype=torch.bfloat16, device=dev)
             lay.num_experts = E
             lay.params_dtype = torch.bfloat16
-            (lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
-             lay.w13_bias, lay.w2_bias) = prepare_moe_mxfp4_layer_for_marlin(
-                lay, lay.w13_weight, lay.w2_weight, lay.w13_weight_scale, lay.w2_weight_scale,
-                lay.w13_bias, lay.w2_bias)
+            (
+                lay.w13_weight,
+                lay.w2_weight,
+                lay.w13_weight_scale,
+                lay.w2_weight_scale,
+                lay.w13_bias,
+                lay.w2_bias,
+            ) = prepare_moe_mxfp4_layer_for_marlin(
+                lay,
+                lay.w13_weight,
+                lay.w2_weight,
+                lay.w13_weight_scale,
+                lay.w2_weight_scale,
+                lay.w13_bias,
+                lay.w2_bias,
+            )
             layers.append(lay)
         gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
         x = torch.randn(tokens, hp, device=dev, generator=gg).to(torch.bfloat16)
@@ -210,15 +224,35 @@ def marlin_mxfp4(tokens: int, n_layers: int, dev: torch.device) -> Callable[[], 
         def run() -> None:
             for lay, (tw, ti) in zip(layers, routes, strict=True):
                 fused_marlin_moe(
-                    x, lay.w13_weight, lay.w2_weight, lay.w13_bias, lay.w2_bias,
-                    lay.w13_weight_scale, lay.w2_weight_scale, tw, ti,
-                    global_num_experts=E, quant_type_id=scalar_types.float4_e2m1f.id,
+                    x,
+                    lay.w13_weight,
+                    lay.w2_weight,
+                    lay.w13_bias,
+                    lay.w2_bias,
+                    lay.w13_weight_scale,
+                    lay.w2_weight_scale,
+                    tw,
+                    ti,
+                    global_num_experts=E,
+                    quant_type_id=scalar_types.float4_e2m1f.id,
                     activation=MoEActivation.SWIGLUOAI,
                 )
 
         run()
         torch.cuda.synchronize()
-        return run
+        if tokens > graph_max_tokens:
+            return run
+        # Small token counts replay a CUDA graph, as ours does and as vLLM serves decode, so
+        # neither side pays Python launch overhead.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph.replay
     except Exception as exc:  # noqa: BLE001 - report why the baseline could not run
         return f"vllm Marlin MXFP4 failed ({type(exc).__name__}: {exc})"
 
@@ -247,13 +281,17 @@ def main() -> None:
     per_expert = expert_bytes(layers[0])
     copy_gbs = copy_bandwidth(dev)
     card = torch.cuda.get_device_name(dev)
-    print(f"{card}: copy bandwidth {copy_gbs:.0f} GB/s (read+write); {args.layers} layers of "
-          f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert")
+    print(
+        f"{card}: copy bandwidth {copy_gbs:.0f} GB/s (read+write); {args.layers} layers of "
+        f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert"
+    )
 
     bf16_ws = [] if args.no_baselines else bf16_weights(layers[: args.bf16_layers])
     rows: list[dict[str, Any]] = []
-    hdr = (f"{'T':>5} {'tuning':>6} {'regime':>15} {'us/layer':>9} {'GB/s':>7} {'%copy':>6} "
-           f"{'TFLOP/s':>8} {'bf16 us':>8} {'marlin us':>9} {'x bf16':>7} {'x marlin':>8}")
+    hdr = (
+        f"{'T':>5} {'tuning':>6} {'regime':>15} {'us/layer':>9} {'GB/s':>7} {'%copy':>6} "
+        f"{'TFLOP/s':>8} {'bf16 us':>8} {'marlin us':>9} {'x bf16':>7} {'x marlin':>8}"
+    )
     print(hdr)
     for t in tokens:
         flops = 2.0 * t * TOPK * (2 * I * H + H * I)
@@ -261,7 +299,7 @@ def main() -> None:
         if not args.no_baselines:
             ref = bf16_reference(bf16_ws, t)
             base["bf16_us"] = time_fn(ref, max(3, args.iters // 4)) / len(bf16_ws) * 1e3
-            mar = marlin_mxfp4(t, min(args.layers, 8), dev)
+            mar = marlin_mxfp4(t, min(args.layers, 8), dev, args.graph_max_tokens)
             if isinstance(mar, str):
                 base["marlin_us"] = None
                 base["marlin_note"] = mar
@@ -275,16 +313,23 @@ def main() -> None:
             gbs = touched / (ms * 1e-3) / 1e9
             regime = M.moe_regime(t, TOPK, E, tuning if tuning != "auto" else _auto_tuning(dev))
             row = {
-                "tokens": t, "tuning": tuning, "regime": regime, "us_per_layer": us,
-                "touched_GBps": gbs, "pct_copy": 100 * gbs / copy_gbs,
-                "tflops": flops / (us * 1e-6) / 1e12, **base,
+                "tokens": t,
+                "tuning": tuning,
+                "regime": regime,
+                "us_per_layer": us,
+                "touched_GBps": gbs,
+                "pct_copy": 100 * gbs / copy_gbs,
+                "tflops": flops / (us * 1e-6) / 1e12,
+                **base,
             }
             rows.append(row)
             bf = base.get("bf16_us")
             mr = base.get("marlin_us")
-            print(f"{t:>5} {tuning:>6} {regime:>15} {us:>9.1f} {gbs:>7.0f} {row['pct_copy']:>6.1f} "
-                  f"{row['tflops']:>8.1f} {_f(bf):>8} {_f(mr):>9} "
-                  f"{_x(bf, us):>7} {_x(mr, us):>8}")
+            print(
+                f"{t:>5} {tuning:>6} {regime:>15} {us:>9.1f} {gbs:>7.0f} {row['pct_copy']:>6.1f} "
+                f"{row['tflops']:>8.1f} {_f(bf):>8} {_f(mr):>9} "
+                f"{_x(bf, us):>7} {_x(mr, us):>8}"
+            )
             del ours
             torch.cuda.empty_cache()
         if base.get("marlin_note") and t == tokens[0]:

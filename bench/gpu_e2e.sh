@@ -11,8 +11,8 @@
 #                                            #   queue the jobs, wait up to WAIT_S (default 540)
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
-# Jobs (run in the order given, one GPU job at a time): kernels, profile, correctness, server,
-# budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
+# Jobs (run in the order given, one GPU job at a time): kernels, profile, correctness,
+# correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -53,6 +53,19 @@ job_profile() {
 
 job_correctness() {
   python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness" --workdir "$CK/tiny"
+}
+
+job_correctness32() {
+  # Item 1's nested checkpoint again with 4 sets of 8 prompts (the first set is the standard
+  # one): the regret measure over 256 tokens is noisy; this shows how much.
+  python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness32" --workdir "$CK/tiny" \
+    --variants nested --repeats 4 \
+    --engines ours ours_quantize_at_load glue_torch_reference negative_sinks_minus30
+}
+
+job_chat() {
+  wait_synth
+  python3 tests/gpu/test_vllm_e2e.py chat --out "$W/res/chat" --chat-model "$CK/g20b"
 }
 
 job_server() {
@@ -109,6 +122,11 @@ start)
   done
   cp .gpu-bundle/part-3/* /root/stage/ 2>/dev/null
   bash /root/stage/install-bundle.sh /root/stage /tmp/site 2>&1 | tail -2
+  # Extra wheels (carried in .whl, e.g. oss-harmony, which embeds harmony's vocabularies) go
+  # first on the path, ahead of the bundle.
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-compile --upgrade --target /tmp/gp .whl/*.whl 2>&1 | tail -1
+  fi
   python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
   # The queue runs detached; its jobs run one after another.
   setsid bash -c "cd $(pwd); for j in ${jobs[*]}; do \

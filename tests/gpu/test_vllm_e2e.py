@@ -295,8 +295,19 @@ def _attention_for_ours() -> str | None:
     return "CUSTOM" if major >= 9 else None
 
 
-def correctness(out: Path, workdir: Path, variants: list[str], eager: bool = False) -> dict:
-    """Item 1 (+ the tiny part of item 3): writes ``result.json`` and ``summary.md``."""
+def correctness(
+    out: Path,
+    workdir: Path,
+    variants: list[str],
+    eager: bool = False,
+    repeats: int = 1,
+    only: list[str] | None = None,
+) -> dict:
+    """Item 1 (+ the tiny part of item 3): writes ``result.json`` and ``summary.md``.
+
+    ``repeats`` > 1 adds further sets of 8 prompts (seeds 1, 2, ...; the first set is the
+    standard one) to shrink the sampling noise of the measures; ``only`` keeps just the named
+    engines (stock_triton always runs: it sets the tolerance)."""
     out.mkdir(parents=True, exist_ok=True)
     common = {"max_model_len": 512, "gpu_memory_utilization": 0.25, "seed": 0}
     if eager:
@@ -311,7 +322,7 @@ def correctness(out: Path, workdir: Path, variants: list[str], eager: bool = Fal
         ckpt = _synth(workdir / f"tiny_{variant}", **ckpts[variant])
         ref_dir = ckpt / "reference"
         vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-        prompts = make_prompts(vocab)
+        prompts = [p for seed in range(repeats) for p in make_prompts(vocab, seed)]
         ref = Reference(ref_dir)
         ref_gens = [ref.greedy(p) for p in prompts]
         ref_seqs = [p + g for p, g in zip(prompts, ref_gens, strict=True)]
@@ -354,6 +365,8 @@ def correctness(out: Path, workdir: Path, variants: list[str], eager: bool = Fal
                 "llm": {**common, "quantization": "bnb_moe"}
                 | ({"attention_backend": ours_attn} if ours_attn else {}),
             }
+        if only:
+            engines = {n: v for n, v in engines.items() if n in only or n == "stock_triton"}
         rows: dict[str, Any] = {}
         for name, spec in engines.items():
             try:
@@ -580,27 +593,49 @@ def server_checks(out: Path, workdir: Path, chat_model: str | None) -> dict[str,
     return results
 
 
+def _harmony_loads_offline() -> bool:
+    """True when the installed ``openai_harmony`` loads GPT-OSS's encoding with no file and no
+    network (the ``oss-harmony`` wheel embeds the vocabularies; ``openai-harmony`` 0.0.8 does
+    not)."""
+    code = (
+        "from openai_harmony import HarmonyEncodingName as N, load_harmony_encoding as L; "
+        "L(N.HARMONY_GPT_OSS)"
+    )
+    env = dict(
+        os.environ, TIKTOKEN_ENCODINGS_BASE="/nonexistent", TIKTOKEN_RS_CACHE_DIR="/nonexistent"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True)
+    except subprocess.TimeoutExpired:
+        return False
+    return r.returncode == 0
+
+
 def chat_check(out: Path, chat_model: str | None) -> dict[str, Any]:
     """Chat goes through harmony (o200k ids), so it needs a full-vocabulary model and the
     o200k encoding file offline (``TIKTOKEN_ENCODINGS_BASE`` pointing at a directory with
     ``o200k_base.tiktoken``, copied from a machine with network: tiktoken's cache file)."""
     enc = _o200k_dir()
-    if chat_model is None or enc is None:
+    embedded = _harmony_loads_offline()
+    if chat_model is None or (enc is None and not embedded):
         return {
             "ok": None,
             "skipped": "needs --chat-model (a full-vocabulary GPT-OSS checkpoint, e.g. synth 20b) "
             "and TIKTOKEN_ENCODINGS_BASE=<dir with o200k_base.tiktoken>; the tiny tokenizer's "
             "1,024 ids cannot hold harmony's o200k token ids",
             "have_model": chat_model is not None,
-            "have_encoding": enc is not None,
+            "have_encoding": enc is not None or embedded,
         }
     from openai import OpenAI
 
     extra = ["--quantization", "bnb_moe", "--max-model-len", "4096",
              "--gpu-memory-utilization", "0.5", "--served-model-name", "chat"]  # fmt: skip
-    os.environ["TIKTOKEN_ENCODINGS_BASE"] = enc
+    if enc is not None:
+        os.environ["TIKTOKEN_ENCODINGS_BASE"] = enc
     server = Server(chat_model, out / "server_chat.log", extra)
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {
+        "encoding_source": enc if enc is not None else "embedded in the installed openai_harmony"
+    }
     try:
         server.wait(timeout=1800)
         client = OpenAI(base_url=server.base + "/v1", api_key="none")
@@ -611,7 +646,17 @@ def chat_check(out: Path, chat_model: str | None) -> dict[str, Any]:
             )
             return {"finish_reason": r.choices[0].finish_reason, "usage": r.usage.model_dump()}
 
+        def chat_stream() -> dict:
+            chunks = client.chat.completions.create(
+                model="chat",
+                messages=[{"role": "user", "content": "Count to three."}],
+                max_tokens=16,
+                stream=True,
+            )
+            return {"chunks": sum(1 for _ in chunks)}
+
         _check(res, "chat_completion", chat)
+        _check(res, "chat_streaming", chat_stream)
     finally:
         server.stop()
     return res
@@ -701,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("engine", help="(internal) run one engine from a JSON spec")
     e.add_argument("spec")
     e.add_argument("result")
-    for name in ("correctness", "server", "quantize-at-load", "budget24"):
+    for name in ("correctness", "server", "chat", "quantize-at-load", "budget24"):
         s = sub.add_parser(name)
         s.add_argument("--out", type=Path, required=True)
         s.add_argument("--workdir", type=Path, default=None, help="where tiny checkpoints go")
@@ -710,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--variants", nargs="+", default=["nested", "no_nested", "bf16_attention"]
             )
             s.add_argument("--eager", action="store_true", help="enforce_eager (default: off)")
-        if name == "server":
+            s.add_argument("--repeats", type=int, default=1, help="sets of 8 prompts")
+            s.add_argument("--engines", nargs="+", default=None, help="run only these engines")
+        if name in ("server", "chat"):
             s.add_argument("--chat-model", default=None)
         if name in ("quantize-at-load", "budget24"):
             s.add_argument("--model", required=True)
@@ -721,9 +768,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir = a.workdir or (a.out / "checkpoints")
     if a.cmd == "correctness":
-        rep = correctness(a.out, workdir, a.variants, a.eager)
+        rep = correctness(a.out, workdir, a.variants, a.eager, a.repeats, a.engines)
         ok = all(v["ours_pass"] and v["negative_control_fails"] for v in rep["variants"].values())
         return 0 if ok else 1
+    if a.cmd == "chat":
+        a.out.mkdir(parents=True, exist_ok=True)
+        res = chat_check(a.out, a.chat_model)
+        (a.out / "result.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return (
+            0 if all(v.get("ok") is not False for v in res.values() if isinstance(v, dict)) else 1
+        )
     if a.cmd == "server":
         res = server_checks(a.out, workdir, a.chat_model)
         return 0 if all(v.get("ok") is not False for v in res.values()) else 1

@@ -255,6 +255,19 @@ def parse_quant_state(key: str, raw: torch.Tensor | bytes | str) -> QuantStateIn
     return QuantStateInfo(shape=tuple(shape), dtype=dtype, nested=nested, nested_offset=offset)
 
 
+_NF4_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    """The NF4 table on ``device``, made once: a host-to-device copy is not allowed while a CUDA
+    graph is being captured, and vLLM's warm-up run (before capture) fills this cache."""
+    table = _NF4_TABLES.get(device)
+    if table is None:
+        table = torch.tensor(NF4_CODE, dtype=torch.float32).to(device)
+        _NF4_TABLES[device] = table
+    return table
+
+
 def dequantize_nf4_cpu(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -280,14 +293,12 @@ def dequantize_nf4_cpu(
         if isinstance(nested_offset, torch.Tensor):
             absmax_f = scale + nested_offset.float()
         else:
-            absmax_f = scale + torch.tensor(
-                nested_offset, dtype=torch.float32, device=absmax.device
-            )
+            absmax_f = scale + float(nested_offset)
     else:
         absmax_f = absmax.float()
     flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:numel].long()
-    table = torch.tensor(NF4_CODE, dtype=torch.float32, device=flat.device)
+    table = _nf4_table(flat.device)
     blocks = torch.arange(numel, device=flat.device) // BLOCKSIZE
     return (table[codes] * absmax_f[blocks]).to(dtype).reshape(shape)
 
