@@ -11,8 +11,8 @@
 #                                            #   queue the jobs, wait up to WAIT_S (default 540)
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
-# Jobs (run in the order given, one GPU job at a time): kernels, profile, correctness,
-# correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
+# Jobs (run in the order given, one GPU job at a time): moetest, kernels, nf4bench, profile,
+# correctness, correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -30,9 +30,23 @@ pack() {
 
 status() { echo "$(date -u +%T) $*" | tee -a "$W/status"; }
 
-job_kernels() {
+job_moetest() {
+  # GPU tests of the MoE kernels with the default (lean) decode variant; if they fail, every
+  # later job of this sitting falls back to the first variant.
+  python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py \
+    || echo "export GPTOSS_3090_MOE_DECODE=1" >> "$W/env"
+}
+
+job_nf4bench() {
   python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
     --tunings auto,sm86 --no-bnb --out "$W/res/nf4_linear.json"
+}
+
+job_kernels() {
+  # The first decode variant for comparison (decode token counts only), then the full table
+  # with the Marlin MXFP4 and bf16 baselines.
+  GPTOSS_3090_MOE_DECODE=1 python3 bench/bench_moe.py --tokens 1,2,4,8,16 --tunings auto \
+    --layers 24 --no-baselines --out "$W/res/moe_decode_v1.json" --commit "$commit"
   python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128,512,2048,8192 --tunings auto,sm86 \
     --layers 24 --out "$W/res/moe.json" --commit "$commit"
 }
@@ -137,6 +151,8 @@ start)
   exec bash "$0" wait "$waits"
   ;;
 run)
+  # shellcheck disable=SC1091
+  [ -e "$W/env" ] && . "$W/env"
   "job_$2"
   ;;
 wait)

@@ -114,6 +114,20 @@ __device__ __forceinline__ u32x4 ld_global_nc_16(const void* ptr) {
     return v;
 }
 
+// 8-byte vector (one LDG.64 per thread).
+struct __align__(8) u32x2 {
+    u32 x, y;
+};
+
+// 8-byte streaming load of weights that are read once (L1::no_allocate keeps L1 for the
+// activations and statistics). Not volatile: the decode pipelines rely on the compiler
+// scheduling these loads freely around the tensor-core work.
+__device__ __forceinline__ u32x2 ld_stream_8(const void* ptr) {
+    u32x2 v;
+    asm("ld.global.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+    return v;
+}
+
 // Scalar read-only loads (statistics tables: small, hot, shared by many threads).
 __device__ __forceinline__ float ld_nc_f32(const float* ptr) {
     float v;
@@ -231,6 +245,41 @@ __device__ __forceinline__ void mma_m16n8k16_zc(float (&d)[4], const u32 (&a)[4]
     } else {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(z));
+    }
+}
+
+// mma_m16n8k16 without `volatile`: the product is a pure function of its operands, so the
+// compiler may interleave it with independent loads and lookups (the volatile forms above keep
+// program order among all volatile asm, which serialises a streaming loop).
+template <int DTYPE>
+__device__ __forceinline__ void mma_acc(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    if (DTYPE == DTYPE_BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
+// D = A * B (C = 0), not volatile (see mma_acc).
+template <int DTYPE>
+__device__ __forceinline__ void mma_zero(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    const float z = 0.0f;
+    if (DTYPE == DTYPE_BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%10,%10,%10};"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(z));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%10,%10,%10,%10};"
             : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(z));

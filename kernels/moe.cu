@@ -822,6 +822,384 @@ __device__ void moe_dec_down(const MoeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode regime, lean variant (moe_dec2_up / moe_dec2_down): the same grids, routing, fragment
+// roles and results as moe_dec_up / moe_dec_down, with an inner loop built for instruction
+// count. ncu on the H100 showed the first variant issue-bound (about 14 instructions per weight
+// pair, DRAM at 22%). Here:
+//  - lane c owns k [64h + 16c, 64h + 16c + 16) of block h of a 128-k chunk, so each mma k16
+//    step stays inside one 64-element absmax block and the absmax scales the fp32 result of
+//    that block (4 FFMA per block) instead of every weight pair;
+//  - lane c finishes the statistic of (row g + 8 (c >> 1), block c & 1) and two shuffles hand
+//    each lane the two it needs;
+//  - a pair lookup is one shift, one LOP3 (mask and lane offset together) and one LDS;
+//  - the ring of in-flight loads has compile-time slots, refilled right after use (no register
+//    copies), and one- and two-token-tile variants are separate instantiations.
+// The numerics equal the first variant's except that the absmax multiplies in fp32.
+// ---------------------------------------------------------------------------------------------
+#define DEC2_DEPTH 5
+
+// One chunk's raw loads for one lane.
+struct Dec2Slot {
+    u32 w0[4];    // row g: bytes [8c, 8c + 8) of block 0, then of block 1
+    u32 w1[4];    // row g + 8: the same bytes
+    u32 am_raw;   // the lane's statistic: u8 code (nested) or f32 bits
+    float am_scale;  // its nested absmax (nested only)
+    float am_off;    // its nested offset (nested only)
+};
+
+// Where one lane's 16-row group of one expert's weight lives.
+struct Dec2Rows {
+    const u8* w0;     // row g, byte 8c
+    const u8* w1;     // row g + 8, byte 8c
+    const u8* amb;    // statistics of the expert: u8 codes (nested) or f32 (plain)
+    const float* nested;  // nested absmax of the expert (nested only)
+    float offset;     // nested offset of the expert
+    long long ab;     // block index of this lane's statistic: row (g or g + 8) * nkb + (c & 1)
+    bool ok0, ok1, oka;  // row g, row g + 8, this lane's statistic row exist
+};
+
+__device__ __forceinline__ void dec2_load(const Dec2Rows& r, int chunk, int nkb, bool nested,
+                                          Dec2Slot& s) {
+    const int b0 = 2 * chunk;
+    const bool second = b0 + 1 < nkb;  // warp-uniform: the chunk's second block exists
+    const long long off = 64LL * chunk;
+    const u32x2 z = {0u, 0u};
+    const u32x2 a = r.ok0 ? ld_stream_8(r.w0 + off) : z;
+    const u32x2 b = (r.ok0 && second) ? ld_stream_8(r.w0 + off + 32) : z;
+    const u32x2 c = r.ok1 ? ld_stream_8(r.w1 + off) : z;
+    const u32x2 d = (r.ok1 && second) ? ld_stream_8(r.w1 + off + 32) : z;
+    s.w0[0] = a.x; s.w0[1] = a.y; s.w0[2] = b.x; s.w0[3] = b.y;
+    s.w1[0] = c.x; s.w1[1] = c.y; s.w1[2] = d.x; s.w1[3] = d.y;
+    const long long blk = r.ab + b0;
+    const bool oka = r.oka && (b0 + (int)(threadIdx.x & 1)) < nkb;
+    s.am_raw = 0u;
+    s.am_scale = 0.0f;
+    s.am_off = r.offset;
+    if (oka) {
+        if (nested) {
+            s.am_raw = ld_nc_u8(r.amb + blk);
+            s.am_scale = ld_nc_f32(r.nested + (blk >> 8));  // NF4_NESTED_BLOCK = 256
+        } else {
+            s.am_raw = __float_as_uint(ld_nc_f32((const float*)r.amb + blk));
+        }
+    }
+}
+
+// The code pair of byte (w >> sh) & 0xff from the lane's replica of the pair table; `lut_lane`
+// is the byte address of lut2[lane], entry e sits 128 * e bytes further.
+__device__ __forceinline__ u32 dec2_pair(u32 w, int sh, const char* lut_lane) {
+    return *(const u32*)(lut_lane + (((w >> sh) & 0xffu) << 7));
+}
+
+// acc[nt] += W(chunk) x B(chunk, tile nt), absmax applied per block in fp32.
+template <int DTYPE, bool TWO>
+__device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int nkb, bool nested,
+                                             const u16* src0, const u16* src1,
+                                             const float* nmap, const char* lut_lane,
+                                             float (&acc)[2][4]) {
+    const int lane = threadIdx.x & 31, c = lane & 3;
+    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
+    const float am = (nested ? __fadd_rn(__fmul_rn(nmap[s.am_raw], s.am_scale), s.am_off)
+                             : __uint_as_float(s.am_raw)) * inv_gamma;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (h == 1 && 2 * chunk + 1 >= nkb) break;  // warp-uniform: odd block count
+        // Statistics of (row g, block h) and (row g + 8, block h) live in lanes 4g + h, 4g + 2 + h.
+        const float sc0 = __shfl_sync(0xffffffffu, am, (lane & ~3) | h);
+        const float sc1 = __shfl_sync(0xffffffffu, am, (lane & ~3) | 2 | h);
+        const int k0 = 128 * chunk + 64 * h + 16 * c;
+        const u32x4 z = {0u, 0u, 0u, 0u};
+        const u32x4 xa0 = src0 ? ld_global_nc_16(src0 + k0) : z;
+        const u32x4 xa1 = src0 ? ld_global_nc_16(src0 + k0 + 8) : z;
+        u32x4 xb0 = z, xb1 = z;
+        if (TWO) {
+            xb0 = src1 ? ld_global_nc_16(src1 + k0) : z;
+            xb1 = src1 ? ld_global_nc_16(src1 + k0 + 8) : z;
+        }
+        const u32 xa[8] = {xa0.x, xa0.y, xa0.z, xa0.w, xa1.x, xa1.y, xa1.z, xa1.w};
+        const u32 xb[8] = {xb0.x, xb0.y, xb0.z, xb0.w, xb1.x, xb1.y, xb1.z, xb1.w};
+        float d0[4], d1[4];
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+            // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the block's 8 bytes.
+            const u32 r0 = s.w0[2 * h + (st >> 1)], r1 = s.w1[2 * h + (st >> 1)];
+            const int sh = (st & 1) * 16;
+            const u32 a[4] = {dec2_pair(r0, sh, lut_lane), dec2_pair(r1, sh, lut_lane),
+                              dec2_pair(r0, sh + 8, lut_lane), dec2_pair(r1, sh + 8, lut_lane)};
+            const u32 b0[2] = {xa[2 * st], xa[2 * st + 1]};
+            if (st == 0) mma_zero<DTYPE>(d0, a, b0); else mma_acc<DTYPE>(d0, a, b0);
+            if (TWO) {
+                const u32 b1[2] = {xb[2 * st], xb[2 * st + 1]};
+                if (st == 0) mma_zero<DTYPE>(d1, a, b1); else mma_acc<DTYPE>(d1, a, b1);
+            }
+        }
+        // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
+        acc[0][0] = fmaf(sc0, d0[0], acc[0][0]);
+        acc[0][1] = fmaf(sc0, d0[1], acc[0][1]);
+        acc[0][2] = fmaf(sc1, d0[2], acc[0][2]);
+        acc[0][3] = fmaf(sc1, d0[3], acc[0][3]);
+        if (TWO) {
+            acc[1][0] = fmaf(sc0, d1[0], acc[1][0]);
+            acc[1][1] = fmaf(sc0, d1[1], acc[1][1]);
+            acc[1][2] = fmaf(sc1, d1[2], acc[1][2]);
+            acc[1][3] = fmaf(sc1, d1[3], acc[1][3]);
+        }
+    }
+}
+
+// Fills the per-lane pair table: thread b computes entry b once and writes its 32 replicas with
+// 8 16-byte stores, rotated by b so that the 8 threads of a store phase hit 8 bank groups.
+template <int DTYPE>
+__device__ __forceinline__ void dec2_tables(DecShared& sh, u64 nested_map) {
+    const int b = threadIdx.x;  // DEC_WARPS * 32 == 256 entries
+    const float gamma = dec_gamma<DTYPE>();
+    const u32 pair = pack_half2<DTYPE>(gamma * kNf4Code[b >> 4], gamma * kNf4Code[b & 15]);
+    u32x4* row = (u32x4*)(sh.lut2 + b * 32);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) row[(j + b) & 7] = u32x4{pair, pair, pair, pair};
+    if (nested_map) sh.nmap[b] = ld_nc_f32((const float*)nested_map + b);
+}
+
+// Streams chunks 0 .. n-1 of one row group: DEC2_DEPTH - 1 chunks in flight while one computes.
+template <int DTYPE, bool TWO>
+__device__ __forceinline__ void dec2_stream_rows(const Dec2Rows& r, int n, int nkb, bool nested,
+                                                 const u16* src0, const u16* src1,
+                                                 const DecShared& sh, float (&acc)[2][4]) {
+    const char* lut_lane = (const char*)sh.lut2 + 4 * (threadIdx.x & 31);
+    Dec2Slot ring[DEC2_DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEC2_DEPTH; ++u)
+        if (u < n) dec2_load(r, u, nkb, nested, ring[u]);
+    for (int i0 = 0; i0 < n; i0 += DEC2_DEPTH) {
+#pragma unroll
+        for (int u = 0; u < DEC2_DEPTH; ++u) {
+            const int i = i0 + u;
+            if (i < n) {  // warp-uniform
+                dec2_compute<DTYPE, TWO>(ring[u], i, nkb, nested, src0, src1, sh.nmap, lut_lane,
+                                         acc);
+                if (i + DEC2_DEPTH < n) dec2_load(r, i + DEC2_DEPTH, nkb, nested, ring[u]);
+            }
+        }
+    }
+}
+
+// Statistics pointers of expert e of one projection (see nf4_stats).
+__device__ __forceinline__ void dec2_expert_stats(u64 absmax, u64 nested, u64 offset,
+                                                  int is_nested, int nnb, long long e,
+                                                  long long blocks_per_expert, Dec2Rows& r) {
+    if (is_nested) {
+        r.amb = (const u8*)absmax + e * blocks_per_expert;
+        r.nested = (const float*)nested + e * (long long)nnb;
+        r.offset = ld_nc_f32((const float*)offset + e);
+    } else {
+        r.amb = (const u8*)absmax + e * blocks_per_expert * 4;
+        r.nested = nullptr;
+        r.offset = 0.0f;
+    }
+}
+
+// moe_dec2_up: as moe_dec_up (grid (ceil(I / 64), expert slots); warp w streams the full K of
+// gate/up pairs 8 (8 bx + w) .. + 7 of the block's expert).
+template <int DTYPE>
+__device__ void moe_dec2_up(const MoeParams& p) {
+    __shared__ DecShared sh;
+    dec2_tables<DTYPE>(sh, p.nested_map);
+    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0, false);
+    const int slot = blockIdx.y;
+    if (slot >= sh.n_experts) return;  // block-uniform
+    const int e = sh.experts[slot];
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int n = 0;
+        for (int i0 = 0; i0 < p.T * p.topk; i0 += 32) {
+            const bool hit = i0 + lane < p.T * p.topk && sh.ids[i0 + lane] == e;
+            const u32 m = __ballot_sync(0xffffffffu, hit);
+            if (hit) sh.pairs[n + __popc(m & ((1u << lane) - 1u))] = i0 + lane;
+            n += __popc(m);
+        }
+        if (lane == 0) sh.n_pairs = n;
+    }
+    __syncthreads();
+    const int cnt = sh.n_pairs;
+
+    const int N = 2 * p.I, K = p.H;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int pair0 = 8 * (blockIdx.x * DEC_WARPS + warp);
+    if (pair0 >= p.I) return;
+    const int row0 = 2 * (pair0 + g), row1 = row0 + 1;  // gate row, its up row
+    const int nkb = K / 64, nchunks = (nkb + 1) / 2;
+    const long long ee = e;
+    const u8* packed = (const u8*)p.gu_packed + ee * ((long long)N * K / 2);
+    Dec2Rows r;
+    r.w0 = packed + (long long)row0 * (K / 2) + 8 * c;
+    r.w1 = packed + (long long)row1 * (K / 2) + 8 * c;
+    dec2_expert_stats(p.gu_absmax, p.gu_nested, p.gu_offset, p.gu_nested_flag, p.gu_nnb, ee,
+                      (long long)N * K / 64, r);
+    const int arow = (c >> 1) ? row1 : row0;
+    r.ab = (long long)arow * nkb + (c & 1);
+    r.ok0 = row0 < N;
+    r.ok1 = row1 < N;
+    r.oka = arow < N;
+    const bool nested = p.gu_nested_flag != 0;
+    const float* bias = (const float*)p.gu_bias + ee * N;
+
+    for (int p0 = 0; p0 < cnt; p0 += 16) {
+        const bool two = cnt - p0 > 8;
+        const u16* src[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int m = p0 + nt * 8 + g;
+            src[nt] = m < cnt ? (const u16*)p.x + (long long)(sh.pairs[m] / p.topk) * p.x_stride
+                              : nullptr;
+        }
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        if (two) {
+            dec2_stream_rows<DTYPE, true>(r, nchunks, nkb, nested, src[0], src[1], sh, acc);
+        } else {
+            dec2_stream_rows<DTYPE, false>(r, nchunks, nkb, nested, src[0], nullptr, sh, acc);
+        }
+        if (r.ok0) {
+            const float bg = bias[row0], bu = r.ok1 ? bias[row1] : 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = p0 + nt * 8 + 2 * c + q;
+                    if (m >= cnt) continue;
+                    const float hv = swiglu_oai(acc[nt][q] + bg, acc[nt][2 + q] + bu);
+                    ((u16*)p.ws_h)[(long long)sh.pairs[m] * p.I + (row0 >> 1)] =
+                        f32_to_half<DTYPE>(hv);
+                }
+        }
+    }
+}
+
+// moe_dec2_down: as moe_dec_down (grid ceil(H / 16); the warps split K; one pipeline over
+// (expert, repetition) x chunk; combine fused; warp sums reduced in warp order).
+template <int DTYPE, bool TWO>
+__device__ __forceinline__ void moe_dec2_down_body(const MoeParams& p, DecShared& sh) {
+    const int N = p.H, K = p.I;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int row0 = 16 * blockIdx.x + g, row1 = row0 + 8;
+    const int nkb = K / 64, nchunks = (nkb + 1) / 2;
+    const int cpw = (nchunks + DEC_WARPS - 1) / DEC_WARPS;  // chunk slots per warp and expert
+    const long long estride = (long long)N * K / 2, bstride = (long long)N * K / 64;
+    const bool nested = p.dn_nested_flag != 0;
+    const int arow = (c >> 1) ? row1 : row0;
+    const long long off0 = (long long)row0 * (K / 2) + 8 * c;
+    const long long off1 = (long long)row1 * (K / 2) + 8 * c;
+    const char* lut_lane = (const char*)sh.lut2 + 4 * lane;
+
+    // Item i = (pair list entry i / cpw, chunk warp + DEC_WARPS (i % cpw)).
+    auto rows_of = [&](int i, int& kc) {
+        const int item = sh.pairs[i / cpw];
+        const long long ee = sh.experts[item >> 4];
+        kc = warp + DEC_WARPS * (i % cpw);
+        Dec2Rows r;
+        const u8* packed = (const u8*)p.dn_packed + ee * estride;
+        r.w0 = packed + off0;
+        r.w1 = packed + off1;
+        dec2_expert_stats(p.dn_absmax, p.dn_nested, p.dn_offset, p.dn_nested_flag, p.dn_nnb, ee,
+                          bstride, r);
+        r.ab = (long long)arow * nkb + (c & 1);
+        r.ok0 = row0 < N && kc < nchunks;
+        r.ok1 = row1 < N && kc < nchunks;
+        r.oka = arow < N && kc < nchunks;
+        return r;
+    };
+    const int n = sh.n_pairs * cpw;
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const u16* src[2] = {nullptr, nullptr};
+    Dec2Slot ring[DEC2_DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEC2_DEPTH; ++u) {
+        if (u < n) {
+            int kc;
+            const Dec2Rows r = rows_of(u, kc);
+            dec2_load(r, kc < nchunks ? kc : 0, nkb, nested, ring[u]);
+        }
+    }
+    for (int i0 = 0; i0 < n; i0 += DEC2_DEPTH) {
+#pragma unroll
+        for (int u = 0; u < DEC2_DEPTH; ++u) {
+            const int i = i0 + u;
+            if (i >= n) break;  // warp-uniform
+            const int item = sh.pairs[i / cpw];
+            const int e = sh.experts[item >> 4], rep = item & 15;
+            const int j = i % cpw;
+            if (j == 0) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    float w;
+                    const int pr = dec_pair_of(p, sh, nt * 8 + g, e, rep, &w);
+                    src[nt] = pr >= 0 ? (const u16*)p.ws_h + (long long)pr * p.I : nullptr;
+                }
+            }
+            const int kc = warp + DEC_WARPS * j;
+            if (kc < nchunks)  // warp-uniform: this warp has a chunk in this slot
+                dec2_compute<DTYPE, TWO>(ring[u], kc, nkb, nested, src[0], src[1], sh.nmap,
+                                         lut_lane, part);
+            if (i + DEC2_DEPTH < n) {
+                int kn;
+                const Dec2Rows r = rows_of(i + DEC2_DEPTH, kn);
+                dec2_load(r, kn < nchunks ? kn : 0, nkb, nested, ring[u]);
+            }
+            if (j == cpw - 1) {
+                const float* bias = (const float*)p.dn_bias + (long long)e * N;
+                const float b0 = (warp == 0 && row0 < N) ? bias[row0] : 0.0f;
+                const float b1 = (warp == 0 && row1 < N) ? bias[row1] : 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        float w;
+                        dec_pair_of(p, sh, nt * 8 + 2 * c + q, e, rep, &w);
+                        acc[nt][q] += w * (part[nt][q] + b0);
+                        acc[nt][2 + q] += w * (part[nt][2 + q] + b1);
+                        part[nt][q] = 0.0f;
+                        part[nt][2 + q] = 0.0f;
+                    }
+            }
+        }
+    }
+    dec_reduce(sh, acc);
+    if (warp == 0) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int t = nt * 8 + 2 * c + q;
+                if (t >= p.T) continue;
+                u16* y = (u16*)p.y + (long long)t * p.H;
+                if (row0 < N) y[row0] = f32_to_half<DTYPE>(acc[nt][q]);
+                if (row1 < N) y[row1] = f32_to_half<DTYPE>(acc[nt][2 + q]);
+            }
+    }
+}
+
+template <int DTYPE>
+__device__ void moe_dec2_down(const MoeParams& p) {
+    __shared__ DecShared sh;
+    dec2_tables<DTYPE>(sh, p.nested_map);
+    dec_route<DTYPE>(p, sh, false, true);
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int xi = 0; xi < sh.n_experts; ++xi)
+            for (int r = 0; r < sh.mult[xi] && n < DEC_MAX_PAIRS; ++r) sh.pairs[n++] = xi * 16 + r;
+        sh.n_pairs = n;
+    }
+    __syncthreads();
+    if (p.T > 8) {
+        moe_dec2_down_body<DTYPE, true>(p, sh);
+    } else {
+        moe_dec2_down_body<DTYPE, false>(p, sh);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Prefill regime: tiled tensor-core GEMM per (expert, BM routed rows) x (BN weight rows).
 //
 // Per 64-wide k tile: cp.async brings the gathered activation rows (A, BM x 64) and the packed
@@ -1108,6 +1486,18 @@ extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_bf1
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_f16(const MoeParams p) {
     moe_dec_down<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_up_bf16(const MoeParams p) {
+    moe_dec2_up<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_up_f16(const MoeParams p) {
+    moe_dec2_up<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_down_bf16(const MoeParams p) {
+    moe_dec2_down<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_down_f16(const MoeParams p) {
+    moe_dec2_down<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 64, 2, false>(p);

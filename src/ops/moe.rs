@@ -3,8 +3,9 @@
 //! [`moe_forward`] validates a [`MoeArgs`] (raw device pointers and sizes handed over from the
 //! Python custom op), picks the [`Regime`] for the token count and launches, on the caller's
 //! stream:
-//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec_up` (per-block routing
-//!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec_down` (down + bias + combine);
+//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec2_up` (per-block routing
+//!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec2_down` (down + bias + combine); the
+//!   first variant `moe_dec_up`/`moe_dec_down` stays selectable ([`DECODE_VARIANT_ENV`]);
 //! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
 //!
 //! Every grid depends only on the token count, every buffer lives in the caller's workspace
@@ -527,6 +528,22 @@ fn u32_of(name: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::arg(format!("{name}: grid size {v} too large")))
 }
 
+/// Environment variable that picks the decode kernels: `2` (default) the lean variant
+/// (`moe_dec2_*`), `1` the first one (`moe_dec_*`). Both compute the same block; the switch is
+/// for A/B measurements and as a fallback.
+pub const DECODE_VARIANT_ENV: &str = "GPTOSS_3090_MOE_DECODE";
+
+/// The (gate_up, down) decode entries selected by [`DECODE_VARIANT_ENV`].
+fn decode_kernels() -> Result<(&'static str, &'static str)> {
+    match std::env::var(DECODE_VARIANT_ENV).as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("2") => Ok(("moe_dec2_up", "moe_dec2_down")),
+        Ok("1") => Ok(("moe_dec_up", "moe_dec_down")),
+        Ok(other) => Err(Error::arg(format!(
+            "{DECODE_VARIANT_ENV}={other:?}: expected 1 (first decode kernels) or 2 (lean, default)"
+        ))),
+    }
+}
+
 /// Runs the whole MoE block; returns the regime it used. `tuning` overrides the device's.
 pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     let layout = args.validate()?;
@@ -560,10 +577,11 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             // moe_dec_up routes (logits) or reads the routing itself and groups per block;
             // moe_dec_down fuses the combine: two launches in all.
             let slots = u32_of("expert slots", e.min(t * k))?;
-            let up = func("moe_dec_up")?;
+            let (up_name, down_name) = decode_kernels()?;
+            let up = func(up_name)?;
             let gx = u32_of("dec_up", args.intermediate.div_ceil(8 * DEC_WARPS))?;
             unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
-            let down = func("moe_dec_down")?;
+            let down = func(down_name)?;
             let gx = u32_of("dec_down", args.hidden.div_ceil(16))?;
             unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
             return Ok(regime);
