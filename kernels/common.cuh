@@ -119,12 +119,42 @@ struct __align__(8) u32x2 {
     u32 x, y;
 };
 
-// 8-byte streaming load of weights that are read once (L1::no_allocate keeps L1 for the
-// activations and statistics). Not volatile: the decode pipelines rely on the compiler
-// scheduling these loads freely around the tensor-core work.
-__device__ __forceinline__ u32x2 ld_stream_8(const void* ptr) {
-    u32x2 v;
-    asm("ld.global.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+// Predicated loads: zero when `pred` is false. The predicate sits inside the asm, so the
+// compiler may schedule (even hoist) these non-volatile loads freely without ever touching an
+// address the predicate rules out (a plain `pred ? load(p) : 0` around non-volatile asm may be
+// turned into an unconditional load).
+//
+// 8 bytes of weights that are read once (L1::no_allocate keeps L1 for activations/statistics).
+__device__ __forceinline__ u32x2 ld_stream_8_if(const void* ptr, bool pred) {
+    u32x2 v = {0u, 0u};
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n"
+        " @p ld.global.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n}"
+        : "+r"(v.x), "+r"(v.y)
+        : "l"(ptr), "r"((int)pred));
+    return v;
+}
+// 16 bytes through the read-only path (activations re-read by many warps).
+__device__ __forceinline__ u32x4 ld_nc_16_if(const void* ptr, bool pred) {
+    u32x4 v = {0u, 0u, 0u, 0u};
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+        " @p ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n}"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(ptr), "r"((int)pred));
+    return v;
+}
+// One statistic byte / word (read-only path).
+__device__ __forceinline__ u32 ld_nc_u8_if(const u8* ptr, bool pred) {
+    u32 v = 0u;
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.global.nc.u8 %0, [%1];\n}"
+        : "+r"(v)
+        : "l"(ptr), "r"((int)pred));
+    return v;
+}
+__device__ __forceinline__ u32 ld_nc_b32_if(const void* ptr, bool pred) {
+    u32 v = 0u;
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.global.nc.b32 %0, [%1];\n}"
+        : "+r"(v)
+        : "l"(ptr), "r"((int)pred));
     return v;
 }
 

@@ -836,7 +836,7 @@ __device__ void moe_dec_down(const MoeParams& p) {
 //    copies), and one- and two-token-tile variants are separate instantiations.
 // The numerics equal the first variant's except that the absmax multiplies in fp32.
 // ---------------------------------------------------------------------------------------------
-#define DEC2_DEPTH 5
+#define DEC2_DEPTH 4
 
 // One chunk's raw loads for one lane.
 struct Dec2Slot {
@@ -858,30 +858,29 @@ struct Dec2Rows {
     bool ok0, ok1, oka;  // row g, row g + 8, this lane's statistic row exist
 };
 
+template <bool ROWS8 = false>
 __device__ __forceinline__ void dec2_load(const Dec2Rows& r, int chunk, int nkb, bool nested,
                                           Dec2Slot& s) {
     const int b0 = 2 * chunk;
     const bool second = b0 + 1 < nkb;  // warp-uniform: the chunk's second block exists
     const long long off = 64LL * chunk;
+    const u32x2 a = ld_stream_8_if(r.w0 + off, r.ok0);
+    const u32x2 b = ld_stream_8_if(r.w0 + off + 32, r.ok0 && second);
+    // ROWS8: no row g + 8 (known at compile time, so its registers are not even allocated).
     const u32x2 z = {0u, 0u};
-    const u32x2 a = r.ok0 ? ld_stream_8(r.w0 + off) : z;
-    const u32x2 b = (r.ok0 && second) ? ld_stream_8(r.w0 + off + 32) : z;
-    const u32x2 c = r.ok1 ? ld_stream_8(r.w1 + off) : z;
-    const u32x2 d = (r.ok1 && second) ? ld_stream_8(r.w1 + off + 32) : z;
+    const u32x2 c = ROWS8 ? z : ld_stream_8_if(r.w1 + off, r.ok1);
+    const u32x2 d = ROWS8 ? z : ld_stream_8_if(r.w1 + off + 32, r.ok1 && second);
     s.w0[0] = a.x; s.w0[1] = a.y; s.w0[2] = b.x; s.w0[3] = b.y;
     s.w1[0] = c.x; s.w1[1] = c.y; s.w1[2] = d.x; s.w1[3] = d.y;
     const long long blk = r.ab + b0;
     const bool oka = r.oka && (b0 + (int)(threadIdx.x & 1)) < nkb;
-    s.am_raw = 0u;
-    s.am_scale = 0.0f;
     s.am_off = r.offset;
-    if (oka) {
-        if (nested) {
-            s.am_raw = ld_nc_u8(r.amb + blk);
-            s.am_scale = ld_nc_f32(r.nested + (blk >> 8));  // NF4_NESTED_BLOCK = 256
-        } else {
-            s.am_raw = __float_as_uint(ld_nc_f32((const float*)r.amb + blk));
-        }
+    if (nested) {
+        s.am_raw = ld_nc_u8_if(r.amb + blk, oka);
+        s.am_scale = __uint_as_float(ld_nc_b32_if(r.nested + (blk >> 8), oka));  // 256 per nested block
+    } else {
+        s.am_raw = ld_nc_b32_if((const float*)r.amb + blk, oka);
+        s.am_scale = 0.0f;
     }
 }
 
@@ -892,7 +891,7 @@ __device__ __forceinline__ u32 dec2_pair(u32 w, int sh, const char* lut_lane) {
 }
 
 // acc[nt] += W(chunk) x B(chunk, tile nt), absmax applied per block in fp32.
-template <int DTYPE, bool TWO>
+template <int DTYPE, bool TWO, bool ROWS8 = false>
 __device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int nkb, bool nested,
                                              const u16* src0, const u16* src1,
                                              const float* nmap, const char* lut_lane,
@@ -908,13 +907,12 @@ __device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int n
         const float sc0 = __shfl_sync(0xffffffffu, am, (lane & ~3) | h);
         const float sc1 = __shfl_sync(0xffffffffu, am, (lane & ~3) | 2 | h);
         const int k0 = 128 * chunk + 64 * h + 16 * c;
-        const u32x4 z = {0u, 0u, 0u, 0u};
-        const u32x4 xa0 = src0 ? ld_global_nc_16(src0 + k0) : z;
-        const u32x4 xa1 = src0 ? ld_global_nc_16(src0 + k0 + 8) : z;
-        u32x4 xb0 = z, xb1 = z;
+        const u32x4 xa0 = ld_nc_16_if(src0 + k0, src0 != nullptr);
+        const u32x4 xa1 = ld_nc_16_if(src0 + k0 + 8, src0 != nullptr);
+        u32x4 xb0 = {0u, 0u, 0u, 0u}, xb1 = {0u, 0u, 0u, 0u};
         if (TWO) {
-            xb0 = src1 ? ld_global_nc_16(src1 + k0) : z;
-            xb1 = src1 ? ld_global_nc_16(src1 + k0 + 8) : z;
+            xb0 = ld_nc_16_if(src1 + k0, src1 != nullptr);
+            xb1 = ld_nc_16_if(src1 + k0 + 8, src1 != nullptr);
         }
         const u32 xa[8] = {xa0.x, xa0.y, xa0.z, xa0.w, xa1.x, xa1.y, xa1.z, xa1.w};
         const u32 xb[8] = {xb0.x, xb0.y, xb0.z, xb0.w, xb1.x, xb1.y, xb1.z, xb1.w};
@@ -924,8 +922,10 @@ __device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int n
             // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the block's 8 bytes.
             const u32 r0 = s.w0[2 * h + (st >> 1)], r1 = s.w1[2 * h + (st >> 1)];
             const int sh = (st & 1) * 16;
-            const u32 a[4] = {dec2_pair(r0, sh, lut_lane), dec2_pair(r1, sh, lut_lane),
-                              dec2_pair(r0, sh + 8, lut_lane), dec2_pair(r1, sh + 8, lut_lane)};
+            // ROWS8: fragment rows g + 8 are zero (an 8-row group), no lookups spent on them.
+            const u32 a[4] = {dec2_pair(r0, sh, lut_lane), ROWS8 ? 0u : dec2_pair(r1, sh, lut_lane),
+                              dec2_pair(r0, sh + 8, lut_lane),
+                              ROWS8 ? 0u : dec2_pair(r1, sh + 8, lut_lane)};
             const u32 b0[2] = {xa[2 * st], xa[2 * st + 1]};
             if (st == 0) mma_zero<DTYPE>(d0, a, b0); else mma_acc<DTYPE>(d0, a, b0);
             if (TWO) {
@@ -961,23 +961,23 @@ __device__ __forceinline__ void dec2_tables(DecShared& sh, u64 nested_map) {
 }
 
 // Streams chunks 0 .. n-1 of one row group: DEC2_DEPTH - 1 chunks in flight while one computes.
-template <int DTYPE, bool TWO>
-__device__ __forceinline__ void dec2_stream_rows(const Dec2Rows& r, int n, int nkb, bool nested,
-                                                 const u16* src0, const u16* src1,
+template <int DTYPE, bool TWO, int DEPTH>
+__device__ __forceinline__ void dec2_stream_rows(const Dec2Rows& r, int first, int n, int nkb,
+                                                 bool nested, const u16* src0, const u16* src1,
                                                  const DecShared& sh, float (&acc)[2][4]) {
     const char* lut_lane = (const char*)sh.lut2 + 4 * (threadIdx.x & 31);
-    Dec2Slot ring[DEC2_DEPTH];
+    Dec2Slot ring[DEPTH];
 #pragma unroll
-    for (int u = 0; u < DEC2_DEPTH; ++u)
-        if (u < n) dec2_load(r, u, nkb, nested, ring[u]);
-    for (int i0 = 0; i0 < n; i0 += DEC2_DEPTH) {
+    for (int u = 0; u < DEPTH; ++u)
+        if (u < n) dec2_load(r, first + u, nkb, nested, ring[u]);
+    for (int i0 = 0; i0 < n; i0 += DEPTH) {
 #pragma unroll
-        for (int u = 0; u < DEC2_DEPTH; ++u) {
+        for (int u = 0; u < DEPTH; ++u) {
             const int i = i0 + u;
             if (i < n) {  // warp-uniform
-                dec2_compute<DTYPE, TWO>(ring[u], i, nkb, nested, src0, src1, sh.nmap, lut_lane,
-                                         acc);
-                if (i + DEC2_DEPTH < n) dec2_load(r, i + DEC2_DEPTH, nkb, nested, ring[u]);
+                dec2_compute<DTYPE, TWO>(ring[u], first + i, nkb, nested, src0, src1, sh.nmap,
+                                         lut_lane, acc);
+                if (i + DEPTH < n) dec2_load(r, first + i + DEPTH, nkb, nested, ring[u]);
             }
         }
     }
@@ -990,7 +990,7 @@ __device__ __forceinline__ void dec2_expert_stats(u64 absmax, u64 nested, u64 of
     if (is_nested) {
         r.amb = (const u8*)absmax + e * blocks_per_expert;
         r.nested = (const float*)nested + e * (long long)nnb;
-        r.offset = ld_nc_f32((const float*)offset + e);
+        r.offset = __uint_as_float(ld_nc_b32_if((const float*)offset + e, is_nested != 0));
     } else {
         r.amb = (const u8*)absmax + e * blocks_per_expert * 4;
         r.nested = nullptr;
@@ -998,8 +998,24 @@ __device__ __forceinline__ void dec2_expert_stats(u64 absmax, u64 nested, u64 of
     }
 }
 
-// moe_dec2_up: as moe_dec_up (grid (ceil(I / 64), expert slots); warp w streams the full K of
-// gate/up pairs 8 (8 bx + w) .. + 7 of the block's expert).
+// moe_dec2_up: grid (ceil(I / 32), expert slots). The 8 warps are 4 row groups x 2 halves of
+// K (twice the blocks of moe_dec_up, so a single decode token fills the GPU): warp 2 q + s
+// streams half s of gate/up pairs 8 (4 bx + q) .. + 7 of the block's expert; the two halves
+// meet in shared memory (fixed order) before bias and SwiGLU.
+#define DEC2_UP_GROUPS 4
+// Blocks per SM the lean decode kernels are compiled for (3: at most 80 registers, so a
+// single-token decode's 360 blocks fit one wave on an H100; 2: 128 registers, no spills).
+#ifndef DEC2_UP_MIN_BLOCKS
+#define DEC2_UP_MIN_BLOCKS 3
+#endif
+#ifndef DEC2_DOWN_MIN_BLOCKS
+#define DEC2_DOWN_MIN_BLOCKS 2
+#endif
+// Ring depth of the gate_up stream (DEPTH - 1 chunks in flight per warp).
+#ifndef DEC2_UP_DEPTH
+#define DEC2_UP_DEPTH 3
+#endif
+
 template <int DTYPE>
 __device__ void moe_dec2_up(const MoeParams& p) {
     __shared__ DecShared sh;
@@ -1024,11 +1040,14 @@ __device__ void moe_dec2_up(const MoeParams& p) {
 
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = warp >> 1, half = warp & 1;
     const int g = lane >> 2, c = lane & 3;
-    const int pair0 = 8 * (blockIdx.x * DEC_WARPS + warp);
-    if (pair0 >= p.I) return;
+    const int pair0 = 8 * (blockIdx.x * DEC2_UP_GROUPS + group);
+    const bool active = pair0 < p.I;  // warp-uniform; inactive warps still meet the barriers
     const int row0 = 2 * (pair0 + g), row1 = row0 + 1;  // gate row, its up row
     const int nkb = K / 64, nchunks = (nkb + 1) / 2;
+    const int split = (nchunks + 1) / 2;
+    const int first = half ? split : 0, n = half ? nchunks - split : split;
     const long long ee = e;
     const u8* packed = (const u8*)p.gu_packed + ee * ((long long)N * K / 2);
     Dec2Rows r;
@@ -1038,51 +1057,53 @@ __device__ void moe_dec2_up(const MoeParams& p) {
                       (long long)N * K / 64, r);
     const int arow = (c >> 1) ? row1 : row0;
     r.ab = (long long)arow * nkb + (c & 1);
-    r.ok0 = row0 < N;
-    r.ok1 = row1 < N;
-    r.oka = arow < N;
+    r.ok0 = active && row0 < N;
+    r.ok1 = active && row1 < N;
+    r.oka = active && arow < N;
     const bool nested = p.gu_nested_flag != 0;
     const float* bias = (const float*)p.gu_bias + ee * N;
+    float* red = sh.red + group * (4 * 32);  // the second half's sums of this row group
 
-    for (int p0 = 0; p0 < cnt; p0 += 16) {
-        const bool two = cnt - p0 > 8;
-        const u16* src[2];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const int m = p0 + nt * 8 + g;
-            src[nt] = m < cnt ? (const u16*)p.x + (long long)(sh.pairs[m] / p.topk) * p.x_stride
-                              : nullptr;
-        }
+    // One token tile (8 routed pairs) per pass: an expert with more than 8 of the decode tokens
+    // (rare) streams its rows once per 8, which keeps the kernel at 80 registers.
+    for (int p0 = 0; p0 < cnt; p0 += 8) {
+        const int m = p0 + g;
+        const u16* src =
+            m < cnt ? (const u16*)p.x + (long long)(sh.pairs[m] / p.topk) * p.x_stride : nullptr;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        if (two) {
-            dec2_stream_rows<DTYPE, true>(r, nchunks, nkb, nested, src[0], src[1], sh, acc);
-        } else {
-            dec2_stream_rows<DTYPE, false>(r, nchunks, nkb, nested, src[0], nullptr, sh, acc);
+        if (active) dec2_stream_rows<DTYPE, false, DEC2_UP_DEPTH>(r, first, n, nkb, nested, src, nullptr, sh, acc);
+        if (half) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) red[q * 32 + lane] = acc[0][q];
         }
-        if (r.ok0) {
+        __syncthreads();
+        if (!half && active && r.ok0) {
             const float bg = bias[row0], bu = r.ok1 ? bias[row1] : 0.0f;
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const int m = p0 + nt * 8 + 2 * c + q;
-                    if (m >= cnt) continue;
-                    const float hv = swiglu_oai(acc[nt][q] + bg, acc[nt][2 + q] + bu);
-                    ((u16*)p.ws_h)[(long long)sh.pairs[m] * p.I + (row0 >> 1)] =
-                        f32_to_half<DTYPE>(hv);
-                }
+            for (int q = 0; q < 2; ++q) {
+                const int mm = p0 + 2 * c + q;
+                if (mm >= cnt) continue;
+                const float gate = acc[0][q] + red[q * 32 + lane];
+                const float up = acc[0][2 + q] + red[(2 + q) * 32 + lane];
+                const float hv = swiglu_oai(gate + bg, up + bu);
+                ((u16*)p.ws_h)[(long long)sh.pairs[mm] * p.I + (row0 >> 1)] = f32_to_half<DTYPE>(hv);
+            }
         }
+        __syncthreads();  // red is reused by the next pass
     }
 }
 
-// moe_dec2_down: as moe_dec_down (grid ceil(H / 16); the warps split K; one pipeline over
-// (expert, repetition) x chunk; combine fused; warp sums reduced in warp order).
+// moe_dec2_down: as moe_dec_down, with 8 output rows per block (grid ceil(H / 8)); the warps
+// split K; one pipeline over (expert, repetition) x chunk; combine fused; warp sums reduced in
+// warp order.
 template <int DTYPE, bool TWO>
 __device__ __forceinline__ void moe_dec2_down_body(const MoeParams& p, DecShared& sh) {
     const int N = p.H, K = p.I;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    const int row0 = 16 * blockIdx.x + g, row1 = row0 + 8;
+    // 8 output rows per block (fragment rows g + 8 stay zero): twice the blocks of
+    // moe_dec_down, so one decode token keeps every SM streaming.
+    const int row0 = 8 * blockIdx.x + g, row1 = N;  // row1: never valid
     const int nkb = K / 64, nchunks = (nkb + 1) / 2;
     const int cpw = (nchunks + DEC_WARPS - 1) / DEC_WARPS;  // chunk slots per warp and expert
     const long long estride = (long long)N * K / 2, bstride = (long long)N * K / 64;
@@ -1119,7 +1140,7 @@ __device__ __forceinline__ void moe_dec2_down_body(const MoeParams& p, DecShared
         if (u < n) {
             int kc;
             const Dec2Rows r = rows_of(u, kc);
-            dec2_load(r, kc < nchunks ? kc : 0, nkb, nested, ring[u]);
+            dec2_load<true>(r, kc < nchunks ? kc : 0, nkb, nested, ring[u]);
         }
     }
     for (int i0 = 0; i0 < n; i0 += DEC2_DEPTH) {
@@ -1140,12 +1161,12 @@ __device__ __forceinline__ void moe_dec2_down_body(const MoeParams& p, DecShared
             }
             const int kc = warp + DEC_WARPS * j;
             if (kc < nchunks)  // warp-uniform: this warp has a chunk in this slot
-                dec2_compute<DTYPE, TWO>(ring[u], kc, nkb, nested, src[0], src[1], sh.nmap,
-                                         lut_lane, part);
+                dec2_compute<DTYPE, TWO, true>(ring[u], kc, nkb, nested, src[0], src[1], sh.nmap,
+                                               lut_lane, part);
             if (i + DEC2_DEPTH < n) {
                 int kn;
                 const Dec2Rows r = rows_of(i + DEC2_DEPTH, kn);
-                dec2_load(r, kn < nchunks ? kn : 0, nkb, nested, ring[u]);
+                dec2_load<true>(r, kn < nchunks ? kn : 0, nkb, nested, ring[u]);
             }
             if (j == cpw - 1) {
                 const float* bias = (const float*)p.dn_bias + (long long)e * N;
@@ -1175,7 +1196,6 @@ __device__ __forceinline__ void moe_dec2_down_body(const MoeParams& p, DecShared
                 if (t >= p.T) continue;
                 u16* y = (u16*)p.y + (long long)t * p.H;
                 if (row0 < N) y[row0] = f32_to_half<DTYPE>(acc[nt][q]);
-                if (row1 < N) y[row1] = f32_to_half<DTYPE>(acc[nt][2 + q]);
             }
     }
 }
@@ -1487,16 +1507,16 @@ extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_bf1
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_f16(const MoeParams p) {
     moe_dec_down<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_up_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_UP_MIN_BLOCKS) void moe_dec2_up_bf16(const MoeParams p) {
     moe_dec2_up<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_up_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_UP_MIN_BLOCKS) void moe_dec2_up_f16(const MoeParams p) {
     moe_dec2_up<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_down_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) void moe_dec2_down_bf16(const MoeParams p) {
     moe_dec2_down<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec2_down_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) void moe_dec2_down_f16(const MoeParams p) {
     moe_dec2_down<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {

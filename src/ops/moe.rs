@@ -533,11 +533,15 @@ fn u32_of(name: &str, v: usize) -> Result<u32> {
 /// for A/B measurements and as a fallback.
 pub const DECODE_VARIANT_ENV: &str = "GPTOSS_3090_MOE_DECODE";
 
-/// The (gate_up, down) decode entries selected by [`DECODE_VARIANT_ENV`].
-fn decode_kernels() -> Result<(&'static str, &'static str)> {
+/// The (gate_up, down) decode entries selected by [`DECODE_VARIANT_ENV`], the gate/up pairs one
+/// gate_up block covers and the output rows one down block covers (the grids divide I and H by
+/// them).
+fn decode_kernels() -> Result<(&'static str, &'static str, usize, usize)> {
     match std::env::var(DECODE_VARIANT_ENV).as_deref().map(str::trim) {
-        Err(_) | Ok("") | Ok("2") => Ok(("moe_dec2_up", "moe_dec2_down")),
-        Ok("1") => Ok(("moe_dec_up", "moe_dec_down")),
+        // moe_dec2_up: 4 row groups of 8 pairs, each split over 2 warps; moe_dec2_down: 8 rows.
+        Err(_) | Ok("") | Ok("2") => Ok(("moe_dec2_up", "moe_dec2_down", 32, 8)),
+        // moe_dec_up: one row group of 8 pairs per warp; moe_dec_down: 16 rows.
+        Ok("1") => Ok(("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16)),
         Ok(other) => Err(Error::arg(format!(
             "{DECODE_VARIANT_ENV}={other:?}: expected 1 (first decode kernels) or 2 (lean, default)"
         ))),
@@ -577,12 +581,12 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             // moe_dec_up routes (logits) or reads the routing itself and groups per block;
             // moe_dec_down fuses the combine: two launches in all.
             let slots = u32_of("expert slots", e.min(t * k))?;
-            let (up_name, down_name) = decode_kernels()?;
+            let (up_name, down_name, pairs_per_block, rows_per_down_block) = decode_kernels()?;
             let up = func(up_name)?;
-            let gx = u32_of("dec_up", args.intermediate.div_ceil(8 * DEC_WARPS))?;
+            let gx = u32_of("dec_up", args.intermediate.div_ceil(pairs_per_block))?;
             unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
             let down = func(down_name)?;
-            let gx = u32_of("dec_down", args.hidden.div_ceil(16))?;
+            let gx = u32_of("dec_down", args.hidden.div_ceil(rows_per_down_block))?;
             unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
             return Ok(regime);
         }
