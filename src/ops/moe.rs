@@ -5,7 +5,7 @@
 //! stream:
 //! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec2_up` (per-block routing
 //!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec2_down` (down + bias + combine); the
-//!   first variant `moe_dec_up`/`moe_dec_down` stays selectable ([`DECODE_VARIANT_ENV`]);
+//!   the first variant `moe_dec_up`/`moe_dec_down` runs above 8 tokens ([`DECODE_VARIANT_ENV`]);
 //! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
 //!
 //! Every grid depends only on the token count, every buffer lives in the caller's workspace
@@ -528,22 +528,34 @@ fn u32_of(name: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::arg(format!("{name}: grid size {v} too large")))
 }
 
-/// Environment variable that picks the decode kernels: `2` (default) the lean variant
-/// (`moe_dec2_*`), `1` the first one (`moe_dec_*`). Both compute the same block; the switch is
-/// for A/B measurements and as a fallback.
+/// Environment variable that picks the decode kernels: `auto` (default) the lean variant
+/// (`moe_dec2_*`) up to [`LEAN_DECODE_MAX_TOKENS`] tokens and the first one (`moe_dec_*`)
+/// above, `2` always the lean one, `1` always the first one. Both compute the same block.
 pub const DECODE_VARIANT_ENV: &str = "GPTOSS_3090_MOE_DECODE";
 
-/// The (gate_up, down) decode entries selected by [`DECODE_VARIANT_ENV`], the gate/up pairs one
-/// gate_up block covers and the output rows one down block covers (the grids divide I and H by
-/// them).
-fn decode_kernels() -> Result<(&'static str, &'static str, usize, usize)> {
+/// Largest token count for which `auto` picks the lean decode kernels. Measured on an H100
+/// (bench/results/h100_2026-11-26_moe_decode_variants.txt): the lean kernels win up to 8 tokens
+/// (60 vs 71 us per layer at 1 token), the first ones at 16 (444 vs 488 us).
+pub const LEAN_DECODE_MAX_TOKENS: usize = 8;
+
+/// The (gate_up, down) decode entries for `tokens` tokens, the gate/up pairs one gate_up block
+/// covers and the output rows one down block covers (the grids divide I and H by them).
+fn decode_kernels(tokens: usize) -> Result<(&'static str, &'static str, usize, usize)> {
+    // moe_dec2_up: 4 row groups of 8 pairs, each split over 2 warps; moe_dec2_down: 8 rows.
+    const LEAN: (&str, &str, usize, usize) = ("moe_dec2_up", "moe_dec2_down", 32, 8);
+    // moe_dec_up: one row group of 8 pairs per warp; moe_dec_down: 16 rows.
+    const FIRST: (&str, &str, usize, usize) = ("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16);
     match std::env::var(DECODE_VARIANT_ENV).as_deref().map(str::trim) {
-        // moe_dec2_up: 4 row groups of 8 pairs, each split over 2 warps; moe_dec2_down: 8 rows.
-        Err(_) | Ok("") | Ok("2") => Ok(("moe_dec2_up", "moe_dec2_down", 32, 8)),
-        // moe_dec_up: one row group of 8 pairs per warp; moe_dec_down: 16 rows.
-        Ok("1") => Ok(("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16)),
+        Err(_) | Ok("") | Ok("auto") => Ok(if tokens <= LEAN_DECODE_MAX_TOKENS {
+            LEAN
+        } else {
+            FIRST
+        }),
+        Ok("2") => Ok(LEAN),
+        Ok("1") => Ok(FIRST),
         Ok(other) => Err(Error::arg(format!(
-            "{DECODE_VARIANT_ENV}={other:?}: expected 1 (first decode kernels) or 2 (lean, default)"
+            "{DECODE_VARIANT_ENV}={other:?}: expected auto (default), 1 (first decode kernels) \
+             or 2 (lean decode kernels)"
         ))),
     }
 }
@@ -581,7 +593,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             // moe_dec_up routes (logits) or reads the routing itself and groups per block;
             // moe_dec_down fuses the combine: two launches in all.
             let slots = u32_of("expert slots", e.min(t * k))?;
-            let (up_name, down_name, pairs_per_block, rows_per_down_block) = decode_kernels()?;
+            let (up_name, down_name, pairs_per_block, rows_per_down_block) = decode_kernels(t)?;
             let up = func(up_name)?;
             let gx = u32_of("dec_up", args.intermediate.div_ceil(pairs_per_block))?;
             unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
