@@ -601,9 +601,9 @@ def _harmony_loads_offline() -> bool:
         "from openai_harmony import HarmonyEncodingName as N, load_harmony_encoding as L; "
         "L(N.HARMONY_GPT_OSS)"
     )
-    env = dict(
-        os.environ, TIKTOKEN_ENCODINGS_BASE="/nonexistent", TIKTOKEN_RS_CACHE_DIR="/nonexistent"
-    )
+    # No encoding file named anywhere (a TIKTOKEN_ENCODINGS_BASE that lacks the file makes
+    # harmony fail even where it embeds the vocabulary); the GPU host has no network.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIKTOKEN_")}
     try:
         r = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True)
     except subprocess.TimeoutExpired:
