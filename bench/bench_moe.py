@@ -196,22 +196,11 @@ def marlin_mxfp4(
             lay.w2_bias = torch.zeros(E, hp, dtype=torch.bfloat16, device=dev)
             lay.num_experts = E
             lay.params_dtype = torch.bfloat16
-            (
-                lay.w13_weight,
-                lay.w2_weight,
-                lay.w13_weight_scale,
-                lay.w2_weight_scale,
-                lay.w13_bias,
-                lay.w2_bias,
-            ) = prepare_moe_mxfp4_layer_for_marlin(
-                lay,
-                lay.w13_weight,
-                lay.w2_weight,
-                lay.w13_weight_scale,
-                lay.w2_weight_scale,
-                lay.w13_bias,
-                lay.w2_bias,
-            )
+            names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
+                     "w13_bias", "w2_bias")  # fmt: skip
+            packed = prepare_moe_mxfp4_layer_for_marlin(lay, *(getattr(lay, n) for n in names))
+            for n, v in zip(names, packed, strict=True):
+                setattr(lay, n, v)
             layers.append(lay)
         gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
         x = torch.randn(tokens, hp, device=dev, generator=gg).to(torch.bfloat16)

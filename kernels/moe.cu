@@ -458,6 +458,24 @@ __device__ void dec_route(const MoeParams& p, DecShared& sh, bool store, bool ne
     __syncthreads();
 }
 
+// The (token, k) pairs routed to expert e, ascending, into sh.pairs (ballot compaction by warp
+// 0, 32 pairs per step); returns their count. Every thread of the block must call it.
+__device__ __forceinline__ int dec_expert_pairs(const MoeParams& p, DecShared& sh, int e) {
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int n = 0;
+        for (int i0 = 0; i0 < p.T * p.topk; i0 += 32) {
+            const bool hit = i0 + lane < p.T * p.topk && sh.ids[i0 + lane] == e;
+            const u32 m = __ballot_sync(0xffffffffu, hit);
+            if (hit) sh.pairs[n + __popc(m & ((1u << lane) - 1u))] = i0 + lane;
+            n += __popc(m);
+        }
+        if (lane == 0) sh.n_pairs = n;
+    }
+    __syncthreads();
+    return sh.n_pairs;
+}
+
 // Sums acc over the block's warps in warp order (deterministic); the result lands in warp 0.
 __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -633,20 +651,7 @@ __device__ void moe_dec_up(const MoeParams& p) {
     const int slot = blockIdx.y;
     if (slot >= sh.n_experts) return;  // block-uniform
     const int e = sh.experts[slot];
-    if (threadIdx.x < 32) {
-        // Pairs routed to e in ascending order: ballot compaction, 32 pairs per step.
-        const int lane = threadIdx.x;
-        int n = 0;
-        for (int i0 = 0; i0 < p.T * p.topk; i0 += 32) {
-            const bool hit = i0 + lane < p.T * p.topk && sh.ids[i0 + lane] == e;
-            const u32 m = __ballot_sync(0xffffffffu, hit);
-            if (hit) sh.pairs[n + __popc(m & ((1u << lane) - 1u))] = i0 + lane;
-            n += __popc(m);
-        }
-        if (lane == 0) sh.n_pairs = n;
-    }
-    __syncthreads();
-    const int cnt = sh.n_pairs;
+    const int cnt = dec_expert_pairs(p, sh, e);
 
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1025,19 +1030,7 @@ __device__ void moe_dec2_up(const MoeParams& p) {
     const int slot = blockIdx.y;
     if (slot >= sh.n_experts) return;  // block-uniform
     const int e = sh.experts[slot];
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        int n = 0;
-        for (int i0 = 0; i0 < p.T * p.topk; i0 += 32) {
-            const bool hit = i0 + lane < p.T * p.topk && sh.ids[i0 + lane] == e;
-            const u32 m = __ballot_sync(0xffffffffu, hit);
-            if (hit) sh.pairs[n + __popc(m & ((1u << lane) - 1u))] = i0 + lane;
-            n += __popc(m);
-        }
-        if (lane == 0) sh.n_pairs = n;
-    }
-    __syncthreads();
-    const int cnt = sh.n_pairs;
+    const int cnt = dec_expert_pairs(p, sh, e);
 
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
