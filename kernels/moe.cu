@@ -476,6 +476,19 @@ __device__ __forceinline__ int dec_expert_pairs(const MoeParams& p, DecShared& s
     return sh.n_pairs;
 }
 
+// Prologue of the gate_up decode kernels (after the tables): routing (block (0, 0) stores it
+// for the down kernel), the expert of slot blockIdx.y (-1 if fewer experts were touched) and,
+// in `cnt`, the number of its routed pairs (listed in sh.pairs).
+template <int DTYPE>
+__device__ __forceinline__ int dec_up_expert(const MoeParams& p, DecShared& sh, int& cnt) {
+    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0, false);
+    cnt = 0;
+    if ((int)blockIdx.y >= sh.n_experts) return -1;
+    const int e = sh.experts[blockIdx.y];
+    cnt = dec_expert_pairs(p, sh, e);
+    return e;
+}
+
 // Sums acc over the block's warps in warp order (deterministic); the result lands in warp 0.
 __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -647,11 +660,9 @@ template <int DTYPE>
 __device__ void moe_dec_up(const MoeParams& p) {
     __shared__ DecShared sh;
     dec_tables<DTYPE>(sh, p.nested_map);
-    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0, false);
-    const int slot = blockIdx.y;
-    if (slot >= sh.n_experts) return;  // block-uniform
-    const int e = sh.experts[slot];
-    const int cnt = dec_expert_pairs(p, sh, e);
+    int cnt;
+    const int e = dec_up_expert<DTYPE>(p, sh, cnt);
+    if (e < 0) return;  // block-uniform: no expert in this slot
 
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1026,11 +1037,9 @@ template <int DTYPE>
 __device__ void moe_dec2_up(const MoeParams& p) {
     __shared__ DecShared sh;
     dec2_tables<DTYPE>(sh, p.nested_map);
-    dec_route<DTYPE>(p, sh, blockIdx.x == 0 && blockIdx.y == 0, false);
-    const int slot = blockIdx.y;
-    if (slot >= sh.n_experts) return;  // block-uniform
-    const int e = sh.experts[slot];
-    const int cnt = dec_expert_pairs(p, sh, e);
+    int cnt;
+    const int e = dec_up_expert<DTYPE>(p, sh, cnt);
+    if (e < 0) return;  // block-uniform: no expert in this slot
 
     const int N = 2 * p.I, K = p.H;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
