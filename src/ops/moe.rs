@@ -540,20 +540,29 @@ pub const LEAN_DECODE_MAX_TOKENS: usize = 8;
 
 /// The (gate_up, down) decode entries for `tokens` tokens, the gate/up pairs one gate_up block
 /// covers and the output rows one down block covers (the grids divide I and H by them).
-fn decode_kernels(tokens: usize) -> Result<(&'static str, &'static str, usize, usize)> {
+fn decode_kernels(tokens: usize) -> Result<DecodeKernels> {
+    let setting = std::env::var(DECODE_VARIANT_ENV).ok();
+    decode_kernels_for(setting.as_deref(), tokens)
+}
+
+/// (gate_up entry, down entry, gate/up pairs per gate_up block, output rows per down block).
+type DecodeKernels = (&'static str, &'static str, usize, usize);
+
+/// [`decode_kernels`] for an explicit setting (`None` = the variable is unset).
+fn decode_kernels_for(setting: Option<&str>, tokens: usize) -> Result<DecodeKernels> {
     // moe_dec2_up: 4 row groups of 8 pairs, each split over 2 warps; moe_dec2_down: 8 rows.
-    const LEAN: (&str, &str, usize, usize) = ("moe_dec2_up", "moe_dec2_down", 32, 8);
+    const LEAN: DecodeKernels = ("moe_dec2_up", "moe_dec2_down", 32, 8);
     // moe_dec_up: one row group of 8 pairs per warp; moe_dec_down: 16 rows.
-    const FIRST: (&str, &str, usize, usize) = ("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16);
-    match std::env::var(DECODE_VARIANT_ENV).as_deref().map(str::trim) {
-        Err(_) | Ok("") | Ok("auto") => Ok(if tokens <= LEAN_DECODE_MAX_TOKENS {
+    const FIRST: DecodeKernels = ("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16);
+    match setting.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(if tokens <= LEAN_DECODE_MAX_TOKENS {
             LEAN
         } else {
             FIRST
         }),
-        Ok("2") => Ok(LEAN),
-        Ok("1") => Ok(FIRST),
-        Ok(other) => Err(Error::arg(format!(
+        Some("2") => Ok(LEAN),
+        Some("1") => Ok(FIRST),
+        Some(other) => Err(Error::arg(format!(
             "{DECODE_VARIANT_ENV}={other:?}: expected auto (default), 1 (first decode kernels) \
              or 2 (lean decode kernels)"
         ))),
@@ -753,6 +762,25 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decode_kernel_choice_follows_the_setting_and_token_count() {
+        let lean = decode_kernels_for(None, 1).unwrap();
+        assert_eq!(lean.0, "moe_dec2_up");
+        assert_eq!(
+            decode_kernels_for(Some("auto"), LEAN_DECODE_MAX_TOKENS).unwrap(),
+            lean
+        );
+        let first = decode_kernels_for(Some(" "), LEAN_DECODE_MAX_TOKENS + 1).unwrap();
+        assert_eq!(first.0, "moe_dec_up");
+        assert_eq!(decode_kernels_for(Some("2"), 16).unwrap(), lean);
+        assert_eq!(decode_kernels_for(Some("1"), 1).unwrap(), first);
+        let err = decode_kernels_for(Some("3"), 1).unwrap_err().to_string();
+        assert!(
+            err.contains(DECODE_VARIANT_ENV) && err.contains("\"3\""),
+            "{err}"
+        );
+    }
+
     use super::*;
 
     fn args(tokens: usize) -> MoeArgs {
