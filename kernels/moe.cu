@@ -489,6 +489,21 @@ __device__ __forceinline__ int dec_up_expert(const MoeParams& p, DecShared& sh, 
     return e;
 }
 
+// Prologue of the down decode kernels (after the tables): the routing (recomputed from the
+// logits, or read from the workspace where the gate_up kernel stored it) and the list of
+// (expert index, repetition) items, in order, in sh.pairs / sh.n_pairs.
+template <int DTYPE>
+__device__ __forceinline__ void dec_down_items(const MoeParams& p, DecShared& sh) {
+    dec_route<DTYPE>(p, sh, false, true);
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int xi = 0; xi < sh.n_experts; ++xi)
+            for (int r = 0; r < sh.mult[xi] && n < DEC_MAX_PAIRS; ++r) sh.pairs[n++] = xi * 16 + r;
+        sh.n_pairs = n;
+    }
+    __syncthreads();
+}
+
 // Sums acc over the block's warps in warp order (deterministic); the result lands in warp 0.
 __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -743,16 +758,7 @@ template <int DTYPE>
 __device__ void moe_dec_down(const MoeParams& p) {
     __shared__ DecShared sh;
     dec_tables<DTYPE>(sh, p.nested_map);
-    // moe_dec_up stored logits-mode routing in ws_ids/ws_wts.
-    dec_route<DTYPE>(p, sh, false, true);
-    if (threadIdx.x == 0) {
-        // (expert index, repetition) list, in order.
-        int n = 0;
-        for (int xi = 0; xi < sh.n_experts; ++xi)
-            for (int r = 0; r < sh.mult[xi] && n < DEC_MAX_PAIRS; ++r) sh.pairs[n++] = xi * 16 + r;
-        sh.n_pairs = n;
-    }
-    __syncthreads();
+    dec_down_items<DTYPE>(p, sh);
 
     const int N = p.H, K = p.I;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1207,14 +1213,7 @@ template <int DTYPE>
 __device__ void moe_dec2_down(const MoeParams& p) {
     __shared__ DecShared sh;
     dec2_tables<DTYPE>(sh, p.nested_map);
-    dec_route<DTYPE>(p, sh, false, true);
-    if (threadIdx.x == 0) {
-        int n = 0;
-        for (int xi = 0; xi < sh.n_experts; ++xi)
-            for (int r = 0; r < sh.mult[xi] && n < DEC_MAX_PAIRS; ++r) sh.pairs[n++] = xi * 16 + r;
-        sh.n_pairs = n;
-    }
-    __syncthreads();
+    dec_down_items<DTYPE>(p, sh);
     if (p.T > 8) {
         moe_dec2_down_body<DTYPE, true>(p, sh);
     } else {

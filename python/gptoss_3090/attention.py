@@ -113,19 +113,6 @@ def _sink_args(sinks: torch.Tensor | None, num_q_heads: int) -> tuple[int, int]:
     return sinks.data_ptr(), mode
 
 
-def _launch_ctx(device: torch.device) -> tuple[int, int]:
-    """(ordinal, raw stream handle) for a launch on ``device``; preloads NVRTC."""
-    _rt.ensure_cuda_libs()
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    current = torch.cuda.current_device()
-    if idx != current:
-        raise ValueError(
-            f"tensors are on cuda:{idx} but the current device is cuda:{current}; "
-            f"call torch.cuda.set_device({idx}) or use `with torch.cuda.device({idx}):`"
-        )
-    return idx, torch.cuda.current_stream(device).cuda_stream
-
-
 def make_workspace(
     device: torch.device | str | int,
     num_kv_heads: int,
@@ -220,7 +207,7 @@ def kv_cache_write(
     key = _rows(key)
     value = _rows(value)
     slot_mapping = slot_mapping.contiguous()
-    ordinal, stream = _launch_ctx(kv_cache.device)
+    ordinal, stream = _rt.launch_context(kv_cache.device)
     _native.attention_kv_write(
         ordinal,
         stream,
@@ -320,7 +307,7 @@ def paged_attention(
     query = _rows(query)
     if not _rows_ok(output):
         raise ValueError("output: last dimension must be contiguous with 16-byte aligned rows")
-    ordinal, stream = _launch_ctx(dev)
+    ordinal, stream = _rt.launch_context(dev)
     _native.attention_forward(
         ordinal,
         stream,
@@ -414,7 +401,7 @@ def attention_varlen(
         k, v = k.contiguous(), v.contiguous()
     if not _rows_ok(output):
         raise ValueError("output: last dimension must be contiguous with 16-byte aligned rows")
-    ordinal, stream = _launch_ctx(dev)
+    ordinal, stream = _rt.launch_context(dev)
     _native.attention_forward(
         ordinal,
         stream,

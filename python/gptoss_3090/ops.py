@@ -114,19 +114,6 @@ def _check_devices(tensors: Mapping[str, torch.Tensor | None]) -> torch.device:
     return device
 
 
-def _launch_ctx(device: torch.device) -> tuple[int, int]:
-    """(ordinal, raw stream handle) for a launch on ``device``; preloads NVRTC."""
-    _rt.ensure_cuda_libs()
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    current = torch.cuda.current_device()
-    if idx != current:
-        raise ValueError(
-            f"tensors are on cuda:{idx} but the current device is cuda:{current}; "
-            f"call torch.cuda.set_device({idx}) or use `with torch.cuda.device({idx}):`"
-        )
-    return idx, torch.cuda.current_stream(device).cuda_stream
-
-
 def _dtype_arg(dtype: object, allowed: Sequence[torch.dtype], name: str = "dtype") -> torch.dtype:
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")
@@ -305,7 +292,7 @@ def _nf4_dequantize_op(
     )
     out_shape = [n_experts, *shape] if n_experts > 1 else list(shape)
     out = torch.empty(out_shape, dtype=dtype, device=packed.device)
-    ordinal, stream = _launch_ctx(packed.device)
+    ordinal, stream = _rt.launch_context(packed.device)
     stats = _stats_tuple(
         packed,
         absmax,
@@ -414,7 +401,7 @@ def _nf4_linear_op(
     m = int(x2.shape[0])
     if m == 0:
         return torch.empty([*lead, n], dtype=x.dtype, device=x.device)
-    ordinal, stream = _launch_ctx(x.device)
+    ordinal, stream = _rt.launch_context(x.device)
     seg_args = []
     for (packed, absmax, nabs, nmap), r, off in zip(segs, rows, offsets, strict=True):
         seg_args.append((*_stats_tuple(packed, absmax, nabs, nmap, 0, off), r))
@@ -507,7 +494,7 @@ def _nf4_quantize_op(
         nested_absmax = torch.empty(0, dtype=torch.float32, device=dev)
         offset = torch.empty(0, dtype=torch.float32, device=dev)
         absmax_f32 = absmax
-    ordinal, stream = _launch_ctx(dev)
+    ordinal, stream = _rt.launch_context(dev)
     _native.cuda_nf4_quantize(
         ordinal,
         stream,

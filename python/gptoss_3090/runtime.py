@@ -61,6 +61,23 @@ def ensure_cuda_libs() -> None:
     preload_nvrtc()
 
 
+def launch_context(device: torch.device) -> tuple[int, int]:
+    """(ordinal, raw stream handle) for a kernel launch on ``device``; preloads NVRTC.
+
+    Raises ValueError when ``device`` is not the current CUDA device (the launch would run on
+    the current device's stream).
+    """
+    ensure_cuda_libs()
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    current = torch.cuda.current_device()
+    if idx != current:
+        raise ValueError(
+            f"tensors are on cuda:{idx} but the current device is cuda:{current}; "
+            f"call torch.cuda.set_device({idx}) or use `with torch.cuda.device({idx}):`"
+        )
+    return idx, torch.cuda.current_stream(device).cuda_stream
+
+
 def ordinal_of(device: int | str | torch.device | None = None) -> int:
     """The CUDA device index of ``device`` (default: ``torch.cuda.current_device()``)."""
     if device is None:
