@@ -101,6 +101,8 @@ struct MoeParams {
     i32 bm;         // segment padding / tile rows of the prefill GEMMs
     i32 max_tiles;  // capacity of ws_tiles
     i32 sorted_cap; // capacity of ws_sorted
+    i32 str_ks;      // moe_str_*: warps that split K per 16-row group (1, 2, 4 or 8)
+    i32 str_grouped; // moe_str_*: 1 = experts and pairs from moe_group, 0 = routed per block
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -407,8 +409,8 @@ struct DecShared {
 // Routing of the T (<= 16) decode tokens into shared memory, plus the ascending list of touched
 // experts. From logits when route_mode is LOGITS (then `store` writes it to the workspace for the
 // later kernels), else from ws_ids/ws_wts (given by the caller, or written by moe_route).
-template <int DTYPE>
-__device__ void dec_route(const MoeParams& p, DecShared& sh, bool store, bool need_mult) {
+template <int DTYPE, class Sh>
+__device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int TK = p.T * p.topk;
     if (threadIdx.x < MOE_MAX_EXPERTS / 32) sh.mask[threadIdx.x] = 0u;
@@ -460,7 +462,8 @@ __device__ void dec_route(const MoeParams& p, DecShared& sh, bool store, bool ne
 
 // The (token, k) pairs routed to expert e, ascending, into sh.pairs (ballot compaction by warp
 // 0, 32 pairs per step); returns their count. Every thread of the block must call it.
-__device__ __forceinline__ int dec_expert_pairs(const MoeParams& p, DecShared& sh, int e) {
+template <class Sh>
+__device__ __forceinline__ int dec_expert_pairs(const MoeParams& p, Sh& sh, int e) {
     if (threadIdx.x < 32) {
         const int lane = threadIdx.x;
         int n = 0;
@@ -971,8 +974,8 @@ __device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int n
 
 // Fills the per-lane pair table: thread b computes entry b once and writes its 32 replicas with
 // 8 16-byte stores, rotated by b so that the 8 threads of a store phase hit 8 bank groups.
-template <int DTYPE>
-__device__ __forceinline__ void dec2_tables(DecShared& sh, u64 nested_map) {
+template <int DTYPE, class Sh>
+__device__ __forceinline__ void dec2_tables(Sh& sh, u64 nested_map) {
     const int b = threadIdx.x;  // DEC_WARPS * 32 == 256 entries
     const float gamma = dec_gamma<DTYPE>();
     const u32 pair = pack_half2<DTYPE>(gamma * kNf4Code[b >> 4], gamma * kNf4Code[b & 15]);
@@ -1218,6 +1221,304 @@ __device__ void moe_dec2_down(const MoeParams& p) {
         moe_dec2_down_body<DTYPE, true>(p, sh);
     } else {
         moe_dec2_down_body<DTYPE, false>(p, sh);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming regime (moe_str_up / moe_str_down), the default up to STREAM_MAX_TOKENS tokens.
+//
+// ncu on the H100 showed moe_dec2_* issue- and latency-bound at about 230 instructions per KB of
+// weights (8-byte register loads with their predicates and addresses, activations loaded from L1
+// right before the mma that needs them, spills), 27-33% of copy bandwidth even when thousands of
+// blocks keep every SM busy (16 tokens). Here each warp streams its 16-row group through its own
+// STR_DEPTH-stage shared-memory ring filled by 16-byte cp.async (no registers held by loads in
+// flight, STR_DEPTH - 1 KB in flight per warp), then decodes from shared memory with the dec2
+// fragment roles (lane c: k [64h + 16c, +16) of block h; absmax applied to each 64-k block's
+// fp32 mma result).
+//
+// One kernel shape serves gate_up and down and every token count up to STREAM_MAX_TOKENS:
+//   grid (ceil(N / (16 * 8 / KS)), expert slots), 8 warps = (8 / KS) row groups x KS parts of K;
+//   the block's expert and its routed (token, k) pairs come from per-block routing (decode,
+//   str_grouped = 0, as moe_dec2) or from moe_group (str_grouped = 1); the pairs are the mma
+//   columns, 8 * NT per pass (an expert with more pairs streams its rows once per pass);
+//   the KS partial sums meet in shared memory in a fixed order; gate_up writes h[pair] (bias +
+//   SwiGLU-OAI), down writes out[pair] (bias), and moe_combine sums each token's k outputs.
+// ---------------------------------------------------------------------------------------------
+#define STR_WARPS 8
+#ifndef STR_DEPTH
+#define STR_DEPTH 4
+#endif
+#define STR_STAGE_BYTES 1024  // one chunk: 16 rows x 64 bytes (128 k)
+// Blocks per SM the streaming kernels are compiled for: 2 gives 128 registers, enough for the
+// 8 * NT token columns without spills or rematerialised lookup offsets (3 leaves 80 and the
+// compiler recomputes lane offsets inside every table lookup).
+#ifndef STR_MIN_BLOCKS
+#define STR_MIN_BLOCKS 2
+#endif
+
+struct StrShared {
+    u32 lut2[256 * 32];  // per-lane code-pair table (see DecShared)
+    float nmap[256];
+    u32 mask[MOE_MAX_EXPERTS / 32];
+    int ids[DEC_MAX_PAIRS];
+    float wts[DEC_MAX_PAIRS];
+    int experts[MOE_MAX_EXPERTS];
+    int mult[MOE_MAX_EXPERTS];  // unused (need_mult = false), read by dec_route's template only
+    int n_experts;
+    int pairs[DEC_MAX_PAIRS];
+    int n_pairs;
+};
+
+// Memory row of fragment row fr in a 16-row group starting at r0. gate_up: fragment row g is the
+// gate row of pair r0 / 2 + g and row g + 8 its up row, so a SwiGLU pair lands in one thread.
+template <bool UP>
+__device__ __forceinline__ int str_mem_row(int r0, int fr) {
+    return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
+}
+
+// Byte offset of (fragment row fr, 32-byte half h) in a stage. The halves swap on every other
+// row pair so the 8-byte reads of a half-warp (rows g .. g + 3, 4 lanes each) hit 32 distinct
+// banks.
+__device__ __forceinline__ int str_swz(int fr, int h) {
+    return fr * 64 + ((h ^ ((fr >> 1) & 1)) << 5);
+}
+
+// Per-lane addressing of one warp's stream, fixed for the whole stream.
+struct StrLane {
+    const u8* packed;   // the expert's packed codes
+    u32 src[2];         // byte offsets of this lane's two 16-byte pieces of chunk 0
+    u32 dst[2];         // their byte offsets in a stage
+    bool ok[2];         // their rows exist
+    bool hi[2];         // the piece lies in the chunk's second 64-k block
+    const u8* amb;      // statistics of the expert (u8 codes or f32)
+    const float* nested;
+    u32 blk0;           // block index of this lane's statistic in chunk 0
+    bool oka;           // its row exists
+};
+
+// Issues chunk j into `stage`: two 16-byte cp.async per lane (zero-filled past the row end, in
+// the last chunk when K / 64 is odd), plus this lane's statistic into registers.
+__device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, bool nested,
+                                          u8* stage, u32& am_raw, float& am_scale) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const bool ok = l.ok[q] && (!l.hi[q] || 2 * j + 1 < nkb);
+        cp_async_16_zfill(stage + l.dst[q], l.packed + (ok ? l.src[q] + 64u * j : 0u), ok ? 16u : 0u);
+    }
+    const u32 blk = l.blk0 + 2u * j;
+    const bool oka = l.oka && 2 * j + (int)(threadIdx.x & 1) < nkb;
+    if (nested) {
+        am_raw = ld_nc_u8_if(l.amb + blk, oka);
+        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + (blk >> 8), oka));
+    } else {
+        am_raw = ld_nc_b32_if((const float*)l.amb + blk, oka);
+        am_scale = 0.0f;
+    }
+}
+
+// acc[nt] += W(chunk j) x X(chunk j, tile nt) from a filled stage.
+template <int DTYPE, int NT>
+__device__ __forceinline__ void str_compute(const u8* stage, int j, int nkb, bool nested,
+                                            float am_off, u32 am_raw, float am_scale,
+                                            const u16* const (&src)[NT], const float* nmap,
+                                            const char* lut_lane, float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
+    // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
+    const float am = (nested ? __fadd_rn(__fmul_rn(nmap[am_raw], am_scale), am_off)
+                             : __uint_as_float(am_raw)) * inv_gamma;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (h == 1 && 2 * j + 1 >= nkb) break;  // warp-uniform: odd block count
+        const float sc0 = __shfl_sync(0xffffffffu, am, 2 * g + h);
+        const float sc1 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + h);
+        const u32x2 wa = *(const u32x2*)(stage + str_swz(g, h) + 8 * c);
+        const u32x2 wb = *(const u32x2*)(stage + str_swz(g + 8, h) + 8 * c);
+        const int k0 = 128 * j + 64 * h + 16 * c;
+        u32 xw[NT][8];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const u32x4 v0 = ld_nc_16_if(src[nt] + k0, src[nt] != nullptr);
+            const u32x4 v1 = ld_nc_16_if(src[nt] + k0 + 8, src[nt] != nullptr);
+            xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
+            xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
+        }
+        float d[NT][4];
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+            // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
+            const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
+            const int shf = (st & 1) * 16;
+            const u32 a[4] = {dec2_pair(r0, shf, lut_lane), dec2_pair(r1, shf, lut_lane),
+                              dec2_pair(r0, shf + 8, lut_lane), dec2_pair(r1, shf + 8, lut_lane)};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const u32 b[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
+                if (st == 0) mma_zero<DTYPE>(d[nt], a, b); else mma_acc<DTYPE>(d[nt], a, b);
+            }
+        }
+        // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            acc[nt][0] = fmaf(sc0, d[nt][0], acc[nt][0]);
+            acc[nt][1] = fmaf(sc0, d[nt][1], acc[nt][1]);
+            acc[nt][2] = fmaf(sc1, d[nt][2], acc[nt][2]);
+            acc[nt][3] = fmaf(sc1, d[nt][3], acc[nt][3]);
+        }
+    }
+}
+
+// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring.
+template <int DTYPE, int NT>
+__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb,
+                                           bool nested, float am_off, u8* ring,
+                                           const u16* const (&src)[NT], const StrShared& sh,
+                                           float (&acc)[NT][4]) {
+    const char* lut_lane = (const char*)sh.lut2 + 4 * (threadIdx.x & 31);
+    u32 raw[STR_DEPTH];
+    float scl[STR_DEPTH];
+#pragma unroll
+    for (int u = 0; u < STR_DEPTH - 1; ++u) {
+        if (u < n) str_issue(l, jb + u, nkb, nested, ring + u * STR_STAGE_BYTES, raw[u], scl[u]);
+        cp_async_commit();  // empty groups keep the count uniform
+    }
+    for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
+#pragma unroll
+        for (int u = 0; u < STR_DEPTH; ++u) {
+            const int i = i0 + u;
+            if (i >= n) break;  // warp-uniform
+            const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
+            __syncwarp();  // every lane is done reading stage nu
+            if (i + STR_DEPTH - 1 < n)
+                str_issue(l, jb + i + STR_DEPTH - 1, nkb, nested,
+                          ring + nu * STR_STAGE_BYTES, raw[nu], scl[nu]);
+            cp_async_commit();
+            cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
+            __syncwarp();                    // ... and every other lane's
+            str_compute<DTYPE, NT>(ring + u * STR_STAGE_BYTES, jb + i, nkb, nested, am_off,
+                                   raw[u], scl[u], src, sh.nmap, lut_lane, acc);
+        }
+    }
+    cp_async_wait<0>();
+}
+
+template <int DTYPE, bool UP, int NT>
+__device__ void moe_str(const MoeParams& p) {
+    __shared__ StrShared sh;
+    extern __shared__ __align__(16) u8 str_ring[];  // STR_WARPS x STR_DEPTH stages
+    dec2_tables<DTYPE>(sh, p.nested_map);
+    int e, cnt;
+    const int* gpairs = nullptr;  // grouped: the expert's pair list in ws_sorted
+    if (p.str_grouped) {
+        const int n_active = ((const int*)p.ws_meta)[0];
+        __syncthreads();  // tables
+        if ((int)blockIdx.y >= n_active) return;  // block-uniform
+        e = ((const int*)p.ws_active)[blockIdx.y];
+        cnt = ((const int*)p.ws_counts)[e];
+        gpairs = (const int*)p.ws_sorted + ((const int*)p.ws_offsets)[e];
+    } else {
+        // The gate_up launch's block (0, 0) stores the routing for moe_combine.
+        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false);
+        if ((int)blockIdx.y >= sh.n_experts) return;  // block-uniform
+        e = sh.experts[blockIdx.y];
+        cnt = dec_expert_pairs(p, sh, e);
+    }
+
+    const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;
+    const int ks = p.str_ks, groups = STR_WARPS / ks;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int rg = warp / ks, kp = warp % ks;
+    const int r0 = (blockIdx.x * groups + rg) * 16;  // first memory row of the warp's group
+    const bool active = r0 < N;                      // warp-uniform (N is a multiple of 16)
+    const int nkb = K / 64, nchunks = (nkb + 1) / 2, krow = K / 2;
+    const int per = nchunks / ks, extra = nchunks % ks;
+    const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
+    const long long ee = e;
+    const bool nested = (UP ? p.gu_nested_flag : p.dn_nested_flag) != 0;
+    float am_off = 0.0f;
+    StrLane l;
+    l.packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * krow);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+        const int mr = str_mem_row<UP>(r0, fr);
+        l.ok[q] = active && mr < N;
+        l.src[q] = (u32)((l.ok[q] ? mr : 0) * krow + 16 * c4);
+        l.hi[q] = (c4 >> 1) != 0;
+        l.dst[q] = str_swz(fr, c4 >> 1) + 16 * (c4 & 1);
+    }
+    {
+        const long long bpe = (long long)N * nkb;  // blocks per expert
+        Dec2Rows r;
+        dec2_expert_stats(UP ? p.gu_absmax : p.dn_absmax, UP ? p.gu_nested : p.dn_nested,
+                          UP ? p.gu_offset : p.dn_offset, nested ? 1 : 0,
+                          UP ? p.gu_nnb : p.dn_nnb, ee, bpe, r);
+        l.amb = r.amb;
+        l.nested = r.nested;
+        am_off = r.offset;
+        const int mr = str_mem_row<UP>(r0, lane >> 1);
+        l.oka = active && mr < N;
+        l.blk0 = (u32)((l.oka ? mr : 0) * nkb + (lane & 1));
+    }
+    u8* ring = str_ring + warp * (STR_DEPTH * STR_STAGE_BYTES);
+    float* red = (float*)ring;  // this warp's partial sums after its stream (NT x 4 x 32 floats)
+    const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+
+    for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
+        const u16* src[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int m = p0 + nt * 8 + g;
+            const int pr = m < cnt ? (gpairs ? gpairs[m] : sh.pairs[m]) : -1;
+            src[nt] = pr < 0 ? nullptr
+                    : UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
+                         : (const u16*)p.ws_h + (long long)pr * p.I;
+        }
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        if (active && n > 0)
+            str_stream<DTYPE, NT>(l, jb, n, nkb, nested, am_off, ring, src, sh, acc);
+        if (ks > 1) {
+            if (kp != 0) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) red[(nt * 4 + q) * 32 + lane] = acc[nt][q];
+            }
+            __syncthreads();
+            if (kp == 0) {
+                for (int o = 1; o < ks; ++o) {  // fixed order: deterministic
+                    const float* other = (const float*)(str_ring + (warp + o) * (STR_DEPTH * STR_STAGE_BYTES));
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) acc[nt][q] += other[(nt * 4 + q) * 32 + lane];
+                }
+            }
+        }
+        if (kp == 0 && active) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = p0 + nt * 8 + 2 * c + q;
+                    if (m >= cnt) continue;
+                    const long long pr = gpairs ? gpairs[m] : sh.pairs[m];
+                    if (UP) {
+                        const int jp = r0 / 2 + g;  // gate/up pair: rows 2 jp, 2 jp + 1
+                        const float hv = swiglu_oai(acc[nt][q] + bias[2 * jp],
+                                                    acc[nt][2 + q] + bias[2 * jp + 1]);
+                        ((u16*)p.ws_h)[pr * p.I + jp] = f32_to_half<DTYPE>(hv);
+                    } else {
+                        u16* o = (u16*)p.ws_out + pr * p.H;
+                        o[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + bias[r0 + g]);
+                        o[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + bias[r0 + g + 8]);
+                    }
+                }
+        }
+        if (ks > 1) __syncthreads();  // the rings (holding red) are refilled by the next pass
     }
 }
 
@@ -1544,4 +1845,29 @@ extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 128, 4, true>(p);
+}
+
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n1_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 1>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n1_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 1>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n2_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n2_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n1_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 1>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n1_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 1>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n2_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 2>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n2_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 2>(p);
 }

@@ -53,7 +53,9 @@ def test_regimes_depend_only_on_sizes() -> None:
     for tuning in ("sm80", "sm86", "sm90"):
         assert M.moe_regime(1, 4, 32, tuning) == "decode"
         assert M.moe_regime(16, 4, 32, tuning) == "decode"
-        assert M.moe_regime(17, 4, 32, tuning).startswith("prefill_m")
+        assert M.moe_regime(17, 4, 32, tuning) == "stream"
+        assert M.moe_regime(128, 4, 32, tuning) == "stream"
+        assert M.moe_regime(129, 4, 32, tuning).startswith("prefill_m")
     assert M.moe_regime(8192, 4, 32, "sm86") == "prefill_m64s2"
     with pytest.raises(ValueError, match="tuning"):
         M.moe_regime(1, 4, 32, "sm75")

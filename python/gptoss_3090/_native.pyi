@@ -385,8 +385,8 @@ def moe_forward(args: dict[str, Any]) -> str:
     ``{p}_bias``, ``{p}_nested`` (bool) and ``{p}_nnb`` (nested blocks per expert) for
     ``p`` = ``gu`` (gate_up) and ``dn`` (down), ``nested_map``, ``workspace``,
     ``workspace_bytes`` and optional ``tuning``. Pointers are ints. Returns the regime used:
-    ``"decode"`` or ``"prefill_m{bm}s{stages}"``. Raises ValueError for bad arguments, CudaError
-    for driver failures.
+    ``"decode"``, ``"stream"`` or ``"prefill_m{bm}s{stages}"``. Raises ValueError for bad
+    arguments, CudaError for driver failures.
     """
 
 def moe_workspace_bytes(

@@ -306,7 +306,8 @@ def moe_workspace_bytes(
 
 
 def moe_regime(tokens: int, top_k: int, experts: int, tuning: str) -> str:
-    """The kernels the op picks for a token count: ``"decode"`` or ``"prefill_m{bm}s{stages}"``."""
+    """The kernels the op picks for a token count: ``"decode"``, ``"stream"`` or
+    ``"prefill_m{bm}s{stages}"``."""
     return str(_native().moe_regime(tokens, top_k, experts, tuning))
 
 

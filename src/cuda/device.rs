@@ -343,7 +343,9 @@ impl GpuDevice {
             let k = KernelFn {
                 func: RawFunction(func),
                 name: Arc::from(format!("{source_name}/{entry}")),
-                dyn_smem_limit: Arc::new(AtomicU32::new(48 * 1024)),
+                // 0, not 48 KB: a kernel with static shared memory may only add 48 KB minus it
+                // by default, so every dynamic size is raised explicitly once.
+                dyn_smem_limit: Arc::new(AtomicU32::new(0)),
             };
             let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
             Ok(f.entry(key).or_insert(k).clone())

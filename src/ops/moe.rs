@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use crate::cuda::{GpuDevice, Tuning};
+use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::Dtype;
 
@@ -131,6 +131,10 @@ pub struct MoeParams {
     pub max_tiles: i32,
     /// Capacity of `ws_sorted`.
     pub sorted_cap: i32,
+    /// `moe_str_*`: warps splitting K per 16-row group (1, 2, 4 or 8).
+    pub str_ks: i32,
+    /// `moe_str_*`: 1 = experts and pairs from `moe_group`, 0 = routed per block.
+    pub str_grouped: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -236,8 +240,13 @@ impl WorkspaceLayout {
 /// Which kernels run for a token count on a tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Regime {
-    /// Weight streaming per touched expert (`moe_dec_*`).
+    /// Weight streaming per touched expert with per-block routing (`moe_str_*`, or the older
+    /// `moe_dec_*` / `moe_dec2_*` through [`DECODE_VARIANT_ENV`]).
     Decode,
+    /// Weight streaming per touched expert after `moe_group` (`moe_str_*`): every expert's
+    /// NF4 weights are read once per 16 of its tokens, so it beats the tiled GEMMs while the
+    /// layer is bound by weight bytes.
+    Stream,
     /// Tiled tensor-core GEMMs with tile height `bm` and `stages` cp.async stages.
     Prefill {
         /// Tile height (tokens).
@@ -253,6 +262,9 @@ impl Regime {
     pub fn choose(tokens: usize, topk: usize, experts: usize, tuning: Tuning) -> Regime {
         if tokens <= DECODE_MAX_TOKENS {
             return Regime::Decode;
+        }
+        if tokens <= stream_max_tokens() {
+            return Regime::Stream;
         }
         // BM 64, 2 stages, one decoded-B buffer (44 KB): 2 blocks per SM within sm_86/89's
         // 100 KB. On the H100 this variant also beat the double-buffered m64s3/m64s4/m128s4
@@ -500,10 +512,14 @@ impl MoeArgs {
             dn_nnb: to_i32("down nested blocks", self.down.nnb)?,
             bm: match regime {
                 Regime::Decode => 1,
+                // moe_group pads each expert's segment to bm; the streaming kernels ignore it.
+                Regime::Stream => to_i32("bm", MIN_BM)?,
                 Regime::Prefill { bm, .. } => to_i32("bm", bm)?,
             },
             max_tiles: to_i32("max tiles", layout.max_tiles)?,
             sorted_cap: to_i32("sorted capacity", layout.sorted_cap)?,
+            str_ks: 1,
+            str_grouped: i32::from(matches!(regime, Regime::Stream)),
         })
     }
 }
@@ -528,45 +544,117 @@ fn u32_of(name: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::arg(format!("{name}: grid size {v} too large")))
 }
 
-/// Environment variable that picks the decode kernels: `auto` (default) the lean variant
-/// (`moe_dec2_*`) up to [`LEAN_DECODE_MAX_TOKENS`] tokens and the first one (`moe_dec_*`)
-/// above, `2` always the lean one, `1` always the first one. Both compute the same block.
+/// Environment variable that picks the decode kernels (up to [`DECODE_MAX_TOKENS`] tokens):
+/// `auto` (default) or `3` the streaming kernels (`moe_str_*`), `2` the lean decode kernels
+/// (`moe_dec2_*`), `1` the first ones (`moe_dec_*`). All compute the same block; the older ones
+/// stay for comparison.
 pub const DECODE_VARIANT_ENV: &str = "GPTOSS_3090_MOE_DECODE";
 
-/// Largest token count for which `auto` picks the lean decode kernels. Measured on an H100
-/// (bench/results/h100_2026-11-26_moe_decode_variants.txt): the lean kernels win up to 8 tokens
-/// (60 vs 71 us per layer at 1 token), the first ones at 16 (444 vs 488 us).
-pub const LEAN_DECODE_MAX_TOKENS: usize = 8;
+/// Environment variable that moves the boundary between the streaming regime and the tiled
+/// GEMMs (default [`STREAM_MAX_TOKENS`]; read once per process, so captured graphs stay valid).
+pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 
-/// The (gate_up, down) decode entries for `tokens` tokens, the gate/up pairs one gate_up block
-/// covers and the output rows one down block covers (the grids divide I and H by them).
-fn decode_kernels(tokens: usize) -> Result<DecodeKernels> {
-    let setting = std::env::var(DECODE_VARIANT_ENV).ok();
-    decode_kernels_for(setting.as_deref(), tokens)
+/// Largest token count of the streaming regime by default. Up to here the layer reads every
+/// expert's weights about once (8 pairs per expert at 64 tokens), so it is bound by weight
+/// bytes, which the streaming kernels read at a higher rate than the tiled GEMMs decode them.
+pub const STREAM_MAX_TOKENS: usize = 128;
+
+fn stream_max_tokens() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var(STREAM_MAX_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(STREAM_MAX_TOKENS)
+    })
 }
 
-/// (gate_up entry, down entry, gate/up pairs per gate_up block, output rows per down block).
-type DecodeKernels = (&'static str, &'static str, usize, usize);
+/// Warps per streaming block (kernels/moe.cu `STR_WARPS`).
+const STR_WARPS: usize = 8;
+/// Dynamic shared memory of a streaming block: `STR_WARPS` rings of `STR_DEPTH` 1 KB stages.
+const STR_RING_BYTES: usize = STR_WARPS * 4 * 1024;
+
+/// Which kernels the decode regime runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecodeKernels {
+    /// `moe_str_*` (then `moe_combine`).
+    Stream,
+    /// Older two-launch kernels: (gate_up entry, down entry, gate/up pairs per gate_up block,
+    /// output rows per down block).
+    Older(&'static str, &'static str, usize, usize),
+}
+
+fn decode_kernels(tokens: usize) -> Result<DecodeKernels> {
+    let setting = std::env::var(DECODE_VARIANT_ENV).ok();
+    let _ = tokens;
+    decode_kernels_for(setting.as_deref())
+}
 
 /// [`decode_kernels`] for an explicit setting (`None` = the variable is unset).
-fn decode_kernels_for(setting: Option<&str>, tokens: usize) -> Result<DecodeKernels> {
+fn decode_kernels_for(setting: Option<&str>) -> Result<DecodeKernels> {
     // moe_dec2_up: 4 row groups of 8 pairs, each split over 2 warps; moe_dec2_down: 8 rows.
-    const LEAN: DecodeKernels = ("moe_dec2_up", "moe_dec2_down", 32, 8);
+    const LEAN: DecodeKernels = DecodeKernels::Older("moe_dec2_up", "moe_dec2_down", 32, 8);
     // moe_dec_up: one row group of 8 pairs per warp; moe_dec_down: 16 rows.
-    const FIRST: DecodeKernels = ("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16);
+    const FIRST: DecodeKernels =
+        DecodeKernels::Older("moe_dec_up", "moe_dec_down", 8 * DEC_WARPS, 16);
     match setting.map(str::trim) {
-        None | Some("") | Some("auto") => Ok(if tokens <= LEAN_DECODE_MAX_TOKENS {
-            LEAN
-        } else {
-            FIRST
-        }),
+        None | Some("") | Some("auto") | Some("3") => Ok(DecodeKernels::Stream),
         Some("2") => Ok(LEAN),
         Some("1") => Ok(FIRST),
         Some(other) => Err(Error::arg(format!(
-            "{DECODE_VARIANT_ENV}={other:?}: expected auto (default), 1 (first decode kernels) \
-             or 2 (lean decode kernels)"
+            "{DECODE_VARIANT_ENV}={other:?}: expected auto (default), 3 (streaming kernels), \
+             2 (lean decode kernels) or 1 (first decode kernels)"
         ))),
     }
+}
+
+/// K split of a streaming launch: the smallest of 1, 2, 4, 8 that gives `groups` 16-row
+/// groups at least `target_warps` warps (about two blocks of 8 warps per SM), so a single
+/// decode token still fills the GPU while large batches keep whole rows per warp.
+fn stream_k_split(groups: usize, target_warps: usize) -> usize {
+    let mut ks = 1;
+    while ks < 8 && groups * ks < target_warps {
+        ks *= 2;
+    }
+    ks
+}
+
+/// Launches `moe_str_up` then `moe_str_down` (`p.str_grouped` set by the caller).
+fn launch_stream(
+    dev: &GpuDevice,
+    func: &dyn Fn(&str) -> Result<KernelFn>,
+    args: &MoeArgs,
+    p: &MoeParams,
+    nt: usize,
+) -> Result<()> {
+    let (t, k, e) = (args.tokens, args.topk, args.experts);
+    let slots = e.min(t * k);
+    let target = dev.sm_count() as usize * 2 * STR_WARPS;
+    let smem = u32_of("shared memory", STR_RING_BYTES)?;
+    let block = (32 * STR_WARPS as u32, 1, 1);
+    for (name, rows) in [
+        ("moe_str_up", 2 * args.intermediate),
+        ("moe_str_down", args.hidden),
+    ] {
+        let ks = stream_k_split(slots * rows.div_ceil(16), target);
+        let mut q = *p;
+        q.str_ks = to_i32("k split", ks)?;
+        let f = func(&format!("{name}_n{nt}"))?;
+        let gx = u32_of(name, rows.div_ceil(16 * (STR_WARPS / ks)))?;
+        // SAFETY: as in moe_forward; the grid covers rows / (16 * 8 / ks) blocks per expert
+        // slot and the ring is the dynamic shared memory the kernel indexes.
+        unsafe {
+            dev.launch(
+                &f,
+                (gx, u32_of("expert slots", slots)?, 1),
+                block,
+                smem,
+                args.stream,
+                &q,
+            )?
+        };
+    }
+    Ok(())
 }
 
 /// Runs the whole MoE block; returns the regime it used. `tuning` overrides the device's.
@@ -587,8 +675,8 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     // MoeParams; every pointer in it was checked non-null/aligned by `validate`, and the Python
     // op checked each tensor's dtype, device, contiguity and shape against these sizes; the
     // workspace is at least `layout.total` bytes. Grids match what each kernel indexes.
-    // Router-weights mode: logits and top-k in their own launch, except for small prefill
-    // batches where moe_group routes (decode has no moe_group).
+    // Router-weights mode: logits and top-k in their own launch, except for small batches
+    // where moe_group routes (decode has no moe_group).
     let route_launch = args.route_mode == ROUTE_WEIGHTS
         || (args.route_mode == ROUTE_LOGITS && regime != Regime::Decode && p.fuse_route == 0);
     if route_launch {
@@ -598,18 +686,29 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     }
     let block = (32 * DEC_WARPS as u32, 1, 1);
     match regime {
-        Regime::Decode => {
-            // moe_dec_up routes (logits) or reads the routing itself and groups per block;
-            // moe_dec_down fuses the combine: two launches in all.
-            let slots = u32_of("expert slots", e.min(t * k))?;
-            let (up_name, down_name, pairs_per_block, rows_per_down_block) = decode_kernels(t)?;
-            let up = func(up_name)?;
-            let gx = u32_of("dec_up", args.intermediate.div_ceil(pairs_per_block))?;
-            unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
-            let down = func(down_name)?;
-            let gx = u32_of("dec_down", args.hidden.div_ceil(rows_per_down_block))?;
-            unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
-            return Ok(regime);
+        Regime::Decode => match decode_kernels(t)? {
+            DecodeKernels::Stream => {
+                // Each block routes (logits) or reads the routing itself; gate_up's block
+                // (0, 0) stores it for moe_combine.
+                launch_stream(&dev, &func, args, &p, if t <= 8 { 1 } else { 2 })?;
+            }
+            DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
+                // moe_dec_up routes (logits) or reads the routing itself and groups per block;
+                // moe_dec_down fuses the combine: two launches in all.
+                let slots = u32_of("expert slots", e.min(t * k))?;
+                let up = func(up_name)?;
+                let gx = u32_of("dec_up", args.intermediate.div_ceil(pairs_per_block))?;
+                unsafe { dev.launch(&up, (gx, slots, 1), block, 0, s, &p)? };
+                let down = func(down_name)?;
+                let gx = u32_of("dec_down", args.hidden.div_ceil(rows_per_down_block))?;
+                unsafe { dev.launch(&down, (gx, 1, 1), block, 0, s, &p)? };
+                return Ok(regime);
+            }
+        },
+        Regime::Stream => {
+            let f = func("moe_group")?;
+            unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
+            launch_stream(&dev, &func, args, &p, 2)?;
         }
         Regime::Prefill { bm, stages } => {
             let f = func("moe_group")?;
@@ -715,6 +814,7 @@ fn py_moe_forward(py: Python<'_>, args: &Bound<'_, PyDict>) -> PyResult<String> 
     let regime = py.detach(|| moe_forward(&a, tuning))?;
     Ok(match regime {
         Regime::Decode => "decode".to_string(),
+        Regime::Stream => "stream".to_string(),
         Regime::Prefill { bm, stages } => format!("prefill_m{bm}s{stages}"),
     })
 }
@@ -748,6 +848,7 @@ fn py_moe_regime(tokens: usize, top_k: usize, experts: usize, tuning: &str) -> P
         .ok_or_else(|| Error::arg("tuning: name a concrete tuning (sm80, sm86 or sm90)"))?;
     Ok(match Regime::choose(tokens, top_k, experts, t) {
         Regime::Decode => "decode".to_string(),
+        Regime::Stream => "stream".to_string(),
         Regime::Prefill { bm, stages } => format!("prefill_m{bm}s{stages}"),
     })
 }
@@ -763,22 +864,38 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn decode_kernel_choice_follows_the_setting_and_token_count() {
-        let lean = decode_kernels_for(None, 1).unwrap();
-        assert_eq!(lean.0, "moe_dec2_up");
+    fn decode_kernel_choice_follows_the_setting() {
+        assert_eq!(decode_kernels_for(None).unwrap(), DecodeKernels::Stream);
         assert_eq!(
-            decode_kernels_for(Some("auto"), LEAN_DECODE_MAX_TOKENS).unwrap(),
-            lean
+            decode_kernels_for(Some(" auto")).unwrap(),
+            DecodeKernels::Stream
         );
-        let first = decode_kernels_for(Some(" "), LEAN_DECODE_MAX_TOKENS + 1).unwrap();
-        assert_eq!(first.0, "moe_dec_up");
-        assert_eq!(decode_kernels_for(Some("2"), 16).unwrap(), lean);
-        assert_eq!(decode_kernels_for(Some("1"), 1).unwrap(), first);
-        let err = decode_kernels_for(Some("3"), 1).unwrap_err().to_string();
+        assert_eq!(
+            decode_kernels_for(Some("3")).unwrap(),
+            DecodeKernels::Stream
+        );
+        assert!(matches!(
+            decode_kernels_for(Some("2")).unwrap(),
+            DecodeKernels::Older("moe_dec2_up", "moe_dec2_down", 32, 8)
+        ));
+        assert!(matches!(
+            decode_kernels_for(Some("1")).unwrap(),
+            DecodeKernels::Older("moe_dec_up", "moe_dec_down", 64, 16)
+        ));
+        let err = decode_kernels_for(Some("4")).unwrap_err().to_string();
         assert!(
-            err.contains(DECODE_VARIANT_ENV) && err.contains("\"3\""),
+            err.contains(DECODE_VARIANT_ENV) && err.contains("\"4\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn stream_k_split_fills_the_gpu_once() {
+        // H100 (132 SMs, target 2112 warps): one token touches 4 experts.
+        assert_eq!(stream_k_split(4 * 360, 2112), 2); // gate_up, 5760 rows
+        assert_eq!(stream_k_split(4 * 180, 2112), 4); // down, 2880 rows
+        assert_eq!(stream_k_split(32 * 360, 2112), 1); // every expert touched
+        assert_eq!(stream_k_split(1, 2112), 8);
     }
 
     use super::*;
@@ -822,8 +939,8 @@ mod tests {
 
     #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 16 i32 (kernels/moe.cu MoeParams).
-        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 16 * 4);
+        // 26 pointers + 18 i32 (kernels/moe.cu MoeParams).
+        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 18 * 4);
     }
 
     #[test]
@@ -876,8 +993,13 @@ mod tests {
     fn regime_is_static_in_the_token_count() {
         assert_eq!(Regime::choose(1, 4, 32, Tuning::Sm90), Regime::Decode);
         assert_eq!(Regime::choose(16, 4, 32, Tuning::Sm86), Regime::Decode);
+        assert_eq!(Regime::choose(17, 4, 32, Tuning::Sm86), Regime::Stream);
         assert_eq!(
-            Regime::choose(17, 4, 32, Tuning::Sm86),
+            Regime::choose(STREAM_MAX_TOKENS, 4, 32, Tuning::Sm86),
+            Regime::Stream
+        );
+        assert_eq!(
+            Regime::choose(STREAM_MAX_TOKENS + 1, 4, 32, Tuning::Sm90),
             Regime::Prefill { bm: 64, stages: 2 }
         );
         assert_eq!(

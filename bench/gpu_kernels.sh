@@ -1,0 +1,72 @@
+#!/bin/bash
+# One GPU-host call for kernel work (no vLLM needed): installs the carried wheel, then runs the
+# named steps in order and leaves logs and JSON in $OUT. Carry .gpu-wheel and COMMIT.
+#
+#   bash bench/gpu_kernels.sh moetest moebench moeprofile
+#
+# Steps:
+#   moetest     GPU tests of the MoE op (every kernel variant is checked against fp32 references)
+#   nf4test     GPU tests of the NF4 linear / dequantize / quantize ops
+#   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
+#               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
+#               streaming regime against the GEMMs at 256 and 512 tokens
+#   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
+#   nf4bench    bench_nf4_linear.py on the issue's shapes
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/gp PYTHONUNBUFFERED=1
+pip install -q --no-deps --upgrade --target /tmp/gp .gpu-wheel/*.whl > "$OUT/pip.log" 2>&1
+commit=$(cat COMMIT 2>/dev/null || echo unknown)
+{ date -u; echo "commit $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
+  | tee "$OUT/card.txt"
+
+bench_moe() {  # name, then bench_moe.py arguments
+  local name=$1
+  shift
+  python3 bench/bench_moe.py --layers 24 --commit "$commit" --out "$OUT/moe_$name.json" "$@" \
+    2>&1 | tee "$OUT/moe_$name.log" | grep -v "^wrote"
+}
+
+for step in "$@"; do
+  echo "== $step ($(date -u +%T))"
+  case $step in
+    moetest)
+      python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py -s \
+        > "$OUT/test_moe_gpu.log" 2>&1
+      grep -E "passed|failed|error|rel err|vs fp32" "$OUT/test_moe_gpu.log" | tail -40
+      ;;
+    nf4test)
+      python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_nf4_gpu.py \
+        > "$OUT/test_nf4_gpu.log" 2>&1
+      tail -5 "$OUT/test_nf4_gpu.log"
+      ;;
+    moebench)
+      bench_moe default --tokens 1,2,4,8,16,32,64,128 --tunings auto,sm86 --no-baselines
+      GPTOSS_3090_MOE_DECODE=2 GPTOSS_3090_MOE_STREAM_MAX_TOKENS=16 \
+        bench_moe previous --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines
+      GPTOSS_3090_MOE_STREAM_MAX_TOKENS=1024 \
+        bench_moe stream_large --tokens 256,512 --tunings auto --no-baselines
+      bench_moe gemm_large --tokens 256,512 --tunings auto --no-baselines
+      ;;
+    moeprofile)
+      ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+      sec="--section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section Occupancy --section InstructionStats"
+      for t in 1 16; do
+        # shellcheck disable=SC2086
+        $ncu --graph-profiling node -k regex:'moe_str' -c 2 $sec \
+          python3 bench/bench_moe.py --tokens $t --tunings auto --layers 2 --no-baselines \
+          --iters 1 > "$OUT/ncu_moe_str_t$t.txt" 2>&1
+        grep -E "moe_str|Duration|DRAM Through|Registers Per|Achieved Occ|Issued Warp|Warp Cycles Per Issued" \
+          "$OUT/ncu_moe_str_t$t.txt"
+      done
+      ;;
+    nf4bench)
+      python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
+        --tunings auto,sm86 --no-bnb --out "$OUT/nf4_linear.json" 2>&1 | tee "$OUT/nf4_linear.log"
+      ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "== done ($(date -u +%T))"
