@@ -10,11 +10,16 @@
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
 #               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
 #               streaming regime against the GEMMs at 256 and 512 tokens
+#   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
+#               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
 #   nf4bench    bench_nf4_linear.py on the shapes
+# Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/out}
+OUT=/root/kern
+mkdir -p "$OUT" "$FINAL"
+trap 'tar czf "$FINAL/kernels.tgz" -C "$OUT" .' EXIT
 export PYTHONPATH=/tmp/gp PYTHONUNBUFFERED=1
 pip install -q --no-deps --upgrade --target /tmp/gp .gpu-wheel/*.whl > "$OUT/pip.log" 2>&1
 commit=$(cat COMMIT 2>/dev/null || echo unknown)
@@ -48,6 +53,13 @@ for step in "$@"; do
       GPTOSS_3090_MOE_STREAM_MAX_TOKENS=1024 \
         bench_moe stream_large --tokens 256,512 --tunings auto --no-baselines
       bench_moe gemm_large --tokens 256,512 --tunings auto --no-baselines
+      ;;
+    moevariants)
+      for d in .gpu-variants/*/; do
+        v=$(basename "$d")
+        echo "-- variant $v"
+        GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens 1,4,16,64 --tunings auto --no-baselines
+      done
       ;;
     moeprofile)
       ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}

@@ -1245,19 +1245,37 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 //   SwiGLU-OAI), down writes out[pair] (bias), and moe_combine sums each token's k outputs.
 // ---------------------------------------------------------------------------------------------
 #define STR_WARPS 8
-#ifndef STR_DEPTH
-#define STR_DEPTH 4
+#define STR_DEPTH 4  // stages per warp ring (STR_DEPTH - 1 chunks in flight)
+// Blocks per SM the streaming kernels are compiled for. The 70 KB of shared memory allow 3
+// blocks on sm_80/sm_90 (80 registers for one token tile, 128 for two) but only 1 on the
+// 100 KB SMs of sm_86/sm_89, which may then use every register they like.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+#define STR_SMALL_SMEM 1
 #endif
-#define STR_STAGE_BYTES 1024  // one chunk: 16 rows x 64 bytes (128 k)
-// Blocks per SM the streaming kernels are compiled for: 2 gives 128 registers, enough for the
-// 8 * NT token columns without spills or rematerialised lookup offsets (3 leaves 80 and the
-// compiler recomputes lane offsets inside every table lookup).
-#ifndef STR_MIN_BLOCKS
-#define STR_MIN_BLOCKS 2
+#ifndef STR_MIN_BLOCKS_N1
+#ifdef STR_SMALL_SMEM
+#define STR_MIN_BLOCKS_N1 1
+#else
+#define STR_MIN_BLOCKS_N1 3
+#endif
+#endif
+#ifndef STR_MIN_BLOCKS_N2
+#ifdef STR_SMALL_SMEM
+#define STR_MIN_BLOCKS_N2 1
+#else
+#define STR_MIN_BLOCKS_N2 2
+#endif
 #endif
 
+// Dynamic shared memory: 256 table entries of 256 bytes. Bytes [0, 128) of entry b hold the
+// code pair of byte b once per lane (lane l reads 4 l, so a warp's 32 lookups hit 32 banks);
+// bytes [128, 256) are a 128-byte hole, and the 256 holes hold the warps' rings (8 warps x
+// STR_DEPTH stages x 8 holes). The 256-byte stride makes a lookup address one PRMT (byte b of a
+// weight word into bits 8..15, the lane's 4 l into bits 0..7) instead of a shift and a LOP3.
+#define STR_TABLE_BYTES (256 * 256)
+#define STR_STAGE_STRIDE 2048  // 8 holes (two 64-byte rows each) per 1 KB stage
+
 struct StrShared {
-    u32 lut2[256 * 32];  // per-lane code-pair table (see DecShared)
     float nmap[256];
     u32 mask[MOE_MAX_EXPERTS / 32];
     int ids[DEC_MAX_PAIRS];
@@ -1276,70 +1294,88 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
     return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
 }
 
-// Byte offset of (fragment row fr, 32-byte half h) in a stage. The halves swap on every other
-// row pair so the 8-byte reads of a half-warp (rows g .. g + 3, 4 lanes each) hit 32 distinct
-// banks.
-__device__ __forceinline__ int str_swz(int fr, int h) {
-    return fr * 64 + ((h ^ ((fr >> 1) & 1)) << 5);
+// Byte offset of (fragment row fr, 32-byte half h) inside a stage: rows fr, fr ^ 1 share a hole,
+// and the halves swap on every other hole, so the 8-byte reads of a half-warp (rows g .. g + 3,
+// 4 lanes each) hit 32 distinct banks.
+__device__ __forceinline__ int str_row_off(int fr, int h) {
+    return (fr >> 1) * 256 + 128 + (fr & 1) * 64 + ((h ^ ((fr >> 1) & 1)) << 5);
+}
+
+// Fills the code-pair table: thread b writes entry b's 32 replicas with 8 16-byte stores,
+// rotated by b so that the 8 threads of a store phase hit 8 bank groups.
+template <int DTYPE>
+__device__ __forceinline__ void str_table(u8* table, StrShared& sh, u64 nested_map) {
+    const int b = threadIdx.x;  // STR_WARPS * 32 == 256 entries
+    const float gamma = dec_gamma<DTYPE>();
+    const u32 pair = pack_half2<DTYPE>(gamma * kNf4Code[b >> 4], gamma * kNf4Code[b & 15]);
+    u32x4* row = (u32x4*)(table + b * 256);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) row[(j + b) & 7] = u32x4{pair, pair, pair, pair};
+    if (nested_map) sh.nmap[b] = ld_nc_f32((const float*)nested_map + b);
+}
+
+// The code pair of byte `sel` (0..3) of w: PRMT puts the byte in bits 8..15 of the table offset
+// and the lane's byte offset (lane4 < 128) in bits 0..7.
+template <int SEL>
+__device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
+    return *(const u32*)(table + __byte_perm(w, lane4, 0x5504 | (SEL << 4)));
 }
 
 // Per-lane addressing of one warp's stream, fixed for the whole stream.
 struct StrLane {
-    const u8* packed;   // the expert's packed codes
-    u32 src[2];         // byte offsets of this lane's two 16-byte pieces of chunk 0
-    u32 dst[2];         // their byte offsets in a stage
-    bool ok[2];         // their rows exist
-    bool hi[2];         // the piece lies in the chunk's second 64-k block
-    const u8* amb;      // statistics of the expert (u8 codes or f32)
+    const u8* src[2];  // this lane's two 16-byte pieces of chunk 0
+    int dst[2];        // their offsets in a stage
+    bool hi[2];        // the piece lies in the chunk's second 64-k block
+    const u8* amb;     // this lane's statistic of chunk 0: u8 code (nested) or f32
     const float* nested;
-    u32 blk0;           // block index of this lane's statistic in chunk 0
-    bool oka;           // its row exists
+    int blk0;          // block index of that statistic (nested: selects the nested absmax)
 };
 
-// Issues chunk j into `stage`: two 16-byte cp.async per lane (zero-filled past the row end, in
-// the last chunk when K / 64 is odd), plus this lane's statistic into registers.
-__device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, bool nested,
-                                          u8* stage, u32& am_raw, float& am_scale) {
+// Issues chunk j into `stage`: two 16-byte cp.async per lane (the second block's pieces read
+// nothing past the row end when K / 64 is odd), plus this lane's statistic into registers.
+template <bool NESTED>
+__device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* stage,
+                                          u32& am_raw, float& am_scale) {
+    const bool second = 2 * j + 1 < nkb;  // warp-uniform
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const bool ok = l.ok[q] && (!l.hi[q] || 2 * j + 1 < nkb);
-        cp_async_16_zfill(stage + l.dst[q], l.packed + (ok ? l.src[q] + 64u * j : 0u), ok ? 16u : 0u);
-    }
-    const u32 blk = l.blk0 + 2u * j;
-    const bool oka = l.oka && 2 * j + (int)(threadIdx.x & 1) < nkb;
-    if (nested) {
-        am_raw = ld_nc_u8_if(l.amb + blk, oka);
-        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + (blk >> 8), oka));
+    for (int q = 0; q < 2; ++q)
+        cp_async_16_zfill(stage + l.dst[q], l.src[q] + 64 * j, (second || !l.hi[q]) ? 16u : 0u);
+    const bool oka = second || !(threadIdx.x & 1);
+    if (NESTED) {
+        am_raw = ld_nc_u8_if(l.amb + 2 * j, oka);
+        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + ((l.blk0 + 2 * j) >> 8), oka));
     } else {
-        am_raw = ld_nc_b32_if((const float*)l.amb + blk, oka);
+        am_raw = ld_nc_b32_if(l.amb + 8 * j, oka);
         am_scale = 0.0f;
     }
 }
 
 // acc[nt] += W(chunk j) x X(chunk j, tile nt) from a filled stage.
-template <int DTYPE, int NT>
-__device__ __forceinline__ void str_compute(const u8* stage, int j, int nkb, bool nested,
+template <int DTYPE, int NT, bool NESTED>
+__device__ __forceinline__ void str_compute(const u8* table, const u8* stage, int j, int nkb,
                                             float am_off, u32 am_raw, float am_scale,
                                             const u16* const (&src)[NT], const float* nmap,
-                                            const char* lut_lane, float (&acc)[NT][4]) {
+                                            float (&acc)[NT][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u32 lane4 = 4 * lane;
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
     // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
-    const float am = (nested ? __fadd_rn(__fmul_rn(nmap[am_raw], am_scale), am_off)
+    const float am = (NESTED ? __fadd_rn(__fmul_rn(nmap[am_raw], am_scale), am_off)
                              : __uint_as_float(am_raw)) * inv_gamma;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         if (h == 1 && 2 * j + 1 >= nkb) break;  // warp-uniform: odd block count
         const float sc0 = __shfl_sync(0xffffffffu, am, 2 * g + h);
         const float sc1 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + h);
-        const u32x2 wa = *(const u32x2*)(stage + str_swz(g, h) + 8 * c);
-        const u32x2 wb = *(const u32x2*)(stage + str_swz(g + 8, h) + 8 * c);
+        const u32x2 wa = *(const u32x2*)(stage + str_row_off(g, h) + 8 * c);
+        const u32x2 wb = *(const u32x2*)(stage + str_row_off(g + 8, h) + 8 * c);
         const int k0 = 128 * j + 64 * h + 16 * c;
         u32 xw[NT][8];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const u32x4 v0 = ld_nc_16_if(src[nt] + k0, src[nt] != nullptr);
-            const u32x4 v1 = ld_nc_16_if(src[nt] + k0 + 8, src[nt] != nullptr);
+            // Columns past the expert's pairs read a valid row; their results are never stored.
+            const u32x4 v0 = ld_global_nc_16(src[nt] + k0);
+            const u32x4 v1 = ld_global_nc_16(src[nt] + k0 + 8);
             xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
             xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
         }
@@ -1348,13 +1384,22 @@ __device__ __forceinline__ void str_compute(const u8* stage, int j, int nkb, boo
         for (int st = 0; st < 4; ++st) {
             // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
             const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
-            const int shf = (st & 1) * 16;
-            const u32 a[4] = {dec2_pair(r0, shf, lut_lane), dec2_pair(r1, shf, lut_lane),
-                              dec2_pair(r0, shf + 8, lut_lane), dec2_pair(r1, shf + 8, lut_lane)};
+            u32 a[4];
+            if (st & 1) {
+                a[0] = str_pair<2>(table, r0, lane4);
+                a[1] = str_pair<2>(table, r1, lane4);
+                a[2] = str_pair<3>(table, r0, lane4);
+                a[3] = str_pair<3>(table, r1, lane4);
+            } else {
+                a[0] = str_pair<0>(table, r0, lane4);
+                a[1] = str_pair<0>(table, r1, lane4);
+                a[2] = str_pair<1>(table, r0, lane4);
+                a[3] = str_pair<1>(table, r1, lane4);
+            }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
-                const u32 b[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
-                if (st == 0) mma_zero<DTYPE>(d[nt], a, b); else mma_acc<DTYPE>(d[nt], a, b);
+                const u32 bb[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
+                if (st == 0) mma_zero<DTYPE>(d[nt], a, bb); else mma_acc<DTYPE>(d[nt], a, bb);
             }
         }
         // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
@@ -1369,17 +1414,15 @@ __device__ __forceinline__ void str_compute(const u8* stage, int j, int nkb, boo
 }
 
 // Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring.
-template <int DTYPE, int NT>
-__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb,
-                                           bool nested, float am_off, u8* ring,
-                                           const u16* const (&src)[NT], const StrShared& sh,
-                                           float (&acc)[NT][4]) {
-    const char* lut_lane = (const char*)sh.lut2 + 4 * (threadIdx.x & 31);
+template <int DTYPE, int NT, bool NESTED>
+__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
+                                           u8* table, u8* ring, const u16* const (&src)[NT],
+                                           const float* nmap, float (&acc)[NT][4]) {
     u32 raw[STR_DEPTH];
     float scl[STR_DEPTH];
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
-        if (u < n) str_issue(l, jb + u, nkb, nested, ring + u * STR_STAGE_BYTES, raw[u], scl[u]);
+        if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, raw[u], scl[u]);
         cp_async_commit();  // empty groups keep the count uniform
     }
     for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
@@ -1390,28 +1433,28 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
             __syncwarp();  // every lane is done reading stage nu
             if (i + STR_DEPTH - 1 < n)
-                str_issue(l, jb + i + STR_DEPTH - 1, nkb, nested,
-                          ring + nu * STR_STAGE_BYTES, raw[nu], scl[nu]);
+                str_issue<NESTED>(l, jb + i + STR_DEPTH - 1, nkb, ring + nu * STR_STAGE_STRIDE,
+                                  raw[nu], scl[nu]);
             cp_async_commit();
             cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
             __syncwarp();                    // ... and every other lane's
-            str_compute<DTYPE, NT>(ring + u * STR_STAGE_BYTES, jb + i, nkb, nested, am_off,
-                                   raw[u], scl[u], src, sh.nmap, lut_lane, acc);
+            str_compute<DTYPE, NT, NESTED>(table, ring + u * STR_STAGE_STRIDE, jb + i, nkb,
+                                           am_off, raw[u], scl[u], src, nmap, acc);
         }
     }
     cp_async_wait<0>();
 }
 
-template <int DTYPE, bool UP, int NT>
+template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
-    extern __shared__ __align__(16) u8 str_ring[];  // STR_WARPS x STR_DEPTH stages
-    dec2_tables<DTYPE>(sh, p.nested_map);
+    extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
+    str_table<DTYPE>(str_smem, sh, p.nested_map);
     int e, cnt;
     const int* gpairs = nullptr;  // grouped: the expert's pair list in ws_sorted
     if (p.str_grouped) {
         const int n_active = ((const int*)p.ws_meta)[0];
-        __syncthreads();  // tables
+        __syncthreads();  // table
         if ((int)blockIdx.y >= n_active) return;  // block-uniform
         e = ((const int*)p.ws_active)[blockIdx.y];
         cnt = ((const int*)p.ws_counts)[e];
@@ -1430,71 +1473,69 @@ __device__ void moe_str(const MoeParams& p) {
     const int g = lane >> 2, c = lane & 3;
     const int rg = warp / ks, kp = warp % ks;
     const int r0 = (blockIdx.x * groups + rg) * 16;  // first memory row of the warp's group
-    const bool active = r0 < N;                      // warp-uniform (N is a multiple of 16)
+    const bool active = r0 < N;  // warp-uniform; N is a multiple of 16, so all 16 rows exist
     const int nkb = K / 64, nchunks = (nkb + 1) / 2, krow = K / 2;
     const int per = nchunks / ks, extra = nchunks % ks;
     const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
     const long long ee = e;
-    const bool nested = (UP ? p.gu_nested_flag : p.dn_nested_flag) != 0;
     float am_off = 0.0f;
     StrLane l;
-    l.packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * krow);
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
-        const int mr = str_mem_row<UP>(r0, fr);
-        l.ok[q] = active && mr < N;
-        l.src[q] = (u32)((l.ok[q] ? mr : 0) * krow + 16 * c4);
-        l.hi[q] = (c4 >> 1) != 0;
-        l.dst[q] = str_swz(fr, c4 >> 1) + 16 * (c4 & 1);
-    }
     {
-        const long long bpe = (long long)N * nkb;  // blocks per expert
+        const u8* packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * krow);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+            const int mr = active ? str_mem_row<UP>(r0, fr) : 0;
+            l.src[q] = packed + (long long)mr * krow + 16 * c4;
+            l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
+            l.hi[q] = (c4 >> 1) != 0;
+        }
         Dec2Rows r;
         dec2_expert_stats(UP ? p.gu_absmax : p.dn_absmax, UP ? p.gu_nested : p.dn_nested,
-                          UP ? p.gu_offset : p.dn_offset, nested ? 1 : 0,
-                          UP ? p.gu_nnb : p.dn_nnb, ee, bpe, r);
-        l.amb = r.amb;
+                          UP ? p.gu_offset : p.dn_offset, NESTED ? 1 : 0,
+                          UP ? p.gu_nnb : p.dn_nnb, ee, (long long)N * nkb, r);
+        const int mr = active ? str_mem_row<UP>(r0, lane >> 1) : 0;
+        l.blk0 = mr * nkb + (lane & 1);
+        l.amb = r.amb + (long long)l.blk0 * (NESTED ? 1 : 4);
         l.nested = r.nested;
         am_off = r.offset;
-        const int mr = str_mem_row<UP>(r0, lane >> 1);
-        l.oka = active && mr < N;
-        l.blk0 = (u32)((l.oka ? mr : 0) * nkb + (lane & 1));
     }
-    u8* ring = str_ring + warp * (STR_DEPTH * STR_STAGE_BYTES);
-    float* red = (float*)ring;  // this warp's partial sums after its stream (NT x 4 x 32 floats)
+    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    // This warp's partial sums after its stream: NT x 4 x 32 floats in the first 128 bytes of
+    // the first holes of its ring (the table halves of those entries are still being read).
+    auto red_at = [&](int w, int nt, int q) -> float* {
+        return (float*)(str_smem + w * (STR_DEPTH * STR_STAGE_STRIDE) + (nt * 4 + q) * 256 + 128);
+    };
     const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
 
     for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
         const u16* src[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int m = p0 + nt * 8 + g;
-            const int pr = m < cnt ? (gpairs ? gpairs[m] : sh.pairs[m]) : -1;
-            src[nt] = pr < 0 ? nullptr
-                    : UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
+            const int m = min(p0 + nt * 8 + g, cnt - 1);  // past the pairs: any valid row
+            const int pr = gpairs ? gpairs[m] : sh.pairs[m];
+            src[nt] = UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
                          : (const u16*)p.ws_h + (long long)pr * p.I;
         }
         float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
         if (active && n > 0)
-            str_stream<DTYPE, NT>(l, jb, n, nkb, nested, am_off, ring, src, sh, acc);
+            str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, am_off, str_smem, ring, src, sh.nmap, acc);
         if (ks > 1) {
             if (kp != 0) {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) red[(nt * 4 + q) * 32 + lane] = acc[nt][q];
+                    for (int q = 0; q < 4; ++q) red_at(warp, nt, q)[lane] = acc[nt][q];
             }
             __syncthreads();
             if (kp == 0) {
                 for (int o = 1; o < ks; ++o) {  // fixed order: deterministic
-                    const float* other = (const float*)(str_ring + (warp + o) * (STR_DEPTH * STR_STAGE_BYTES));
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                        for (int q = 0; q < 4; ++q) acc[nt][q] += other[(nt * 4 + q) * 32 + lane];
+                        for (int q = 0; q < 4; ++q) acc[nt][q] += red_at(warp + o, nt, q)[lane];
                 }
             }
         }
@@ -1518,7 +1559,7 @@ __device__ void moe_str(const MoeParams& p) {
                     }
                 }
         }
-        if (ks > 1) __syncthreads();  // the rings (holding red) are refilled by the next pass
+        if (ks > 1) __syncthreads();  // the holes holding the sums are refilled by the next pass
     }
 }
 
@@ -1847,27 +1888,51 @@ extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_
     moe_gemm<DTYPE_F16, false, 128, 4, true>(p);
 }
 
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n1_bf16(const MoeParams p) {
-    moe_str<DTYPE_BF16, true, 1>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 1, true>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n1_f16(const MoeParams p) {
-    moe_str<DTYPE_F16, true, 1>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 1, true>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n2_bf16(const MoeParams p) {
-    moe_str<DTYPE_BF16, true, 2>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 1, false>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_up_n2_f16(const MoeParams p) {
-    moe_str<DTYPE_F16, true, 2>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 1, false>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n1_bf16(const MoeParams p) {
-    moe_str<DTYPE_BF16, false, 1>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 2, true>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n1_f16(const MoeParams p) {
-    moe_str<DTYPE_F16, false, 1>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 2, true>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n2_bf16(const MoeParams p) {
-    moe_str<DTYPE_BF16, false, 2>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 2, false>(p);
 }
-extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS) void moe_str_down_n2_f16(const MoeParams p) {
-    moe_str<DTYPE_F16, false, 2>(p);
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 1, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 1, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 1, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 1, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 2, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 2, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 2, false>(p);
 }

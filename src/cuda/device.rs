@@ -248,6 +248,25 @@ impl GpuDevice {
         self.smem_optin
     }
 
+    /// How many blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory one
+    /// SM holds at once for `f` (registers, static and dynamic shared memory all counted).
+    pub fn max_active_blocks(&self, f: &KernelFn, threads: u32, dyn_smem: u32) -> Result<u32> {
+        self.bind()?;
+        let mut n: c_int = 0;
+        // SAFETY: valid function handle of this context; `n` outlives the call.
+        unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut n,
+                f.func.0,
+                threads as c_int,
+                dyn_smem as usize,
+            )
+        }
+        .result()
+        .map_err(|e| drv(&format!("occupancy of {}", f.name), e))?;
+        Ok(n.max(1) as u32)
+    }
+
     /// Shared memory per SM.
     pub fn shared_per_sm(&self) -> u32 {
         self.smem_per_sm

@@ -571,8 +571,9 @@ fn stream_max_tokens() -> usize {
 
 /// Warps per streaming block (kernels/moe.cu `STR_WARPS`).
 const STR_WARPS: usize = 8;
-/// Dynamic shared memory of a streaming block: `STR_WARPS` rings of `STR_DEPTH` 1 KB stages.
-const STR_RING_BYTES: usize = STR_WARPS * 4 * 1024;
+/// Dynamic shared memory of a streaming block (kernels/moe.cu `STR_TABLE_BYTES`): the code-pair
+/// table with the warps' rings in its holes.
+const STR_TABLE_BYTES: usize = 256 * 256;
 
 /// Which kernels the decode regime runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -608,15 +609,22 @@ fn decode_kernels_for(setting: Option<&str>) -> Result<DecodeKernels> {
     }
 }
 
-/// K split of a streaming launch: the smallest of 1, 2, 4, 8 that gives `groups` 16-row
-/// groups at least `target_warps` warps (about two blocks of 8 warps per SM), so a single
-/// decode token still fills the GPU while large batches keep whole rows per warp.
-fn stream_k_split(groups: usize, target_warps: usize) -> usize {
-    let mut ks = 1;
-    while ks < 8 && groups * ks < target_warps {
-        ks *= 2;
+/// K split of a streaming launch with `groups` 16-row groups (all expert slots) and room for
+/// `resident` blocks at once: 1, 2, 4 or 8 warps per group, whichever needs the fewest block
+/// waves per unit of K (`ceil(blocks / resident) / ks`; a split must win by 5%, since the
+/// partial sums cost a reduction). A single decode token thus still fills the GPU, and the last
+/// wave is not a small remainder.
+fn stream_k_split(groups: usize, resident: usize) -> usize {
+    let resident = resident.max(1);
+    let mut best = (1usize, f64::INFINITY);
+    for ks in [1usize, 2, 4, 8] {
+        let blocks = groups.div_ceil(STR_WARPS / ks);
+        let cost = blocks.div_ceil(resident) as f64 / ks as f64;
+        if cost < best.1 * 0.95 {
+            best = (ks, cost);
+        }
     }
-    ks
+    best.0
 }
 
 /// Launches `moe_str_up` then `moe_str_down` (`p.str_grouped` set by the caller).
@@ -629,25 +637,25 @@ fn launch_stream(
 ) -> Result<()> {
     let (t, k, e) = (args.tokens, args.topk, args.experts);
     let slots = e.min(t * k);
-    let target = dev.sm_count() as usize * 2 * STR_WARPS;
-    let smem = u32_of("shared memory", STR_RING_BYTES)?;
-    let block = (32 * STR_WARPS as u32, 1, 1);
-    for (name, rows) in [
-        ("moe_str_up", 2 * args.intermediate),
-        ("moe_str_down", args.hidden),
-    ] {
-        let ks = stream_k_split(slots * rows.div_ceil(16), target);
+    let smem = u32_of("shared memory", STR_TABLE_BYTES)?;
+    let threads = 32 * STR_WARPS as u32;
+    let gu = ("moe_str_up", 2 * args.intermediate, args.gate_up.nested);
+    let dn = ("moe_str_down", args.hidden, args.down.nested);
+    for (name, rows, nested) in [gu, dn] {
+        let plain = if nested { "" } else { "_plain" };
+        let f = func(&format!("{name}_n{nt}{plain}"))?;
+        let per_sm = dev.max_active_blocks(&f, threads, smem)? as usize;
+        let ks = stream_k_split(slots * rows.div_ceil(16), per_sm * dev.sm_count() as usize);
         let mut q = *p;
         q.str_ks = to_i32("k split", ks)?;
-        let f = func(&format!("{name}_n{nt}"))?;
         let gx = u32_of(name, rows.div_ceil(16 * (STR_WARPS / ks)))?;
         // SAFETY: as in moe_forward; the grid covers rows / (16 * 8 / ks) blocks per expert
-        // slot and the ring is the dynamic shared memory the kernel indexes.
+        // slot and the table is the dynamic shared memory the kernel indexes.
         unsafe {
             dev.launch(
                 &f,
                 (gx, u32_of("expert slots", slots)?, 1),
-                block,
+                (threads, 1, 1),
                 smem,
                 args.stream,
                 &q,
@@ -891,11 +899,15 @@ mod tests {
 
     #[test]
     fn stream_k_split_fills_the_gpu_once() {
-        // H100 (132 SMs, target 2112 warps): one token touches 4 experts.
-        assert_eq!(stream_k_split(4 * 360, 2112), 2); // gate_up, 5760 rows
-        assert_eq!(stream_k_split(4 * 180, 2112), 4); // down, 2880 rows
-        assert_eq!(stream_k_split(32 * 360, 2112), 1); // every expert touched
-        assert_eq!(stream_k_split(1, 2112), 8);
+        // H100, 3 blocks per SM (396 resident): one token touches 4 experts.
+        assert_eq!(stream_k_split(4 * 360, 396), 2); // gate_up, 5760 rows: 360 blocks
+        assert_eq!(stream_k_split(4 * 180, 396), 4); // down, 2880 rows: 360 blocks
+
+        // 2 blocks per SM: 360 blocks would leave a small second wave, 720 fill three.
+        assert_eq!(stream_k_split(4 * 360, 264), 4);
+        // A 3090 (82 SMs, 1 block each), every expert touched: whole rows per warp.
+        assert_eq!(stream_k_split(32 * 360, 82), 1);
+        assert_eq!(stream_k_split(1, 396), 8); // one group: more warps on it
     }
 
     use super::*;
