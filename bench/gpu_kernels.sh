@@ -62,16 +62,20 @@ for step in "$@"; do
       done
       ;;
     moeprofile)
+      # Stall reasons of the gate_up streaming kernel at 1, 4, 16 and 64 tokens.
       ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
-      sec="--section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section LaunchStats --section Occupancy --section InstructionStats"
-      for t in 1 16; do
+      met="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+      met="$met,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.per_cycle_active"
+      met="$met,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts.sum,launch__registers_per_thread"
+      met="$met,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+      for t in ${PROFILE_TOKENS:-1 4 16 64}; do
         # shellcheck disable=SC2086
-        $ncu --graph-profiling node -k regex:'moe_str' -c 2 $sec \
+        $ncu --graph-profiling node -k regex:"${PROFILE_KERNELS:-moe_str_up}" -c 1 --metrics "$met" \
           python3 bench/bench_moe.py --tokens $t --tunings auto --layers 2 --no-baselines \
-          --iters 1 > "$OUT/ncu_moe_str_t$t.txt" 2>&1
-        grep -E "moe_str|Duration|DRAM Through|Registers Per|Achieved Occ|Issued Warp|Warp Cycles Per Issued" \
-          "$OUT/ncu_moe_str_t$t.txt"
+          --iters 1 > "$OUT/ncu_t$t.txt" 2>&1
+        echo "-- T=$t"
+        grep -E "moe_|duration|dram__|warps_active|issue_active|inst_executed|wavefronts|registers" "$OUT/ncu_t$t.txt" | sed 's/  */ /g'
+        grep -E "stalled" "$OUT/ncu_t$t.txt" | awk '$NF+0 >= 0.3' | sed 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//; s/  */ /g'
       done
       ;;
     nf4bench)

@@ -1354,8 +1354,8 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void str_compute(const u8* table, const u8* stage, int j, int nkb,
                                             float am_off, u32 am_raw, float am_scale,
-                                            const u16* const (&src)[NT], const float* nmap,
-                                            float (&acc)[NT][4]) {
+                                            const u16* const (&src)[NT], u32 cols,
+                                            const float* nmap, float (&acc)[NT][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 lane4 = 4 * lane;
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
@@ -1373,9 +1373,10 @@ __device__ __forceinline__ void str_compute(const u8* table, const u8* stage, in
         u32 xw[NT][8];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            // Columns past the expert's pairs read a valid row; their results are never stored.
-            const u32x4 v0 = ld_global_nc_16(src[nt] + k0);
-            const u32x4 v1 = ld_global_nc_16(src[nt] + k0 + 8);
+            // Columns past the expert's pairs load nothing (zeros): fewer L1 wavefronts.
+            const bool live = (cols >> nt) & 1u;
+            const u32x4 v0 = ld_nc_16_if(src[nt] + k0, live);
+            const u32x4 v1 = ld_nc_16_if(src[nt] + k0 + 8, live);
             xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
             xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
         }
@@ -1417,7 +1418,7 @@ __device__ __forceinline__ void str_compute(const u8* table, const u8* stage, in
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, const u16* const (&src)[NT],
-                                           const float* nmap, float (&acc)[NT][4]) {
+                                           u32 cols, const float* nmap, float (&acc)[NT][4]) {
     u32 raw[STR_DEPTH];
     float scl[STR_DEPTH];
 #pragma unroll
@@ -1439,7 +1440,7 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
             __syncwarp();                    // ... and every other lane's
             str_compute<DTYPE, NT, NESTED>(table, ring + u * STR_STAGE_STRIDE, jb + i, nkb,
-                                           am_off, raw[u], scl[u], src, nmap, acc);
+                                           am_off, raw[u], scl[u], src, cols, nmap, acc);
         }
     }
     cp_async_wait<0>();
@@ -1510,9 +1511,11 @@ __device__ void moe_str(const MoeParams& p) {
 
     for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
         const u16* src[NT];
+        u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int m = min(p0 + nt * 8 + g, cnt - 1);  // past the pairs: any valid row
+            cols |= (p0 + nt * 8 + g < cnt ? 1u : 0u) << nt;
+            const int m = min(p0 + nt * 8 + g, cnt - 1);
             const int pr = gpairs ? gpairs[m] : sh.pairs[m];
             src[nt] = UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
                          : (const u16*)p.ws_h + (long long)pr * p.I;
@@ -1521,7 +1524,8 @@ __device__ void moe_str(const MoeParams& p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
         if (active && n > 0)
-            str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, am_off, str_smem, ring, src, sh.nmap, acc);
+            str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, am_off, str_smem, ring, src, cols,
+                                          sh.nmap, acc);
         if (ks > 1) {
             if (kp != 0) {
 #pragma unroll
