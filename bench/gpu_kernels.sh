@@ -12,6 +12,7 @@
 #               streaming regime against the GEMMs at 256 and 512 tokens
 #   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
+#   moeks       bench_moe.py at 1, 4, 16 and 64 tokens with each forced K split
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
 #   nf4bench    bench_nf4_linear.py on the shapes
 # Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
@@ -59,6 +60,12 @@ for step in "$@"; do
         v=$(basename "$d")
         echo "-- variant $v"
         GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens 1,4,16,64 --tunings auto --no-baselines
+      done
+      ;;
+    moeks)
+      for ks in 1 2 4 8; do
+        echo "-- GPTOSS_3090_MOE_STREAM_KS=$ks"
+        GPTOSS_3090_MOE_STREAM_KS=$ks bench_moe "ks$ks" --tokens 1,4,16,64 --tunings auto --no-baselines
       done
       ;;
     moeprofile)

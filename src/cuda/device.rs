@@ -248,10 +248,39 @@ impl GpuDevice {
         self.smem_optin
     }
 
+    /// Raises `f`'s dynamic shared memory limit to `dyn_smem` bytes if it is lower (the
+    /// context must be bound).
+    fn allow_dyn_smem(&self, f: &KernelFn, dyn_smem: u32) -> Result<()> {
+        if dyn_smem > f.dyn_smem_limit.load(Ordering::Relaxed) {
+            // SAFETY: valid function handle; the value is within the device limit (checked by
+            // the callers against `smem_optin`).
+            unsafe {
+                sys::cuFuncSetAttribute(
+                    f.func.0,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dyn_smem as c_int,
+                )
+            }
+            .result()
+            .map_err(|e| drv(&format!("raising the shared memory limit of {}", f.name), e))?;
+            f.dyn_smem_limit.fetch_max(dyn_smem, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// How many blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory one
     /// SM holds at once for `f` (registers, static and dynamic shared memory all counted).
     pub fn max_active_blocks(&self, f: &KernelFn, threads: u32, dyn_smem: u32) -> Result<u32> {
+        if dyn_smem > self.smem_optin {
+            return Err(Error::arg(format!(
+                "{}: {dyn_smem} bytes of dynamic shared memory requested, the device allows {}",
+                f.name, self.smem_optin
+            )));
+        }
         self.bind()?;
+        // The occupancy calculator counts a dynamic size above the function's limit as not
+        // launchable (0 blocks), so the limit is raised first, as the launch will.
+        self.allow_dyn_smem(f, dyn_smem)?;
         let mut n: c_int = 0;
         // SAFETY: valid function handle of this context; `n` outlives the call.
         unsafe {
@@ -489,19 +518,7 @@ impl GpuDevice {
             )));
         }
         self.bind()?;
-        if dyn_smem > f.dyn_smem_limit.load(Ordering::Relaxed) {
-            // SAFETY: valid function handle; the value is within the device limit.
-            unsafe {
-                sys::cuFuncSetAttribute(
-                    f.func.0,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    dyn_smem as c_int,
-                )
-            }
-            .result()
-            .map_err(|e| drv(&format!("raising the shared memory limit of {}", f.name), e))?;
-            f.dyn_smem_limit.fetch_max(dyn_smem, Ordering::Relaxed);
-        }
+        self.allow_dyn_smem(f, dyn_smem)?;
         let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
         // SAFETY: forwarded to the caller's contract; `args[0]` points at the params struct,
         // which the driver copies before returning.

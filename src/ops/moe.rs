@@ -609,23 +609,39 @@ fn decode_kernels_for(setting: Option<&str>) -> Result<DecodeKernels> {
     }
 }
 
-/// K split of a streaming launch with `groups` 16-row groups (all expert slots) and room for
-/// `resident` blocks at once: 1, 2, 4 or 8 warps per group, whichever needs the fewest block
-/// waves per unit of K (`ceil(blocks / resident) / ks`; a split must win by 5%, since the
-/// partial sums cost a reduction). A single decode token thus still fills the GPU, and the last
-/// wave is not a small remainder.
-fn stream_k_split(groups: usize, resident: usize) -> usize {
+/// K split of a streaming launch with `groups` 16-row groups (all expert slots) of `chunks`
+/// 128-k chunks each and room for `resident` blocks at once: 1, 2, 4 or 8 warps per group,
+/// whichever minimises `block waves x (chunks per warp + STREAM_WARP_OVERHEAD)`. A single
+/// decode token thus still fills the GPU, while a split that only trades one partial wave for
+/// many short warps (each paying the pipeline fill, the block prologue and the reduction) is
+/// not taken.
+fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
     let resident = resident.max(1);
     let mut best = (1usize, f64::INFINITY);
     for ks in [1usize, 2, 4, 8] {
-        let blocks = groups.div_ceil(STR_WARPS / ks);
-        let cost = blocks.div_ceil(resident) as f64 / ks as f64;
-        if cost < best.1 * 0.95 {
+        let waves = groups.div_ceil(STR_WARPS / ks).div_ceil(resident) as f64;
+        let cost = waves * (chunks as f64 / ks as f64 + STREAM_WARP_OVERHEAD);
+        if cost < best.1 {
             best = (ks, cost);
         }
     }
     best.0
 }
+
+/// Development override of the streaming K split (`GPTOSS_3090_MOE_STREAM_KS` = 1, 2, 4 or 8;
+/// anything else is ignored), read once per process.
+fn stream_ks_override() -> Option<usize> {
+    static KS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *KS.get_or_init(|| {
+        std::env::var("GPTOSS_3090_MOE_STREAM_KS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|ks| [1, 2, 4, 8].contains(ks))
+    })
+}
+
+/// Fixed cost of one streaming warp in chunk times (block prologue, pipeline fill, reduction).
+const STREAM_WARP_OVERHEAD: f64 = 4.0;
 
 /// Launches `moe_str_up` then `moe_str_down` (`p.str_grouped` set by the caller).
 fn launch_stream(
@@ -645,7 +661,17 @@ fn launch_stream(
         let plain = if nested { "" } else { "_plain" };
         let f = func(&format!("{name}_n{nt}{plain}"))?;
         let per_sm = dev.max_active_blocks(&f, threads, smem)? as usize;
-        let ks = stream_k_split(slots * rows.div_ceil(16), per_sm * dev.sm_count() as usize);
+        let k_dim = if name == "moe_str_up" {
+            args.hidden
+        } else {
+            args.intermediate
+        };
+        let chunks = (k_dim / 64).div_ceil(2);
+        let resident = per_sm * dev.sm_count() as usize;
+        let ks = match stream_ks_override() {
+            Some(ks) => ks,
+            None => stream_k_split(slots * rows.div_ceil(16), chunks, resident),
+        };
         let mut q = *p;
         q.str_ks = to_i32("k split", ks)?;
         let gx = u32_of(name, rows.div_ceil(16 * (STR_WARPS / ks)))?;
@@ -899,15 +925,17 @@ mod tests {
 
     #[test]
     fn stream_k_split_fills_the_gpu_once() {
-        // H100, 3 blocks per SM (396 resident): one token touches 4 experts.
-        assert_eq!(stream_k_split(4 * 360, 396), 2); // gate_up, 5760 rows: 360 blocks
-        assert_eq!(stream_k_split(4 * 180, 396), 4); // down, 2880 rows: 360 blocks
-
-        // 2 blocks per SM: 360 blocks would leave a small second wave, 720 fill three.
-        assert_eq!(stream_k_split(4 * 360, 264), 4);
+        // H100, 3 blocks per SM (396 resident), K = 2880 (23 chunks).
+        // One token touches 4 experts: gate_up (5760 rows) 360 blocks of 2 x 4 warps, down
+        // (2880 rows) 360 blocks of 4 x 2 warps: one full wave each.
+        assert_eq!(stream_k_split(4 * 360, 23, 396), 2);
+        assert_eq!(stream_k_split(4 * 180, 23, 396), 4);
+        // Four tokens (16 experts): already two waves of whole rows; splitting only adds
+        // short warps.
+        assert_eq!(stream_k_split(16 * 360, 23, 396), 1);
         // A 3090 (82 SMs, 1 block each), every expert touched: whole rows per warp.
-        assert_eq!(stream_k_split(32 * 360, 82), 1);
-        assert_eq!(stream_k_split(1, 396), 8); // one group: more warps on it
+        assert_eq!(stream_k_split(32 * 360, 23, 82), 1);
+        assert_eq!(stream_k_split(1, 23, 396), 8); // one group: more warps on it
     }
 
     use super::*;
