@@ -142,6 +142,16 @@ __device__ __forceinline__ u32x4 ld_nc_16_if(const void* ptr, bool pred) {
         : "l"(ptr), "r"((int)pred));
     return v;
 }
+// The same as a prefetch: volatile, so the compiler keeps it where it is written instead of
+// sinking it next to its first use.
+__device__ __forceinline__ u32x4 ld_nc_16_if_volatile(const void* ptr, bool pred) {
+    u32x4 v = {0u, 0u, 0u, 0u};
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+                 " @p ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n}"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+                 : "l"(ptr), "r"((int)pred));
+    return v;
+}
 // One statistic byte / word (read-only path).
 __device__ __forceinline__ u32 ld_nc_u8_if(const u8* ptr, bool pred) {
     u32 v = 0u;

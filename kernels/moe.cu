@@ -1247,8 +1247,9 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 #define STR_WARPS 8
 #define STR_DEPTH 4  // stages per warp ring (STR_DEPTH - 1 chunks in flight)
 // Blocks per SM the streaming kernels are compiled for. The 70 KB of shared memory allow 3
-// blocks on sm_80/sm_90 (80 registers for one token tile, 128 for two) but only 1 on the
-// 100 KB SMs of sm_86/sm_89, which may then use every register they like.
+// blocks on sm_80/sm_90, but 2 (128 registers, no spills in the stream, more L1 left for the
+// activations) measured faster on the H100 at 1 and 4 tokens (59.6 vs 65.4 and 159.5 vs 161.0
+// us per layer); the 100 KB SMs of sm_86/sm_89 hold 1, which may then use every register.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
 #define STR_SMALL_SMEM 1
 #endif
@@ -1256,7 +1257,7 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 #ifdef STR_SMALL_SMEM
 #define STR_MIN_BLOCKS_N1 1
 #else
-#define STR_MIN_BLOCKS_N1 3
+#define STR_MIN_BLOCKS_N1 2
 #endif
 #endif
 #ifndef STR_MIN_BLOCKS_N2
@@ -1350,97 +1351,111 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
     }
 }
 
-// acc[nt] += W(chunk j) x X(chunk j, tile nt) from a filled stage.
-template <int DTYPE, int NT, bool NESTED>
-__device__ __forceinline__ void str_compute(const u8* table, const u8* stage, int j, int nkb,
-                                            float am_off, u32 am_raw, float am_scale,
-                                            const u16* const (&src)[NT], u32 cols,
-                                            const float* nmap, float (&acc)[NT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const u32 lane4 = 4 * lane;
-    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
-    // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
-    const float am = (NESTED ? __fadd_rn(__fmul_rn(nmap[am_raw], am_scale), am_off)
-                             : __uint_as_float(am_raw)) * inv_gamma;
+// The activations of (chunk j, block h) for this lane's columns: 16 k each, the B fragments of
+// the block's 4 mma steps. Volatile, so the prefetch stays where it is written (half a chunk
+// ahead of its use) instead of sinking next to the mma.
+template <int NT>
+__device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols, int j, int h,
+                                           u32 (&xw)[NT][8]) {
+    const int k0 = 128 * j + 64 * h + 16 * (threadIdx.x & 3);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        if (h == 1 && 2 * j + 1 >= nkb) break;  // warp-uniform: odd block count
-        const float sc0 = __shfl_sync(0xffffffffu, am, 2 * g + h);
-        const float sc1 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + h);
-        const u32x2 wa = *(const u32x2*)(stage + str_row_off(g, h) + 8 * c);
-        const u32x2 wb = *(const u32x2*)(stage + str_row_off(g + 8, h) + 8 * c);
-        const int k0 = 128 * j + 64 * h + 16 * c;
-        u32 xw[NT][8];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            // Columns past the expert's pairs load nothing (zeros): fewer L1 wavefronts.
-            const bool live = (cols >> nt) & 1u;
-            const u32x4 v0 = ld_nc_16_if(src[nt] + k0, live);
-            const u32x4 v1 = ld_nc_16_if(src[nt] + k0 + 8, live);
-            xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
-            xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
-        }
-        float d[NT][4];
-#pragma unroll
-        for (int st = 0; st < 4; ++st) {
-            // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
-            const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
-            u32 a[4];
-            if (st & 1) {
-                a[0] = str_pair<2>(table, r0, lane4);
-                a[1] = str_pair<2>(table, r1, lane4);
-                a[2] = str_pair<3>(table, r0, lane4);
-                a[3] = str_pair<3>(table, r1, lane4);
-            } else {
-                a[0] = str_pair<0>(table, r0, lane4);
-                a[1] = str_pair<0>(table, r1, lane4);
-                a[2] = str_pair<1>(table, r0, lane4);
-                a[3] = str_pair<1>(table, r1, lane4);
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const u32 bb[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
-                if (st == 0) mma_zero<DTYPE>(d[nt], a, bb); else mma_acc<DTYPE>(d[nt], a, bb);
-            }
-        }
-        // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            acc[nt][0] = fmaf(sc0, d[nt][0], acc[nt][0]);
-            acc[nt][1] = fmaf(sc0, d[nt][1], acc[nt][1]);
-            acc[nt][2] = fmaf(sc1, d[nt][2], acc[nt][2]);
-            acc[nt][3] = fmaf(sc1, d[nt][3], acc[nt][3]);
-        }
+    for (int nt = 0; nt < NT; ++nt) {
+        // Columns past the expert's pairs load nothing (zeros): no L1 wavefronts spent on them.
+        const bool live = (cols >> nt) & 1u;
+        const u32x4 v0 = ld_nc_16_if_volatile(src[nt] + k0, live);
+        const u32x4 v1 = ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
+        xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
+        xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
     }
 }
 
-// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring.
+// acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage, with the
+// block's absmax (sc0: row g, sc1: row g + 8) applied to the fp32 products.
+template <int DTYPE, int NT>
+__device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h, float sc0,
+                                         float sc1, const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u32 lane4 = 4 * lane;
+    const u32x2 wa = *(const u32x2*)(stage + str_row_off(g, h) + 8 * c);
+    const u32x2 wb = *(const u32x2*)(stage + str_row_off(g + 8, h) + 8 * c);
+    float d[NT][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+        // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
+        const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
+        u32 a[4];
+        if (st & 1) {
+            a[0] = str_pair<2>(table, r0, lane4);
+            a[1] = str_pair<2>(table, r1, lane4);
+            a[2] = str_pair<3>(table, r0, lane4);
+            a[3] = str_pair<3>(table, r1, lane4);
+        } else {
+            a[0] = str_pair<0>(table, r0, lane4);
+            a[1] = str_pair<0>(table, r1, lane4);
+            a[2] = str_pair<1>(table, r0, lane4);
+            a[3] = str_pair<1>(table, r1, lane4);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const u32 bb[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
+            if (st == 0) mma_zero<DTYPE>(d[nt], a, bb); else mma_acc<DTYPE>(d[nt], a, bb);
+        }
+    }
+    // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        acc[nt][0] = fmaf(sc0, d[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(sc0, d[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(sc1, d[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(sc1, d[nt][3], acc[nt][3]);
+    }
+}
+
+// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring. The weights
+// arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations (L1 or L2 hits, but on
+// the critical path of every mma) half a chunk ahead through registers: block 1 of a chunk
+// loads while block 0 computes, and block 0 of the next chunk while block 1 computes.
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, const u16* const (&src)[NT],
                                            u32 cols, const float* nmap, float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
     u32 raw[STR_DEPTH];
     float scl[STR_DEPTH];
+    u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
         if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, raw[u], scl[u]);
         cp_async_commit();  // empty groups keep the count uniform
     }
+    str_load_x<NT>(src, cols, jb, 0, x0);
     for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
 #pragma unroll
         for (int u = 0; u < STR_DEPTH; ++u) {
-            const int i = i0 + u;
+            const int i = i0 + u, j = jb + i0 + u;
             if (i >= n) break;  // warp-uniform
             const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
             __syncwarp();  // every lane is done reading stage nu
             if (i + STR_DEPTH - 1 < n)
-                str_issue<NESTED>(l, jb + i + STR_DEPTH - 1, nkb, ring + nu * STR_STAGE_STRIDE,
+                str_issue<NESTED>(l, j + STR_DEPTH - 1, nkb, ring + nu * STR_STAGE_STRIDE,
                                   raw[nu], scl[nu]);
             cp_async_commit();
+            const bool second = 2 * j + 1 < nkb;  // warp-uniform: odd block count
+            if (second) str_load_x<NT>(src, cols, j, 1, x1);
             cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
             __syncwarp();                    // ... and every other lane's
-            str_compute<DTYPE, NT, NESTED>(table, ring + u * STR_STAGE_STRIDE, jb + i, nkb,
-                                           am_off, raw[u], scl[u], src, cols, nmap, acc);
+            // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
+            const float am = (NESTED ? __fadd_rn(__fmul_rn(nmap[raw[u]], scl[u]), am_off)
+                                     : __uint_as_float(raw[u])) * inv_gamma;
+            const u8* stage = ring + u * STR_STAGE_STRIDE;
+            const float s00 = __shfl_sync(0xffffffffu, am, 2 * g);
+            const float s01 = __shfl_sync(0xffffffffu, am, 16 + 2 * g);
+            const float s10 = __shfl_sync(0xffffffffu, am, 2 * g + 1);
+            const float s11 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + 1);
+            str_half<DTYPE, NT>(table, stage, 0, s00, s01, x0, acc);
+            if (i + 1 < n) str_load_x<NT>(src, cols, j + 1, 0, x0);
+            if (second) str_half<DTYPE, NT>(table, stage, 1, s10, s11, x1, acc);
         }
     }
     cp_async_wait<0>();
