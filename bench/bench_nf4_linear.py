@@ -2,8 +2,9 @@
 
 For each weight shape N x K and each M it reports, on one card in one sitting:
 
-* ``ours``: ``gptoss_3090.ops.nf4_linear`` with the runtime's choice (``auto``), and separately
-  the fused kernel (``kernel``: decode kernel for M <= 16, tensor-core kernel above) and
+* ``ours``: ``gptoss_3090.ops.nf4_linear`` with the runtime's choice (``auto``: the streaming
+  kernel for M <= 16), and separately the first fused kernels (``fused``: the first decode
+  kernel for M <= 16, the tensor-core kernel above) and
   ``dequant_matmul`` (dequantize into a scratch tensor + cuBLAS) for M > 16;
 * ``cublas``: ``torch.nn.functional.linear`` on the dequantized bf16 weight;
 * ``bnb``: bitsandbytes ``matmul_4bit`` when it imports with CUDA;
@@ -143,7 +144,9 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
 
     t_auto = time_graph(ours, args.calls, args.reps)
     plan = "dequant_matmul"
-    if not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
+    if m <= 16:
+        plan = "str (auto)"  # the streaming kernel; `fused` times the first decode kernel
+    elif not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
         pl = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n, k)
         plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")
     t_fused = time_graph(fused, args.calls, args.reps)

@@ -87,7 +87,8 @@ for step in "$@"; do
       ;;
     nf4bench)
       python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
-        --tunings auto,sm86 --no-bnb --out "$OUT/nf4_linear.json" 2>&1 | tee "$OUT/nf4_linear.log"
+        --ms "${NF4_MS:-1,4,16,64,256,2048}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
+        --out "$OUT/nf4_linear.json" 2>&1 | tee "$OUT/nf4_linear.log"
       ;;
     *) echo "unknown step $step" ;;
   esac

@@ -528,20 +528,6 @@ __device__ __forceinline__ void dec_reduce(DecShared& sh, float (&acc)[2][4]) {
     __syncthreads();
 }
 
-// The decode kernels multiply NF4 codes rounded to the activation type. bf16 keeps 8 bits, and
-// its rounding errors of the 16 codes do not average out: their mean (over how often each code
-// occurs) makes an error that grows with K when the activations share a sign (SwiGLU output:
-// 0.8% at K = 2880, 2% for all-positive inputs). Storing gamma * code instead, with gamma chosen
-// so that the rounding errors have (near) zero mean for the code frequencies of gaussian weights
-// and for uniform codes, and folding 1/gamma into the fp32 absmax, removes that bias (0.24% for
-// all-positive inputs, below bf16-rounded weights). fp16 codes (11 bits) need no such factor.
-#define DEC_GAMMA_BF16 1.6407625f
-
-template <int DTYPE>
-__device__ __forceinline__ float dec_gamma() {
-    return DTYPE == DTYPE_BF16 ? DEC_GAMMA_BF16 : 1.0f;
-}
-
 // Fills the per-lane NF4 pair table (all warps; each warp writes whole 128-byte rows).
 template <int DTYPE>
 __device__ __forceinline__ void dec_tables(DecShared& sh, u64 nested_map) {
@@ -1244,38 +1230,6 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 //   the KS partial sums meet in shared memory in a fixed order; gate_up writes h[pair] (bias +
 //   SwiGLU-OAI), down writes out[pair] (bias), and moe_combine sums each token's k outputs.
 // ---------------------------------------------------------------------------------------------
-#define STR_WARPS 8
-#define STR_DEPTH 4  // stages per warp ring (STR_DEPTH - 1 chunks in flight)
-// Blocks per SM the streaming kernels are compiled for. The 70 KB of shared memory allow 3
-// blocks on sm_80/sm_90, but 2 (128 registers, no spills in the stream, more L1 left for the
-// activations) measured faster on the H100 at 1 and 4 tokens (59.6 vs 65.4 and 159.5 vs 161.0
-// us per layer); the 100 KB SMs of sm_86/sm_89 hold 1, which may then use every register.
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
-#define STR_SMALL_SMEM 1
-#endif
-#ifndef STR_MIN_BLOCKS_N1
-#ifdef STR_SMALL_SMEM
-#define STR_MIN_BLOCKS_N1 1
-#else
-#define STR_MIN_BLOCKS_N1 2
-#endif
-#endif
-#ifndef STR_MIN_BLOCKS_N2
-#ifdef STR_SMALL_SMEM
-#define STR_MIN_BLOCKS_N2 1
-#else
-#define STR_MIN_BLOCKS_N2 2
-#endif
-#endif
-
-// Dynamic shared memory: 256 table entries of 256 bytes. Bytes [0, 128) of entry b hold the
-// code pair of byte b once per lane (lane l reads 4 l, so a warp's 32 lookups hit 32 banks);
-// bytes [128, 256) are a 128-byte hole, and the 256 holes hold the warps' rings (8 warps x
-// STR_DEPTH stages x 8 holes). The 256-byte stride makes a lookup address one PRMT (byte b of a
-// weight word into bits 8..15, the lane's 4 l into bits 0..7) instead of a shift and a LOP3.
-#define STR_TABLE_BYTES (256 * 256)
-#define STR_STAGE_STRIDE 2048  // 8 holes (two 64-byte rows each) per 1 KB stage
-
 struct StrShared {
     float nmap[256];
     u32 mask[MOE_MAX_EXPERTS / 32];
@@ -1295,177 +1249,11 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
     return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
 }
 
-// Byte offset of (fragment row fr, 32-byte half h) inside a stage: rows fr, fr ^ 1 share a hole,
-// and the halves swap on every other hole, so the 8-byte reads of a half-warp (rows g .. g + 3,
-// 4 lanes each) hit 32 distinct banks.
-__device__ __forceinline__ int str_row_off(int fr, int h) {
-    return (fr >> 1) * 256 + 128 + (fr & 1) * 64 + ((h ^ ((fr >> 1) & 1)) << 5);
-}
-
-// Fills the code-pair table: thread b writes entry b's 32 replicas with 8 16-byte stores,
-// rotated by b so that the 8 threads of a store phase hit 8 bank groups.
-template <int DTYPE>
-__device__ __forceinline__ void str_table(u8* table, StrShared& sh, u64 nested_map) {
-    const int b = threadIdx.x;  // STR_WARPS * 32 == 256 entries
-    const float gamma = dec_gamma<DTYPE>();
-    const u32 pair = pack_half2<DTYPE>(gamma * kNf4Code[b >> 4], gamma * kNf4Code[b & 15]);
-    u32x4* row = (u32x4*)(table + b * 256);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) row[(j + b) & 7] = u32x4{pair, pair, pair, pair};
-    if (nested_map) sh.nmap[b] = ld_nc_f32((const float*)nested_map + b);
-}
-
-// The code pair of byte `sel` (0..3) of w: PRMT puts the byte in bits 8..15 of the table offset
-// and the lane's byte offset (lane4 < 128) in bits 0..7.
-template <int SEL>
-__device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
-    return *(const u32*)(table + __byte_perm(w, lane4, 0x5504 | (SEL << 4)));
-}
-
-// Per-lane addressing of one warp's stream, fixed for the whole stream.
-struct StrLane {
-    const u8* src[2];  // this lane's two 16-byte pieces of chunk 0
-    int dst[2];        // their offsets in a stage
-    bool hi[2];        // the piece lies in the chunk's second 64-k block
-    const u8* amb;     // this lane's statistic of chunk 0: u8 code (nested) or f32
-    const float* nested;
-    int blk0;          // block index of that statistic (nested: selects the nested absmax)
-};
-
-// Issues chunk j into `stage`: two 16-byte cp.async per lane (the second block's pieces read
-// nothing past the row end when K / 64 is odd), plus this lane's statistic into registers.
-template <bool NESTED>
-__device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* stage,
-                                          u32& am_raw, float& am_scale) {
-    const bool second = 2 * j + 1 < nkb;  // warp-uniform
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-        cp_async_16_zfill(stage + l.dst[q], l.src[q] + 64 * j, (second || !l.hi[q]) ? 16u : 0u);
-    const bool oka = second || !(threadIdx.x & 1);
-    if (NESTED) {
-        am_raw = ld_nc_u8_if(l.amb + 2 * j, oka);
-        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + ((l.blk0 + 2 * j) >> 8), oka));
-    } else {
-        am_raw = ld_nc_b32_if(l.amb + 8 * j, oka);
-        am_scale = 0.0f;
-    }
-}
-
-// The activations of (chunk j, block h) for this lane's columns: 16 k each, the B fragments of
-// the block's 4 mma steps. Volatile, so the prefetch stays where it is written (half a chunk
-// ahead of its use) instead of sinking next to the mma.
-template <int NT>
-__device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols, int j, int h,
-                                           u32 (&xw)[NT][8]) {
-    const int k0 = 128 * j + 64 * h + 16 * (threadIdx.x & 3);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        // Columns past the expert's pairs load nothing (zeros): no L1 wavefronts spent on them.
-        const bool live = (cols >> nt) & 1u;
-        const u32x4 v0 = ld_nc_16_if_volatile(src[nt] + k0, live);
-        const u32x4 v1 = ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
-        xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
-        xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
-    }
-}
-
-// acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage, with the
-// block's absmax (sc0: row g, sc1: row g + 8) applied to the fp32 products.
-template <int DTYPE, int NT>
-__device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h, float sc0,
-                                         float sc1, const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const u32 lane4 = 4 * lane;
-    const u32x2 wa = *(const u32x2*)(stage + str_row_off(g, h) + 8 * c);
-    const u32x2 wb = *(const u32x2*)(stage + str_row_off(g + 8, h) + 8 * c);
-    float d[NT][4];
-#pragma unroll
-    for (int st = 0; st < 4; ++st) {
-        // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
-        const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
-        u32 a[4];
-        if (st & 1) {
-            a[0] = str_pair<2>(table, r0, lane4);
-            a[1] = str_pair<2>(table, r1, lane4);
-            a[2] = str_pair<3>(table, r0, lane4);
-            a[3] = str_pair<3>(table, r1, lane4);
-        } else {
-            a[0] = str_pair<0>(table, r0, lane4);
-            a[1] = str_pair<0>(table, r1, lane4);
-            a[2] = str_pair<1>(table, r0, lane4);
-            a[3] = str_pair<1>(table, r1, lane4);
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const u32 bb[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};
-            if (st == 0) mma_zero<DTYPE>(d[nt], a, bb); else mma_acc<DTYPE>(d[nt], a, bb);
-        }
-    }
-    // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        acc[nt][0] = fmaf(sc0, d[nt][0], acc[nt][0]);
-        acc[nt][1] = fmaf(sc0, d[nt][1], acc[nt][1]);
-        acc[nt][2] = fmaf(sc1, d[nt][2], acc[nt][2]);
-        acc[nt][3] = fmaf(sc1, d[nt][3], acc[nt][3]);
-    }
-}
-
-// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring. The weights
-// arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations (L1 or L2 hits, but on
-// the critical path of every mma) half a chunk ahead through registers: block 1 of a chunk
-// loads while block 0 computes, and block 0 of the next chunk while block 1 computes.
-template <int DTYPE, int NT, bool NESTED>
-__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
-                                           u8* table, u8* ring, const u16* const (&src)[NT],
-                                           u32 cols, const float* nmap, float (&acc)[NT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2;
-    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
-    u32 raw[STR_DEPTH];
-    float scl[STR_DEPTH];
-    u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
-#pragma unroll
-    for (int u = 0; u < STR_DEPTH - 1; ++u) {
-        if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, raw[u], scl[u]);
-        cp_async_commit();  // empty groups keep the count uniform
-    }
-    str_load_x<NT>(src, cols, jb, 0, x0);
-    for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
-#pragma unroll
-        for (int u = 0; u < STR_DEPTH; ++u) {
-            const int i = i0 + u, j = jb + i0 + u;
-            if (i >= n) break;  // warp-uniform
-            const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
-            __syncwarp();  // every lane is done reading stage nu
-            if (i + STR_DEPTH - 1 < n)
-                str_issue<NESTED>(l, j + STR_DEPTH - 1, nkb, ring + nu * STR_STAGE_STRIDE,
-                                  raw[nu], scl[nu]);
-            cp_async_commit();
-            const bool second = 2 * j + 1 < nkb;  // warp-uniform: odd block count
-            if (second) str_load_x<NT>(src, cols, j, 1, x1);
-            cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
-            __syncwarp();                    // ... and every other lane's
-            // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
-            const float am = (NESTED ? __fadd_rn(__fmul_rn(nmap[raw[u]], scl[u]), am_off)
-                                     : __uint_as_float(raw[u])) * inv_gamma;
-            const u8* stage = ring + u * STR_STAGE_STRIDE;
-            const float s00 = __shfl_sync(0xffffffffu, am, 2 * g);
-            const float s01 = __shfl_sync(0xffffffffu, am, 16 + 2 * g);
-            const float s10 = __shfl_sync(0xffffffffu, am, 2 * g + 1);
-            const float s11 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + 1);
-            str_half<DTYPE, NT>(table, stage, 0, s00, s01, x0, acc);
-            if (i + 1 < n) str_load_x<NT>(src, cols, j + 1, 0, x0);
-            if (second) str_half<DTYPE, NT>(table, stage, 1, s10, s11, x1, acc);
-        }
-    }
-    cp_async_wait<0>();
-}
-
 template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
     extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
-    str_table<DTYPE>(str_smem, sh, p.nested_map);
+    str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     int e, cnt;
     const int* gpairs = nullptr;  // grouped: the expert's pair list in ws_sorted
     if (p.str_grouped) {
@@ -1517,11 +1305,6 @@ __device__ void moe_str(const MoeParams& p) {
         am_off = r.offset;
     }
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
-    // This warp's partial sums after its stream: NT x 4 x 32 floats in the first 128 bytes of
-    // the first holes of its ring (the table halves of those entries are still being read).
-    auto red_at = [&](int w, int nt, int q) -> float* {
-        return (float*)(str_smem + w * (STR_DEPTH * STR_STAGE_STRIDE) + (nt * 4 + q) * 256 + 128);
-    };
     const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
 
     for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
@@ -1541,23 +1324,7 @@ __device__ void moe_str(const MoeParams& p) {
         if (active && n > 0)
             str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, am_off, str_smem, ring, src, cols,
                                           sh.nmap, acc);
-        if (ks > 1) {
-            if (kp != 0) {
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) red_at(warp, nt, q)[lane] = acc[nt][q];
-            }
-            __syncthreads();
-            if (kp == 0) {
-                for (int o = 1; o < ks; ++o) {  // fixed order: deterministic
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) acc[nt][q] += red_at(warp + o, nt, q)[lane];
-                }
-            }
-        }
+        str_reduce<NT>(str_smem, ks, acc);
         if (kp == 0 && active) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
@@ -1578,7 +1345,6 @@ __device__ void moe_str(const MoeParams& p) {
                     }
                 }
         }
-        if (ks > 1) __syncthreads();  // the holes holding the sums are refilled by the next pass
     }
 }
 

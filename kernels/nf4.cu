@@ -64,7 +64,7 @@ struct Nf4LinearParams {
     i32 n_segments;           // 1..3
     u64 ws;                   // split-K (mma path, splits > 1): f32 [splits][M][N] partials
     i32 splits;               // k-ranges per output tile (gridDim.z); 1 = no split
-    i32 pad_;
+    i32 str_ks;               // streaming path: warps that split K per 16-row group (1, 2, 4, 8)
 };
 static_assert(sizeof(Nf4LinearParams) == 240, "Nf4LinearParams layout must match Rust");
 
@@ -216,6 +216,122 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
 
 extern "C" __global__ void nf4_dequant_bf16(const Nf4DequantParams p) { nf4_dequant<DTYPE_BF16>(p); }
 extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequant<DTYPE_F16>(p); }
+
+// ---------------------------------------------------------------------------------------------
+// Linear, streaming path (M <= 16; every segment a multiple of 16 rows, one absmax format): the
+// streaming core of common.cuh with the weight rows as mma A and the tokens as mma columns.
+// grid ceil(N / (16 * 8 / KS)), 8 warps = (8 / KS) row groups x KS parts of K; the parts meet in
+// shared memory (fixed order), then part 0 adds the bias and writes y.
+// ---------------------------------------------------------------------------------------------
+
+// Segment of output row `row` (segments are multiples of 16 rows, so a row group never
+// straddles two) and the row inside it.
+__device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int& local) {
+    int s = 0;
+    local = row;
+    if (p.n_segments > 1 && local >= p.seg[0].rows) {
+        local -= p.seg[0].rows;
+        s = 1;
+        if (p.n_segments > 2 && local >= p.seg[1].rows) {
+            local -= p.seg[1].rows;
+            s = 2;
+        }
+    }
+    return s;
+}
+
+template <int DTYPE, int NT, bool NESTED>
+__device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
+    __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
+    extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
+    const int tid = threadIdx.x;
+    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
+    if (NESTED && p.n_segments > 1)
+        maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
+    if (NESTED && p.n_segments > 2)
+        maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
+    __syncthreads();
+
+    const int ks = p.str_ks, groups = STR_WARPS / ks;
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const int rg = warp / ks, kp = warp % ks;
+    const int r0 = (blockIdx.x * groups + rg) * 16;  // first output row of the warp's group
+    const bool active = r0 < p.N;                    // warp-uniform
+    const int nkb = p.K / 64, nchunks = (nkb + 1) / 2, krow = p.K / 2;
+    const int per = nchunks / ks, extra = nchunks % ks;
+    const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
+    int local;
+    const int s = seg_index(p, active ? r0 : 0, local);
+    int unused;
+    const SegView v = seg_view(p, active ? r0 : 0, unused);
+    StrLane l;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+        l.src[q] = v.packed + (long long)(local + fr) * krow + 16 * c4;
+        l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
+        l.hi[q] = (c4 >> 1) != 0;
+    }
+    l.blk0 = (local + (lane >> 1)) * nkb + (lane & 1);
+    l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
+    l.nested = v.nested_absmax;
+    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+
+    const u16* src[NT];
+    u32 cols = 0;  // bit nt: this lane's column (token) of tile nt exists
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        cols |= (m < p.M ? 1u : 0u) << nt;
+        src[nt] = (const u16*)p.x + (long long)min(m, p.M - 1) * p.ldx;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    if (active && n > 0)
+        str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, v.offset, str_smem, ring, src, cols,
+                                      maps + 256 * s, acc);
+    str_reduce<NT>(str_smem, ks, acc);
+    if (kp != 0 || !active) return;
+    const u16* bias = (const u16*)p.bias;
+    const float b0 = bias ? half_to_f32<DTYPE>(bias[r0 + g]) : 0.0f;
+    const float b1 = bias ? half_to_f32<DTYPE>(bias[r0 + g + 8]) : 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int m = nt * 8 + 2 * c + q;  // acc[nt][q]: row g, column 2c + q
+            if (m >= p.M) continue;
+            u16* y = (u16*)p.y + (long long)m * p.ldy;
+            y[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + b0);
+            y[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + b1);
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 1, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 1, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 2, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 2, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 2, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 2, false>(p);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Linear, decode path (M <= 16): stream the 4-bit weights once, tensor cores do the products.

@@ -257,10 +257,10 @@ def cuda_nf4_linear(
     ws_floats: int = 0,
 ) -> str:
     """``y = x Wᵀ + b`` on the GPU, W made of 1 to 3 NF4 segments whose outputs are
-    concatenated; ``path`` is ``"auto"``, ``"decode"``, ``"mma"``, ``"mma_l"``, ``"mma_m"``,
-    ``"mma_s"`` or ``"dequant_matmul"``. ``ws`` / ``ws_floats``: the fp32 split-K workspace
-    (pointer and size in floats) that :func:`cuda_nf4_linear_plan` asks for (0 when it asks for
-    none). Returns the kernel entry used."""
+    concatenated; ``path`` is ``"auto"``, ``"stream"``, ``"decode"``, ``"mma"``, ``"mma_l"``,
+    ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"``. ``ws`` / ``ws_floats``: the fp32
+    split-K workspace (pointer and size in floats) that :func:`cuda_nf4_linear_plan` asks for
+    (0 when it asks for none). Returns the kernel entry used."""
 
 def cuda_nf4_linear_plan(
     ordinal: int, m: int, n: int, k: int, path: str = "auto"

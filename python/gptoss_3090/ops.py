@@ -427,7 +427,7 @@ def _nf4_linear_op(
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)
     ws, ws_floats = 0, 0
-    if mode != "decode" and (m > 16 or mode.startswith("mma")):
+    if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma")):
         plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
         ws_floats = int(plan["workspace_floats"])
         if ws_floats:
@@ -891,9 +891,10 @@ def nf4_linear(
         weight: an :class:`Nf4Weight` ``[N, K]``, or an :class:`Nf4FusedWeight` / list of up to
             3 weights whose outputs are concatenated (fused q/k/v).
         bias: ``[N]`` in x's dtype, or None.
-        path: ``"auto"`` (decode kernel for M <= 16, else the runtime's linear strategy),
-            ``"decode"``, ``"mma"``, ``"mma_l"``, ``"mma_m"``, ``"mma_s"`` or
-            ``"dequant_matmul"`` (benchmarks and tests).
+        path: ``"auto"`` (for M <= 16 the streaming kernel when every part has a multiple
+            of 16 rows and one absmax format, else the first decode kernel; above, the
+            runtime's linear strategy), ``"stream"``, ``"decode"``, ``"mma"``, ``"mma_l"``,
+            ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"`` (benchmarks and tests).
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -910,7 +911,9 @@ def nf4_linear(
             f"weight: expected Nf4Weight, Nf4FusedWeight or a list of Nf4Weight, found "
             f"{type(weight).__name__}"
         )
-    if path not in ("auto", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"):
+    if path not in (
+        "auto", "stream", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"
+    ):
         raise ValueError(f"path: unknown value {path!r}")
     _tensor("x", x, _HALF, contiguous=False)
     for i, p in enumerate(parts):

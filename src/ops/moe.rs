@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
-use crate::ops::Dtype;
+use crate::ops::{stream_k_split, stream_ks_override, Dtype, STR_TABLE_BYTES, STR_WARPS};
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
 pub const ROUTE_WEIGHTS: i32 = 0;
@@ -569,12 +569,6 @@ fn stream_max_tokens() -> usize {
     })
 }
 
-/// Warps per streaming block (kernels/moe.cu `STR_WARPS`).
-const STR_WARPS: usize = 8;
-/// Dynamic shared memory of a streaming block (kernels/moe.cu `STR_TABLE_BYTES`): the code-pair
-/// table with the warps' rings in its holes.
-const STR_TABLE_BYTES: usize = 256 * 256;
-
 /// Which kernels the decode regime runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DecodeKernels {
@@ -608,40 +602,6 @@ fn decode_kernels_for(setting: Option<&str>) -> Result<DecodeKernels> {
         ))),
     }
 }
-
-/// K split of a streaming launch with `groups` 16-row groups (all expert slots) of `chunks`
-/// 128-k chunks each and room for `resident` blocks at once: 1, 2, 4 or 8 warps per group,
-/// whichever minimises `block waves x (chunks per warp + STREAM_WARP_OVERHEAD)`. A single
-/// decode token thus still fills the GPU, while a split that only trades one partial wave for
-/// many short warps (each paying the pipeline fill, the block prologue and the reduction) is
-/// not taken.
-fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
-    let resident = resident.max(1);
-    let mut best = (1usize, f64::INFINITY);
-    for ks in [1usize, 2, 4, 8] {
-        let waves = groups.div_ceil(STR_WARPS / ks).div_ceil(resident) as f64;
-        let cost = waves * (chunks as f64 / ks as f64 + STREAM_WARP_OVERHEAD);
-        if cost < best.1 {
-            best = (ks, cost);
-        }
-    }
-    best.0
-}
-
-/// Development override of the streaming K split (`GPTOSS_3090_MOE_STREAM_KS` = 1, 2, 4 or 8;
-/// anything else is ignored), read once per process.
-fn stream_ks_override() -> Option<usize> {
-    static KS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *KS.get_or_init(|| {
-        std::env::var("GPTOSS_3090_MOE_STREAM_KS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|ks| [1, 2, 4, 8].contains(ks))
-    })
-}
-
-/// Fixed cost of one streaming warp in chunk times (block prologue, pipeline fill, reduction).
-const STREAM_WARP_OVERHEAD: f64 = 4.0;
 
 /// Launches `moe_str_up` then `moe_str_down` (`p.str_grouped` set by the caller).
 fn launch_stream(

@@ -7,7 +7,10 @@
 
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
-use crate::ops::{ceil_div, check_opt_ptr, check_ptr, to_i32, Dtype};
+use crate::ops::{
+    ceil_div, check_opt_ptr, check_ptr, stream_k_split, stream_ks_override, to_i32, Dtype,
+    STR_TABLE_BYTES, STR_WARPS,
+};
 
 /// Elements per NF4 block.
 pub const BLOCK: i64 = 64;
@@ -84,8 +87,8 @@ pub struct Nf4LinearParams {
     pub ws: u64,
     /// K ranges per output tile (gridDim.z of the tensor-core kernel).
     pub splits: i32,
-    /// Padding.
-    pub pad_: i32,
+    /// Streaming kernel: warps that split K per 16-row group (1, 2, 4 or 8).
+    pub str_ks: i32,
 }
 
 /// Mirror of `Nf4QuantizeParams` (72 bytes).
@@ -251,8 +254,11 @@ pub struct Segment {
 pub enum LinearPath {
     /// Pick by M, N and the device tuning.
     Auto,
-    /// Decode kernel (M <= 16).
+    /// The first decode kernel (M <= 16).
     Decode,
+    /// Streaming kernel (M <= 16, segments of 16-row multiples, one absmax format); `Auto`
+    /// picks it for M <= 16 whenever the weight allows.
+    Stream,
     /// Tensor-core kernel with the large tile (128 x 128).
     MmaLarge,
     /// Tensor-core kernel with the medium tile (64 x 128).
@@ -262,10 +268,11 @@ pub enum LinearPath {
 }
 
 impl LinearPath {
-    /// Parses `auto`, `decode`, `mma` (auto tile), `mma_l`, `mma_m`, `mma_s`.
+    /// Parses `auto`, `stream`, `decode`, `mma` (auto tile), `mma_l`, `mma_m`, `mma_s`.
     pub fn parse(text: &str) -> Result<Option<LinearPath>> {
         Ok(Some(match text {
             "auto" => LinearPath::Auto,
+            "stream" => LinearPath::Stream,
             "decode" => LinearPath::Decode,
             "mma" => return Ok(None),
             "mma_l" => LinearPath::MmaLarge,
@@ -273,7 +280,7 @@ impl LinearPath {
             "mma_s" => LinearPath::MmaSmall,
             other => {
                 return Err(Error::arg(format!(
-                    "path '{other}': expected 'auto', 'decode', 'mma', 'mma_l', 'mma_m' or 'mma_s'"
+                    "path '{other}': expected 'auto', 'stream', 'decode', 'mma', 'mma_l', 'mma_m' or 'mma_s'"
                 )))
             }
         }))
@@ -377,7 +384,7 @@ pub fn plan_linear(
         Some(p) => p,
         None => auto_mma_size(m, n, sm_count),
     };
-    if path == LinearPath::Decode {
+    if path == LinearPath::Decode || path == LinearPath::Stream {
         if m > DECODE_MAX_M {
             return Err(Error::arg(format!(
                 "the decode path serves M <= {DECODE_MAX_M}, found M = {m}"
@@ -475,6 +482,28 @@ pub unsafe fn linear(
     stream: u64,
 ) -> Result<LinearPlan> {
     let mut params = linear_params(segments, a)?;
+    let streamable = stream_eligible(segments);
+    let wants_stream = match path {
+        Some(LinearPath::Stream) => true,
+        Some(LinearPath::Auto) => a.m <= DECODE_MAX_M && streamable,
+        _ => false,
+    };
+    if wants_stream {
+        if a.m > DECODE_MAX_M {
+            return Err(Error::arg(format!(
+                "the stream path serves M <= {DECODE_MAX_M}, found M = {}",
+                a.m
+            )));
+        }
+        if !streamable {
+            return Err(Error::arg(
+                "the stream path needs segments of 16-row multiples with one absmax format \
+                 (all nested or all plain)",
+            ));
+        }
+        // SAFETY: forwarded contract.
+        return unsafe { linear_stream(dev, &mut params, a, stream) };
+    }
     let plan = plan_linear(
         a.m,
         params.n as i64,
@@ -516,6 +545,65 @@ pub unsafe fn linear(
         unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, &params)? };
     }
     Ok(plan)
+}
+
+/// Whether the streaming kernel can serve this weight: every segment a multiple of 16 rows (a
+/// warp's row group never straddles two) and one absmax format for all.
+pub fn stream_eligible(segments: &[Segment]) -> bool {
+    !segments.is_empty()
+        && segments.iter().all(|s| s.rows % 16 == 0)
+        && segments
+            .iter()
+            .all(|s| s.stats.nested == segments[0].stats.nested)
+}
+
+/// The streaming launch of [`linear`] (M <= 16, [`stream_eligible`] weights).
+///
+/// # Safety
+/// As [`linear`].
+unsafe fn linear_stream(
+    dev: &GpuDevice,
+    params: &mut Nf4LinearParams,
+    a: &LinearArgs,
+    stream: u64,
+) -> Result<LinearPlan> {
+    let nt = if a.m <= 8 { 1 } else { 2 };
+    let plain = if params.seg[0].nested != 0 {
+        ""
+    } else {
+        "_plain"
+    };
+    let entry: &'static str = match (nt, plain) {
+        (1, "") => "nf4_linear_str_n1",
+        (1, _) => "nf4_linear_str_n1_plain",
+        (_, "") => "nf4_linear_str_n2",
+        _ => "nf4_linear_str_n2_plain",
+    };
+    let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
+    let threads = 32 * STR_WARPS as u32;
+    let smem = STR_TABLE_BYTES as u32;
+    let resident = dev.max_active_blocks(&f, threads, smem)? as usize * dev.sm_count() as usize;
+    let n = params.n as usize;
+    let chunks = (a.k as usize / 64).div_ceil(2);
+    let ks = stream_ks_override().unwrap_or_else(|| stream_k_split(n / 16, chunks, resident));
+    params.str_ks = ks as i32;
+    let grid = (
+        u32::try_from(n.div_ceil(16 * (STR_WARPS / ks)))
+            .map_err(|_| Error::arg("N too large for one launch"))?,
+        1,
+        1,
+    );
+    // SAFETY: forwarded contract; params mirrors Nf4LinearParams and the grid covers N / 16
+    // row groups of (8 / ks) per block.
+    unsafe { dev.launch(&f, grid, (threads, 1, 1), smem, stream, &*params)? };
+    Ok(LinearPlan {
+        entry,
+        grid,
+        threads,
+        smem,
+        splits: 1,
+        workspace_floats: 0,
+    })
 }
 
 /// Validates the arguments of [`linear`] and builds its params (no GPU needed).
@@ -574,6 +662,7 @@ pub fn linear_params(segments: &[Segment], a: &LinearArgs) -> Result<Nf4LinearPa
     params.k = to_i32("K", a.k)?;
     params.n_segments = segments.len() as i32;
     params.splits = 1;
+    params.str_ks = 1;
     // Row offsets of packed data and absmax are computed in 64 bits in the kernels.
     Ok(params)
 }
