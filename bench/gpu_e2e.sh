@@ -12,7 +12,7 @@
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, kernels, nf4bench, profile,
-# correctness, correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
+# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -69,6 +69,12 @@ job_correctness() {
   python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness" --workdir "$CK/tiny"
 }
 
+job_correctness1() {
+  # Item 1 on the nested checkpoint only (ours vs stock TRITON_ATTN, same sitting): a quick
+  # re-check after kernel changes.
+  python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness1" --workdir "$CK/tiny" \
+    --variants nested --engines ours
+}
 job_correctness32() {
   # Item 1's nested checkpoint again with 4 sets of 8 prompts (the first set is the standard
   # one): the regret measure over 256 tokens is noisy; this shows how much.
