@@ -74,7 +74,8 @@ struct MoeParams {
     // the routing (caller tensors in MOE_ROUTE_GIVEN mode); counts/offsets i32 [E] per expert
     // (offsets = padded segment starts in `sorted`); meta i32 [2] = {num_active, num_tiles};
     // active i32 [E]; tiles i32 [max_tiles, 2] = (expert, first row in sorted); sorted i32
-    // [sorted_cap] = pair ids (t*topk + k) or -1 for padding; h act [T*topk, I]; out act [T*topk, H].
+    // [sorted_cap] = pair ids (t*topk + k) or -1 for padding; h act [T*topk, I]; out [T*topk, H]
+    // f32 (out_f32) or act dtype (room for f32 either way).
     u64 ws_ids;
     u64 ws_wts;
     u64 ws_counts;
@@ -103,6 +104,8 @@ struct MoeParams {
     i32 sorted_cap; // capacity of ws_sorted
     i32 str_ks;      // moe_str_*: warps that split K per 16-row group (1, 2, 4 or 8)
     i32 str_grouped; // moe_str_*: 1 = experts and pairs from moe_group, 0 = routed per block
+    i32 out_f32;     // ws_out holds f32 (moe_str_down) instead of act dtype (moe_gemm_down)
+    i32 pad_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1339,9 +1342,10 @@ __device__ void moe_str(const MoeParams& p) {
                                                     acc[nt][2 + q] + bias[2 * jp + 1]);
                         ((u16*)p.ws_h)[pr * p.I + jp] = f32_to_half<DTYPE>(hv);
                     } else {
-                        u16* o = (u16*)p.ws_out + pr * p.H;
-                        o[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + bias[r0 + g]);
-                        o[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + bias[r0 + g + 8]);
+                        // fp32, so moe_combine rounds each token's sum once (as a fused combine)
+                        float* o = (float*)p.ws_out + pr * p.H;
+                        o[r0 + g] = acc[nt][q] + bias[r0 + g];
+                        o[r0 + g + 8] = acc[nt][2 + q] + bias[r0 + g + 8];
                     }
                 }
         }
@@ -1581,13 +1585,21 @@ __device__ void moe_combine(const MoeParams& p) {
             const int e = ids[k];
             if (e < 0 || e >= p.E) continue;
             const float w = wts[k];
-            const u32x4 v = ld_global_nc_16((const u16*)p.ws_out +
-                                            ((long long)t * p.topk + k) * p.H + h);
-            const u32 vs[4] = {v.x, v.y, v.z, v.w};
+            const long long row = ((long long)t * p.topk + k) * p.H + h;
+            if (p.out_f32) {
+                const u32x4 v0 = ld_global_nc_16((const float*)p.ws_out + row);
+                const u32x4 v1 = ld_global_nc_16((const float*)p.ws_out + row + 4);
+                const u32 vs[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                acc[2 * q] += w * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
-                acc[2 * q + 1] += w * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
+                for (int q = 0; q < 8; ++q) acc[q] += w * __uint_as_float(vs[q]);
+            } else {
+                const u32x4 v = ld_global_nc_16((const u16*)p.ws_out + row);
+                const u32 vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    acc[2 * q] += w * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
+                    acc[2 * q + 1] += w * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
+                }
             }
         }
         u32x4 o;

@@ -135,6 +135,10 @@ pub struct MoeParams {
     pub str_ks: i32,
     /// `moe_str_*`: 1 = experts and pairs from `moe_group`, 0 = routed per block.
     pub str_grouped: i32,
+    /// `ws_out` holds f32 (`moe_str_down`) instead of the act dtype (`moe_gemm_down`).
+    pub out_f32: i32,
+    /// Padding.
+    pub pad_: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -215,9 +219,11 @@ impl WorkspaceLayout {
             tk.checked_mul(intermediate)
                 .and_then(|v| v.checked_mul(elem_size)),
         )?;
+        // Room for f32 expert outputs (the streaming kernels keep them in fp32 until the
+        // combine); the GEMM path stores the act dtype in the first half.
         let out = take(
             tk.checked_mul(hidden)
-                .and_then(|v| v.checked_mul(elem_size)),
+                .and_then(|v| v.checked_mul(elem_size.max(4))),
         )?;
         Ok(WorkspaceLayout {
             ids,
@@ -520,6 +526,8 @@ impl MoeArgs {
             sorted_cap: to_i32("sorted capacity", layout.sorted_cap)?,
             str_ks: 1,
             str_grouped: i32::from(matches!(regime, Regime::Stream)),
+            out_f32: 0,
+            pad_: 0,
         })
     }
 }
@@ -660,7 +668,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     if args.tokens == 0 {
         return Ok(regime);
     }
-    let p = args.params(&layout, regime)?;
+    let mut p = args.params(&layout, regime)?;
     let s = args.stream;
     let func = |name: &str| dev.function_for_stream("moe", &args.dtype.entry(name), s);
     let (t, k, e) = (args.tokens, args.topk, args.experts);
@@ -684,6 +692,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             DecodeKernels::Stream => {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
+                p.out_f32 = 1;
                 launch_stream(&dev, &func, args, &p, if t <= 8 { 1 } else { 2 })?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
@@ -702,6 +711,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
         Regime::Stream => {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
+            p.out_f32 = 1;
             launch_stream(&dev, &func, args, &p, 2)?;
         }
         Regime::Prefill { bm, stages } => {
@@ -939,8 +949,8 @@ mod tests {
 
     #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 18 i32 (kernels/moe.cu MoeParams).
-        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 18 * 4);
+        // 26 pointers + 20 i32 (kernels/moe.cu MoeParams).
+        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 20 * 4);
     }
 
     #[test]
@@ -952,7 +962,7 @@ mod tests {
             ];
             assert!(parts.iter().all(|o| o % 256 == 0));
             assert!(parts.windows(2).all(|w| w[0] < w[1]));
-            assert_eq!(l.out + align256(t * 4 * 2880 * 2), l.total);
+            assert_eq!(l.out + align256(t * 4 * 2880 * 4), l.total);
             assert!(l.sorted_cap >= t * 4 + 32 * 127);
             assert!(l.max_tiles >= (t * 4).div_ceil(64) + 32);
         }
