@@ -70,10 +70,11 @@ job_correctness() {
 }
 
 job_correctness1() {
-  # Item 1 on the nested checkpoint only (ours vs stock TRITON_ATTN, same sitting): a quick
+  # Item 1 on the nested checkpoint only (ours and the sinks=-30 control vs stock TRITON_ATTN,
+  # same sitting): a quick
   # re-check after kernel changes.
   python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness1" --workdir "$CK/tiny" \
-    --variants nested --engines ours
+    --variants nested --engines ours negative_sinks_minus30
 }
 job_correctness32() {
   # Item 1's nested checkpoint again with 4 sets of 8 prompts (the first set is the standard
