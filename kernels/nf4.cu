@@ -240,6 +240,11 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
     return s;
 }
 
+// Two token tiles (9..16 tokens) get one block per SM's worth of registers: at 128 the
+// stream loop spilled on sm_90 (the activation pointers of 16 columns plus the two buffers).
+#define STR_LINEAR_MIN_BLOCKS_N1 STR_MIN_BLOCKS_N1
+#define STR_LINEAR_MIN_BLOCKS_N2 1
+
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
@@ -308,28 +313,28 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
         }
 }
 
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_bf16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N1) nf4_linear_str_n1_bf16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_BF16, 1, true>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_f16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N1) nf4_linear_str_n1_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 1, true>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_bf16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_bf16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_BF16, 1, false>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_f16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N1) nf4_linear_str_n1_plain_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 1, false>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_bf16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N2) nf4_linear_str_n2_bf16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_BF16, 2, true>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_f16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N2) nf4_linear_str_n2_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 2, true>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_bf16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_bf16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_BF16, 2, false>(p);
 }
-extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_f16(const Nf4LinearParams p) {
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 2, false>(p);
 }
 

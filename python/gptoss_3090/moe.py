@@ -301,7 +301,8 @@ class MoeLayerWeights:
 def moe_workspace_bytes(
     tokens: int, hidden: int, intermediate: int, experts: int, top_k: int
 ) -> int:
-    """Workspace bytes the MoE op needs for ``tokens`` tokens (any GPU, any regime)."""
+    """Workspace bytes the MoE op needs for any token count up to ``tokens`` (any GPU, any
+    regime)."""
     return int(_native().moe_workspace_bytes(tokens, hidden, intermediate, experts, top_k))
 
 

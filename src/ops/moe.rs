@@ -219,12 +219,14 @@ impl WorkspaceLayout {
             tk.checked_mul(intermediate)
                 .and_then(|v| v.checked_mul(elem_size)),
         )?;
-        // Room for f32 expert outputs (the streaming kernels keep them in fp32 until the
-        // combine); the GEMM path stores the act dtype in the first half.
-        let out = take(
-            tk.checked_mul(hidden)
-                .and_then(|v| v.checked_mul(elem_size.max(4))),
-        )?;
+        // The streaming kernels keep expert outputs in fp32 until the combine; the tiled GEMMs
+        // (larger token counts, where the workspace is large) store the act dtype.
+        let out_elem = if tokens <= DECODE_MAX_TOKENS.max(stream_max_tokens()) {
+            elem_size.max(4)
+        } else {
+            elem_size
+        };
+        let out = take(tk.checked_mul(hidden).and_then(|v| v.checked_mul(out_elem)))?;
         Ok(WorkspaceLayout {
             ids,
             wts,
@@ -532,7 +534,8 @@ impl MoeArgs {
     }
 }
 
-/// Bytes of workspace [`moe_forward`] needs for `tokens` tokens (any GPU, any regime).
+/// Bytes of workspace [`moe_forward`] needs for any token count up to `tokens` (any GPU, any
+/// regime).
 pub fn workspace_bytes(
     tokens: usize,
     hidden: usize,
@@ -540,7 +543,12 @@ pub fn workspace_bytes(
     experts: usize,
     topk: usize,
 ) -> Result<usize> {
-    Ok(WorkspaceLayout::new(tokens, hidden, intermediate, experts, topk, 2)?.total)
+    // Enough for every count up to `tokens` (a caller sizes one workspace for its largest
+    // batch): the streaming counts' fp32 outputs can outweigh a slightly larger GEMM count.
+    let largest = WorkspaceLayout::new(tokens, hidden, intermediate, experts, topk, 2)?.total;
+    let streaming = tokens.min(DECODE_MAX_TOKENS.max(stream_max_tokens()));
+    let stream = WorkspaceLayout::new(streaming, hidden, intermediate, experts, topk, 2)?.total;
+    Ok(largest.max(stream))
 }
 
 /// Grid height of the prefill GEMMs: tile capacity for tile height `bm`.
@@ -954,6 +962,18 @@ mod tests {
     }
 
     #[test]
+    fn workspace_bytes_cover_every_smaller_count() -> Result<()> {
+        let need = |t| WorkspaceLayout::new(t, 2880, 2880, 32, 4, 2).map(|l| l.total);
+        for t in [1usize, 16, 128, 129, 130, 200, 2048] {
+            let have = workspace_bytes(t, 2880, 2880, 32, 4)?;
+            for smaller in 1..=t.min(300) {
+                assert!(have >= need(smaller)?, "{t} tokens: {smaller} needs more");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn workspace_layout_is_aligned_and_disjoint() -> Result<()> {
         for t in [1usize, 3, 64, 8192] {
             let l = WorkspaceLayout::new(t, 2880, 2880, 32, 4, 2)?;
@@ -962,7 +982,8 @@ mod tests {
             ];
             assert!(parts.iter().all(|o| o % 256 == 0));
             assert!(parts.windows(2).all(|w| w[0] < w[1]));
-            assert_eq!(l.out + align256(t * 4 * 2880 * 4), l.total);
+            let out_elem = if t <= STREAM_MAX_TOKENS { 4 } else { 2 };
+            assert_eq!(l.out + align256(t * 4 * 2880 * out_elem), l.total);
             assert!(l.sorted_cap >= t * 4 + 32 * 127);
             assert!(l.max_tiles >= (t * 4).div_ceil(64) + 32);
         }
