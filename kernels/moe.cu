@@ -3,13 +3,17 @@
 // One forward is a fixed sequence of launches whose grids depend only on the token count T (so a
 // CUDA graph captured for one T replays correctly for any routing).
 //
-// Decode (T <= 16), two or three launches:
-//   moe_route_*     (router-weights mode only) logits -> top-k ids/weights in the workspace
-//   moe_dec_up_*    per (row group, touched expert): routes/groups in shared memory, streams the
-//                   expert's NF4 gate_up rows once for all its tokens, bias + SwiGLU-OAI -> h[pair]
-//   moe_dec_down_*  per row group: every touched expert's down rows, weighted sum over experts in
-//                   registers, bias, writes y (the combine is fused; fixed order)
-// Prefill (T > 16):
+// Decode (T <= 16) and streaming (17 <= T <= 128, the default STREAM_MAX_TOKENS):
+//   moe_route_*     (router-weights mode, or logits with T > 64) logits -> top-k in the workspace
+//   moe_group_*     (streaming only) experts and their pair lists, as for prefill
+//   moe_str_up_*    per (16-row groups, touched-expert slot): the expert's gate_up rows streamed
+//                   once per 8 or 16 of its (token, k) pairs (the mma columns), bias +
+//                   SwiGLU-OAI -> h[pair]; in decode each block routes the tokens itself
+//   moe_str_down_*  the same over the down rows -> fp32 out[pair]
+//   moe_combine_*   as below (fixed order)
+// The older two-launch decode kernels (moe_dec_*, moe_dec2_*: combine fused into down) stay for
+// comparison (GPTOSS_3090_MOE_DECODE=1|2).
+// Prefill (T > 128):
 //   moe_route_*     (when routing is needed and T is large) router logits -> top-k
 //   moe_group_*     (one block) [top-k of given logits for small T] + count per expert, padded
 //                   exclusive scan, scatter of the (token, k) pair ids into expert-contiguous
@@ -18,9 +22,10 @@
 //   moe_gemm_down_* down + bias -> out[pair, H]
 //   moe_combine_*   y[t] = sum_k w[t,k] * out[t*topk + k] in k order (no atomics: deterministic)
 //
-// Weights never leave their NF4 form in global memory. The decode kernels turn each 16-byte
-// load of packed codes into mma.sync A fragments in registers (code-pair table + one packed
-// multiply by the block scale, see DEC_GAMMA_BF16 for the rounding). The prefill kernels
+// Weights never leave their NF4 form in global memory. The streaming and decode kernels turn
+// packed codes into mma.sync A fragments in registers (a code-pair table; the streaming and
+// lean kernels scale each 64-k block's fp32 mma result by its absmax, the first ones multiply
+// the pairs; see DEC_GAMMA_BF16 for the rounding). The prefill kernels
 // cp.async the packed bytes into shared memory and dequantize a 128x64 tile exactly there
 // (w = half(NF4[code] * absmax), one fp32 product and one round-to-nearest cast, as bitsandbytes
 // does) for ldmatrix. All products accumulate in fp32.
@@ -1216,14 +1221,8 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Streaming regime (moe_str_up / moe_str_down), the default up to STREAM_MAX_TOKENS tokens.
 //
-// ncu on the H100 showed moe_dec2_* issue- and latency-bound at about 230 instructions per KB of
-// weights (8-byte register loads with their predicates and addresses, activations loaded from L1
-// right before the mma that needs them, spills), 27-33% of copy bandwidth even when thousands of
-// blocks keep every SM busy (16 tokens). Here each warp streams its 16-row group through its own
-// STR_DEPTH-stage shared-memory ring filled by 16-byte cp.async (no registers held by loads in
-// flight, STR_DEPTH - 1 KB in flight per warp), then decodes from shared memory with the dec2
-// fragment roles (lane c: k [64h + 16c, +16) of block h; absmax applied to each 64-k block's
-// fp32 mma result).
+// The streaming core (per-warp cp.async rings, PRMT lookups, prefetched activations, the K-split
+// reduction) lives in common.cuh and is shared with the NF4 linear; this part adds the experts.
 //
 // One kernel shape serves gate_up and down and every token count up to STREAM_MAX_TOKENS:
 //   grid (ceil(N / (16 * 8 / KS)), expert slots), 8 warps = (8 / KS) row groups x KS parts of K;
@@ -1231,7 +1230,8 @@ __device__ void moe_dec2_down(const MoeParams& p) {
 //   str_grouped = 0, as moe_dec2) or from moe_group (str_grouped = 1); the pairs are the mma
 //   columns, 8 * NT per pass (an expert with more pairs streams its rows once per pass);
 //   the KS partial sums meet in shared memory in a fixed order; gate_up writes h[pair] (bias +
-//   SwiGLU-OAI), down writes out[pair] (bias), and moe_combine sums each token's k outputs.
+//   SwiGLU-OAI), down writes fp32 out[pair] (bias), and moe_combine sums each token's k outputs
+//   (one rounding per token, as a fused combine).
 // ---------------------------------------------------------------------------------------------
 struct StrShared {
     float nmap[256];

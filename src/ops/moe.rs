@@ -3,9 +3,11 @@
 //! [`moe_forward`] validates a [`MoeArgs`] (raw device pointers and sizes handed over from the
 //! Python custom op), picks the [`Regime`] for the token count and launches, on the caller's
 //! stream:
-//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_dec2_up` (per-block routing
-//!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_dec2_down` (down + bias + combine); the
-//!   the first variant `moe_dec_up`/`moe_dec_down` runs above 8 tokens ([`DECODE_VARIANT_ENV`]);
+//! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_str_up` (per-block routing
+//!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_str_down` (down + bias, fp32) →
+//!   `moe_combine`; the older `moe_dec2_*` / `moe_dec_*` through [`DECODE_VARIANT_ENV`];
+//! - stream (17..=[`STREAM_MAX_TOKENS`]): (`moe_route`) → `moe_group` → `moe_str_up` →
+//!   `moe_str_down` → `moe_combine`;
 //! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
 //!
 //! Every grid depends only on the token count, every buffer lives in the caller's workspace
