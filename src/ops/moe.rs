@@ -597,9 +597,8 @@ enum DecodeKernels {
     Older(&'static str, &'static str, usize, usize),
 }
 
-fn decode_kernels(tokens: usize) -> Result<DecodeKernels> {
+fn decode_kernels() -> Result<DecodeKernels> {
     let setting = std::env::var(DECODE_VARIANT_ENV).ok();
-    let _ = tokens;
     decode_kernels_for(setting.as_deref())
 }
 
@@ -698,7 +697,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     }
     let block = (32 * DEC_WARPS as u32, 1, 1);
     match regime {
-        Regime::Decode => match decode_kernels(t)? {
+        Regime::Decode => match decode_kernels()? {
             DecodeKernels::Stream => {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
