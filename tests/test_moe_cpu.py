@@ -61,6 +61,31 @@ def test_regimes_depend_only_on_sizes() -> None:
         M.moe_regime(1, 4, 32, "sm75")
 
 
+def test_bad_stream_limit_raises() -> None:
+    """GPTOSS_3090_MOE_STREAM_MAX_TOKENS is read once per process (so this runs in its own): a
+    value that is not a token count is a ValueError naming the variable, not a silent default."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from gptoss_3090 import moe as M\n"
+        "for call in (lambda: M.moe_regime(20, 4, 32, 'sm86'),\n"
+        "             lambda: M.moe_workspace_bytes(20, 2880, 2880, 32, 4)):\n"
+        "    try:\n"
+        "        call(); print('no error')\n"
+        "    except ValueError as e:\n"
+        "        print('ValueError', e)\n"
+    )
+    env = {**os.environ, "GPTOSS_3090_MOE_STREAM_MAX_TOKENS": "lots"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert len(out) == 2, out
+    for line in out:
+        assert line.startswith("ValueError") and "GPTOSS_3090_MOE_STREAM_MAX_TOKENS" in line, line
+
+
 def test_dequantize_matches_bitsandbytes() -> None:
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     layer, _, _ = make_layer(nested=True)

@@ -27,7 +27,13 @@ pub struct KernelFn {
     name: Arc<str>,
     /// The `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` currently set on the function.
     dyn_smem_limit: Arc<AtomicU32>,
+    /// Blocks per SM already asked of the driver, by (threads, dynamic shared memory): the
+    /// answer is fixed per function, and launchers ask on every call.
+    occupancy: Arc<Mutex<Vec<OccupancyEntry>>>,
 }
+
+/// ((threads, dynamic shared memory bytes), blocks per SM).
+type OccupancyEntry = ((u32, u32), u32);
 
 impl KernelFn {
     /// `source/entry`.
@@ -248,12 +254,18 @@ impl GpuDevice {
         self.smem_optin
     }
 
-    /// Raises `f`'s dynamic shared memory limit to `dyn_smem` bytes if it is lower (the
-    /// context must be bound).
+    /// Checks `dyn_smem` against the device and raises `f`'s dynamic shared memory limit to it
+    /// if it is lower (the context must be bound).
     fn allow_dyn_smem(&self, f: &KernelFn, dyn_smem: u32) -> Result<()> {
+        if dyn_smem > self.smem_optin {
+            return Err(Error::arg(format!(
+                "{}: {dyn_smem} bytes of dynamic shared memory requested, the device allows {}",
+                f.name, self.smem_optin
+            )));
+        }
         if dyn_smem > f.dyn_smem_limit.load(Ordering::Relaxed) {
-            // SAFETY: valid function handle; the value is within the device limit (checked by
-            // the callers against `smem_optin`).
+            // SAFETY: valid function handle; the value is within the device limit (checked
+            // above).
             unsafe {
                 sys::cuFuncSetAttribute(
                     f.func.0,
@@ -271,11 +283,12 @@ impl GpuDevice {
     /// How many blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory one
     /// SM holds at once for `f` (registers, static and dynamic shared memory all counted).
     pub fn max_active_blocks(&self, f: &KernelFn, threads: u32, dyn_smem: u32) -> Result<u32> {
-        if dyn_smem > self.smem_optin {
-            return Err(Error::arg(format!(
-                "{}: {dyn_smem} bytes of dynamic shared memory requested, the device allows {}",
-                f.name, self.smem_optin
-            )));
+        let key = (threads, dyn_smem);
+        {
+            let known = f.occupancy.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
+                return Ok(n);
+            }
         }
         self.bind()?;
         // The occupancy calculator counts a dynamic size above the function's limit as not
@@ -293,7 +306,12 @@ impl GpuDevice {
         }
         .result()
         .map_err(|e| drv(&format!("occupancy of {}", f.name), e))?;
-        Ok(n.max(1) as u32)
+        let n = n.max(1) as u32;
+        f.occupancy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key, n));
+        Ok(n)
     }
 
     /// Shared memory per SM.
@@ -394,6 +412,7 @@ impl GpuDevice {
                 // 0, not 48 KB: a kernel with static shared memory may only add 48 KB minus it
                 // by default, so every dynamic size is raised explicitly once.
                 dyn_smem_limit: Arc::new(AtomicU32::new(0)),
+                occupancy: Arc::new(Mutex::new(Vec::new())),
             };
             let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
             Ok(f.entry(key).or_insert(k).clone())
@@ -509,12 +528,6 @@ impl GpuDevice {
             return Err(Error::arg(format!(
                 "{}: invalid block {block:?} (1..=1024 threads)",
                 f.name
-            )));
-        }
-        if dyn_smem > self.smem_optin {
-            return Err(Error::arg(format!(
-                "{}: {dyn_smem} bytes of dynamic shared memory requested, the device allows {}",
-                f.name, self.smem_optin
             )));
         }
         self.bind()?;

@@ -12,6 +12,8 @@ pub mod moe;
 pub mod nf4;
 pub mod py;
 
+use std::sync::OnceLock;
+
 use crate::error::{Error, Result};
 
 /// Element type of activations and outputs; mirrors `DTYPE_BF16` / `DTYPE_F16` in common.cuh.
@@ -106,15 +108,37 @@ pub fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
     best.0
 }
 
-/// Development override of the streaming K split (`GPTOSS_3090_MOE_STREAM_KS` = 1, 2, 4 or 8;
-/// anything else is ignored), read once per process.
-pub fn stream_ks_override() -> Option<usize> {
-    static KS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *KS.get_or_init(|| {
-        std::env::var("GPTOSS_3090_MOE_STREAM_KS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|ks| [1, 2, 4, 8].contains(ks))
+/// A development knob: an environment variable holding a count, read once per process
+/// (`cell` keeps the answer, so a captured graph never sees it change). Unset or empty: `None`;
+/// a value that is not a count `allowed` accepts is an error naming the variable.
+pub(crate) fn env_count(
+    cell: &'static OnceLock<std::result::Result<Option<usize>, String>>,
+    name: &str,
+    expected: &str,
+    allowed: fn(usize) -> bool,
+) -> Result<Option<usize>> {
+    cell.get_or_init(|| {
+        let Ok(raw) = std::env::var(name) else {
+            return Ok(None);
+        };
+        let text = raw.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match text.parse::<usize>() {
+            Ok(n) if allowed(n) => Ok(Some(n)),
+            _ => Err(format!("{name}={raw:?}: expected {expected}")),
+        }
+    })
+    .clone()
+    .map_err(Error::arg)
+}
+
+/// Development override of the streaming K split (`GPTOSS_3090_MOE_STREAM_KS`).
+pub fn stream_ks_override() -> Result<Option<usize>> {
+    static KS: OnceLock<std::result::Result<Option<usize>, String>> = OnceLock::new();
+    env_count(&KS, "GPTOSS_3090_MOE_STREAM_KS", "1, 2, 4 or 8", |ks| {
+        [1, 2, 4, 8].contains(&ks)
     })
 }
 

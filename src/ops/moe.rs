@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
-use crate::ops::{stream_k_split, stream_ks_override, Dtype, STR_TABLE_BYTES, STR_WARPS};
+use crate::ops::{
+    env_count, stream_k_split, stream_ks_override, Dtype, STR_TABLE_BYTES, STR_WARPS,
+};
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
 pub const ROUTE_WEIGHTS: i32 = 0;
@@ -223,7 +225,7 @@ impl WorkspaceLayout {
         )?;
         // The streaming kernels keep expert outputs in fp32 until the combine; the tiled GEMMs
         // (larger token counts, where the workspace is large) store the act dtype.
-        let out_elem = if tokens <= DECODE_MAX_TOKENS.max(stream_max_tokens()) {
+        let out_elem = if tokens <= DECODE_MAX_TOKENS.max(stream_max_tokens()?) {
             elem_size.max(4)
         } else {
             elem_size
@@ -269,19 +271,20 @@ pub enum Regime {
 impl Regime {
     /// The regime for `tokens` tokens with `topk` experts each among `experts` on `tuning`.
     /// Only depends on static sizes, so a captured graph stays valid.
-    pub fn choose(tokens: usize, topk: usize, experts: usize, tuning: Tuning) -> Regime {
+    /// Fails only when [`STREAM_MAX_ENV`] holds something else than a token count.
+    pub fn choose(tokens: usize, topk: usize, experts: usize, tuning: Tuning) -> Result<Regime> {
         if tokens <= DECODE_MAX_TOKENS {
-            return Regime::Decode;
+            return Ok(Regime::Decode);
         }
-        if tokens <= stream_max_tokens() {
-            return Regime::Stream;
+        if tokens <= stream_max_tokens()? {
+            return Ok(Regime::Stream);
         }
         // BM 64, 2 stages, one decoded-B buffer (44 KB): 2 blocks per SM within sm_86/89's
         // 100 KB. On the H100 this variant also beat the double-buffered m64s3/m64s4/m128s4
         // (bench/results/moe_h100_2026-11-26_variants.txt), so every tuning uses it for now; m128s4 stays
         // compiled for tuning on other cards.
         let _ = (topk, experts, tuning);
-        Regime::Prefill { bm: 64, stages: 2 }
+        Ok(Regime::Prefill { bm: 64, stages: 2 })
     }
 
     /// Dynamic shared memory of the prefill GEMM (kernels/moe.cu `GemmSmem::TOTAL`); the
@@ -548,7 +551,7 @@ pub fn workspace_bytes(
     // Enough for every count up to `tokens` (a caller sizes one workspace for its largest
     // batch): the streaming counts' fp32 outputs can outweigh a slightly larger GEMM count.
     let largest = WorkspaceLayout::new(tokens, hidden, intermediate, experts, topk, 2)?.total;
-    let streaming = tokens.min(DECODE_MAX_TOKENS.max(stream_max_tokens()));
+    let streaming = tokens.min(DECODE_MAX_TOKENS.max(stream_max_tokens()?));
     let stream = WorkspaceLayout::new(streaming, hidden, intermediate, experts, topk, 2)?.total;
     Ok(largest.max(stream))
 }
@@ -577,14 +580,10 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 /// bytes, which the streaming kernels read at a higher rate than the tiled GEMMs decode them.
 pub const STREAM_MAX_TOKENS: usize = 128;
 
-fn stream_max_tokens() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var(STREAM_MAX_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(STREAM_MAX_TOKENS)
-    })
+fn stream_max_tokens() -> Result<usize> {
+    static MAX: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+        std::sync::OnceLock::new();
+    Ok(env_count(&MAX, STREAM_MAX_ENV, "a token count", |_| true)?.unwrap_or(STREAM_MAX_TOKENS))
 }
 
 /// Which kernels the decode regime runs.
@@ -645,7 +644,7 @@ fn launch_stream(
         };
         let chunks = (k_dim / 64).div_ceil(2);
         let resident = per_sm * dev.sm_count() as usize;
-        let ks = match stream_ks_override() {
+        let ks = match stream_ks_override()? {
             Some(ks) => ks,
             None => stream_k_split(slots * rows.div_ceil(16), chunks, resident),
         };
@@ -673,7 +672,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     let layout = args.validate()?;
     let dev: Arc<GpuDevice> = crate::cuda::device(args.device)?;
     let tuning = tuning.unwrap_or_else(|| dev.tuning());
-    let regime = Regime::choose(args.tokens, args.topk, args.experts, tuning);
+    let regime = Regime::choose(args.tokens, args.topk, args.experts, tuning)?;
     if args.tokens == 0 {
         return Ok(regime);
     }
@@ -859,7 +858,7 @@ fn py_moe_workspace_bytes(
 fn py_moe_regime(tokens: usize, top_k: usize, experts: usize, tuning: &str) -> PyResult<String> {
     let t = parse_tuning(tuning)?
         .ok_or_else(|| Error::arg("tuning: name a concrete tuning (sm80, sm86 or sm90)"))?;
-    Ok(match Regime::choose(tokens, top_k, experts, t) {
+    Ok(match Regime::choose(tokens, top_k, experts, t)? {
         Regime::Decode => "decode".to_string(),
         Regime::Stream => "stream".to_string(),
         Regime::Prefill { bm, stages } => format!("prefill_m{bm}s{stages}"),
@@ -1023,19 +1022,28 @@ mod tests {
 
     #[test]
     fn regime_is_static_in_the_token_count() {
-        assert_eq!(Regime::choose(1, 4, 32, Tuning::Sm90), Regime::Decode);
-        assert_eq!(Regime::choose(16, 4, 32, Tuning::Sm86), Regime::Decode);
-        assert_eq!(Regime::choose(17, 4, 32, Tuning::Sm86), Regime::Stream);
         assert_eq!(
-            Regime::choose(STREAM_MAX_TOKENS, 4, 32, Tuning::Sm86),
+            Regime::choose(1, 4, 32, Tuning::Sm90).unwrap(),
+            Regime::Decode
+        );
+        assert_eq!(
+            Regime::choose(16, 4, 32, Tuning::Sm86).unwrap(),
+            Regime::Decode
+        );
+        assert_eq!(
+            Regime::choose(17, 4, 32, Tuning::Sm86).unwrap(),
             Regime::Stream
         );
         assert_eq!(
-            Regime::choose(STREAM_MAX_TOKENS + 1, 4, 32, Tuning::Sm90),
+            Regime::choose(STREAM_MAX_TOKENS, 4, 32, Tuning::Sm86).unwrap(),
+            Regime::Stream
+        );
+        assert_eq!(
+            Regime::choose(STREAM_MAX_TOKENS + 1, 4, 32, Tuning::Sm90).unwrap(),
             Regime::Prefill { bm: 64, stages: 2 }
         );
         assert_eq!(
-            Regime::choose(8192, 4, 32, Tuning::Sm90),
+            Regime::choose(8192, 4, 32, Tuning::Sm90).unwrap(),
             Regime::Prefill { bm: 64, stages: 2 }
         );
         // Static shared memory of moe_gemm (tables) is about 1.1 KB per block.

@@ -585,7 +585,7 @@ unsafe fn linear_stream(
     let resident = dev.max_active_blocks(&f, threads, smem)? as usize * dev.sm_count() as usize;
     let n = params.n as usize;
     let chunks = (a.k as usize / 64).div_ceil(2);
-    let ks = stream_ks_override().unwrap_or_else(|| stream_k_split(n / 16, chunks, resident));
+    let ks = stream_ks_override()?.unwrap_or_else(|| stream_k_split(n / 16, chunks, resident));
     params.str_ks = ks as i32;
     let grid = (
         u32::try_from(n.div_ceil(16 * (STR_WARPS / ks)))
