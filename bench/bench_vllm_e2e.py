@@ -2,7 +2,9 @@
 
 Stock: OpenAI's MXFP4 layout at full GPT-OSS-20B size with random weights (``load_format=
 "dummy"`` on a config.json carrying the MXFP4 quantization_config), ``moe_backend="marlin"`` and
-TRITON_ATTN: exactly what vLLM runs on Ampere. Ours: the 20b synthetic NF4 checkpoint
+TRITON_ATTN: exactly what vLLM runs on Ampere. Dummy weights make every token of every layer
+pick the same 4 experts (``route_probe``), so stock's routers are redrawn to route like a real
+model (``--stock-router dummy`` keeps vLLM's values). Ours: the 20b synthetic NF4 checkpoint
 (``gptoss-3090 synth OUT --preset 20b``) with ``--quantization bnb_moe`` and our attention
 backend (CUSTOM; ``--ours-attention TRITON_ATTN`` to compare like for like). Both with the same
 compilation settings (vLLM defaults: torch.compile + FULL_AND_PIECEWISE CUDA graphs, the same
@@ -77,6 +79,60 @@ def mxfp4_config_dir(out: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+def route_probe(worker: Any, realistic: bool) -> dict[str, Any]:
+    """Routing of each layer for random tokens, on the worker (``LLM.collective_rpc``).
+
+    vLLM's ``load_format="dummy"`` fills every float weight with U(-1e-3, 1e-3) from a seed that
+    depends only on the tensor's size, so the 24 router biases are identical and dwarf the
+    token-dependent part of the logits (RMSNorm weights of 1e-3 leave hidden states near 1e-3):
+    every token of every layer picks the same 4 experts, and a batch reads 4 experts' weights
+    instead of up to 32. With ``realistic``, each router gets weights drawn like a trained
+    router's effect (logits of unit spread per token, a bias of std 0.1, as in our synthetic
+    checkpoint), in place, so the captured CUDA graphs use them; the experts' integer tensors
+    (MXFP4 codes and scales, which the dummy loader leaves uninitialised) are zeroed so that no
+    NaN can reach a later router. Neither changes the work a kernel does.
+
+    The hidden state is approximated by the token embedding through the layer's
+    post-attention RMSNorm (the attention's contribution is tiny with random weights). Returns
+    the mean number of distinct experts a batch of 1, 16 and 64 tokens routes to per layer.
+    """
+    import torch
+
+    model = worker.get_model()
+    inner = getattr(model, "model", model)
+    try:
+        emb = inner.embedding
+        layers = list(inner.layers)
+        routers = [(lay.post_attention_layernorm, lay.mlp.router) for lay in layers]
+    except AttributeError as e:
+        return {"error": f"model layout not understood: {e}"}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(1000, 190000, (64,), generator=g).to(emb.weight.device)
+    zeroed = 0
+    with torch.no_grad():
+        for lay in layers if realistic else []:
+            named = list(lay.mlp.experts.named_parameters()) + list(lay.mlp.experts.named_buffers())
+            for name, t in named:
+                if ("weight" in name or "scale" in name) and not torch.is_floating_point(t):
+                    t.zero_()
+                    zeroed += 1
+        h = emb.weight[ids].float()
+        counts: dict[int, list[int]] = {1: [], 16: [], 64: []}
+        for norm, router in routers:
+            x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()
+            w, b = router.weight, router.bias
+            if realistic:
+                sigma = 1.0 / (x.shape[-1] ** 0.5 * float(x.pow(2).mean().sqrt()))
+                w.copy_((torch.randn(w.shape, generator=g) * sigma).to(w.dtype))
+                b.copy_((torch.randn(b.shape, generator=g) * 0.1).to(b.dtype))
+            logits = x @ w.float().t() + b.float()
+            top = torch.topk(logits, 4, dim=-1).indices
+            for n in counts:
+                counts[n].append(int(torch.unique(top[:n]).numel()))
+    out: dict[str, Any] = {f"experts_per_layer_t{n}": sum(c) / len(c) for n, c in counts.items()}
+    return out | ({"integer_expert_tensors_zeroed": zeroed} if realistic else {})
+
+
 def worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if spec["side"] == "ours":
@@ -98,6 +154,11 @@ def worker(spec_path: str, out_path: str) -> None:
         "device": torch.cuda.get_device_name(0),
         "workloads": {},
     }
+    # How many experts a batch touches decides how many weight bytes a decode step reads, so
+    # both sides must route like a real model. Stock's dummy weights do not (see route_probe).
+    result["routing"] = {"before": llm.collective_rpc(route_probe, args=(False,))[0]}
+    if spec.get("realistic_router"):
+        result["routing"]["after"] = llm.collective_rpc(route_probe, args=(True,))[0]
     g = torch.Generator().manual_seed(0)
 
     def prompts(batch: int, length: int) -> list[TokensPrompt]:
@@ -181,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ours-attention", default="CUSTOM")
     p.add_argument("--budgets", nargs="+", default=["full", "24gib"])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    p.add_argument("--sides", nargs="+", default=["stock", "ours"], choices=["stock", "ours"])
+    p.add_argument(
+        "--stock-router",
+        choices=["realistic", "dummy"],
+        default="realistic",
+        help="stock's router weights: redrawn to route like a real model (default), or vLLM's "
+        "dummy values, which send every token to the same 4 experts",
+    )
     a = p.parse_args(argv)
     if a.cmd == "worker":
         worker(a.spec, a.result)
@@ -205,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "moe_backend": "marlin",
                 "attention_backend": "TRITON_ATTN",
             },
+            "realistic_router": a.stock_router == "realistic",
         },
         "ours": {
             "model": a.ours,
@@ -219,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"settings": vars(a) | {"out": str(a.out)}, "runs": {}}
     for budget in a.budgets:
         for side, base in sides.items():
+            if side not in a.sides:
+                continue
             spec = {**base, "side": side, "workloads": a.workloads}
             spec["llm"] = dict(base["llm"])
             if budget == "24gib":
@@ -241,7 +313,7 @@ def ratios(runs: dict[str, Any], budgets: list[str], workloads: list[str]) -> di
     out: dict[str, Any] = {}
     for b in budgets:
         s, o = runs.get(f"stock_{b}", {}), runs.get(f"ours_{b}", {})
-        if "error" in s or "error" in o:
+        if "workloads" not in s or "workloads" not in o:
             continue
         r = {w: o["workloads"][w]["tok_s"] / s["workloads"][w]["tok_s"] for w in workloads}
         r["targets_met"] = {w: r[w] >= t for w, t in TARGETS.items() if w in r}
@@ -258,8 +330,15 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
     ]
     for b in budgets:
         s, o = report["runs"].get(f"stock_{b}", {}), report["runs"].get(f"ours_{b}", {})
-        if "error" in s or "error" in o:
-            lines.append(f"| {b} | error | {s.get('error', '')} | {o.get('error', '')} | | |")
+        if "workloads" not in s or "workloads" not in o:
+            for side, r in (("stock", s), ("ours", o)):
+                for w, v in r.get("workloads", {}).items():
+                    lines.append(f"| {b} | {w} ({side} only) | {v['tok_s']:,.0f} | | | |")
+                if r:
+                    routed = _routed(r)
+                    lines.append(f"| {b} | {side}: experts per layer, 64 tokens | {routed} | | | |")
+                if "error" in r:
+                    lines.append(f"| {b} | {side} error | {r['error']} | | | |")
             continue
         for w in workloads:
             st, ot = s["workloads"][w]["tok_s"], o["workloads"][w]["tok_s"]
@@ -270,8 +349,17 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
         kv_ratio = f"{ok / sk:.2f}x" if isinstance(sk, int) and isinstance(ok, int) else ""
         lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
         lines.append(f"| {b} | weights GiB | {s.get('weights_gib')} | {o.get('weights_gib')} | | |")
+        lines.append(f"| {b} | experts per layer, 64 tokens | {_routed(s)} | {_routed(o)} | | |")
     dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "?")
     return f"Device: {dev}\n\n" + "\n".join(lines) + "\n"
+
+
+def _routed(run: dict[str, Any]) -> str:
+    """Distinct experts a 64-token batch routes to per layer (route_probe), as run."""
+    r = run.get("routing", {})
+    probe = r.get("after") or r.get("before") or {}
+    v = probe.get("experts_per_layer_t64")
+    return "?" if v is None else (f"{v:.1f}" + (" (router redrawn)" if "after" in r else ""))
 
 
 def plot(report: dict[str, Any], budgets: list[str], workloads: list[str], path: Path) -> None:

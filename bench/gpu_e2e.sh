@@ -11,8 +11,8 @@
 #                                            #   queue the jobs, wait up to WAIT_S (default 540)
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
-# Jobs (run in the order given, one GPU job at a time): moetest, kernels, nf4bench, profile,
-# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, smoke. Results land in /root/e2e/{status,logs,res}.
+# Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
+# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -119,6 +119,17 @@ job_qal() {
 job_e2e() {
   wait_synth
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e"
+}
+
+job_e2e_dummy() {
+  # Stock with vLLM's dummy router weights (every token routed to the same 4 experts), to show
+  # in the same sitting what redrawing the routers changes.
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_dummy" --sides stock \
+    --budgets full --stock-router dummy
+}
+
+job_nf4test() {
+  python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_nf4_gpu.py
 }
 
 job_smoke() {

@@ -10,6 +10,8 @@
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
 #               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
 #               streaming regime against the GEMMs at 256 and 512 tokens
+#   moexcols    bench_moe.py up to 128 tokens with the staged activations and without
+#               (GPTOSS_3090_STREAM_XCOLS=0)
 #   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   moeks       bench_moe.py at 1, 4, 16 and 64 tokens with each forced K split
@@ -54,6 +56,12 @@ for step in "$@"; do
       GPTOSS_3090_MOE_STREAM_MAX_TOKENS=1024 \
         bench_moe stream_large --tokens 256,512 --tunings auto --no-baselines
       bench_moe gemm_large --tokens 256,512 --tunings auto --no-baselines
+      ;;
+    moexcols)
+      # Activations staged in shared memory (the default) against global loads, same call.
+      bench_moe xcols_default --tokens 1,2,4,8,16,32,64,128 --tunings auto,sm86 --no-baselines
+      GPTOSS_3090_STREAM_XCOLS=0 \
+        bench_moe xcols_0 --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines
       ;;
     moevariants)
       for d in .gpu-variants/*/; do

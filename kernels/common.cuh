@@ -197,6 +197,16 @@ __device__ __forceinline__ u32 smem_addr(const void* ptr) {
     return (u32)__cvta_generic_to_shared(ptr);
 }
 
+// 16 bytes of shared memory, volatile like ld_nc_16_if_volatile (activations a block staged).
+__device__ __forceinline__ u32x4 ld_shared_16_if_volatile(const void* ptr, bool pred) {
+    u32x4 v = {0u, 0u, 0u, 0u};
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+                 " @p ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n}"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+                 : "r"(smem_addr(ptr)), "r"((int)pred));
+    return v;
+}
+
 // cp.async 16 bytes global -> shared without staging through registers (sm_80+), so the copy of
 // the next tile overlaps the math on the current one.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
@@ -462,8 +472,9 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
 
 // The activations of (chunk j, block h) for this lane's columns: 16 k each, the B fragments of
 // the block's 4 mma steps. Volatile, so the prefetch stays where it is written (half a chunk
-// ahead of its use) instead of sinking next to the mma.
-template <int NT>
+// ahead of its use) instead of sinking next to the mma. XS: `src` points into shared memory
+// (columns the block staged once, str_stage_x), else into global memory.
+template <int NT, bool XS>
 __device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols, int j, int h,
                                            u32 (&xw)[NT][8]) {
     const int k0 = 128 * j + 64 * h + 16 * (threadIdx.x & 3);
@@ -471,8 +482,10 @@ __device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols
     for (int nt = 0; nt < NT; ++nt) {
         // Columns past the expert's pairs load nothing (zeros): no L1 wavefronts spent on them.
         const bool live = (cols >> nt) & 1u;
-        const u32x4 v0 = ld_nc_16_if_volatile(src[nt] + k0, live);
-        const u32x4 v1 = ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
+        const u32x4 v0 = XS ? ld_shared_16_if_volatile(src[nt] + k0, live)
+                            : ld_nc_16_if_volatile(src[nt] + k0, live);
+        const u32x4 v1 = XS ? ld_shared_16_if_volatile(src[nt] + k0 + 8, live)
+                            : ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
         xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
         xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
     }
@@ -524,7 +537,7 @@ __device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h
 // arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations (L1 or L2 hits, but on
 // the critical path of every mma) half a chunk ahead through registers: block 1 of a chunk
 // loads while block 0 computes, and block 0 of the next chunk while block 1 computes.
-template <int DTYPE, int NT, bool NESTED>
+template <int DTYPE, int NT, bool NESTED, bool XS>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, const u16* const (&src)[NT],
                                            u32 cols, const float* nmap, float (&acc)[NT][4]) {
@@ -538,7 +551,7 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
         if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, raw[u], scl[u]);
         cp_async_commit();  // empty groups keep the count uniform
     }
-    str_load_x<NT>(src, cols, jb, 0, x0);
+    str_load_x<NT, XS>(src, cols, jb, 0, x0);
     for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
 #pragma unroll
         for (int u = 0; u < STR_DEPTH; ++u) {
@@ -551,7 +564,7 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
                                   raw[nu], scl[nu]);
             cp_async_commit();
             const bool second = 2 * j + 1 < nkb;  // warp-uniform: odd block count
-            if (second) str_load_x<NT>(src, cols, j, 1, x1);
+            if (second) str_load_x<NT, XS>(src, cols, j, 1, x1);
             cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
             __syncwarp();                    // ... and every other lane's
             // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
@@ -563,11 +576,30 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             const float s10 = __shfl_sync(0xffffffffu, am, 2 * g + 1);
             const float s11 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + 1);
             str_half<DTYPE, NT>(table, stage, 0, s00, s01, x0, acc);
-            if (i + 1 < n) str_load_x<NT>(src, cols, j + 1, 0, x0);
+            if (i + 1 < n) str_load_x<NT, XS>(src, cols, j + 1, 0, x0);
             if (second) str_half<DTYPE, NT>(table, stage, 1, s10, s11, x1, acc);
         }
     }
     cp_async_wait<0>();
+}
+
+// Row stride, in elements, of a column of activations staged in shared memory: K plus 8, so
+// the 16-byte reads of lanes (g, c) (column g, k offset 16 c) fall in distinct bank groups.
+__host__ __device__ __forceinline__ int str_x_stride(int K) { return K + 8; }
+
+// Copies `n` columns of K activations (column i starts at col_src(i)) into `xs` (stride
+// str_x_stride(K)) with 16-byte cp.async by the whole block, and waits for them: every thread
+// must call it, after its earlier cp.async groups have been waited for. K is a multiple of 8.
+template <class ColSrc>
+__device__ __forceinline__ void str_stage_x(u16* xs, int n, int K, ColSrc col_src) {
+    const int pieces = K / 8;
+    for (int idx = threadIdx.x; idx < n * pieces; idx += blockDim.x) {
+        const int col = idx / pieces, piece = idx - col * pieces;
+        cp_async_16(xs + col * str_x_stride(K) + 8 * piece, col_src(col) + 8 * piece);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
 }
 
 // Sums the KS parts of K of each 16-row group (warps rg * ks .. rg * ks + ks - 1) in fixed

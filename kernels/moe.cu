@@ -110,7 +110,7 @@ struct MoeParams {
     i32 str_ks;      // moe_str_*: warps that split K per 16-row group (1, 2, 4 or 8)
     i32 str_grouped; // moe_str_*: 1 = experts and pairs from moe_group, 0 = routed per block
     i32 out_f32;     // ws_out holds f32 (moe_str_down) instead of act dtype (moe_gemm_down)
-    i32 pad_;
+    i32 str_xcols;   // moe_str_*: activation columns a block stages in shared memory (0: none)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1255,7 +1255,8 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
 template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
-    extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
+    // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
+    extern __shared__ __align__(16) u8 str_smem[];
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     int e, cnt;
     const int* gpairs = nullptr;  // grouped: the expert's pair list in ws_sorted
@@ -1310,24 +1311,42 @@ __device__ void moe_str(const MoeParams& p) {
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
 
+    // The activations of the pair (token, k) m of this expert: the token's x (gate_up) or the
+    // pair's h (down).
+    auto pair_x = [&](int m) -> const u16* {
+        const int pr = gpairs ? gpairs[m] : sh.pairs[m];
+        return UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
+                  : (const u16*)p.ws_h + (long long)pr * p.I;
+    };
+    u16* xs = (u16*)(str_smem + STR_TABLE_BYTES);  // p.str_xcols staged columns
     for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
+        // Every warp of the block reads the same columns: a pass that fits stages them in shared
+        // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
+        const int live = min(cnt - p0, 8 * NT);
+        const bool staged = live <= p.str_xcols;
+        if (staged) str_stage_x(xs, live, K, [&](int i) { return pair_x(p0 + i); });
         const u16* src[NT];
         u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            cols |= (p0 + nt * 8 + g < cnt ? 1u : 0u) << nt;
-            const int m = min(p0 + nt * 8 + g, cnt - 1);
-            const int pr = gpairs ? gpairs[m] : sh.pairs[m];
-            src[nt] = UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
-                         : (const u16*)p.ws_h + (long long)pr * p.I;
+            const int i = nt * 8 + g;
+            cols |= (i < live ? 1u : 0u) << nt;
+            src[nt] = staged ? xs + min(i, live - 1) * str_x_stride(K)
+                             : pair_x(min(p0 + i, cnt - 1));
         }
         float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-        if (active && n > 0)
-            str_stream<DTYPE, NT, NESTED>(l, jb, n, nkb, am_off, str_smem, ring, src, cols,
-                                          sh.nmap, acc);
+        if (active && n > 0) {
+            if (staged)
+                str_stream<DTYPE, NT, NESTED, true>(l, jb, n, nkb, am_off, str_smem, ring, src,
+                                                    cols, sh.nmap, acc);
+            else
+                str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, am_off, str_smem, ring, src,
+                                                     cols, sh.nmap, acc);
+        }
         str_reduce<NT>(str_smem, ks, acc);
+        if (staged && ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
         if (kp == 0 && active) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)

@@ -30,6 +30,8 @@ pub struct KernelFn {
     /// Blocks per SM already asked of the driver, by (threads, dynamic shared memory): the
     /// answer is fixed per function, and launchers ask on every call.
     occupancy: Arc<Mutex<Vec<OccupancyEntry>>>,
+    /// Static shared memory bytes, once asked.
+    static_smem: Arc<OnceLock<u32>>,
 }
 
 /// ((threads, dynamic shared memory bytes), blocks per SM).
@@ -314,6 +316,27 @@ impl GpuDevice {
         Ok(n)
     }
 
+    /// Static shared memory of `f` in bytes (what the kernel declares with `__shared__`).
+    pub fn static_smem(&self, f: &KernelFn) -> Result<u32> {
+        if let Some(&n) = f.static_smem.get() {
+            return Ok(n);
+        }
+        self.bind()?;
+        let mut n: c_int = 0;
+        // SAFETY: valid function handle of this context; `n` outlives the call.
+        unsafe {
+            sys::cuFuncGetAttribute(
+                &mut n,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                f.func.0,
+            )
+        }
+        .result()
+        .map_err(|e| drv(&format!("static shared memory of {}", f.name), e))?;
+        let n = n.max(0) as u32;
+        Ok(*f.static_smem.get_or_init(|| n))
+    }
+
     /// Shared memory per SM.
     pub fn shared_per_sm(&self) -> u32 {
         self.smem_per_sm
@@ -413,6 +436,7 @@ impl GpuDevice {
                 // by default, so every dynamic size is raised explicitly once.
                 dyn_smem_limit: Arc::new(AtomicU32::new(0)),
                 occupancy: Arc::new(Mutex::new(Vec::new())),
+                static_smem: Arc::new(OnceLock::new()),
             };
             let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
             Ok(f.entry(key).or_insert(k).clone())

@@ -142,5 +142,47 @@ pub fn stream_ks_override() -> Result<Option<usize>> {
     })
 }
 
+/// Bytes of one activation column a streaming block stages in shared memory (kernels/common.cuh
+/// `str_x_stride`: K plus 8 elements of padding, 2 bytes each).
+pub fn stream_x_column_bytes(k: usize) -> usize {
+    2 * (k + 8)
+}
+
+/// Activation columns a streaming block stages in shared memory: the most, up to `max_cols`,
+/// whose dynamic shared memory (`STR_TABLE_BYTES` plus the columns) with `static_smem` stays
+/// within `budget` bytes per block and for which `keeps_occupancy(dynamic bytes)` holds (the
+/// table-only kernel's blocks per SM). Staging must never cost resident warps: they are what
+/// hides the weights' DRAM latency.
+pub fn stream_x_columns(
+    max_cols: usize,
+    k: usize,
+    static_smem: usize,
+    budget: usize,
+    mut keeps_occupancy: impl FnMut(usize) -> Result<bool>,
+) -> Result<usize> {
+    if let Some(n) = stream_xcols_override()? {
+        return Ok(n.min(max_cols));
+    }
+    for n in (1..=max_cols).rev() {
+        let dyn_smem = STR_TABLE_BYTES + n * stream_x_column_bytes(k);
+        if dyn_smem + static_smem <= budget && keeps_occupancy(dyn_smem)? {
+            return Ok(n);
+        }
+    }
+    Ok(0)
+}
+
+/// Development override of the staged activation columns (`GPTOSS_3090_STREAM_XCOLS`; 0 turns
+/// staging off).
+pub fn stream_xcols_override() -> Result<Option<usize>> {
+    static XCOLS: OnceLock<std::result::Result<Option<usize>, String>> = OnceLock::new();
+    env_count(
+        &XCOLS,
+        "GPTOSS_3090_STREAM_XCOLS",
+        "a count from 0 to 16",
+        |n| n <= 16,
+    )
+}
+
 /// Fixed cost of one streaming warp in chunk times (block prologue, pipeline fill, reduction).
 const STREAM_WARP_OVERHEAD: f64 = 4.0;

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    env_count, stream_k_split, stream_ks_override, Dtype, STR_TABLE_BYTES, STR_WARPS,
+    env_count, stream_k_split, stream_ks_override, stream_x_column_bytes, stream_x_columns, Dtype,
+    STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
@@ -142,7 +143,8 @@ pub struct MoeParams {
     /// `ws_out` holds f32 (`moe_str_down`) instead of the act dtype (`moe_gemm_down`).
     pub out_f32: i32,
     /// Padding.
-    pub pad_: i32,
+    /// moe_str_*: activation columns a block stages in shared memory (0: none).
+    pub str_xcols: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -534,7 +536,7 @@ impl MoeArgs {
             str_ks: 1,
             str_grouped: i32::from(matches!(regime, Regime::Stream)),
             out_f32: 0,
-            pad_: 0,
+            str_xcols: 0,
         })
     }
 }
@@ -626,22 +628,33 @@ fn launch_stream(
     args: &MoeArgs,
     p: &MoeParams,
     nt: usize,
+    tuning: Tuning,
 ) -> Result<()> {
     let (t, k, e) = (args.tokens, args.topk, args.experts);
     let slots = e.min(t * k);
-    let smem = u32_of("shared memory", STR_TABLE_BYTES)?;
+    let table = u32_of("shared memory", STR_TABLE_BYTES)?;
     let threads = 32 * STR_WARPS as u32;
     let gu = ("moe_str_up", 2 * args.intermediate, args.gate_up.nested);
     let dn = ("moe_str_down", args.hidden, args.down.nested);
     for (name, rows, nested) in [gu, dn] {
         let plain = if nested { "" } else { "_plain" };
         let f = func(&format!("{name}_n{nt}{plain}"))?;
-        let per_sm = dev.max_active_blocks(&f, threads, smem)? as usize;
+        let per_sm = dev.max_active_blocks(&f, threads, table)? as usize;
         let k_dim = if name == "moe_str_up" {
             args.hidden
         } else {
             args.intermediate
         };
+        let budget = dev.max_shared_per_block_optin().min(tuning.smem_budget()) as usize;
+        let static_smem = dev.static_smem(&f)? as usize;
+        let xcols = stream_x_columns(8 * nt, k_dim, static_smem, budget, |dyn_smem| {
+            let n = dev.max_active_blocks(&f, threads, u32_of("shared memory", dyn_smem)?)?;
+            Ok(n as usize >= per_sm)
+        })?;
+        let smem = u32_of(
+            "shared memory",
+            STR_TABLE_BYTES + xcols * stream_x_column_bytes(k_dim),
+        )?;
         let chunks = (k_dim / 64).div_ceil(2);
         let resident = per_sm * dev.sm_count() as usize;
         let ks = match stream_ks_override()? {
@@ -650,9 +663,11 @@ fn launch_stream(
         };
         let mut q = *p;
         q.str_ks = to_i32("k split", ks)?;
+        q.str_xcols = to_i32("staged columns", xcols)?;
         let gx = u32_of(name, rows.div_ceil(16 * (STR_WARPS / ks)))?;
         // SAFETY: as in moe_forward; the grid covers rows / (16 * 8 / ks) blocks per expert
-        // slot and the table is the dynamic shared memory the kernel indexes.
+        // slot; the dynamic shared memory holds the table and the `xcols` staged columns the
+        // kernel indexes.
         unsafe {
             dev.launch(
                 &f,
@@ -701,7 +716,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
-                launch_stream(&dev, &func, args, &p, if t <= 8 { 1 } else { 2 })?;
+                launch_stream(&dev, &func, args, &p, if t <= 8 { 1 } else { 2 }, tuning)?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
                 // moe_dec_up routes (logits) or reads the routing itself and groups per block;
@@ -720,7 +735,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            launch_stream(&dev, &func, args, &p, 2)?;
+            launch_stream(&dev, &func, args, &p, 2, tuning)?;
         }
         Regime::Prefill { bm, stages } => {
             let f = func("moe_group")?;
