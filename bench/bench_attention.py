@@ -92,8 +92,20 @@ class SdpaBaseline:
     and runs ``scaled_dot_product_attention`` with the sink as an extra zero key whose additive
     bias is the sink logit (same math, no value)."""
 
-    def __call__(self, query, kv_cache, output, qsl, seq_lens, block_table, sinks, max_q,
-                 max_s, window, scale):
+    def __call__(
+        self,
+        query,
+        kv_cache,
+        output,
+        qsl,
+        seq_lens,
+        block_table,
+        sinks,
+        max_q,
+        max_s,
+        window,
+        scale,
+    ):
         qsl_l = qsl.tolist()
         sl_l = seq_lens.tolist()
         bs = kv_cache.shape[2]
@@ -143,13 +155,30 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
 
     def ours():
         torch.ops.gptoss_3090.paged_attention(
-            b["query"], b["kv_cache"], out, *args, sinks, ws, b["max_query_len"],
-            b["max_seq_len"], window, SCALE,
+            b["query"],
+            b["kv_cache"],
+            out,
+            *args,
+            sinks,
+            ws,
+            b["max_query_len"],
+            b["max_seq_len"],
+            window,
+            SCALE,
         )
 
     def baseline():
-        base(b["query"], b["kv_cache"], out_b, *args, sinks, b["max_query_len"],
-             b["max_seq_len"], window, SCALE)
+        base(
+            b["query"],
+            b["kv_cache"],
+            out_b,
+            *args,
+            sinks,
+            b["max_query_len"],
+            b["max_seq_len"],
+            window,
+            SCALE,
+        )
 
     t_ours = time_graph(ours, reps, iters)
     if base_name == "sdpa":
@@ -170,8 +199,13 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
         t_base = time_graph(baseline, reps, iters)
     err = float((out.float() - out_b.float()).norm() / out_b.float().norm().clamp_min(1e-30))
     splits = A.decode_splits(
-        torch.cuda.current_device(), batch if kind == "decode" else 1, HKV, ctx, window,
-        1 if kind == "decode" else ctx, ws,
+        torch.cuda.current_device(),
+        batch if kind == "decode" else 1,
+        HKV,
+        ctx,
+        window,
+        1 if kind == "decode" else ctx,
+        ws,
     )
     # Work: keys visited per query (decode: bytes of K+V read; prefill: causal FLOPs).
     if kind == "decode":
@@ -221,9 +255,7 @@ def main() -> int:
     if args.tuning:
         runtime.set_tuning(args.tuning)
     info = runtime.device_info()  # kernels load on the eager call before each capture
-    use_triton = args.baseline == "triton" or (
-        args.baseline == "auto" and vllm_triton_available()
-    )
+    use_triton = args.baseline == "triton" or (args.baseline == "auto" and vllm_triton_available())
     base = VllmTritonAttention(HQ, HKV, "cuda") if use_triton else SdpaBaseline()
     base_name = "triton" if use_triton else "sdpa"
     ws = A.make_workspace("cuda", HKV)
@@ -275,8 +307,14 @@ def main() -> int:
             "command": " ".join([sys.executable, *sys.argv]),
             "torch": torch.__version__,
             "baseline": base_name,
-            "shapes": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "block_size": 16,
-                       "dtype": "bfloat16", "sliding_window": WINDOW},
+            "shapes": {
+                "num_q_heads": HQ,
+                "num_kv_heads": HKV,
+                "head_dim": D,
+                "block_size": 16,
+                "dtype": "bfloat16",
+                "sliding_window": WINDOW,
+            },
             "geomean_speedup": geo,
             "results": rows,
         }

@@ -1,10 +1,11 @@
 """End-to-end throughput: our bnb_moe stack vs stock vLLM 0.26 MXFP4 on Marlin (issue 6, item 5).
 
-Stock: OpenAI's MXFP4 layout at full GPT-OSS-20B size with random weights (``load_format=
-"dummy"`` on a config.json carrying the MXFP4 quantization_config), ``moe_backend="marlin"`` and
-TRITON_ATTN: exactly what vLLM runs on Ampere. Dummy weights make every token of every layer
-pick the same 4 experts (``route_probe``), so stock's routers are redrawn to route like a real
-model (``--stock-router dummy`` keeps vLLM's values). Ours: the 20b synthetic NF4 checkpoint
+Stock: OpenAI's MXFP4 layout at full GPT-OSS-20B size with random weights (on a config.json
+carrying the MXFP4 quantization_config), ``moe_backend="marlin"`` and TRITON_ATTN: exactly what
+vLLM runs on Ampere. Its weights come from ``load_format=
+"gptoss_random"`` (register_random_loader), drawn like our synthetic checkpoint's, because
+vLLM's dummy weights route every token to the same 4 experts (``--stock-weights dummy`` keeps
+them, for comparison). Ours: the 20b synthetic NF4 checkpoint
 (``gptoss-3090 synth OUT --preset 20b``) with ``--quantization bnb_moe`` and our attention
 backend (CUSTOM; ``--ours-attention TRITON_ATTN`` to compare like for like). Both with the same
 compilation settings (vLLM defaults: torch.compile + FULL_AND_PIECEWISE CUDA graphs, the same
@@ -79,22 +80,12 @@ def mxfp4_config_dir(out: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def route_probe(worker: Any, realistic: bool) -> dict[str, Any]:
+def route_probe(worker: Any) -> dict[str, Any]:
     """Routing of each layer for random tokens, on the worker (``LLM.collective_rpc``).
 
-    vLLM's ``load_format="dummy"`` fills every float weight with U(-1e-3, 1e-3) from a seed that
-    depends only on the tensor's size, so the 24 router biases are identical and dwarf the
-    token-dependent part of the logits (RMSNorm weights of 1e-3 leave hidden states near 1e-3):
-    every token of every layer picks the same 4 experts, and a batch reads 4 experts' weights
-    instead of up to 32. With ``realistic``, each router gets weights drawn like a trained
-    router's effect (logits of unit spread per token, a bias of std 0.1, as in our synthetic
-    checkpoint), in place, so the captured CUDA graphs use them; the experts' integer tensors
-    (MXFP4 codes and scales, which the dummy loader leaves uninitialised) are zeroed so that no
-    NaN can reach a later router. Neither changes the work a kernel does.
-
     The hidden state is approximated by the token embedding through the layer's
-    post-attention RMSNorm (the attention's contribution is tiny with random weights). Returns
-    the mean number of distinct experts a batch of 1, 16 and 64 tokens routes to per layer.
+    post-attention RMSNorm. Returns the mean number of distinct experts a batch of 1, 16 and 64
+    tokens routes to per layer: a batch's weight bytes depend on it.
     """
     import torch
 
@@ -102,35 +93,86 @@ def route_probe(worker: Any, realistic: bool) -> dict[str, Any]:
     inner = getattr(model, "model", model)
     try:
         emb = inner.embedding
-        layers = list(inner.layers)
-        routers = [(lay.post_attention_layernorm, lay.mlp.router) for lay in layers]
+        routers = [(lay.post_attention_layernorm, lay.mlp.router) for lay in inner.layers]
     except AttributeError as e:
         return {"error": f"model layout not understood: {e}"}
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(1000, 190000, (64,), generator=g).to(emb.weight.device)
-    zeroed = 0
+    counts: dict[int, list[int]] = {1: [], 16: [], 64: []}
     with torch.no_grad():
-        for lay in layers if realistic else []:
-            named = list(lay.mlp.experts.named_parameters()) + list(lay.mlp.experts.named_buffers())
-            for name, t in named:
-                if ("weight" in name or "scale" in name) and not torch.is_floating_point(t):
-                    t.zero_()
-                    zeroed += 1
         h = emb.weight[ids].float()
-        counts: dict[int, list[int]] = {1: [], 16: [], 64: []}
         for norm, router in routers:
             x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()
-            w, b = router.weight, router.bias
-            if realistic:
-                sigma = 1.0 / (x.shape[-1] ** 0.5 * float(x.pow(2).mean().sqrt()))
-                w.copy_((torch.randn(w.shape, generator=g) * sigma).to(w.dtype))
-                b.copy_((torch.randn(b.shape, generator=g) * 0.1).to(b.dtype))
-            logits = x @ w.float().t() + b.float()
+            logits = x @ router.weight.float().t() + router.bias.float()
             top = torch.topk(logits, 4, dim=-1).indices
             for n in counts:
                 counts[n].append(int(torch.unique(top[:n]).numel()))
-    out: dict[str, Any] = {f"experts_per_layer_t{n}": sum(c) / len(c) for n, c in counts.items()}
-    return out | ({"integer_expert_tensors_zeroed": zeroed} if realistic else {})
+    return {f"experts_per_layer_t{n}": sum(c) / len(c) for n, c in counts.items()}
+
+
+def register_random_loader() -> str:
+    """Registers the ``gptoss_random`` load format for stock: random weights drawn like our
+    synthetic checkpoint's, so that both sides route alike.
+
+    vLLM's ``load_format="dummy"`` fills every float tensor with U(-1e-3, 1e-3) from a seed
+    that depends only on the tensor's size: all 24 layers get the same biases, which then
+    dominate the residual stream, every token's hidden state converges to one vector, and every
+    token of a batch is routed to the same 4 experts (a 64-token decode step then reads 4
+    experts' weights instead of about 32; measured: stock's whole decode step at batch 64 took
+    less time than 24 Marlin MoE layers over 32 experts, bench/results sitting 4). This loader
+    runs the dummy initialisation, then redraws each tensor before the quantization method
+    repacks it: norms 1 + 0.1 N, biases 0.02 N (router 0.1 N), matrices N(0, 1/fan_in), the
+    embedding 0.5 N, sinks N(1, 0.75); MXFP4 expert codes uniform random bytes and their e8m0
+    scales 2^-7 (weights of RMS about 0.023, close to 1/sqrt(2880)). Values never change a
+    kernel's work; only the routing they produce does.
+    """
+    import torch
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    name = "gptoss_random"
+
+    @register_model_loader(name)
+    class _RandomLoader(DummyModelLoader):
+        def load_weights(self, model: Any, model_config: Any) -> None:
+            super().load_weights(model, model_config)
+            with torch.no_grad():
+                for i, (pname, t) in enumerate(model.named_parameters()):
+                    _redraw(pname, t, torch.Generator(device=t.device).manual_seed(1000 + i))
+
+    return name
+
+
+def _redraw(name: str, t: Any, g: Any) -> None:
+    """One tensor of ``gptoss_random`` (see register_random_loader)."""
+    import torch
+
+    if t.dtype == torch.uint8:
+        if "scale" in name:
+            t.fill_(127 - 7)
+        else:
+            t.copy_(torch.randint(0, 256, t.shape, generator=g, device=t.device, dtype=torch.uint8))
+        return
+    if not torch.is_floating_point(t):
+        return
+
+    def normal(mean: float, std: float) -> Any:
+        return torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32) * std + mean
+
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name:
+        v = normal(1.0, 0.1)
+    elif leaf == "sinks":
+        v = normal(1.0, 0.75)
+    elif "bias" in leaf:
+        v = normal(0.0, 0.1 if "router" in name else 0.02)
+    elif "embedding" in name or "embed_tokens" in name:
+        v = normal(0.0, 0.5)
+    elif t.dim() >= 2:
+        v = normal(0.0, t.shape[-1] ** -0.5)
+    else:
+        v = normal(0.0, 0.02)
+    t.copy_(v.to(t.dtype))
 
 
 def worker(spec_path: str, out_path: str) -> None:
@@ -143,6 +185,8 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     kwargs = dict(spec["llm"])
+    if kwargs.get("load_format") == "gptoss_random":
+        register_random_loader()
     if spec.get("budget_gib"):
         total = torch.cuda.get_device_properties(0).total_memory
         kwargs["gpu_memory_utilization"] = round(spec["budget_gib"] * GIB / total, 4)
@@ -155,10 +199,8 @@ def worker(spec_path: str, out_path: str) -> None:
         "workloads": {},
     }
     # How many experts a batch touches decides how many weight bytes a decode step reads, so
-    # both sides must route like a real model. Stock's dummy weights do not (see route_probe).
-    result["routing"] = {"before": llm.collective_rpc(route_probe, args=(False,))[0]}
-    if spec.get("realistic_router"):
-        result["routing"]["after"] = llm.collective_rpc(route_probe, args=(True,))[0]
+    # both sides must route like a real model (see register_random_loader).
+    result["routing"] = llm.collective_rpc(route_probe)[0]
     g = torch.Generator().manual_seed(0)
 
     def prompts(batch: int, length: int) -> list[TokensPrompt]:
@@ -244,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     p.add_argument("--sides", nargs="+", default=["stock", "ours"], choices=["stock", "ours"])
     p.add_argument(
-        "--stock-router",
-        choices=["realistic", "dummy"],
-        default="realistic",
-        help="stock's router weights: redrawn to route like a real model (default), or vLLM's "
-        "dummy values, which send every token to the same 4 experts",
+        "--stock-weights",
+        choices=["random", "dummy"],
+        default="random",
+        help="stock's random weights: drawn like our synthetic checkpoint's (gptoss_random, "
+        "default), or vLLM's dummy values, which route every token to the same 4 experts",
     )
     a = p.parse_args(argv)
     if a.cmd == "worker":
@@ -269,12 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             "model": stock_model,
             "llm": {
                 **common,
-                "load_format": "dummy",
+                "load_format": "gptoss_random" if a.stock_weights == "random" else "dummy",
                 "skip_tokenizer_init": True,
                 "moe_backend": "marlin",
                 "attention_backend": "TRITON_ATTN",
             },
-            "realistic_router": a.stock_router == "realistic",
         },
         "ours": {
             "model": a.ours,
@@ -355,11 +396,9 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
 
 
 def _routed(run: dict[str, Any]) -> str:
-    """Distinct experts a 64-token batch routes to per layer (route_probe), as run."""
-    r = run.get("routing", {})
-    probe = r.get("after") or r.get("before") or {}
-    v = probe.get("experts_per_layer_t64")
-    return "?" if v is None else (f"{v:.1f}" + (" (router redrawn)" if "after" in r else ""))
+    """Distinct experts a 64-token batch routes to per layer (route_probe)."""
+    v = run.get("routing", {}).get("experts_per_layer_t64")
+    return "?" if v is None else f"{v:.1f}"
 
 
 def plot(report: dict[str, Any], budgets: list[str], workloads: list[str], path: Path) -> None:

@@ -125,7 +125,7 @@ job_e2e_dummy() {
   # Stock with vLLM's dummy router weights (every token routed to the same 4 experts), to show
   # in the same sitting what redrawing the routers changes.
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_dummy" --sides stock \
-    --budgets full --stock-router dummy
+    --budgets full --stock-weights dummy
 }
 
 job_nf4test() {

@@ -34,19 +34,30 @@ def main() -> int:
 
     t0 = time.time()
     llm = LLM(
-        model=str(ckpt), quantization="bnb_moe", max_model_len=1024, gpu_memory_utilization=0.3,
-        enforce_eager=args.eager, skip_tokenizer_init=True, seed=0, max_num_seqs=16,
+        model=str(ckpt),
+        quantization="bnb_moe",
+        max_model_len=1024,
+        gpu_memory_utilization=0.3,
+        enforce_eager=args.eager,
+        skip_tokenizer_init=True,
+        seed=0,
+        max_num_seqs=16,
     )
     load_s = time.time() - t0
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True,
-                        detokenize=False)
+    sp = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True, detokenize=False
+    )
     t0 = time.time()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     gen_s = time.time() - t0
     ours = [list(o.outputs[0].token_ids) for o in outs]
-    our_lp = [[next(iter(d.values())).logprob if tok not in d else d[tok].logprob
-               for tok, d in zip(toks, o.outputs[0].logprobs, strict=True)]
-              for toks, o in zip(ours, outs, strict=True)]
+    our_lp = [
+        [
+            next(iter(d.values())).logprob if tok not in d else d[tok].logprob
+            for tok, d in zip(toks, o.outputs[0].logprobs, strict=True)
+        ]
+        for toks, o in zip(ours, outs, strict=True)
+    ]
     del llm
     torch.cuda.empty_cache()
 
@@ -67,10 +78,14 @@ def main() -> int:
             total += 1
             diffs.append(abs(float(row[tok]) - lps[i]))
     result = {
-        "load_s": round(load_s, 1), "generate_s": round(gen_s, 2),
-        "tokens": total, "greedy_agreement": agree / total,
-        "mean_abs_logprob_diff": sum(diffs) / len(diffs), "max_abs_logprob_diff": max(diffs),
-        "eager": args.eager, "prompt_lengths": lengths,
+        "load_s": round(load_s, 1),
+        "generate_s": round(gen_s, 2),
+        "tokens": total,
+        "greedy_agreement": agree / total,
+        "mean_abs_logprob_diff": sum(diffs) / len(diffs),
+        "max_abs_logprob_diff": max(diffs),
+        "eager": args.eager,
+        "prompt_lengths": lengths,
     }
     print(json.dumps(result, indent=2))
     if args.out:
