@@ -240,10 +240,14 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
     return s;
 }
 
-// Two token tiles (9..16 tokens) get one block per SM's worth of registers: at 128 the
-// stream loop spilled on sm_90 (the activation pointers of 16 columns plus the two buffers).
+// Blocks per SM of the linear's streaming kernels. Two token tiles (9..16 tokens) at 2 blocks
+// per SM spill a few registers on sm_90 (the activation pointers of 16 columns plus the two
+// buffers), yet measured faster than 1 block per SM without spills (H100, M=16: 12.8 vs 14.2 us
+// on 5760x2880, bench/results/vllm_e2e_h100_2026-11-26_sitting4).
 #define STR_LINEAR_MIN_BLOCKS_N1 STR_MIN_BLOCKS_N1
-#define STR_LINEAR_MIN_BLOCKS_N2 1
+#ifndef STR_LINEAR_MIN_BLOCKS_N2
+#define STR_LINEAR_MIN_BLOCKS_N2 STR_MIN_BLOCKS_N2
+#endif
 
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
