@@ -1070,6 +1070,44 @@ mod tests {
     }
 
     #[test]
+    fn staged_columns_keep_the_occupancy_and_the_budget() -> Result<()> {
+        // moe_str's static shared memory (about 4.6 KB), K = 2880: 5776 bytes per column.
+        let stat = 4656;
+        let per_sm = |sm_bytes: usize, blocks: usize| {
+            move |dyn_smem: usize| Ok(blocks * (dyn_smem + stat + 1024) <= sm_bytes)
+        };
+        // H100: 228 KB per SM, 2 blocks of the table-only kernel.
+        assert_eq!(
+            stream_x_columns(8, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
+            7
+        );
+        assert_eq!(
+            stream_x_columns(16, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
+            7
+        );
+        assert_eq!(
+            stream_x_columns(1, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
+            1
+        );
+        // RTX 3090: 1 block per SM either way; the 99 KB per block is the limit.
+        assert_eq!(
+            stream_x_columns(8, 2880, stat, 99 << 10, per_sm(100 << 10, 1))?,
+            5
+        );
+        // A100: 164 KB per SM, 2 blocks.
+        assert_eq!(
+            stream_x_columns(8, 2880, stat, 160 << 10, per_sm(164 << 10, 2))?,
+            2
+        );
+        // No room at all: nothing staged.
+        assert_eq!(
+            stream_x_columns(8, 2880, stat, 66 << 10, per_sm(228 << 10, 2))?,
+            0
+        );
+        Ok(())
+    }
+
+    #[test]
     fn params_route_given_points_at_the_callers_tensors() -> Result<()> {
         let a = args(3);
         let l = a.validate()?;

@@ -1,0 +1,89 @@
+"""The end-to-end benchmark's stock baseline must route like a real model (CPU, no vLLM needed).
+
+vLLM's ``load_format="dummy"`` draws every float tensor from U(-1e-3, 1e-3) with a seed that
+depends only on the tensor's size, so all layers share one router bias that dwarfs the
+token-dependent logits: every token picks the same 4 experts. ``bench_vllm_e2e._redraw`` (the
+``gptoss_random`` loader) must undo that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+H, E, VOCAB, LAYERS = 256, 32, 200_000, 3
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = ROOT / "bench" / "bench_vllm_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm_e2e", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dummy(shape: tuple[int, ...]) -> torch.Tensor:
+    """What vLLM's dummy loader writes: U(-1e-3, 1e-3), seeded by nothing but the size."""
+    g = torch.Generator().manual_seed(1234)
+    return (torch.rand(shape, generator=g) * 2e-3 - 1e-3).to(torch.bfloat16)
+
+
+def _model(init) -> tuple[SimpleNamespace, dict[str, torch.Tensor]]:
+    params: dict[str, torch.Tensor] = {"model.embedding.weight": init((VOCAB, H))}
+    layers = []
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        norm = init((H,))
+        w, b = init((E, H)), init((E,))
+        params |= {
+            f"{p}.post_attention_layernorm.weight": norm,
+            f"{p}.mlp.router.weight": w,
+            f"{p}.mlp.router.bias": b,
+        }
+        layers.append(
+            SimpleNamespace(
+                post_attention_layernorm=SimpleNamespace(weight=norm),
+                mlp=SimpleNamespace(router=SimpleNamespace(weight=w, bias=b)),
+            )
+        )
+    inner = SimpleNamespace(
+        embedding=SimpleNamespace(weight=params["model.embedding.weight"]), layers=layers
+    )
+    return SimpleNamespace(get_model=lambda: SimpleNamespace(model=inner)), params
+
+
+def test_dummy_weights_route_every_token_alike(bench) -> None:
+    worker, _ = _model(_dummy)
+    probe = bench.route_probe(worker)
+    assert probe["experts_per_layer_t64"] == 4.0, probe
+
+
+def test_redrawn_weights_route_like_a_model(bench) -> None:
+    worker, params = _model(_dummy)
+    for i, (name, t) in enumerate(params.items()):
+        bench._redraw(name, t, torch.Generator().manual_seed(i))
+    probe = bench.route_probe(worker)
+    # 64 tokens, top-4 of 32 experts at random: about 32 distinct experts per layer.
+    assert probe["experts_per_layer_t16"] > 20, probe
+    assert probe["experts_per_layer_t64"] > 28, probe
+    norm = params["model.layers.0.post_attention_layernorm.weight"].float()
+    assert abs(norm.mean().item() - 1.0) < 0.05 and 0.05 < norm.std().item() < 0.15
+    w = params["model.layers.0.mlp.router.weight"].float()
+    assert abs(w.std().item() - H**-0.5) < 0.1 * H**-0.5
+
+
+def test_redraw_fills_mxfp4_codes_and_scales(bench) -> None:
+    codes = torch.zeros(2, 8, 16, dtype=torch.uint8)
+    scales = torch.zeros(2, 8, 1, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    bench._redraw("model.layers.0.mlp.experts.w13_weight", codes, g)
+    bench._redraw("model.layers.0.mlp.experts.w13_weight_scale", scales, g)
+    assert codes.unique().numel() > 100  # uniform random bytes
+    assert bool((scales == 127 - 7).all())  # e8m0 2^-7
