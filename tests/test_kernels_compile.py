@@ -3,6 +3,8 @@ compile errors carry the NVRTC log, and the runtime fails cleanly without a GPU.
 
 from __future__ import annotations
 
+import re
+
 import gptoss_3090
 import pytest
 import torch
@@ -70,17 +72,43 @@ def test_nf4_entries_exist_in_cubin():
         assert entry in cubin, entry
 
 
+# Measured exceptions: kernel -> most spilled bytes allowed. The two-tile streaming linear at
+# 2 blocks per SM spills a few bytes on sm_90 yet ran 8-17% faster than at 1 block per SM
+# without spills (H100, same call: bench/results/vllm_e2e_h100_2026-11-26_sitting4/README.md).
+SPILLS_MEASURED_FASTER = {
+    "nf4_linear_str_n2_bf16": 16,
+    "nf4_linear_str_n2_f16": 16,
+    "nf4_linear_str_n2_plain_bf16": 16,
+    "nf4_linear_str_n2_plain_f16": 16,
+}
+
+
+def _spills(log: str) -> dict[str, int]:
+    """Spill-store bytes per entry from a ``ptxas -v`` log (entries without spills omitted)."""
+    out: dict[str, int] = {}
+    entry = "?"
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            entry = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and int(m.group(1)) > 0:
+            out[entry] = int(m.group(1))
+    return out
+
+
 def test_nf4_kernels_do_not_spill():
-    """Register spills would silently cost bandwidth: ptxas must report none."""
+    """Register spills would silently cost bandwidth: ptxas must report none, except where a
+    measurement showed the spilling configuration faster (bounded)."""
     _nvrtc_or_skip()
     for arch in ("sm_86", "sm_90"):
         _, log = _native.compile_source_log(
             _native.kernel_source("nf4"), arch, ["--ptxas-options=-v"], "nf4"
         )
-        spills = [
-            line for line in log.splitlines() if "spill" in line and " 0 bytes spill" not in line
-        ]
-        assert not spills, "\n".join(spills)
+        spills = _spills(log)
+        assert "bytes spill stores" in log, "ptxas -v printed no register report"
+        bad = {k: v for k, v in spills.items() if v > SPILLS_MEASURED_FASTER.get(k, 0)}
+        assert not bad, f"{arch}: {bad}"
 
 
 def test_broken_source_raises_compile_error_with_log():
