@@ -223,7 +223,40 @@ def worker(spec_path: str, out_path: str) -> None:
             "input_tok_s": batch * n_in / dt,
             "tok_s": (batch * n_in if n_out == 1 else produced) / dt,
         }
+    prof = spec.get("profile")
+    if prof:
+        # After the timed runs: a traced decode (the profiler skips PROFILE_DELAY engine
+        # iterations, the prefill among them, then records PROFILE_STEPS decode steps).
+        batch, n_in, _ = WORKLOADS[prof["workload"]]
+        params = SamplingParams(
+            temperature=0.0, max_tokens=PROFILE_DELAY + PROFILE_STEPS + 8, ignore_eos=True
+        )
+        llm.start_profile()
+        llm.generate(prompts(batch, n_in), params, use_tqdm=False)
+        try:
+            llm.stop_profile()
+        except Exception as e:  # already stopped after max_iterations
+            result["profile_stop"] = repr(e)
+        result["profile"] = {"dir": prof["dir"], "steps": PROFILE_STEPS, "batch": batch}
     Path(out_path).write_text(json.dumps(result))
+
+
+#: Engine iterations the profiler skips (prefill and the first decode steps) and records.
+PROFILE_DELAY = 8
+PROFILE_STEPS = 32
+
+
+def profiler_config(trace_dir: str) -> dict[str, Any]:
+    """vLLM 0.26 ``profiler_config`` for a short decode trace into ``trace_dir``."""
+    return {
+        "profiler": "torch",
+        "torch_profiler_dir": trace_dir,
+        "torch_profiler_with_stack": False,
+        "torch_profiler_record_shapes": False,
+        "ignore_frontend": True,
+        "delay_iterations": PROFILE_DELAY,
+        "max_iterations": PROFILE_STEPS,
+    }
 
 
 def _parse_log(text: str) -> dict[str, Any]:
@@ -286,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     p.add_argument("--sides", nargs="+", default=["stock", "ours"], choices=["stock", "ours"])
     p.add_argument(
+        "--profile-workload",
+        choices=list(WORKLOADS),
+        help="after the timed runs, trace PROFILE_STEPS decode steps of this workload with the "
+        "torch profiler (traces/<side>_<budget>/; summarise with bench/trace_kernels.py)",
+    )
+    p.add_argument(
         "--stock-weights",
         choices=["random", "dummy"],
         default="random",
@@ -334,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             spec = {**base, "side": side, "workloads": a.workloads}
             spec["llm"] = dict(base["llm"])
+            if a.profile_workload:
+                trace_dir = str((a.out / "traces" / f"{side}_{budget}").resolve())
+                spec["llm"]["profiler_config"] = profiler_config(trace_dir)
+                spec["profile"] = {"workload": a.profile_workload, "dir": trace_dir}
             if budget == "24gib":
                 spec["budget_gib"] = a.budget_gib
             else:

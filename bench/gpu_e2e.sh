@@ -12,7 +12,7 @@
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
-# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy, smoke. Results land in /root/e2e/{status,logs,res}.
+# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy, e2e_profile, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -126,6 +126,18 @@ job_e2e_dummy() {
   # in the same sitting what redrawing the routers changes.
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_dummy" --sides stock \
     --budgets full --stock-weights dummy
+}
+
+job_e2e_profile() {
+  # Where a decode step's time goes, kernel by kernel, ours vs stock at batch 64 (0.85 of the
+  # card): 32 traced decode steps per side, then bench/trace_kernels.py.
+  wait_synth
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_profile" --budgets full \
+    --workloads decode_b64 --profile-workload decode_b64
+  python3 bench/trace_kernels.py "$W/res/e2e_profile/traces/stock_full" \
+    "$W/res/e2e_profile/traces/ours_full" --steps 32 --out "$W/res/e2e_profile/kernels.md"
+  # The traces themselves are large; keep the summary only.
+  rm -rf "$W/res/e2e_profile/traces"
 }
 
 job_nf4test() {

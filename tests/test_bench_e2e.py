@@ -87,3 +87,45 @@ def test_redraw_fills_mxfp4_codes_and_scales(bench) -> None:
     bench._redraw("model.layers.0.mlp.experts.w13_weight_scale", scales, g)
     assert codes.unique().numel() > 100  # uniform random bytes
     assert bool((scales == 127 - 7).all())  # e8m0 2^-7
+
+
+def _load(name: str):
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profiler_config_is_accepted_by_vllm(bench, tmp_path) -> None:
+    config = pytest.importorskip("vllm.config.profiler")
+    cfg = config.ProfilerConfig(**bench.profiler_config(str(tmp_path)))
+    assert cfg.profiler == "torch" and cfg.max_iterations == bench.PROFILE_STEPS
+
+
+def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
+    import gzip
+    import json
+
+    tk = _load("trace_kernels")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "moe_str_up_n1_bf16", "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "moe_str_up_n1_bf16", "dur": 30.0},
+        {"ph": "X", "cat": "kernel", "name": "Marlin<256, 1>", "dur": 8.0},
+        {"ph": "X", "cat": "cpu_op", "name": "moe_str_up_n1_bf16", "dur": 1000.0},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_tst_64x8_64x16", "dur": 4.0},
+    ]
+    folder = tmp_path / "ours_full"
+    (folder / "sub").mkdir(parents=True)
+    with gzip.open(folder / "sub" / "w.pt.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    runs = {"ours_full": tk.summarize(folder)}
+    assert runs["ours_full"]["moe_str_up_n1_bf16"] == (40.0, 2)  # the cpu_op is not counted
+    md = tk.table(runs, steps=2)
+    assert "| moe (ours) | 20.0 |" in md
+    assert "| moe (marlin) | 4.0 |" in md
+    assert "| gemm (cublas / cutlass) | 2.0 |" in md
+    assert "**26.0**" in md
+    with pytest.raises(SystemExit):
+        tk.main([str(tmp_path / "missing"), "--steps", "2"])

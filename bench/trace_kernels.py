@@ -1,0 +1,127 @@
+"""GPU time per kernel from torch-profiler traces (Chrome trace JSON, optionally gzipped).
+
+``bench_vllm_e2e.py --profile-workload decode_b64`` writes one trace folder per engine
+(``traces/<side>_<budget>/``) covering a fixed number of decode steps. This script sums the
+duration of every GPU kernel event by name, groups names into families (our kernels, Marlin,
+attention, GEMMs, ...) and prints microseconds per decode step, so the two sides' steps can be
+compared op by op.
+
+Usage::
+
+    python3 bench/trace_kernels.py OUT/traces/stock_full OUT/traces/ours_full --steps 32 \\
+        --out OUT/kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+# Family of a kernel name: the first pattern that matches (case-insensitive) names it.
+FAMILIES: list[tuple[str, str]] = [
+    ("moe (ours)", r"^moe_"),
+    ("nf4 linear (ours)", r"^nf4_"),
+    ("attention (ours)", r"^attn_|^attention_|kv_cache_write|^paged_"),
+    ("moe (marlin)", r"marlin"),
+    ("moe routing / align (stock)", r"moe_align|topk|count_and_sort|moe_sum"),
+    ("attention (triton)", r"unified_attention|kernel_unified|reshape_and_cache"),
+    ("gemm (cublas / cutlass)", r"gemm|sm90_xmma|cutlass|cublas|ampere_.*_s16816|nvjet"),
+    ("norm / elementwise (inductor, triton)", r"^triton_|rms_norm|fused_add"),
+    ("sampling / logits", r"argmax|sampl|softmax|logit"),
+]
+
+
+def family(name: str) -> str:
+    """The family a kernel name belongs to, or "other"."""
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return fam
+    return "other"
+
+
+def load_events(path: Path) -> list[dict[str, Any]]:
+    """The ``traceEvents`` of one trace file (``.json`` or ``.json.gz``)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data.get("traceEvents", []) if isinstance(data, dict) else data
+
+
+def trace_files(folder: Path) -> list[Path]:
+    """Worker trace files under ``folder`` (any depth)."""
+    return sorted(p for p in folder.rglob("*") if p.name.endswith((".json", ".json.gz")))
+
+
+def kernel_times(events: Iterable[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Total duration (us) and launch count per GPU kernel name."""
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in events:
+        if ev.get("ph") != "X" or ev.get("cat") != "kernel":
+            continue
+        acc = out[str(ev.get("name", "?"))]
+        acc[0] += float(ev.get("dur", 0.0))
+        acc[1] += 1
+    return {k: (v[0], int(v[1])) for k, v in out.items()}
+
+
+def summarize(folder: Path) -> dict[str, tuple[float, int]]:
+    """kernel_times over every trace file in ``folder``."""
+    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for f in trace_files(folder):
+        for name, (us, n) in kernel_times(load_events(f)).items():
+            total[name][0] += us
+            total[name][1] += n
+    return {k: (v[0], int(v[1])) for k, v in total.items()}
+
+
+def table(runs: dict[str, dict[str, tuple[float, int]]], steps: int, top: int = 12) -> str:
+    """Markdown: us per step by family for each run, then each run's top kernels."""
+    fams = sorted({family(k) for r in runs.values() for k in r})
+    per_fam = {
+        name: {f: sum(us for k, (us, _) in r.items() if family(k) == f) / steps for f in fams}
+        for name, r in runs.items()
+    }
+    order = sorted(fams, key=lambda f: -max(per_fam[n][f] for n in runs))
+    lines = ["| family | " + " | ".join(f"{n} us/step" for n in runs) + " |"]
+    lines.append("|---|" + "---|" * len(runs))
+    for f in order:
+        lines.append(f"| {f} | " + " | ".join(f"{per_fam[n][f]:.1f}" for n in runs) + " |")
+    totals = " | ".join(f"**{sum(per_fam[n].values()):.1f}**" for n in runs)
+    lines.append(f"| **all kernels** | {totals} |")
+    for name, r in runs.items():
+        lines += ["", f"Top kernels, {name} (us per step, launches per step):", ""]
+        lines += ["| kernel | family | us/step | launches/step |", "|---|---|---|---|"]
+        for k, (us, n) in sorted(r.items(), key=lambda kv: -kv[1][0])[:top]:
+            short = k if len(k) <= 90 else k[:87] + "..."
+            lines.append(f"| `{short}` | {family(k)} | {us / steps:.1f} | {n / steps:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="trace folders, one per engine")
+    p.add_argument("--steps", type=int, required=True, help="decode steps the traces cover")
+    p.add_argument("--out", type=Path, help="also write the markdown here")
+    a = p.parse_args(argv)
+    if a.steps <= 0:
+        p.error("--steps must be positive")
+    runs = {}
+    for folder in a.folders:
+        if not trace_files(folder):
+            p.error(f"{folder}: no trace files (*.json, *.json.gz)")
+        runs[folder.name] = summarize(folder)
+    md = table(runs, a.steps)
+    print(md)
+    if a.out:
+        a.out.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
