@@ -142,7 +142,6 @@ pub struct MoeParams {
     pub str_grouped: i32,
     /// `ws_out` holds f32 (`moe_str_down`) instead of the act dtype (`moe_gemm_down`).
     pub out_f32: i32,
-    /// Padding.
     /// moe_str_*: activation columns a block stages in shared memory (0: none).
     pub str_xcols: i32,
 }
@@ -1076,34 +1075,28 @@ mod tests {
         let per_sm = |sm_bytes: usize, blocks: usize| {
             move |dyn_smem: usize| Ok(blocks * (dyn_smem + stat + 1024) <= sm_bytes)
         };
-        // H100: 228 KB per SM, 2 blocks of the table-only kernel.
-        assert_eq!(
-            stream_x_columns(8, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
-            7
-        );
-        assert_eq!(
-            stream_x_columns(16, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
-            7
-        );
-        assert_eq!(
-            stream_x_columns(1, 2880, stat, 224 << 10, per_sm(228 << 10, 2))?,
-            1
-        );
-        // RTX 3090: 1 block per SM either way; the 99 KB per block is the limit.
-        assert_eq!(
-            stream_x_columns(8, 2880, stat, 99 << 10, per_sm(100 << 10, 1))?,
-            5
-        );
-        // A100: 164 KB per SM, 2 blocks.
-        assert_eq!(
-            stream_x_columns(8, 2880, stat, 160 << 10, per_sm(164 << 10, 2))?,
-            2
-        );
-        // No room at all: nothing staged.
-        assert_eq!(
-            stream_x_columns(8, 2880, stat, 66 << 10, per_sm(228 << 10, 2))?,
-            0
-        );
+        // (max columns, per-block budget KB, SM KB, table-only blocks per SM, expected)
+        let cases = [
+            (8, 224, 228, 2, 7),  // H100
+            (16, 224, 228, 2, 7), // H100, two tiles: the occupancy still caps it
+            (1, 224, 228, 2, 1),  // never more than asked
+            (8, 99, 100, 1, 5),   // RTX 3090: 1 block per SM either way, 99 KB per block
+            (8, 160, 164, 2, 2),  // A100
+            (8, 66, 228, 2, 0),   // no room at all: nothing staged
+        ];
+        for (max_cols, budget_kb, sm_kb, blocks, want) in cases {
+            let got = stream_x_columns(
+                max_cols,
+                2880,
+                stat,
+                budget_kb << 10,
+                per_sm(sm_kb << 10, blocks),
+            )?;
+            assert_eq!(
+                got, want,
+                "max {max_cols}, budget {budget_kb} KB, SM {sm_kb} KB"
+            );
+        }
         Ok(())
     }
 
