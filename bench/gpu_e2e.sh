@@ -20,6 +20,8 @@ export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 export PYTHONPATH=/tmp/gp:/tmp/site PATH=/tmp/site/bin:/tmp/gp/bin:$PATH
 mkdir -p "$W/logs" "$W/res" "$CK" /root/stage
 commit=$(cat COMMIT 2>/dev/null || echo unknown)
+# The device copy's git metadata can be stale: benchmarks record the wheel's commit instead.
+export GPTOSS_3090_GIT_COMMIT=$commit
 
 pack() {
   df -h / | tail -1 > "$W/disk.txt"

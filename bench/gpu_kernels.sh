@@ -26,6 +26,8 @@ trap 'tar czf "$FINAL/kernels.tgz" -C "$OUT" .' EXIT
 export PYTHONPATH=/tmp/gp PYTHONUNBUFFERED=1
 pip install -q --no-deps --upgrade --target /tmp/gp .gpu-wheel/*.whl > "$OUT/pip.log" 2>&1
 commit=$(cat COMMIT 2>/dev/null || echo unknown)
+# The device copy's git metadata can be stale: benchmarks record the wheel's commit instead.
+export GPTOSS_3090_GIT_COMMIT=$commit
 { date -u; echo "commit $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
   | tee "$OUT/card.txt"
 
