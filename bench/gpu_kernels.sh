@@ -14,8 +14,12 @@
 #               (GPTOSS_3090_STREAM_XCOLS=0)
 #   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
+#   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
+#               .gpu-variants/ (carry .gpu-variants too)
 #   moeks       bench_moe.py at 1, 4, 16 and 64 tokens with each forced K split
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
+#   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
+#               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the issue's shapes
 # Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
 set -u
@@ -66,10 +70,20 @@ for step in "$@"; do
         bench_moe xcols_0 --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines
       ;;
     moevariants)
-      for d in .gpu-variants/*/; do
+      for d in .gpu-variants/${MOE_VARIANTS:-*}/; do
         v=$(basename "$d")
         echo "-- variant $v"
-        GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens 1,4,16,64 --tunings auto --no-baselines
+        GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens "${VARIANT_TOKENS:-1,4,16,64}" \
+          --tunings auto --no-baselines
+      done
+      ;;
+    nf4variants)
+      for d in .gpu-variants/${NF4_VARIANTS:-*}/; do
+        v=$(basename "$d")
+        echo "-- variant $v"
+        GPTOSS_3090_KERNEL_DIR=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
+          --ms "${NF4_MS:-1,4,16}" --tunings auto --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
+          | tee "$OUT/nf4_variant_$v.log" | grep -v "^wrote"
       done
       ;;
     moeks)
@@ -93,6 +107,25 @@ for step in "$@"; do
         echo "-- T=$t"
         grep -E "moe_|duration|dram__|warps_active|issue_active|inst_executed|wavefronts|registers" "$OUT/ncu_t$t.txt" | sed 's/  */ /g'
         grep -E "stalled" "$OUT/ncu_t$t.txt" | awk '$NF+0 >= 0.3' | sed 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//; s/  */ /g'
+      done
+      ;;
+    moesass)
+      # Which SASS instructions the warps stall on (source counters), per kernel and token count.
+      ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+      for t in ${PROFILE_TOKENS:-1 16 64}; do
+        for k in ${PROFILE_KERNELS:-moe_str_up moe_str_down}; do
+          rep="$OUT/sass_${k}_t$t"
+          $ncu --graph-profiling node -k regex:"$k" -c 1 --import-source no \
+            --section SourceCounters --section WarpStateStats --section SchedulerStats \
+            --section InstructionStats --section Occupancy --section LaunchStats -o "$rep" -f \
+            python3 bench/bench_moe.py --tokens "$t" --tunings auto --layers 2 --no-baselines \
+            --iters 1 > "$rep.log" 2>&1
+          $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err" \
+            || $ncu --import "$rep.ncu-rep" --page source --csv > "$rep.csv" 2>> "$rep.err"
+          $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
+          echo "-- $k T=$t: $(wc -l < "$rep.csv") csv lines"
+          grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Executed Instructions  " "$rep.txt" | sed 's/  */ /g'
+        done
       done
       ;;
     nf4bench)

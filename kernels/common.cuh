@@ -197,13 +197,13 @@ __device__ __forceinline__ u32 smem_addr(const void* ptr) {
     return (u32)__cvta_generic_to_shared(ptr);
 }
 
-// 16 bytes of shared memory, volatile like ld_nc_16_if_volatile (activations a block staged).
-__device__ __forceinline__ u32x4 ld_shared_16_if_volatile(const void* ptr, bool pred) {
-    u32x4 v = {0u, 0u, 0u, 0u};
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-                 " @p ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n}"
-                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
-                 : "r"(smem_addr(ptr)), "r"((int)pred));
+// 16 bytes of shared memory, volatile like ld_nc_16_if_volatile but without a predicate
+// (activations a block staged).
+__device__ __forceinline__ u32x4 ld_shared_16_volatile(const void* ptr) {
+    u32x4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(smem_addr(ptr)));
     return v;
 }
 
@@ -474,17 +474,22 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
 // the block's 4 mma steps. Volatile, so the prefetch stays where it is written (half a chunk
 // ahead of its use) instead of sinking next to the mma. XS: `src` points into shared memory
 // (columns the block staged once, str_stage_x), else into global memory.
+// - Global: a lane past the last column (bit nt of `cols` clear) loads nothing and gets zeros,
+//   so no L1 wavefronts go to it (unpredicated repeats measured 3% slower on the linear, M=4).
+// - Shared: the load is not predicated; the caller points such a lane at the last column, and
+//   its mma column repeats a result that the epilogue never stores. Zero-filling cost 4 moves per
+//   load (ncu: a seventh of the loop at two tiles); without them the MoE ran 2-4% faster at 1-8
+//   tokens (H100, same call).
 template <int NT, bool XS>
 __device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols, int j, int h,
                                            u32 (&xw)[NT][8]) {
     const int k0 = 128 * j + 64 * h + 16 * (threadIdx.x & 3);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-        // Columns past the expert's pairs load nothing (zeros): no L1 wavefronts spent on them.
         const bool live = (cols >> nt) & 1u;
-        const u32x4 v0 = XS ? ld_shared_16_if_volatile(src[nt] + k0, live)
+        const u32x4 v0 = XS ? ld_shared_16_volatile(src[nt] + k0)
                             : ld_nc_16_if_volatile(src[nt] + k0, live);
-        const u32x4 v1 = XS ? ld_shared_16_if_volatile(src[nt] + k0 + 8, live)
+        const u32x4 v1 = XS ? ld_shared_16_volatile(src[nt] + k0 + 8)
                             : ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
         xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
         xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
@@ -533,24 +538,42 @@ __device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h
     }
 }
 
-// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring. The weights
-// arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations (L1 or L2 hits, but on
-// the critical path of every mma) half a chunk ahead through registers: block 1 of a chunk
-// loads while block 0 computes, and block 0 of the next chunk while block 1 computes.
-template <int DTYPE, int NT, bool NESTED, bool XS>
-__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
-                                           u8* table, u8* ring, const u16* const (&src)[NT],
-                                           u32 cols, const float* nmap, float (&acc)[NT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2;
-    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
+// The statistics of the chunks in a warp's ring: raw code or f32 bits, and the nested absmax.
+struct StrStats {
     u32 raw[STR_DEPTH];
     float scl[STR_DEPTH];
-    u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
+};
+
+// Issues the first STR_DEPTH - 1 chunks of a stream (chunks jb ..) into the warp's ring, one
+// cp.async group each (empty groups keep the count uniform). Separate from str_stream so that a
+// block can stage its activations after it: the two DRAM latencies then overlap instead of
+// adding up before the first mma (ncu, 1 token: the prologue was a third of the stall samples).
+template <bool NESTED>
+__device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int nkb, u8* ring,
+                                          StrStats& st) {
+    __syncwarp();  // every lane is done reading the ring (a previous pass)
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
-        if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, raw[u], scl[u]);
-        cp_async_commit();  // empty groups keep the count uniform
+        if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, st.raw[u], st.scl[u]);
+        cp_async_commit();
     }
+}
+
+// Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring, primed by
+// str_prime. The weights arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations
+// (L1 or L2 hits, but on the critical path of every mma) half a chunk ahead through registers:
+// block 1 of a chunk loads while block 0 computes, and block 0 of the next chunk while block 1
+// computes.
+template <int DTYPE, int NT, bool NESTED, bool XS>
+__device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
+                                           u8* table, u8* ring, StrStats& st,
+                                           const u16* const (&src)[NT], u32 cols,
+                                           const float* nmap, float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
+    u32 (&raw)[STR_DEPTH] = st.raw;
+    float (&scl)[STR_DEPTH] = st.scl;
+    u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
     str_load_x<NT, XS>(src, cols, jb, 0, x0);
     for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
 #pragma unroll
@@ -588,8 +611,9 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
 __host__ __device__ __forceinline__ int str_x_stride(int K) { return K + 8; }
 
 // Copies `n` columns of K activations (column i starts at col_src(i)) into `xs` (stride
-// str_x_stride(K)) with 16-byte cp.async by the whole block, and waits for them: every thread
-// must call it, after its earlier cp.async groups have been waited for. K is a multiple of 8.
+// str_x_stride(K)) with 16-byte cp.async by the whole block, and waits for them (and for any
+// earlier cp.async group of the thread, such as a primed ring): every thread must call it.
+// K is a multiple of 8.
 template <class ColSrc>
 __device__ __forceinline__ void str_stage_x(u16* xs, int n, int K, ColSrc col_src) {
     const int pieces = K / 8;

@@ -248,6 +248,50 @@ __device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)
     }
 }
 
+// Routing of tokens [0, T) from given logits by the whole block: the thread of (token t, expert
+// e) ranks its logit among the token's E (NaN as -inf, ties to the lower expert index), so the
+// k best land at ranks 0 .. k-1 in one parallel step. The warp top-k needs k dependent rounds of
+// 5 shuffle levels per token; in the streaming kernels, where every block routes for itself,
+// ncu counted it at a fifth of all issue slots at 16 tokens. The selection, its order and the
+// softmax arithmetic equal warp_topk_softmax's (bit-identical weights). Writes ids/wts
+// [T * topk] (global or shared memory). Every thread of the block must call it; it ends with a
+// barrier, after which the block sees the results.
+template <int DTYPE>
+__device__ void block_route_logits(const MoeParams& p, int* ids, float* wts) {
+    auto logit = [&](int t, int e) -> float {
+        const long long idx = (long long)t * p.E + e;
+        const float v = p.logits_f32 ? ld_nc_f32((const float*)p.logits + idx)
+                                     : half_to_f32<DTYPE>(ld_nc_u16((const u16*)p.logits + idx));
+        return v != v ? -__int_as_float(0x7f800000) : v;
+    };
+    for (int i = threadIdx.x; i < p.T * p.E; i += blockDim.x) {
+        const int t = i / p.E, e = i - t * p.E;
+        const float v = logit(t, e);
+        int rank = 0;
+        for (int j = 0; j < p.E; ++j) {
+            const float o = logit(t, j);
+            rank += (o > v || (o == v && j < e)) ? 1 : 0;
+        }
+        if (rank < p.topk) {
+            ids[t * p.topk + rank] = e;
+            wts[t * p.topk + rank] = v;  // the logit until the softmax below
+        }
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < p.T; t += blockDim.x) {
+        float* w = wts + t * p.topk;
+        const float m = w[0];
+        float sum = 0.0f;
+        for (int i = 0; i < p.topk; ++i) {
+            // All selected logits -inf: equal weights instead of NaN (as warp_topk_softmax).
+            w[i] = (m == -__int_as_float(0x7f800000)) ? 1.0f : expf(w[i] - m);
+            sum += w[i];
+        }
+        for (int i = 0; i < p.topk; ++i) w[i] = w[i] / sum;
+    }
+    __syncthreads();
+}
+
 // Gathers (or computes) token t's logits into the warp's registers, then selects into ids/wts.
 template <int DTYPE>
 __device__ void route_token(const MoeParams& p, int t, int* ids, float* wts) {
@@ -321,7 +365,9 @@ __device__ void moe_group(const MoeParams& p) {
     __shared__ int s_tile0[MOE_MAX_EXPERTS + 1];
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
-    if (p.fuse_route && p.route_mode != MOE_ROUTE_GIVEN) {
+    if (p.fuse_route && p.route_mode == MOE_ROUTE_LOGITS) {
+        block_route_logits<DTYPE>(p, (int*)p.ws_ids, (float*)p.ws_wts);
+    } else if (p.fuse_route && p.route_mode != MOE_ROUTE_GIVEN) {
         for (int t = warp; t < p.T; t += MOE_GROUP_THREADS / 32) route_token_ws<DTYPE>(p, t);
     }
     for (int e = tid; e < MOE_MAX_EXPERTS; e += MOE_GROUP_THREADS) {
@@ -415,16 +461,17 @@ struct DecShared {
 };
 
 // Routing of the T (<= 16) decode tokens into shared memory, plus the ascending list of touched
-// experts. From logits when route_mode is LOGITS (then `store` writes it to the workspace for the
-// later kernels), else from ws_ids/ws_wts (given by the caller, or written by moe_route).
+// experts. From logits when route_mode is LOGITS and not `from_ws` (then `store` writes it to
+// the workspace for the later kernels), else from ws_ids/ws_wts (given by the caller, written
+// by moe_route, or stored by an earlier kernel of the same forward: `from_ws`).
 template <int DTYPE, class Sh>
-__device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult) {
+__device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult,
+                          bool from_ws = false) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int TK = p.T * p.topk;
     if (threadIdx.x < MOE_MAX_EXPERTS / 32) sh.mask[threadIdx.x] = 0u;
-    if (p.route_mode == MOE_ROUTE_LOGITS) {
-        for (int t = warp; t < p.T; t += DEC_WARPS)
-            route_token<DTYPE>(p, t, sh.ids + t * p.topk, sh.wts + t * p.topk);
+    if (p.route_mode == MOE_ROUTE_LOGITS && !from_ws) {
+        block_route_logits<DTYPE>(p, sh.ids, sh.wts);
     } else {
         for (int i = threadIdx.x; i < TK; i += blockDim.x) {
             sh.ids[i] = ((const int*)p.ws_ids)[i];
@@ -1252,6 +1299,20 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
     return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
 }
 
+// str_stream with the activations in shared memory (staged) or read from global memory.
+template <int DTYPE, int NT, bool NESTED>
+__device__ __forceinline__ void moe_str_stream(bool staged, const StrLane& l, int jb, int n,
+                                               int nkb, float am_off, u8* table, u8* ring,
+                                               StrStats& st, const u16* const (&src)[NT],
+                                               u32 cols, const float* nmap, float (&acc)[NT][4]) {
+    if (staged)
+        str_stream<DTYPE, NT, NESTED, true>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
+                                            nmap, acc);
+    else
+        str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
+                                             nmap, acc);
+}
+
 template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
@@ -1268,8 +1329,9 @@ __device__ void moe_str(const MoeParams& p) {
         cnt = ((const int*)p.ws_counts)[e];
         gpairs = (const int*)p.ws_sorted + ((const int*)p.ws_offsets)[e];
     } else {
-        // The gate_up launch's block (0, 0) stores the routing for moe_combine.
-        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false);
+        // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
+        // instead of routing again) and moe_combine.
+        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP);
         if ((int)blockIdx.y >= sh.n_experts) return;  // block-uniform
         e = sh.experts[blockIdx.y];
         cnt = dec_expert_pairs(p, sh, e);
@@ -1324,6 +1386,9 @@ __device__ void moe_str(const MoeParams& p) {
         // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
         const int live = min(cnt - p0, 8 * NT);
         const bool staged = live <= p.str_xcols;
+        const bool streams = active && n > 0;  // warp-uniform
+        StrStats st;
+        if (streams) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
         if (staged) str_stage_x(xs, live, K, [&](int i) { return pair_x(p0 + i); });
         const u16* src[NT];
         u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
@@ -1331,20 +1396,16 @@ __device__ void moe_str(const MoeParams& p) {
         for (int nt = 0; nt < NT; ++nt) {
             const int i = nt * 8 + g;
             cols |= (i < live ? 1u : 0u) << nt;
+            // Lanes past the last column point at it (staged loads are not predicated).
             src[nt] = staged ? xs + min(i, live - 1) * str_x_stride(K)
-                             : pair_x(min(p0 + i, cnt - 1));
+                             : pair_x(p0 + min(i, live - 1));
         }
         float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-        if (active && n > 0) {
-            if (staged)
-                str_stream<DTYPE, NT, NESTED, true>(l, jb, n, nkb, am_off, str_smem, ring, src,
-                                                    cols, sh.nmap, acc);
-            else
-                str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, am_off, str_smem, ring, src,
-                                                     cols, sh.nmap, acc);
-        }
+        if (streams)
+            moe_str_stream<DTYPE, NT, NESTED>(staged, l, jb, n, nkb, am_off, str_smem, ring, st,
+                                              src, cols, sh.nmap, acc);
         str_reduce<NT>(str_smem, ks, acc);
         if (staged && ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
         if (kp == 0 && active) {

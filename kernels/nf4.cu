@@ -255,13 +255,6 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
     extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
     const int tid = threadIdx.x;
-    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
-    if (NESTED && p.n_segments > 1)
-        maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
-    if (NESTED && p.n_segments > 2)
-        maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
-    __syncthreads();
-
     const int ks = p.str_ks, groups = STR_WARPS / ks;
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const int rg = warp / ks, kp = warp % ks;
@@ -286,6 +279,12 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
     l.nested = v.nested_absmax;
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
+    if (NESTED && p.n_segments > 1)
+        maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
+    if (NESTED && p.n_segments > 2)
+        maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
+    __syncthreads();
 
     const u16* src[NT];
     u32 cols = 0;  // bit nt: this lane's column (token) of tile nt exists
@@ -298,9 +297,11 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    StrStats st;
+    if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);
     if (active && n > 0)
-        str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, v.offset, str_smem, ring, src, cols,
-                                             maps + 256 * s, acc);
+        str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, v.offset, str_smem, ring, st, src,
+                                             cols, maps + 256 * s, acc);
     str_reduce<NT>(str_smem, ks, acc);
     if (kp != 0 || !active) return;
     const u16* bias = (const u16*)p.bias;
