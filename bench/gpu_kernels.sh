@@ -123,6 +123,8 @@ for step in "$@"; do
           $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err" \
             || $ncu --import "$rep.ncu-rep" --page source --csv > "$rep.csv" 2>> "$rep.err"
           $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
+          python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
+          head -16 "$rep.summary.txt"
           echo "-- $k T=$t: $(wc -l < "$rep.csv") csv lines"
           grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Executed Instructions  " "$rep.txt" | sed 's/  */ /g'
         done

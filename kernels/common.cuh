@@ -243,19 +243,7 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row_pt
                  : "r"(smem_addr(smem_row_ptr)));
 }
 
-// ldmatrix x2 (two 8x8 tiles), for B fragments of an m16n8k16 product.
-__device__ __forceinline__ void ldmatrix_x2(u32 (&r)[2], const void* smem_row_ptr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(smem_row_ptr)));
-}
-
 // Transposing variant: loads row-major [k][n] tiles as the column-major B operand.
-__device__ __forceinline__ void ldmatrix_x2_trans(u32 (&r)[2], const void* smem_row_ptr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(smem_row_ptr)));
-}
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row_ptr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
