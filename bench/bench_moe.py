@@ -9,6 +9,12 @@ and TFLOP/s. Baselines in the same run: vLLM 0.26's Marlin MXFP4 MoE (if vllm im
 bf16 PyTorch reference (per-expert matmuls on dequantized weights). Both the device's own tuning
 and forced sm_86 tuning are measured.
 
+Routing (``--routing``): ``given`` (default) passes each layer's precomputed top-k ids and weights,
+as vLLM serves the model (its ``fused_topk`` routes, then our ``apply``) and as the Marlin baseline
+gets them; ``logits`` passes the router logits, so our kernels route themselves (what
+``GPTOSS_3090_MOE_ROUTING=internal`` does in vLLM). Results before session 5's commits used
+``logits``.
+
 Usage::
 
     PYTHONPATH=python python3 bench/bench_moe.py --out bench/results/moe_h100.json
@@ -83,12 +89,28 @@ def copy_bandwidth(dev: torch.device) -> float:
 class Ours:
     """Our op over ``layers`` layers; graph replay for small token counts."""
 
-    def __init__(self, layers: list[M.MoeLayerWeights], tokens: int, tuning: str, graph: bool):
+    def __init__(
+        self,
+        layers: list[M.MoeLayerWeights],
+        tokens: int,
+        tuning: str,
+        graph: bool,
+        routing: str = "given",
+    ):
         dev = layers[0].gate_up.packed.device
         self.layers = layers
         g = torch.Generator(device=dev).manual_seed(1000 + tokens)
         self.x = torch.randn(tokens, H, device=dev, generator=g).to(torch.bfloat16)
         self.logits = [torch.randn(tokens, E, device=dev, generator=g) for _ in layers]
+        # given: the top-k vLLM's router would hand to apply() (softmax over the k selected).
+        self.routes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if routing == "given":
+            self.routes = []
+            for lg in self.logits:
+                vals, ids = torch.topk(lg, TOPK, dim=-1)
+                self.routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
+        elif routing != "logits":
+            raise ValueError(f"routing: expected 'given' or 'logits', found {routing!r}")
         self.ws = layers[0].workspace(tokens)
         self.tuning = tuning
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -100,6 +122,11 @@ class Ours:
                 self.run()
 
     def run(self) -> None:
+        if self.routes is not None:
+            for w, (tw, ti) in zip(self.layers, self.routes, strict=True):
+                M.moe(self.x, w, topk_ids=ti, topk_weights=tw, workspace=self.ws,
+                      tuning=self.tuning)  # fmt: skip
+            return
         for w, lg in zip(self.layers, self.logits, strict=True):
             M.moe(self.x, w, router_logits=lg, workspace=self.ws, tuning=self.tuning)
 
@@ -257,6 +284,13 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse)")
+    ap.add_argument(
+        "--routing",
+        choices=("given", "logits"),
+        default="given",
+        help="given: precomputed top-k, as vLLM serves and as Marlin gets it (default); "
+        "logits: our kernels route from the router logits",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     tokens = [int(t) for t in args.tokens.split(",") if t]
@@ -272,7 +306,8 @@ def main() -> None:
     card = torch.cuda.get_device_name(dev)
     print(
         f"{card}: copy bandwidth {copy_gbs:.0f} GB/s (read+write); {args.layers} layers of "
-        f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert"
+        f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert; "
+        f"routing {args.routing}"
     )
 
     bf16_ws = [] if args.no_baselines else bf16_weights(layers[: args.bf16_layers])
@@ -295,7 +330,7 @@ def main() -> None:
             else:
                 base["marlin_us"] = time_fn(mar, args.iters) / min(args.layers, 8) * 1e3
         for tuning in tunings:
-            ours = Ours(layers, t, tuning, graph=t <= args.graph_max_tokens)
+            ours = Ours(layers, t, tuning, graph=t <= args.graph_max_tokens, routing=args.routing)
             ms = time_fn(ours, args.iters)
             us = ms / len(layers) * 1e3
             touched = ours.distinct_experts() * per_expert
@@ -304,6 +339,7 @@ def main() -> None:
             row = {
                 "tokens": t,
                 "tuning": tuning,
+                "routing": args.routing,
                 "regime": regime,
                 "us_per_layer": us,
                 "touched_GBps": gbs,
@@ -330,6 +366,7 @@ def main() -> None:
         "command": " ".join([sys.executable, *sys.argv]),
         "copy_GBps": copy_gbs,
         "layers": args.layers,
+        "routing": args.routing,
         "expert_bytes": per_expert,
         "rows": rows,
     }
