@@ -12,7 +12,8 @@
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
-# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy, e2e_profile, smoke. Results land in /root/e2e/{status,logs,res}.
+# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy,
+# e2e_routing, e2e_profile, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -132,6 +133,15 @@ job_e2e_dummy() {
   # in the same sitting what redrawing the routers changes.
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_dummy" --sides stock \
     --budgets full --stock-weights dummy
+}
+
+job_e2e_routing() {
+  # Ours with our kernels routing from the router logits (GPTOSS_3090_MOE_ROUTING=internal)
+  # instead of vLLM's fused_topk + apply(top-k): compare with the e2e job's ours_full rows of the
+  # same sitting before changing the default.
+  wait_synth
+  GPTOSS_3090_MOE_ROUTING=internal python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" \
+    --out "$W/res/e2e_routing" --sides ours --budgets full
 }
 
 job_e2e_profile() {

@@ -778,6 +778,36 @@ def test_experts_match_transformers(loaded) -> None:
         assert _rel_err(got, want) < 2e-2
 
 
+def test_internal_routing_matches_vllms_routing(loaded) -> None:
+    """``apply_monolithic`` (``GPTOSS_3090_MOE_ROUTING=internal``: we route from the router
+    logits) gives what vLLM's own routing (top-k, softmax over the k) followed by ``apply`` gives,
+    also when the tokens are split into chunks."""
+    spec, model = loaded.spec, loaded.model
+    routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
+    method = routed.quant_method
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, spec.hidden, generator=g).to(torch.bfloat16)
+    logits = torch.randn(11, spec.experts, generator=g)
+    vals, ids = torch.topk(logits, spec.experts_per_token, dim=-1)
+    with torch.no_grad():
+        via_vllm = method.apply(
+            layer=routed,
+            x=x,
+            topk_weights=torch.softmax(vals, dim=-1),
+            topk_ids=ids.to(torch.int32),
+            shared_experts=None,
+            shared_experts_input=None,
+        )
+        via_ours = method.apply_monolithic(routed, x, logits)
+        chunk, method._chunk = method._chunk, 4  # 11 tokens in chunks of 4, 4, 3
+        try:
+            chunked = method.apply_monolithic(routed, x, logits)
+        finally:
+            method._chunk = chunk
+    assert torch.equal(via_ours, via_vllm)
+    assert torch.equal(chunked, via_vllm)
+
+
 def test_bad_checkpoint_gives_clear_error_at_load(cpu_vllm, tmp_path: Path) -> None:
     spec = fx.Spec()
     tensors = fx.build_tensors(spec)
