@@ -178,7 +178,33 @@ def test_tied_logits(tokens: int) -> None:
     ids, wts = M.workspace_routing(ws, tokens, 4)
     assert bool((ids[:, 0] == 5).all())
     assert all(len(set(r)) == 4 for r in ids.tolist())  # distinct experts even when tied
+    # Ties go to the lower expert index, in that order (as the routing kernels document).
+    assert ids.tolist() == [[5, 0, 1, 2]] * tokens
     check_choice(ids, logits, 4, tie_tol=0.0)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64, 300])
+def test_nan_and_infinite_logits(tokens: int) -> None:
+    """A NaN logit counts as -inf (never chosen while finite ones remain); a token whose
+    logits are all -inf gets the lowest k experts with equal weights instead of NaN. Covers the
+    decode (per-block), grouped (moe_group) and separate routing launches."""
+    layer = make_layer(*SMALL, seed=11)
+    x = rand_x(tokens, layer.hidden, seed=12)
+    g = torch.Generator(device=DEV).manual_seed(13)
+    logits = torch.randn(tokens, layer.experts, device=DEV, generator=g)
+    logits[:, 3] = float("nan")
+    logits[0] = float("-inf")
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, router_logits=logits, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    assert ids[0].tolist() == [0, 1, 2, 3]
+    assert torch.equal(wts[0], torch.full_like(wts[0], 0.25))
+    assert not bool((ids[1:] == 3).any())
+    finite = logits[1:].nan_to_num(nan=float("-inf"))
+    check_choice(ids[1:], finite, 4, tie_tol=0.0)
+    assert bool(torch.isfinite(y).all())
     ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
     assert rel_err(y, ref) <= TOL
 
