@@ -297,11 +297,12 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    StrStats st;
-    if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);
-    if (active && n > 0)
+    if (active && n > 0) {
+        StrStats st;
+        str_prime<NESTED>(l, jb, n, nkb, ring, st);
         str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, v.offset, str_smem, ring, st, src,
                                              cols, maps + 256 * s, acc);
+    }
     str_reduce<NT>(str_smem, ks, acc);
     if (kp != 0 || !active) return;
     const u16* bias = (const u16*)p.bias;
