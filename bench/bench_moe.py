@@ -86,6 +86,16 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * src.numel() / ms / 1e6
 
 
+def given_routes(logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's routing as vLLM hands it to a MoE method: top-k ids (int32) and the softmax
+    over the k selected logits."""
+    routes = []
+    for lg in logits:
+        vals, ids = torch.topk(lg, TOPK, dim=-1)
+        routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
+    return routes
+
+
 class Ours:
     """Our op over ``layers`` layers; graph replay for small token counts."""
 
@@ -105,10 +115,7 @@ class Ours:
         # given: the top-k vLLM's router would hand to apply() (softmax over the k selected).
         self.routes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if routing == "given":
-            self.routes = []
-            for lg in self.logits:
-                vals, ids = torch.topk(lg, TOPK, dim=-1)
-                self.routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
+            self.routes = given_routes(self.logits)
         elif routing != "logits":
             raise ValueError(f"routing: expected 'given' or 'logits', found {routing!r}")
         self.ws = layers[0].workspace(tokens)
@@ -232,10 +239,7 @@ def marlin_mxfp4(
         gg = torch.Generator(device=dev).manual_seed(4000 + tokens)
         x = torch.randn(tokens, hp, device=dev, generator=gg).to(torch.bfloat16)
         logits = [torch.randn(tokens, E, device=dev, generator=gg) for _ in layers]
-        routes = []
-        for lg in logits:
-            vals, ids = torch.topk(lg, TOPK, dim=-1)
-            routes.append((torch.softmax(vals, dim=-1), ids.to(torch.int32)))
+        routes = given_routes(logits)
 
         def run() -> None:
             for lay, (tw, ti) in zip(layers, routes, strict=True):
