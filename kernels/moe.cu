@@ -1650,14 +1650,18 @@ __device__ void moe_gemm(const MoeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Combine: grid (T), block 128; y[t] = sum_k w[t,k] out[t*topk+k] in k order, fp32.
+// Combine: grid (T, ceil(H / (8 * 128))), block 128; y[t] = sum_k w[t,k] out[t*topk+k] in k
+// order, fp32. The y dimension gives each thread one 8-element piece of a token (H = 2880: 3
+// blocks per token), so a decode step's combine is one round of loads instead of a loop of
+// three in a single block per token.
 // ---------------------------------------------------------------------------------------------
 template <int DTYPE>
 __device__ void moe_combine(const MoeParams& p) {
     const int t = blockIdx.x;
     const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
     const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;
-    for (int h = threadIdx.x * 8; h < p.H; h += blockDim.x * 8) {
+    const int step = gridDim.y * blockDim.x * 8;
+    for (int h = (blockIdx.y * blockDim.x + threadIdx.x) * 8; h < p.H; h += step) {
         float acc[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = 0.0f;

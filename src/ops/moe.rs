@@ -750,8 +750,10 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             unsafe { dev.launch(&down, (gx, tiles, 1), (256, 1, 1), smem, s, &p)? };
         }
     }
+    // One 8-element piece of a token per thread: ceil(H / 1024) blocks of 128 per token.
     let f = func("moe_combine")?;
-    unsafe { dev.launch(&f, (u32_of("combine", t)?, 1, 1), (128, 1, 1), 0, s, &p)? };
+    let gy = u32_of("combine", args.hidden.div_ceil(8 * 128))?;
+    unsafe { dev.launch(&f, (u32_of("combine", t)?, gy, 1), (128, 1, 1), 0, s, &p)? };
     Ok(regime)
 }
 
