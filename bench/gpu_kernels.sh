@@ -16,7 +16,8 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
-#   moeks       bench_moe.py at 1, 4, 16 and 64 tokens with each forced K split
+#   moeks       bench_moe.py at KS_TOKENS (default 1,4,16,64) with each forced K split, then
+#               the automatic split
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
@@ -76,6 +77,8 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens "${VARIANT_TOKENS:-1,4,16,64}" \
           --tunings auto --no-baselines
       done
+      echo "-- automatic split"
+      bench_moe ks_auto --tokens "${KS_TOKENS:-1,4,16,64}" --tunings auto --no-baselines
       ;;
     nf4variants)
       for d in .gpu-variants/${NF4_VARIANTS:-*}/; do
@@ -89,8 +92,11 @@ for step in "$@"; do
     moeks)
       for ks in 1 2 4 8; do
         echo "-- GPTOSS_3090_MOE_STREAM_KS=$ks"
-        GPTOSS_3090_MOE_STREAM_KS=$ks bench_moe "ks$ks" --tokens 1,4,16,64 --tunings auto --no-baselines
+        GPTOSS_3090_MOE_STREAM_KS=$ks bench_moe "ks$ks" --tokens "${KS_TOKENS:-1,4,16,64}" \
+          --tunings auto --no-baselines
       done
+      echo "-- automatic split"
+      bench_moe ks_auto --tokens "${KS_TOKENS:-1,4,16,64}" --tunings auto --no-baselines
       ;;
     moeprofile)
       # Stall reasons of the gate_up streaming kernel at 1, 4, 16 and 64 tokens.
