@@ -77,8 +77,6 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens "${VARIANT_TOKENS:-1,4,16,64}" \
           --tunings auto --no-baselines
       done
-      echo "-- automatic split"
-      bench_moe ks_auto --tokens "${KS_TOKENS:-1,4,16,64}" --tunings auto --no-baselines
       ;;
     nf4variants)
       for d in .gpu-variants/${NF4_VARIANTS:-*}/; do
