@@ -542,7 +542,8 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
     __syncwarp();  // every lane is done reading the ring (a previous pass)
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
-        if (u < n) str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, st.raw[u], st.scl[u]);
+        if (u < n)
+            str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, st.raw[u], st.scl[u]);
         cp_async_commit();
     }
 }
