@@ -22,6 +22,8 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the issue's shapes
+#   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
+#               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
 # Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
 set -u
 FINAL=${OUT:-/tmp/out}
@@ -132,6 +134,13 @@ for step in "$@"; do
           echo "-- $k T=$t: $(wc -l < "$rep.csv") csv lines"
           grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Executed Instructions  " "$rep.txt" | sed 's/  */ /g'
         done
+      done
+      ;;
+    nf4sweep)
+      # The linear's tensor-core tiles at medium M, each forced K split in its own process.
+      for s in "" ${NF4_SPLITS:-1 2 4 8}; do
+        GPTOSS_3090_NF4_SPLITS=$s python3 bench/sweep_nf4_mma.py --ms "${NF4_MS:-32,64,128}" \
+          2>&1 | tee -a "$OUT/nf4_sweep.log"
       done
       ;;
     nf4bench)

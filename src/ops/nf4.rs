@@ -357,6 +357,19 @@ fn mma_config(size: LinearPath, tuning: Tuning) -> MmaConfig {
     }
 }
 
+/// Development override of the tensor-core path's K split (`GPTOSS_3090_NF4_SPLITS`, 1 to 8;
+/// read once per process), for sweeps.
+fn mma_splits_override() -> Result<Option<usize>> {
+    static SPLITS: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+        std::sync::OnceLock::new();
+    crate::ops::env_count(
+        &SPLITS,
+        "GPTOSS_3090_NF4_SPLITS",
+        "a count from 1 to 8",
+        |n| (1..=8).contains(&n),
+    )
+}
+
 /// Largest M served by the decode kernel.
 pub const DECODE_MAX_M: i64 = 16;
 
@@ -416,10 +429,10 @@ pub fn plan_linear(
     let tiles = gx * gy;
     let nkt = (k / BLOCK).max(1) as u64;
     let sms = sm_count.max(1) as u64;
-    let splits = if tiles >= sms {
-        1
-    } else {
-        ceil_div(2 * sms, tiles).min(8).min((nkt / 4).max(1)).max(1)
+    let splits = match mma_splits_override()? {
+        Some(forced) => (forced as u64).min(nkt),
+        None if tiles >= sms => 1,
+        None => ceil_div(2 * sms, tiles).min(8).min((nkt / 4).max(1)).max(1),
     };
     Ok(LinearPlan {
         entry: c.name,
