@@ -85,7 +85,7 @@ for step in "$@"; do
         v=$(basename "$d")
         echo "-- variant $v"
         GPTOSS_3090_KERNEL_DIR=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
-          --ms "${NF4_MS:-1,4,16}" --tunings auto --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
+          --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
           | tee "$OUT/nf4_variant_$v.log" | grep -v "^wrote"
       done
       ;;
