@@ -22,6 +22,7 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
+#   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
 # Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
@@ -135,6 +136,22 @@ for step in "$@"; do
           grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Executed Instructions  " "$rep.txt" | sed 's/  */ /g'
         done
       done
+      ;;
+    sass)
+      # Source counters of one launch of the kernels matching SASS_KERNEL while SASS_CMD runs
+      # (a python3 command line), for kernels other than the MoE streaming ones.
+      ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+      rep="$OUT/sass_${SASS_NAME:-kernel}"
+      $ncu --graph-profiling node -k regex:"$SASS_KERNEL" -c 1 --import-source no \
+        --section SourceCounters --section WarpStateStats --section SchedulerStats \
+        --section InstructionStats --section Occupancy --section LaunchStats \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis -o "$rep" -f \
+        $SASS_CMD > "$rep.log" 2>&1
+      $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err"
+      $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
+      python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
+      head -40 "$rep.summary.txt"
+      grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Memory Throughput|Compute \(SM\)|Registers Per|Block Limit" "$rep.txt" | sed 's/  */ /g'
       ;;
     nf4sweep)
       # The linear's tensor-core tiles at medium M, each forced K split in its own process.

@@ -222,6 +222,14 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gm
                  "l"(gmem_src), "r"(src_bytes));
 }
 
+// Same with a 32-bit shared address: a loop that keeps its shared destinations as running
+// offsets skips the generic-to-shared conversion on every copy.
+__device__ __forceinline__ void cp_async_16_zfill_s(u32 smem_dst, const void* gmem_src,
+                                                    u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(gmem_src),
+                 "r"(src_bytes));
+}
+
 // Closes the current group of cp.async copies, so a later wait can target it.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 
@@ -241,6 +249,13 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row_pt
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(smem_row_ptr)));
+}
+
+// Same with a 32-bit shared address (precomputed per lane, see nf4_linear_mma).
+__device__ __forceinline__ void ldmatrix_x4_s(u32 (&r)[4], u32 smem_row_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_row_addr));
 }
 
 // Transposing variant: loads row-major [k][n] tiles as the column-major B operand.

@@ -1445,9 +1445,6 @@ __device__ void moe_str(const MoeParams& p) {
 #define GEMM_BK 64
 #define GEMM_LD (GEMM_BK + 8)  // padded row stride of A and decoded-B tiles, in elements
 #define GEMM_THREADS 256
-#ifndef GEMM_AM_AHEAD
-#define GEMM_AM_AHEAD 4  // k tiles of absmax in flight per decoding thread
-#endif
 
 // DB: two decoded-B buffers. The block then decodes tile kt+1 while it multiplies tile kt, with
 // one barrier per k tile (needs STAGES >= 3); without DB (for 2 blocks per SM in 100 KB on
@@ -1528,12 +1525,7 @@ __device__ void moe_gemm(const MoeParams& p) {
     Nf4RawAbsmax zr;
     zr.raw = 0u;
     zr.scale = 0.0f;
-    // Raw statistics of k tiles kt .. kt+GEMM_AM_AHEAD-1 when tile kt is decoded: a load has
-    // GEMM_AM_AHEAD - 1 tiles of work to arrive (one tile left every decode waiting on DRAM).
-    Nf4RawAbsmax am_ring[GEMM_AM_AHEAD];
-#pragma unroll
-    for (int i = 0; i < GEMM_AM_AHEAD; ++i)
-        am_ring[i] = (drow_ok && i < KT) ? nf4_absmax_load(st, dab + i) : zr;
+    Nf4RawAbsmax ra_next = drow_ok ? nf4_absmax_load(st, dab) : zr;
 
     constexpr int WM = BM / 2, MT = WM / 16;
     const int wm = warp >> 2, wn = warp & 3;
@@ -1554,12 +1546,8 @@ __device__ void moe_gemm(const MoeParams& p) {
     // Decode: thread (row dn, half dh) turns the 16 packed bytes of k tile kt into 32 halves of
     // decoded-B buffer `buf`. Consumes the prefetched absmax and prefetches the next tile's.
     auto decode_tile = [&](int kt, int buf) {
-        const Nf4RawAbsmax ra = am_ring[0];
-#pragma unroll
-        for (int i = 0; i + 1 < GEMM_AM_AHEAD; ++i) am_ring[i] = am_ring[i + 1];
-        am_ring[GEMM_AM_AHEAD - 1] = (kt + GEMM_AM_AHEAD < KT && drow_ok)
-                                         ? nf4_absmax_load(st, dab + kt + GEMM_AM_AHEAD)
-                                         : zr;
+        const Nf4RawAbsmax ra = ra_next;
+        if (kt + 1 < KT && drow_ok) ra_next = nf4_absmax_load(st, dab + kt + 1);
         const float am = drow_ok ? nf4_absmax_finish(st, ra, s_nmap) : 0.0f;
         const u32x4 pv =
             *(const u32x4*)(sP + (kt % STAGES) * GEMM_BN * (GEMM_BK / 2) + dn * 32 + dh * 16);

@@ -652,11 +652,13 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     using S = MmaSmem<BM, BN, STAGES>;
 
     extern __shared__ __align__(128) u8 msmem[];
+    // The code table is static shared memory: a lookup is then one LDS with an immediate base
+    // (the dynamic layout keeps its 16 unused words, mirrored by the Rust launcher).
+    __shared__ float lut[16];
     u16* Xs = (u16*)msmem;
     u16* Wd = Xs + STAGES * S::X_STAGE;
     u8* Wp = (u8*)(Wd + 2 * S::W_DEC);
-    float* lut = (float*)(Wp + STAGES * S::W_STAGE);
-    float* maps = lut + 16;
+    float* maps = (float*)(Wp + STAGES * S::W_STAGE) + 16;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (tid < 16) lut[tid] = kNf4Code[tid];
@@ -686,19 +688,30 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     const u8* wsrc = sv.packed + (i64)wlocal * (p.K >> 1) + (i64)kt0 * 32 + wh * 16;
     const i64 ablk0 = (i64)wlocal * nkt_all + kt0;
 
-    auto load_tile = [&](int kt, int stage) {
-        u16* xs = Xs + stage * S::X_STAGE;
+    // Copy addresses, fixed per thread (the loop only adds k-tile and stage offsets): chunk i of
+    // a tile is row xr0 + i * XROWS, column chunk xch; XROWS is a multiple of 8, so the swizzle
+    // of every chunk is the first one's plus i rows.
+    constexpr int XROWS = NTHR / 8;
+    const int xr0 = tid >> 3, xch = tid & 7;
+    const u16* xsrc[XCH];
+    u32 xvalid = 0;
 #pragma unroll
-        for (int i = 0; i < XCH; ++i) {
-            const int c = tid + i * NTHR;
-            const int r = c >> 3, ch = c & 7;
-            const int gm = m0 + r;
-            const bool ok = gm < p.M;
-            const u16* src = X + (i64)(ok ? gm : 0) * p.ldx + (i64)(kt0 + kt) * 64 + ch * 8;
-            cp_async_16_zfill(xs + swz(r, ch), src, ok ? 16u : 0u);
-        }
-        u8* wp = Wp + stage * S::W_STAGE + wr * 32 + wh * 16;
-        cp_async_16_zfill(wp, wok ? wsrc + (i64)kt * 32 : wsrc - wh * 16, wok ? 16u : 0u);
+    for (int i = 0; i < XCH; ++i) {
+        const int gm = m0 + xr0 + i * XROWS;
+        xvalid |= (gm < p.M ? 1u : 0u) << i;
+        xsrc[i] = X + (i64)(gm < p.M ? gm : 0) * p.ldx + (i64)kt0 * 64 + xch * 8;
+    }
+    const u32 xs_dst0 = smem_addr(Xs) + 2 * swz(xr0, xch);
+    const u32 wp_dst0 = smem_addr(Wp) + wr * 32 + wh * 16;
+    const u8* wcopy = wok ? wsrc : wsrc - wh * 16;
+    const u32 wbytes = wok ? 16u : 0u;
+    auto load_tile = [&](int kt, int stage) {
+        const u32 xs = xs_dst0 + stage * (S::X_STAGE * 2);
+#pragma unroll
+        for (int i = 0; i < XCH; ++i)
+            cp_async_16_zfill_s(xs + i * (XROWS * 128), xsrc[i] + kt * 64,
+                                (xvalid >> i) & 1u ? 16u : 0u);
+        cp_async_16_zfill_s(wp_dst0 + stage * S::W_STAGE, wok ? wcopy + kt * 32 : wcopy, wbytes);
     };
     auto absmax_load = [&](int kt) {
         AbsmaxRaw r;
@@ -714,6 +727,16 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
         if (!wok) return 0.0f;
         return sv.nested ? __fadd_rn(__fmul_rn(smap[r.code], r.scale), sv.offset) : __uint_as_float(r.code);
     };
+    // The decoded row's four 16-byte pieces (swizzled), as offsets in a decoded buffer.
+    int wd_off[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) wd_off[q] = swz(wr, wh * 4 + q);
+    // Code c's table entry as a byte offset: the nibble shifted to bits 2..5 in one shift and
+    // one mask, with no index arithmetic left for the LDS.
+    auto code_at = [&](u32 word, int bit) -> float {
+        const u32 off = (bit >= 2 ? word >> (bit - 2) : word << (2 - bit)) & 0x3Cu;
+        return *(const float*)((const u8*)lut + off);
+    };
     auto decode = [&](int stage, int buf, float am) {
         const u32x4 raw = *(const u32x4*)(Wp + stage * S::W_STAGE + wr * 32 + wh * 16);
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -722,11 +745,11 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
         for (int q = 0; q < 4; ++q) {
             u32 o[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 byte = (words[q] >> (8 * j)) & 0xFFu;
-                o[j] = pack_half2<DTYPE>(__fmul_rn(lut[byte >> 4], am), __fmul_rn(lut[byte & 15u], am));
-            }
-            *(u32x4*)(dst + swz(wr, wh * 4 + q)) = u32x4{o[0], o[1], o[2], o[3]};
+            for (int j = 0; j < 4; ++j)
+                // Byte j: element 2j in the high nibble, 2j+1 in the low one.
+                o[j] = pack_half2<DTYPE>(__fmul_rn(code_at(words[q], 8 * j + 4), am),
+                                         __fmul_rn(code_at(words[q], 8 * j), am));
+            *(u32x4*)(dst + wd_off[q]) = u32x4{o[0], o[1], o[2], o[3]};
         }
     };
 
@@ -759,6 +782,18 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     }
 
     const int warp_m = warp / WN, warp_n = warp % WN;
+    // ldmatrix row addresses of k-step 0 in stage 0 / buffer 0 (bytes, shared space). The rows
+    // a lane addresses all have row & 7 == lane & 7, so k-step kk's swizzled chunk is the lane's
+    // chunk XOR 2 kk: one XOR with a constant per k-step.
+    u32 a_addr[MI], b_addr[NI / 2];
+    const u32 a_chunk = (u32)((lane >> 4) ^ (lane & 7));
+    const u32 b_chunk = (u32)(((lane >> 3) & 1) ^ (lane & 7));
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+        a_addr[mi] = smem_addr(Xs) + 128 * (warp_m * WTM + mi * 16 + (lane & 15));
+#pragma unroll
+    for (int nj = 0; nj < NI / 2; ++nj)
+        b_addr[nj] = smem_addr(Wd) + 128 * (warp_n * WTN + nj * 16 + (lane & 7) + ((lane >> 4) << 3));
     for (int kt = 0; kt < nkt; ++kt) {
         cp_async_wait<STAGES - 3>();  // tile kt+1 has landed (own copies)
         __syncthreads();              // ... for everyone; Wd[kt&1] decoded; tile kt-1 consumed
@@ -766,22 +801,20 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
         cp_async_commit();
         if (kt + 1 < nkt) decode((kt + 1) % STAGES, (kt + 1) & 1, am_next);
 
-        const u16* xs = Xs + (kt % STAGES) * S::X_STAGE;
-        const u16* wd = Wd + (kt & 1) * S::W_DEC;
+        const u32 xs_off = (kt % STAGES) * (S::X_STAGE * 2);
+        const u32 wd_buf = (kt & 1) * (S::W_DEC * 2);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             u32 a[MI][4];
             u32 b[NI][2];
+            const u32 a_k = ((a_chunk ^ (2 * kk)) << 4) + xs_off;
+            const u32 b_k = ((b_chunk ^ (2 * kk)) << 4) + wd_buf;
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                const int row = warp_m * WTM + mi * 16 + (lane & 15);
-                ldmatrix_x4(a[mi], xs + swz(row, kk * 2 + (lane >> 4)));
-            }
+            for (int mi = 0; mi < MI; ++mi) ldmatrix_x4_s(a[mi], a_addr[mi] + a_k);
 #pragma unroll
             for (int nj = 0; nj < NI / 2; ++nj) {
-                const int nrow = warp_n * WTN + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
                 u32 r[4];
-                ldmatrix_x4(r, wd + swz(nrow, kk * 2 + ((lane >> 3) & 1)));
+                ldmatrix_x4_s(r, b_addr[nj] + b_k);
                 b[2 * nj][0] = r[0];
                 b[2 * nj][1] = r[1];
                 b[2 * nj + 1][0] = r[2];
