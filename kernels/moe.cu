@@ -176,10 +176,14 @@ __device__ __forceinline__ float nf4_absmax_finish(const Nf4Stats& s, Nf4RawAbsm
 
 // Decodes the two NF4 codes of one packed byte (bits [sh, sh+8) of `w`) into one register of two
 // halves: low half = even element (high nibble), high half = odd element (low nibble).
+// The nibbles are turned into byte offsets of the table directly (one shift and one mask each,
+// `sh` being a constant after unrolling), which leaves no index scaling for the loads.
 template <int DTYPE>
 __device__ __forceinline__ u32 nf4_pair(u32 w, int sh, float am, const float* lut) {
-    const float v0 = __fmul_rn(lut[(w >> (sh + 4)) & 15u], am);
-    const float v1 = __fmul_rn(lut[(w >> sh) & 15u], am);
+    const u32 hi = (w >> (sh + 2)) & 0x3Cu;
+    const u32 lo = (sh >= 2 ? w >> (sh - 2) : w << (2 - sh)) & 0x3Cu;
+    const float v0 = __fmul_rn(*(const float*)((const u8*)lut + hi), am);
+    const float v1 = __fmul_rn(*(const float*)((const u8*)lut + lo), am);
     return pack_half2<DTYPE>(v0, v1);
 }
 
@@ -1445,6 +1449,11 @@ __device__ void moe_str(const MoeParams& p) {
 #define GEMM_BK 64
 #define GEMM_LD (GEMM_BK + 8)  // padded row stride of A and decoded-B tiles, in elements
 #define GEMM_THREADS 256
+// m64s2 blocks per SM the registers must allow (a cap of 85 per thread): its 44 KB of shared
+// memory fit 3 blocks on sm_80/sm_90, and the GEMM lost 12% when the count fell to 2.
+#ifndef GEMM_M64_MIN_BLOCKS
+#define GEMM_M64_MIN_BLOCKS 3
+#endif
 
 // DB: two decoded-B buffers. The block then decodes tile kt+1 while it multiplies tile kt, with
 // one barrier per k tile (needs STAGES >= 3); without DB (for 2 blocks per SM in 100 KB on
@@ -1493,29 +1502,39 @@ __device__ void moe_gemm(const MoeParams& p) {
     const u16* src = (const u16*)(UP ? p.x : p.ws_h);
     const long long src_stride = UP ? p.x_stride : p.I;
 
-    // cp.async of k tile kt into ring stage `stage`: A rows (8 x 16 B each) and packed B rows (2 x 16 B).
+    // cp.async of k tile kt into ring stage `stage`: A rows (8 x 16 B each) and packed B rows
+    // (2 x 16 B). The sources are fixed per thread, so the row gather (a division by top-k) and
+    // the addresses are computed once here; the loop only adds k and stage offsets.
+    constexpr int ACH = BM * 8 / GEMM_THREADS;  // A pieces per thread
+    static_assert(ACH * GEMM_THREADS == BM * 8 && GEMM_BN * 2 == GEMM_THREADS, "copy split");
+    const u16* a_src[ACH];
+    u32 a_ok = 0;
+#pragma unroll
+    for (int j = 0; j < ACH; ++j) {
+        const int i = tid + j * GEMM_THREADS, m = i >> 3, q = i & 7;
+        const int pr = s_rows[m];
+        a_src[j] = src;
+        if (pr >= 0) {
+            const long long r = UP ? (long long)(pr / p.topk) : (long long)pr;
+            a_src[j] = src + r * src_stride + q * 8;
+            a_ok |= 1u << j;
+        }
+    }
+    // Piece j's shared offset is piece 0's plus j * (GEMM_THREADS / 8) rows.
+    const u32 a_dst0 = smem_addr(sA) + 2 * ((tid >> 3) * GEMM_LD + (tid & 7) * 8);
+    const int bn = tid >> 1, bq = tid & 1;
+    const bool b_ok = n_base + bn < N;
+    const u8* b_src = b_ok ? packed + (long long)(n_base + bn) * (K / 2) + bq * 16 : packed;
+    const u32 b_dst0 = smem_addr(sP) + bn * (GEMM_BK / 2) + bq * 16;
     auto load_tile = [&](int kt, int stage) {
-        u16* a = sA + stage * BM * GEMM_LD;
-        for (int i = tid; i < BM * 8; i += GEMM_THREADS) {
-            const int m = i >> 3, q = i & 7;
-            const int pr = s_rows[m];
-            const u16* g = src;
-            u32 bytes = 0;
-            if (pr >= 0) {
-                const long long r = UP ? (long long)(pr / p.topk) : (long long)pr;
-                g = src + r * src_stride + kt * GEMM_BK + q * 8;
-                bytes = 16;
-            }
-            cp_async_16_zfill(a + m * GEMM_LD + q * 8, g, bytes);
-        }
-        u8* pk = sP + stage * GEMM_BN * (GEMM_BK / 2);
-        for (int i = tid; i < GEMM_BN * 2; i += GEMM_THREADS) {
-            const int n = i >> 1, q = i & 1;
-            const bool ok = n_base + n < N;
-            const u8* g = ok ? packed + (long long)(n_base + n) * (K / 2) + kt * (GEMM_BK / 2) + q * 16
-                             : packed;
-            cp_async_16_zfill(pk + n * (GEMM_BK / 2) + q * 16, g, ok ? 16u : 0u);
-        }
+        const u32 a_dst = a_dst0 + stage * (BM * GEMM_LD * 2);
+#pragma unroll
+        for (int j = 0; j < ACH; ++j)
+            cp_async_16_zfill_s(a_dst + j * ((GEMM_THREADS / 8) * GEMM_LD * 2),
+                                (a_ok >> j) & 1u ? a_src[j] + kt * GEMM_BK : a_src[j],
+                                (a_ok >> j) & 1u ? 16u : 0u);
+        cp_async_16_zfill_s(b_dst0 + stage * (GEMM_BN * (GEMM_BK / 2)),
+                            b_ok ? b_src + kt * (GEMM_BK / 2) : b_src, b_ok ? 16u : 0u);
     };
 
     // The decoding thread's row/half and its absmax prefetch (register double buffer).
@@ -1744,16 +1763,16 @@ extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) vo
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) void moe_dec2_down_f16(const MoeParams p) {
     moe_dec2_down<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 64, 2, false>(p);
 }
-extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m64s2_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_up_m64s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, true, 64, 2, false>(p);
 }
-extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_down_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, false, 64, 2, false>(p);
 }
-extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m64s2_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_down_m64s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 64, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_bf16(const MoeParams p) {
