@@ -16,6 +16,7 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
+#   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
 #   moeks       bench_moe.py at KS_TOKENS (default 1,4,16,64) with each forced K split, then
 #               the automatic split
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
@@ -88,6 +89,14 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
           --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
           | tee "$OUT/nf4_variant_$v.log" | grep -v "^wrote"
+      done
+      ;;
+    moegemm)
+      # The prefill GEMM variants (GPTOSS_3090_MOE_GEMM), same call.
+      for g in ${MOE_GEMMS:-m64s2 m128s2 m128s4}; do
+        echo "-- GPTOSS_3090_MOE_GEMM=$g"
+        GPTOSS_3090_MOE_GEMM=$g bench_moe "gemm_$g" --tokens "${GEMM_TOKENS:-256,512,2048,8192}" \
+          --tunings auto --no-baselines
       done
       ;;
     moeks)

@@ -1787,6 +1787,20 @@ extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 128, 4, true>(p);
 }
+// m128s2: 128-token tiles, 2 stages, one decoded-B buffer (63 KB): half the weight decoding
+// and B traffic per FLOP of m64s2, two blocks per SM within the registers.
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_up_m128s2_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, true, 128, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_up_m128s2_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, true, 128, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_down_m128s2_bf16(const MoeParams p) {
+    moe_gemm<DTYPE_BF16, false, 128, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_down_m128s2_f16(const MoeParams p) {
+    moe_gemm<DTYPE_F16, false, 128, 2, false>(p);
+}
 
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 1, true>(p);

@@ -285,6 +285,9 @@ impl Regime {
         // (bench/results/moe_h100_2026-11-26_variants.txt), so every tuning uses it for now; m128s4 stays
         // compiled for tuning on other cards.
         let _ = (topk, experts, tuning);
+        if let Some((bm, stages)) = gemm_override()? {
+            return Ok(Regime::Prefill { bm, stages });
+        }
         Ok(Regime::Prefill { bm: 64, stages: 2 })
     }
 
@@ -295,6 +298,27 @@ impl Regime {
         let b_bufs = if stages >= 3 { 2 } else { 1 };
         stages * bm * ld * 2 + stages * GEMM_BN * 32 + b_bufs * GEMM_BN * ld * 2 + bm * 4
     }
+}
+
+/// Development override of the prefill GEMM variant (`GPTOSS_3090_MOE_GEMM`: `m64s2`,
+/// `m128s2` or `m128s4`; read once per process), for benchmarks.
+fn gemm_override() -> Result<Option<(usize, usize)>> {
+    static GEMM: std::sync::OnceLock<std::result::Result<Option<(usize, usize)>, String>> =
+        std::sync::OnceLock::new();
+    GEMM.get_or_init(|| match std::env::var("GPTOSS_3090_MOE_GEMM") {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim() {
+            "" => Ok(None),
+            "m64s2" => Ok(Some((64, 2))),
+            "m128s2" => Ok(Some((128, 2))),
+            "m128s4" => Ok(Some((128, 4))),
+            other => Err(format!(
+                "GPTOSS_3090_MOE_GEMM={other:?}: expected m64s2, m128s2 or m128s4"
+            )),
+        },
+    })
+    .clone()
+    .map_err(Error::arg)
 }
 
 /// One fused NF4 expert tensor `[E, N, K]` on the device.
