@@ -280,13 +280,17 @@ impl Regime {
         if tokens <= stream_max_tokens()? {
             return Ok(Regime::Stream);
         }
-        // BM 64, 2 stages, one decoded-B buffer (44 KB): 2 blocks per SM within sm_86/89's
-        // 100 KB. On the H100 this variant also beat the double-buffered m64s3/m64s4/m128s4
-        // (bench/results/moe_h100_2026-11-26_variants.txt), so every tuning uses it for now; m128s4 stays
-        // compiled for tuning on other cards.
-        let _ = (topk, experts, tuning);
         if let Some((bm, stages)) = gemm_override()? {
             return Ok(Regime::Prefill { bm, stages });
+        }
+        // BM 128, 2 stages (63 KB) once the experts average 64 or more rows: it decodes each
+        // weight tile for twice the tokens, 1.18-1.25x m64s2 at 2048-8192 tokens on the H100 and
+        // even at 512 (bench/results/h100_2026-11-27_session7/). Two of its blocks need more than
+        // the 100 KB per SM of sm_86/89, so that tuning keeps BM 64, 2 stages, one decoded-B
+        // buffer (44 KB, 2 blocks per SM), which also beat m64s3/m64s4/m128s4 on the H100
+        // (bench/results/moe_h100_2026-11-26_variants.txt).
+        if tuning != Tuning::Sm86 && tokens * topk >= 64 * experts.max(1) {
+            return Ok(Regime::Prefill { bm: 128, stages: 2 });
         }
         Ok(Regime::Prefill { bm: 64, stages: 2 })
     }
@@ -1084,6 +1088,18 @@ mod tests {
         );
         assert_eq!(
             Regime::choose(8192, 4, 32, Tuning::Sm90).unwrap(),
+            Regime::Prefill { bm: 128, stages: 2 }
+        );
+        assert_eq!(
+            Regime::choose(511, 4, 32, Tuning::Sm90).unwrap(),
+            Regime::Prefill { bm: 64, stages: 2 }
+        );
+        assert_eq!(
+            Regime::choose(512, 4, 32, Tuning::Sm80).unwrap(),
+            Regime::Prefill { bm: 128, stages: 2 }
+        );
+        assert_eq!(
+            Regime::choose(8192, 4, 32, Tuning::Sm86).unwrap(),
             Regime::Prefill { bm: 64, stages: 2 }
         );
         // Static shared memory of moe_gemm (tables) is about 1.1 KB per block.
@@ -1092,6 +1108,8 @@ mod tests {
         };
         assert!(fits(64, 2, 2, 100)); // sm_86/89
         assert!(fits(128, 4, 1, 228)); // sm_90
+        assert!(fits(128, 2, 2, 164)); // m128s2, sm_80 and sm_90
+        assert!(!fits(128, 2, 2, 100)); // ... but not sm_86/89
     }
 
     #[test]
