@@ -57,6 +57,11 @@ def test_regimes_depend_only_on_sizes() -> None:
         assert M.moe_regime(128, 4, 32, tuning) == "stream"
         assert M.moe_regime(129, 4, 32, tuning).startswith("prefill_m")
     assert M.moe_regime(8192, 4, 32, "sm86") == "prefill_m64s2"
+    # The 128-token tile from 64 average rows per expert, where two blocks fit an SM.
+    for tuning in ("sm80", "sm90"):
+        assert M.moe_regime(511, 4, 32, tuning) == "prefill_m64s2"
+        assert M.moe_regime(512, 4, 32, tuning) == "prefill_m128s2"
+        assert M.moe_regime(8192, 4, 32, tuning) == "prefill_m128s2"
     with pytest.raises(ValueError, match="tuning"):
         M.moe_regime(1, 4, 32, "sm75")
 
