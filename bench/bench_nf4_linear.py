@@ -187,15 +187,13 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     }
 
 
-def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, first: bool):
-    """All M and tunings for one weight shape; weight copies rotate to exceed 4x L2."""
-    from gptoss_3090 import ops, runtime
+def nf4_copies(base, l2: int) -> list:
+    """``base`` (a nested :class:`Nf4Weight`) plus clones, together more than 4x L2, so that
+    rotating through them times DRAM, not L2."""
+    from gptoss_3090 import ops
 
-    dtype = torch.bfloat16
-    l2 = ctx["l2"]
-    base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
     copies = max(2, math.ceil(4 * l2 / base.nbytes) + 1)
-    nf4 = [base] + [
+    return [base] + [
         ops.Nf4Weight(
             packed=base.packed.clone(),
             absmax=base.absmax.clone(),
@@ -207,6 +205,17 @@ def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, fi
         )
         for _ in range(copies - 1)
     ]
+
+
+def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, first: bool):
+    """All M and tunings for one weight shape; weight copies rotate to exceed 4x L2."""
+    from gptoss_3090 import ops, runtime
+
+    dtype = torch.bfloat16
+    l2 = ctx["l2"]
+    base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
+    nf4 = nf4_copies(base, l2)
+    copies = len(nf4)
     wd = base.dequantize()
     dcopies = max(2, math.ceil(4 * l2 / (wd.numel() * 2)) + 1)
     w = {

@@ -47,6 +47,24 @@ bench_moe() {  # name, then bench_moe.py arguments
     2>&1 | tee "$OUT/moe_$name.log" | grep -v "^wrote"
 }
 
+# ncu source counters of one launch of kernels matching $2 while the command $4... runs, with
+# the extra ncu sections $3; exports the per-SASS CSV, the details page and their summary to
+# $1.{csv,txt,summary.txt}.
+ncu_sass() {
+  local rep=$1 kernel=$2 extra=$3
+  shift 3
+  local ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+  # shellcheck disable=SC2086  # $extra is a list of ncu options
+  $ncu --graph-profiling node -k regex:"$kernel" -c 1 --import-source no \
+    --section SourceCounters --section WarpStateStats --section SchedulerStats \
+    --section InstructionStats --section Occupancy --section LaunchStats $extra -o "$rep" -f \
+    "$@" > "$rep.log" 2>&1
+  $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err" \
+    || $ncu --import "$rep.ncu-rep" --page source --csv > "$rep.csv" 2>> "$rep.err"
+  $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
+  python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
+}
+
 for step in "$@"; do
   echo "== $step ($(date -u +%T))"
   case $step in
@@ -127,19 +145,11 @@ for step in "$@"; do
       ;;
     moesass)
       # Which SASS instructions the warps stall on (source counters), per kernel and token count.
-      ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
       for t in ${PROFILE_TOKENS:-1 16 64}; do
         for k in ${PROFILE_KERNELS:-moe_str_up moe_str_down}; do
           rep="$OUT/sass_${k}_t$t"
-          $ncu --graph-profiling node -k regex:"$k" -c 1 --import-source no \
-            --section SourceCounters --section WarpStateStats --section SchedulerStats \
-            --section InstructionStats --section Occupancy --section LaunchStats -o "$rep" -f \
-            python3 bench/bench_moe.py --tokens "$t" --tunings auto --layers 2 --no-baselines \
-            --iters 1 > "$rep.log" 2>&1
-          $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err" \
-            || $ncu --import "$rep.ncu-rep" --page source --csv > "$rep.csv" 2>> "$rep.err"
-          $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
-          python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
+          ncu_sass "$rep" "$k" "" python3 bench/bench_moe.py --tokens "$t" --tunings auto \
+            --layers 2 --no-baselines --iters 1
           head -16 "$rep.summary.txt"
           echo "-- $k T=$t: $(wc -l < "$rep.csv") csv lines"
           grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Executed Instructions  " "$rep.txt" | sed 's/  */ /g'
@@ -149,16 +159,10 @@ for step in "$@"; do
     sass)
       # Source counters of one launch of the kernels matching SASS_KERNEL while SASS_CMD runs
       # (a python3 command line), for kernels other than the MoE streaming ones.
-      ncu=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
       rep="$OUT/sass_${SASS_NAME:-kernel}"
-      $ncu --graph-profiling node -k regex:"$SASS_KERNEL" -c 1 --import-source no \
-        --section SourceCounters --section WarpStateStats --section SchedulerStats \
-        --section InstructionStats --section Occupancy --section LaunchStats \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis -o "$rep" -f \
-        $SASS_CMD > "$rep.log" 2>&1
-      $ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2> "$rep.err"
-      $ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
-      python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
+      # shellcheck disable=SC2086  # SASS_CMD is a command line
+      ncu_sass "$rep" "$SASS_KERNEL" "--section SpeedOfLight --section MemoryWorkloadAnalysis" \
+        $SASS_CMD
       head -40 "$rep.summary.txt"
       grep -E "Duration|Issued Ipc|Warp Cycles Per Issued|Achieved Occupancy|Memory Throughput|Compute \(SM\)|Registers Per|Block Limit" "$rep.txt" | sed 's/  */ /g'
       ;;

@@ -18,26 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_nf4_linear import time_graph  # noqa: E402
-
-
-def copies_of(base, l2: int) -> list:
-    """``base`` plus clones, enough to exceed 4x L2 together (DRAM, not L2, is timed)."""
-    from gptoss_3090 import ops
-
-    copies = max(2, math.ceil(4 * l2 / base.nbytes) + 1)
-    return [base] + [
-        ops.Nf4Weight(
-            packed=base.packed.clone(),
-            absmax=base.absmax.clone(),
-            shape=base.shape,
-            dtype=base.dtype,
-            nested_absmax=base.nested_absmax.clone(),
-            nested_quant_map=base.nested_quant_map,
-            nested_offset=base.nested_offset,
-        )
-        for _ in range(copies - 1)
-    ]
+from bench_nf4_linear import nf4_copies, time_graph  # noqa: E402
 
 
 def sweep_shape(n: int, k: int, l2: int, splits: str, args: argparse.Namespace) -> None:
@@ -46,7 +27,7 @@ def sweep_shape(n: int, k: int, l2: int, splits: str, args: argparse.Namespace) 
 
     dev = torch.cuda.current_device()
     base = ops.nf4_quantize(torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02)
-    ws = copies_of(base, l2)
+    ws = nf4_copies(base, l2)
     wd = base.dequantize()
     wds = [wd] + [wd.clone() for _ in range(max(2, math.ceil(4 * l2 / wd.nbytes) + 1) - 1)]
     bias = torch.randn(n, dtype=torch.bfloat16, device="cuda") * 0.1

@@ -216,18 +216,16 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 
 // Same, but copies only `src_bytes` (0..16) and zero-fills the rest: used for ragged tile edges
 // so out-of-range rows read as zero instead of faulting.
-__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src,
-                                                  u32 src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem_dst)),
-                 "l"(gmem_src), "r"(src_bytes));
-}
-
-// Same with a 32-bit shared address: a loop that keeps its shared destinations as running
+// `_s`: with a 32-bit shared address, so a loop that keeps its shared destinations as running
 // offsets skips the generic-to-shared conversion on every copy.
 __device__ __forceinline__ void cp_async_16_zfill_s(u32 smem_dst, const void* gmem_src,
                                                     u32 src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(gmem_src),
                  "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src,
+                                                  u32 src_bytes) {
+    cp_async_16_zfill_s(smem_addr(smem_dst), gmem_src, src_bytes);
 }
 
 // Closes the current group of cp.async copies, so a later wait can target it.
@@ -245,17 +243,20 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ldmatrix x4: four 8x8 b16 tiles from shared memory into the mma.sync fragment layout in one
 // instruction, instead of 8 scalar shared loads per thread.
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row_ptr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem_row_ptr)));
+// The NF4 code in bits [bit, bit+4) of `word` as a byte offset into a 16-float table: one shift
+// and one mask (`bit` is a constant after unrolling), no index scaling left for the load.
+__device__ __forceinline__ u32 nf4_code_offset(u32 word, int bit) {
+    return (bit >= 2 ? word >> (bit - 2) : word << (2 - bit)) & 0x3Cu;
 }
 
-// Same with a 32-bit shared address (precomputed per lane, see nf4_linear_mma).
+// `_s`: with a 32-bit shared address (precomputed per lane, see nf4_linear_mma).
 __device__ __forceinline__ void ldmatrix_x4_s(u32 (&r)[4], u32 smem_row_addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_row_addr));
+}
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row_ptr) {
+    ldmatrix_x4_s(r, smem_addr(smem_row_ptr));
 }
 
 // Transposing variant: loads row-major [k][n] tiles as the column-major B operand.

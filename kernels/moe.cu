@@ -176,14 +176,11 @@ __device__ __forceinline__ float nf4_absmax_finish(const Nf4Stats& s, Nf4RawAbsm
 
 // Decodes the two NF4 codes of one packed byte (bits [sh, sh+8) of `w`) into one register of two
 // halves: low half = even element (high nibble), high half = odd element (low nibble).
-// The nibbles are turned into byte offsets of the table directly (one shift and one mask each,
-// `sh` being a constant after unrolling), which leaves no index scaling for the loads.
 template <int DTYPE>
 __device__ __forceinline__ u32 nf4_pair(u32 w, int sh, float am, const float* lut) {
-    const u32 hi = (w >> (sh + 2)) & 0x3Cu;
-    const u32 lo = (sh >= 2 ? w >> (sh - 2) : w << (2 - sh)) & 0x3Cu;
-    const float v0 = __fmul_rn(*(const float*)((const u8*)lut + hi), am);
-    const float v1 = __fmul_rn(*(const float*)((const u8*)lut + lo), am);
+    const u8* t = (const u8*)lut;
+    const float v0 = __fmul_rn(*(const float*)(t + nf4_code_offset(w, sh + 4)), am);
+    const float v1 = __fmul_rn(*(const float*)(t + nf4_code_offset(w, sh)), am);
     return pack_half2<DTYPE>(v0, v1);
 }
 

@@ -731,11 +731,8 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     int wd_off[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) wd_off[q] = swz(wr, wh * 4 + q);
-    // Code c's table entry as a byte offset: the nibble shifted to bits 2..5 in one shift and
-    // one mask, with no index arithmetic left for the LDS.
     auto code_at = [&](u32 word, int bit) -> float {
-        const u32 off = (bit >= 2 ? word >> (bit - 2) : word << (2 - bit)) & 0x3Cu;
-        return *(const float*)((const u8*)lut + off);
+        return *(const float*)((const u8*)lut + nf4_code_offset(word, bit));
     };
     auto decode = [&](int stage, int buf, float am) {
         const u32x4 raw = *(const u32x4*)(Wp + stage * S::W_STAGE + wr * 32 + wh * 16);
