@@ -23,6 +23,8 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
+#   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on the q/k/v and o
+#               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
@@ -171,6 +173,20 @@ for step in "$@"; do
       for s in "" ${NF4_SPLITS:-1 2 4 8}; do
         GPTOSS_3090_NF4_SPLITS=$s python3 bench/sweep_nf4_mma.py --ms "${NF4_MS:-32,64,128}" \
           2>&1 | tee -a "$OUT/nf4_sweep.log"
+      done
+      ;;
+    nf4base)
+      # The linear on the q/k/v and o shapes with a baseline wheel (.gpu-wheel-base: its Rust
+      # launch choices and kernels) and then the carried wheel, same call.
+      mkdir -p /tmp/gp_base
+      pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+      for w in base head; do
+        gp=/tmp/gp
+        [ $w = base ] && gp=/tmp/gp_base
+        echo "-- wheel $w"
+        PYTHONPATH=$gp python3 bench/bench_nf4_linear.py --shapes 5760x2880,5120x2880,2880x4096,4096x2880 \
+          --ms "${NF4_MS:-32,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
+          --out "$OUT/nf4_wheel_$w.json" 2>&1 | tee "$OUT/nf4_wheel_$w.log" | grep -v "^wrote"
       done
       ;;
     nf4bench)

@@ -268,6 +268,15 @@ impl Tuning {
         }
     }
 
+    /// Shared memory of one SM (what resident blocks share; the runtime reserves 1 KB per block).
+    pub fn smem_per_sm(self) -> u32 {
+        match self {
+            Tuning::Sm80 => 164 * 1024,
+            Tuning::Sm86 => 100 * 1024,
+            Tuning::Sm90 => 228 * 1024,
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             Tuning::Sm80 => 1,

@@ -313,6 +313,14 @@ struct MmaConfig {
 }
 
 impl MmaConfig {
+    /// Blocks of this configuration that fit one SM by shared memory and threads, capped at
+    /// the tuning's target.
+    fn resident_blocks(&self, tuning: Tuning) -> u64 {
+        let by_smem = tuning.smem_per_sm() / (self.smem() + 1024);
+        let by_threads = 2048 / self.threads;
+        (by_smem.min(by_threads) as u64).min(target_blocks_per_sm(tuning))
+    }
+
     fn smem(&self) -> u32 {
         (self.stages * self.bm * 64 * 2
             + 2 * self.bn * 64 * 2
@@ -376,7 +384,8 @@ pub const DECODE_MAX_M: i64 = 16;
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
 ///
 /// Tensor-core launches whose grid would leave SMs idle split K over `gridDim.z` (each split at
-/// least 4 k-tiles, at most 8 splits, aiming at two blocks per SM); their fp32 partials go to a
+/// least 4 k-tiles, at most 8 splits, one wave of up to three blocks per SM, `auto_k_splits`);
+/// their fp32 partials go to a
 /// workspace that `nf4_linear_splitk_reduce` sums in order (deterministic).
 pub fn plan_linear(
     m: i64,
@@ -431,8 +440,7 @@ pub fn plan_linear(
     let sms = sm_count.max(1) as u64;
     let splits = match mma_splits_override()? {
         Some(forced) => (forced as u64).min(nkt),
-        None if tiles >= sms => 1,
-        None => ceil_div(2 * sms, tiles).min(8).min((nkt / 4).max(1)).max(1),
+        None => auto_k_splits(tiles, nkt, sms, c.resident_blocks(tuning)),
     };
     Ok(LinearPlan {
         entry: c.name,
@@ -446,6 +454,30 @@ pub fn plan_linear(
             0
         },
     })
+}
+
+/// Blocks per SM the automatic K split aims at: the session-7 sweep (H100, M = 32-128, the
+/// q/k/v and o shapes) found the `s4` tile fastest with as many splits as keep one wave of three
+/// blocks per SM (8 for 45 tiles, 4 for 80 or 90, 2 for 160); a 3090's SM holds two at most.
+fn target_blocks_per_sm(tuning: Tuning) -> u64 {
+    if tuning == Tuning::Sm86 {
+        2
+    } else {
+        3
+    }
+}
+
+/// K split of a tensor-core launch of `tiles` output tiles over `nkt` k tiles: the largest that
+/// keeps every block in one wave of `target_blocks_per_sm` (or what fits an SM, if fewer), but
+/// at least one block per SM, each split at least 4 k tiles, at most 8 splits.
+fn auto_k_splits(tiles: u64, nkt: u64, sms: u64, resident: u64) -> u64 {
+    let slots = resident.clamp(1, 3) * sms;
+    if tiles >= slots {
+        return 1;
+    }
+    let one_wave = slots / tiles;
+    let fill = ceil_div(sms, tiles);
+    one_wave.max(fill).min(8).min((nkt / 4).max(1)).max(1)
 }
 
 fn auto_mma_size(m: i64, n: i64, sm_count: u32) -> LinearPath {
@@ -854,12 +886,46 @@ mod tests {
         assert_eq!(p.grid, (45, 16, 1));
         let p = plan_linear(64, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_s4");
-        assert_eq!(p.splits, 3);
-        assert_eq!(p.grid, (90, 1, 3));
-        assert_eq!(p.workspace_floats, 3 * 64 * 5760);
+        assert_eq!(p.splits, 4);
+        assert_eq!(p.grid, (90, 1, 4));
+        assert_eq!(p.workspace_floats, 4 * 64 * 5760);
         let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
         assert_eq!((p.splits, p.workspace_floats), (1, 0));
         assert!(plan_linear(17, 64, 2880, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
+    }
+
+    #[test]
+    fn k_splits_keep_one_wave() {
+        let splits = |m, n, k, tuning| {
+            let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto)).unwrap();
+            (p.entry, p.splits)
+        };
+        // The session-7 sweep's fastest forced splits (H100): o at M = 64 (45 tiles) 8, q/k/v
+        // at M = 64 (80 tiles) 4 and at M = 128 (160 tiles) 2.
+        assert_eq!(
+            splits(64, 2880, 4096, Tuning::Sm90),
+            ("nf4_linear_mma_s4", 8)
+        );
+        assert_eq!(
+            splits(64, 5120, 2880, Tuning::Sm90),
+            ("nf4_linear_mma_s4", 4)
+        );
+        assert_eq!(
+            splits(128, 5120, 2880, Tuning::Sm90),
+            ("nf4_linear_mma_s4", 2)
+        );
+        assert_eq!(
+            splits(128, 2880, 4096, Tuning::Sm90),
+            ("nf4_linear_mma_s4", 4)
+        );
+        // Enough tiles for a full wave: no split.
+        assert_eq!(splits(2048, 5760, 2880, Tuning::Sm90).1, 1);
+        // A 3090's SM holds one `s4` block (59 KB of its 100 KB): one block per SM.
+        assert_eq!(auto_k_splits(45, 64, 82, 1), 2);
+        assert_eq!(splits(64, 2880, 4096, Tuning::Sm86).1, 3);
+        // Short K: every split keeps at least 4 k tiles.
+        assert_eq!(auto_k_splits(10, 8, 132, 3), 2);
+        assert_eq!(auto_k_splits(10, 2, 132, 3), 1);
         assert!(LinearPath::parse("bogus").is_err());
     }
 }
