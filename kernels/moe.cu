@@ -1314,82 +1314,6 @@ __device__ __forceinline__ void moe_str_stream(bool staged, const StrLane& l, in
                                              nmap, acc);
 }
 
-// What one streaming pass of moe_str needs besides the pass's own columns.
-template <bool UP>
-struct StrPass {
-    const MoeParams& p;
-    const StrLane& l;
-    const int* gpairs;  // grouped: the expert's pair list in ws_sorted, else null
-    const int* pairs;   // per-block routing: the expert's pairs in shared memory
-    const float* bias;  // the expert's bias
-    u16* xs;            // staged activation columns (p.str_xcols of them)
-    int jb, n, nkb, K, ks, kp, r0;
-    float am_off;
-    bool streams, active;
-
-    // The activations of the pair (token, k) m of this expert: the token's x (gate_up) or the
-    // pair's h (down).
-    __device__ __forceinline__ const u16* pair_x(int m) const {
-        const int pr = gpairs ? gpairs[m] : pairs[m];
-        return UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
-                  : (const u16*)p.ws_h + (long long)pr * p.I;
-    }
-};
-
-// One pass over the expert's rows for its pairs p0 .. p0 + live - 1 (live <= 8 * NT): stream,
-// reduce the K parts, and write h (gate_up, bias + SwiGLU-OAI) or the fp32 outputs (down).
-template <int DTYPE, bool UP, int NT, bool NESTED>
-__device__ __forceinline__ void moe_str_pass(const StrPass<UP>& s, int p0, int live, u8* smem,
-                                             const float* nmap) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    // Every warp of the block reads the same columns: a pass that fits stages them in shared
-    // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
-    const bool staged = live <= s.p.str_xcols;
-    StrStats st;
-    u8* ring = smem + (threadIdx.x >> 5) * (STR_DEPTH * STR_STAGE_STRIDE);
-    if (s.streams) str_prime<NESTED>(s.l, s.jb, s.n, s.nkb, ring, st);  // weights in flight first
-    if (staged) str_stage_x(s.xs, live, s.K, [&](int i) { return s.pair_x(p0 + i); });
-    const u16* src[NT];
-    u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int i = nt * 8 + g;
-        cols |= (i < live ? 1u : 0u) << nt;
-        // Lanes past the last column point at it (staged loads are not predicated).
-        src[nt] = staged ? s.xs + min(i, live - 1) * str_x_stride(s.K)
-                         : s.pair_x(p0 + min(i, live - 1));
-    }
-    float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    if (s.streams)
-        moe_str_stream<DTYPE, NT, NESTED>(staged, s.l, s.jb, s.n, s.nkb, s.am_off, smem, ring, st,
-                                          src, cols, nmap, acc);
-    str_reduce<NT>(smem, s.ks, acc);
-    if (staged && s.ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
-    if (s.kp != 0 || !s.active) return;
-    const int r0 = s.r0;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int i = nt * 8 + 2 * c + q;
-            if (i >= live) continue;
-            const long long pr = s.gpairs ? s.gpairs[p0 + i] : s.pairs[p0 + i];
-            if (UP) {
-                const int jp = r0 / 2 + g;  // gate/up pair: rows 2 jp, 2 jp + 1
-                const float hv = swiglu_oai(acc[nt][q] + s.bias[2 * jp],
-                                            acc[nt][2 + q] + s.bias[2 * jp + 1]);
-                ((u16*)s.p.ws_h)[pr * s.p.I + jp] = f32_to_half<DTYPE>(hv);
-            } else {
-                // fp32, so moe_combine rounds each token's sum once (as a fused combine)
-                float* o = (float*)s.p.ws_out + pr * s.p.H;
-                o[r0 + g] = acc[nt][q] + s.bias[r0 + g];
-                o[r0 + g + 8] = acc[nt][2 + q] + s.bias[r0 + g + 8];
-            }
-        }
-}
-
 template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
@@ -1417,6 +1341,7 @@ __device__ void moe_str(const MoeParams& p) {
     const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;
     const int ks = p.str_ks, groups = STR_WARPS / ks;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
     const int rg = warp / ks, kp = warp % ks;
     const int r0 = (blockIdx.x * groups + rg) * 16;  // first memory row of the warp's group
     const bool active = r0 < N;  // warp-uniform; N is a multiple of 16, so all 16 rows exist
@@ -1446,21 +1371,65 @@ __device__ void moe_str(const MoeParams& p) {
         l.nested = r.nested;
         am_off = r.offset;
     }
+    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+
+    // The activations of the pair (token, k) m of this expert: the token's x (gate_up) or the
+    // pair's h (down).
+    auto pair_x = [&](int m) -> const u16* {
+        const int pr = gpairs ? gpairs[m] : sh.pairs[m];
+        return UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
+                  : (const u16*)p.ws_h + (long long)pr * p.I;
+    };
     u16* xs = (u16*)(str_smem + STR_TABLE_BYTES);  // p.str_xcols staged columns
-    const bool streams = active && n > 0;  // warp-uniform
-    const StrPass<UP> pass{p, l, gpairs, sh.pairs, bias, xs, jb, n, nkb, K, ks, kp, r0, am_off,
-                           streams, active};
-    for (int p0 = 0; p0 < cnt;) {
-        // A pass with at most 8 pairs left runs the one-tile stream (an n2 kernel at 9-128
-        // tokens: most experts get fewer than 9 pairs there), which skips the second tile's
-        // activation loads and mma of columns that no pair fills.
+    for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
+        // Every warp of the block reads the same columns: a pass that fits stages them in shared
+        // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
         const int live = min(cnt - p0, 8 * NT);
-        if (NT > 1 && live <= 8)
-            moe_str_pass<DTYPE, UP, 1, NESTED>(pass, p0, live, str_smem, sh.nmap);
-        else
-            moe_str_pass<DTYPE, UP, NT, NESTED>(pass, p0, live, str_smem, sh.nmap);
-        p0 += live;
+        const bool staged = live <= p.str_xcols;
+        const bool streams = active && n > 0;  // warp-uniform
+        StrStats st;
+        if (streams) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
+        if (staged) str_stage_x(xs, live, K, [&](int i) { return pair_x(p0 + i); });
+        const u16* src[NT];
+        u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int i = nt * 8 + g;
+            cols |= (i < live ? 1u : 0u) << nt;
+            // Lanes past the last column point at it (staged loads are not predicated).
+            src[nt] = staged ? xs + min(i, live - 1) * str_x_stride(K)
+                             : pair_x(p0 + min(i, live - 1));
+        }
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        if (streams)
+            moe_str_stream<DTYPE, NT, NESTED>(staged, l, jb, n, nkb, am_off, str_smem, ring, st,
+                                              src, cols, sh.nmap, acc);
+        str_reduce<NT>(str_smem, ks, acc);
+        if (staged && ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
+        if (kp == 0 && active) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = p0 + nt * 8 + 2 * c + q;
+                    if (m >= cnt) continue;
+                    const long long pr = gpairs ? gpairs[m] : sh.pairs[m];
+                    if (UP) {
+                        const int jp = r0 / 2 + g;  // gate/up pair: rows 2 jp, 2 jp + 1
+                        const float hv = swiglu_oai(acc[nt][q] + bias[2 * jp],
+                                                    acc[nt][2 + q] + bias[2 * jp + 1]);
+                        ((u16*)p.ws_h)[pr * p.I + jp] = f32_to_half<DTYPE>(hv);
+                    } else {
+                        // fp32, so moe_combine rounds each token's sum once (as a fused combine)
+                        float* o = (float*)p.ws_out + pr * p.H;
+                        o[r0 + g] = acc[nt][q] + bias[r0 + g];
+                        o[r0 + g + 8] = acc[nt][2 + q] + bias[r0 + g + 8];
+                    }
+                }
+        }
     }
 }
 

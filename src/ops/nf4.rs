@@ -456,9 +456,8 @@ pub fn plan_linear(
     })
 }
 
-/// Blocks per SM the automatic K split aims at: the session-7 sweep (H100, M = 32-128, the
-/// q/k/v and o shapes) found the `s4` tile fastest with as many splits as keep one wave of three
-/// blocks per SM (8 for 45 tiles, 4 for 80 or 90, 2 for 160); a 3090's SM holds two at most.
+/// Blocks per SM the automatic K split counts on at most: three of the `s4` tile fit an H100 or
+/// A100 SM; a 3090's 100 KB SM holds fewer (`MmaConfig::resident_blocks`).
 fn target_blocks_per_sm(tuning: Tuning) -> u64 {
     if tuning == Tuning::Sm86 {
         2
@@ -467,17 +466,25 @@ fn target_blocks_per_sm(tuning: Tuning) -> u64 {
     }
 }
 
-/// K split of a tensor-core launch of `tiles` output tiles over `nkt` k tiles: the largest that
-/// keeps every block in one wave of `target_blocks_per_sm` (or what fits an SM, if fewer), but
-/// at least one block per SM, each split at least 4 k tiles, at most 8 splits.
+/// What a wave of blocks costs beyond its k tiles, in k tiles: filling the copy pipeline and
+/// the epilogue.
+const WAVE_OVERHEAD_K_TILES: u64 = 4;
+
+/// K split of a tensor-core launch of `tiles` output tiles over `nkt` k tiles, `resident`
+/// blocks per SM. A block at these sizes is latency-bound (one k tile takes about the same
+/// time whatever the SM's other blocks do), so the launch takes about waves x (k tiles per
+/// block + WAVE_OVERHEAD_K_TILES); the split minimising that wins, the smaller on a tie (less
+/// workspace traffic). The session-7 sweep's fastest forced splits (H100, `s4`, M = 32-128)
+/// are these: 8 for 45 tiles, 4 for 80 or 90, 2 for 160. Launches that fill every slot do not
+/// split; each split keeps at least 4 k tiles, and there are at most 8.
 fn auto_k_splits(tiles: u64, nkt: u64, sms: u64, resident: u64) -> u64 {
-    let slots = resident.clamp(1, 3) * sms;
+    let slots = resident.max(1) * sms;
     if tiles >= slots {
         return 1;
     }
-    let one_wave = slots / tiles;
-    let fill = ceil_div(sms, tiles);
-    one_wave.max(fill).min(8).min((nkt / 4).max(1)).max(1)
+    let most = (nkt / 4).clamp(1, 8);
+    let cost = |s: u64| ceil_div(tiles * s, slots) * (ceil_div(nkt, s) + WAVE_OVERHEAD_K_TILES);
+    (1..=most).min_by_key(|&s| (cost(s), s)).unwrap_or(1)
 }
 
 fn auto_mma_size(m: i64, n: i64, sm_count: u32) -> LinearPath {
@@ -895,7 +902,7 @@ mod tests {
     }
 
     #[test]
-    fn k_splits_keep_one_wave() {
+    fn k_splits_minimise_waves_times_k_tiles() {
         let splits = |m, n, k, tuning| {
             let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto)).unwrap();
             (p.entry, p.splits)
@@ -920,12 +927,20 @@ mod tests {
         );
         // Enough tiles for a full wave: no split.
         assert_eq!(splits(2048, 5760, 2880, Tuning::Sm90).1, 1);
-        // A 3090's SM holds one `s4` block (59 KB of its 100 KB): one block per SM.
-        assert_eq!(auto_k_splits(45, 64, 82, 1), 2);
-        assert_eq!(splits(64, 2880, 4096, Tuning::Sm86).1, 3);
+        assert_eq!(
+            splits(128, 5760, 2880, Tuning::Sm90),
+            ("nf4_linear_mma_s4", 2)
+        );
+        // A 3090's SM holds one `s4` block (59 KB of its 100 KB): 82 SMs, 45 tiles of 64 k
+        // tiles: 5 splits take 3 waves of 13 (+ 4) k tiles, 2 splits 2 waves of 32 (+ 4).
+        assert_eq!(auto_k_splits(45, 64, 82, 1), 5);
+        assert_eq!(splits(64, 2880, 4096, Tuning::Sm86).1, 5);
         // Short K: every split keeps at least 4 k tiles.
         assert_eq!(auto_k_splits(10, 8, 132, 3), 2);
         assert_eq!(auto_k_splits(10, 2, 132, 3), 1);
+        // Ties go to the smaller split: 100 slots, 36 tiles of 40 k tiles: 2 splits (one wave
+        // of 20 + 4) or 5 (two waves of 8 + 4).
+        assert_eq!(auto_k_splits(36, 40, 100, 1), 2);
         assert!(LinearPath::parse("bogus").is_err());
     }
 }
