@@ -383,10 +383,9 @@ pub const DECODE_MAX_M: i64 = 16;
 
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
 ///
-/// Tensor-core launches whose grid would leave SMs idle split K over `gridDim.z` (each split at
-/// least 4 k-tiles, at most 8 splits, one wave of up to three blocks per SM, `auto_k_splits`);
-/// their fp32 partials go to a
-/// workspace that `nf4_linear_splitk_reduce` sums in order (deterministic).
+/// Tensor-core launches whose grid would leave block slots idle split K over `gridDim.z` (the
+/// split that minimises waves x k tiles per block, `auto_k_splits`); their fp32 partials go to
+/// a workspace that `nf4_linear_splitk_reduce` sums in order (deterministic).
 pub fn plan_linear(
     m: i64,
     n: i64,

@@ -44,10 +44,11 @@ SMALL_BUDGET_BYTES = 30 * GiB
 SMALL_CAPTURE_MAX = 256
 #: Largest capture size on bigger budgets: vLLM's usual default rather than GPT-OSS's 1024.
 LARGE_CAPTURE_MAX = 512
-#: MoE tokens per call on a small budget / otherwise. The prefill GEMMs gain up to 8192 tokens
-#: per call (H100, m128s2: 1.02 us per token at 2048, 0.88 at 8192; 2048-token chunks cost the
-#: 23 GiB budget 0.94x stock prefill where 8192 gave 1.07x at 0.85 of the card, same sitting);
-#: 8192 tokens of scratch are 360 MiB, 16384 (vLLM's default batch, one call) 720 MiB.
+#: MoE tokens per call on a small budget / otherwise. The prefill GEMMs gain per token up to 8192
+#: tokens per call (H100, m128s2: 1.02 us per token at 2048, 0.88 at 8192); with 2048-token
+#: chunks the 23 GiB budget's prefill was 0.94x stock, with 8192 1.07x (bench/results/
+#: h100_2026-11-27_session8). Scratch: 90 MiB at 2048 tokens, 360 MiB at 8192, 720 MiB at 16384
+#: (vLLM's default tokens per step, so one call per step on large budgets).
 SMALL_MOE_CHUNK = 8192
 LARGE_MOE_CHUNK = 16384
 
