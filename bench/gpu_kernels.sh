@@ -23,6 +23,7 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
+#   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
 #   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on the q/k/v and o
 #               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
@@ -174,6 +175,10 @@ for step in "$@"; do
         GPTOSS_3090_NF4_SPLITS=$s python3 bench/sweep_nf4_mma.py --ms "${NF4_MS:-32,64,128}" \
           2>&1 | tee -a "$OUT/nf4_sweep.log"
       done
+      ;;
+    dram)
+      # The streaming MoE's weight order against a chunk-major order, reads only (Triton).
+      python3 bench/dram_pattern.py 2>&1 | tee "$OUT/dram_pattern.log"
       ;;
     nf4base)
       # The linear on the q/k/v and o shapes with a baseline wheel (.gpu-wheel-base: its Rust

@@ -1,0 +1,151 @@
+"""Diagnostic: the DRAM bandwidth of the streaming MoE's weight access order, without compute.
+
+The streaming kernels (``kernels/moe.cu``, ``moe_str_*``) read an expert's packed NF4 rows (K / 2
+bytes each) as 16-row groups, one 128-k chunk at a time: per warp and chunk, 16 pieces of 64
+bytes at a stride of one row. From 2 to 64 tokens they reach about 1.5 TB/s, half of copy
+bandwidth, and neither instruction count, L1 misses of the statistics nor the mma chain explains
+it (``docs/RUNTIME.md``). This script reads the same number of bytes with Triton in two orders:
+
+* ``rows``: the kernels' order (16 rows x ``--piece`` bytes per step, rows ``K / 2`` bytes apart);
+* ``chunk_major``: each group's step as one contiguous block (what a load-time repack would give);
+
+one warp per 16-row group, ``--stages`` steps in flight (Triton pipelines the loop with cp.async
+on sm_80+), and prints GB/s next to a device-to-device copy of the same buffer. If ``rows`` stays
+near the kernels' speed while ``chunk_major`` approaches the copy, the weight order is what
+holds them.
+
+    python3 bench/dram_pattern.py [--mb 265] [--row-bytes 1440] [--pieces 64,128,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 16
+
+
+@triton.jit
+def _read_groups(
+    w_ptr,
+    out_ptr,
+    row_words: tl.constexpr,
+    steps: tl.constexpr,
+    piece_words: tl.constexpr,
+    chunk_major: tl.constexpr,
+    stages: tl.constexpr,
+):
+    # One program = one 16-row group; XOR of everything read keeps the loads alive.
+    g = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, piece_words)[None, :]
+    acc = tl.zeros([16, piece_words], dtype=tl.int32)
+    group = g * 16 * row_words
+    for j in tl.range(0, steps, num_stages=stages):
+        if chunk_major:
+            offs = group + j * (16 * piece_words) + r * piece_words + c
+        else:
+            offs = group + r * row_words + j * piece_words + c
+        acc ^= tl.load(w_ptr + offs)
+    tl.store(out_ptr + g * (16 * piece_words) + r * piece_words + c, acc)
+
+
+def read_order(
+    words: torch.Tensor, row_words: int, piece_words: int, chunk_major: bool, stages: int
+) -> tuple[torch.Tensor, int]:
+    """Runs one read pass; returns the per-group XOR tiles and the bytes read."""
+    groups = words.numel() // (ROWS * row_words)
+    steps = row_words // piece_words
+    out = torch.empty(groups * ROWS * piece_words, dtype=torch.int32, device=words.device)
+    _read_groups[(groups,)](
+        words, out, row_words, steps, piece_words, chunk_major, stages, num_warps=1
+    )
+    return out, groups * ROWS * steps * piece_words * 4
+
+
+def expected_xor(words: torch.Tensor, row_words: int, piece_words: int, chunk_major: bool) -> int:
+    """XOR of exactly the words one pass reads (the check that each is read once)."""
+    groups = words.numel() // (ROWS * row_words)
+    steps = row_words // piece_words
+    g = words[: groups * ROWS * row_words].view(groups, ROWS * row_words)
+    if chunk_major:
+        region = g[:, : steps * ROWS * piece_words]
+    else:
+        region = g.view(groups, ROWS, row_words)[:, :, : steps * piece_words]
+    return _xor_all(region.reshape(-1))
+
+
+def _xor_all(t: torch.Tensor) -> int:
+    t = t.clone()
+    while t.numel() > 1:
+        if t.numel() % 2:
+            t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])
+        t = t[0::2] ^ t[1::2]
+    return int(t.item())
+
+
+def time_us(fn, reps: int) -> float:
+    """Median of `reps` CUDA-event timings of fn()."""
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=265, help="buffer size (265: one layer's gate_up)")
+    ap.add_argument("--row-bytes", type=int, default=1440, help="bytes per packed row (K / 2)")
+    ap.add_argument("--pieces", default="64,128,256", help="bytes per row per step")
+    ap.add_argument("--stages", type=int, default=4, help="steps in flight + 1")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("dram_pattern.py needs a CUDA GPU")
+    if args.row_bytes % 4:
+        raise SystemExit(f"--row-bytes {args.row_bytes}: expected a multiple of 4")
+    row_words = args.row_bytes // 4
+    rows = (args.mb << 20) // args.row_bytes // ROWS * ROWS
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (rows * row_words,), dtype=torch.int32, device="cuda"
+    )
+    dst = torch.empty_like(words)
+    copy_us = time_us(lambda: dst.copy_(words), args.reps)
+    copy_gbs = 2 * words.numel() * 4 / copy_us / 1e3
+    name = torch.cuda.get_device_name()
+    print(f"# {name}: {words.numel() * 4 / 2**20:.0f} MiB, rows of {args.row_bytes} B")
+    print(f"copy (read + write): {copy_us:9.1f} us  {copy_gbs:7.0f} GB/s")
+    for piece in (int(p) for p in args.pieces.split(",")):
+        if piece % 4 or piece > args.row_bytes or (piece // 4) & (piece // 4 - 1):
+            raise SystemExit(f"--pieces {piece}: expected a power-of-two multiple of 4 bytes")
+        for chunk_major in (False, True):
+            out, nbytes = read_order(words, row_words, piece // 4, chunk_major, args.stages)
+            got = _xor_all(out)
+            want = expected_xor(words, row_words, piece // 4, chunk_major)
+            order = "chunk_major" if chunk_major else "rows"
+            us = time_us(
+                lambda pw=piece // 4, cm=chunk_major: read_order(
+                    words, row_words, pw, cm, args.stages
+                ),
+                args.reps,
+            )
+            gbs = nbytes / us / 1e3
+            check = "ok" if got == want else "XOR MISMATCH"
+            print(
+                f"{order:>11} piece {piece:4d} B: {us:9.1f} us  {gbs:7.0f} GB/s  "
+                f"{gbs / copy_gbs:5.2f}x copy  ({check})"
+            )
+
+
+if __name__ == "__main__":
+    main()
