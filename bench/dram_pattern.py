@@ -15,6 +15,7 @@ near the kernels' speed while ``chunk_major`` approaches the copy, the weight or
 holds them.
 
     python3 bench/dram_pattern.py [--mb 265] [--row-bytes 1440] [--pieces 64,128,256]
+        [--stages 4] [--programs-per-sm 16]
 """
 
 from __future__ import annotations
@@ -33,36 +34,45 @@ ROWS = 16
 def _read_groups(
     w_ptr,
     out_ptr,
+    groups,
     row_words: tl.constexpr,
     steps: tl.constexpr,
     piece_words: tl.constexpr,
     chunk_major: tl.constexpr,
     stages: tl.constexpr,
 ):
-    # One program = one 16-row group; XOR of everything read keeps the loads alive.
-    g = tl.program_id(0).to(tl.int64)
+    # Program p reads 16-row groups p, p + grid, ... (one each without --programs-per-sm);
+    # XOR of everything read keeps the loads alive.
     r = tl.arange(0, 16)[:, None]
     c = tl.arange(0, piece_words)[None, :]
-    acc = tl.zeros([16, piece_words], dtype=tl.int32)
-    group = g * 16 * row_words
-    for j in tl.range(0, steps, num_stages=stages):
-        if chunk_major:
-            offs = group + j * (16 * piece_words) + r * piece_words + c
-        else:
-            offs = group + r * row_words + j * piece_words + c
-        acc ^= tl.load(w_ptr + offs)
-    tl.store(out_ptr + g * (16 * piece_words) + r * piece_words + c, acc)
+    for g in range(tl.program_id(0), groups, tl.num_programs(0)):
+        acc = tl.zeros([16, piece_words], dtype=tl.int32)
+        group = g * (16 * row_words)  # int32: --mb is capped below 8 GiB
+        for j in tl.range(0, steps, num_stages=stages):
+            if chunk_major:
+                offs = group + j * (16 * piece_words) + r * piece_words + c
+            else:
+                offs = group + r * row_words + j * piece_words + c
+            acc ^= tl.load(w_ptr + offs)
+        tl.store(out_ptr + g * (16 * piece_words) + r * piece_words + c, acc)
 
 
 def read_order(
-    words: torch.Tensor, row_words: int, piece_words: int, chunk_major: bool, stages: int
+    words: torch.Tensor,
+    row_words: int,
+    piece_words: int,
+    chunk_major: bool,
+    stages: int,
+    programs: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """Runs one read pass; returns the per-group XOR tiles and the bytes read."""
+    """Runs one read pass with `programs` programs (0: one per group); returns the per-group
+    XOR tiles and the bytes read."""
     groups = words.numel() // (ROWS * row_words)
     steps = row_words // piece_words
     out = torch.empty(groups * ROWS * piece_words, dtype=torch.int32, device=words.device)
-    _read_groups[(groups,)](
-        words, out, row_words, steps, piece_words, chunk_major, stages, num_warps=1
+    grid = (min(programs, groups) if programs > 0 else groups,)
+    _read_groups[grid](
+        words, out, groups, row_words, steps, piece_words, chunk_major, stages, num_warps=1
     )
     return out, groups * ROWS * steps * piece_words * 4
 
@@ -108,10 +118,19 @@ def main() -> None:
     ap.add_argument("--row-bytes", type=int, default=1440, help="bytes per packed row (K / 2)")
     ap.add_argument("--pieces", default="64,128,256", help="bytes per row per step")
     ap.add_argument("--stages", type=int, default=4, help="steps in flight + 1")
+    ap.add_argument(
+        "--programs-per-sm",
+        type=int,
+        default=0,
+        help="persistent one-warp programs per SM (16: the streaming kernels' 2 blocks x 8 "
+        "warps, so the same bytes in flight); 0 = one program per group",
+    )
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("dram_pattern.py needs a CUDA GPU")
+    if not 0 < args.mb < 8192:
+        raise SystemExit(f"--mb {args.mb}: expected 1 to 8191 (word offsets are 32-bit)")
     if args.row_bytes % 4:
         raise SystemExit(f"--row-bytes {args.row_bytes}: expected a multiple of 4")
     row_words = args.row_bytes // 4
@@ -122,20 +141,27 @@ def main() -> None:
     dst = torch.empty_like(words)
     copy_us = time_us(lambda: dst.copy_(words), args.reps)
     copy_gbs = 2 * words.numel() * 4 / copy_us / 1e3
+    programs = args.programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
     name = torch.cuda.get_device_name()
-    print(f"# {name}: {words.numel() * 4 / 2**20:.0f} MiB, rows of {args.row_bytes} B")
+    print(
+        f"# {name}: {words.numel() * 4 / 2**20:.0f} MiB, rows of {args.row_bytes} B, "
+        f"{args.stages} stages, "
+        + (f"{args.programs_per_sm} programs per SM" if programs else "one program per group")
+    )
     print(f"copy (read + write): {copy_us:9.1f} us  {copy_gbs:7.0f} GB/s")
     for piece in (int(p) for p in args.pieces.split(",")):
         if piece % 4 or piece > args.row_bytes or (piece // 4) & (piece // 4 - 1):
             raise SystemExit(f"--pieces {piece}: expected a power-of-two multiple of 4 bytes")
         for chunk_major in (False, True):
-            out, nbytes = read_order(words, row_words, piece // 4, chunk_major, args.stages)
+            out, nbytes = read_order(
+                words, row_words, piece // 4, chunk_major, args.stages, programs
+            )
             got = _xor_all(out)
             want = expected_xor(words, row_words, piece // 4, chunk_major)
             order = "chunk_major" if chunk_major else "rows"
             us = time_us(
                 lambda pw=piece // 4, cm=chunk_major: read_order(
-                    words, row_words, pw, cm, args.stages
+                    words, row_words, pw, cm, args.stages, programs
                 ),
                 args.reps,
             )

@@ -177,8 +177,13 @@ for step in "$@"; do
       done
       ;;
     dram)
-      # The streaming MoE's weight order against a chunk-major order, reads only (Triton).
-      python3 bench/dram_pattern.py 2>&1 | tee "$OUT/dram_pattern.log"
+      # The streaming MoE's weight order against a chunk-major order, reads only (Triton): one
+      # program per group, then 16 persistent warps per SM (the kernels' bytes in flight) with
+      # 4 and 8 stages.
+      for opts in "" "--programs-per-sm 16" "--programs-per-sm 16 --stages 8"; do
+        # shellcheck disable=SC2086  # $opts is a list of options
+        python3 bench/dram_pattern.py $opts 2>&1 | tee -a "$OUT/dram_pattern.log"
+      done
       ;;
     nf4base)
       # The linear on the q/k/v and o shapes with a baseline wheel (.gpu-wheel-base: its Rust
