@@ -192,6 +192,25 @@ def bf16_reference(ws: list[tuple[torch.Tensor, ...]], tokens: int) -> Callable[
     return run
 
 
+def check_chunk_major(layers: list[M.MoeLayerWeights], dev: torch.device) -> None:
+    """Reorders every layer's packed experts chunk-major in place (M.chunk_major_packed), then
+    checks the first layer at 64 tokens against the fp32 reference of the row-order weights
+    (computed before the reorder): kernels that read another order give garbage."""
+    g = torch.Generator(device=dev).manual_seed(7)
+    x = torch.randn(64, H, device=dev, generator=g).to(torch.bfloat16)
+    (tw, ti), = given_routes([torch.randn(64, E, device=dev, generator=g)])
+    want, _, _ = M.reference_forward(x, layers[0], topk_ids=ti, topk_weights=tw)
+    for w in layers:
+        for t, pairs in ((w.gate_up, True), (w.down, False)):
+            _, n, k = t.shape
+            t.packed.copy_(M.chunk_major_packed(t.packed, n, k, pairs))
+    got = M.moe(x, layers[0], topk_ids=ti, topk_weights=tw).float()
+    err = float((got - want).norm() / want.norm())
+    print(f"chunk-major weights: rel err {err:.2e} vs the fp32 reference at 64 tokens")
+    if not err <= 1e-2:
+        raise SystemExit("chunk-major check failed: are the kernels built with STR_CHUNK_MAJOR?")
+
+
 def marlin_mxfp4(
     tokens: int, n_layers: int, dev: torch.device, graph_max_tokens: int = 128
 ) -> Callable[[], None] | str:
@@ -295,6 +314,13 @@ def main() -> None:
         help="given: precomputed top-k, as vLLM serves and as Marlin gets it (default); "
         "logits: our kernels route from the router logits",
     )
+    ap.add_argument(
+        "--weights-order",
+        choices=("rows", "chunks"),
+        default="rows",
+        help="rows: bitsandbytes' order (the default kernels); chunks: chunk-major, only for "
+        "streaming kernels built with STR_CHUNK_MAJOR (GPTOSS_3090_KERNEL_DIR), up to 128 tokens",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     tokens = [int(t) for t in args.tokens.split(",") if t]
@@ -305,6 +331,8 @@ def main() -> None:
         gu = random_nf4(E, 2 * I, H, 10 * li + 1, dev)
         dn = random_nf4(E, H, I, 10 * li + 2, dev)
         layers.append(M.MoeLayerWeights(gu, dn, M._dynamic_map_signed().to(dev), top_k=TOPK))
+    if args.weights_order == "chunks":
+        check_chunk_major(layers, dev)
     per_expert = expert_bytes(layers[0])
     copy_gbs = copy_bandwidth(dev)
     card = torch.cuda.get_device_name(dev)

@@ -16,6 +16,8 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
+#   moechunks   bench_moe.py up to 128 tokens: the default kernels, then the streaming kernels
+#               built with STR_CHUNK_MAJOR on chunk-major weights (--weights-order chunks)
 #   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
 #   moeks       bench_moe.py at KS_TOKENS (default 1,4,16,64) with each forced K split, then
 #               the automatic split
@@ -110,6 +112,20 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
           --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
           | tee "$OUT/nf4_variant_$v.log" | grep -v "^wrote"
+      done
+      ;;
+    moechunks)
+      # Streaming kernels reading chunk-major weights (this tree's kernels with STR_CHUNK_MAJOR)
+      # against the default kernels on row-order weights, same call (up to 128 tokens).
+      rm -rf /tmp/kchunks && mkdir -p /tmp/kchunks && cp kernels/*.cu kernels/common.cuh /tmp/kchunks/
+      sed -i '1i #define STR_CHUNK_MAJOR 1' /tmp/kchunks/moe.cu
+      for order in rows chunks; do
+        dir=""
+        [ $order = chunks ] && dir=/tmp/kchunks
+        echo "-- weights in $order order"
+        GPTOSS_3090_KERNEL_DIR=$dir bench_moe "order_$order" \
+          --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" --tunings auto --no-baselines \
+          --weights-order $order
       done
       ;;
     moegemm)

@@ -446,10 +446,26 @@ __device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
 }
 
 // Per-lane addressing of one warp's stream, fixed for the whole stream.
+// Weight byte order the streaming kernels of a translation unit read. Rows (the default):
+// bitsandbytes' row-major order, chunk j of a row at byte 64 j. STR_CHUNK_MAJOR (defined before
+// including this header): each 16-row group's chunk j is 1 KB contiguous, [fragment row][64 B],
+// and a final half chunk (K / 64 odd) 512 bytes, [fragment row][32 B]; see
+// bench/bench_moe.py --weights-order chunks. bench/dram_pattern.py read the row order at 0.55x
+// of copy bandwidth on the H100 and the chunk-major order at 0.75x, with no compute.
+#ifdef STR_CHUNK_MAJOR
+#define STR_CHUNK_STEP 1024
+#else
+#define STR_CHUNK_STEP 64
+#endif
+
 struct StrLane {
     const u8* src[2];  // this lane's two 16-byte pieces of chunk 0
     int dst[2];        // their offsets in a stage
     bool hi[2];        // the piece lies in the chunk's second 64-k block
+#ifdef STR_CHUNK_MAJOR
+    int half_back[2];  // chunk-major: the final half chunk packs 32 B per row, so the piece of
+                       // fragment row fr sits 32 fr bytes before where a full chunk's would
+#endif
     const u8* amb;     // this lane's statistic of chunk 0: u8 code (nested) or f32
     const float* nested;
     int blk0;          // block index of that statistic (nested: selects the nested absmax)
@@ -462,8 +478,14 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
                                           u32& am_raw, float& am_scale) {
     const bool second = 2 * j + 1 < nkb;  // warp-uniform
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
-        cp_async_16_zfill(stage + l.dst[q], l.src[q] + 64 * j, (second || !l.hi[q]) ? 16u : 0u);
+    for (int q = 0; q < 2; ++q) {
+#ifdef STR_CHUNK_MAJOR
+        const u8* src = l.src[q] + STR_CHUNK_STEP * j - (second ? 0 : l.half_back[q]);
+#else
+        const u8* src = l.src[q] + STR_CHUNK_STEP * j;
+#endif
+        cp_async_16_zfill(stage + l.dst[q], src, (second || !l.hi[q]) ? 16u : 0u);
+    }
     const bool oka = second || !(threadIdx.x & 1);
     if (NESTED) {
         am_raw = ld_nc_u8_if(l.amb + 2 * j, oka);

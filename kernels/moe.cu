@@ -1356,8 +1356,15 @@ __device__ void moe_str(const MoeParams& p) {
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
             const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+#ifdef STR_CHUNK_MAJOR
+            // The group's bytes start where its first row's would; inside, fragment row order.
+            const int gr = active ? r0 : 0;
+            l.src[q] = packed + (long long)gr * krow + 64 * fr + 16 * c4;
+            l.half_back[q] = 32 * fr;
+#else
             const int mr = active ? str_mem_row<UP>(r0, fr) : 0;
             l.src[q] = packed + (long long)mr * krow + 16 * c4;
+#endif
             l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
             l.hi[q] = (c4 >> 1) != 0;
         }

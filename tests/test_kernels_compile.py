@@ -159,3 +159,14 @@ def test_tuning_override_round_trip():
         runtime.set_tuning("sm75")
     with pytest.raises(ValueError):
         runtime.set_linear_strategy("fastest")
+
+
+@pytest.mark.parametrize("arch", ["sm_86", "sm_90"])
+def test_chunk_major_streaming_variant_compiles(arch):
+    # The experimental STR_CHUNK_MAJOR build of the MoE kernels (bench_moe.py --weights-order
+    # chunks, gpu_kernels.sh moechunks) must keep compiling with the default one.
+    _nvrtc_or_skip()
+    src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source("moe")
+    cubin = _native.compile_source(src, arch, "moe")
+    assert cubin[:4] == b"\x7fELF"
+    assert b"moe_str_up_n1_bf16" in cubin

@@ -263,3 +263,34 @@ def test_from_fused_tiny_checkpoint_is_exact(tmp_path, nested: bool) -> None:
         assert torch.equal(w.gate_up.dequantize(e, torch.bfloat16), gu.dequantize(e))
         assert torch.equal(w.down.dequantize(e, torch.bfloat16), dn.dequantize(e))
     assert torch.equal(w.gate_up.bias, gu.bias.float())
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+@pytest.mark.parametrize("k", [128, 192])
+def test_chunk_major_order_matches_the_kernel_addressing(gate_up: bool, k: int) -> None:
+    # Emulates moe_str's STR_CHUNK_MAJOR copy addresses (kernels/moe.cu, common.cuh str_issue):
+    # each lane piece (fragment row fr, 16-byte piece c4) of chunk j must hold the row-order
+    # bytes of memory row str_mem_row(fr), k bytes [64 j + 16 c4, +16).
+    e, n = 2, 32
+    row = k // 2
+    packed = torch.randint(0, 256, (e, n * row), dtype=torch.uint8)
+    cm = M.chunk_major_packed(packed, n, k, gate_up)
+    assert cm.shape == packed.shape
+    nkb = k // 64
+    for ex in range(e):
+        for r0 in range(0, n, 16):
+            for j in range((nkb + 1) // 2):
+                second = 2 * j + 1 < nkb
+                for fr in range(16):
+                    mr = r0 + (2 * (fr & 7) + (fr >> 3) if gate_up else fr)
+                    for c4 in range(4 if second else 2):
+                        src = r0 * row + 64 * fr + 16 * c4 + 1024 * j - (0 if second else 32 * fr)
+                        want = packed[ex, mr * row + 64 * j + 16 * c4 :][:16]
+                        assert torch.equal(cm[ex, src : src + 16], want), (ex, r0, j, fr, c4)
+
+
+def test_chunk_major_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="N % 16"):
+        M.chunk_major_packed(torch.zeros(1, 8 * 64, dtype=torch.uint8), 8, 128, False)
+    with pytest.raises(ValueError, match="packed: expected uint8"):
+        M.chunk_major_packed(torch.zeros(1, 10, dtype=torch.uint8), 16, 128, False)

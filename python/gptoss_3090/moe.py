@@ -298,6 +298,34 @@ class MoeLayerWeights:
 # ---------------------------------------------------------------------------------------------
 
 
+def chunk_major_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
+    """Experimental: packed NF4 experts ``[E, N * K / 2]`` reordered for streaming kernels built
+    with ``STR_CHUNK_MAJOR`` (kernels/common.cuh; not the default kernels).
+
+    Per 16-row group (its bytes stay where they were), each 128-k chunk becomes 1 KB contiguous,
+    ``[fragment row][64 B]``, and a final half chunk (``K / 64`` odd) 512 bytes,
+    ``[fragment row][32 B]``. Fragment row ``f`` is memory row ``f`` of the group, or with
+    ``gate_up_pairs`` (gate/up interleaved rows) memory row ``2 (f % 8) + f // 8``, as the
+    kernels' ``str_mem_row``. Same bytes, same size; returns a new tensor.
+    """
+    if n % 16 or k % 64:
+        raise ValueError(f"chunk-major order needs N % 16 == 0 and K % 64 == 0, found {n}x{k}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != n * k // 2:
+        raise ValueError(
+            f"packed: expected uint8 [E, {n * k // 2}], found {packed.dtype} {list(packed.shape)}"
+        )
+    e, row = packed.shape[0], k // 2
+    full, half = row // 64, row % 64
+    frag = torch.arange(16, device=packed.device)
+    mem = 2 * (frag % 8) + frag // 8 if gate_up_pairs else frag
+    rows = packed.view(e, n // 16, 16, row)[:, :, mem, :]  # [E, G, fragment row, bytes]
+    body = rows[..., : full * 64].reshape(e, n // 16, 16, full, 64).permute(0, 1, 3, 2, 4)
+    parts = [body.reshape(e, n // 16, full * 1024)]
+    if half:
+        parts.append(rows[..., full * 64 :].reshape(e, n // 16, 16 * half))
+    return torch.cat(parts, dim=-1).reshape(e, n * row).contiguous()
+
+
 def moe_workspace_bytes(
     tokens: int, hidden: int, intermediate: int, experts: int, top_k: int
 ) -> int:
