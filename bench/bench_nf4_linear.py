@@ -187,6 +187,25 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     }
 
 
+def check_chunk_major(base, n: int, k: int) -> None:
+    """Reorders ``base``'s packed bytes chunk-major in place (gptoss_3090.moe.chunk_major_packed)
+    and checks the streaming path (M = 4) against the dequantized row-order weight: only kernels
+    built with STR_CHUNK_MAJOR read that order."""
+    from gptoss_3090 import ops
+    from gptoss_3090.moe import chunk_major_packed
+
+    want_w = base.dequantize().float()
+    x = torch.randn(4, k, dtype=torch.bfloat16, device="cuda")
+    flat = base.packed.view(1, -1)
+    flat.copy_(chunk_major_packed(flat, n, k, gate_up_pairs=False))
+    got = ops.nf4_linear(x, base, None, path="auto").float()
+    want = x.float() @ want_w.T
+    err = float((got - want).norm() / want.norm())
+    print(f"# chunk-major weights {n}x{k}: rel err {err:.2e} at M = 4")
+    if not err <= 1e-2:
+        raise SystemExit("chunk-major check failed: are the kernels built with STR_CHUNK_MAJOR?")
+
+
 def nf4_copies(base, l2: int) -> list:
     """``base`` (a nested :class:`Nf4Weight`) plus clones, together more than 4x L2, so that
     rotating through them times DRAM, not L2."""
@@ -214,6 +233,8 @@ def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, fi
     dtype = torch.bfloat16
     l2 = ctx["l2"]
     base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
+    if ctx["args"].weights_order == "chunks":
+        check_chunk_major(base, n, k)
     nf4 = nf4_copies(base, l2)
     copies = len(nf4)
     wd = base.dequantize()
@@ -260,6 +281,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7, help="graph replays (median)")
     ap.add_argument("--quick", action="store_true", help="fewer calls and replays")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    ap.add_argument(
+        "--weights-order",
+        choices=("rows", "chunks"),
+        default="rows",
+        help="rows: bitsandbytes' order (the default kernels); chunks: chunk-major, for the "
+        "streaming kernels (M <= 16) built with STR_CHUNK_MAJOR (GPTOSS_3090_KERNEL_DIR); the "
+        "other paths then read garbage",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to benchmark", file=sys.stderr)

@@ -18,6 +18,8 @@
 #               .gpu-variants/ (carry .gpu-variants too)
 #   moechunks   bench_moe.py up to 128 tokens: the default kernels, then the streaming kernels
 #               built with STR_CHUNK_MAJOR on chunk-major weights (--weights-order chunks)
+#   nf4chunks   bench_nf4_linear.py at M = 1, 4, 16: the default kernels, then the streaming
+#               kernels built with STR_CHUNK_MAJOR on chunk-major weights
 #   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
 #   moeks       bench_moe.py at KS_TOKENS (default 1,4,16,64) with each forced K split, then
 #               the automatic split
@@ -70,6 +72,13 @@ ncu_sass() {
   python3 bench/ncu_sass_summary.py "$rep.csv" > "$rep.summary.txt" 2>&1
 }
 
+# Kernel sources of this tree built with STR_CHUNK_MAJOR (chunk-major weights in the streaming
+# kernels of the MoE and the linear), in /tmp/kchunks for GPTOSS_3090_KERNEL_DIR.
+chunk_kernels() {
+  rm -rf /tmp/kchunks && mkdir -p /tmp/kchunks && cp kernels/*.cu kernels/common.cuh /tmp/kchunks/
+  sed -i '1i #define STR_CHUNK_MAJOR 1' /tmp/kchunks/moe.cu /tmp/kchunks/nf4.cu
+}
+
 for step in "$@"; do
   echo "== $step ($(date -u +%T))"
   case $step in
@@ -117,8 +126,7 @@ for step in "$@"; do
     moechunks)
       # Streaming kernels reading chunk-major weights (this tree's kernels with STR_CHUNK_MAJOR)
       # against the default kernels on row-order weights, same call (up to 128 tokens).
-      rm -rf /tmp/kchunks && mkdir -p /tmp/kchunks && cp kernels/*.cu kernels/common.cuh /tmp/kchunks/
-      sed -i '1i #define STR_CHUNK_MAJOR 1' /tmp/kchunks/moe.cu
+      chunk_kernels
       for order in rows chunks; do
         dir=""
         [ $order = chunks ] && dir=/tmp/kchunks
@@ -126,6 +134,19 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$dir bench_moe "order_$order" \
           --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" --tunings auto --no-baselines \
           --weights-order $order
+      done
+      ;;
+    nf4chunks)
+      # The same for the NF4 linear's streaming kernels (M <= 16).
+      chunk_kernels
+      for order in rows chunks; do
+        dir=""
+        [ $order = chunks ] && dir=/tmp/kchunks
+        echo "-- weights in $order order"
+        GPTOSS_3090_KERNEL_DIR=$dir python3 bench/bench_nf4_linear.py \
+          --shapes 5760x2880,4096x2880,2880x4096 --ms 1,4,16 --tunings auto,sm86 --no-bnb \
+          --weights-order $order --out "$OUT/nf4_order_$order.json" 2>&1 \
+          | tee "$OUT/nf4_order_$order.log" | grep -v "^wrote"
       done
       ;;
     moegemm)

@@ -271,7 +271,14 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
         const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+#ifdef STR_CHUNK_MAJOR
+        // Benchmark build (bench_nf4_linear.py --weights-order chunks): the segment's 16-row
+        // groups chunk-major from its first row (segments start at multiples of 16 rows).
+        l.src[q] = v.packed + (long long)local * krow + 64 * fr + 16 * c4;
+        l.half_back[q] = 32 * fr;
+#else
         l.src[q] = v.packed + (long long)(local + fr) * krow + 16 * c4;
+#endif
         l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
         l.hi[q] = (c4 >> 1) != 0;
     }

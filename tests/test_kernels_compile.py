@@ -161,12 +161,14 @@ def test_tuning_override_round_trip():
         runtime.set_linear_strategy("fastest")
 
 
-@pytest.mark.parametrize("arch", ["sm_86", "sm_90"])
-def test_chunk_major_streaming_variant_compiles(arch):
-    # The experimental STR_CHUNK_MAJOR build of the MoE kernels (bench_moe.py --weights-order
-    # chunks, gpu_kernels.sh moechunks) must keep compiling with the default one.
+@pytest.mark.parametrize(("family", "entry"), [("moe", b"moe_str_up_n1_bf16"),
+                                               ("nf4", b"nf4_linear_str_n1_bf16")])  # fmt: skip
+def test_chunk_major_streaming_variant_compiles(family, entry):
+    # The experimental STR_CHUNK_MAJOR build of the streaming kernels (--weights-order chunks
+    # of bench_moe.py / bench_nf4_linear.py, gpu_kernels.sh moechunks / nf4chunks) must keep
+    # compiling with the default one.
     _nvrtc_or_skip()
-    src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source("moe")
-    cubin = _native.compile_source(src, arch, "moe")
+    src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source(family)
+    cubin = _native.compile_source(src, "sm_90", family)
     assert cubin[:4] == b"\x7fELF"
-    assert b"moe_str_up_n1_bf16" in cubin
+    assert entry in cubin
