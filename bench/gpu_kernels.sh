@@ -16,8 +16,8 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
-#   moechunks   bench_moe.py up to 128 tokens: the default kernels, then the streaming kernels
-#               built with STR_CHUNK_MAJOR on chunk-major weights (--weights-order chunks)
+#   moechunks   bench_moe.py: the default kernels, then the MoE kernels built with
+#               STR_CHUNK_MAJOR on chunk-major weights (--weights-order chunks)
 #   nf4chunks   bench_nf4_linear.py at M = 1, 4, 16: the default kernels, then the streaming
 #               kernels built with STR_CHUNK_MAJOR on chunk-major weights
 #   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
@@ -124,16 +124,16 @@ for step in "$@"; do
       done
       ;;
     moechunks)
-      # Streaming kernels reading chunk-major weights (this tree's kernels with STR_CHUNK_MAJOR)
-      # against the default kernels on row-order weights, same call (up to 128 tokens).
+      # The MoE kernels reading chunk-major weights (this tree's kernels with STR_CHUNK_MAJOR:
+      # streaming and tiled GEMM) against the default kernels on row-order weights, same call.
       chunk_kernels
       for order in rows chunks; do
         dir=""
         [ $order = chunks ] && dir=/tmp/kchunks
         echo "-- weights in $order order"
         GPTOSS_3090_KERNEL_DIR=$dir bench_moe "order_$order" \
-          --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" --tunings auto --no-baselines \
-          --weights-order $order
+          --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128,512,2048,8192}" --tunings auto \
+          --no-baselines --weights-order $order
       done
       ;;
     nf4chunks)

@@ -1528,7 +1528,20 @@ __device__ void moe_gemm(const MoeParams& p) {
     const u32 a_dst0 = smem_addr(sA) + 2 * ((tid >> 3) * GEMM_LD + (tid & 7) * 8);
     const int bn = tid >> 1, bq = tid & 1;
     const bool b_ok = n_base + bn < N;
+#ifdef STR_CHUNK_MAJOR
+    // Benchmark build: the 16-row group's chunk kt / 2 (1 KB, fragment rows of 64 B; the final
+    // half chunk 32 B per row) holds this row's bytes of k tile kt at 64 fr + 32 (kt & 1).
+    const int b_row = b_ok ? n_base + bn : 0, b_mr = b_row & 15;
+    const int b_fr = UP ? (b_mr >> 1) + 8 * (b_mr & 1) : b_mr;  // inverse of str_mem_row
+    const u8* b_src = packed + (long long)(b_row - b_mr) * (K / 2) + 64 * b_fr + bq * 16;
+    const int b_full = K / 128;  // full chunks; k tile 2 b_full is the half chunk, if any
+    auto b_tile = [&](int kt) {
+        return b_src + (kt >> 1) * 1024 + (kt & 1) * 32 - ((kt >> 1) == b_full ? 32 * b_fr : 0);
+    };
+#else
     const u8* b_src = b_ok ? packed + (long long)(n_base + bn) * (K / 2) + bq * 16 : packed;
+    auto b_tile = [&](int kt) { return b_src + kt * (GEMM_BK / 2); };
+#endif
     const u32 b_dst0 = smem_addr(sP) + bn * (GEMM_BK / 2) + bq * 16;
     auto load_tile = [&](int kt, int stage) {
         const u32 a_dst = a_dst0 + stage * (BM * GEMM_LD * 2);
@@ -1538,7 +1551,7 @@ __device__ void moe_gemm(const MoeParams& p) {
                                 (a_ok >> j) & 1u ? a_src[j] + kt * GEMM_BK : a_src[j],
                                 (a_ok >> j) & 1u ? 16u : 0u);
         cp_async_16_zfill_s(b_dst0 + stage * (GEMM_BN * (GEMM_BK / 2)),
-                            b_ok ? b_src + kt * (GEMM_BK / 2) : b_src, b_ok ? 16u : 0u);
+                            b_ok ? b_tile(kt) : b_src, b_ok ? 16u : 0u);
     };
 
     // The decoding thread's row/half and its absmax prefetch (register double buffer).

@@ -294,3 +294,24 @@ def test_chunk_major_rejects_bad_shapes() -> None:
         M.chunk_major_packed(torch.zeros(1, 8 * 64, dtype=torch.uint8), 8, 128, False)
     with pytest.raises(ValueError, match="packed: expected uint8"):
         M.chunk_major_packed(torch.zeros(1, 10, dtype=torch.uint8), 16, 128, False)
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+@pytest.mark.parametrize("k", [128, 192])
+def test_chunk_major_order_matches_the_gemm_addressing(gate_up: bool, k: int) -> None:
+    # Emulates moe_gemm's STR_CHUNK_MAJOR B-tile copies (kernels/moe.cu, b_tile): thread piece
+    # bq of row r in k tile kt must read the row-order bytes [32 kt + 16 bq, +16) of row r.
+    e, n = 1, 32
+    row = k // 2
+    packed = torch.randint(0, 256, (e, n * row), dtype=torch.uint8)
+    cm = M.chunk_major_packed(packed, n, k, gate_up)
+    full = k // 128
+    for r in range(n):
+        mr = r & 15
+        fr = (mr >> 1) + 8 * (mr & 1) if gate_up else mr
+        for kt in range(k // 64):
+            for bq in range(2):
+                src = (r - mr) * row + 64 * fr + 16 * bq
+                src += (kt >> 1) * 1024 + (kt & 1) * 32 - (32 * fr if (kt >> 1) == full else 0)
+                want = packed[0, r * row + 32 * kt + 16 * bq :][:16]
+                assert torch.equal(cm[0, src : src + 16], want), (r, kt, bq)

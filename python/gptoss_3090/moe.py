@@ -299,8 +299,8 @@ class MoeLayerWeights:
 
 
 def chunk_major_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
-    """Experimental: packed NF4 experts ``[E, N * K / 2]`` reordered for streaming kernels built
-    with ``STR_CHUNK_MAJOR`` (kernels/common.cuh; not the default kernels).
+    """Experimental: packed NF4 experts ``[E, N * K / 2]`` reordered for the streaming kernels
+    and tiled GEMMs built with ``STR_CHUNK_MAJOR`` (kernels/common.cuh; not the default build).
 
     Per 16-row group (its bytes stay where they were), each 128-k chunk becomes 1 KB contiguous,
     ``[fragment row][64 B]``, and a final half chunk (``K / 64`` odd) 512 bytes,
