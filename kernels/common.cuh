@@ -445,7 +445,6 @@ __device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
     return *(const u32*)(table + __byte_perm(w, lane4, 0x5504 | (SEL << 4)));
 }
 
-// Per-lane addressing of one warp's stream, fixed for the whole stream.
 // Weight byte order the streaming kernels of a translation unit read. Rows (the default):
 // bitsandbytes' row-major order, chunk j of a row at byte 64 j. STR_CHUNK_MAJOR (defined before
 // including this header): each 16-row group's chunk j is 1 KB contiguous, [fragment row][64 B],
@@ -458,6 +457,7 @@ __device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
 #define STR_CHUNK_STEP 64
 #endif
 
+// Per-lane addressing of one warp's stream, fixed for the whole stream.
 struct StrLane {
     const u8* src[2];  // this lane's two 16-byte pieces of chunk 0
     int dst[2];        // their offsets in a stage
