@@ -21,11 +21,15 @@ holds them.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_moe import time_fn  # noqa: E402
 
 ROWS = 16
 
@@ -98,20 +102,6 @@ def _xor_all(t: torch.Tensor) -> int:
     return int(t.item())
 
 
-def time_us(fn, reps: int) -> float:
-    """Median of `reps` CUDA-event timings of fn()."""
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=265, help="buffer size (265: one layer's gate_up)")
@@ -127,19 +117,24 @@ def main() -> None:
     )
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("dram_pattern.py needs a CUDA GPU")
+    if args.stages < 1 or args.reps < 1 or args.programs_per_sm < 0:
+        raise SystemExit(
+            f"--stages {args.stages}, --reps {args.reps}, --programs-per-sm "
+            f"{args.programs_per_sm}: expected >= 1, >= 1 and >= 0"
+        )
     if not 0 < args.mb < 8192:
         raise SystemExit(f"--mb {args.mb}: expected 1 to 8191 (word offsets are 32-bit)")
     if args.row_bytes % 4:
         raise SystemExit(f"--row-bytes {args.row_bytes}: expected a multiple of 4")
+    if not torch.cuda.is_available():
+        raise SystemExit("dram_pattern.py needs a CUDA GPU")
     row_words = args.row_bytes // 4
     rows = (args.mb << 20) // args.row_bytes // ROWS * ROWS
     words = torch.randint(
         -(2**31), 2**31 - 1, (rows * row_words,), dtype=torch.int32, device="cuda"
     )
     dst = torch.empty_like(words)
-    copy_us = time_us(lambda: dst.copy_(words), args.reps)
+    copy_us = time_fn(lambda: dst.copy_(words), args.reps) * 1e3
     copy_gbs = 2 * words.numel() * 4 / copy_us / 1e3
     programs = args.programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
     name = torch.cuda.get_device_name()
@@ -159,7 +154,7 @@ def main() -> None:
             got = _xor_all(out)
             want = expected_xor(words, row_words, piece // 4, chunk_major)
             order = "chunk_major" if chunk_major else "rows"
-            us = time_us(
+            us = 1e3 * time_fn(
                 lambda pw=piece // 4, cm=chunk_major: read_order(
                     words, row_words, pw, cm, args.stages, programs
                 ),

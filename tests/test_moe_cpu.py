@@ -265,17 +265,22 @@ def test_from_fused_tiny_checkpoint_is_exact(tmp_path, nested: bool) -> None:
     assert torch.equal(w.gate_up.bias, gu.bias.float())
 
 
+def _row_and_chunk_major(e: int, n: int, k: int, gate_up: bool) -> tuple[torch.Tensor, ...]:
+    """Random packed experts [e, n * k / 2] and their chunk-major reorder (same shape)."""
+    packed = torch.randint(0, 256, (e, n * k // 2), dtype=torch.uint8)
+    cm = M.chunk_major_packed(packed, n, k, gate_up)
+    assert cm.shape == packed.shape
+    return packed, cm
+
+
 @pytest.mark.parametrize("gate_up", [True, False])
 @pytest.mark.parametrize("k", [128, 192])
 def test_chunk_major_order_matches_the_kernel_addressing(gate_up: bool, k: int) -> None:
     # Emulates moe_str's STR_CHUNK_MAJOR copy addresses (kernels/moe.cu, common.cuh str_issue):
     # each lane piece (fragment row fr, 16-byte piece c4) of chunk j must hold the row-order
     # bytes of memory row str_mem_row(fr), k bytes [64 j + 16 c4, +16).
-    e, n = 2, 32
-    row = k // 2
-    packed = torch.randint(0, 256, (e, n * row), dtype=torch.uint8)
-    cm = M.chunk_major_packed(packed, n, k, gate_up)
-    assert cm.shape == packed.shape
+    e, n, row = 2, 32, k // 2
+    packed, cm = _row_and_chunk_major(e, n, k, gate_up)
     nkb = k // 64
     for ex in range(e):
         for r0 in range(0, n, 16):
@@ -290,8 +295,12 @@ def test_chunk_major_order_matches_the_kernel_addressing(gate_up: bool, k: int) 
 
 
 def test_chunk_major_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="N % 16"):
+    with pytest.raises(ValueError, match="positive multiple of 16"):
         M.chunk_major_packed(torch.zeros(1, 8 * 64, dtype=torch.uint8), 8, 128, False)
+    with pytest.raises(ValueError, match="positive multiple of 16"):
+        M.chunk_major_packed(torch.zeros(1, 0, dtype=torch.uint8), 0, 128, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        M.chunk_major_packed(torch.zeros(16 * 64, 2, dtype=torch.uint8).t(), 16, 128, False)
     with pytest.raises(ValueError, match="packed: expected uint8"):
         M.chunk_major_packed(torch.zeros(1, 10, dtype=torch.uint8), 16, 128, False)
 
@@ -301,10 +310,8 @@ def test_chunk_major_rejects_bad_shapes() -> None:
 def test_chunk_major_order_matches_the_gemm_addressing(gate_up: bool, k: int) -> None:
     # Emulates moe_gemm's STR_CHUNK_MAJOR B-tile copies (kernels/moe.cu, b_tile): thread piece
     # bq of row r in k tile kt must read the row-order bytes [32 kt + 16 bq, +16) of row r.
-    e, n = 1, 32
-    row = k // 2
-    packed = torch.randint(0, 256, (e, n * row), dtype=torch.uint8)
-    cm = M.chunk_major_packed(packed, n, k, gate_up)
+    n, row = 32, k // 2
+    packed, cm = _row_and_chunk_major(1, n, k, gate_up)
     full = k // 128
     for r in range(n):
         mr = r & 15
@@ -315,3 +322,27 @@ def test_chunk_major_order_matches_the_gemm_addressing(gate_up: bool, k: int) ->
                 src += (kt >> 1) * 1024 + (kt & 1) * 32 - (32 * fr if (kt >> 1) == full else 0)
                 want = packed[0, r * row + 32 * kt + 16 * bq :][:16]
                 assert torch.equal(cm[0, src : src + 16], want), (r, kt, bq)
+
+
+@pytest.mark.parametrize(
+    ("setting", "answer"),
+    [
+        ("GPTOSS_3090_MOE_GEMM=m128s4", "prefill_m128s4"),
+        ("GPTOSS_3090_MOE_GEMM=bogus", "ValueError: GPTOSS_3090_MOE_GEMM="),
+    ],
+)
+def test_gemm_knob_parses_or_names_the_variable(setting: str, answer: str) -> None:
+    # Read once per process (as test_bad_stream_limit_raises), so each setting gets its own.
+    import os
+    import subprocess
+    import sys
+
+    name, value = setting.split("=", 1)
+    code = (
+        "from gptoss_3090 import moe as M\n"
+        "try:\n    print(M.moe_regime(2048, 4, 32, 'sm90'))\n"
+        "except Exception as e:\n    print(f'{type(e).__name__}: {e}')\n"
+    )
+    env = {**os.environ, name: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip().startswith(answer), out.stdout + out.stderr

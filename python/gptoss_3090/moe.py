@@ -308,12 +308,16 @@ def chunk_major_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool
     ``gate_up_pairs`` (gate/up interleaved rows) memory row ``2 (f % 8) + f // 8``, as the
     kernels' ``str_mem_row``. Same bytes, same size; returns a new tensor.
     """
-    if n % 16 or k % 64:
-        raise ValueError(f"chunk-major order needs N % 16 == 0 and K % 64 == 0, found {n}x{k}")
+    if n < 16 or k < 64 or n % 16 or k % 64:
+        raise ValueError(
+            f"chunk-major order needs N a positive multiple of 16 and K of 64, found {n}x{k}"
+        )
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != n * k // 2:
         raise ValueError(
             f"packed: expected uint8 [E, {n * k // 2}], found {packed.dtype} {list(packed.shape)}"
         )
+    if not packed.is_contiguous():
+        raise ValueError("packed: expected a contiguous tensor")
     e, row = packed.shape[0], k // 2
     full, half = row // 64, row % 64
     frag = torch.arange(16, device=packed.device)

@@ -108,15 +108,18 @@ pub fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
     best.0
 }
 
-/// A development knob: an environment variable holding a count, read once per process
-/// (`cell` keeps the answer, so a captured graph never sees it change). Unset or empty: `None`;
-/// a value that is not a count `allowed` accepts is an error naming the variable.
-pub(crate) fn env_count(
-    cell: &'static OnceLock<std::result::Result<Option<usize>, String>>,
+/// Read-once cell of a development knob: the parsed setting, or the error text.
+pub(crate) type EnvCell<T> = OnceLock<std::result::Result<Option<T>, String>>;
+
+/// A development knob: an environment variable read once per process (`cell` keeps the
+/// answer, so a captured graph never sees it change). Unset or empty: `None`; a value `parse`
+/// rejects is an error naming the variable and what it `expected`.
+pub(crate) fn env_setting<T: Clone>(
+    cell: &'static EnvCell<T>,
     name: &str,
     expected: &str,
-    allowed: fn(usize) -> bool,
-) -> Result<Option<usize>> {
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>> {
     cell.get_or_init(|| {
         let Ok(raw) = std::env::var(name) else {
             return Ok(None);
@@ -125,18 +128,29 @@ pub(crate) fn env_count(
         if text.is_empty() {
             return Ok(None);
         }
-        match text.parse::<usize>() {
-            Ok(n) if allowed(n) => Ok(Some(n)),
-            _ => Err(format!("{name}={raw:?}: expected {expected}")),
-        }
+        parse(text)
+            .map(Some)
+            .ok_or_else(|| format!("{name}={raw:?}: expected {expected}"))
     })
     .clone()
     .map_err(Error::arg)
 }
 
+/// [`env_setting`] for a count that `allowed` accepts.
+pub(crate) fn env_count(
+    cell: &'static EnvCell<usize>,
+    name: &str,
+    expected: &str,
+    allowed: fn(usize) -> bool,
+) -> Result<Option<usize>> {
+    env_setting(cell, name, expected, |t| {
+        t.parse::<usize>().ok().filter(|&n| allowed(n))
+    })
+}
+
 /// Development override of the streaming K split (`GPTOSS_3090_MOE_STREAM_KS`).
 pub fn stream_ks_override() -> Result<Option<usize>> {
-    static KS: OnceLock<std::result::Result<Option<usize>, String>> = OnceLock::new();
+    static KS: EnvCell<usize> = OnceLock::new();
     env_count(&KS, "GPTOSS_3090_MOE_STREAM_KS", "1, 2, 4 or 8", |ks| {
         [1, 2, 4, 8].contains(&ks)
     })
@@ -175,7 +189,7 @@ pub fn stream_x_columns(
 /// Development override of the staged activation columns (`GPTOSS_3090_STREAM_XCOLS`; 0 turns
 /// staging off).
 pub fn stream_xcols_override() -> Result<Option<usize>> {
-    static XCOLS: OnceLock<std::result::Result<Option<usize>, String>> = OnceLock::new();
+    static XCOLS: EnvCell<usize> = OnceLock::new();
     env_count(
         &XCOLS,
         "GPTOSS_3090_STREAM_XCOLS",

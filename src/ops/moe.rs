@@ -307,22 +307,18 @@ impl Regime {
 /// Development override of the prefill GEMM variant (`GPTOSS_3090_MOE_GEMM`: `m64s2`,
 /// `m128s2` or `m128s4`; read once per process), for benchmarks.
 fn gemm_override() -> Result<Option<(usize, usize)>> {
-    static GEMM: std::sync::OnceLock<std::result::Result<Option<(usize, usize)>, String>> =
-        std::sync::OnceLock::new();
-    GEMM.get_or_init(|| match std::env::var("GPTOSS_3090_MOE_GEMM") {
-        Err(_) => Ok(None),
-        Ok(v) => match v.trim() {
-            "" => Ok(None),
-            "m64s2" => Ok(Some((64, 2))),
-            "m128s2" => Ok(Some((128, 2))),
-            "m128s4" => Ok(Some((128, 4))),
-            other => Err(format!(
-                "GPTOSS_3090_MOE_GEMM={other:?}: expected m64s2, m128s2 or m128s4"
-            )),
+    static GEMM: crate::ops::EnvCell<(usize, usize)> = std::sync::OnceLock::new();
+    crate::ops::env_setting(
+        &GEMM,
+        "GPTOSS_3090_MOE_GEMM",
+        "m64s2, m128s2 or m128s4",
+        |v| match v {
+            "m64s2" => Some((64, 2)),
+            "m128s2" => Some((128, 2)),
+            "m128s4" => Some((128, 4)),
+            _ => None,
         },
-    })
-    .clone()
-    .map_err(Error::arg)
+    )
 }
 
 /// One fused NF4 expert tensor `[E, N, K]` on the device.
@@ -610,8 +606,7 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 pub const STREAM_MAX_TOKENS: usize = 128;
 
 fn stream_max_tokens() -> Result<usize> {
-    static MAX: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
-        std::sync::OnceLock::new();
+    static MAX: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
     Ok(env_count(&MAX, STREAM_MAX_ENV, "a token count", |_| true)?.unwrap_or(STREAM_MAX_TOKENS))
 }
 

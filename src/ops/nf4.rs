@@ -368,8 +368,7 @@ fn mma_config(size: LinearPath, tuning: Tuning) -> MmaConfig {
 /// Development override of the tensor-core path's K split (`GPTOSS_3090_NF4_SPLITS`, 1 to 8;
 /// read once per process), for sweeps.
 fn mma_splits_override() -> Result<Option<usize>> {
-    static SPLITS: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
-        std::sync::OnceLock::new();
+    static SPLITS: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
     crate::ops::env_count(
         &SPLITS,
         "GPTOSS_3090_NF4_SPLITS",
@@ -908,28 +907,18 @@ mod tests {
         };
         // The session-7 sweep's fastest forced splits (H100): o at M = 64 (45 tiles) 8, q/k/v
         // at M = 64 (80 tiles) 4 and at M = 128 (160 tiles) 2.
-        assert_eq!(
-            splits(64, 2880, 4096, Tuning::Sm90),
-            ("nf4_linear_mma_s4", 8)
-        );
-        assert_eq!(
-            splits(64, 5120, 2880, Tuning::Sm90),
-            ("nf4_linear_mma_s4", 4)
-        );
-        assert_eq!(
-            splits(128, 5120, 2880, Tuning::Sm90),
-            ("nf4_linear_mma_s4", 2)
-        );
-        assert_eq!(
-            splits(128, 2880, 4096, Tuning::Sm90),
-            ("nf4_linear_mma_s4", 4)
-        );
+        for (m, n, k, want) in [
+            (64, 2880, 4096, 8),
+            (64, 5120, 2880, 4),
+            (128, 5120, 2880, 2),
+            (128, 2880, 4096, 4),
+            (128, 5760, 2880, 2),
+        ] {
+            let got = splits(m, n, k, Tuning::Sm90);
+            assert_eq!(got, ("nf4_linear_mma_s4", want), "{n}x{k} M = {m}");
+        }
         // Enough tiles for a full wave: no split.
         assert_eq!(splits(2048, 5760, 2880, Tuning::Sm90).1, 1);
-        assert_eq!(
-            splits(128, 5760, 2880, Tuning::Sm90),
-            ("nf4_linear_mma_s4", 2)
-        );
         // A 3090's SM holds one `s4` block (59 KB of its 100 KB): 82 SMs, 45 tiles of 64 k
         // tiles: 5 splits take 3 waves of 13 (+ 4) k tiles, 2 splits 2 waves of 32 (+ 4).
         assert_eq!(auto_k_splits(45, 64, 82, 1), 5);
