@@ -193,10 +193,10 @@ def bf16_reference(ws: list[tuple[torch.Tensor, ...]], tokens: int) -> Callable[
 
 
 def check_chunk_major(layers: list[M.MoeLayerWeights], dev: torch.device) -> None:
-    """Reorders every layer's packed experts chunk-major in place (M.chunk_major_packed), then
-    checks the first layer at 64 tokens (streaming kernels) and 2048 (tiled GEMMs) against the
-    fp32 reference of the row-order weights (computed before the reorder): kernels that read
-    another order give garbage."""
+    """Reorders every layer's experts chunk-major in place (``MoeLayerWeights.chunk_major``, as
+    the vLLM plugin does at load), then checks the first layer at 64 tokens (streaming
+    kernels) and 2048 (tiled GEMMs) against the fp32 reference of the row-order weights
+    (computed before the reorder)."""
     g = torch.Generator(device=dev).manual_seed(7)
     cases = []
     for t in (64, 2048):
@@ -205,15 +205,13 @@ def check_chunk_major(layers: list[M.MoeLayerWeights], dev: torch.device) -> Non
         want, _, _ = M.reference_forward(x, layers[0], topk_ids=ti, topk_weights=tw)
         cases.append((t, x, tw, ti, want))
     for w in layers:
-        for t, pairs in ((w.gate_up, True), (w.down, False)):
-            _, n, k = t.shape
-            t.packed.copy_(M.chunk_major_packed(t.packed, n, k, pairs))
+        w.chunk_major(in_place=True)
     for t, x, tw, ti, want in cases:
         got = M.moe(x, layers[0], topk_ids=ti, topk_weights=tw).float()
         err = float((got - want).norm() / want.norm())
         print(f"chunk-major weights: rel err {err:.2e} vs the fp32 reference at {t} tokens")
         if not err <= 1e-2:
-            raise SystemExit("chunk-major check failed: kernels built with STR_CHUNK_MAJOR?")
+            raise SystemExit("chunk-major check failed")
 
 
 def marlin_mxfp4(
@@ -322,10 +320,10 @@ def main() -> None:
     ap.add_argument(
         "--weights-order",
         choices=("rows", "chunks"),
-        default="rows",
-        help="rows: bitsandbytes' order (the default kernels); chunks: chunk-major, only for "
-        "kernels built with STR_CHUNK_MAJOR (GPTOSS_3090_KERNEL_DIR; streaming kernels and "
-        "tiled GEMMs, not the older decode variants)",
+        default="chunks",
+        help="chunks: chunk-major experts, as the vLLM plugin serves them (default); rows: "
+        "bitsandbytes' order as stored (needed by the older decode variants, "
+        "GPTOSS_3090_MOE_DECODE=1/2)",
     )
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())

@@ -34,10 +34,10 @@ pack() {
 status() { echo "$(date -u +%T) $*" | tee -a "$W/status"; }
 
 job_moetest() {
-  # GPU tests of the MoE kernels with the default (lean) decode variant; if they fail, every
-  # later job of this sitting falls back to the first variant.
+  # GPU tests of the MoE kernels; if they fail, every later job of this sitting falls back to
+  # the first decode variant on row-order experts.
   python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py \
-    || echo "export GPTOSS_3090_MOE_DECODE=1" >> "$W/env"
+    || echo "export GPTOSS_3090_MOE_DECODE=1 GPTOSS_3090_MOE_WEIGHTS_ORDER=rows" >> "$W/env"
 }
 
 job_nf4bench() {
@@ -46,16 +46,13 @@ job_nf4bench() {
 }
 
 job_kernels() {
-  # The first decode variant for comparison (decode token counts only), then the full table
-  # with the Marlin MXFP4 and bf16 baselines (both sides given the same top-k, as vLLM serves).
-  GPTOSS_3090_MOE_DECODE=1 python3 bench/bench_moe.py --tokens 1,2,4,8,16 --tunings auto \
-    --layers 24 --no-baselines --out "$W/res/moe_decode_v1.json" --commit "$commit"
+  # The full table on chunk-major experts (as served) with the Marlin MXFP4 and bf16 baselines
+  # (both sides given the same top-k, as vLLM serves), then the row-order experts as stored.
   python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128,512,2048,8192 --tunings auto,sm86 \
     --layers 24 --out "$W/res/moe.json" --commit "$commit"
-  # Our kernels routing from the logits themselves (GPTOSS_3090_MOE_ROUTING=internal in vLLM;
-  # the default of bench_moe.py before session 5), for comparison with earlier sittings.
-  python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128 --tunings auto --layers 24 \
-    --no-baselines --routing logits --out "$W/res/moe_logits.json" --commit "$commit"
+  python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128,512,2048,8192 --tunings auto \
+    --layers 24 --no-baselines --weights-order rows --out "$W/res/moe_rows.json" \
+    --commit "$commit"
 }
 
 job_profile() {

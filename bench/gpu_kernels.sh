@@ -16,8 +16,7 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
-#   moechunks   bench_moe.py: the default kernels, then the MoE kernels built with
-#               STR_CHUNK_MAJOR on chunk-major weights (--weights-order chunks)
+#   moechunks   bench_moe.py on row-order experts, then on chunk-major ones (the served order)
 #   nf4chunks   bench_nf4_linear.py at M = 1, 4, 16: the default kernels, then the streaming
 #               kernels built with STR_CHUNK_MAJOR on chunk-major weights
 #   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
@@ -95,7 +94,8 @@ for step in "$@"; do
     moebench)
       bench_moe default --tokens 1,2,4,8,16,32,64,128 --tunings auto,sm86 --no-baselines
       GPTOSS_3090_MOE_DECODE=2 GPTOSS_3090_MOE_STREAM_MAX_TOKENS=16 \
-        bench_moe previous --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines
+        bench_moe previous --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines \
+        --weights-order rows
       GPTOSS_3090_MOE_STREAM_MAX_TOKENS=1024 \
         bench_moe stream_large --tokens 256,512 --tunings auto --no-baselines
       bench_moe gemm_large --tokens 256,512 --tunings auto --no-baselines
@@ -124,14 +124,11 @@ for step in "$@"; do
       done
       ;;
     moechunks)
-      # The MoE kernels reading chunk-major weights (this tree's kernels with STR_CHUNK_MAJOR:
-      # streaming and tiled GEMM) against the default kernels on row-order weights, same call.
-      chunk_kernels
+      # The MoE on row-order weights (kernel family moe) against chunk-major ones (moe_chunks,
+      # what the vLLM plugin serves), same call.
       for order in rows chunks; do
-        dir=""
-        [ $order = chunks ] && dir=/tmp/kchunks
         echo "-- weights in $order order"
-        GPTOSS_3090_KERNEL_DIR=$dir bench_moe "order_$order" \
+        bench_moe "order_$order" \
           --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128,512,2048,8192}" --tunings auto \
           --no-baselines --weights-order $order
       done

@@ -42,13 +42,14 @@ def cache_dir(tmp_path_factory):
 def test_every_source_compiles(arch, cache_dir):
     _nvrtc_or_skip()
     sizes = _native.compile_kernels(arch)
-    assert set(sizes) == set(_native.kernel_sources()) == {"nf4", "moe", "attention"}
+    families = {"nf4", "moe", "moe_chunks", "attention"}
+    assert set(sizes) == set(_native.kernel_sources()) == families
     for name, size in sizes.items():
         assert size > 0, f"{name} for {arch}: empty cubin"
     # the cache now holds one entry per family, and a second call is served from it
     files = sorted(p.name for p in cache_dir.iterdir() if p.suffix == ".cubin")
     tag = arch.replace("_", "")
-    assert sum(1 for f in files if f"-{tag}-" in f) == 3, files
+    assert sum(1 for f in files if f"-{tag}-" in f) == len(families), files
     assert _native.compile_kernels(arch) == sizes
 
 
@@ -161,14 +162,16 @@ def test_tuning_override_round_trip():
         runtime.set_linear_strategy("fastest")
 
 
-@pytest.mark.parametrize(("family", "entry"), [("moe", b"moe_str_up_n1_bf16"),
-                                               ("nf4", b"nf4_linear_str_n1_bf16")])  # fmt: skip
-def test_chunk_major_streaming_variant_compiles(family, entry):
-    # The experimental STR_CHUNK_MAJOR build of the streaming kernels (--weights-order chunks
-    # of bench_moe.py / bench_nf4_linear.py, gpu_kernels.sh moechunks / nf4chunks) must keep
-    # compiling with the default one.
+def test_chunk_major_moe_family_is_the_moe_source_with_its_define():
+    moe, chunks = _native.kernel_source("moe"), _native.kernel_source("moe_chunks")
+    assert chunks == "#define STR_CHUNK_MAJOR 1\n" + moe
+
+
+def test_chunk_major_linear_streaming_variant_compiles():
+    # The experimental STR_CHUNK_MAJOR build of the linear's streaming kernels
+    # (bench_nf4_linear.py --weights-order chunks, gpu_kernels.sh nf4chunks) must keep compiling.
     _nvrtc_or_skip()
-    src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source(family)
-    cubin = _native.compile_source(src, "sm_90", family)
+    src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source("nf4")
+    cubin = _native.compile_source(src, "sm_90", "nf4")
     assert cubin[:4] == b"\x7fELF"
-    assert entry in cubin
+    assert b"nf4_linear_str_n1_bf16" in cubin

@@ -231,7 +231,7 @@ def test_native_validation_names_the_argument() -> None:
         "intermediate": 128, "experts": 8, "top_k": 4, "x": 256, "x_stride": 128, "y": 256,
         "route_mode": 2, "router_weight": 0, "router_bias": 0, "router_logits": 0,
         "logits_f32": False, "topk_ids": 256, "topk_weights": 256, "nested_map": 256,
-        "workspace": 256, "workspace_bytes": 1 << 30,
+        "workspace": 256, "workspace_bytes": 1 << 30, "weights_order": "rows",
     }
     for pre in ("gu", "dn"):
         base.update({f"{pre}_packed": 256, f"{pre}_absmax": 256, f"{pre}_nested_absmax": 256,
@@ -243,6 +243,8 @@ def test_native_validation_names_the_argument() -> None:
     del missing["gu_bias"]
     with pytest.raises(ValueError, match="missing argument 'gu_bias'"):
         _native.moe_forward(missing)
+    with pytest.raises(ValueError, match="weights_order: expected 'rows' or 'chunks'"):
+        _native.moe_forward({**base, "hidden": 128, "weights_order": "columns"})
     with pytest.raises(ValueError, match="dtype"):
         _native.moe_forward({**base, "hidden": 128, "dtype": "float32"})
 
@@ -292,6 +294,53 @@ def test_chunk_major_order_matches_the_kernel_addressing(gate_up: bool, k: int) 
                         src = r0 * row + 64 * fr + 16 * c4 + 1024 * j - (0 if second else 32 * fr)
                         want = packed[ex, mr * row + 64 * j + 16 * c4 :][:16]
                         assert torch.equal(cm[ex, src : src + 16], want), (ex, r0, j, fr, c4)
+
+
+@pytest.mark.parametrize("gate_up", [True, False])
+@pytest.mark.parametrize("k", [128, 192, 2880])
+def test_rows_packed_undoes_the_chunk_major_order(gate_up: bool, k: int) -> None:
+    packed, cm = _row_and_chunk_major(3, 48, k, gate_up)
+    assert torch.equal(M.rows_packed(cm, 48, k, gate_up), packed)
+    in_place = packed.clone()
+    assert M.chunk_major_(in_place, 48, k, gate_up) is in_place
+    assert torch.equal(in_place, cm)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_chunk_major_weights_dequantize_and_run_the_reference_unchanged(nested: bool) -> None:
+    layer, _, _ = make_layer(nested=nested, seed=11)
+    chunks = layer.chunk_major()
+    assert (layer.order, chunks.order) == ("rows", "chunks")
+    assert chunks.gate_up.gate_up_pairs and not chunks.down.gate_up_pairs
+    assert not torch.equal(chunks.gate_up.packed, layer.gate_up.packed)
+    for e in (0, E - 1):
+        assert torch.equal(chunks.gate_up.dequantize(e), layer.gate_up.dequantize(e))
+        assert torch.equal(chunks.down.dequantize(e), layer.down.dequantize(e))
+    x = torch.randn(6, H).to(torch.bfloat16)
+    y_rows, _, _ = M.reference_forward(x, layer)
+    y_chunks, _, _ = M.reference_forward(x, chunks)
+    assert torch.equal(y_rows, y_chunks)
+    assert chunks.chunk_major() is chunks  # already chunk-major: nothing to do
+    original = layer.gate_up.packed
+    assert layer.chunk_major(in_place=True) is layer and layer.gate_up.packed is original
+    assert torch.equal(layer.gate_up.packed, chunks.gate_up.packed)
+
+
+def test_mixed_or_unknown_orders_are_rejected() -> None:
+    import dataclasses
+
+    layer, _, _ = make_layer(seed=12)
+    chunks = layer.chunk_major()
+    with pytest.raises(ValueError, match="one byte order"):
+        dataclasses.replace(layer, gate_up=chunks.gate_up).check()
+    with pytest.raises(ValueError, match="order: expected one of"):
+        dataclasses.replace(layer, down=dataclasses.replace(layer.down, order="cols")).check()
+    unpaired = dataclasses.replace(chunks.gate_up, gate_up_pairs=False)
+    with pytest.raises(ValueError, match="must pair"):
+        dataclasses.replace(chunks, gate_up=unpaired).check()
+    x = torch.randn(3, H).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="gate_up is in 'chunks' order and down in 'rows'"):
+        M.moe(x, dataclasses.replace(layer, gate_up=chunks.gate_up))
 
 
 def test_chunk_major_rejects_bad_shapes() -> None:

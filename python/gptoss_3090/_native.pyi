@@ -182,7 +182,7 @@ def compile_source_log(
 
 def kernel_source(name: str) -> str:
     """The embedded source text of kernel family ``name`` (``"nf4"``, ``"moe"``,
-    ``"attention"``)."""
+    ``"moe_chunks"``, ``"attention"``)."""
 
 def kernel_sources() -> list[str]:
     """Names of the kernel families embedded in the extension."""
@@ -384,7 +384,8 @@ def moe_forward(args: dict[str, Any]) -> str:
     ``{p}_packed``, ``{p}_absmax``, ``{p}_nested_absmax``, ``{p}_nested_offset``,
     ``{p}_bias``, ``{p}_nested`` (bool) and ``{p}_nnb`` (nested blocks per expert) for
     ``p`` = ``gu`` (gate_up) and ``dn`` (down), ``nested_map``, ``workspace``,
-    ``workspace_bytes`` and optional ``tuning``. Pointers are ints. Returns the regime used:
+    ``workspace_bytes``, ``weights_order`` (``"rows"`` or ``"chunks"``: the byte order of both
+    packed tensors) and optional ``tuning``. Pointers are ints. Returns the regime used:
     ``"decode"``, ``"stream"`` or ``"prefill_m{bm}s{stages}"``. Raises ValueError for bad
     arguments, CudaError for driver failures.
     """

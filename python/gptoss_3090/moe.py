@@ -22,6 +22,7 @@ per expert ``a = x W_gu^T + b_gu`` (rows interleaved gate/up), ``gate = min(gate
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,16 +32,24 @@ from gptoss_3090.nf4 import NF4_CODE
 
 __all__ = [
     "NF4_CODE",
+    "WEIGHTS_ORDERS",
     "MoeLayerWeights",
     "Nf4Experts",
+    "chunk_major_",
+    "chunk_major_packed",
     "moe",
     "moe_forward",
     "moe_regime",
     "moe_workspace_bytes",
     "quantize_nf4_experts",
     "reference_forward",
+    "rows_packed",
     "workspace_routing",
 ]
+
+#: Byte orders of packed expert weights the kernels read: ``"rows"`` (bitsandbytes, as stored in
+#: checkpoints) and ``"chunks"`` (:func:`chunk_major_packed`, what the vLLM plugin serves).
+WEIGHTS_ORDERS = ("rows", "chunks")
 
 _BLOCK = 64
 _NESTED_BLOCK = 256
@@ -95,6 +104,10 @@ class Nf4Experts:
         bias: float32 ``[E, N]``.
         shape: ``(E, N, K)``.
         nested: double quantization in use.
+        order: byte order of ``packed``: ``"rows"`` (bitsandbytes) or ``"chunks"``
+            (:func:`chunk_major_packed`; see :meth:`MoeLayerWeights.chunk_major`).
+        gate_up_pairs: with ``order="chunks"``, whether the reorder paired the interleaved
+            gate/up rows (True for a gate_up tensor).
     """
 
     packed: torch.Tensor
@@ -104,6 +117,8 @@ class Nf4Experts:
     bias: torch.Tensor
     shape: tuple[int, int, int]
     nested: bool
+    order: str = "rows"
+    gate_up_pairs: bool = False
 
     @classmethod
     def from_fused(
@@ -156,6 +171,8 @@ class Nf4Experts:
         """
         _, n, k = self.shape
         p = self.packed[expert]
+        if self.order == "chunks":
+            p = rows_packed(p.reshape(1, -1), n, k, self.gate_up_pairs)[0]
         codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
         table = torch.tensor(NF4_CODE, dtype=torch.float32, device=p.device)
         vals = table[codes].view(-1, _BLOCK) * self.absmax_f32(expert)[:, None]
@@ -276,6 +293,46 @@ class MoeLayerWeights:
                 f"gate_up {self.gate_up.shape} and down {self.down.shape}: expected "
                 "[E, 2I, H] and [E, H, I]"
             )
+        for name, t in (("gate_up", self.gate_up), ("down", self.down)):
+            if t.order not in WEIGHTS_ORDERS:
+                raise ValueError(
+                    f"{name}.order: expected one of {WEIGHTS_ORDERS}, found {t.order!r}"
+                )
+        if self.gate_up.order != self.down.order:
+            raise ValueError(
+                f"gate_up and down: expected one byte order, found {self.gate_up.order!r} and "
+                f"{self.down.order!r}"
+            )
+        if self.gate_up.order == "chunks" and not self.gate_up.gate_up_pairs:
+            raise ValueError("gate_up: a chunk-major gate_up tensor must pair its gate/up rows")
+        if self.down.order == "chunks" and self.down.gate_up_pairs:
+            raise ValueError("down: a chunk-major down tensor has no gate/up row pairs")
+
+    @property
+    def order(self) -> str:
+        """Byte order of both experts' packed weights (``"rows"`` or ``"chunks"``)."""
+        return self.gate_up.order
+
+    def chunk_major(self, in_place: bool = False) -> MoeLayerWeights:
+        """These weights with both experts' packed bytes in chunk-major order, which the
+        kernels read faster (same values, the same output bit for bit).
+
+        ``in_place=True`` reorders the existing buffers expert by expert (temporaries of one
+        expert, for large models on small GPUs) and returns ``self``; otherwise the result
+        holds new packed buffers and ``self`` is unchanged. Weights already chunk-major are
+        returned as they are.
+        """
+        self.check()
+        if self.order == "chunks":
+            return self
+        out = self if in_place else dataclasses.replace(self)
+        for name, pairs in (("gate_up", True), ("down", False)):
+            t: Nf4Experts = getattr(self, name)
+            _, n, k = t.shape
+            packed = chunk_major_(t.packed if in_place else t.packed.clone(), n, k, pairs)
+            reordered = dataclasses.replace(t, packed=packed, order="chunks", gate_up_pairs=pairs)
+            setattr(out, name, reordered)
+        return out
 
     def workspace(self, tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
         """A workspace for ``tokens`` tokens (allocate once per token count, e.g. per graph)."""
@@ -299,15 +356,59 @@ class MoeLayerWeights:
 
 
 def chunk_major_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
-    """Experimental: packed NF4 experts ``[E, N * K / 2]`` reordered for the streaming kernels
-    and tiled GEMMs built with ``STR_CHUNK_MAJOR`` (kernels/common.cuh; not the default build).
+    """Packed NF4 experts ``[E, N * K / 2]`` reordered for ``weights_order="chunks"``: the MoE
+    kernels built with ``STR_CHUNK_MAJOR`` (kernels/common.cuh, family ``moe_chunks``).
 
     Per 16-row group (its bytes stay where they were), each 128-k chunk becomes 1 KB contiguous,
     ``[fragment row][64 B]``, and a final half chunk (``K / 64`` odd) 512 bytes,
     ``[fragment row][32 B]``. Fragment row ``f`` is memory row ``f`` of the group, or with
     ``gate_up_pairs`` (gate/up interleaved rows) memory row ``2 (f % 8) + f // 8``, as the
-    kernels' ``str_mem_row``. Same bytes, same size; returns a new tensor.
+    kernels' ``str_mem_row``. Same bytes, same size; returns a new tensor. :func:`rows_packed`
+    undoes it.
     """
+    _check_reorder_args(packed, n, k)
+    e, row = packed.shape[0], k // 2
+    full, half = row // 64, row % 64
+    rows = packed.view(e, n // 16, 16, row)[:, :, _fragment_rows(gate_up_pairs, packed.device), :]
+    body = rows[..., : full * 64].reshape(e, n // 16, 16, full, 64).permute(0, 1, 3, 2, 4)
+    parts = [body.reshape(e, n // 16, full * 1024)]
+    if half:
+        parts.append(rows[..., full * 64 :].reshape(e, n // 16, 16 * half))
+    return torch.cat(parts, dim=-1).reshape(e, n * row).contiguous()
+
+
+def rows_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
+    """The inverse of :func:`chunk_major_packed`: chunk-major experts ``[E, N * K / 2]`` back in
+    bitsandbytes' row order (a new tensor)."""
+    _check_reorder_args(packed, n, k)
+    e, row = packed.shape[0], k // 2
+    full, half = row // 64, row % 64
+    groups = packed.view(e, n // 16, 16 * row)
+    body = groups[..., : full * 1024].reshape(e, n // 16, full, 16, 64).permute(0, 1, 3, 2, 4)
+    parts = [body.reshape(e, n // 16, 16, full * 64)]
+    if half:
+        parts.append(groups[..., full * 1024 :].reshape(e, n // 16, 16, half))
+    frag = torch.cat(parts, dim=-1)  # [E, G, fragment row, bytes]
+    inverse = torch.argsort(_fragment_rows(gate_up_pairs, packed.device))
+    return frag[:, :, inverse, :].reshape(e, n * row).contiguous()
+
+
+def chunk_major_(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
+    """:func:`chunk_major_packed` in place, one expert at a time (temporaries of one expert's
+    size, so that a 24 GiB GPU can reorder a loaded model). Returns ``packed``."""
+    _check_reorder_args(packed, n, k)
+    for e in range(packed.shape[0]):
+        packed[e].copy_(chunk_major_packed(packed[e : e + 1], n, k, gate_up_pairs)[0])
+    return packed
+
+
+def _fragment_rows(gate_up_pairs: bool, device: torch.device) -> torch.Tensor:
+    """Memory row (within a 16-row group) of each fragment row, as the kernels' str_mem_row."""
+    frag = torch.arange(16, device=device)
+    return 2 * (frag % 8) + frag // 8 if gate_up_pairs else frag
+
+
+def _check_reorder_args(packed: torch.Tensor, n: int, k: int) -> None:
     if n < 16 or k < 64 or n % 16 or k % 64:
         raise ValueError(
             f"chunk-major order needs N a positive multiple of 16 and K of 64, found {n}x{k}"
@@ -318,16 +419,6 @@ def chunk_major_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool
         )
     if not packed.is_contiguous():
         raise ValueError("packed: expected a contiguous tensor")
-    e, row = packed.shape[0], k // 2
-    full, half = row // 64, row % 64
-    frag = torch.arange(16, device=packed.device)
-    mem = 2 * (frag % 8) + frag // 8 if gate_up_pairs else frag
-    rows = packed.view(e, n // 16, 16, row)[:, :, mem, :]  # [E, G, fragment row, bytes]
-    body = rows[..., : full * 64].reshape(e, n // 16, 16, full, 64).permute(0, 1, 3, 2, 4)
-    parts = [body.reshape(e, n // 16, full * 1024)]
-    if half:
-        parts.append(rows[..., full * 64 :].reshape(e, n // 16, 16 * half))
-    return torch.cat(parts, dim=-1).reshape(e, n * row).contiguous()
 
 
 def moe_workspace_bytes(
@@ -496,7 +587,13 @@ def _launch(
     topk_weights: torch.Tensor | None,
     top_k: int,
     tuning: str,
+    weights_order: str,
 ) -> str:
+    _need(
+        weights_order in WEIGHTS_ORDERS,
+        ValueError,
+        f"weights_order: expected one of {WEIGHTS_ORDERS}, found {weights_order!r}",
+    )
     t, h, i, e, mode = _check_args(
         x, workspace, gu, dn, nested_map, router_weight, router_bias, router_logits, topk_ids,
         topk_weights, top_k,
@@ -527,6 +624,7 @@ def _launch(
         "workspace": _ptr(workspace),
         "workspace_bytes": workspace.numel(),
         "tuning": tuning,
+        "weights_order": weights_order,
     }
     for prefix, parts, n, k in (("gu", gu, 2 * i, h), ("dn", dn, h, i)):
         nested = parts[1].dtype == torch.uint8
@@ -563,6 +661,7 @@ def moe_forward(
     topk_weights: torch.Tensor | None,
     top_k: int,
     tuning: str = "auto",
+    weights_order: str = "rows",
 ) -> torch.Tensor:
     """``torch.ops.gptoss_3090.moe_forward``: the whole MoE block, returns ``y [T, H]``.
 
@@ -570,6 +669,8 @@ def moe_forward(
     ``router_logits`` (``[T, E]`` f32 or x's dtype), else ``router_weight`` (``[E, H]``, x's
     dtype) + optional ``router_bias`` (f32 ``[E]``). ``workspace``: uint8, at least
     :func:`moe_workspace_bytes` bytes. ``tuning``: ``"auto"`` or ``"sm80"``/``"sm86"``/``"sm90"``.
+    ``weights_order``: byte order of both packed tensors, ``"rows"`` (bitsandbytes) or
+    ``"chunks"`` (:func:`chunk_major_packed`, gate_up with ``gate_up_pairs``).
     """
     y = torch.empty(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     _launch(
@@ -577,7 +678,7 @@ def moe_forward(
         (gu_packed, gu_absmax, gu_nested_absmax, gu_nested_offset, gu_bias),
         (dn_packed, dn_absmax, dn_nested_absmax, dn_nested_offset, dn_bias),
         nested_map, router_weight, router_bias, router_logits, topk_ids, topk_weights, top_k,
-        tuning,
+        tuning, weights_order,
     )
     return y
 
@@ -604,6 +705,7 @@ def _moe_forward_fake(
     topk_weights: torch.Tensor | None,
     top_k: int,
     tuning: str = "auto",
+    weights_order: str = "rows",
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], x.shape[1])
 
@@ -632,13 +734,17 @@ def moe(
             raise ValueError("x: expected a [T, H] tensor")
         workspace = weights.workspace(int(x.shape[0]), x.device)
     gu, dn = weights.gate_up, weights.down
+    if gu.order != dn.order:
+        raise ValueError(
+            f"weights: gate_up is in {gu.order!r} order and down in {dn.order!r}; expected one"
+        )
     return torch.ops.gptoss_3090.moe_forward(
         x, workspace,
         gu.packed, gu.absmax, gu.nested_absmax, gu.nested_offset, gu.bias,
         dn.packed, dn.absmax, dn.nested_absmax, dn.nested_offset, dn.bias,
         weights.nested_map,
         weights.router_weight, weights.router_bias, router_logits, topk_ids, topk_weights,
-        weights.top_k, tuning,
+        weights.top_k, tuning, weights.order,
     )
 
 

@@ -30,13 +30,29 @@ pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn};
 
 use crate::error::{Error, Result};
 
-/// One kernel family: `kernels/<name>.cu`, compiled as one NVRTC program / one CUDA module.
+/// One kernel family: `kernels/<file>.cu`, after an optional prelude of macro definitions,
+/// compiled as one NVRTC program / one CUDA module.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSource {
-    /// Family name: `"nf4"`, `"moe"` or `"attention"`.
+    /// Family name: `"nf4"`, `"moe"`, `"moe_chunks"` or `"attention"`.
     pub name: &'static str,
-    /// The full `.cu` text; it includes `common.cuh` ([`COMMON_HEADER`]).
+    /// The file under `kernels/`, without `.cu`.
+    pub file: &'static str,
+    /// Lines placed before the file's text (a build variant's `#define`s; empty for most).
+    pub prelude: &'static str,
+    /// The full text NVRTC compiles: prelude, then the `.cu` file, which includes `common.cuh`
+    /// ([`COMMON_HEADER`]).
     pub source: &'static str,
+}
+
+/// The prelude of the chunk-major builds (`STR_CHUNK_MAJOR`, kernels/common.cuh): their
+/// streaming kernels and tiled GEMMs read experts repacked by
+/// `gptoss_3090.moe.chunk_major_packed` (each 16-row group's 128-k chunk 1 KB contiguous), a
+/// byte order DRAM serves faster than bitsandbytes' rows.
+macro_rules! chunk_major_prelude {
+    () => {
+        "#define STR_CHUNK_MAJOR 1\n"
+    };
 }
 
 /// `kernels/common.cuh`, handed to NVRTC as the header named `common.cuh`.
@@ -46,14 +62,26 @@ pub const COMMON_HEADER: &str = include_str!("../../kernels/common.cuh");
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "nf4",
+        file: "nf4",
+        prelude: "",
         source: include_str!("../../kernels/nf4.cu"),
     },
     KernelSource {
         name: "moe",
+        file: "moe",
+        prelude: "",
         source: include_str!("../../kernels/moe.cu"),
     },
     KernelSource {
+        name: "moe_chunks",
+        file: "moe",
+        prelude: chunk_major_prelude!(),
+        source: concat!(chunk_major_prelude!(), include_str!("../../kernels/moe.cu")),
+    },
+    KernelSource {
         name: "attention",
+        file: "attention",
+        prelude: "",
         source: include_str!("../../kernels/attention.cu"),
     },
 ];
@@ -92,10 +120,16 @@ pub fn common_header() -> &'static str {
 /// Looks a kernel family up by name (honouring `GPTOSS_3090_KERNEL_DIR`).
 pub fn source(name: &str) -> Result<&'static KernelSource> {
     if let Some(builtin) = SOURCES.iter().find(|s| s.name == name) {
-        if let Some(text) = override_text(&format!("{name}.cu")) {
+        if let Some(text) = override_text(&format!("{}.cu", builtin.file)) {
+            let text = if builtin.prelude.is_empty() {
+                text
+            } else {
+                // Leaked once per lookup; development override only.
+                Box::leak(format!("{}{text}", builtin.prelude).into_boxed_str())
+            };
             let leaked: &'static KernelSource = Box::leak(Box::new(KernelSource {
-                name: builtin.name,
                 source: text,
+                ..*builtin
             }));
             return Ok(leaked);
         }
@@ -406,6 +440,10 @@ mod tests {
         assert!(source("nf4").is_ok());
         assert!(source("moe").is_ok());
         assert!(source("attention").is_ok());
+        let chunks = source("moe_chunks").unwrap();
+        assert_eq!(chunks.file, "moe");
+        assert!(chunks.source.starts_with(chunks.prelude));
+        assert!(chunks.source.ends_with(source("moe").unwrap().source));
         assert!(source("nope").is_err());
     }
 }

@@ -66,7 +66,7 @@ fn compile_source_log(
     Ok((cubin.len(), log))
 }
 
-/// The embedded text of kernel family `name` ("nf4", "moe", "attention").
+/// The embedded text of kernel family `name` ("nf4", "moe", "moe_chunks", "attention").
 #[pyfunction]
 fn kernel_source(name: &str) -> PyResult<&'static str> {
     Ok(super::source(name)?.source)

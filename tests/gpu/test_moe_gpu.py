@@ -350,6 +350,71 @@ def test_full_20b_shapes_positive_inputs(tokens: int) -> None:
     assert err <= TOL
 
 
+@pytest.mark.parametrize("tuning", ["auto", "sm86"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 16, 17, 64, 128, 300, 2048])
+def test_chunk_major_order_gives_the_same_bits(tokens: int, nested: bool, tuning: str) -> None:
+    """The chunk-major weights (what the vLLM plugin serves) run the same arithmetic in the same
+    order as the rows order, in every regime (decode, stream, each prefill tile): the outputs
+    are equal bit for bit, and the rows order is checked against the fp32 reference. SMALL has
+    K / 64 odd for both tensors, so the half chunk at each row end is covered."""
+    layer = make_layer(*SMALL, nested=nested, seed=40)
+    chunks = layer.chunk_major()
+    assert chunks.order == "chunks" and layer.order == "rows"
+    assert not torch.equal(chunks.gate_up.packed, layer.gate_up.packed)
+    x = rand_x(tokens, layer.hidden, seed=41)
+    ws = layer.workspace(tokens)
+    y_rows = M.moe(x, layer, workspace=ws, tuning=tuning)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    y_chunks = M.moe(x, chunks, topk_ids=ids, topk_weights=wts, tuning=tuning)
+    y_given = M.moe(x, layer, topk_ids=ids, topk_weights=wts, tuning=tuning)
+    assert torch.equal(y_chunks, y_given)
+    ref, _, _ = M.reference_forward(x, chunks, topk_ids=ids, topk_weights=wts)
+    assert rel_err(y_chunks, ref) <= TOL
+    assert rel_err(y_rows, ref) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64, 2048])
+def test_chunk_major_20b_shapes(tokens: int) -> None:
+    """GPT-OSS-20B shapes, chunk-major reordered in place (as the plugin does at load)."""
+    layer = make_layer(32, 2880, 2880, seed=42)
+    x = rand_x(tokens, 2880, seed=43)
+    ws = layer.workspace(tokens)
+    y_rows = M.moe(x, layer, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    same = layer.chunk_major(in_place=True)
+    assert same is layer and layer.order == "chunks"
+    y_chunks = M.moe(x, layer, workspace=ws)
+    assert torch.equal(y_chunks, y_rows)
+    err = rel_err(y_chunks, ref)
+    print(f"20b chunk-major T={tokens}: rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_chunk_major_errors(monkeypatch) -> None:
+    layer = make_layer(*SMALL, seed=44)
+    chunks = layer.chunk_major()
+    x = rand_x(4, layer.hidden)
+    mixed = M.MoeLayerWeights(chunks.gate_up, layer.down, layer.nested_map, layer.router_weight,
+                              layer.router_bias)  # fmt: skip
+    with pytest.raises(ValueError, match="order"):
+        M.moe(x, mixed)
+    monkeypatch.setenv("GPTOSS_3090_MOE_DECODE", "2")
+    with pytest.raises(ValueError, match="rows order only"):
+        M.moe(x, chunks)
+    M.moe(x, layer)  # the older kernels still run the rows order
+    monkeypatch.delenv("GPTOSS_3090_MOE_DECODE")
+    gu, dn = chunks.gate_up, chunks.down
+    with pytest.raises(ValueError, match="weights_order"):
+        torch.ops.gptoss_3090.moe_forward(
+            x, layer.workspace(4), gu.packed, gu.absmax, gu.nested_absmax, gu.nested_offset,
+            gu.bias, dn.packed, dn.absmax, dn.nested_absmax, dn.nested_offset, dn.bias,
+            layer.nested_map, layer.router_weight, layer.router_bias, None, None, None, 4,
+            "auto", "columns",
+        )  # fmt: skip
+
+
 def test_errors_on_gpu() -> None:
     layer = make_layer(*SMALL, seed=24)
     x = rand_x(4, layer.hidden)
@@ -393,6 +458,14 @@ def test_opcheck() -> None:
         None,
         None,
         4,
+    )
+    chunks = layer.chunk_major()
+    chunk_args = (*args[:2], chunks.gate_up.packed, *args[3:7], chunks.down.packed, *args[8:],
+                  "auto", "chunks")  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.moe_forward.default,
+        chunk_args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
     torch.library.opcheck(
         torch.ops.gptoss_3090.moe_forward.default,

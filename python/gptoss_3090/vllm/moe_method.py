@@ -30,10 +30,15 @@ back, each expert's bytes exactly as bitsandbytes wrote them):
 ``{p}_nested_quant_map`` f32 [256]        the 8-bit dynamic map (nested only)
 ``{p}_bias``             f32 [E, out]     biases (interleaved like the rows for w13)
 =======================  ===============  =========================================
+
+After loading, ``process_weights_after_loading`` reorders each ``{p}_qweight`` in place into the
+kernels' chunk-major byte order (``gptoss_3090.moe.chunk_major_packed``; the layer's
+``gptoss_weights_order`` says so), unless ``GPTOSS_3090_MOE_WEIGHTS_ORDER=rows``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -290,6 +295,10 @@ def _dequant_experts(layer: torch.nn.Module, proj: str, dtype: torch.dtype) -> t
     layout: Nf4Layout = layer.nf4_layouts[proj]
     shape = (layout.rows[0], layout.cols)
     qweight = getattr(layer, f"{proj}_qweight")
+    if getattr(layer, "gptoss_weights_order", "rows") == "chunks":
+        from gptoss_3090.moe import rows_packed
+
+        qweight = rows_packed(qweight, shape[0], shape[1], gate_up_pairs=proj == "w13")
     absmax = getattr(layer, f"{proj}_absmax")
     experts = []
     for e in range(qweight.shape[0]):
@@ -378,7 +387,35 @@ def _make_kernel_weights(layer: torch.nn.Module) -> Any:
         gate_up=experts("w13"), down=experts("w2"), nested_map=nested_map, top_k=layer.top_k
     )
     weights.check()
+    if getattr(layer, "gptoss_weights_order", "rows") == "chunks":
+        return _as_chunk_major(weights)  # reordered by an earlier call
+    if moe_weights_order() == "chunks":
+        # In place, one expert at a time; the layer remembers it, so that a second call of
+        # process_weights_after_loading and the reference path know the order.
+        weights.chunk_major(in_place=True)
+        layer.gptoss_weights_order = "chunks"
     return weights
+
+
+#: Byte order the plugin serves expert weights in (``GPTOSS_3090_MOE_WEIGHTS_ORDER``):
+#: ``chunks`` (default; reordered at load, read faster by the kernels, same output bit for bit)
+#: or ``rows`` (bitsandbytes' order as loaded; for comparisons).
+WEIGHTS_ORDER_ENV = "GPTOSS_3090_MOE_WEIGHTS_ORDER"
+
+
+def moe_weights_order() -> str:
+    """The expert byte order from :data:`WEIGHTS_ORDER_ENV` (ValueError when unknown)."""
+    order = os.environ.get(WEIGHTS_ORDER_ENV, "chunks").strip() or "chunks"
+    if order not in ("rows", "chunks"):
+        raise ValueError(f"{WEIGHTS_ORDER_ENV}={order!r}: expected 'chunks' (default) or 'rows'")
+    return order
+
+
+def _as_chunk_major(weights: Any) -> Any:
+    """``weights`` marked chunk-major without touching the bytes (already reordered)."""
+    gu = dataclasses.replace(weights.gate_up, order="chunks", gate_up_pairs=True)
+    dn = dataclasses.replace(weights.down, order="chunks", gate_up_pairs=False)
+    return dataclasses.replace(weights, gate_up=gu, down=dn)
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
