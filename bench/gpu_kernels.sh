@@ -26,6 +26,8 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
+#   moetimes    moe_kernel_times.py: each MoE kernel's time per layer (torch.profiler), also
+#               with forced K splits (TIMES_KS) at 1, 4 and 64 tokens
 #   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
 #   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on the q/k/v and o
 #               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
@@ -208,6 +210,17 @@ for step in "$@"; do
       for s in "" ${NF4_SPLITS:-1 2 4 8}; do
         GPTOSS_3090_NF4_SPLITS=$s python3 bench/sweep_nf4_mma.py --ms "${NF4_MS:-32,64,128}" \
           2>&1 | tee -a "$OUT/nf4_sweep.log"
+      done
+      ;;
+    moetimes)
+      # Per-kernel times of the MoE layer (torch.profiler), then with each forced K split of the
+      # streaming kernels at the smallest token counts.
+      python3 bench/moe_kernel_times.py --tokens "${TIMES_TOKENS:-1,2,4,8,16,32,64,128}" \
+        --out "$OUT/moe_times.json" 2>&1 | tee "$OUT/moe_times.log"
+      for ks in ${TIMES_KS:-1 2 4}; do
+        echo "-- GPTOSS_3090_MOE_STREAM_KS=$ks"
+        GPTOSS_3090_MOE_STREAM_KS=$ks python3 bench/moe_kernel_times.py --tokens 1,4,64 \
+          --out "$OUT/moe_times_ks$ks.json" 2>&1 | tee "$OUT/moe_times_ks$ks.log"
       done
       ;;
     dram)
