@@ -26,6 +26,8 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
+#   moetiles    bench_moe.py with the streaming kernels forced to 1 and to 2 column tiles per
+#               pass (TILES_TOKENS)
 #   moetimes    moe_kernel_times.py: each MoE kernel's time per layer (torch.profiler), also
 #               with forced K splits (TIMES_KS) at 1, 4 and 64 tokens
 #   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
@@ -210,6 +212,16 @@ for step in "$@"; do
       for s in "" ${NF4_SPLITS:-1 2 4 8}; do
         GPTOSS_3090_NF4_SPLITS=$s python3 bench/sweep_nf4_mma.py --ms "${NF4_MS:-32,64,128}" \
           2>&1 | tee -a "$OUT/nf4_sweep.log"
+      done
+      ;;
+    moetiles)
+      # The streaming kernels with one 8-column tile per pass (n1) against two (n2), forced
+      # (GPTOSS_3090_MOE_STREAM_TILES), same call.
+      for tiles in 1 2; do
+        echo "-- GPTOSS_3090_MOE_STREAM_TILES=$tiles"
+        GPTOSS_3090_MOE_STREAM_TILES=$tiles bench_moe "tiles$tiles" \
+          --tokens "${TILES_TOKENS:-4,8,9,12,16,24,32,48,64,96,128}" --tunings auto,sm86 \
+          --no-baselines
       done
       ;;
     moetimes)

@@ -260,11 +260,16 @@ def test_from_fused_tiny_checkpoint_is_exact(tmp_path, nested: bool) -> None:
     ck = open_checkpoint(path)
     gu, dn = ck.fused_experts(1, "gate_up"), ck.fused_experts(1, "down")
     w = M.MoeLayerWeights.from_fused(gu, dn, device="cpu")
+    rows = M.MoeLayerWeights.from_fused(gu, dn, device="cpu", weights_order="rows")
+    assert (w.order, rows.order) == ("chunks", "rows")
     assert w.gate_up.nested == nested and w.down.nested == nested
     for e in range(w.experts):
-        assert torch.equal(w.gate_up.dequantize(e, torch.bfloat16), gu.dequantize(e))
-        assert torch.equal(w.down.dequantize(e, torch.bfloat16), dn.dequantize(e))
+        for layer in (w, rows):
+            assert torch.equal(layer.gate_up.dequantize(e, torch.bfloat16), gu.dequantize(e))
+            assert torch.equal(layer.down.dequantize(e, torch.bfloat16), dn.dequantize(e))
     assert torch.equal(w.gate_up.bias, gu.bias.float())
+    with pytest.raises(ValueError, match="weights_order"):
+        M.MoeLayerWeights.from_fused(gu, dn, device="cpu", weights_order="cols")
 
 
 def _row_and_chunk_major(e: int, n: int, k: int, gate_up: bool) -> tuple[torch.Tensor, ...]:

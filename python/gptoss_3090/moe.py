@@ -256,8 +256,17 @@ class MoeLayerWeights:
         device: torch.device | str = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         top_k: int = 4,
+        weights_order: str = "chunks",
     ) -> MoeLayerWeights:
-        """Builds the device container from two checkpoint ``FusedExperts`` (+ router)."""
+        """Builds the device container from two checkpoint ``FusedExperts`` (+ router).
+
+        ``weights_order="chunks"`` (default) reorders the packed bytes for the kernels'
+        faster reads (:meth:`chunk_major`; same results), ``"rows"`` keeps bitsandbytes' order.
+        """
+        if weights_order not in WEIGHTS_ORDERS:
+            raise ValueError(
+                f"weights_order: expected one of {WEIGHTS_ORDERS}, found {weights_order!r}"
+            )
         nmap = _dynamic_map_signed()
         gu = Nf4Experts.from_fused(gate_up, device, nmap)
         dn = Nf4Experts.from_fused(down, device, nmap)
@@ -267,7 +276,8 @@ class MoeLayerWeights:
             rb = torch.as_tensor(router_bias).to(device=device, dtype=torch.float32)
         w = cls(gu, dn, nmap.to(device), rw, rb, top_k)
         w.check()
-        return w
+        # Not in place: on the checkpoint's own device the tensors may share its buffers.
+        return w.chunk_major() if weights_order == "chunks" else w
 
     @property
     def experts(self) -> int:
@@ -329,7 +339,8 @@ class MoeLayerWeights:
         for name, pairs in (("gate_up", True), ("down", False)):
             t: Nf4Experts = getattr(self, name)
             _, n, k = t.shape
-            packed = chunk_major_(t.packed if in_place else t.packed.clone(), n, k, pairs)
+            packed = t.packed if in_place else torch.empty_like(t.packed)
+            _chunk_major_into(packed, t.packed, n, k, pairs)
             reordered = dataclasses.replace(t, packed=packed, order="chunks", gate_up_pairs=pairs)
             setattr(out, name, reordered)
         return out
@@ -396,10 +407,17 @@ def rows_packed(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> to
 def chunk_major_(packed: torch.Tensor, n: int, k: int, gate_up_pairs: bool) -> torch.Tensor:
     """:func:`chunk_major_packed` in place, one expert at a time (temporaries of one expert's
     size, so that a 24 GiB GPU can reorder a loaded model). Returns ``packed``."""
-    _check_reorder_args(packed, n, k)
-    for e in range(packed.shape[0]):
-        packed[e].copy_(chunk_major_packed(packed[e : e + 1], n, k, gate_up_pairs)[0])
+    _chunk_major_into(packed, packed, n, k, gate_up_pairs)
     return packed
+
+
+def _chunk_major_into(
+    dst: torch.Tensor, src: torch.Tensor, n: int, k: int, gate_up_pairs: bool
+) -> None:
+    """``dst[e] = chunk_major_packed(src[e])`` expert by expert (``dst`` may be ``src``)."""
+    _check_reorder_args(src, n, k)
+    for e in range(src.shape[0]):
+        dst[e].copy_(chunk_major_packed(src[e : e + 1], n, k, gate_up_pairs)[0])
 
 
 def _fragment_rows(gate_up_pairs: bool, device: torch.device) -> torch.Tensor:

@@ -640,6 +640,15 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 /// bytes, which the streaming kernels read at a higher rate than the tiled GEMMs decode them.
 pub const STREAM_MAX_TOKENS: usize = 128;
 
+/// Development knob: the streaming kernels' 8-column tiles per pass, 1 (`moe_str_*_n1`) or 2
+/// (`_n2`), instead of the automatic choice (read once per process; for sweeps).
+pub const STREAM_TILES_ENV: &str = "GPTOSS_3090_MOE_STREAM_TILES";
+
+fn stream_tiles_override() -> Result<Option<usize>> {
+    static TILES: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
+    env_count(&TILES, STREAM_TILES_ENV, "1 or 2", |n| n == 1 || n == 2)
+}
+
 fn stream_max_tokens() -> Result<usize> {
     static MAX: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
     Ok(env_count(&MAX, STREAM_MAX_ENV, "a token count", |_| true)?.unwrap_or(STREAM_MAX_TOKENS))
@@ -785,7 +794,8 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
-                launch_stream(&dev, &func, args, &p, if t <= 8 { 1 } else { 2 }, tuning)?;
+                let nt = stream_tiles_override()?.unwrap_or(if t <= 8 { 1 } else { 2 });
+                launch_stream(&dev, &func, args, &p, nt, tuning)?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
                 // moe_dec_up routes (logits) or reads the routing itself and groups per block;
@@ -804,7 +814,8 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            launch_stream(&dev, &func, args, &p, 2, tuning)?;
+            let nt = stream_tiles_override()?.unwrap_or(2);
+            launch_stream(&dev, &func, args, &p, nt, tuning)?;
         }
         Regime::Prefill { bm, stages } => {
             let f = func("moe_group")?;
