@@ -640,6 +640,20 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 /// bytes, which the streaming kernels read at a higher rate than the tiled GEMMs decode them.
 pub const STREAM_MAX_TOKENS: usize = 128;
 
+/// Column tiles (8 routed pairs each) per pass of the streaming kernels: one (`_n1`) while the
+/// experts average at most 4 routed pairs, two (`_n2`) above. An expert with more pairs than a
+/// pass holds streams its weights again per pass, but the one-tile kernels are so much
+/// cheaper per chunk that they win until then (H100, GPT-OSS-20B shapes, same call: 1.17x at
+/// 9-24 tokens, 1.12x at 32, a tie at 48 and 0.86x at 64; bench/results/
+/// h100_2026-11-27_session9).
+pub fn stream_tiles(tokens: usize, topk: usize, experts: usize) -> usize {
+    if tokens.saturating_mul(topk) <= 4 * experts {
+        1
+    } else {
+        2
+    }
+}
+
 /// Development knob: the streaming kernels' 8-column tiles per pass, 1 (`moe_str_*_n1`) or 2
 /// (`_n2`), instead of the automatic choice (read once per process; for sweeps).
 pub const STREAM_TILES_ENV: &str = "GPTOSS_3090_MOE_STREAM_TILES";
@@ -794,7 +808,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
-                let nt = stream_tiles_override()?.unwrap_or(if t <= 8 { 1 } else { 2 });
+                let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
                 launch_stream(&dev, &func, args, &p, nt, tuning)?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
@@ -814,7 +828,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            let nt = stream_tiles_override()?.unwrap_or(2);
+            let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
             launch_stream(&dev, &func, args, &p, nt, tuning)?;
         }
         Regime::Prefill { bm, stages } => {
@@ -1053,6 +1067,19 @@ mod tests {
             workspace_bytes: workspace_bytes(tokens, 2880, 2880, 32, 4).unwrap_or(0),
             weights_order: WeightsOrder::Rows,
         }
+    }
+
+    #[test]
+    fn one_column_tile_while_experts_average_four_pairs() {
+        // GPT-OSS-20B (32 experts, top-4): one tile up to 32 tokens, two from 33.
+        for t in [1, 8, 9, 16, 17, 32] {
+            assert_eq!(stream_tiles(t, 4, 32), 1, "{t} tokens");
+        }
+        for t in [33, 64, 128] {
+            assert_eq!(stream_tiles(t, 4, 32), 2, "{t} tokens");
+        }
+        assert_eq!(stream_tiles(9, 4, 8), 2); // few experts: many pairs each
+        assert_eq!(stream_tiles(usize::MAX, 4, 32), 2);
     }
 
     #[test]

@@ -334,6 +334,25 @@ def test_stream_regime_matches_reference_small_shapes(tokens: int) -> None:
     assert err <= TOL
 
 
+@pytest.mark.parametrize("tokens", [17, 20, 32])
+def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
+    """The streaming regime with one column tile per pass (32 experts averaging at most 4 pairs,
+    moe_str_*_n1 on moe_group's lists), both byte orders, against the fp32 reference."""
+    layer = make_layer(32, SMALL[1], SMALL[2], seed=35)
+    assert M.moe_regime(tokens, 4, 32, "sm90") == "stream"
+    x = rand_x(tokens, layer.hidden, seed=36)
+    ws = layer.workspace(tokens)
+    y = M.moe(x, layer, workspace=ws)
+    ids, wts = M.workspace_routing(ws, tokens, 4)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    err = rel_err(y, ref)
+    print(f"stream one tile T={tokens}: rel err {err:.2e}")
+    assert err <= TOL
+    y_given = M.moe(x, layer, topk_ids=ids, topk_weights=wts)
+    y_chunks = M.moe(x, layer.chunk_major(), topk_ids=ids, topk_weights=wts)
+    assert torch.equal(y_chunks, y_given)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 def test_full_20b_shapes_positive_inputs(tokens: int) -> None:
@@ -374,7 +393,7 @@ def test_chunk_major_order_gives_the_same_bits(tokens: int, nested: bool, tuning
     assert rel_err(y_rows, ref) <= TOL
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 64, 2048])
+@pytest.mark.parametrize("tokens", [1, 16, 32, 64, 2048])
 def test_chunk_major_20b_shapes(tokens: int) -> None:
     """GPT-OSS-20B shapes, chunk-major reordered in place (as the plugin does at load)."""
     layer = make_layer(32, 2880, 2880, seed=42)
