@@ -808,6 +808,54 @@ def test_internal_routing_matches_vllms_routing(loaded) -> None:
     assert torch.equal(chunked, via_vllm)
 
 
+def test_kernel_weights_reorder_experts_once_and_the_reference_follows(
+    loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What process_weights_after_loading does on a GPU, run on the CPU layer: the experts'
+    packed bytes are reordered in place into the kernels' chunk-major order exactly once (a
+    second call only marks the weights), and the torch reference path still computes the same
+    block from the reordered buffers."""
+    from gptoss_3090 import moe as M
+    from gptoss_3090.vllm import moe_method as MM
+
+    spec, model = loaded.spec, loaded.model
+    routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
+    originals = {p: getattr(routed, f"{p}_qweight").detach().clone() for p in ("w13", "w2")}
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, spec.hidden, generator=g).to(torch.bfloat16)
+    vals, ids = torch.topk(torch.randn(6, spec.experts, generator=g), spec.experts_per_token, -1)
+    wts, ids = torch.softmax(vals, dim=-1), ids.to(torch.int32)
+    with torch.no_grad():
+        before = MM.moe_reference(x, routed, wts, ids)
+    try:
+        monkeypatch.setenv(MM.WEIGHTS_ORDER_ENV, "rows")
+        assert MM._make_kernel_weights(routed).order == "rows"
+        assert torch.equal(routed.w13_qweight, originals["w13"])
+        monkeypatch.setenv(MM.WEIGHTS_ORDER_ENV, "chunks")
+        w = MM._make_kernel_weights(routed)
+        assert w.order == "chunks" and routed.gptoss_weights_order == "chunks"
+        for p, t in (("w13", w.gate_up), ("w2", w.down)):
+            _, n, k = t.shape
+            want = M.chunk_major_packed(originals[p], n, k, gate_up_pairs=p == "w13")
+            assert torch.equal(getattr(routed, f"{p}_qweight"), want)
+            assert t.packed.data_ptr() == getattr(routed, f"{p}_qweight").data_ptr()
+        once = routed.w13_qweight.detach().clone()
+        again = MM._make_kernel_weights(routed)  # already reordered: marked, not reordered twice
+        assert again.order == "chunks"
+        assert torch.equal(routed.w13_qweight, once)
+        with torch.no_grad():
+            assert torch.equal(MM.moe_reference(x, routed, wts, ids), before)
+        monkeypatch.setenv(MM.WEIGHTS_ORDER_ENV, "columns")
+        routed.gptoss_weights_order = "rows"
+        with pytest.raises(ValueError, match="GPTOSS_3090_MOE_WEIGHTS_ORDER"):
+            MM._make_kernel_weights(routed)
+    finally:
+        with torch.no_grad():
+            for p, t in originals.items():
+                getattr(routed, f"{p}_qweight").copy_(t)
+        routed.gptoss_weights_order = "rows"
+
+
 def test_bad_checkpoint_gives_clear_error_at_load(cpu_vllm, tmp_path: Path) -> None:
     spec = fx.Spec()
     tensors = fx.build_tensors(spec)
