@@ -447,10 +447,12 @@ __device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
 
 // Weight byte order the streaming kernels of a translation unit read. Rows (the default):
 // bitsandbytes' row-major order, chunk j of a row at byte 64 j. STR_CHUNK_MAJOR (defined before
-// including this header): each 16-row group's chunk j is 1 KB contiguous, [fragment row][64 B],
-// and a final half chunk (K / 64 odd) 512 bytes, [fragment row][32 B]; see
-// bench/bench_moe.py --weights-order chunks. bench/dram_pattern.py read the row order at 0.55x
-// of copy bandwidth on the H100 and the chunk-major order at 0.75x, with no compute.
+// including this header; the `moe_chunks` family, what the vLLM plugin serves): each 16-row
+// group's chunk j is 1 KB contiguous, [fragment row][64 B], and a final half chunk (K / 64 odd)
+// 512 bytes, [fragment row][32 B] (gptoss_3090.moe.chunk_major_packed). bench/dram_pattern.py
+// read the row order at 0.55-0.57x of copy bandwidth on the H100 and the chunk-major order at
+// 0.75-0.80x, with no compute. The NF4 linear's other paths read rows only, so nf4.cu is
+// compiled with STR_CHUNK_MAJOR only for benchmarks (bench_nf4_linear.py --weights-order).
 #ifdef STR_CHUNK_MAJOR
 #define STR_CHUNK_STEP 1024
 #else

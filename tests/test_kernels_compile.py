@@ -168,7 +168,7 @@ def test_chunk_major_moe_family_is_the_moe_source_with_its_define():
 
 
 def test_chunk_major_linear_streaming_variant_compiles():
-    # The experimental STR_CHUNK_MAJOR build of the linear's streaming kernels
+    # The benchmark-only STR_CHUNK_MAJOR build of the linear's streaming kernels
     # (bench_nf4_linear.py --weights-order chunks, gpu_kernels.sh nf4chunks) must keep compiling.
     _nvrtc_or_skip()
     src = "#define STR_CHUNK_MAJOR 1\n" + _native.kernel_source("nf4")
