@@ -26,8 +26,8 @@
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the shapes
-#   moetiles    bench_moe.py with the streaming plan forced (TILES_PLANS, default "1 2 3": one
-#               or two column tiles per pass for every expert, 3 = split by pairs; TILES_TOKENS)
+#   moetiles    bench_moe.py with the streaming kernels forced to 1 and to 2 column tiles per
+#               pass (TILES_TOKENS)
 #   moetimes    moe_kernel_times.py: each MoE kernel's time per layer (torch.profiler), also
 #               with forced K splits (TIMES_KS) at 1, 4 and 64 tokens
 #   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
@@ -215,10 +215,9 @@ for step in "$@"; do
       done
       ;;
     moetiles)
-      # The streaming kernels with one 8-column tile per pass (n1), two (n2), or n1 for the
-      # experts with at most 8 pairs and n2 for the rest (3), forced
+      # The streaming kernels with one 8-column tile per pass (n1) against two (n2), forced
       # (GPTOSS_3090_MOE_STREAM_TILES), same call.
-      for tiles in ${TILES_PLANS:-1 2 3}; do
+      for tiles in 1 2; do
         echo "-- GPTOSS_3090_MOE_STREAM_TILES=$tiles"
         GPTOSS_3090_MOE_STREAM_TILES=$tiles bench_moe "tiles$tiles" \
           --tokens "${TILES_TOKENS:-4,8,9,12,16,24,32,48,64,96,128}" --tunings auto,sm86 \

@@ -111,8 +111,6 @@ struct MoeParams {
     i32 str_grouped; // moe_str_*: 1 = experts and pairs from moe_group, 0 = routed per block
     i32 out_f32;     // ws_out holds f32 (moe_str_down) instead of act dtype (moe_gemm_down)
     i32 str_xcols;   // moe_str_*: activation columns a block stages in shared memory (0: none)
-    i32 str_min_pairs;  // moe_str_*: a block runs only experts with str_min_pairs ..
-    i32 str_max_pairs;  //   str_max_pairs routed pairs (the others belong to another launch)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1330,7 +1328,6 @@ __device__ void moe_str(const MoeParams& p) {
         if ((int)blockIdx.y >= n_active) return;  // block-uniform
         e = ((const int*)p.ws_active)[blockIdx.y];
         cnt = ((const int*)p.ws_counts)[e];
-        if (cnt < p.str_min_pairs || cnt > p.str_max_pairs) return;  // block-uniform
         gpairs = (const int*)p.ws_sorted + ((const int*)p.ws_offsets)[e];
     } else {
         // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
@@ -1339,7 +1336,6 @@ __device__ void moe_str(const MoeParams& p) {
         if ((int)blockIdx.y >= sh.n_experts) return;  // block-uniform
         e = sh.experts[blockIdx.y];
         cnt = dec_expert_pairs(p, sh, e);
-        if (cnt < p.str_min_pairs || cnt > p.str_max_pairs) return;  // block-uniform
     }
 
     const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;

@@ -144,10 +144,6 @@ pub struct MoeParams {
     pub out_f32: i32,
     /// moe_str_*: activation columns a block stages in shared memory (0: none).
     pub str_xcols: i32,
-    /// moe_str_*: a block runs only experts with `str_min_pairs ..= str_max_pairs` routed pairs.
-    pub str_min_pairs: i32,
-    /// See `str_min_pairs`.
-    pub str_max_pairs: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -599,8 +595,6 @@ impl MoeArgs {
             str_grouped: i32::from(matches!(regime, Regime::Stream)),
             out_f32: 0,
             str_xcols: 0,
-            str_min_pairs: 0,
-            str_max_pairs: i32::MAX,
         })
     }
 }
@@ -646,72 +640,27 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 /// bytes, which the streaming kernels read at a higher rate than the tiled GEMMs decode them.
 pub const STREAM_MAX_TOKENS: usize = 128;
 
-/// How the streaming kernels cover the touched experts: which kernels (one or two 8-column
-/// tiles per pass, `_n1` / `_n2`) run which experts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamPlan {
-    /// Every expert in one launch of the given tiles per pass.
-    Tiles(usize),
-    /// Experts with at most 8 routed pairs (one n1 pass) in an n1 launch, the others in an n2
-    /// launch.
-    Split,
-}
-
-/// The plan from the average routed pairs per expert: n1 up to 4 (an expert with more than 8
-/// pairs streams its weights again per pass, but the one-tile kernels are so much cheaper per
-/// chunk that they win until then: H100, GPT-OSS-20B shapes, same call, 1.17x n2 at 9-24 tokens,
-/// 1.12x at 32, a tie at 48, 0.86x at 64; bench/results/h100_2026-11-27_session9), split up to
-/// 12 (many experts still fit one n1 pass), n2 above.
-pub fn stream_plan(tokens: usize, topk: usize, experts: usize) -> StreamPlan {
-    let pairs = tokens.saturating_mul(topk);
-    if pairs <= 4 * experts {
-        StreamPlan::Tiles(1)
-    } else if pairs <= 12 * experts {
-        StreamPlan::Split
+/// Column tiles (8 routed pairs each) per pass of the streaming kernels: one (`_n1`) while the
+/// experts average at most 4 routed pairs, two (`_n2`) above. An expert with more pairs than a
+/// pass holds streams its weights again per pass, but the one-tile kernels are so much
+/// cheaper per chunk that they win until then (H100, GPT-OSS-20B shapes, same call: 1.17x at
+/// 9-24 tokens, 1.12x at 32, a tie at 48 and 0.86x at 64; bench/results/
+/// h100_2026-11-27_session9).
+pub fn stream_tiles(tokens: usize, topk: usize, experts: usize) -> usize {
+    if tokens.saturating_mul(topk) <= 4 * experts {
+        1
     } else {
-        StreamPlan::Tiles(2)
+        2
     }
 }
 
-/// Development knob: force the streaming plan, `1` or `2` (tiles per pass for every expert) or
-/// `3` ([`StreamPlan::Split`]), instead of [`stream_plan`] (read once per process; for sweeps).
+/// Development knob: the streaming kernels' 8-column tiles per pass, 1 (`moe_str_*_n1`) or 2
+/// (`_n2`), instead of the automatic choice (read once per process; for sweeps).
 pub const STREAM_TILES_ENV: &str = "GPTOSS_3090_MOE_STREAM_TILES";
 
-fn stream_plan_override() -> Result<Option<StreamPlan>> {
+fn stream_tiles_override() -> Result<Option<usize>> {
     static TILES: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
-    let forced = env_count(&TILES, STREAM_TILES_ENV, "1, 2 or 3", |n| {
-        (1..=3).contains(&n)
-    })?;
-    Ok(forced.map(|n| {
-        if n == 3 {
-            StreamPlan::Split
-        } else {
-            StreamPlan::Tiles(n)
-        }
-    }))
-}
-
-/// Launches the streaming kernels of `plan` (each launch: gate_up, then down).
-fn launch_stream_plan(
-    dev: &GpuDevice,
-    func: &dyn Fn(&str) -> Result<KernelFn>,
-    args: &MoeArgs,
-    p: &MoeParams,
-    plan: StreamPlan,
-    tuning: Tuning,
-) -> Result<()> {
-    match plan {
-        StreamPlan::Tiles(nt) => launch_stream(dev, func, args, p, nt, tuning),
-        StreamPlan::Split => {
-            let one_pass = 8; // pairs an n1 pass holds
-            let mut q = *p;
-            q.str_max_pairs = one_pass;
-            launch_stream(dev, func, args, &q, 1, tuning)?;
-            q.str_min_pairs = one_pass + 1;
-            q.str_max_pairs = i32::MAX;
-            launch_stream(dev, func, args, &q, 2, tuning)
-        }
-    }
+    env_count(&TILES, STREAM_TILES_ENV, "1 or 2", |n| n == 1 || n == 2)
 }
 
 fn stream_max_tokens() -> Result<usize> {
@@ -859,8 +808,8 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
-                let plan = stream_plan_override()?.unwrap_or(stream_plan(t, k, e));
-                launch_stream_plan(&dev, &func, args, &p, plan, tuning)?;
+                let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
+                launch_stream(&dev, &func, args, &p, nt, tuning)?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
                 // moe_dec_up routes (logits) or reads the routing itself and groups per block;
@@ -879,8 +828,8 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            let plan = stream_plan_override()?.unwrap_or(stream_plan(t, k, e));
-            launch_stream_plan(&dev, &func, args, &p, plan, tuning)?;
+            let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
+            launch_stream(&dev, &func, args, &p, nt, tuning)?;
         }
         Regime::Prefill { bm, stages } => {
             let f = func("moe_group")?;
@@ -1121,19 +1070,16 @@ mod tests {
     }
 
     #[test]
-    fn stream_plan_follows_the_average_pairs_per_expert() {
-        // GPT-OSS-20B (32 experts, top-4): one tile up to 32 tokens, split to 96, two above.
+    fn one_column_tile_while_experts_average_four_pairs() {
+        // GPT-OSS-20B (32 experts, top-4): one tile up to 32 tokens, two from 33.
         for t in [1, 8, 9, 16, 17, 32] {
-            assert_eq!(stream_plan(t, 4, 32), StreamPlan::Tiles(1), "{t} tokens");
+            assert_eq!(stream_tiles(t, 4, 32), 1, "{t} tokens");
         }
-        for t in [33, 64, 96] {
-            assert_eq!(stream_plan(t, 4, 32), StreamPlan::Split, "{t} tokens");
+        for t in [33, 64, 128] {
+            assert_eq!(stream_tiles(t, 4, 32), 2, "{t} tokens");
         }
-        for t in [97, 128] {
-            assert_eq!(stream_plan(t, 4, 32), StreamPlan::Tiles(2), "{t} tokens");
-        }
-        assert_eq!(stream_plan(9, 4, 8), StreamPlan::Split); // few experts: many pairs each
-        assert_eq!(stream_plan(usize::MAX, 4, 32), StreamPlan::Tiles(2));
+        assert_eq!(stream_tiles(9, 4, 8), 2); // few experts: many pairs each
+        assert_eq!(stream_tiles(usize::MAX, 4, 32), 2);
     }
 
     #[test]
@@ -1153,8 +1099,8 @@ mod tests {
 
     #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 22 i32 (kernels/moe.cu MoeParams).
-        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 22 * 4);
+        // 26 pointers + 20 i32 (kernels/moe.cu MoeParams).
+        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 20 * 4);
     }
 
     #[test]

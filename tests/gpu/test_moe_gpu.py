@@ -318,7 +318,7 @@ def test_decode_variants_agree(monkeypatch, tokens: int, nested: bool) -> None:
         M.moe(x, layer, workspace=ws)
 
 
-@pytest.mark.parametrize("tokens", [17, 24, 40, 128])
+@pytest.mark.parametrize("tokens", [17, 40, 128])
 def test_stream_regime_matches_reference_small_shapes(tokens: int) -> None:
     """The streaming regime (moe_group + moe_str_*) on ragged shapes: K / 64 odd (a half
     chunk per row), 8 experts so most get more than 16 tokens (several passes)."""
