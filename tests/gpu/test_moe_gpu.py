@@ -334,9 +334,9 @@ def test_stream_regime_matches_reference_small_shapes(tokens: int) -> None:
     assert err <= TOL
 
 
-@pytest.mark.parametrize("tokens", [17, 20, 32])
+@pytest.mark.parametrize("tokens", [17, 20, 32, 48])
 def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
-    """The streaming regime with one column tile per pass (32 experts averaging at most 4 pairs,
+    """The streaming regime with one column tile per pass (32 experts averaging at most 6 pairs,
     moe_str_*_n1 on moe_group's lists), both byte orders, against the fp32 reference."""
     layer = make_layer(32, SMALL[1], SMALL[2], seed=35)
     assert M.moe_regime(tokens, 4, 32, "sm90") == "stream"
