@@ -188,16 +188,15 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
 
 
 def check_chunk_major(base, n: int, k: int) -> None:
-    """Reorders ``base``'s packed bytes chunk-major in place (gptoss_3090.moe.chunk_major_packed)
+    """Reorders ``base``'s packed bytes chunk-major in place (gptoss_3090.moe.chunk_major_)
     and checks the streaming path (M = 4) against the dequantized row-order weight: only kernels
     built with STR_CHUNK_MAJOR read that order."""
     from gptoss_3090 import ops
-    from gptoss_3090.moe import chunk_major_packed
+    from gptoss_3090.moe import chunk_major_
 
     want_w = base.dequantize().float()
     x = torch.randn(4, k, dtype=torch.bfloat16, device="cuda")
-    flat = base.packed.view(1, -1)
-    flat.copy_(chunk_major_packed(flat, n, k, gate_up_pairs=False))
+    chunk_major_(base.packed.view(1, -1), n, k, gate_up_pairs=False)
     got = ops.nf4_linear(x, base, None, path="auto").float()
     want = x.float() @ want_w.T
     err = float((got - want).norm() / want.norm())

@@ -103,6 +103,18 @@ def check_choice(ours: torch.Tensor, logits: torch.Tensor, k: int, tie_tol: floa
     assert bool((chosen.min(1).values >= srt[:, k - 1] - slack).all())
 
 
+def moe_and_reference(
+    layer: M.MoeLayerWeights, x: torch.Tensor, tuning: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our op routing with the layer's router, and the fp32 reference on the routing it chose:
+    ``(y, ids, weights, reference)``."""
+    ws = layer.workspace(int(x.shape[0]))
+    y = M.moe(x, layer, workspace=ws, tuning=tuning)
+    ids, wts = M.workspace_routing(ws, int(x.shape[0]), layer.top_k)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    return y, ids, wts, ref
+
+
 SMALL = (8, 320, 192)  # E, H, I: partial row tiles (320 = 2.5 x 128), K tails (320 % 128 = 64)
 
 
@@ -324,11 +336,7 @@ def test_stream_regime_matches_reference_small_shapes(tokens: int) -> None:
     chunk per row), 8 experts so most get more than 16 tokens (several passes)."""
     layer = make_layer(*SMALL, seed=33)
     assert M.moe_regime(tokens, 4, SMALL[0], "sm86") == "stream"
-    x = rand_x(tokens, layer.hidden, seed=34)
-    ws = layer.workspace(tokens)
-    y = M.moe(x, layer, workspace=ws)
-    ids, wts = M.workspace_routing(ws, tokens, 4)
-    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    y, _, _, ref = moe_and_reference(layer, rand_x(tokens, layer.hidden, seed=34))
     err = rel_err(y, ref)
     print(f"stream T={tokens}: rel err {err:.2e}")
     assert err <= TOL
@@ -341,10 +349,7 @@ def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
     layer = make_layer(32, SMALL[1], SMALL[2], seed=35)
     assert M.moe_regime(tokens, 4, 32, "sm90") == "stream"
     x = rand_x(tokens, layer.hidden, seed=36)
-    ws = layer.workspace(tokens)
-    y = M.moe(x, layer, workspace=ws)
-    ids, wts = M.workspace_routing(ws, tokens, 4)
-    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    y, ids, wts, ref = moe_and_reference(layer, x)
     err = rel_err(y, ref)
     print(f"stream one tile T={tokens}: rel err {err:.2e}")
     assert err <= TOL
@@ -398,13 +403,10 @@ def test_chunk_major_20b_shapes(tokens: int) -> None:
     """GPT-OSS-20B shapes, chunk-major reordered in place (as the plugin does at load)."""
     layer = make_layer(32, 2880, 2880, seed=42)
     x = rand_x(tokens, 2880, seed=43)
-    ws = layer.workspace(tokens)
-    y_rows = M.moe(x, layer, workspace=ws)
-    ids, wts = M.workspace_routing(ws, tokens, 4)
-    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    y_rows, _, _, ref = moe_and_reference(layer, x)
     same = layer.chunk_major(in_place=True)
     assert same is layer and layer.order == "chunks"
-    y_chunks = M.moe(x, layer, workspace=ws)
+    y_chunks = M.moe(x, layer)
     assert torch.equal(y_chunks, y_rows)
     err = rel_err(y_chunks, ref)
     print(f"20b chunk-major T={tokens}: rel err {err:.2e}")

@@ -38,7 +38,6 @@ kernels' chunk-major byte order (``gptoss_3090.moe.chunk_major_packed``; the lay
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -355,6 +354,7 @@ def _make_kernel_weights(layer: torch.nn.Module) -> Any:
     qweight = layer.w13_qweight
     num_experts, device = qweight.shape[0], qweight.device
     nested = layer.nf4_layouts["w13"].nested
+    order = getattr(layer, "gptoss_weights_order", "rows")  # "chunks" once reordered
 
     def experts(proj: str) -> Any:
         layout: Nf4Layout = layer.nf4_layouts[proj]
@@ -372,6 +372,8 @@ def _make_kernel_weights(layer: torch.nn.Module) -> Any:
             bias=getattr(layer, f"{proj}_bias"),
             shape=(num_experts, layout.rows[0], layout.cols),
             nested=nested,
+            order=order,
+            gate_up_pairs=order == "chunks" and proj == "w13",
         )
 
     if nested:
@@ -387,9 +389,7 @@ def _make_kernel_weights(layer: torch.nn.Module) -> Any:
         gate_up=experts("w13"), down=experts("w2"), nested_map=nested_map, top_k=layer.top_k
     )
     weights.check()
-    if getattr(layer, "gptoss_weights_order", "rows") == "chunks":
-        return _as_chunk_major(weights)  # reordered by an earlier call
-    if moe_weights_order() == "chunks":
+    if order == "rows" and moe_weights_order() == "chunks":
         # In place, one expert at a time; the layer remembers it, so that a second call of
         # process_weights_after_loading and the reference path know the order.
         weights.chunk_major(in_place=True)
@@ -409,13 +409,6 @@ def moe_weights_order() -> str:
     if order not in ("rows", "chunks"):
         raise ValueError(f"{WEIGHTS_ORDER_ENV}={order!r}: expected 'chunks' (default) or 'rows'")
     return order
-
-
-def _as_chunk_major(weights: Any) -> Any:
-    """``weights`` marked chunk-major without touching the bytes (already reordered)."""
-    gu = dataclasses.replace(weights.gate_up, order="chunks", gate_up_pairs=True)
-    dn = dataclasses.replace(weights.down, order="chunks", gate_up_pairs=False)
-    return dataclasses.replace(weights, gate_up=gu, down=dn)
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
