@@ -340,6 +340,8 @@ def test_mixed_or_unknown_orders_are_rejected() -> None:
         dataclasses.replace(layer, gate_up=chunks.gate_up).check()
     with pytest.raises(ValueError, match="order: expected one of"):
         dataclasses.replace(layer, down=dataclasses.replace(layer.down, order="cols")).check()
+    with pytest.raises(ValueError, match="order: expected one of"):
+        dataclasses.replace(layer.down, order="cols").dequantize(0)
     unpaired = dataclasses.replace(chunks.gate_up, gate_up_pairs=False)
     with pytest.raises(ValueError, match="must pair"):
         dataclasses.replace(chunks, gate_up=unpaired).check()

@@ -171,6 +171,8 @@ class Nf4Experts:
         """
         _, n, k = self.shape
         p = self.packed[expert]
+        if self.order not in WEIGHTS_ORDERS:
+            raise ValueError(f"order: expected one of {WEIGHTS_ORDERS}, found {self.order!r}")
         if self.order == "chunks":
             p = rows_packed(p.reshape(1, -1), n, k, self.gate_up_pairs)[0]
         codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
