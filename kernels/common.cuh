@@ -197,6 +197,24 @@ __device__ __forceinline__ u32 smem_addr(const void* ptr) {
     return (u32)__cvta_generic_to_shared(ptr);
 }
 
+// A value the compiler must keep in a register instead of recomputing it where it is used.
+// ptxas rematerialises lane-derived addresses (a few LOP3/IMAD from the lane index) at every use
+// inside the streaming loop, even with registers to spare; the empty asm hides how the value was
+// made, so it is computed once.
+__device__ __forceinline__ u32 opaque(u32 v) {
+    asm volatile("" : "+r"(v));
+    return v;
+}
+
+// One f32 of shared memory by its shared address (tables written before a barrier and only
+// read afterwards, so the load may move freely). On sm_90 a generic pointer to shared memory
+// costs an S2R of the CTA id and a LEA per conversion; the address is computed once instead.
+__device__ __forceinline__ float ld_shared_f32(u32 addr) {
+    float v;
+    asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+    return v;
+}
+
 // 16 bytes of shared memory, volatile like ld_nc_16_if_volatile but without a predicate
 // (activations a block staged).
 __device__ __forceinline__ u32x4 ld_shared_16_volatile(const void* ptr) {
@@ -459,49 +477,104 @@ __device__ __forceinline__ u32 str_pair(const u8* table, u32 w, u32 lane4) {
 #define STR_CHUNK_STEP 64
 #endif
 
-// Per-lane addressing of one warp's stream, fixed for the whole stream.
+// Per-lane addressing of one warp's stream, fixed for the whole stream. A lane copies two 16-byte
+// pieces per chunk: fragment rows lane / 4 and lane / 4 + 8, bytes 16 (lane % 4) .. of the
+// row's 64 (so both pieces lie in the same 64-k block of the chunk), and it lands them 1 KB
+// apart in a stage. One base pointer and fixed distances keep the per-chunk issue to a few
+// adds: the compiler, at the 128-register cap, used to recompute both pieces' addresses from
+// the lane index every chunk (80 of ~220 instructions per chunk, sm_90 SASS).
 struct StrLane {
-    const u8* src[2];  // this lane's two 16-byte pieces of chunk 0
-    int dst[2];        // their offsets in a stage
-    bool hi[2];        // the piece lies in the chunk's second 64-k block
-#ifdef STR_CHUNK_MAJOR
-    int half_back[2];  // chunk-major: the final half chunk packs 32 B per row, so the piece of
-                       // fragment row fr sits 32 fr bytes before where a full chunk's would
+    const u8* src;      // the lane's first piece of chunk 0
+#ifndef STR_CHUNK_MAJOR
+    long long piece2;   // rows: bytes from the first piece to the second (rows fr + 8 vs fr)
 #endif
-    const u8* amb;     // this lane's statistic of chunk 0: u8 code (nested) or f32
+    int dst;            // the first piece's offset in a stage; the second lies 1 KB on
+    bool hi;            // the pieces lie in the chunk's second 64-k block (lane & 2)
+    const u8* amb;      // this lane's statistic of chunk 0: u8 code (nested) or f32
     const float* nested;
-    int blk0;          // block index of that statistic (nested: selects the nested absmax)
+    int blk0;           // block index of that statistic (nested: selects the nested absmax)
 };
 
-// Issues chunk j into `stage`: two 16-byte cp.async per lane (the second block's pieces read
-// nothing past the row end when K / 64 is odd), plus this lane's statistic into registers.
-template <bool NESTED>
-__device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* stage,
-                                          u32& am_raw, float& am_scale) {
-    const bool second = 2 * j + 1 < nkb;  // warp-uniform
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-#ifdef STR_CHUNK_MAJOR
-        const u8* src = l.src[q] + STR_CHUNK_STEP * j - (second ? 0 : l.half_back[q]);
-#else
-        const u8* src = l.src[q] + STR_CHUNK_STEP * j;
-#endif
-        cp_async_16_zfill(stage + l.dst[q], src, (second || !l.hi[q]) ? 16u : 0u);
-    }
-    const bool oka = second || !(threadIdx.x & 1);
-    if (NESTED) {
-        am_raw = ld_nc_u8_if(l.amb + 2 * j, oka);
-        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + ((l.blk0 + 2 * j) >> 8), oka));
-    } else {
-        am_raw = ld_nc_b32_if(l.amb + 8 * j, oka);
-        am_scale = 0.0f;
-    }
+// Offset of the second piece of a lane's pair from the first, in a stage (fragment row + 8).
+#define STR_PIECE2_DST 1024
+
+// Where the next chunk to issue comes from: advanced by one chunk per issue, so an issue is
+// two cp.async, two statistic loads and a few adds.
+struct StrCursor {
+    const u8* src;  // the lane's first piece of chunk j
+    const u8* amb;  // its statistic of chunk j
+    int j;          // the chunk
+};
+
+__device__ __forceinline__ StrCursor str_cursor(const StrLane& l, int j, bool nested) {
+    return StrCursor{l.src + (long long)STR_CHUNK_STEP * j, l.amb + (nested ? 2 : 8) * j, j};
 }
 
-// The activations of (chunk j, block h) for this lane's columns: 16 k each, the B fragments of
-// the block's 4 mma steps. Volatile, so the prefetch stays where it is written (half a chunk
-// ahead of its use) instead of sinking next to the mma. XS: `src` points into shared memory
-// (columns the block staged once, str_stage_x), else into global memory.
+// Issues chunk c.j into the stage at shared address `stage` (the lane's first piece's address
+// in it: the ring's stage + StrLane::dst) and advances the cursor: two 16-byte cp.async per
+// lane, plus this lane's statistic into registers. A final half chunk (K / 64 odd) reads nothing
+// past the row end: its second block's pieces are zero-filled. `full_chunks` = K / 128: chunk j
+// is whole iff j < full_chunks. `half_back`: chunk-major only (str_half_back).
+template <bool NESTED>
+__device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int full_chunks,
+                                          u32 stage, u32 half_back, u32& am_raw,
+                                          float& am_scale) {
+    const bool second = c.j < full_chunks;  // warp-uniform
+#ifdef STR_CHUNK_MAJOR
+    if (second) {
+        cp_async_16_zfill_s(stage, c.src, 16u);
+        cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + 512, 16u);
+    } else {
+        // A final half chunk packs 32 bytes per fragment row: the lane's rows start 32 fr
+        // bytes before a full chunk's, and its two rows lie 256 bytes apart instead of 512.
+        const u8* s0 = c.src - half_back;
+        const u32 bytes = l.hi ? 0u : 16u;
+        cp_async_16_zfill_s(stage, s0, bytes);
+        cp_async_16_zfill_s(stage + STR_PIECE2_DST, s0 + 256, bytes);
+    }
+#else
+    (void)half_back;
+    const u32 bytes = (second || !l.hi) ? 16u : 0u;
+    cp_async_16_zfill_s(stage, c.src, bytes);
+    cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + l.piece2, bytes);
+#endif
+    const bool oka = second || !(threadIdx.x & 1);
+    if (NESTED) {
+        am_raw = ld_nc_u8_if(c.amb, oka);
+        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + ((l.blk0 + 2 * c.j) >> 8), oka));
+    } else {
+        am_raw = ld_nc_b32_if(c.amb, oka);
+        am_scale = 0.0f;
+    }
+    c.src += STR_CHUNK_STEP;
+    c.amb += NESTED ? 2 : 8;
+    c.j += 1;
+}
+
+// Chunk-major: how far a lane's first piece of a final half chunk lies before a full chunk's
+// (32 bytes per fragment row before its row lane / 4).
+__device__ __forceinline__ u32 str_half_back() { return opaque(8 * (threadIdx.x & 28)); }
+
+// Where a lane's activations of the current chunk come from, per column tile: shared memory
+// (XS: columns the block staged, str_stage_x) or global memory, at the lane's 16 k of block 0
+// of the chunk; block 1 lies 128 bytes on, the next chunk 256.
+template <int NT>
+struct StrX {
+    const u8* p[NT];
+};
+
+template <int NT>
+__device__ __forceinline__ StrX<NT> str_x_at(const u16* const (&src)[NT], int j) {
+    StrX<NT> x;
+    const int k0 = 128 * j + 16 * (threadIdx.x & 3);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) x.p[nt] = (const u8*)(src[nt] + k0);
+    return x;
+}
+
+// The activations of block h of the chunk `x` points at, for this lane's columns: 16 k each, the
+// B fragments of the block's 4 mma steps. Volatile, so the prefetch stays where it is written
+// (half a chunk ahead of its use) instead of sinking next to the mma.
 // - Global: a lane past the last column (bit nt of `cols` clear) loads nothing and gets zeros,
 //   so no L1 wavefronts go to it (unpredicated repeats measured 3% slower on the linear, M=4).
 // - Shared: the load is not predicated; the caller points such a lane at the last column, and
@@ -509,30 +582,34 @@ __device__ __forceinline__ void str_issue(const StrLane& l, int j, int nkb, u8* 
 //   load (ncu: a seventh of the loop at two tiles); without them the MoE ran 2-4% faster at 1-8
 //   tokens (H100, same call).
 template <int NT, bool XS>
-__device__ __forceinline__ void str_load_x(const u16* const (&src)[NT], u32 cols, int j, int h,
+__device__ __forceinline__ void str_load_x(const StrX<NT>& x, u32 cols, int h,
                                            u32 (&xw)[NT][8]) {
-    const int k0 = 128 * j + 64 * h + 16 * (threadIdx.x & 3);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const bool live = (cols >> nt) & 1u;
-        const u32x4 v0 = XS ? ld_shared_16_volatile(src[nt] + k0)
-                            : ld_nc_16_if_volatile(src[nt] + k0, live);
-        const u32x4 v1 = XS ? ld_shared_16_volatile(src[nt] + k0 + 8)
-                            : ld_nc_16_if_volatile(src[nt] + k0 + 8, live);
+        const u8* at = x.p[nt] + 128 * h;
+        const u32x4 v0 = XS ? ld_shared_16_volatile(at) : ld_nc_16_if_volatile(at, live);
+        const u32x4 v1 = XS ? ld_shared_16_volatile(at + 16) : ld_nc_16_if_volatile(at + 16, live);
         xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
         xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
     }
 }
 
-// acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage, with the
-// block's absmax (sc0: row g, sc1: row g + 8) applied to the fp32 products.
+template <int NT>
+__device__ __forceinline__ void str_x_next(StrX<NT>& x) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) x.p[nt] += 256;
+}
+
+// acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage (`rd`: this
+// lane's 8 bytes of row g of block h in it; row g + 8 lies 1 KB on), with the block's absmax
+// (sc0: row g, sc1: row g + 8) applied to the fp32 products.
 template <int DTYPE, int NT>
-__device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h, float sc0,
-                                         float sc1, const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const u32 lane4 = 4 * lane;
-    const u32x2 wa = *(const u32x2*)(stage + str_row_off(g, h) + 8 * c);
-    const u32x2 wb = *(const u32x2*)(stage + str_row_off(g + 8, h) + 8 * c);
+__device__ __forceinline__ void str_half(const u8* table, const u8* rd, float sc0, float sc1,
+                                         const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
+    const u32 lane4 = 4 * (threadIdx.x & 31);
+    const u32x2 wa = *(const u32x2*)rd;
+    const u32x2 wb = *(const u32x2*)(rd + STR_PIECE2_DST);
     float d[NT][4];
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -566,8 +643,10 @@ __device__ __forceinline__ void str_half(const u8* table, const u8* stage, int h
     }
 }
 
-// The statistics of the chunks in a warp's ring: raw code or f32 bits, and the nested absmax.
+// The state of a warp's stream between str_prime and str_stream: the issue cursor and the
+// statistics of the chunks in its ring (raw code or f32 bits, and the nested absmax).
 struct StrStats {
+    StrCursor cur;
     u32 raw[STR_DEPTH];
     float scl[STR_DEPTH];
 };
@@ -580,10 +659,13 @@ template <bool NESTED>
 __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int nkb, u8* ring,
                                           StrStats& st) {
     __syncwarp();  // every lane is done reading the ring (a previous pass)
+    st.cur = str_cursor(l, jb, NESTED);
+    const u32 dst = smem_addr(ring) + l.dst, half_back = str_half_back();
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
         if (u < n)
-            str_issue<NESTED>(l, jb + u, nkb, ring + u * STR_STAGE_STRIDE, st.raw[u], st.scl[u]);
+            str_issue<NESTED>(l, st.cur, nkb >> 1, dst + u * STR_STAGE_STRIDE, half_back,
+                              st.raw[u], st.scl[u]);
         cp_async_commit();
     }
 }
@@ -592,7 +674,7 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
 // str_prime. The weights arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations
 // (L1 or L2 hits, but on the critical path of every mma) half a chunk ahead through registers:
 // block 1 of a chunk loads while block 0 computes, and block 0 of the next chunk while block 1
-// computes.
+// computes. Every per-chunk address is a running pointer or a fixed offset from one.
 template <int DTYPE, int NT, bool NESTED, bool XS>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, StrStats& st,
@@ -600,36 +682,49 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
                                            const float* nmap, float (&acc)[NT][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2;
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
+    const int full_chunks = nkb >> 1;
     u32 (&raw)[STR_DEPTH] = st.raw;
     float (&scl)[STR_DEPTH] = st.scl;
+    // Lane constants, computed once (opaque): the lane's piece destination in stage 0, the
+    // final half chunk's offset, the nested code map's address, the lanes holding the
+    // statistics of rows g and g + 8 for blocks 0 and 1 of a chunk.
+    const u32 dst = opaque(smem_addr(ring) + l.dst), half_back = str_half_back();
+    const u32 nmap_s = opaque(smem_addr(nmap));
+    const int sl00 = (int)opaque(2 * g), sl01 = (int)opaque(16 + 2 * g);
+    const int sl10 = (int)opaque(2 * g + 1), sl11 = (int)opaque(17 + 2 * g);
+    // This lane's 8 bytes of row g, block 0 and block 1, in stage 0 (str_row_off's layout).
+    const u8* rd0 = ring + str_row_off(g, 0) + 8 * (lane & 3);
+    const u8* rd1 = ring + str_row_off(g, 1) + 8 * (lane & 3);
+    StrX<NT> x = str_x_at<NT>(src, jb);
     u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
-    str_load_x<NT, XS>(src, cols, jb, 0, x0);
+    str_load_x<NT, XS>(x, cols, 0, x0);
     for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
 #pragma unroll
         for (int u = 0; u < STR_DEPTH; ++u) {
-            const int i = i0 + u, j = jb + i0 + u;
+            const int i = i0 + u;
             if (i >= n) break;  // warp-uniform
             const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
             __syncwarp();  // every lane is done reading stage nu
             if (i + STR_DEPTH - 1 < n)
-                str_issue<NESTED>(l, j + STR_DEPTH - 1, nkb, ring + nu * STR_STAGE_STRIDE,
+                str_issue<NESTED>(l, st.cur, full_chunks, dst + nu * STR_STAGE_STRIDE, half_back,
                                   raw[nu], scl[nu]);
             cp_async_commit();
-            const bool second = 2 * j + 1 < nkb;  // warp-uniform: odd block count
-            if (second) str_load_x<NT, XS>(src, cols, j, 1, x1);
+            const bool second = jb + i < full_chunks;  // warp-uniform: odd block count
+            if (second) str_load_x<NT, XS>(x, cols, 1, x1);
             cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
             __syncwarp();                    // ... and every other lane's
             // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
-            const float am = (NESTED ? __fadd_rn(__fmul_rn(nmap[raw[u]], scl[u]), am_off)
-                                     : __uint_as_float(raw[u])) * inv_gamma;
-            const u8* stage = ring + u * STR_STAGE_STRIDE;
-            const float s00 = __shfl_sync(0xffffffffu, am, 2 * g);
-            const float s01 = __shfl_sync(0xffffffffu, am, 16 + 2 * g);
-            const float s10 = __shfl_sync(0xffffffffu, am, 2 * g + 1);
-            const float s11 = __shfl_sync(0xffffffffu, am, 16 + 2 * g + 1);
-            str_half<DTYPE, NT>(table, stage, 0, s00, s01, x0, acc);
-            if (i + 1 < n) str_load_x<NT, XS>(src, cols, j + 1, 0, x0);
-            if (second) str_half<DTYPE, NT>(table, stage, 1, s10, s11, x1, acc);
+            const float am =
+                (NESTED ? __fadd_rn(__fmul_rn(ld_shared_f32(nmap_s + 4 * raw[u]), scl[u]), am_off)
+                        : __uint_as_float(raw[u])) * inv_gamma;
+            const float s00 = __shfl_sync(0xffffffffu, am, sl00);
+            const float s01 = __shfl_sync(0xffffffffu, am, sl01);
+            const float s10 = __shfl_sync(0xffffffffu, am, sl10);
+            const float s11 = __shfl_sync(0xffffffffu, am, sl11);
+            str_half<DTYPE, NT>(table, rd0 + u * STR_STAGE_STRIDE, s00, s01, x0, acc);
+            str_x_next<NT>(x);
+            if (i + 1 < n) str_load_x<NT, XS>(x, cols, 0, x0);
+            if (second) str_half<DTYPE, NT>(table, rd1 + u * STR_STAGE_STRIDE, s10, s11, x1, acc);
         }
     }
     cp_async_wait<0>();

@@ -1353,21 +1353,20 @@ __device__ void moe_str(const MoeParams& p) {
     StrLane l;
     {
         const u8* packed = (const u8*)(UP ? p.gu_packed : p.dn_packed) + ee * ((long long)N * krow);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+        // The lane's pieces: fragment rows fr and fr + 8, bytes 16 (lane % 4) .. of each row's
+        // 64 bytes of a chunk.
+        const int fr = lane >> 2;
 #ifdef STR_CHUNK_MAJOR
-            // The group's bytes start where its first row's would; inside, fragment row order.
-            const int gr = active ? r0 : 0;
-            l.src[q] = packed + (long long)gr * krow + 64 * fr + 16 * c4;
-            l.half_back[q] = 32 * fr;
+        // The group's bytes start where its first row's would; inside, fragment row order.
+        l.src = packed + (long long)(active ? r0 : 0) * krow + 16 * lane;
 #else
-            const int mr = active ? str_mem_row<UP>(r0, fr) : 0;
-            l.src[q] = packed + (long long)mr * krow + 16 * c4;
+        const int mr0 = active ? str_mem_row<UP>(r0, fr) : 0;
+        const int mr1 = active ? str_mem_row<UP>(r0, fr + 8) : 0;
+        l.src = packed + (long long)mr0 * krow + 16 * (lane & 3);
+        l.piece2 = (long long)(mr1 - mr0) * krow;
 #endif
-            l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
-            l.hi[q] = (c4 >> 1) != 0;
-        }
+        l.dst = str_row_off(fr, (lane >> 1) & 1) + 16 * (lane & 1);
+        l.hi = (lane & 2) != 0;
         Dec2Rows r;
         dec2_expert_stats(UP ? p.gu_absmax : p.dn_absmax, UP ? p.gu_nested : p.dn_nested,
                           UP ? p.gu_offset : p.dn_offset, NESTED ? 1 : 0,

@@ -241,10 +241,11 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
 }
 
 // Blocks per SM of the linear's streaming kernels. Two token tiles (9..16 tokens) at 2 blocks
-// per SM spill a few registers on sm_90 (the activation pointers of 16 columns plus the two
-// buffers), yet measured faster than 1 block per SM without spills (H100, M=16: 12.8 vs 14.2 us
-// on 5760x2880, bench/results/vllm_e2e_h100_2026-11-26_sitting4).
-// tests/test_kernels_compile.py allows these spills (bounded), citing that measurement.
+// per SM spilled a few registers on sm_90 before the streaming core kept its addresses in
+// running pointers (session 10: 119 registers, no spills), and even then measured faster than
+// 1 block per SM without spills (H100, M=16: 12.8 vs 14.2 us on 5760x2880,
+// bench/results/vllm_e2e_h100_2026-11-26_sitting4). tests/test_kernels_compile.py bounds the
+// spills.
 #define STR_LINEAR_MIN_BLOCKS_N1 STR_MIN_BLOCKS_N1
 #ifndef STR_LINEAR_MIN_BLOCKS_N2
 #define STR_LINEAR_MIN_BLOCKS_N2 STR_MIN_BLOCKS_N2
@@ -268,20 +269,19 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     int unused;
     const SegView v = seg_view(p, active ? r0 : 0, unused);
     StrLane l;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int pi = lane + 32 * q, fr = pi >> 2, c4 = pi & 3;
+    // The lane's pieces: fragment rows fr and fr + 8, bytes 16 (lane % 4) .. of each row's 64
+    // bytes of a chunk.
+    const int fr = lane >> 2;
 #ifdef STR_CHUNK_MAJOR
-        // Benchmark build (bench_nf4_linear.py --weights-order chunks): the segment's 16-row
-        // groups chunk-major from its first row (segments start at multiples of 16 rows).
-        l.src[q] = v.packed + (long long)local * krow + 64 * fr + 16 * c4;
-        l.half_back[q] = 32 * fr;
+    // Benchmark build (bench_nf4_linear.py --weights-order chunks): the segment's 16-row
+    // groups chunk-major from its first row (segments start at multiples of 16 rows).
+    l.src = v.packed + (long long)local * krow + 16 * lane;
 #else
-        l.src[q] = v.packed + (long long)(local + fr) * krow + 16 * c4;
+    l.src = v.packed + (long long)(local + fr) * krow + 16 * (lane & 3);
+    l.piece2 = 8LL * krow;
 #endif
-        l.dst[q] = str_row_off(fr, c4 >> 1) + 16 * (c4 & 1);
-        l.hi[q] = (c4 >> 1) != 0;
-    }
+    l.dst = str_row_off(fr, (lane >> 1) & 1) + 16 * (lane & 1);
+    l.hi = (lane & 2) != 0;
     l.blk0 = (local + (lane >> 1)) * nkb + (lane & 1);
     l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
     l.nested = v.nested_absmax;
