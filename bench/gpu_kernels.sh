@@ -33,6 +33,8 @@
 #   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
 #   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on the q/k/v and o
 #               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
+#   moebase     bench_moe.py at VARIANT_TOKENS (default 1-128) with the wheel in .gpu-wheel-base,
+#               then the carried one, twice in alternation (carry both)
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
@@ -256,6 +258,20 @@ for step in "$@"; do
         PYTHONPATH=$gp python3 bench/bench_nf4_linear.py --shapes 5760x2880,5120x2880,2880x4096,4096x2880 \
           --ms "${NF4_MS:-32,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
           --out "$OUT/nf4_wheel_$w.json" 2>&1 | tee "$OUT/nf4_wheel_$w.log" | grep -v "^wrote"
+      done
+      ;;
+    moebase)
+      # The MoE layer with a baseline wheel (.gpu-wheel-base: its Rust launch choices and
+      # kernels) and then the carried wheel, twice in alternation (base, head, base, head) so
+      # that drift shows, same call.
+      mkdir -p /tmp/gp_base
+      pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+      for w in base head base2 head2; do
+        gp=/tmp/gp
+        case $w in base*) gp=/tmp/gp_base ;; esac
+        echo "-- wheel $w"
+        PYTHONPATH=$gp bench_moe "wheel_$w" --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
+          --tunings "${MOE_TUNINGS:-auto}" --no-baselines
       done
       ;;
     nf4bench)
