@@ -52,6 +52,11 @@ export GPTOSS_3090_GIT_COMMIT=$commit
 { date -u; echo "commit $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } \
   | tee "$OUT/card.txt"
 
+install_base_wheel() {  # .gpu-wheel-base into /tmp/gp_base (moebase, nf4base)
+  mkdir -p /tmp/gp_base
+  pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+}
+
 bench_moe() {  # name, then bench_moe.py arguments
   local name=$1
   shift
@@ -249,8 +254,7 @@ for step in "$@"; do
     nf4base)
       # The linear on the q/k/v and o shapes with a baseline wheel (.gpu-wheel-base: its Rust
       # launch choices and kernels) and then the carried wheel, same call.
-      mkdir -p /tmp/gp_base
-      pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+      install_base_wheel
       for w in base head; do
         gp=/tmp/gp
         [ $w = base ] && gp=/tmp/gp_base
@@ -264,8 +268,7 @@ for step in "$@"; do
       # The MoE layer with a baseline wheel (.gpu-wheel-base: its Rust launch choices and
       # kernels) and then the carried wheel, twice in alternation (base, head, base, head) so
       # that drift shows, same call.
-      mkdir -p /tmp/gp_base
-      pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+      install_base_wheel
       for w in base head base2 head2; do
         gp=/tmp/gp
         case $w in base*) gp=/tmp/gp_base ;; esac

@@ -51,6 +51,13 @@ __all__ = [
 #: checkpoints) and ``"chunks"`` (:func:`chunk_major_packed`, what the vLLM plugin serves).
 WEIGHTS_ORDERS = ("rows", "chunks")
 
+
+def _check_weights_order(what: str, order: str) -> None:
+    """Raises ``ValueError`` naming ``what`` unless ``order`` is one of :data:`WEIGHTS_ORDERS`."""
+    if order not in WEIGHTS_ORDERS:
+        raise ValueError(f"{what}: expected one of {WEIGHTS_ORDERS}, found {order!r}")
+
+
 _BLOCK = 64
 _NESTED_BLOCK = 256
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
@@ -171,8 +178,7 @@ class Nf4Experts:
         """
         _, n, k = self.shape
         p = self.packed[expert]
-        if self.order not in WEIGHTS_ORDERS:
-            raise ValueError(f"order: expected one of {WEIGHTS_ORDERS}, found {self.order!r}")
+        _check_weights_order("order", self.order)
         if self.order == "chunks":
             p = rows_packed(p.reshape(1, -1), n, k, self.gate_up_pairs)[0]
         codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
@@ -265,10 +271,7 @@ class MoeLayerWeights:
         ``weights_order="chunks"`` (default) reorders the packed bytes for the kernels'
         faster reads (:meth:`chunk_major`; same results), ``"rows"`` keeps bitsandbytes' order.
         """
-        if weights_order not in WEIGHTS_ORDERS:
-            raise ValueError(
-                f"weights_order: expected one of {WEIGHTS_ORDERS}, found {weights_order!r}"
-            )
+        _check_weights_order("weights_order", weights_order)
         nmap = _dynamic_map_signed()
         gu = Nf4Experts.from_fused(gate_up, device, nmap)
         dn = Nf4Experts.from_fused(down, device, nmap)
@@ -306,10 +309,7 @@ class MoeLayerWeights:
                 "[E, 2I, H] and [E, H, I]"
             )
         for name, t in (("gate_up", self.gate_up), ("down", self.down)):
-            if t.order not in WEIGHTS_ORDERS:
-                raise ValueError(
-                    f"{name}.order: expected one of {WEIGHTS_ORDERS}, found {t.order!r}"
-                )
+            _check_weights_order(f"{name}.order", t.order)
         if self.gate_up.order != self.down.order:
             raise ValueError(
                 f"gate_up and down: expected one byte order, found {self.gate_up.order!r} and "
@@ -609,11 +609,7 @@ def _launch(
     tuning: str,
     weights_order: str,
 ) -> str:
-    _need(
-        weights_order in WEIGHTS_ORDERS,
-        ValueError,
-        f"weights_order: expected one of {WEIGHTS_ORDERS}, found {weights_order!r}",
-    )
+    _check_weights_order("weights_order", weights_order)
     t, h, i, e, mode = _check_args(
         x, workspace, gu, dn, nested_map, router_weight, router_bias, router_logits, topk_ids,
         topk_weights, top_k,
