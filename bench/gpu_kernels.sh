@@ -35,6 +35,10 @@
 #               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
 #   moebase     bench_moe.py at VARIANT_TOKENS (default 1-128) with the wheel in .gpu-wheel-base,
 #               then the carried one, twice in alternation (carry both)
+#   moewheels   bench_moe.py at VARIANT_TOKENS with each wheel in .gpu-wheels/<name>/, all of them
+#               in turn, twice (carry .gpu-wheels): patches that change Rust launch choices too
+#   nf4wheels   bench_nf4_linear.py at NF4_MS (default 1,4,16) with each wheel in .gpu-wheels/,
+#               twice in turn
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
@@ -55,6 +59,15 @@ export GPTOSS_3090_GIT_COMMIT=$commit
 install_base_wheel() {  # .gpu-wheel-base into /tmp/gp_base (moebase, nf4base)
   mkdir -p /tmp/gp_base
   pip install -q --no-deps --upgrade --target /tmp/gp_base .gpu-wheel-base/*.whl >> "$OUT/pip.log" 2>&1
+}
+
+install_wheels() {  # each .gpu-wheels/<name>/*.whl into /tmp/gpw/<name> (moewheels, nf4wheels)
+  local d
+  for d in .gpu-wheels/*/; do
+    [ -d "/tmp/gpw/$(basename "$d")" ] && continue
+    mkdir -p "/tmp/gpw/$(basename "$d")"
+    pip install -q --no-deps --target "/tmp/gpw/$(basename "$d")" "$d"*.whl >> "$OUT/pip.log" 2>&1
+  done
 }
 
 bench_moe() {  # name, then bench_moe.py arguments
@@ -275,6 +288,29 @@ for step in "$@"; do
         echo "-- wheel $w"
         PYTHONPATH=$gp bench_moe "wheel_$w" --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
           --tunings "${MOE_TUNINGS:-auto}" --no-baselines
+      done
+      ;;
+    moewheels)
+      install_wheels
+      for round in 1 2; do
+        for d in /tmp/gpw/*/; do
+          w=$(basename "$d")
+          echo "-- wheel $w, round $round"
+          PYTHONPATH=$d bench_moe "wheel_${w}_$round" --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
+            --tunings "${MOE_TUNINGS:-auto}" --no-baselines
+        done
+      done
+      ;;
+    nf4wheels)
+      install_wheels
+      for round in 1 2; do
+        for d in /tmp/gpw/*/; do
+          w=$(basename "$d")
+          echo "-- wheel $w, round $round"
+          PYTHONPATH=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
+            --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb \
+            --out "$OUT/nf4_wheel_${w}_$round.json" 2>&1 | tee "$OUT/nf4_wheel_${w}_$round.log" | grep -v "^wrote"
+        done
       done
       ;;
     nf4bench)

@@ -1339,12 +1339,19 @@ __device__ void moe_str(const MoeParams& p) {
     }
 
     const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;
-    const int ks = p.str_ks, groups = STR_WARPS / ks;
+    const int ks = p.str_ks;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int rg = warp / ks, kp = warp % ks;
-    const int r0 = (blockIdx.x * groups + rg) * 16;  // first memory row of the warp's group
-    const bool active = r0 < N;  // warp-uniform; N is a multiple of 16, so all 16 rows exist
+    // The block's 16-row groups of the expert: an even share of them, [g_lo, g_hi), at most
+    // STR_WARPS / ks. The launch gives every expert slot at least the blocks that bound needs,
+    // and more when a few experts would otherwise leave SMs unevenly loaded
+    // (ops::moe::stream_columns); the rows and their arithmetic are the same either way.
+    const int gpe = N / 16;
+    const int g_lo = (int)((long long)blockIdx.x * gpe / gridDim.x);
+    const int g_hi = (int)((long long)(blockIdx.x + 1) * gpe / gridDim.x);
+    const bool active = g_lo + rg < g_hi;  // warp-uniform
+    const int r0 = (g_lo + rg) * 16;      // first memory row of the warp's group
     const int nkb = K / 64, nchunks = (nkb + 1) / 2, krow = K / 2;
     const int per = nchunks / ks, extra = nchunks % ks;
     const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
@@ -1378,7 +1385,14 @@ __device__ void moe_str(const MoeParams& p) {
         am_off = r.offset;
     }
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
-    const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+    // This lane's two bias values (gate and up of pair r0 / 2 + g, or rows r0 + g and r0 + g + 8),
+    // loaded now so that their latency hides under the stream instead of following it.
+    float bias0 = 0.0f, bias1 = 0.0f;
+    if (active) {
+        const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+        bias0 = ld_nc_f32(bias + (UP ? r0 + 2 * g : r0 + g));
+        bias1 = ld_nc_f32(bias + (UP ? r0 + 2 * g + 1 : r0 + g + 8));
+    }
 
     // The activations of the pair (token, k) m of this expert: the token's x (gate_up) or the
     // pair's h (down).
@@ -1425,14 +1439,13 @@ __device__ void moe_str(const MoeParams& p) {
                     const long long pr = gpairs ? gpairs[m] : sh.pairs[m];
                     if (UP) {
                         const int jp = r0 / 2 + g;  // gate/up pair: rows 2 jp, 2 jp + 1
-                        const float hv = swiglu_oai(acc[nt][q] + bias[2 * jp],
-                                                    acc[nt][2 + q] + bias[2 * jp + 1]);
+                        const float hv = swiglu_oai(acc[nt][q] + bias0, acc[nt][2 + q] + bias1);
                         ((u16*)p.ws_h)[pr * p.I + jp] = f32_to_half<DTYPE>(hv);
                     } else {
                         // fp32, so moe_combine rounds each token's sum once (as a fused combine)
                         float* o = (float*)p.ws_out + pr * p.H;
-                        o[r0 + g] = acc[nt][q] + bias[r0 + g];
-                        o[r0 + g + 8] = acc[nt][2 + q] + bias[r0 + g + 8];
+                        o[r0 + g] = acc[nt][q] + bias0;
+                        o[r0 + g + 8] = acc[nt][2 + q] + bias1;
                     }
                 }
         }

@@ -655,6 +655,27 @@ pub fn stream_tiles(tokens: usize, topk: usize, experts: usize) -> usize {
     }
 }
 
+/// Blocks per expert slot of a streaming launch: `groups` 16-row groups per expert, `slots`
+/// expert slots, at most `per_block` groups per block, `resident` blocks at once. The kernel
+/// gives each block an even share of its expert's groups, so any count from
+/// ceil(groups / per_block) up to `groups` covers them. With few experts (one token touches
+/// four) the fewest blocks would leave SMs unevenly loaded: 180 gate_up blocks on 132 SMs put
+/// two blocks (16 warps) on 48 SMs and one on the rest, and an SM streams at about the same
+/// rate with 8 or 16 warps (H100, session 9-10 kernel times), so the 2-block SMs set the time.
+/// Spreading the groups over every resident block instead gives each SM about the same share.
+/// Only a launch that fits in one wave is spread: the slots count every expert a launch may
+/// touch (the kernel learns the touched ones), so with several waves a wider grid mostly adds
+/// blocks for experts that are not there. H100, session 11: 1.06x at 1 token, unchanged from 4
+/// to 16 tokens (a spread over several waves measured 1-2% slower there).
+pub fn stream_columns(groups: usize, slots: usize, per_block: usize, resident: usize) -> usize {
+    let fewest = groups.div_ceil(per_block.max(1)).max(1);
+    let slots = slots.max(1);
+    if fewest * slots > resident {
+        return fewest;
+    }
+    (resident / slots).clamp(fewest, groups.max(fewest))
+}
+
 /// Development knob: the streaming kernels' 8-column tiles per pass, 1 (`moe_str_*_n1`) or 2
 /// (`_n2`), instead of the automatic choice (read once per process; for sweeps).
 pub const STREAM_TILES_ENV: &str = "GPTOSS_3090_MOE_STREAM_TILES";
@@ -745,10 +766,13 @@ fn launch_stream(
         let mut q = *p;
         q.str_ks = to_i32("k split", ks)?;
         q.str_xcols = to_i32("staged columns", xcols)?;
-        let gx = u32_of(name, rows.div_ceil(16 * (STR_WARPS / ks)))?;
-        // SAFETY: as in moe_forward; the grid covers rows / (16 * 8 / ks) blocks per expert
-        // slot; the dynamic shared memory holds the table and the `xcols` staged columns the
-        // kernel indexes.
+        let gx = u32_of(
+            name,
+            stream_columns(rows / 16, slots, STR_WARPS / ks, resident),
+        )?;
+        // SAFETY: as in moe_forward; the grid gives every expert slot at least rows / (16 * 8 /
+        // ks) blocks (each covers at most 8 / ks groups) and at most one per group; the dynamic
+        // shared memory holds the table and the `xcols` staged columns the kernel indexes.
         unsafe {
             dev.launch(
                 &f,
@@ -1013,6 +1037,35 @@ mod tests {
             err.contains(DECODE_VARIANT_ENV) && err.contains("\"4\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn stream_columns_spread_few_experts_over_every_sm() {
+        // H100, 2 blocks per SM (264 resident). One token: gate_up 360 groups x 4 experts, 8 per
+        // block (K split 1) -> 66 blocks per expert (5-6 groups each) instead of 45; down 180
+        // groups, 4 per block (K split 2) -> 66 instead of 45.
+        assert_eq!(stream_columns(360, 4, 8, 264), 66);
+        assert_eq!(stream_columns(180, 4, 4, 264), 66);
+        // Two tokens (8 slots) need two waves: the fewest blocks.
+        assert_eq!(stream_columns(360, 8, 8, 264), 45);
+        assert_eq!(stream_columns(360, 32, 8, 264), 45);
+        // Never fewer than the groups need, never more blocks than groups.
+        assert_eq!(stream_columns(2, 1, 8, 264), 2);
+        assert_eq!(stream_columns(360, 4, 8, 100), 45);
+        for (groups, slots, per_block, resident) in [
+            (360, 4, 8, 264),
+            (180, 16, 2, 82),
+            (7, 3, 4, 396),
+            (1, 1, 8, 1),
+        ] {
+            let gx = stream_columns(groups, slots, per_block, resident);
+            assert!(gx >= groups.div_ceil(per_block) && gx <= groups.max(1));
+            // The kernel's share of each block is at most per_block groups.
+            for b in 0..gx {
+                let (lo, hi) = (b * groups / gx, (b + 1) * groups / gx);
+                assert!(hi - lo <= per_block, "{groups} {gx} block {b}: {lo}..{hi}");
+            }
+        }
     }
 
     #[test]

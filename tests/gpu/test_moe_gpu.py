@@ -179,6 +179,19 @@ def test_given_routing_single_expert_and_invalid_ids(tokens: int) -> None:
     assert rel_err(y, ref) <= TOL
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+def test_given_routing_without_any_valid_expert(tokens: int) -> None:
+    """Every id outside [0, E): no expert runs, and y is zeros in every regime."""
+    layer = make_layer(*SMALL, seed=11)
+    x = rand_x(tokens, layer.hidden, seed=12)
+    ids = torch.full((tokens, 4), -1, dtype=torch.int32, device=DEV)
+    wts = torch.rand(tokens, 4, device=DEV)
+    ws = layer.workspace(tokens)
+    ws.fill_(0x7F)  # no stale zeros to hide a missing write
+    y = M.moe(x, layer, topk_ids=ids, topk_weights=wts, workspace=ws)
+    assert bool((y == 0).all())
+
+
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_tied_logits(tokens: int) -> None:
     layer = make_layer(*SMALL, seed=9)
