@@ -37,8 +37,8 @@
 #               then the carried one, twice in alternation (carry both)
 #   moewheels   bench_moe.py at VARIANT_TOKENS with each wheel in .gpu-wheels/<name>/, all of them
 #               in turn, twice (carry .gpu-wheels): patches that change Rust launch choices too
-#   nf4wheels   bench_nf4_linear.py at NF4_MS (default 1,4,16) with each wheel in .gpu-wheels/,
-#               twice in turn
+#   nf4wheels   bench_nf4_linear.py at NF4_MS (default 1,4,16) on NF4_SHAPES (default vLLM's
+#               q/k/v and o, and 5760x2880) with each wheel in .gpu-wheels/, twice in turn
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
@@ -307,7 +307,7 @@ for step in "$@"; do
         for d in /tmp/gpw/*/; do
           w=$(basename "$d")
           echo "-- wheel $w, round $round"
-          PYTHONPATH=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
+          PYTHONPATH=$d python3 bench/bench_nf4_linear.py --shapes "${NF4_SHAPES:-5120x2880,2880x4096,5760x2880}" \
             --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb \
             --out "$OUT/nf4_wheel_${w}_$round.json" 2>&1 | tee "$OUT/nf4_wheel_${w}_$round.log" | grep -v "^wrote"
         done
