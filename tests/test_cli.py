@@ -115,10 +115,11 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "inspect" in out and "synth" in out
 
 
-def test_console_entry_point_runs(tiny: Path) -> None:
-    """``python -m gptoss_3090.cli`` exits 2 with a one-line message on a bad path."""
+@pytest.mark.parametrize("module", ["gptoss_3090.cli", "gptoss_3090"])
+def test_console_entry_point_runs(tiny: Path, module: str) -> None:
+    """``python -m gptoss_3090`` (and ``.cli``) exits 2 with a one-line message on a bad path."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gptoss_3090.cli", "inspect", str(tiny / "missing")],
+        [sys.executable, "-m", module, "inspect", str(tiny / "missing")],
         capture_output=True,
         text=True,
         env=dict(os.environ),
