@@ -1,6 +1,7 @@
 #!/bin/bash
 # One GPU-host call for kernel work (no vLLM needed): installs the carried wheel, then runs the
-# named steps in order and leaves logs and JSON in $OUT. Carry .gpu-wheel and COMMIT.
+# named steps in order and leaves logs and JSON in $OUT. Carry .gpu-wheel and COMMIT (and
+# .gpu-bnb for the bitsandbytes comparisons).
 #
 #   bash bench/gpu_kernels.sh moetest moebench moeprofile
 #
@@ -50,6 +51,11 @@ mkdir -p "$OUT" "$FINAL"
 trap 'tar czf "$FINAL/kernels.tgz" -C "$OUT" .' EXIT
 export PYTHONPATH=/tmp/gp PYTHONUNBUFFERED=1
 pip install -q --no-deps --upgrade --target /tmp/gp .gpu-wheel/*.whl > "$OUT/pip.log" 2>&1
+# bitsandbytes, where carried (scripts/slim-bnb-wheel.sh makes .gpu-bnb): the GPU tests then
+# compare with its CUDA quantizer and CPU dequantizer, and nf4bench times its 4-bit kernels.
+if compgen -G ".gpu-bnb/*.whl" > /dev/null; then
+  pip install -q --no-deps --target /tmp/gp .gpu-bnb/*.whl >> "$OUT/pip.log" 2>&1
+fi
 commit=$(cat COMMIT 2>/dev/null || echo unknown)
 # The device copy's git metadata can be stale: benchmarks record the wheel's commit instead.
 export GPTOSS_3090_GIT_COMMIT=$commit
@@ -314,8 +320,10 @@ for step in "$@"; do
       done
       ;;
     nf4bench)
+      # bitsandbytes' kernels as a baseline too when .gpu-bnb was carried (bench_nf4_linear.py
+      # finds out whether it imports with CUDA).
       python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
-        --ms "${NF4_MS:-1,4,16,64,256,2048}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
+        --ms "${NF4_MS:-1,4,16,64,256,2048}" --tunings "${NF4_TUNINGS:-auto,sm86}" \
         --out "$OUT/nf4_linear.json" 2>&1 | tee "$OUT/nf4_linear.log"
       ;;
     *) echo "unknown step $step" ;;
