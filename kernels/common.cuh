@@ -407,9 +407,10 @@ __device__ __forceinline__ float dec_gamma() {
 #define STR_WARPS 8
 #define STR_DEPTH 4  // stages per warp ring (STR_DEPTH - 1 chunks in flight)
 // Blocks per SM the streaming kernels are compiled for. The 70 KB of shared memory allow 3
-// blocks on sm_80/sm_90, but 2 (128 registers, no spills in the stream, more L1 left for the
-// activations) measured faster on the H100 at 1 and 4 tokens (59.6 vs 65.4 and 159.5 vs 161.0
-// us per layer); the 100 KB SMs of sm_86/sm_89 hold 1, which may then use every register.
+// blocks on sm_90 (2 on an A100's 164 KB), but 2 (128 registers, no spills in the stream, more
+// L1 left for the activations) measured faster on the H100 at 1 and 4 tokens (59.6 vs 65.4 and
+// 159.5 vs 161.0 us per layer); the 100 KB SMs of sm_86/sm_89 hold 1, which may then use every
+// register.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
 #define STR_SMALL_SMEM 1
 #endif

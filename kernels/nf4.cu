@@ -246,16 +246,17 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
 // 1 block per SM without spills (H100, M=16: 12.8 vs 14.2 us on 5760x2880,
 // bench/results/vllm_e2e_h100_2026-11-26_sitting4). tests/test_kernels_compile.py bounds the
 // spills.
-// One token tile (M <= 8) fits 80 registers without spills since the streaming core keeps its
-// addresses in running pointers (session 10), so three blocks per SM where shared memory allows
-// (sm_80, sm_90): a 5760-row projection at M = 1 then runs its 360 groups with a K split of 8
-// in one wave (396 resident blocks on an H100) instead of 180 blocks of K split 4, 48 of the
-// H100's 132 SMs holding two of them. H100, session 11: 1.09x at M = 1-4 on 5760 and 5120
+// One token tile (M <= 8) fits 80 registers without spills since the streaming core keeps
+// its addresses in running pointers (session 10), so three blocks per SM where shared memory
+// allows, sm_90 (228 KB per SM; an A100's 164 KB hold two 70 KB blocks, so there the bound would
+// only cost registers): a 5760-row projection at M = 1 then runs its 360 groups with a K split
+// of 8 in one wave (396 resident blocks on an H100) instead of 180 blocks of K split 4, 48 of
+// the H100's 132 SMs holding two of them. H100, session 11: 1.09x at M = 1-4 on 5760 and 5120
 // rows (the fused q/k/v), 0.97-0.99x on 2880 and 4096 rows.
-#ifdef STR_SMALL_SMEM
-#define STR_LINEAR_MIN_BLOCKS_N1 STR_MIN_BLOCKS_N1
-#else
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define STR_LINEAR_MIN_BLOCKS_N1 3
+#else
+#define STR_LINEAR_MIN_BLOCKS_N1 STR_MIN_BLOCKS_N1
 #endif
 #ifndef STR_LINEAR_MIN_BLOCKS_N2
 #define STR_LINEAR_MIN_BLOCKS_N2 STR_MIN_BLOCKS_N2
