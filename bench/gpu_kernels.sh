@@ -76,6 +76,29 @@ install_wheels() {  # each .gpu-wheels/<name>/*.whl into /tmp/gpw/<name> (moewhe
   done
 }
 
+# Runs "$1 WHEEL ROUND DIR" for each wheel installed by install_wheels, all in turn, twice (so
+# that drift between the rounds shows).
+each_wheel_twice() {
+  local round d
+  for round in 1 2; do
+    for d in /tmp/gpw/*/; do
+      echo "-- wheel $(basename "$d"), round $round"
+      "$1" "$(basename "$d")" "$round" "$d"
+    done
+  done
+}
+
+moe_wheel() {  # wheel, round, its install folder (moewheels)
+  PYTHONPATH=$3 bench_moe "wheel_$1_$2" --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
+    --tunings "${MOE_TUNINGS:-auto}" --no-baselines
+}
+
+nf4_wheel() {  # wheel, round, its install folder (nf4wheels)
+  PYTHONPATH=$3 python3 bench/bench_nf4_linear.py --shapes "${NF4_SHAPES:-5120x2880,2880x4096,5760x2880}" \
+    --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb \
+    --out "$OUT/nf4_wheel_$1_$2.json" 2>&1 | tee "$OUT/nf4_wheel_$1_$2.log" | grep -v "^wrote"
+}
+
 bench_moe() {  # name, then bench_moe.py arguments
   local name=$1
   shift
@@ -298,26 +321,11 @@ for step in "$@"; do
       ;;
     moewheels)
       install_wheels
-      for round in 1 2; do
-        for d in /tmp/gpw/*/; do
-          w=$(basename "$d")
-          echo "-- wheel $w, round $round"
-          PYTHONPATH=$d bench_moe "wheel_${w}_$round" --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
-            --tunings "${MOE_TUNINGS:-auto}" --no-baselines
-        done
-      done
+      each_wheel_twice moe_wheel
       ;;
     nf4wheels)
       install_wheels
-      for round in 1 2; do
-        for d in /tmp/gpw/*/; do
-          w=$(basename "$d")
-          echo "-- wheel $w, round $round"
-          PYTHONPATH=$d python3 bench/bench_nf4_linear.py --shapes "${NF4_SHAPES:-5120x2880,2880x4096,5760x2880}" \
-            --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb \
-            --out "$OUT/nf4_wheel_${w}_$round.json" 2>&1 | tee "$OUT/nf4_wheel_${w}_$round.log" | grep -v "^wrote"
-        done
-      done
+      each_wheel_twice nf4_wheel
       ;;
     nf4bench)
       # bitsandbytes' kernels as a baseline too when .gpu-bnb was carried (bench_nf4_linear.py
