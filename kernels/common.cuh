@@ -133,6 +133,15 @@ __device__ __forceinline__ u32x2 ld_stream_8_if(const void* ptr, bool pred) {
         : "l"(ptr), "r"((int)pred));
     return v;
 }
+// 4 bytes of weights that are read once (the dequantize kernel's coalesced word loads).
+__device__ __forceinline__ u32 ld_stream_4_if(const void* ptr, bool pred) {
+    u32 v = 0u;
+    asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+        " @p ld.global.L1::no_allocate.u32 %0, [%1];\n}"
+        : "+r"(v)
+        : "l"(ptr), "r"((int)pred));
+    return v;
+}
 // 16 bytes through the read-only path (activations re-read by many warps).
 __device__ __forceinline__ u32x4 ld_nc_16_if(const void* ptr, bool pred) {
     u32x4 v = {0u, 0u, 0u, 0u};
@@ -166,6 +175,13 @@ __device__ __forceinline__ u32 ld_nc_b32_if(const void* ptr, bool pred) {
         : "+r"(v)
         : "l"(ptr), "r"((int)pred));
     return v;
+}
+
+// One fp32 word, zero when `pred` is false: for a load that a plain `ptr ? ld_nc_f32(ptr) : v`
+// would guard, since the compiler may hoist that non-volatile load above its condition (it did
+// in the dequantize kernel's tail: a read of a null offset pointer).
+__device__ __forceinline__ float ld_nc_f32_if(const float* ptr, bool pred) {
+    return __uint_as_float(ld_nc_b32_if(ptr, pred));
 }
 
 // Scalar read-only loads (statistics tables: small, hot, shared by many threads).

@@ -261,8 +261,9 @@ template <int DTYPE>
 __device__ void block_route_logits(const MoeParams& p, int* ids, float* wts) {
     auto logit = [&](int t, int e) -> float {
         const long long idx = (long long)t * p.E + e;
-        const float v = p.logits_f32 ? ld_nc_f32((const float*)p.logits + idx)
-                                     : half_to_f32<DTYPE>(ld_nc_u16((const u16*)p.logits + idx));
+        // Predicated: an f32 load hoisted above the test would read past bf16/fp16 logits.
+        const float f = ld_nc_f32_if((const float*)p.logits + idx, p.logits_f32);
+        const float v = p.logits_f32 ? f : half_to_f32<DTYPE>(ld_nc_u16((const u16*)p.logits + idx));
         return v != v ? -__int_as_float(0x7f800000) : v;
     };
     for (int i = threadIdx.x; i < p.T * p.E; i += blockDim.x) {
@@ -673,9 +674,10 @@ __device__ __forceinline__ void dec_mma_chunk(const DecChunk& d, const DecLoaded
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         // 8 activations (16 bytes) per token column = k-steps 2q and 2q+1.
-        const u32x4 z = {0u, 0u, 0u, 0u};
-        const u32x4 v0 = x0 ? ld_global_nc_16(src0 + d.k0 + 8 * q) : z;
-        const u32x4 v1 = x1 ? ld_global_nc_16(src1 + d.k0 + 8 * q) : z;
+        // Predicated inside the asm: src1 may be null (one column), and a plain `x1 ? load : z`
+        // lets the compiler hoist the non-volatile load above its test.
+        const u32x4 v0 = ld_nc_16_if(src0 + d.k0 + 8 * q, x0);
+        const u32x4 v1 = ld_nc_16_if(src1 + d.k0 + 8 * q, x1);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int shf = h * 16;

@@ -117,7 +117,9 @@ __device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, i
     const u64 off_ptr = GPTOSS_SEL(nested_offset);
     const float off_val = GPTOSS_SEL(nested_offset_value);
 #undef GPTOSS_SEL
-    v.offset = (v.nested && off_ptr) ? ld_nc_f32((const float*)off_ptr) : off_val;
+    const bool off_on_device = v.nested && off_ptr;
+    const float off_loaded = ld_nc_f32_if((const float*)off_ptr, off_on_device);
+    v.offset = off_on_device ? off_loaded : off_val;
     return v;
 }
 
@@ -149,10 +151,31 @@ __device__ __forceinline__ float seg_absmax(const SegView& v, i64 b) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize: each thread turns one 16-byte load (32 codes, always inside one 64-block) into
-// four 16-byte stores. Bandwidth-bound; the NF4 table sits in shared memory (16 words in 16
-// banks: any pattern of codes is conflict-free).
+// Dequantize: lane l of a warp turns packed word `base + u * 32 + l` (8 codes, always inside one
+// 64-block) into one 16-byte store, so each load instruction of the warp covers 128 contiguous
+// bytes and each store 512. (One lane writing 64 contiguous bytes in four stores left every store
+// instruction touching 32 half-written sectors.) Bandwidth-bound; the NF4 table sits in shared
+// memory (16 words in 16 banks: any pattern of codes is conflict-free).
 // ---------------------------------------------------------------------------------------------
+
+// Packed words per lane per pass: four independent loads in flight before the first use.
+#define DQ_WORDS_PER_LANE 4
+
+// fp32 absmax of the 64-block holding element `g` (of all experts' elements).
+__device__ __forceinline__ float dequant_block_absmax(const Nf4DequantParams& p, const float* map,
+                                                      i64 g) {
+    if (!p.w.nested) return ld_nc_f32((const float*)p.w.absmax + g / NF4_BLOCK);
+    const int e = p.n_experts == 1 ? 0 : (int)(g / p.numel);
+    const i64 b_local = (g - (i64)e * p.numel) / NF4_BLOCK;
+    // bitsandbytes computes this as two separate fp32 ops (dequantize_blockwise, then
+    // `+ offset`): __fmul_rn/__fadd_rn keep them from fusing into one FMA.
+    const u32 code = ld_nc_u8((const u8*)p.w.absmax + g / NF4_BLOCK);
+    const float sc = ld_nc_f32((const float*)p.w.nested_absmax + (i64)e * p.nnb + b_local / NF4_NESTED_BLOCK);
+    const bool off_on_device = p.w.nested_offset != 0;
+    const float off_loaded = ld_nc_f32_if((const float*)p.w.nested_offset + e, off_on_device);
+    const float off = off_on_device ? off_loaded : p.w.nested_offset_value;
+    return __fadd_rn(__fmul_rn(map[code], sc), off);
+}
 
 template <int DTYPE>
 __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
@@ -164,52 +187,42 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
     }
     __syncthreads();
     const i64 total = p.numel * (i64)p.n_experts;
-    const i64 nchunks = (total + 31) / 32;
-    const u8* packed = (const u8*)p.w.packed;
+    const i64 full_words = total / 8;  // words whose 8 codes all lie inside the tensor
+    const u32* words = (const u32*)p.w.packed;
     u16* out = (u16*)p.out;
-    for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < nchunks;
-         c += (i64)gridDim.x * blockDim.x) {
-        const i64 g0 = c * 32;
-        const int e = p.n_experts == 1 ? 0 : (int)(g0 / p.numel);
-        const i64 b_local = (g0 - (i64)e * p.numel) / NF4_BLOCK;
-        float am;
-        if (p.w.nested) {
-            // bitsandbytes computes this as two separate fp32 ops (dequantize_blockwise,
-            // then `+ offset`): __fmul_rn/__fadd_rn keep them from fusing into one FMA.
-            const u32 code = ld_nc_u8((const u8*)p.w.absmax + g0 / NF4_BLOCK);
-            const float sc = ld_nc_f32((const float*)p.w.nested_absmax + (i64)e * p.nnb +
-                                       b_local / NF4_NESTED_BLOCK);
-            const float off = p.w.nested_offset ? ld_nc_f32((const float*)p.w.nested_offset + e)
-                                                : p.w.nested_offset_value;
-            am = __fadd_rn(__fmul_rn(map[code], sc), off);
-        } else {
-            am = ld_nc_f32((const float*)p.w.absmax + g0 / NF4_BLOCK);
+    const int lane = threadIdx.x & 31;
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const i64 n_warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const i64 per_warp = 32 * DQ_WORDS_PER_LANE;
+    for (i64 base = warp * per_warp; base < full_words; base += n_warps * per_warp) {
+        u32 raw[DQ_WORDS_PER_LANE];
+#pragma unroll
+        for (int u = 0; u < DQ_WORDS_PER_LANE; ++u) {
+            const i64 w = base + u * 32 + lane;
+            raw[u] = ld_stream_4_if(words + w, w < full_words);
         }
-        if (g0 + 32 <= total) {
-            const u32x4 raw = ld_global_stream_16(packed + g0 / 2);
-            const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
-            u32 o[16];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+        for (int u = 0; u < DQ_WORDS_PER_LANE; ++u) {
+            const i64 w = base + u * 32 + lane;
+            if (w >= full_words) break;
+            const float am = dequant_block_absmax(p, map, w * 8);
+            u32 o[4];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const u32 byte = (words[i] >> (8 * j)) & 0xFFu;
-                    // First element (high nibble) goes to the low half: it has the lower address.
-                    o[i * 4 + j] = pack_half2<DTYPE>(__fmul_rn(lut[byte >> 4], am),
-                                                     __fmul_rn(lut[byte & 15u], am));
-                }
+            for (int j = 0; j < 4; ++j) {
+                const u32 byte = (raw[u] >> (8 * j)) & 0xFFu;
+                // First element (high nibble) goes to the low half: it has the lower address.
+                o[j] = pack_half2<DTYPE>(__fmul_rn(lut[byte >> 4], am), __fmul_rn(lut[byte & 15u], am));
             }
-            u16* dst = out + g0;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                st_global_16(dst + q * 8, u32x4{o[q * 4], o[q * 4 + 1], o[q * 4 + 2], o[q * 4 + 3]});
-            }
-        } else {
-            for (i64 g = g0; g < total; ++g) {
-                const u32 byte = packed[g / 2];
-                const u32 code = (g & 1) ? (byte & 15u) : (byte >> 4);
-                out[g] = f32_to_half<DTYPE>(__fmul_rn(lut[code], am));
-            }
+            st_global_16(out + w * 8, u32x4{o[0], o[1], o[2], o[3]});
+        }
+    }
+    // The last (at most 7) elements of a tensor whose size is not a multiple of 8.
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const u8* packed = (const u8*)p.w.packed;
+        for (i64 g = full_words * 8; g < total; ++g) {
+            const u32 byte = packed[g / 2];
+            const u32 code = (g & 1) ? (byte & 15u) : (byte >> 4);
+            out[g] = f32_to_half<DTYPE>(__fmul_rn(lut[code], dequant_block_absmax(p, map, g)));
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod py;
 
 use std::sync::OnceLock;
 
+use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 
 /// Element type of activations and outputs; mirrors `DTYPE_BF16` / `DTYPE_F16` in common.cuh.
@@ -186,6 +187,73 @@ pub fn stream_x_columns(
     Ok(0)
 }
 
+/// Shared memory the CUDA runtime reserves for each resident block (sm_80 and newer).
+const BLOCK_SMEM_RESERVE: u32 = 1024;
+
+/// How many blocks of `block_smem` bytes (static + dynamic) an SM with `sm_smem` bytes of shared
+/// memory holds, counting shared memory alone.
+pub fn blocks_by_smem(sm_smem: u32, block_smem: u32) -> u32 {
+    sm_smem / (block_smem + BLOCK_SMEM_RESERVE)
+}
+
+/// The dynamic shared memory (at least `dyn_smem`, rounded up to 1 KB) that makes a block with
+/// `static_smem` bytes of static shared memory too large for more than `target` (>= 1) of them
+/// to share an SM of `sm_smem` bytes. The kernels never index past what they asked for, so the
+/// padding only changes how many blocks an SM holds.
+pub fn dyn_smem_for_at_most(sm_smem: u32, static_smem: u32, dyn_smem: u32, target: u32) -> u32 {
+    let footprint = sm_smem / (target.max(1) + 1) + 1; // per block, the reserve included
+    let need = footprint.saturating_sub(static_smem + BLOCK_SMEM_RESERVE);
+    need.max(dyn_smem).div_ceil(1024) * 1024
+}
+
+/// Where a streaming launch's blocks per SM come from and what it launches with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Residency {
+    /// Blocks of the launch one SM holds, as `tuning`'s GPUs would hold them.
+    pub per_sm: usize,
+    /// Dynamic shared memory to launch with (the request, or padded; see [`residency`]).
+    pub launch_smem: u32,
+}
+
+/// Blocks per SM of a launch of `f` with `threads` threads and `dyn_smem` bytes of dynamic
+/// shared memory, under `tuning`. Normally what the device holds. When the tuning is forced to a
+/// family with less shared memory per SM than this device (the RTX 3090's sm86 on an H100: 100
+/// against 228 KB), the blocks the smaller SM would hold, and a dynamic size padded so that this
+/// device holds no more: the forced configuration then also runs at a 3090's occupancy (one
+/// streaming block of 8 warps per SM instead of two or three), which is what its measurements
+/// stand in for. Falls back to the device's own residency where the padding cannot reproduce it.
+pub fn residency(
+    dev: &GpuDevice,
+    f: &KernelFn,
+    threads: u32,
+    dyn_smem: u32,
+    tuning: Tuning,
+) -> Result<Residency> {
+    let real = dev.max_active_blocks(f, threads, dyn_smem)?;
+    let own = Residency {
+        per_sm: real as usize,
+        launch_smem: dyn_smem,
+    };
+    if dev.shared_per_sm() <= tuning.smem_per_sm() {
+        return Ok(own);
+    }
+    let static_smem = dev.static_smem(f)?;
+    let target = blocks_by_smem(tuning.smem_per_sm(), static_smem + dyn_smem).min(real);
+    if target == 0 || target == real {
+        return Ok(own);
+    }
+    let padded = dyn_smem_for_at_most(dev.shared_per_sm(), static_smem, dyn_smem, target);
+    if padded + static_smem > dev.max_shared_per_block_optin()
+        || dev.max_active_blocks(f, threads, padded)? != target
+    {
+        return Ok(own);
+    }
+    Ok(Residency {
+        per_sm: target as usize,
+        launch_smem: padded,
+    })
+}
+
 /// Development override of the staged activation columns (`GPTOSS_3090_STREAM_XCOLS`; 0 turns
 /// staging off).
 pub fn stream_xcols_override() -> Result<Option<usize>> {
@@ -200,3 +268,46 @@ pub fn stream_xcols_override() -> Result<Option<usize>> {
 
 /// Fixed cost of one streaming warp in chunk times (block prologue, pipeline fill, reduction).
 const STREAM_WARP_OVERHEAD: f64 = 4.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KB: u32 = 1024;
+
+    #[test]
+    fn blocks_by_smem_counts_the_per_block_reserve() {
+        // A streaming block: 64 KB table + 3 KB static. An RTX 3090 SM (100 KB) holds one, an
+        // H100 SM (228 KB) three; with five staged columns (5 x 5776 B) the H100 holds two.
+        assert_eq!(blocks_by_smem(100 * KB, 67 * KB), 1);
+        assert_eq!(blocks_by_smem(228 * KB, 67 * KB), 3);
+        assert_eq!(blocks_by_smem(228 * KB, 67 * KB + 5 * 5776), 2);
+        assert_eq!(blocks_by_smem(100 * KB, 100 * KB), 0);
+    }
+
+    #[test]
+    fn padding_holds_an_sm_to_the_target() {
+        for (sm, stat, dynamic) in [
+            (228 * KB, 3 * KB, 64 * KB),
+            (228 * KB, 3 * KB, 64 * KB + 5 * 5776),
+            (164 * KB, 0, 40 * KB),
+            (228 * KB, 0, 2 * KB),
+        ] {
+            for target in 1..=3 {
+                let before = blocks_by_smem(sm, stat + dynamic);
+                if before <= target {
+                    continue;
+                }
+                let padded = dyn_smem_for_at_most(sm, stat, dynamic, target);
+                assert!(padded >= dynamic && padded % KB == 0, "{padded}");
+                assert_eq!(
+                    blocks_by_smem(sm, stat + padded),
+                    target,
+                    "sm {sm} static {stat} dyn {dynamic} target {target} -> {padded}"
+                );
+            }
+        }
+        // Already large enough: only rounded up.
+        assert_eq!(dyn_smem_for_at_most(228 * KB, 0, 200 * KB + 1, 1), 201 * KB);
+    }
+}

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    env_count, stream_k_split, stream_ks_override, stream_x_column_bytes, stream_x_columns, Dtype,
-    STR_TABLE_BYTES, STR_WARPS,
+    env_count, residency, stream_k_split, stream_ks_override, stream_x_column_bytes,
+    stream_x_columns, Dtype, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
@@ -741,7 +741,7 @@ fn launch_stream(
     for (name, rows, nested) in [gu, dn] {
         let plain = if nested { "" } else { "_plain" };
         let f = func(&format!("{name}_n{nt}{plain}"))?;
-        let per_sm = dev.max_active_blocks(&f, threads, table)? as usize;
+        let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
         let k_dim = if name == "moe_str_up" {
             args.hidden
         } else {
@@ -750,13 +750,15 @@ fn launch_stream(
         let budget = dev.max_shared_per_block_optin().min(tuning.smem_budget()) as usize;
         let static_smem = dev.static_smem(&f)? as usize;
         let xcols = stream_x_columns(8 * nt, k_dim, static_smem, budget, |dyn_smem| {
-            let n = dev.max_active_blocks(&f, threads, u32_of("shared memory", dyn_smem)?)?;
-            Ok(n as usize >= per_sm)
+            let dyn_smem = u32_of("shared memory", dyn_smem)?;
+            Ok(residency(dev, &f, threads, dyn_smem, tuning)?.per_sm >= per_sm)
         })?;
         let smem = u32_of(
             "shared memory",
             STR_TABLE_BYTES + xcols * stream_x_column_bytes(k_dim),
         )?;
+        // The tuning's residency: padded so that a forced sm86 holds a 3090's blocks per SM.
+        let smem = residency(dev, &f, threads, smem, tuning)?.launch_smem;
         let chunks = (k_dim / 64).div_ceil(2);
         let resident = per_sm * dev.sm_count() as usize;
         let ks = match stream_ks_override()? {

@@ -8,8 +8,8 @@
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    ceil_div, check_opt_ptr, check_ptr, stream_k_split, stream_ks_override, to_i32, Dtype,
-    STR_TABLE_BYTES, STR_WARPS,
+    ceil_div, check_opt_ptr, check_ptr, residency, stream_k_split, stream_ks_override, to_i32,
+    Dtype, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Elements per NF4 block.
@@ -631,8 +631,10 @@ unsafe fn linear_stream(
     };
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     let threads = 32 * STR_WARPS as u32;
-    let smem = STR_TABLE_BYTES as u32;
-    let resident = dev.max_active_blocks(&f, threads, smem)? as usize * dev.sm_count() as usize;
+    // The tuning's residency: padded so that a forced sm86 holds a 3090's blocks per SM.
+    let held = residency(dev, &f, threads, STR_TABLE_BYTES as u32, dev.tuning())?;
+    let smem = held.launch_smem;
+    let resident = held.per_sm * dev.sm_count() as usize;
     let n = params.n as usize;
     let chunks = (a.k as usize / 64).div_ceil(2);
     let ks = stream_ks_override()?.unwrap_or_else(|| stream_k_split(n / 16, chunks, resident));

@@ -276,7 +276,9 @@ def test_forced_tunings(tokens: int, tuning: str) -> None:
     ids, wts = M.workspace_routing(ws, tokens, 4)
     ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
     assert rel_err(y, ref) <= TOL
-    assert torch.equal(y, M.moe(x, layer, workspace=ws))  # every tuning gives the same bits
+    # A forced sm86 plans for a 3090's blocks per SM (ops::residency), so its K split, and with
+    # it the fp32 summation order, may differ from this GPU's own plan.
+    assert rel_err(y, M.moe(x, layer, workspace=ws)) <= TOL
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 1000])
@@ -316,7 +318,7 @@ def test_full_20b_shapes(tokens: int) -> None:
     print(f"20b T={tokens}: rel err {err:.2e}")
     assert err <= TOL
     y86 = M.moe(x, layer, workspace=ws, tuning="sm86")
-    assert torch.equal(y, y86)
+    assert rel_err(y86, ref) <= TOL  # a 3090's plan: its own K split (ops::residency)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 9, 16])
