@@ -47,8 +47,10 @@ LINEAR_STRATEGIES = ("auto", "kernel", "dequant_matmul")
 * ``dequant_matmul``: dequantize the whole weight into a scratch tensor, then ``torch.matmul``
   (cuBLAS); costs one extra weight-sized write + read but uses cuBLAS's best kernels (on sm_90
   these are wgmma kernels that mma.sync cannot match);
-* ``auto``: ``dequant_matmul`` when M >= ``GPTOSS_3090_DEQUANT_MIN_M`` (default 256) on a GPU
-  whose tuning family is sm90, else ``kernel``. (Decided by bench/bench_nf4_linear.py.)
+* ``auto``: ``dequant_matmul`` when M >= ``GPTOSS_3090_DEQUANT_MIN_M`` (default 64) on a GPU
+  whose tuning family is sm90, else ``kernel``. (Decided by bench/bench_nf4_linear.py: with the
+  coalesced dequantize kernel the two cross near M = 48-64 on vLLM's q/k/v and o shapes, and
+  dequantize + cuBLAS is 1.4-1.9x faster at M = 96-192; session 12.)
 """
 
 _strategy: str = os.environ.get("GPTOSS_3090_LINEAR", "auto").strip() or "auto"
@@ -157,9 +159,9 @@ def linear_strategy() -> str:
 
 def _dequant_min_m() -> int:
     try:
-        return int(os.environ.get("GPTOSS_3090_DEQUANT_MIN_M", "256"))
+        return int(os.environ.get("GPTOSS_3090_DEQUANT_MIN_M", "64"))
     except ValueError:
-        return 256
+        return 64
 
 
 def use_dequant_matmul(m: int, ordinal: int) -> bool:
