@@ -195,6 +195,9 @@ pub unsafe fn dequantize(
 ) -> Result<()> {
     let params = dequantize_params(stats, numel, n_experts, out)?;
     let total = numel * n_experts;
+    // One thread per 32 elements: a warp's pass is 4 packed words per lane (1024 elements), so
+    // this grid covers the tensor in one pass; the kernel's grid-stride loop covers the rest
+    // when the cap applies.
     let chunks = ceil_div(total as u64, 32);
     let blocks = ceil_div(chunks, 256).min(dev.sm_count() as u64 * 64).max(1) as u32;
     let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
