@@ -11,9 +11,9 @@
 #                                            #   queue the jobs, wait up to WAIT_S (default 540)
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
-# Carry limit: the repository, the wheel and a 55 MiB part must stay under 64 MiB. When they do
-# not, move the tail of part-1's bundle.tgz.part0 into part-3 as bundle.tgz.part0b (head -c /
-# tail -c; install-bundle.sh concatenates bundle.tgz.part* in name order), as session 12 did.
+# Carry limit: the repository, the wheel and a 55 MiB part must stay under 64 MiB.
+# `bash scripts/gpu-bundle.sh` makes .gpu-bundle and moves the tail of a part that would not fit
+# into part-3 (install-bundle.sh concatenates bundle.tgz.part* in name order).
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
 # correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy,
