@@ -89,6 +89,13 @@ __device__ __constant__ float kNf4Code[16] = {
 #define NF4_BLOCK 64
 #define NF4_NESTED_BLOCK 256
 
+// absmax of a nested (double-quantized) block: nested_map[code] * scale + offset as two fp32
+// ops, product first, never fused into one FMA, the way bitsandbytes computes it
+// (dequantize_blockwise, then `+ offset`), so absmax and with it every weight is bit-exact.
+__device__ __forceinline__ float nf4_nested_absmax(float map_value, float scale, float offset) {
+    return __fadd_rn(__fmul_rn(map_value, scale), offset);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory helpers.
 // ---------------------------------------------------------------------------------------------
@@ -732,7 +739,7 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             __syncwarp();                    // ... and every other lane's
             // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
             const float am =
-                (NESTED ? __fadd_rn(__fmul_rn(ld_shared_f32(nmap_s + 4 * raw[u]), scl[u]), am_off)
+                (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * raw[u]), scl[u], am_off)
                         : __uint_as_float(raw[u])) * inv_gamma;
             const float s00 = __shfl_sync(0xffffffffu, am, sl00);
             const float s01 = __shfl_sync(0xffffffffu, am, sl01);

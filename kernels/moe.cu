@@ -166,11 +166,10 @@ __device__ __forceinline__ Nf4RawAbsmax nf4_absmax_load(const Nf4Stats& s, long 
     }
     return r;
 }
-// absmax_f32 = nested_map[code] * nested + offset: fp32 multiply, then add (no FMA), bit-exact
-// with bitsandbytes' dequantize_blockwise.
+// absmax_f32 of a raw statistic (nf4_nested_absmax for nested ones).
 __device__ __forceinline__ float nf4_absmax_finish(const Nf4Stats& s, Nf4RawAbsmax r,
                                                    const float* nmap) {
-    if (s.is_nested) return __fadd_rn(__fmul_rn(nmap[r.raw], r.scale), s.offset);
+    if (s.is_nested) return nf4_nested_absmax(nmap[r.raw], r.scale, s.offset);
     return __uint_as_float(r.raw);
 }
 
@@ -967,7 +966,7 @@ __device__ __forceinline__ void dec2_compute(const Dec2Slot& s, int chunk, int n
                                              float (&acc)[2][4]) {
     const int lane = threadIdx.x & 31, c = lane & 3;
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
-    const float am = (nested ? __fadd_rn(__fmul_rn(nmap[s.am_raw], s.am_scale), s.am_off)
+    const float am = (nested ? nf4_nested_absmax(nmap[s.am_raw], s.am_scale, s.am_off)
                              : __uint_as_float(s.am_raw)) * inv_gamma;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

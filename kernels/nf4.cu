@@ -143,7 +143,7 @@ __device__ __forceinline__ AbsmaxRaw seg_absmax_load(const SegView& v, i64 b) {
 
 __device__ __forceinline__ float seg_absmax_finish(const SegView& v, AbsmaxRaw r) {
     if (!v.nested) return __uint_as_float(r.code);
-    return __fadd_rn(__fmul_rn(ld_nc_f32(v.nested_map + r.code), r.scale), v.offset);
+    return nf4_nested_absmax(ld_nc_f32(v.nested_map + r.code), r.scale, v.offset);
 }
 
 __device__ __forceinline__ float seg_absmax(const SegView& v, i64 b) {
@@ -167,14 +167,12 @@ __device__ __forceinline__ float dequant_block_absmax(const Nf4DequantParams& p,
     if (!p.w.nested) return ld_nc_f32((const float*)p.w.absmax + g / NF4_BLOCK);
     const int e = p.n_experts == 1 ? 0 : (int)(g / p.numel);
     const i64 b_local = (g - (i64)e * p.numel) / NF4_BLOCK;
-    // bitsandbytes computes this as two separate fp32 ops (dequantize_blockwise, then
-    // `+ offset`): __fmul_rn/__fadd_rn keep them from fusing into one FMA.
     const u32 code = ld_nc_u8((const u8*)p.w.absmax + g / NF4_BLOCK);
     const float sc = ld_nc_f32((const float*)p.w.nested_absmax + (i64)e * p.nnb + b_local / NF4_NESTED_BLOCK);
     const bool off_on_device = p.w.nested_offset != 0;
     const float off_loaded = ld_nc_f32_if((const float*)p.w.nested_offset + e, off_on_device);
     const float off = off_on_device ? off_loaded : p.w.nested_offset_value;
-    return __fadd_rn(__fmul_rn(map[code], sc), off);
+    return nf4_nested_absmax(map[code], sc, off);
 }
 
 template <int DTYPE>
@@ -547,7 +545,7 @@ __device__ __forceinline__ void nf4_linear_decode(const Nf4LinearParams& p) {
                 float am = 0.0f;
                 if (rok && (2 * pr + (t & 1)) < nkb) {
                     am = sv.nested
-                             ? __fadd_rn(__fmul_rn(smap[cur.amr[u].code], cur.amr[u].scale), sv.offset)
+                             ? nf4_nested_absmax(smap[cur.amr[u].code], cur.amr[u].scale, sv.offset)
                              : __uint_as_float(cur.amr[u].code);
                 }
 #pragma unroll
@@ -756,7 +754,7 @@ __device__ __forceinline__ void nf4_linear_mma(const Nf4LinearParams& p) {
     };
     auto absmax_finish = [&](AbsmaxRaw r) {
         if (!wok) return 0.0f;
-        return sv.nested ? __fadd_rn(__fmul_rn(smap[r.code], r.scale), sv.offset) : __uint_as_float(r.code);
+        return sv.nested ? nf4_nested_absmax(smap[r.code], r.scale, sv.offset) : __uint_as_float(r.code);
     };
     // The decoded row's four 16-byte pieces (swizzled), as offsets in a decoded buffer.
     int wd_off[4];
