@@ -1387,13 +1387,12 @@ __device__ void moe_str(const MoeParams& p) {
     }
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     // This lane's two bias values (gate and up of pair r0 / 2 + g, or rows r0 + g and r0 + g + 8),
-    // loaded now so that their latency hides under the stream instead of following it.
-    float bias0 = 0.0f, bias1 = 0.0f;
-    if (active) {
-        const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
-        bias0 = ld_nc_f32(bias + (UP ? r0 + 2 * g : r0 + g));
-        bias1 = ld_nc_f32(bias + (UP ? r0 + 2 * g + 1 : r0 + g + 8));
-    }
+    // loaded now so that their latency hides under the stream instead of following it. The
+    // predicate sits in the load: an inactive warp's rows may lie past the last expert's bias,
+    // and an `if (active)` around a non-volatile load does not stop the compiler hoisting it.
+    const float* bias = (const float*)(UP ? p.gu_bias : p.dn_bias) + ee * N;
+    const float bias0 = ld_nc_f32_if(bias + (UP ? r0 + 2 * g : r0 + g), active);
+    const float bias1 = ld_nc_f32_if(bias + (UP ? r0 + 2 * g + 1 : r0 + g + 8), active);
 
     // The activations of the pair (token, k) m of this expert: the token's x (gate_up) or the
     // pair's h (down).
