@@ -1,5 +1,6 @@
 """Bad arguments to the NF4 ops are rejected in Python with ValueError/TypeError before any
-native code runs (CPU tensors here: no GPU needed), and the native launchers re-check."""
+native code runs (CPU tensors here: no GPU needed), and the native launchers re-check; so is a
+bad value of the linear's dequantize threshold."""
 
 from __future__ import annotations
 
@@ -205,3 +206,31 @@ def test_native_launchers_recheck_arguments():
         _native.cuda_nf4_quantize(0, 0, "float32", 16, 64, True, 16, 16, 0, 16, 16, 16)
     with pytest.raises(ValueError, match="weight dtype"):
         _native.cuda_nf4_quantize(0, 0, "int8", 16, 64, False, 16, 16, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("raw", ["sixty-four", "0", "-5"])
+def test_bad_dequant_threshold_is_a_clear_error(monkeypatch, raw):
+    from gptoss_3090 import runtime
+
+    monkeypatch.setenv("GPTOSS_3090_DEQUANT_MIN_M", raw)
+    runtime._dequant_min_m.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="GPTOSS_3090_DEQUANT_MIN_M"):
+            runtime.use_dequant_matmul(64, 0)
+    finally:
+        runtime._dequant_min_m.cache_clear()
+
+
+def test_dequant_threshold_is_read_from_the_environment(monkeypatch):
+    from gptoss_3090 import runtime
+
+    monkeypatch.setenv("GPTOSS_3090_DEQUANT_MIN_M", "128")
+    runtime._dequant_min_m.cache_clear()
+    try:
+        assert runtime._dequant_min_m() == 128
+        monkeypatch.delenv("GPTOSS_3090_DEQUANT_MIN_M")
+        assert runtime._dequant_min_m() == 128  # read once per process
+        runtime._dequant_min_m.cache_clear()
+        assert runtime._dequant_min_m() == 64
+    finally:
+        runtime._dequant_min_m.cache_clear()

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,11 +158,19 @@ def linear_strategy() -> str:
     return _strategy
 
 
+@functools.cache
 def _dequant_min_m() -> int:
-    try:
-        return int(os.environ.get("GPTOSS_3090_DEQUANT_MIN_M", "64"))
-    except ValueError:
+    """``GPTOSS_3090_DEQUANT_MIN_M`` (default 64), read once per process."""
+    raw = os.environ.get("GPTOSS_3090_DEQUANT_MIN_M", "").strip()
+    if not raw:
         return 64
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"GPTOSS_3090_DEQUANT_MIN_M: expected an integer >= 1, found {raw!r}")
+    return value
 
 
 def use_dequant_matmul(m: int, ordinal: int) -> bool:
