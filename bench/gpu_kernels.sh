@@ -52,7 +52,7 @@ trap 'tar czf "$FINAL/kernels.tgz" -C "$OUT" .' EXIT
 export PYTHONPATH=/tmp/gp PYTHONUNBUFFERED=1
 pip install -q --no-deps --upgrade --target /tmp/gp .gpu-wheel/*.whl > "$OUT/pip.log" 2>&1
 # bitsandbytes, where carried (scripts/slim-bnb-wheel.sh makes .gpu-bnb): the GPU tests then
-# compare with its CUDA quantizer and CPU dequantizer, and nf4bench times its 4-bit kernels.
+# compare with its CUDA quantizer and dequantizer, and nf4bench times its 4-bit kernels.
 if compgen -G ".gpu-bnb/*.whl" > /dev/null; then
   pip install -q --no-deps --target /tmp/gp .gpu-bnb/*.whl >> "$OUT/pip.log" 2>&1
 fi
