@@ -6,13 +6,17 @@
 #   bash bench/gpu_kernels.sh moetest moebench moeprofile
 #
 # Steps:
-#   moetest     GPU tests of the MoE op (every kernel variant is checked against fp32 references)
+#   moetest     GPU tests of the MoE op (every kernel variant is checked against fp32 references;
+#               MOETEST_K selects tests by pytest -k)
 #   nf4test     GPU tests of the NF4 linear / dequantize / quantize ops
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
 #               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
 #               streaming regime against the GEMMs at 256 and 512 tokens
 #   moexcols    bench_moe.py up to 128 tokens with the staged activations and without
 #               (GPTOSS_3090_STREAM_XCOLS=0)
+#   moelaunch   bench_moe.py at VARIANT_TOKENS (default 1-128) with each streaming launch
+#               (GPTOSS_3090_MOE_STREAM_LAUNCH = LAUNCHES, default split,fused), twice in
+#               turn, tunings MOE_TUNINGS (default auto,sm86)
 #   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
@@ -135,8 +139,9 @@ for step in "$@"; do
   echo "== $step ($(date -u +%T))"
   case $step in
     moetest)
+      # MOETEST_K: a pytest -k expression, to run part of the file.
       python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py -s \
-        > "$OUT/test_moe_gpu.log" 2>&1
+        ${MOETEST_K:+-k "$MOETEST_K"} > "$OUT/test_moe_gpu.log" 2>&1
       grep -E "passed|failed|error|rel err|vs fp32" "$OUT/test_moe_gpu.log" | tail -40
       ;;
     nf4test)
@@ -158,6 +163,16 @@ for step in "$@"; do
       bench_moe xcols_default --tokens 1,2,4,8,16,32,64,128 --tunings auto,sm86 --no-baselines
       GPTOSS_3090_STREAM_XCOLS=0 \
         bench_moe xcols_0 --tokens 1,2,4,8,16,32,64,128 --tunings auto --no-baselines
+      ;;
+    moelaunch)
+      for round in 1 2; do
+        for launch in $(echo "${LAUNCHES:-split,fused}" | tr , ' '); do
+          echo "-- $launch, round $round"
+          GPTOSS_3090_MOE_STREAM_LAUNCH=$launch bench_moe "${launch}_$round" \
+            --tokens "${VARIANT_TOKENS:-1,2,4,8,16,32,64,128}" \
+            --tunings "${MOE_TUNINGS:-auto,sm86}" --no-baselines
+        done
+      done
       ;;
     moevariants)
       for d in .gpu-variants/${MOE_VARIANTS:-*}/; do

@@ -168,6 +168,26 @@ __device__ __forceinline__ u32x4 ld_nc_16_if_volatile(const void* ptr, bool pred
                  : "l"(ptr), "r"((int)pred));
     return v;
 }
+// The same through L2 only (ld.global.cg): for activations another block of the same launch
+// wrote (the fused MoE's down phase reads the gate_up phase's h), where the read-only path's
+// no-writes-during-the-kernel contract does not hold.
+__device__ __forceinline__ u32x4 ld_cg_16_if_volatile(const void* ptr, bool pred) {
+    u32x4 v = {0u, 0u, 0u, 0u};
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+                 " @p ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];\n}"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+                 : "l"(ptr), "r"((int)pred));
+    return v;
+}
+
+// Device-scope counter handshake between blocks of one launch (the fused MoE): the producer's
+// writes are ordered before its count by a fence, and the consumer's reads after its acquire.
+__device__ __forceinline__ u32 ld_acquire_gpu(const u32* ptr) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+    return v;
+}
+
 // One statistic byte / word (read-only path).
 __device__ __forceinline__ u32 ld_nc_u8_if(const u8* ptr, bool pred) {
     u32 v = 0u;
@@ -582,6 +602,12 @@ __device__ __forceinline__ u32 str_half_back() { return opaque(8 * (threadIdx.x 
 // Where a lane's activations of the current chunk come from, per column tile: shared memory
 // (XS: columns the block staged, str_stage_x) or global memory, at the lane's 16 k of block 0
 // of the chunk; block 1 lies 128 bytes on, the next chunk 256.
+// Where a stream's activations come from (str_stream's XS): global memory through the
+// read-only path, the block's staged copy in shared memory, or global memory through L2 only.
+#define STR_X_GLOBAL_NC 0
+#define STR_X_SHARED 1
+#define STR_X_GLOBAL_CG 2
+
 template <int NT>
 struct StrX {
     const u8* p[NT];
@@ -599,21 +625,32 @@ __device__ __forceinline__ StrX<NT> str_x_at(const u16* const (&src)[NT], int j)
 // The activations of block h of the chunk `x` points at, for this lane's columns: 16 k each, the
 // B fragments of the block's 4 mma steps. Volatile, so the prefetch stays where it is written
 // (half a chunk ahead of its use) instead of sinking next to the mma.
-// - Global: a lane past the last column (bit nt of `cols` clear) loads nothing and gets zeros,
-//   so no L1 wavefronts go to it (unpredicated repeats measured 3% slower on the linear, M=4).
-// - Shared: the load is not predicated; the caller points such a lane at the last column, and
+// - Global (STR_X_GLOBAL_NC, or STR_X_GLOBAL_CG through L2 only, for activations written
+//   earlier in the same launch): a lane past the last column (bit nt of `cols` clear) loads
+//   nothing and gets zeros, so no L1 wavefronts go to it (unpredicated repeats measured 3%
+//   slower on the linear, M=4).
+// - Shared (STR_X_SHARED): the load is not predicated; the caller points such a lane at the last column, and
 //   its mma column repeats a result that the epilogue never stores. Zero-filling cost 4 moves per
 //   load (ncu: a seventh of the loop at two tiles); without them the MoE ran 2-4% faster at 1-8
 //   tokens (H100, same call).
-template <int NT, bool XS>
+template <int NT, int XS>
 __device__ __forceinline__ void str_load_x(const StrX<NT>& x, u32 cols, int h,
                                            u32 (&xw)[NT][8]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const bool live = (cols >> nt) & 1u;
         const u8* at = x.p[nt] + 128 * h;
-        const u32x4 v0 = XS ? ld_shared_16_volatile(at) : ld_nc_16_if_volatile(at, live);
-        const u32x4 v1 = XS ? ld_shared_16_volatile(at + 16) : ld_nc_16_if_volatile(at + 16, live);
+        u32x4 v0, v1;
+        if (XS == STR_X_SHARED) {
+            v0 = ld_shared_16_volatile(at);
+            v1 = ld_shared_16_volatile(at + 16);
+        } else if (XS == STR_X_GLOBAL_CG) {
+            v0 = ld_cg_16_if_volatile(at, live);
+            v1 = ld_cg_16_if_volatile(at + 16, live);
+        } else {
+            v0 = ld_nc_16_if_volatile(at, live);
+            v1 = ld_nc_16_if_volatile(at + 16, live);
+        }
         xw[nt][0] = v0.x; xw[nt][1] = v0.y; xw[nt][2] = v0.z; xw[nt][3] = v0.w;
         xw[nt][4] = v1.x; xw[nt][5] = v1.y; xw[nt][6] = v1.z; xw[nt][7] = v1.w;
     }
@@ -699,7 +736,7 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
 // (L1 or L2 hits, but on the critical path of every mma) half a chunk ahead through registers:
 // block 1 of a chunk loads while block 0 computes, and block 0 of the next chunk while block 1
 // computes. Every per-chunk address is a running pointer or a fixed offset from one.
-template <int DTYPE, int NT, bool NESTED, bool XS>
+template <int DTYPE, int NT, bool NESTED, int XS>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, StrStats& st,
                                            const u16* const (&src)[NT], u32 cols,

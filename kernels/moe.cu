@@ -111,6 +111,16 @@ struct MoeParams {
     i32 str_grouped; // moe_str_*: 1 = experts and pairs from moe_group, 0 = routed per block
     i32 out_f32;     // ws_out holds f32 (moe_str_down) instead of act dtype (moe_gemm_down)
     i32 str_xcols;   // moe_str_*: activation columns a block stages in shared memory (0: none)
+    // moe_str_fused_*: u32 [1 + E] zeroed before the launch = {tickets taken, then per expert
+    // slot the gate_up items done}; the down phase's K split, staged columns and items per slot
+    // (str_ks / str_xcols / str_gx_up are the gate_up phase's); expert slots.
+    u64 ws_sync;
+    i32 str_ks_dn;
+    i32 str_xcols_dn;
+    i32 str_gx_up;
+    i32 str_gx_dn;
+    i32 str_slots;
+    i32 pad_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1301,46 +1311,61 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
     return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
 }
 
-// str_stream with the activations in shared memory (staged) or read from global memory.
-template <int DTYPE, int NT, bool NESTED>
+// str_stream with the activations in shared memory (staged) or read from global memory (XG:
+// STR_X_GLOBAL_NC, or STR_X_GLOBAL_CG when they were written earlier in the same launch).
+template <int DTYPE, int NT, bool NESTED, int XG>
 __device__ __forceinline__ void moe_str_stream(bool staged, const StrLane& l, int jb, int n,
                                                int nkb, float am_off, u8* table, u8* ring,
                                                StrStats& st, const u16* const (&src)[NT],
                                                u32 cols, const float* nmap, float (&acc)[NT][4]) {
     if (staged)
-        str_stream<DTYPE, NT, NESTED, true>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
-                                            nmap, acc);
+        str_stream<DTYPE, NT, NESTED, STR_X_SHARED>(l, jb, n, nkb, am_off, table, ring, st, src,
+                                                    cols, nmap, acc);
     else
-        str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
-                                             nmap, acc);
+        str_stream<DTYPE, NT, NESTED, XG>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
+                                          nmap, acc);
 }
 
-template <int DTYPE, bool UP, int NT, bool NESTED>
-__device__ void moe_str(const MoeParams& p) {
-    __shared__ StrShared sh;
-    // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
-    extern __shared__ __align__(16) u8 str_smem[];
-    str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
-    int e, cnt;
-    const int* gpairs = nullptr;  // grouped: the expert's pair list in ws_sorted
+// Expert slot y's expert (-1: no expert in that slot), its routed pair count and, grouped, its
+// pair list in ws_sorted (else the pairs land in sh.pairs). Block-uniform y: every thread calls.
+__device__ __forceinline__ int str_slot_expert(const MoeParams& p, StrShared& sh, int y,
+                                               int& cnt, const int*& gpairs) {
+    cnt = 0;
+    gpairs = nullptr;
     if (p.str_grouped) {
-        const int n_active = ((const int*)p.ws_meta)[0];
-        __syncthreads();  // table
-        if ((int)blockIdx.y >= n_active) return;  // block-uniform
-        e = ((const int*)p.ws_active)[blockIdx.y];
+        if (y >= ((const int*)p.ws_meta)[0]) return -1;
+        const int e = ((const int*)p.ws_active)[y];
         cnt = ((const int*)p.ws_counts)[e];
         gpairs = (const int*)p.ws_sorted + ((const int*)p.ws_offsets)[e];
-    } else {
-        // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
-        // instead of routing again) and moe_combine.
-        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP);
-        if ((int)blockIdx.y >= sh.n_experts) return;  // block-uniform
-        e = sh.experts[blockIdx.y];
-        cnt = dec_expert_pairs(p, sh, e);
+        return e;
     }
+    if (y >= sh.n_experts) return -1;
+    const int e = sh.experts[y];
+    cnt = dec_expert_pairs(p, sh, e);
+    return e;
+}
 
+// Waits (the whole block) until *ctr reaches `target`: thread 0 spins on an acquire load, and
+// the fence and barrier after it order every thread's later reads behind the producers' writes.
+__device__ __forceinline__ void block_wait_count(const u32* ctr, u32 target) {
+    if (threadIdx.x == 0) {
+        while (ld_acquire_gpu(ctr) < target) __nanosleep(64);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// One work item of a streaming launch: block bx of gx of expert e (cnt routed pairs, listed in
+// gpairs or sh.pairs), K split ks, up to xcols staged activation columns. `wait_ctr`: the fused
+// kernel's down phase, which primes its weights and then waits until *wait_ctr reaches
+// wait_target (the expert's h is complete) before it touches the activations. Block-uniform
+// arguments: every thread calls.
+template <int DTYPE, bool UP, int NT, bool NESTED, int XG>
+__device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, u8* str_smem,
+                                             int e, int cnt, const int* gpairs, int bx, int gx,
+                                             int ks, int xcols, const u32* wait_ctr,
+                                             u32 wait_target) {
     const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;
-    const int ks = p.str_ks;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int rg = warp / ks, kp = warp % ks;
@@ -1349,8 +1374,8 @@ __device__ void moe_str(const MoeParams& p) {
     // and more when a few experts would otherwise leave SMs unevenly loaded
     // (ops::moe::stream_columns); the rows and their arithmetic are the same either way.
     const int gpe = N / 16;
-    const int g_lo = (int)((long long)blockIdx.x * gpe / gridDim.x);
-    const int g_hi = (int)((long long)(blockIdx.x + 1) * gpe / gridDim.x);
+    const int g_lo = (int)((long long)bx * gpe / gx);
+    const int g_hi = (int)((long long)(bx + 1) * gpe / gx);
     const bool active = g_lo + rg < g_hi;  // warp-uniform
     const int r0 = (g_lo + rg) * 16;      // first memory row of the warp's group
     const int nkb = K / 64, nchunks = (nkb + 1) / 2, krow = K / 2;
@@ -1401,15 +1426,16 @@ __device__ void moe_str(const MoeParams& p) {
         return UP ? (const u16*)p.x + (long long)(pr / p.topk) * p.x_stride
                   : (const u16*)p.ws_h + (long long)pr * p.I;
     };
-    u16* xs = (u16*)(str_smem + STR_TABLE_BYTES);  // p.str_xcols staged columns
+    u16* xs = (u16*)(str_smem + STR_TABLE_BYTES);  // `xcols` staged columns
     for (int p0 = 0; p0 < cnt; p0 += 8 * NT) {
         // Every warp of the block reads the same columns: a pass that fits stages them in shared
         // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
         const int live = min(cnt - p0, 8 * NT);
-        const bool staged = live <= p.str_xcols;
+        const bool staged = live <= xcols;
         const bool streams = active && n > 0;  // warp-uniform
         StrStats st;
         if (streams) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
+        if (wait_ctr != nullptr && p0 == 0) block_wait_count(wait_ctr, wait_target);
         if (staged) str_stage_x(xs, live, K, [&](int i) { return pair_x(p0 + i); });
         const u16* src[NT];
         u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
@@ -1425,8 +1451,8 @@ __device__ void moe_str(const MoeParams& p) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
         if (streams)
-            moe_str_stream<DTYPE, NT, NESTED>(staged, l, jb, n, nkb, am_off, str_smem, ring, st,
-                                              src, cols, sh.nmap, acc);
+            moe_str_stream<DTYPE, NT, NESTED, XG>(staged, l, jb, n, nkb, am_off, str_smem, ring,
+                                                  st, src, cols, sh.nmap, acc);
         str_reduce<NT>(str_smem, ks, acc);
         if (staged && ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
         if (kp == 0 && active) {
@@ -1448,6 +1474,80 @@ __device__ void moe_str(const MoeParams& p) {
                         o[r0 + g + 8] = acc[nt][2 + q] + bias1;
                     }
                 }
+        }
+    }
+}
+
+// One launch per phase (moe_str_up_* then moe_str_down_*): block (blockIdx.x, blockIdx.y) is
+// item blockIdx.x of gridDim.x of expert slot blockIdx.y.
+template <int DTYPE, bool UP, int NT, bool NESTED>
+__device__ void moe_str(const MoeParams& p) {
+    __shared__ StrShared sh;
+    // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
+    extern __shared__ __align__(16) u8 str_smem[];
+    str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
+    if (p.str_grouped)
+        __syncthreads();  // table
+    else
+        // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
+        // instead of routing again) and moe_combine.
+        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP);
+    int cnt;
+    const int* gpairs;
+    const int e = str_slot_expert(p, sh, blockIdx.y, cnt, gpairs);
+    if (e < 0) return;  // block-uniform
+    moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC>(p, sh, str_smem, e, cnt, gpairs,
+                                                         blockIdx.x, gridDim.x, p.str_ks,
+                                                         p.str_xcols, nullptr, 0u);
+}
+
+// Both phases in one launch (moe_str_fused_*; where: ops::moe::fused_pays). A block builds the
+// table and routes once, then takes work items from a ticket counter: first the
+// gate_up items (str_gx_up per expert slot, slot-major), then the down items. A down item primes
+// its weight ring before it waits for its expert's gate_up items, so that DRAM latency and the
+// item's setup overlap the gate_up tail instead of following a launch boundary. Tickets are
+// taken in the order blocks run, so a waiting block only ever waits on items that running
+// blocks hold: no deadlock whatever the grid size or residency. The caller zeroes ws_sync.
+template <int DTYPE, int NT, bool NESTED>
+__device__ void moe_str_fused(const MoeParams& p) {
+    __shared__ StrShared sh;
+    __shared__ int ticket;
+    extern __shared__ __align__(16) u8 str_smem[];
+    str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
+    if (p.str_grouped)
+        __syncthreads();  // table
+    else
+        // Every block routes (the same result); block 0 stores it for moe_combine.
+        dec_route<DTYPE>(p, sh, blockIdx.x == 0, false, false);
+    u32* sync = (u32*)p.ws_sync;  // [0] tickets taken, [1 + y] gate_up items of slot y done
+    const int up_items = p.str_gx_up * p.str_slots;
+    const int items = up_items + p.str_gx_dn * p.str_slots;
+    for (;;) {
+        if (threadIdx.x == 0) ticket = (int)atomicAdd(sync, 1u);
+        __syncthreads();
+        const int item = ticket;
+        __syncthreads();  // read before thread 0 takes the next ticket
+        if (item >= items) break;
+        const bool up = item < up_items;
+        const int local = up ? item : item - up_items;
+        const int gx = up ? p.str_gx_up : p.str_gx_dn;
+        const int y = local / gx, bx = local - y * gx;
+        int cnt;
+        const int* gpairs;
+        const int e = str_slot_expert(p, sh, y, cnt, gpairs);
+        if (e < 0) continue;  // empty slot: nothing to compute, and no down item waits on it
+        if (up) {
+            moe_str_item<DTYPE, true, NT, NESTED, STR_X_GLOBAL_NC>(
+                p, sh, str_smem, e, cnt, gpairs, bx, gx, p.str_ks, p.str_xcols, nullptr, 0u);
+            __syncthreads();  // every h store of the item is issued
+            if (threadIdx.x == 0) {
+                __threadfence();  // ... and visible device-wide before it is counted
+                atomicAdd(sync + 1 + y, 1u);
+            }
+        } else {
+            moe_str_item<DTYPE, false, NT, NESTED, STR_X_GLOBAL_CG>(
+                p, sh, str_smem, e, cnt, gpairs, bx, gx, p.str_ks_dn, p.str_xcols_dn, sync + 1 + y,
+                (u32)p.str_gx_up);
         }
     }
 }
@@ -1708,29 +1808,55 @@ __device__ void moe_combine(const MoeParams& p) {
     const int t = blockIdx.x;
     const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
     const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;
+    // The token's routing once, before any output load: every valid k's weight (0 marks an
+    // invalid id), so that all k rows' loads below are in flight together instead of one
+    // ids -> out round trip per k.
+    float w[MOE_MAX_TOPK];
+    bool ok[MOE_MAX_TOPK];
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+        // Predicated inside the loads: k past topk must not read past the token's row.
+        const bool in_row = k < p.topk;
+        const int e = (int)ld_nc_b32_if(ids + k, in_row);
+        ok[k] = in_row && e >= 0 && e < p.E;
+        w[k] = ld_nc_f32_if(wts + k, ok[k]);
+    }
     const int step = gridDim.y * blockDim.x * 8;
     for (int h = (blockIdx.y * blockDim.x + threadIdx.x) * 8; h < p.H; h += step) {
+        const long long row0 = (long long)t * p.topk * p.H + h;
         float acc[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
-        for (int k = 0; k < p.topk; ++k) {
-            const int e = ids[k];
-            if (e < 0 || e >= p.E) continue;
-            const float w = wts[k];
-            const long long row = ((long long)t * p.topk + k) * p.H + h;
-            if (p.out_f32) {
-                const u32x4 v0 = ld_global_nc_16((const float*)p.ws_out + row);
-                const u32x4 v1 = ld_global_nc_16((const float*)p.ws_out + row + 4);
-                const u32 vs[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        if (p.out_f32) {
+            u32x4 v[MOE_MAX_TOPK][2];
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[q] += w * __uint_as_float(vs[q]);
-            } else {
-                const u32x4 v = ld_global_nc_16((const u16*)p.ws_out + row);
-                const u32 vs[4] = {v.x, v.y, v.z, v.w};
+            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+                const float* row = (const float*)p.ws_out + row0 + (long long)k * p.H;
+                v[k][0] = ld_nc_16_if(row, ok[k]);
+                v[k][1] = ld_nc_16_if(row + 4, ok[k]);
+            }
+            // In k order, skipping invalid ids: the same sums as one k at a time.
+#pragma unroll
+            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+                if (!ok[k]) continue;
+                const u32 vs[8] = {v[k][0].x, v[k][0].y, v[k][0].z, v[k][0].w,
+                                   v[k][1].x, v[k][1].y, v[k][1].z, v[k][1].w};
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[q] += w[k] * __uint_as_float(vs[q]);
+            }
+        } else {
+            u32x4 v[MOE_MAX_TOPK];
+#pragma unroll
+            for (int k = 0; k < MOE_MAX_TOPK; ++k)
+                v[k] = ld_nc_16_if((const u16*)p.ws_out + row0 + (long long)k * p.H, ok[k]);
+#pragma unroll
+            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+                if (!ok[k]) continue;
+                const u32 vs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    acc[2 * q] += w * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
-                    acc[2 * q + 1] += w * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
+                    acc[2 * q] += w[k] * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
+                    acc[2 * q + 1] += w[k] * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
                 }
             }
         }
@@ -1762,10 +1888,10 @@ extern "C" __global__ __launch_bounds__(1024) void moe_group_bf16(const MoeParam
 extern "C" __global__ __launch_bounds__(1024) void moe_group_f16(const MoeParams p) {
     moe_group<DTYPE_F16>(p);
 }
-extern "C" __global__ __launch_bounds__(1024) void moe_combine_bf16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(128) void moe_combine_bf16(const MoeParams p) {
     moe_combine<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(1024) void moe_combine_f16(const MoeParams p) {
+extern "C" __global__ __launch_bounds__(128) void moe_combine_f16(const MoeParams p) {
     moe_combine<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_up_bf16(const MoeParams p) {
@@ -1854,6 +1980,30 @@ extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void 
 }
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_bf16(const MoeParams p) {
+    moe_str_fused<DTYPE_BF16, 1, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_f16(const MoeParams p) {
+    moe_str_fused<DTYPE_F16, 1, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_plain_bf16(const MoeParams p) {
+    moe_str_fused<DTYPE_BF16, 1, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_plain_f16(const MoeParams p) {
+    moe_str_fused<DTYPE_F16, 1, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_bf16(const MoeParams p) {
+    moe_str_fused<DTYPE_BF16, 2, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_f16(const MoeParams p) {
+    moe_str_fused<DTYPE_F16, 2, true>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_plain_bf16(const MoeParams p) {
+    moe_str_fused<DTYPE_BF16, 2, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_plain_f16(const MoeParams p) {
+    moe_str_fused<DTYPE_F16, 2, false>(p);
 }
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 1, true>(p);

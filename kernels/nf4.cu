@@ -329,7 +329,7 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     if (active && n > 0) {
         StrStats st;
         str_prime<NESTED>(l, jb, n, nkb, ring, st);
-        str_stream<DTYPE, NT, NESTED, false>(l, jb, n, nkb, v.offset, str_smem, ring, st, src,
+        str_stream<DTYPE, NT, NESTED, STR_X_GLOBAL_NC>(l, jb, n, nkb, v.offset, str_smem, ring, st, src,
                                              cols, maps + 256 * s, acc);
     }
     str_reduce<NT>(str_smem, ks, acc);

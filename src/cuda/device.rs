@@ -573,6 +573,24 @@ impl GpuDevice {
     }
 }
 
+impl GpuDevice {
+    /// Zeroes `bytes` bytes at device address `ptr` in stream order on `stream` (a memset node
+    /// when the stream is being captured). No allocation, no synchronisation.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + bytes` must be device memory of this device that the stream may write, and
+    /// `stream` must belong to this device's primary context.
+    pub unsafe fn zero_async(&self, ptr: u64, bytes: usize, stream: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: forwarded to the caller's contract.
+        unsafe { dr::memset_d8_async(ptr as sys::CUdeviceptr, 0, bytes, stream as sys::CUstream) }
+            .map_err(|e| drv("zeroing device memory (cuMemsetD8Async)", e))
+    }
+}
+
 fn is_capture_error(e: &dr::DriverError) -> bool {
     use sys::CUresult as R;
     matches!(

@@ -144,6 +144,21 @@ pub struct MoeParams {
     pub out_f32: i32,
     /// moe_str_*: activation columns a block stages in shared memory (0: none).
     pub str_xcols: i32,
+    /// `moe_str_fused_*`: u32 `[1 + E]` zeroed before the launch (tickets, then gate_up items
+    /// done per expert slot).
+    pub ws_sync: u64,
+    /// `moe_str_fused_*`: the down phase's K split.
+    pub str_ks_dn: i32,
+    /// `moe_str_fused_*`: the down phase's staged activation columns.
+    pub str_xcols_dn: i32,
+    /// `moe_str_fused_*`: gate_up items (blocks) per expert slot.
+    pub str_gx_up: i32,
+    /// `moe_str_fused_*`: down items per expert slot.
+    pub str_gx_dn: i32,
+    /// `moe_str_fused_*`: expert slots.
+    pub str_slots: i32,
+    /// Keeps the struct a multiple of 8 bytes, as in C.
+    pub pad_: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -165,6 +180,8 @@ pub struct WorkspaceLayout {
     pub tiles: usize,
     /// i32 `[sorted_cap]`.
     pub sorted: usize,
+    /// u32 `[1 + E]`: the fused streaming kernel's counters.
+    pub sync: usize,
     /// act `[T*topk, I]`.
     pub h: usize,
     /// act `[T*topk, H]`.
@@ -175,6 +192,11 @@ pub struct WorkspaceLayout {
     pub max_tiles: usize,
     /// Sorted-list capacity (any tile height <= 128).
     pub sorted_cap: usize,
+}
+
+/// Bytes of the fused streaming kernel's counters: tickets, then one per expert slot.
+fn sync_bytes(experts: usize) -> usize {
+    4 * (1 + experts)
 }
 
 fn align256(v: usize) -> usize {
@@ -220,6 +242,7 @@ impl WorkspaceLayout {
         let active = take(Some(experts * 4))?;
         let tiles = take(max_tiles.checked_mul(8))?;
         let sorted = take(sorted_cap.checked_mul(4))?;
+        let sync = take(Some(sync_bytes(experts)))?;
         let h = take(
             tk.checked_mul(intermediate)
                 .and_then(|v| v.checked_mul(elem_size)),
@@ -241,6 +264,7 @@ impl WorkspaceLayout {
             active,
             tiles,
             sorted,
+            sync,
             h,
             out,
             total: off,
@@ -595,6 +619,13 @@ impl MoeArgs {
             str_grouped: i32::from(matches!(regime, Regime::Stream)),
             out_f32: 0,
             str_xcols: 0,
+            ws_sync: at(layout.sync),
+            str_ks_dn: 1,
+            str_xcols_dn: 0,
+            str_gx_up: 0,
+            str_gx_dn: 0,
+            str_slots: 0,
+            pad_: 0,
         })
     }
 }
@@ -723,7 +754,141 @@ fn decode_kernels_for(setting: Option<&str>) -> Result<DecodeKernels> {
     }
 }
 
-/// Launches `moe_str_up` then `moe_str_down` (`p.str_grouped` set by the caller).
+/// One phase (gate_up or down) of a streaming launch, planned for kernel `f`.
+struct StreamPhase {
+    /// Warps splitting K per 16-row group.
+    ks: usize,
+    /// Activation columns a block stages in shared memory.
+    xcols: usize,
+    /// Blocks (work items) per expert slot.
+    gx: usize,
+    /// Dynamic shared memory the phase needs (table, rings and staged columns), before any
+    /// residency padding.
+    smem: usize,
+}
+
+/// Plans one phase of `f` over `rows` output rows and `k_dim` inputs per expert, `slots`
+/// expert slots, `per_sm` blocks of `f` per SM with the table alone.
+fn stream_phase(
+    dev: &GpuDevice,
+    f: &KernelFn,
+    (rows, k_dim): (usize, usize),
+    nt: usize,
+    slots: usize,
+    per_sm: usize,
+    tuning: Tuning,
+) -> Result<StreamPhase> {
+    let threads = 32 * STR_WARPS as u32;
+    let budget = dev.max_shared_per_block_optin().min(tuning.smem_budget()) as usize;
+    let static_smem = dev.static_smem(f)? as usize;
+    let xcols = stream_x_columns(8 * nt, k_dim, static_smem, budget, |dyn_smem| {
+        let dyn_smem = u32_of("shared memory", dyn_smem)?;
+        Ok(residency(dev, f, threads, dyn_smem, tuning)?.per_sm >= per_sm)
+    })?;
+    let chunks = (k_dim / 64).div_ceil(2);
+    let resident = per_sm * dev.sm_count() as usize;
+    let ks = match stream_ks_override()? {
+        Some(ks) => ks,
+        None => stream_k_split(slots * rows.div_ceil(16), chunks, resident),
+    };
+    Ok(StreamPhase {
+        ks,
+        xcols,
+        gx: stream_columns(rows / 16, slots, STR_WARPS / ks, resident),
+        smem: STR_TABLE_BYTES + xcols * stream_x_column_bytes(k_dim),
+    })
+}
+
+/// How the streaming regimes launch their two phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamLaunch {
+    /// `moe_str_up_*` then `moe_str_down_*`, one block per work item.
+    Split,
+    /// `moe_str_fused_*`: both phases in one launch of persistent blocks that take items from
+    /// a ticket counter, building the table and routing once per block.
+    Fused,
+}
+
+/// Development knob for [`StreamLaunch`]: `split`, `fused` or `auto` (default: fused where the
+/// gate_up phase alone would need more than one wave of blocks in the decode regime, see
+/// [`fused_pays`]). Read on every call, like [`DECODE_VARIANT_ENV`], so that one process can
+/// compare them.
+pub const STREAM_LAUNCH_ENV: &str = "GPTOSS_3090_MOE_STREAM_LAUNCH";
+
+/// The launch [`STREAM_LAUNCH_ENV`] forces (`None`: automatic).
+fn stream_launch_override() -> Result<Option<StreamLaunch>> {
+    stream_launch_for(std::env::var(STREAM_LAUNCH_ENV).ok().as_deref())
+}
+
+/// [`stream_launch_override`] for an explicit setting (`None` = the variable is unset).
+fn stream_launch_for(setting: Option<&str>) -> Result<Option<StreamLaunch>> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("split") => Ok(Some(StreamLaunch::Split)),
+        Some("fused") => Ok(Some(StreamLaunch::Fused)),
+        Some(other) => Err(Error::arg(format!(
+            "{STREAM_LAUNCH_ENV}={other:?}: expected auto (default), split or fused"
+        ))),
+    }
+}
+
+/// Whether the fused launch beats the split one for `tokens` tokens: in the decode regime
+/// (per-block routing, `grouped` false) from two tokens on, once the gate_up phase has more
+/// items than `resident` blocks, so that persistent blocks save whole prologues (the 64 KB
+/// table, the routing) per extra item. H100, session 13, against the split launches in the same
+/// call (two rounds): 1.12x at 4 tokens, 1.06x at 8-16, equal at 2 and 32; 0.94x at 1 token on
+/// the H100 and under the forced sm86 residency (the counter zeroing and the tickets cost more
+/// than the down phase's earlier prime saves), and 0.79-0.85x at 64-128 tokens, where the down
+/// phase's unstaged activations (more than the staged columns per pass) must bypass L1 (they
+/// were written in the same launch) and the two-tile kernel spills.
+fn fused_pays(grouped: bool, tokens: usize, up_items: usize, resident: usize) -> bool {
+    !grouped && tokens >= 2 && up_items > resident
+}
+
+/// Launches `moe_str_fused_*` (`f`) with the two phases' plans: zeroes the workspace's
+/// counters in stream order, then one wave of persistent blocks (at most one per item).
+fn launch_fused(
+    dev: &GpuDevice,
+    f: &KernelFn,
+    args: &MoeArgs,
+    p: &MoeParams,
+    slots: usize,
+    (up, down): (StreamPhase, StreamPhase),
+    tuning: Tuning,
+) -> Result<()> {
+    let threads = 32 * STR_WARPS as u32;
+    let smem = u32_of("shared memory", up.smem.max(down.smem))?;
+    let fit = residency(dev, f, threads, smem, tuning)?;
+    let items = (up.gx + down.gx) * slots;
+    let grid = items.min(fit.per_sm.max(1) * dev.sm_count() as usize);
+    let mut q = *p;
+    q.str_ks = to_i32("k split", up.ks)?;
+    q.str_xcols = to_i32("staged columns", up.xcols)?;
+    q.str_ks_dn = to_i32("k split", down.ks)?;
+    q.str_xcols_dn = to_i32("staged columns", down.xcols)?;
+    q.str_gx_up = to_i32("blocks per expert", up.gx)?;
+    q.str_gx_dn = to_i32("blocks per expert", down.gx)?;
+    q.str_slots = to_i32("expert slots", slots)?;
+    // SAFETY: ws_sync lies inside the workspace (`layout.sync`, sync_bytes(E) bytes; validate
+    // checked the workspace size); the kernel takes items up to (gx_up + gx_dn) * slots, each
+    // covering at most 8 / ks groups of its expert; the dynamic shared memory holds the table
+    // and the larger phase's staged columns. Tickets make any grid size deadlock-free.
+    unsafe {
+        dev.zero_async(q.ws_sync, sync_bytes(args.experts), args.stream)?;
+        dev.launch(
+            f,
+            (u32_of("fused streaming", grid)?, 1, 1),
+            (threads, 1, 1),
+            fit.launch_smem,
+            args.stream,
+            &q,
+        )
+    }
+}
+
+/// Runs the streaming kernels (`p.str_grouped` set by the caller): `moe_str_fused_*` where
+/// [`fused_pays`] (or [`STREAM_LAUNCH_ENV`] forces it) and both weights have the same
+/// statistics kind, else `moe_str_up_*` then `moe_str_down_*`.
 fn launch_stream(
     dev: &GpuDevice,
     func: &dyn Fn(&str) -> Result<KernelFn>,
@@ -736,49 +901,46 @@ fn launch_stream(
     let slots = e.min(t * k);
     let table = u32_of("shared memory", STR_TABLE_BYTES)?;
     let threads = 32 * STR_WARPS as u32;
-    let gu = ("moe_str_up", 2 * args.intermediate, args.gate_up.nested);
-    let dn = ("moe_str_down", args.hidden, args.down.nested);
-    for (name, rows, nested) in [gu, dn] {
-        let plain = if nested { "" } else { "_plain" };
-        let f = func(&format!("{name}_n{nt}{plain}"))?;
+    let up_shape = (2 * args.intermediate, args.hidden);
+    let down_shape = (args.hidden, args.intermediate);
+    let plain = |nested: bool| if nested { "" } else { "_plain" };
+    let forced = stream_launch_override()?;
+    // The streaming regime (grouped) never pays for the fused launch: skip its planning.
+    let candidate = forced == Some(StreamLaunch::Fused) || (forced.is_none() && p.str_grouped == 0);
+    if candidate && args.gate_up.nested == args.down.nested {
+        let f = func(&format!(
+            "moe_str_fused_n{nt}{}",
+            plain(args.gate_up.nested)
+        ))?;
         let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
-        let k_dim = if name == "moe_str_up" {
-            args.hidden
-        } else {
-            args.intermediate
-        };
-        let budget = dev.max_shared_per_block_optin().min(tuning.smem_budget()) as usize;
-        let static_smem = dev.static_smem(&f)? as usize;
-        let xcols = stream_x_columns(8 * nt, k_dim, static_smem, budget, |dyn_smem| {
-            let dyn_smem = u32_of("shared memory", dyn_smem)?;
-            Ok(residency(dev, &f, threads, dyn_smem, tuning)?.per_sm >= per_sm)
-        })?;
-        let smem = u32_of(
-            "shared memory",
-            STR_TABLE_BYTES + xcols * stream_x_column_bytes(k_dim),
-        )?;
+        let up = stream_phase(dev, &f, up_shape, nt, slots, per_sm, tuning)?;
+        let down = stream_phase(dev, &f, down_shape, nt, slots, per_sm, tuning)?;
+        let resident = per_sm * dev.sm_count() as usize;
+        if forced == Some(StreamLaunch::Fused)
+            || fused_pays(p.str_grouped != 0, t, up.gx * slots, resident)
+        {
+            return launch_fused(dev, &f, args, p, slots, (up, down), tuning);
+        }
+    }
+    let gu = ("moe_str_up", up_shape, args.gate_up.nested);
+    let dn = ("moe_str_down", down_shape, args.down.nested);
+    for (name, shape, nested) in [gu, dn] {
+        let f = func(&format!("{name}_n{nt}{}", plain(nested)))?;
+        let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
+        let phase = stream_phase(dev, &f, shape, nt, slots, per_sm, tuning)?;
+        let smem = u32_of("shared memory", phase.smem)?;
         // The tuning's residency: padded so that a forced sm86 holds a 3090's blocks per SM.
         let smem = residency(dev, &f, threads, smem, tuning)?.launch_smem;
-        let chunks = (k_dim / 64).div_ceil(2);
-        let resident = per_sm * dev.sm_count() as usize;
-        let ks = match stream_ks_override()? {
-            Some(ks) => ks,
-            None => stream_k_split(slots * rows.div_ceil(16), chunks, resident),
-        };
         let mut q = *p;
-        q.str_ks = to_i32("k split", ks)?;
-        q.str_xcols = to_i32("staged columns", xcols)?;
-        let gx = u32_of(
-            name,
-            stream_columns(rows / 16, slots, STR_WARPS / ks, resident),
-        )?;
+        q.str_ks = to_i32("k split", phase.ks)?;
+        q.str_xcols = to_i32("staged columns", phase.xcols)?;
         // SAFETY: as in moe_forward; the grid gives every expert slot at least rows / (16 * 8 /
         // ks) blocks (each covers at most 8 / ks groups) and at most one per group; the dynamic
         // shared memory holds the table and the `xcols` staged columns the kernel indexes.
         unsafe {
             dev.launch(
                 &f,
-                (gx, u32_of("expert slots", slots)?, 1),
+                (u32_of(name, phase.gx)?, u32_of("expert slots", slots)?, 1),
                 (threads, 1, 1),
                 smem,
                 args.stream,
@@ -963,7 +1125,7 @@ fn py_moe_forward(py: Python<'_>, args: &Bound<'_, PyDict>) -> PyResult<String> 
         Some(v) if !v.is_none() => parse_tuning(&v.extract::<String>()?)?,
         _ => None,
     };
-    let regime = py.detach(|| moe_forward(&a, tuning))?;
+    let regime = py.detach(|| crate::cuda::guard("moe forward", || moe_forward(&a, tuning)))?;
     Ok(match regime {
         Regime::Decode => "decode".to_string(),
         Regime::Stream => "stream".to_string(),
@@ -1155,9 +1317,41 @@ mod tests {
     }
 
     #[test]
+    fn stream_launch_knob_parses() -> Result<()> {
+        assert_eq!(stream_launch_for(None)?, None);
+        assert_eq!(stream_launch_for(Some("auto"))?, None);
+        assert_eq!(
+            stream_launch_for(Some(" split "))?,
+            Some(StreamLaunch::Split)
+        );
+        assert_eq!(stream_launch_for(Some("fused"))?, Some(StreamLaunch::Fused));
+        let err = stream_launch_for(Some("yes")).unwrap_err().to_string();
+        assert!(
+            err.contains(STREAM_LAUNCH_ENV) && err.contains("yes"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn fused_launch_where_blocks_take_several_items() {
+        // H100, 2 blocks per SM (264 resident). One token: gate_up 66 blocks x 4 experts, one
+        // wave: split; under the sm86 residency (132) 90 x 4: split all the same. Four tokens:
+        // 45 x 16 = 720 items: fused. The streaming regime (grouped, 17-128 tokens): split.
+        assert!(!fused_pays(false, 1, 264, 264));
+        assert!(!fused_pays(false, 1, 360, 132));
+        assert!(fused_pays(false, 4, 720, 264));
+        assert!(!fused_pays(true, 64, 1440, 264));
+    }
+
+    #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 20 i32 (kernels/moe.cu MoeParams).
-        assert_eq!(std::mem::size_of::<MoeParams>(), 26 * 8 + 20 * 4);
+        // 26 pointers + 20 i32, then ws_sync + 6 i32 (kernels/moe.cu MoeParams).
+        assert_eq!(
+            std::mem::size_of::<MoeParams>(),
+            26 * 8 + 20 * 4 + 8 + 6 * 4
+        );
+        assert_eq!(std::mem::offset_of!(MoeParams, ws_sync), 26 * 8 + 20 * 4);
     }
 
     #[test]
