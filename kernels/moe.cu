@@ -10,6 +10,9 @@
 //                   once per 8 or 16 of its (token, k) pairs (the mma columns), bias +
 //                   SwiGLU-OAI -> h[pair]; in decode each block routes the tokens itself
 //   moe_str_down_*  the same over the down rows -> fp32 out[pair]
+//   moe_str_fused_* (decode from 2 tokens, ops::moe::fused_pays) both phases in one launch of
+//                   persistent blocks taking items from a ticket counter (ws_sync, zeroed by a
+//                   memset before the launch); a down item waits for its expert's gate_up items
 //   moe_combine_*   as below (fixed order)
 // The older two-launch decode kernels (moe_dec_*, moe_dec2_*: combine fused into down) stay for
 // comparison (GPTOSS_3090_MOE_DECODE=1|2).
