@@ -809,9 +809,9 @@ enum StreamLaunch {
     Fused,
 }
 
-/// Development knob for [`StreamLaunch`]: `split`, `fused` or `auto` (default: fused where the
-/// gate_up phase alone would need more than one wave of blocks in the decode regime, see
-/// [`fused_pays`]). Read on every call, like [`DECODE_VARIANT_ENV`], so that one process can
+/// Development knob for [`StreamLaunch`]: `split`, `fused` or `auto` (default: fused in the
+/// decode regime from 2 tokens where the gate_up phase alone needs more than one wave of
+/// blocks, see [`fused_pays`]). Read on every call, like [`DECODE_VARIANT_ENV`], so that one process can
 /// compare them.
 pub const STREAM_LAUNCH_ENV: &str = "GPTOSS_3090_MOE_STREAM_LAUNCH";
 
