@@ -147,14 +147,17 @@ job_e2e_routing() {
 
 job_e2e_profile() {
   # Where a decode step's time goes, kernel by kernel, ours vs stock at batch 64 (0.85 of the
-  # card): 32 traced decode steps per side, then bench/trace_kernels.py.
+  # card; PROFILE_WORKLOAD=decode_b1 or decode_b16 for another batch): 32 traced decode steps
+  # per side, then bench/trace_kernels.py.
   wait_synth
-  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_profile" --budgets full \
-    --workloads decode_b64 --profile-workload decode_b64
-  python3 bench/trace_kernels.py "$W/res/e2e_profile/traces/stock_full" \
-    "$W/res/e2e_profile/traces/ours_full" --steps 32 --out "$W/res/e2e_profile/kernels.md"
+  local wl=${PROFILE_WORKLOAD:-decode_b64}
+  local res="$W/res/e2e_profile_$wl"
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$res" --budgets full \
+    --workloads "$wl" --profile-workload "$wl"
+  python3 bench/trace_kernels.py "$res/traces/stock_full" "$res/traces/ours_full" --steps 32 \
+    --out "$res/kernels.md"
   # The traces themselves are large; keep the summary only.
-  rm -rf "$W/res/e2e_profile/traces"
+  rm -rf "$res/traces"
 }
 
 job_nf4test() {

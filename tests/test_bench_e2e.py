@@ -129,3 +129,28 @@ def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
     assert "**26.0**" in md
     with pytest.raises(SystemExit):
         tk.main([str(tmp_path / "missing"), "--steps", "2"])
+
+
+def test_summary_reports_the_median_and_the_range_of_the_runs(bench, tmp_path) -> None:
+    """summary_md shows each side's median tok/s with the range of its timed runs, and the ratio
+    of the medians; plot() writes a PNG where matplotlib is installed."""
+
+    def run(tok_s: list[float]) -> dict:
+        median = sorted(tok_s)[len(tok_s) // 2]
+        return {"tok_s": median, "runs_tok_s": tok_s}
+
+    stock = {"decode_b1": run([300.0, 320.0, 310.0])}
+    ours = {"decode_b1": run([350.0, 296.0, 356.0])}
+    report = {
+        "runs": {
+            "stock_full": {"device": "card", "workloads": stock},
+            "ours_full": {"device": "card", "workloads": ours},
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b1"])
+    row = next(line for line in md.splitlines() if "decode_b1" in line)
+    assert "| 310 (300-320) | 350 (296-356) | 1.13x |" in row, row
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "t.png"
+    bench.plot(report, ["full"], ["decode_b1"], png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
