@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "worker":
         worker(a.spec, a.result)
         return 0
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: at least one timed run per workload")
     if not a.ours:
         p.error("--ours PATH (gptoss-3090 synth PATH --preset 20b) is required")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -154,3 +154,9 @@ def test_summary_reports_the_median_and_the_range_of_the_runs(bench, tmp_path) -
     png = tmp_path / "t.png"
     bench.plot(report, ["full"], ["decode_b1"], png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeats_below_one_is_refused(bench, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--ours", "x", "--repeats", "0"])
+    assert "--repeats 0" in capsys.readouterr().err
