@@ -842,7 +842,12 @@ fn stream_launch_for(setting: Option<&str>) -> Result<Option<StreamLaunch>> {
 /// phase's unstaged activations (more than the staged columns per pass) must bypass L1 (they
 /// were written in the same launch) and the two-tile kernel spills.
 fn fused_pays(grouped: bool, tokens: usize, up_items: usize, resident: usize) -> bool {
-    !grouped && tokens >= 2 && up_items > resident
+    fused_may_pay(grouped, tokens) && up_items > resident
+}
+
+/// The part of [`fused_pays`] known before any launch planning.
+fn fused_may_pay(grouped: bool, tokens: usize) -> bool {
+    !grouped && tokens >= 2
 }
 
 /// Launches `moe_str_fused_*` (`f`) with the two phases' plans: zeroes the workspace's
@@ -905,8 +910,10 @@ fn launch_stream(
     let down_shape = (args.hidden, args.intermediate);
     let plain = |nested: bool| if nested { "" } else { "_plain" };
     let forced = stream_launch_override()?;
-    // The streaming regime (grouped) never pays for the fused launch: skip its planning.
-    let candidate = forced == Some(StreamLaunch::Fused) || (forced.is_none() && p.str_grouped == 0);
+    // Plan the fused launch only where it may pay (fused_pays: decode regime, 2+ tokens), so
+    // that one token and the streaming regime skip its occupancy queries.
+    let candidate = forced == Some(StreamLaunch::Fused)
+        || (forced.is_none() && fused_may_pay(p.str_grouped != 0, t));
     if candidate && args.gate_up.nested == args.down.nested {
         let f = func(&format!(
             "moe_str_fused_n{nt}{}",
