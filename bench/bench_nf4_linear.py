@@ -3,7 +3,7 @@
 For each weight shape N x K and each M it reports, on one card in one sitting:
 
 * ``ours``: ``gptoss_3090.ops.nf4_linear`` with the runtime's choice (``auto``: the streaming
-  kernel for M <= 16), and separately the first fused kernels (``fused``: the first decode
+  kernel for M <= 32), and separately the first fused kernels (``fused``: the first decode
   kernel for M <= 16, the tensor-core kernel above) and
   ``dequant_matmul`` (dequantize into a scratch tensor + cuBLAS) for M > 16;
 * ``cublas``: ``torch.nn.functional.linear`` on the dequantized bf16 weight;
@@ -36,6 +36,7 @@ import torch
 
 SHAPES = [(5760, 2880), (2880, 2880), (4096, 2880), (2880, 4096), (512, 2880)]
 MS = [1, 4, 16, 64, 256, 2048]
+STREAM_MAX_M = 32  # src/ops/nf4.rs STREAM_MAX_M: auto streams up to 4 token tiles
 
 
 def git_commit() -> str:
@@ -144,8 +145,9 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
 
     t_auto = time_graph(ours, args.calls, args.reps)
     plan = "dequant_matmul"
-    if m <= 16:
-        plan = "str (auto)"  # the streaming kernel; `fused` times the first decode kernel
+    if m <= STREAM_MAX_M:
+        plan = "str (auto)"  # the streaming kernel; `fused` times the first decode kernel or
+        # the tensor-core kernel
     elif not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
         pl = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n, k)
         plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")

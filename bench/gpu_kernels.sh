@@ -8,7 +8,8 @@
 # Steps:
 #   moetest     GPU tests of the MoE op (every kernel variant is checked against fp32 references;
 #               MOETEST_K selects tests by pytest -k)
-#   nf4test     GPU tests of the NF4 linear / dequantize / quantize ops
+#   nf4test     GPU tests of the NF4 linear / dequantize / quantize ops (NF4TEST_K selects
+#               tests by pytest -k)
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
 #               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
 #               streaming regime against the GEMMs at 256 and 512 tokens
@@ -45,6 +46,11 @@
 #   nf4wheels   bench_nf4_linear.py at NF4_MS (default 1,4,16) on NF4_SHAPES (default vLLM's
 #               q/k/v and o, and 5760x2880) with each wheel in .gpu-wheels/, twice in turn
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
+#   floor       read_floor.py: an empty kernel, a pure read and a copy of the decode targets'
+#               weight sizes, timed as the benchmarks time ours
+#   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-64) against
+#               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
+#               (STREAM_KS, default 1 2 4 8) after the automatic one
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
 #               M in NF4_MS (default 32,64,128) on the q/k/v and o shapes
 # Everything lands in $OUT/kernels.tgz (the device tool returns only a few files).
@@ -146,7 +152,7 @@ for step in "$@"; do
       ;;
     nf4test)
       python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_nf4_gpu.py \
-        > "$OUT/test_nf4_gpu.log" 2>&1
+        ${NF4TEST_K:+-k "$NF4TEST_K"} > "$OUT/test_nf4_gpu.log" 2>&1
       tail -5 "$OUT/test_nf4_gpu.log"
       ;;
     moebench)
@@ -278,6 +284,20 @@ for step in "$@"; do
           2>&1 | tee -a "$OUT/nf4_sweep.log"
       done
       ;;
+    floor)
+      # The read floor of a kernel at the weight sizes the decode targets measure.
+      python3 bench/read_floor.py --out "$OUT/read_floor.json" 2>&1 | tee "$OUT/read_floor.log"
+      ;;
+    nf4stream)
+      # The streaming linear with 4 and 8 token tiles (M = 17..64) against the tensor-core
+      # kernel and dequantize + cuBLAS, each forced K split (STREAM_KS) in its own process.
+      for ks in "" ${STREAM_KS:-1 2 4 8}; do
+        GPTOSS_3090_MOE_STREAM_KS=$ks python3 bench/sweep_nf4_mma.py \
+          --ms "${NF4_MS:-17,24,32,48,64}" --paths "${NF4_PATHS:-auto,mma,dequant_matmul,stream}" \
+          2>&1 | tee -a "$OUT/nf4_stream.log"
+        NF4_PATHS=stream  # the other paths do not depend on the split
+      done
+      ;;
     moetiles)
       # The streaming kernels with one 8-column tile per pass (n1) against two (n2), forced
       # (GPTOSS_3090_MOE_STREAM_TILES), same call.
@@ -345,7 +365,8 @@ for step in "$@"; do
     nf4bench)
       # bitsandbytes' kernels as a baseline too when .gpu-bnb was carried (bench_nf4_linear.py
       # finds out whether it imports with CUDA).
-      python3 bench/bench_nf4_linear.py --shapes 5760x2880,2880x2880,4096x2880,2880x4096,512x2880 \
+      python3 bench/bench_nf4_linear.py \
+        --shapes "${NF4_SHAPES:-5760x2880,2880x2880,4096x2880,2880x4096,512x2880}" \
         --ms "${NF4_MS:-1,4,16,64,256,2048}" --tunings "${NF4_TUNINGS:-auto,sm86}" \
         --out "$OUT/nf4_linear.json" 2>&1 | tee "$OUT/nf4_linear.log"
       ;;

@@ -6,6 +6,10 @@ bench_nf4_linear.py). The K split comes from the runtime, or from ``GPTOSS_3090_
 (read once per process), so a split sweep runs this script once per value:
 
     for s in "" 1 2 4 8; do GPTOSS_3090_NF4_SPLITS=$s python bench/sweep_nf4_mma.py; done
+
+``--paths`` also takes ``stream`` (the streaming kernel, M <= 64; its K split from the
+runtime or ``GPTOSS_3090_MOE_STREAM_KS``, reported in the ``splits`` column) and
+``dequant_matmul``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ def sweep_shape(n: int, k: int, l2: int, splits: str, args: argparse.Namespace) 
         t_cublas = time_graph(cublas, args.calls, args.reps)
         ref = torch.nn.functional.linear(x.float(), wd.float(), bias.float())
         for path in args.paths.split(","):
-            plan = _native.cuda_nf4_linear_plan(dev, m, n, k, path)
+            if path in ("stream", "dequant_matmul"):  # no tensor-core plan to report
+                plan = {"entry": path, "splits": 1}
+            else:
+                plan = _native.cuda_nf4_linear_plan(dev, m, n, k, path)
             y = ops.nf4_linear(x, base, bias, path=path).float()
             err = ((y - ref).norm() / ref.norm()).item()
 
@@ -73,6 +80,8 @@ def main() -> int:
     runtime.warmup()
     l2 = int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
     splits = os.environ.get("GPTOSS_3090_NF4_SPLITS", "") or "auto"
+    if os.environ.get("GPTOSS_3090_MOE_STREAM_KS"):
+        splits += "/ks" + os.environ["GPTOSS_3090_MOE_STREAM_KS"]
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         sweep_shape(n, k, l2, splits, args)

@@ -272,6 +272,11 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
 #ifndef STR_LINEAR_MIN_BLOCKS_N2
 #define STR_LINEAR_MIN_BLOCKS_N2 STR_MIN_BLOCKS_N2
 #endif
+// Four token tiles (17..32 tokens) hold 16 more activation and 8 more accumulator registers per
+// tile than one: one block per SM, 166-177 registers, no spills (sm_86 and sm_90). Eight tiles
+// (up to 64 tokens) spilled 40-76 bytes at 255 registers and measured slower than the
+// tensor-core kernel at 48-64 tokens (H100, session 14), so M > 32 stays on that path.
+#define STR_LINEAR_MIN_BLOCKS_N4 1
 
 template <int DTYPE, int NT, bool NESTED>
 __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
@@ -372,6 +377,18 @@ extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOC
 }
 extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N2) nf4_linear_str_n2_plain_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 2, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N4) nf4_linear_str_n4_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 4, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N4) nf4_linear_str_n4_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 4, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N4) nf4_linear_str_n4_plain_bf16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_BF16, 4, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N4) nf4_linear_str_n4_plain_f16(const Nf4LinearParams p) {
+    nf4_linear_str<DTYPE_F16, 4, false>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -383,6 +383,16 @@ def _validate_linear(
     return k, n, segs, rows
 
 
+STREAM_MAX_M = 32
+"""Largest M the streaming linear serves (src/ops/nf4.rs ``STREAM_MAX_M``)."""
+
+
+def _streamable(segs: list[tuple[torch.Tensor, ...]], rows: list[int]) -> bool:
+    """Whether the streaming linear can serve these segments (src/ops/nf4.rs
+    ``stream_eligible``): every part a multiple of 16 rows, all nested or all plain."""
+    return all(r % 16 == 0 for r in rows) and len({s[1].dtype for s in segs}) == 1
+
+
 @torch.library.custom_op("gptoss_3090::nf4_linear", mutates_args=())
 def _nf4_linear_op(
     x: torch.Tensor,
@@ -427,6 +437,8 @@ def _nf4_linear_op(
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)
     ws, ws_floats = 0, 0
+    if mode == "auto" and m <= STREAM_MAX_M and _streamable(segs, rows):
+        mode = "stream"  # what the runtime's auto picks (src/ops/nf4.rs `linear`): no workspace
     if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma")):
         plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
         ws_floats = int(plan["workspace_floats"])
@@ -891,9 +903,10 @@ def nf4_linear(
         weight: an :class:`Nf4Weight` ``[N, K]``, or an :class:`Nf4FusedWeight` / list of up to
             3 weights whose outputs are concatenated (fused q/k/v).
         bias: ``[N]`` in x's dtype, or None.
-        path: ``"auto"`` (for M <= 16 the streaming kernel when every part has a multiple
-            of 16 rows and one absmax format, else the first decode kernel; above, the
-            runtime's linear strategy), ``"stream"``, ``"decode"``, ``"mma"``, ``"mma_l"``,
+        path: ``"auto"`` (for M <= 32 the streaming kernel when every part has a multiple
+            of 16 rows and one absmax format, else for M <= 16 the first decode kernel;
+            above, the runtime's linear strategy), ``"stream"`` (M <= 32), ``"decode"``
+            (M <= 16), ``"mma"``, ``"mma_l"``,
             ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"`` (benchmarks and tests).
 
     Returns:

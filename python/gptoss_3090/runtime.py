@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 LINEAR_STRATEGIES = ("auto", "kernel", "dequant_matmul")
-"""How ``nf4_linear`` runs for M > 16 rows (M <= 16 always uses the decode kernel):
+"""How ``nf4_linear`` runs for M > 16 rows (M <= 16 always uses the streaming or the decode
+kernel; ``auto`` and ``kernel`` also stream M <= 32 through weights of 16-row parts):
 
 * ``kernel``: our tensor-core kernel (weights dequantized tile by tile in shared memory);
 * ``dequant_matmul``: dequantize the whole weight into a scratch tensor, then ``torch.matmul``

@@ -259,8 +259,8 @@ pub enum LinearPath {
     Auto,
     /// The first decode kernel (M <= 16).
     Decode,
-    /// Streaming kernel (M <= 16, segments of 16-row multiples, one absmax format); `Auto`
-    /// picks it for M <= 16 whenever the weight allows.
+    /// Streaming kernel (M <= [`STREAM_MAX_M`], segments of 16-row multiples, one absmax
+    /// format); `Auto` picks it whenever the weight allows.
     Stream,
     /// Tensor-core kernel with the large tile (128 x 128).
     MmaLarge,
@@ -382,6 +382,10 @@ fn mma_splits_override() -> Result<Option<usize>> {
 
 /// Largest M served by the decode kernel.
 pub const DECODE_MAX_M: i64 = 16;
+
+/// Largest M served by the streaming kernel: up to 4 column tiles of 8 tokens (eight tiles
+/// spill; kernels/nf4.cu `STR_LINEAR_MIN_BLOCKS_N4`).
+pub const STREAM_MAX_M: i64 = 32;
 
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
 ///
@@ -538,13 +542,13 @@ pub unsafe fn linear(
     let streamable = stream_eligible(segments);
     let wants_stream = match path {
         Some(LinearPath::Stream) => true,
-        Some(LinearPath::Auto) => a.m <= DECODE_MAX_M && streamable,
+        Some(LinearPath::Auto) => a.m <= STREAM_MAX_M && streamable,
         _ => false,
     };
     if wants_stream {
-        if a.m > DECODE_MAX_M {
+        if a.m > STREAM_MAX_M {
             return Err(Error::arg(format!(
-                "the stream path serves M <= {DECODE_MAX_M}, found M = {}",
+                "the stream path serves M <= {STREAM_MAX_M}, found M = {}",
                 a.m
             )));
         }
@@ -610,7 +614,7 @@ pub fn stream_eligible(segments: &[Segment]) -> bool {
             .all(|s| s.stats.nested == segments[0].stats.nested)
 }
 
-/// The streaming launch of [`linear`] (M <= 16, [`stream_eligible`] weights).
+/// The streaming launch of [`linear`] (M <= [`STREAM_MAX_M`], [`stream_eligible`] weights).
 ///
 /// # Safety
 /// As [`linear`].
@@ -620,17 +624,15 @@ unsafe fn linear_stream(
     a: &LinearArgs,
     stream: u64,
 ) -> Result<LinearPlan> {
-    let nt = if a.m <= 8 { 1 } else { 2 };
-    let plain = if params.seg[0].nested != 0 {
-        ""
-    } else {
-        "_plain"
-    };
-    let entry: &'static str = match (nt, plain) {
-        (1, "") => "nf4_linear_str_n1",
-        (1, _) => "nf4_linear_str_n1_plain",
-        (_, "") => "nf4_linear_str_n2",
-        _ => "nf4_linear_str_n2_plain",
+    // Column tiles of 8 tokens per pass: every token in one pass, so the weights stream once.
+    let nested = params.seg[0].nested != 0;
+    let entry: &'static str = match ((a.m + 7) / 8, nested) {
+        (1, true) => "nf4_linear_str_n1",
+        (1, false) => "nf4_linear_str_n1_plain",
+        (2, true) => "nf4_linear_str_n2",
+        (2, false) => "nf4_linear_str_n2_plain",
+        (_, true) => "nf4_linear_str_n4",
+        (_, false) => "nf4_linear_str_n4_plain",
     };
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     let threads = 32 * STR_WARPS as u32;

@@ -421,13 +421,14 @@ def test_linear_every_path(path, tuning):
 @pytest.mark.parametrize("shape", [(528, 2880), (208, 320)])  # K / 64 = 45, 5: a half chunk
 def test_linear_stream_path(shape, dtype, nested, tuning):
     """The streaming kernel (the M <= 16 default for weights of 16-row multiples) against
-    dequantize-then-matmul in fp32, with and without bias, for one and two token tiles."""
+    dequantize-then-matmul in fp32, with and without bias, for one, two and four token tiles
+    (M up to 32, partial tiles included)."""
     n, k = shape
     w = make_weight(n, k, dtype, nested=nested, seed=11)
     w_deq = w.dequantize()
     g = gen(5)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV)
-    for m in [1, 3, 8, 9, 16]:
+    for m in [1, 3, 8, 9, 16, 17, 25, 32]:
         x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
         for b in (bias, None):
             y = ops.nf4_linear(x, w, b, path="stream")
@@ -436,6 +437,8 @@ def test_linear_stream_path(shape, dtype, nested, tuning):
         # auto picks the same kernel for such weights: bit-identical
         y_stream = ops.nf4_linear(x, w, bias, path="stream")
         assert torch.equal(ops.nf4_linear(x, w, bias, path="auto"), y_stream)
+    with pytest.raises(ValueError, match="M <= 32"):
+        ops.nf4_linear(torch.randn(33, k, dtype=dtype, device=DEV), w, bias, path="stream")
 
 
 def test_linear_stream_path_fused_and_strided():
