@@ -9,6 +9,9 @@ timing (CUDA-graph replay of back-to-back calls rotating over copies that exceed
 * ``empty``: a kernel that reads nothing (one program per SM), the per-call floor of a graph;
 * ``read``: a Triton kernel that reads every byte once with 16-byte loads and writes one sum per
   program (the best of a few program sizes), the floor of any kernel that must read the bytes;
+* ``streams``: the MoE streaming kernels' read pattern without compute: one warp per 16-row
+  group of 1440-byte rows, each streaming its group's chunk-major bytes 1 KB per step with 4
+  steps in flight (one token's gate_up at 33.6 MB is 1458 such groups at once);
 * ``copy``: ``Tensor.copy_`` of the same bytes (reads and writes them).
 
 Each reports us per call and the read bytes per second as a fraction of the large copy's
@@ -34,6 +37,7 @@ from bench_nf4_linear import copy_bandwidth, time_graph  # noqa: E402
 # NF4 bytes (packed + statistics) of the weights the issues time: 512x2880, 2880x2880,
 # 5120x2880 (vLLM's q/k/v), 5760x2880, and one token's four experts (gate_up, then down).
 SIZES_MB = [0.75, 4.2, 7.5, 8.4, 16.8, 33.6]
+GROUP_BYTES = 16 * 1440  # one 16-row group of a GPT-OSS-20B expert (K = 2880), chunk-major
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,14 +56,27 @@ def read_kernels():
         v = tl.load(x_ptr + offs, mask=offs < n_words, other=0)
         tl.store(out_ptr + tl.program_id(0), tl.sum(v, axis=0))
 
-    return triton, empty_kernel, read_kernel
+    @triton.jit
+    def stream_kernel(
+        x_ptr, out_ptr, group_words: tl.constexpr, steps: tl.constexpr, STAGES: tl.constexpr
+    ):
+        # One warp streams one 16-row group's chunk-major bytes, 1 KB per step (the MoE
+        # streaming kernels' order and granularity), STAGES steps in flight.
+        offs = tl.arange(0, 256)
+        base = tl.program_id(0) * group_words
+        acc = tl.zeros([256], dtype=tl.int32)
+        for j in tl.range(0, steps, num_stages=STAGES):
+            acc ^= tl.load(x_ptr + base + j * 256 + offs)
+        tl.store(out_ptr + tl.program_id(0) * 256 + offs, acc)
+
+    return triton, empty_kernel, read_kernel, stream_kernel
 
 
 def measure_size(
     nbytes: int, l2: int, copy_bps: float, t_empty: float, args: argparse.Namespace
 ) -> dict:
     """The read and copy floors of one size, over copies that exceed 4x the L2."""
-    triton, _, read_kernel = read_kernels()
+    triton, _, read_kernel, stream_kernel = read_kernels()
     copies = max(2, math.ceil(4 * l2 / nbytes) + 1)
     bufs = [
         torch.randint(0, 1 << 30, (nbytes // 4,), dtype=torch.int32, device="cuda")
@@ -77,6 +94,18 @@ def measure_size(
             read_kernel[grid](bufs[i % copies], sink, nbytes // 4, BLOCK=block, num_warps=8)
 
         best = min(best, (time_graph(read, args.calls, args.reps), block))
+    # The streaming kernels' pattern: one warp per 16-row group of 1440-byte rows (K = 2880),
+    # all groups at once, 22 chunks of 1 KB each (the half chunk left out).
+    groups = nbytes // GROUP_BYTES
+    streams_out = torch.empty(max(groups, 1) * 256, dtype=torch.int32, device="cuda")
+
+    def streams(i: int) -> None:
+        stream_kernel[(groups,)](
+            bufs[i % copies], streams_out, GROUP_BYTES // 4, 22, STAGES=4, num_warps=1
+        )
+
+    t_streams = time_graph(streams, args.calls, args.reps) if groups else math.nan
+    streams_bytes = groups * 22 * 1024
     t_copy = time_graph(lambda i: dsts[i % copies].copy_(bufs[i % copies]), args.calls, args.reps)
     return {
         "mb": nbytes / 1e6,
@@ -84,6 +113,9 @@ def measure_size(
         "read_us": best[0] * 1e6,
         "read_block_words": best[1],
         "read_frac_copy": nbytes / best[0] / copy_bps,
+        "streams_us": t_streams * 1e6,
+        "streams_bytes": streams_bytes,
+        "streams_frac_copy": streams_bytes / t_streams / copy_bps,
         "copy_us": t_copy * 1e6,
         "copy_frac_copy": 2 * nbytes / t_copy / copy_bps,
     }
@@ -99,7 +131,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure", file=sys.stderr)
         return 2
-    _, empty_kernel, _ = read_kernels()
+    _, empty_kernel, _, _ = read_kernels()
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     l2, sms = int(props.L2_cache_size), int(props.multi_processor_count)
     copy_bps = copy_bandwidth(args.reps)
@@ -122,6 +154,7 @@ def main() -> int:
             f"{row['mb']:6.2f} MB: read {row['read_us']:6.2f} us "
             f"({100 * row['read_frac_copy']:3.0f}% of copy, "
             f"{row['read_block_words']} words per program)  "
+            f"streams {row['streams_us']:6.2f} us ({100 * row['streams_frac_copy']:3.0f}%)  "
             f"copy_ {row['copy_us']:6.2f} us ({100 * row['copy_frac_copy']:3.0f}%)",
             flush=True,
         )
