@@ -31,7 +31,7 @@
 #   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
-#   nf4bench    bench_nf4_linear.py on the shapes
+#   nf4bench    bench_nf4_linear.py on the shapes (NF4_SHAPES, NF4_MS, NF4_TUNINGS)
 #   moetiles    bench_moe.py with the streaming kernels forced to 1 and to 2 column tiles per
 #               pass (TILES_TOKENS)
 #   moetimes    moe_kernel_times.py: each MoE kernel's time per layer (torch.profiler), also

@@ -32,7 +32,8 @@ FAMILIES: list[tuple[str, str]] = [
     # vLLM's own routing kernels: fused_topk runs for our side too (unless
     # GPTOSS_3090_MOE_ROUTING=internal), moe_align and moe_sum for stock's Marlin path only.
     ("moe routing / align (vLLM)", r"moe_align|topk|count_and_sort|moe_sum"),
-    ("attention (triton)", r"unified_attention|kernel_unified|reshape_and_cache"),
+    # reduce_segments: the Triton unified attention's split-KV merge (decode at small batches).
+    ("attention (triton)", r"unified_attention|kernel_unified|reshape_and_cache|^reduce_segments"),
     ("gemm (cublas / cutlass)", r"gemm|sm90_xmma|cutlass|cublas|ampere_.*_s16816|nvjet"),
     ("norm / elementwise (inductor, triton)", r"^triton_|rms_norm|fused_add"),
     ("sampling / logits", r"argmax|sampl|softmax|logit"),

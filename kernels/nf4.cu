@@ -12,6 +12,7 @@
 //
 // Entries (one per dtype, ONE by-value params struct each, mirrored in src/ops/nf4.rs):
 //   nf4_dequant_{bf16,f16}                          Nf4DequantParams
+//   nf4_linear_str_{n1,n2,n4}[_plain]_{bf16,f16}    Nf4LinearParams   (M <= 8, 16, 32)
 //   nf4_linear_decode_m8_{bf16,f16}                 Nf4LinearParams   (M <= 8)
 //   nf4_linear_decode_m16_{bf16,f16}                Nf4LinearParams   (M <= 16)
 //   nf4_linear_mma_{l4,l3,m4,m3,s4}_{bf16,f16}      Nf4LinearParams   (tile configs, see below)
@@ -229,8 +230,9 @@ extern "C" __global__ void nf4_dequant_bf16(const Nf4DequantParams p) { nf4_dequ
 extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequant<DTYPE_F16>(p); }
 
 // ---------------------------------------------------------------------------------------------
-// Linear, streaming path (M <= 16; every segment a multiple of 16 rows, one absmax format): the
-// streaming core of common.cuh with the weight rows as mma A and the tokens as mma columns.
+// Linear, streaming path (M <= 32 in 1, 2 or 4 tiles of 8 tokens; every segment a multiple of 16
+// rows, one absmax format): the streaming core of common.cuh with the weight rows as mma A and
+// the tokens as mma columns.
 // grid ceil(N / (16 * 8 / KS)), 8 warps = (8 / KS) row groups x KS parts of K; the parts meet in
 // shared memory (fixed order), then part 0 adds the bias and writes y.
 // ---------------------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
     assert "| moe (marlin) | 4.0 |" in md
     assert "| gemm (cublas / cutlass) | 2.0 |" in md
     assert "**26.0**" in md
+    # Triton attention's split-KV merge belongs to the attention, not to "other".
+    assert tk.family("reduce_segments") == "attention (triton)"
+    assert tk.family("attn_decode_s2_bf16") == "attention (ours)"
     with pytest.raises(SystemExit):
         tk.main([str(tmp_path / "missing"), "--steps", "2"])
 
