@@ -48,7 +48,7 @@
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   floor       read_floor.py: an empty kernel, a pure read and a copy of the decode targets'
 #               weight sizes, timed as the benchmarks time ours
-#   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-64) against
+#   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
 #   nf4sweep    sweep_nf4_mma.py: forced tensor-core tiles x forced K splits (NF4_SPLITS) at
@@ -289,11 +289,11 @@ for step in "$@"; do
       python3 bench/read_floor.py --out "$OUT/read_floor.json" 2>&1 | tee "$OUT/read_floor.log"
       ;;
     nf4stream)
-      # The streaming linear with 4 and 8 token tiles (M = 17..64) against the tensor-core
-      # kernel and dequantize + cuBLAS, each forced K split (STREAM_KS) in its own process.
+      # The streaming linear with 4 token tiles (M = 17..32) against the tensor-core kernel and
+      # dequantize + cuBLAS, each forced K split (STREAM_KS) in its own process.
       for ks in "" ${STREAM_KS:-1 2 4 8}; do
         GPTOSS_3090_MOE_STREAM_KS=$ks python3 bench/sweep_nf4_mma.py \
-          --ms "${NF4_MS:-17,24,32,48,64}" --paths "${NF4_PATHS:-auto,mma,dequant_matmul,stream}" \
+          --ms "${NF4_MS:-17,24,32}" --paths "${NF4_PATHS:-auto,mma,dequant_matmul,stream}" \
           2>&1 | tee -a "$OUT/nf4_stream.log"
         NF4_PATHS=stream  # the other paths do not depend on the split
       done

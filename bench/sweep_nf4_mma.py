@@ -7,7 +7,7 @@ bench_nf4_linear.py). The K split comes from the runtime, or from ``GPTOSS_3090_
 
     for s in "" 1 2 4 8; do GPTOSS_3090_NF4_SPLITS=$s python bench/sweep_nf4_mma.py; done
 
-``--paths`` also takes ``stream`` (the streaming kernel, M <= 64; its K split from the
+``--paths`` also takes ``stream`` (the streaming kernel, M <= 32; its K split from the
 runtime or ``GPTOSS_3090_MOE_STREAM_KS``, reported in the ``splits`` column) and
 ``dequant_matmul``.
 """

@@ -234,3 +234,17 @@ def test_dequant_threshold_is_read_from_the_environment(monkeypatch):
         assert runtime._dequant_min_m() == 64
     finally:
         runtime._dequant_min_m.cache_clear()
+
+
+def test_streamable_mirrors_the_native_rule():
+    """``ops._streamable`` decides whether the op skips the split-K workspace because the
+    runtime streams: every part a multiple of 16 rows, all nested or all plain (src/ops/nf4.rs
+    ``stream_eligible``)."""
+
+    def segs(*weights: Nf4Weight) -> tuple[list, list[int]]:
+        return [(w.packed, w.absmax) for w in weights], [w.shape[0] for w in weights]
+
+    assert ops._streamable(*segs(cpu_weight(64), cpu_weight(16)))
+    assert ops._streamable(*segs(cpu_weight(64, nested=False)))
+    assert not ops._streamable(*segs(cpu_weight(64), cpu_weight(8)))  # 8 rows
+    assert not ops._streamable(*segs(cpu_weight(64), cpu_weight(64, nested=False)))

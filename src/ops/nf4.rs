@@ -614,6 +614,24 @@ pub fn stream_eligible(segments: &[Segment]) -> bool {
             .all(|s| s.stats.nested == segments[0].stats.nested)
 }
 
+/// The streaming kernel (without the dtype suffix) for `m` tokens: 1, 2 or 4 column tiles of 8
+/// tokens, so that every token fits one pass and the weights stream once.
+pub fn stream_entry(m: i64, nested: bool) -> Result<&'static str> {
+    Ok(match ((m + 7) / 8, nested) {
+        (1, true) => "nf4_linear_str_n1",
+        (1, false) => "nf4_linear_str_n1_plain",
+        (2, true) => "nf4_linear_str_n2",
+        (2, false) => "nf4_linear_str_n2_plain",
+        (3 | 4, true) => "nf4_linear_str_n4",
+        (3 | 4, false) => "nf4_linear_str_n4_plain",
+        _ => {
+            return Err(Error::arg(format!(
+                "the stream path serves 1 <= M <= {STREAM_MAX_M}, found M = {m}"
+            )))
+        }
+    })
+}
+
 /// The streaming launch of [`linear`] (M <= [`STREAM_MAX_M`], [`stream_eligible`] weights).
 ///
 /// # Safety
@@ -624,16 +642,7 @@ unsafe fn linear_stream(
     a: &LinearArgs,
     stream: u64,
 ) -> Result<LinearPlan> {
-    // Column tiles of 8 tokens per pass: every token in one pass, so the weights stream once.
-    let nested = params.seg[0].nested != 0;
-    let entry: &'static str = match ((a.m + 7) / 8, nested) {
-        (1, true) => "nf4_linear_str_n1",
-        (1, false) => "nf4_linear_str_n1_plain",
-        (2, true) => "nf4_linear_str_n2",
-        (2, false) => "nf4_linear_str_n2_plain",
-        (_, true) => "nf4_linear_str_n4",
-        (_, false) => "nf4_linear_str_n4_plain",
-    };
+    let entry = stream_entry(a.m, params.seg[0].nested != 0)?;
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     let threads = 32 * STR_WARPS as u32;
     // The tuning's residency: padded so that a forced sm86 holds a 3090's blocks per SM.
@@ -881,6 +890,30 @@ mod tests {
             LinearPath::MmaSmall,
         ] {
             assert!(s(p, Tuning::Sm86) <= Tuning::Sm86.smem_budget(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn stream_entries_hold_every_token_in_one_pass() {
+        for (m, want) in [
+            (1, "n1"),
+            (8, "n1"),
+            (9, "n2"),
+            (16, "n2"),
+            (17, "n4"),
+            (32, "n4"),
+        ] {
+            assert_eq!(
+                stream_entry(m, true).unwrap(),
+                format!("nf4_linear_str_{want}")
+            );
+            assert_eq!(
+                stream_entry(m, false).unwrap(),
+                format!("nf4_linear_str_{want}_plain")
+            );
+        }
+        for m in [0, 33, 64] {
+            assert!(stream_entry(m, true).is_err(), "M = {m}");
         }
     }
 
