@@ -15,6 +15,9 @@ elsewhere.
 Usage::
 
     PYTHONPATH=python python3 bench/bench_attention.py --out bench/results/attention_h100.json
+    # batch-1 decode at short contexts as vLLM's captured graphs run it (planned for 131072):
+    PYTHONPATH=python python3 bench/bench_attention.py --only decode \
+        --decode-cases 1x128,1x256,1x384,1x1024 --seq-bound 131072
     PYTHONPATH=python python3 bench/bench_attention.py --tuning sm86 --out ...   # forced sm86
 """
 
@@ -141,7 +144,9 @@ class SdpaBaseline:
         return output
 
 
-def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed):
+def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed, seq_bound=0):
+    """One case; ``seq_bound`` (decode) is the ``max_seq_len`` both sides are given when it
+    exceeds the context, as in vLLM's captured decode graphs (planned for max_model_len)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "decode":
         q_lens, seq_lens = [1] * batch, [ctx] * batch
@@ -152,6 +157,7 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
     out = torch.empty_like(b["query"])
     out_b = torch.empty_like(b["query"])
     args = (b["query_start_loc"], b["seq_lens"], b["block_table"])
+    max_seq_len = max(b["max_seq_len"], seq_bound) if kind == "decode" else b["max_seq_len"]
 
     def ours():
         torch.ops.gptoss_3090.paged_attention(
@@ -162,7 +168,7 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
             sinks,
             ws,
             b["max_query_len"],
-            b["max_seq_len"],
+            max_seq_len,
             window,
             SCALE,
         )
@@ -175,7 +181,7 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
             *args,
             sinks,
             b["max_query_len"],
-            b["max_seq_len"],
+            max_seq_len,
             window,
             SCALE,
         )
@@ -202,7 +208,7 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
         torch.cuda.current_device(),
         batch if kind == "decode" else 1,
         HKV,
-        ctx,
+        max_seq_len,
         window,
         1 if kind == "decode" else ctx,
         ws,
@@ -222,6 +228,7 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
         "kind": kind,
         "batch": batch,
         "context": ctx,
+        "max_seq_len": max_seq_len,
         "layer": "sliding" if window else "full",
         "ours_us": t_ours,
         "baseline_us": t_base,
@@ -232,6 +239,17 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed)
         "decode_splits": splits if kind == "decode" else None,
         "rel_err_vs_baseline": err,
     }
+
+
+def decode_cases(text: str) -> list[tuple[int, int]]:
+    """``--decode-cases``: ``BATCHxCONTEXT`` pairs, comma-separated, both positive."""
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--decode-cases: expected BATCHxCONTEXT items, found {item!r}")
+        cases.append((int(parts[0]), int(parts[1])))
+    return cases
 
 
 def target(row) -> float:
@@ -247,6 +265,18 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10, help="calls per CUDA graph")
     ap.add_argument("--iters", type=int, default=20, help="timed graph replays (median)")
     ap.add_argument("--only", choices=["decode", "prefill"], help="run one half only")
+    ap.add_argument(
+        "--decode-cases",
+        default=",".join(f"{b}x{c}" for b, c in DECODE),
+        help="decode (batch)x(context) list, e.g. 1x256,1x384",
+    )
+    ap.add_argument(
+        "--seq-bound",
+        type=int,
+        default=0,
+        help="decode max_seq_len given to both sides when larger than the context (131072: "
+        "what vLLM's captured graphs plan for at max_model_len 131072)",
+    )
     ap.add_argument("--baseline", choices=["auto", "triton", "sdpa"], default="auto")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -266,7 +296,8 @@ def main() -> int:
     )
     cases = []
     if args.only != "prefill":
-        cases += [("decode", b, c, w) for b, c in DECODE for w in (WINDOW, None)]
+        decode = decode_cases(args.decode_cases)
+        cases += [("decode", b, c, w) for b, c in decode for w in (WINDOW, None)]
     if args.only != "decode":
         cases += [("prefill", 1, n, w) for n in PREFILL for w in (WINDOW, None)]
     rows = []
@@ -279,11 +310,23 @@ def main() -> int:
     for i, (kind, batch, ctx, window) in enumerate(cases):
         iters = args.iters if not (kind == "prefill" and ctx >= 32768) else max(5, args.iters // 4)
         reps = args.reps if not (kind == "prefill" and ctx >= 8192) else 2
-        row = bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed=i)
+        row = bench_case(
+            kind,
+            batch,
+            ctx,
+            window,
+            base,
+            base_name,
+            ws,
+            reps,
+            iters,
+            seed=i,
+            seq_bound=args.seq_bound,
+        )
         rows.append(row)
         torch.cuda.empty_cache()
         if kind == "decode":
-            name = f"decode B={batch} ctx={ctx // 1024}K"
+            name = f"decode B={batch} ctx={f'{ctx // 1024}K' if ctx >= 1024 else ctx}"
         else:
             name = f"prefill {ctx // 1024}K"
         ok = "" if row["speedup"] >= target(row) else "  <-- below target"

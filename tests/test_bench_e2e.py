@@ -163,3 +163,13 @@ def test_repeats_below_one_is_refused(bench, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--ours", "x", "--repeats", "0"])
     assert "--repeats 0" in capsys.readouterr().err
+
+
+def test_attention_bench_decode_cases_parse_and_reject() -> None:
+    """bench_attention.py --decode-cases: BATCHxCONTEXT pairs; anything else is a usage error
+    naming the bad item (the batch-1 short-context cases of the session-14 trace)."""
+    ba = _load("bench_attention")
+    assert ba.decode_cases("1x256, 16x8192") == [(1, 256), (16, 8192)]
+    for bad in ("1x", "0x256", "1x256x2", "ax1"):
+        with pytest.raises(SystemExit, match="decode-cases"):
+            ba.decode_cases(bad)
