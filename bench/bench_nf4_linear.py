@@ -36,7 +36,6 @@ import torch
 
 SHAPES = [(5760, 2880), (2880, 2880), (4096, 2880), (2880, 4096), (512, 2880)]
 MS = [1, 4, 16, 64, 256, 2048]
-STREAM_MAX_M = 32  # src/ops/nf4.rs STREAM_MAX_M: auto streams up to 4 token tiles
 
 
 def git_commit() -> str:
@@ -145,7 +144,7 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
 
     t_auto = time_graph(ours, args.calls, args.reps)
     plan = "dequant_matmul"
-    if m <= STREAM_MAX_M:
+    if m <= ops.STREAM_MAX_M:
         plan = "str (auto)"  # the streaming kernel; `fused` times the first decode kernel or
         # the tensor-core kernel
     elif not runtime.use_dequant_matmul(m, torch.cuda.current_device()):

@@ -128,6 +128,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args()
+    try:
+        sizes_mb = [float(v) for v in args.sizes_mb.split(",")]
+    except ValueError:
+        sizes_mb = []
+    if not sizes_mb or not all(0.016 <= mb <= 4096 for mb in sizes_mb):
+        ap.error(f"--sizes-mb {args.sizes_mb!r}: expected MB values from 0.016 to 4096")
+    if args.calls < 1 or args.reps < 1:
+        ap.error(f"--calls {args.calls}, --reps {args.reps}: expected at least 1 each")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure", file=sys.stderr)
         return 2
@@ -147,7 +155,7 @@ def main() -> int:
     t_empty = time_graph(empty, args.calls, args.reps)
     print(f"empty kernel ({sms} programs): {t_empty * 1e6:.2f} us")
     rows = []
-    for mb in (float(v) for v in args.sizes_mb.split(",")):
+    for mb in sizes_mb:
         row = measure_size(int(mb * 1e6) // 16 * 16, l2, copy_bps, t_empty, args)
         rows.append(row)
         print(

@@ -262,6 +262,9 @@ def cuda_nf4_linear(
     split-K workspace (pointer and size in floats) that :func:`cuda_nf4_linear_plan` asks for
     (0 when it asks for none). Returns the kernel entry used."""
 
+NF4_STREAM_MAX_M: int
+"""Largest M (rows of x) the streaming NF4 linear serves (src/ops/nf4.rs ``STREAM_MAX_M``)."""
+
 def cuda_nf4_linear_plan(
     ordinal: int, m: int, n: int, k: int, path: str = "auto"
 ) -> dict[str, Any]:

@@ -383,8 +383,8 @@ def _validate_linear(
     return k, n, segs, rows
 
 
-STREAM_MAX_M = 32
-"""Largest M the streaming linear serves (src/ops/nf4.rs ``STREAM_MAX_M``)."""
+STREAM_MAX_M: int = _native.NF4_STREAM_MAX_M
+"""Largest M the streaming linear serves (the runtime's own bound)."""
 
 
 def _streamable(segs: list[tuple[torch.Tensor, ...]], rows: list[int]) -> bool:
