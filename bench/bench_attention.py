@@ -277,6 +277,11 @@ def main() -> int:
         help="decode max_seq_len given to both sides when larger than the context (131072: "
         "what vLLM's captured graphs plan for at max_model_len 131072)",
     )
+    ap.add_argument(
+        "--min-keys",
+        type=int,
+        help="fewest keys a decode split takes at run time (a multiple of 16)",
+    )
     ap.add_argument("--baseline", choices=["auto", "triton", "sdpa"], default="auto")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -284,6 +289,10 @@ def main() -> int:
         return 2
     if args.tuning:
         runtime.set_tuning(args.tuning)
+    if args.min_keys is not None:
+        from gptoss_3090 import _native
+
+        _native.attention_set_overrides(min_keys=args.min_keys)
     info = runtime.device_info()  # kernels load on the eager call before each capture
     use_triton = args.baseline == "triton" or (args.baseline == "auto" and vllm_triton_available())
     base = VllmTritonAttention(HQ, HKV, "cuda") if use_triton else SdpaBaseline()
@@ -293,6 +302,7 @@ def main() -> int:
         f"# {info['name']} ({info['arch']}, {info['sm_count']} SMs), tuning {info['tuning']}"
         f" (natural {info['natural_tuning']}), baseline: "
         f"{'vLLM TRITON_ATTN unified_attention' if use_triton else 'eager torch SDPA (no vLLM)'}"
+        f", min keys per split: {args.min_keys or 'default'}"
     )
     cases = []
     if args.only != "prefill":

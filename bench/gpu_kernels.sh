@@ -10,6 +10,13 @@
 #               MOETEST_K selects tests by pytest -k)
 #   nf4test     GPU tests of the NF4 linear / dequantize / quantize ops (NF4TEST_K selects
 #               tests by pytest -k)
+#   attntest    GPU tests of the attention ops (ATTNTEST_K selects tests by pytest -k)
+#   attnbase    bench_attention.py decode at ATTN_CASES (default 1x128,1x256,1x384,1x1024,
+#               16x256,16x1024) planned for a 131072-token bound (as vLLM's graphs), with the
+#               wheel in .gpu-wheel-base, then the carried one at each of ATTN_MIN_KEYS (default
+#               "default 128 64 32": fewest keys per split), then the base again (carry both)
+#   router      bench_router.py: the router logits kernel against F.linear (cuBLAS), as vLLM
+#               runs GPT-OSS's router, at ROUTER_TOKENS (default 1,2,4,8,16,32,64,128)
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
 #               the same call (lean decode kernels up to 16 tokens, tiled GEMMs above), then the
 #               streaming regime against the GEMMs at 256 and 512 tokens
@@ -154,6 +161,31 @@ for step in "$@"; do
       python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_nf4_gpu.py \
         ${NF4TEST_K:+-k "$NF4TEST_K"} > "$OUT/test_nf4_gpu.log" 2>&1
       tail -5 "$OUT/test_nf4_gpu.log"
+      ;;
+    attntest)
+      python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_attention_gpu.py \
+        ${ATTNTEST_K:+-k "$ATTNTEST_K"} > "$OUT/test_attention_gpu.log" 2>&1
+      tail -5 "$OUT/test_attention_gpu.log"
+      ;;
+    attnbase)
+      install_base_wheel
+      for w in base ${ATTN_MIN_KEYS:-default 128 64 32} base2; do
+        gp=/tmp/gp
+        opts=()
+        case $w in
+          base*) gp=/tmp/gp_base ;;
+          default) ;;
+          *) opts=(--min-keys "$w") ;;
+        esac
+        echo "-- wheel/min keys: $w"
+        PYTHONPATH=$gp python3 bench/bench_attention.py --only decode --seq-bound 131072 \
+          --decode-cases "${ATTN_CASES:-1x128,1x256,1x384,1x1024,16x256,16x1024}" "${opts[@]}" \
+          --out "$OUT/attn_$w.json" 2>&1 | tee "$OUT/attn_$w.log" | grep -v "^wrote"
+      done
+      ;;
+    router)
+      python3 bench/bench_router.py --tokens "${ROUTER_TOKENS:-1,2,4,8,16,32,64,128}" \
+        --out "$OUT/router.json" 2>&1 | tee "$OUT/router.log" | grep -v "^wrote"
       ;;
     moebench)
       bench_moe default --tokens 1,2,4,8,16,32,64,128 --tunings auto,sm86 --no-baselines

@@ -169,6 +169,7 @@ struct AttnDecodeRange {
     int lo;     // first key of tile 0 (lo_exact rounded down to a multiple of 16)
     int begin;  // first tile of this split
     int end;    // one past the last tile of this split
+    int used;   // splits that hold keys (0 .. used - 1, at least 1); the others exit at once
 };
 
 __device__ __forceinline__ AttnDecodeRange attn_decode_range(const AttnParams& p, int seq_len,
@@ -185,6 +186,7 @@ __device__ __forceinline__ AttnDecodeRange attn_decode_range(const AttnParams& p
     rg.lo = lo;
     rg.begin = min(split * per_split, n_tiles);
     rg.end = min(rg.begin + per_split, n_tiles);
+    rg.used = max(1, min(p.num_splits, (n_tiles + per_split - 1) / per_split));
     return rg;
 }
 
@@ -514,10 +516,12 @@ __device__ __forceinline__ float4 attn_ld_cg4(const float* ptr) {
 
 // Merges the partials of every split of (request r, KV head kvh) for one row / 8 dims:
 // out = sum_s acc_s 2^(m_s - M) / (2^(sink - M) + sum_s l_s 2^(m_s - M)), M = max(sink, max m_s).
-// Empty splits (sum 0) are skipped; their accumulators are never read.
+// Only the `used` splits that hold keys wrote partials (a graph captured for max_model_len plans
+// many splits that short contexts leave empty); an empty one among them (sum 0: every key
+// masked) is skipped, its accumulators never read.
 template <int DTYPE>
 __device__ __forceinline__ void attn_combine_row(const AttnParams& p, int r, int kvh, int row,
-                                                 int d0, float sink2, u16* dst) {
+                                                 int d0, float sink2, int used, u16* dst) {
     // One pass, online: the loads of different splits are independent, so unrolling lets them
     // all be in flight together (one L2 round trip instead of one per split).
     float mx = sink2;
@@ -526,7 +530,7 @@ __device__ __forceinline__ void attn_combine_row(const AttnParams& p, int r, int
 #pragma unroll
     for (int d = 0; d < 8; ++d) acc[d] = 0.f;
 #pragma unroll 4
-    for (int s = 0; s < p.num_splits; ++s) {
+    for (int s = 0; s < used; ++s) {
         const i64 wr = attn_ws_row(p, r, s, kvh, row);
         const float ms = attn_ld_cg(p.ws_ml + wr * 2);
         const float ls = attn_ld_cg(p.ws_ml + wr * 2 + 1);
@@ -584,6 +588,12 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     const int seq_len = p.seq_lens[r];
     const int ctx = seq_len - q_len;
     const AttnDecodeRange rg = attn_decode_range(p, seq_len, q_len, split);
+    // A graph captured for max_model_len plans splits for the longest context; at a shorter one
+    // the splits past the last that holds keys have nothing to add. They leave before any load,
+    // and the arrival count and the merge cover the `used` splits only (every split of a
+    // (request, KV head) computes the same `used`); with one used split it writes the output
+    // itself, as an unsplit launch does.
+    if (split >= rg.used) return;
 
     // Q A-fragments straight from global memory (2 KB, read once): a0 = (g, 2t..), a1 = (g+8, 2t..),
     // a2 = (g, 2t+8..), a3 = (g+8, 2t+8..) for each 16-wide k-step.
@@ -732,7 +742,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     const int t = row >> g_shift;
     const int hq = kvh * G + (row & (G - 1));
     u16* out_ptr = p.o + (i64)(q_start + t) * p.o_stride_tok + (i64)hq * p.o_stride_head + d0;
-    if (p.num_splits == 1) {
+    if (rg.used == 1) {
         if (row_ok) attn_store_final<DTYPE>(out_ptr, acc, mx, lsum, attn_sink_log2(p, hq));
         return;
     }
@@ -754,14 +764,14 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     if (tid == 0) {
         u32* ctr = p.ws_ctr + (i64)r * p.num_kv_heads + kvh;
         const u32 prev = atomicAdd(ctr, 1u);
-        const int last = prev == (u32)(p.num_splits - 1);
+        const int last = prev == (u32)(rg.used - 1);
         if (last) *ctr = 0u;  // every split has arrived: reset for the next launch / graph replay
         *s_last = last;
     }
     __syncthreads();
     if (!*s_last || !row_ok) return;
     __threadfence();
-    attn_combine_row<DTYPE>(p, r, kvh, row, d0, attn_sink_log2(p, hq), out_ptr);
+    attn_combine_row<DTYPE>(p, r, kvh, row, d0, attn_sink_log2(p, hq), rg.used, out_ptr);
 }
 
 extern "C" __global__ __launch_bounds__(128) void attn_decode_s2_bf16(const AttnParams p) {

@@ -16,6 +16,8 @@
 //   moe_combine_*   as below (fixed order)
 // The older two-launch decode kernels (moe_dec_*, moe_dec2_*: combine fused into down) stay for
 // comparison (GPTOSS_3090_MOE_DECODE=1|2).
+// Router logits on their own (moe_router_*, the vLLM router layer at small T):
+//   logits [T, E] = x W_r^T + b_r, one block per (expert, 4 tokens), fp32 sums.
 // Prefill (T > 128):
 //   moe_route_*     (when routing is needed and T is large) router logits -> top-k
 //   moe_group_*     (one block) [top-k of given logits for small T] + count per expert, padded
@@ -123,7 +125,7 @@ struct MoeParams {
     i32 str_gx_up;
     i32 str_gx_dn;
     i32 str_slots;
-    i32 pad_;
+    i32 router_b_act;  // moe_router_*: router_b holds act dtype values (1) or f32 (0)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -368,6 +370,76 @@ __device__ void moe_route(const MoeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Router logits for small T: grid (E, ceil(T / ROUTER_TOKENS)), ROUTER_WARPS warps. A block
+// issues all its loads before it uses any (its expert's router row, 5.6 KB, and its tokens'
+// activations): one L2/DRAM round trip is then the whole cost, where a loop that loaded the
+// activations per 16-byte piece paid one per piece (H100: 4.6 instead of 2.7 us at 4 tokens,
+// 10.9 at 16 tokens per block). Few tokens per block keep those loads in registers; more
+// tokens take more blocks (the row is re-read from L2). The warps' sums meet in shared memory
+// in warp order, so the result does not depend on timing. Writes logits (act dtype, or f32
+// with logits_f32) = fp32 sum + bias. H % 8 == 0, H <= 8 * ROUTER_PIECES * 32 * ROUTER_WARPS
+// (4096), 16-byte aligned rows (checked by the launcher).
+// ---------------------------------------------------------------------------------------------
+#define ROUTER_WARPS 4
+#define ROUTER_TOKENS 4
+#define ROUTER_PIECES 4  // 16-byte pieces of a row per thread: H <= 4096
+
+// acc += dot(8 weights, 8 activations), both as 4 words of two halves.
+template <int DTYPE>
+__device__ __forceinline__ float dot8_half(const u32x4& a, const u32x4& b, float acc) {
+    const u32 aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc = fmaf(half_to_f32<DTYPE>((u16)(aw[i] & 0xffffu)), half_to_f32<DTYPE>((u16)(bw[i] & 0xffffu)), acc);
+        acc = fmaf(half_to_f32<DTYPE>((u16)(aw[i] >> 16)), half_to_f32<DTYPE>((u16)(bw[i] >> 16)), acc);
+    }
+    return acc;
+}
+
+template <int DTYPE>
+__device__ void moe_router(const MoeParams& p) {
+    __shared__ float part[ROUTER_WARPS][ROUTER_TOKENS];
+    constexpr int THREADS = ROUTER_WARPS * 32;
+    const int e = blockIdx.x, t0 = blockIdx.y * ROUTER_TOKENS;
+    const int nt = min(ROUTER_TOKENS, p.T - t0);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int pieces = p.H / 8;
+    const u16* w = (const u16*)p.router_w + (long long)e * p.H;
+    const u16* x = (const u16*)p.x + (long long)t0 * p.x_stride;
+    u32x4 wv[ROUTER_PIECES], xv[ROUTER_PIECES][ROUTER_TOKENS];
+#pragma unroll
+    for (int u = 0; u < ROUTER_PIECES; ++u) {
+        const int i = tid + u * THREADS;
+        wv[u] = ld_nc_16_if(w + 8 * i, i < pieces);
+#pragma unroll
+        for (int t = 0; t < ROUTER_TOKENS; ++t)
+            xv[u][t] = ld_nc_16_if(x + (long long)t * p.x_stride + 8 * i, i < pieces && t < nt);
+    }
+    float acc[ROUTER_TOKENS];
+#pragma unroll
+    for (int t = 0; t < ROUTER_TOKENS; ++t) {
+        acc[t] = 0.0f;
+#pragma unroll
+        for (int u = 0; u < ROUTER_PIECES; ++u) acc[t] = dot8_half<DTYPE>(wv[u], xv[u][t], acc[t]);
+        const float v = warp_sum(acc[t]);
+        if (lane == 0) part[warp][t] = v;
+    }
+    __syncthreads();
+    if (tid >= nt) return;
+    float sum = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < ROUTER_WARPS; ++wi) sum += part[wi][tid];
+    if (p.router_b)
+        sum += p.router_b_act ? half_to_f32<DTYPE>(((const u16*)p.router_b)[e])
+                              : ((const float*)p.router_b)[e];
+    const long long idx = (long long)(t0 + tid) * p.E + e;
+    if (p.logits_f32)
+        ((float*)p.logits)[idx] = sum;
+    else
+        ((u16*)p.logits)[idx] = f32_to_half<DTYPE>(sum);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Grouping: one block of 1024 threads (the pair count is at most a few ten thousand, so a single
 // block with shared-memory atomics beats a multi-kernel scan and needs no grid synchronisation).
 // ---------------------------------------------------------------------------------------------
@@ -474,18 +546,45 @@ struct DecShared {
     float red[DEC_WARPS * 2 * 4 * 32];  // split-K partial sums
 };
 
+// A thread's routing entry (ids/wts element threadIdx.x), loaded at kernel entry so that its
+// L2 round trip overlaps the table build instead of following it (the loads sit behind shared
+// stores the compiler may not move them over). `valid`: dec_route reads these instead of the
+// workspace (routing read from ws_ids/ws_wts, and T * topk <= blockDim.x).
+struct RoutePrefetch {
+    int id = -1;
+    float wt = 0.0f;
+    bool valid = false;
+};
+
+__device__ __forceinline__ RoutePrefetch dec_route_prefetch(const MoeParams& p, bool from_ws,
+                                                            bool routes) {
+    RoutePrefetch r;
+    const int TK = p.T * p.topk;
+    r.valid = routes && (p.route_mode != MOE_ROUTE_LOGITS || from_ws) && TK <= (int)blockDim.x;
+    const bool mine = r.valid && (int)threadIdx.x < TK;
+    r.id = (int)ld_nc_b32_if((const u32*)p.ws_ids + threadIdx.x, mine);
+    r.wt = ld_nc_f32_if((const float*)p.ws_wts + threadIdx.x, mine);
+    return r;
+}
+
 // Routing of the T (<= 16) decode tokens into shared memory, plus the ascending list of touched
 // experts. From logits when route_mode is LOGITS and not `from_ws` (then `store` writes it to
 // the workspace for the later kernels), else from ws_ids/ws_wts (given by the caller, written
-// by moe_route, or stored by an earlier kernel of the same forward: `from_ws`).
+// by moe_route, or stored by an earlier kernel of the same forward: `from_ws`), or from `pre`
+// when the caller loaded them at entry (dec_route_prefetch with the same `from_ws`).
 template <int DTYPE, class Sh>
 __device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult,
-                          bool from_ws = false) {
+                          bool from_ws = false, RoutePrefetch pre = RoutePrefetch{}) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int TK = p.T * p.topk;
     if (threadIdx.x < MOE_MAX_EXPERTS / 32) sh.mask[threadIdx.x] = 0u;
     if (p.route_mode == MOE_ROUTE_LOGITS && !from_ws) {
         block_route_logits<DTYPE>(p, sh.ids, sh.wts);
+    } else if (pre.valid) {
+        if ((int)threadIdx.x < TK) {
+            sh.ids[threadIdx.x] = pre.id;
+            sh.wts[threadIdx.x] = pre.wt;
+        }
     } else {
         for (int i = threadIdx.x; i < TK; i += blockDim.x) {
             sh.ids[i] = ((const int*)p.ws_ids)[i];
@@ -1488,13 +1587,14 @@ __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
     // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
     extern __shared__ __align__(16) u8 str_smem[];
+    const RoutePrefetch pre = dec_route_prefetch(p, !UP, !p.str_grouped);
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     if (p.str_grouped)
         __syncthreads();  // table
     else
         // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
         // instead of routing again) and moe_combine.
-        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP);
+        dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP, pre);
     int cnt;
     const int* gpairs;
     const int e = str_slot_expert(p, sh, blockIdx.y, cnt, gpairs);
@@ -1516,12 +1616,13 @@ __device__ void moe_str_fused(const MoeParams& p) {
     __shared__ StrShared sh;
     __shared__ int ticket;
     extern __shared__ __align__(16) u8 str_smem[];
+    const RoutePrefetch pre = dec_route_prefetch(p, false, !p.str_grouped);
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     if (p.str_grouped)
         __syncthreads();  // table
     else
         // Every block routes (the same result); block 0 stores it for moe_combine.
-        dec_route<DTYPE>(p, sh, blockIdx.x == 0, false, false);
+        dec_route<DTYPE>(p, sh, blockIdx.x == 0, false, false, pre);
     u32* sync = (u32*)p.ws_sync;  // [0] tickets taken, [1 + y] gate_up items of slot y done
     const int up_items = p.str_gx_up * p.str_slots;
     const int items = up_items + p.str_gx_dn * p.str_slots;
@@ -1884,6 +1985,12 @@ extern "C" __global__ __launch_bounds__(1024) void moe_route_bf16(const MoeParam
 }
 extern "C" __global__ __launch_bounds__(1024) void moe_route_f16(const MoeParams p) {
     moe_route<DTYPE_F16>(p);
+}
+extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_bf16(const MoeParams p) {
+    moe_router<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_f16(const MoeParams p) {
+    moe_router<DTYPE_F16>(p);
 }
 extern "C" __global__ __launch_bounds__(1024) void moe_group_bf16(const MoeParams p) {
     moe_group<DTYPE_BF16>(p);

@@ -1,6 +1,6 @@
 """Bad arguments to the NF4 ops are rejected in Python with ValueError/TypeError before any
 native code runs (CPU tensors here: no GPU needed), and the native launchers re-check; so is a
-bad value of the linear's dequantize threshold."""
+bad value of the linear's dequantize threshold, and of the attention's tuning overrides."""
 
 from __future__ import annotations
 
@@ -248,3 +248,54 @@ def test_streamable_mirrors_the_native_rule():
     assert ops._streamable(*segs(cpu_weight(64, nested=False)))
     assert not ops._streamable(*segs(cpu_weight(64), cpu_weight(8)))  # 8 rows
     assert not ops._streamable(*segs(cpu_weight(64), cpu_weight(64, nested=False)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"splits": 0}, "splits = 0"),
+        ({"decode_stages": 5}, "decode_stages = 5"),
+        ({"varlen_rows": 32}, "varlen_rows = 32"),
+        ({"min_keys": 40}, "min_keys = 40"),
+        ({"min_keys": 8192}, "min_keys = 8192"),
+    ],
+)
+def test_attention_overrides_reject_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        _native.attention_set_overrides(**kwargs)
+    _native.attention_set_overrides()  # back to automatic
+
+
+@pytest.mark.parametrize(
+    "make, exc, needle",
+    [
+        (lambda x, w: (x.float(), w, None), TypeError, "expected dtype"),
+        (lambda x, w: (x, w.half(), None), TypeError, "differs from x"),
+        (lambda x, w: (x, w[:, :32], None), ValueError, "features"),
+        (lambda x, w: (x, w, torch.zeros(31)), ValueError, r"bias must be \[32\]"),
+        (lambda x, w: (x, w, torch.zeros(32, dtype=torch.float16)), TypeError, "bias dtype"),
+        (lambda x, w: (x[0], w, None), ValueError, r"x must be \[T, H\]"),
+        (lambda x, w: (x, w, None), ValueError, "CUDA tensor"),
+    ],
+)
+def test_router_logits_rejects_bad_arguments(make, exc, needle):
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    with pytest.raises(exc, match=needle):
+        ops.router_logits(*make(x, w))
+
+
+def test_router_launcher_rechecks_arguments():
+    base = dict(
+        device=0, stream=0, dtype="bfloat16", tokens=1, hidden=64, experts=32, x=4096,
+        x_stride=64, weight=8192, bias=0, bias_act=False, logits=16384, logits_f32=False,
+    )  # fmt: skip
+    for change, needle in (
+        ({"hidden": 60}, "multiple of 8"),
+        ({"x": 4100}, "aligned"),
+        ({"weight": 0}, "null"),
+        ({"experts": 0}, "experts"),
+        ({"dtype": "float32"}, "dtype"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            _native.moe_router_logits(**{**base, **change})

@@ -367,10 +367,14 @@ def attention_workspace_floats(request_splits: int, num_kv_heads: int) -> int:
     """Floats of a split workspace for ``request_splits`` (request, split) pairs."""
 
 def attention_set_overrides(
-    splits: int | None = None, decode_stages: int | None = None, varlen_rows: int | None = None
+    splits: int | None = None,
+    decode_stages: int | None = None,
+    varlen_rows: int | None = None,
+    min_keys: int | None = None,
 ) -> None:
-    """Forces the decode split count / decode pipeline stages / varlen tile rows for later
-    launches (None = automatic). Benchmarking and tuning hook."""
+    """Forces the decode split count / decode pipeline stages / varlen tile rows / fewest keys a
+    decode split takes at run time (a multiple of 16, 16-4096) for later launches
+    (None = automatic). Benchmarking and tuning hook."""
 
 # ---------------------------------------------------------------------------------------------
 # fused MoE launchers (src/ops/moe.rs)
@@ -402,3 +406,23 @@ def moe_workspace_bytes(
 def moe_regime(tokens: int, top_k: int, experts: int, tuning: str) -> str:
     """The regime ``moe_forward`` picks for a token count on a tuning (``"sm80"``, ``"sm86"``,
     ``"sm90"``), without touching a GPU."""
+
+def moe_router_logits(
+    device: int,
+    stream: int,
+    dtype: str,
+    tokens: int,
+    hidden: int,
+    experts: int,
+    x: int,
+    x_stride: int,
+    weight: int,
+    bias: int,
+    bias_act: bool,
+    logits: int,
+    logits_f32: bool,
+) -> None:
+    """Launches the router logits kernel (src/ops/router.rs) on ``stream``: ``logits [T, E] =
+    x weight^T + bias`` with fp32 sums. Pointers are ints (``bias`` 0 = none; ``bias_act``: the
+    bias holds ``dtype`` values, else f32). Raises ValueError for bad arguments, CudaError for
+    driver failures."""

@@ -43,6 +43,7 @@ __all__ = [
     "moe_workspace_bytes",
     "quantize_nf4_experts",
     "reference_forward",
+    "router_logits",
     "rows_packed",
     "workspace_routing",
 ]
@@ -762,6 +763,117 @@ def moe(
         weights.router_weight, weights.router_bias, router_logits, topk_ids, topk_weights,
         weights.top_k, tuning, weights.order,
     )
+
+
+def _check_router_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        _need(isinstance(t, torch.Tensor), TypeError, f"router: {name} must be a tensor")
+    _need(x.dim() == 2, ValueError, f"router: x must be [T, H], found shape {tuple(x.shape)}")
+    _need(
+        weight.dim() == 2, ValueError,
+        f"router: weight must be [E, H], found shape {tuple(weight.shape)}",
+    )
+    _check_dtype("router x", x, (torch.bfloat16, torch.float16))
+    _need(
+        weight.dtype == x.dtype, TypeError,
+        f"router: weight dtype {weight.dtype} differs from x's {x.dtype}",
+    )
+    e, h = weight.shape
+    _need(
+        x.shape[1] == h, ValueError,
+        f"router: x has {x.shape[1]} features and the weight {h} (shapes {tuple(x.shape)} and "
+        f"{tuple(weight.shape)})",
+    )
+    _need(1 <= e <= 256, ValueError, f"router: expected 1 to 256 experts, found {e}")
+    tensors = [("weight", weight)]
+    if bias is not None:
+        _need(isinstance(bias, torch.Tensor), TypeError, "router: bias must be a tensor or None")
+        _need(
+            bias.shape == (e,), ValueError,
+            f"router: bias must be [{e}], found shape {tuple(bias.shape)}",
+        )
+        _need(
+            bias.dtype in (x.dtype, torch.float32), TypeError,
+            f"router: bias dtype {bias.dtype}: expected {x.dtype} or float32",
+        )
+        _need(bias.is_contiguous(), ValueError, "router: bias must be contiguous")
+        tensors.append(("bias", bias))
+    # The device last, so that each structural error is raised the same way without a GPU.
+    _need(x.is_cuda, ValueError, f"router: x must be a CUDA tensor, found {x.device}")
+    for name, t in tensors:
+        _need(
+            t.device == x.device, ValueError,
+            f"router: {name} is on {t.device} and x on {x.device}",
+        )
+
+
+#: Most tokens the router kernel takes; above, :func:`router_logits` runs ``F.linear``
+#: (cuBLAS), which a GEMM of that size suits.
+ROUTER_KERNEL_MAX_TOKENS = 64
+
+
+def _router_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel's layout: a hidden size (at most 4096) and an x row stride that are multiples
+    of 8 elements, x rows contiguous, x and the weight 16-byte aligned, the weight contiguous."""
+    return (
+        x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS
+        and x.shape[1] % 8 == 0
+        and x.shape[1] <= 4096
+        and x.stride(1) == 1
+        and x.stride(0) % 8 == 0
+        and x.data_ptr() % 16 == 0
+        and weight.is_contiguous()
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+@torch.library.custom_op("gptoss_3090::moe_router", mutates_args=())
+def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``torch.ops.gptoss_3090.moe_router``: ``logits [T, E] = x weight^T + bias`` in x's
+    dtype, fp32 sums (see :func:`router_logits`)."""
+    _check_router_args(x, weight, bias)
+    t, e = int(x.shape[0]), int(weight.shape[0])
+    if not _router_kernel_fits(x, weight):
+        b = bias.to(x.dtype) if bias is not None else None
+        return torch.nn.functional.linear(x, weight, b)
+    logits = torch.empty(t, e, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return logits
+    _ensure_cuda_libs()
+    with torch.cuda.device(x.device):
+        _native().moe_router_logits(
+            x.device.index if x.device.index is not None else torch.cuda.current_device(),
+            torch.cuda.current_stream(x.device).cuda_stream,
+            "bfloat16" if x.dtype == torch.bfloat16 else "float16",
+            t, int(x.shape[1]), e, _ptr(x), x.stride(0), _ptr(weight), _ptr(bias),
+            bias is not None and bias.dtype != torch.float32, _ptr(logits), False,
+        )
+    return logits
+
+
+@moe_router.register_fake
+def _moe_router_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def router_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The GPT-OSS router's logits ``x weight^T + bias`` (``[T, E]``, x's dtype) in one kernel.
+
+    ``x [T, H]`` bf16/fp16 on a CUDA device, ``weight [E, H]`` in x's dtype, ``bias [E]`` in x's
+    dtype or float32. Sums in fp32, rounded once, as ``torch.nn.functional.linear`` does. The
+    kernel is built for decode-sized T (each block reads an expert's router row once per 4
+    tokens, with all its loads in flight). Above :data:`ROUTER_KERNEL_MAX_TOKENS` tokens, or
+    for a layout the kernel does not read (``_router_kernel_fits``), it runs ``F.linear``
+    instead (a float32 bias is then rounded to x's dtype first). The vLLM plugin runs GPT-OSS's
+    router layer through it.
+    """
+    return torch.ops.gptoss_3090.moe_router(x, weight, bias)
 
 
 def workspace_routing(

@@ -977,4 +977,9 @@ def nf4_quantize(weight: torch.Tensor, nested: bool = True) -> Nf4Weight:
     )
 
 from gptoss_3090.attention import attention  # noqa: E402,F401  (gptoss_3090.ops.attention)
-from gptoss_3090.moe import MoeLayerWeights, moe, moe_workspace_bytes  # noqa: E402,F401
+from gptoss_3090.moe import (  # noqa: E402,F401
+    MoeLayerWeights,
+    moe,
+    moe_workspace_bytes,
+    router_logits,
+)

@@ -40,8 +40,12 @@ pub const HEAD_DIM: i64 = 64;
 pub const DECODE_ROWS: i64 = 16;
 /// Floats per workspace row: 64 accumulator values + (max, sum).
 pub const WS_FLOATS_PER_ROW: i64 = HEAD_DIM + 2;
-/// Fewest keys one decode split handles (for the context bound `max_seq_len`).
+/// Fewest keys one planned decode split covers of the context bound `max_seq_len`: it bounds the
+/// split count (the grid, fixed when a graph is captured).
 pub const MIN_KEYS_PER_SPLIT: i64 = 256;
+/// Fewest keys a decode split takes at run time, unless overridden ([`run_min_keys_per_split`]):
+/// a context shorter than the bound fills only the first splits, the rest exit at once.
+pub const RUN_MIN_KEYS_PER_SPLIT: i64 = 256;
 /// The decode grid aims at this many CTAs per SM (measured on H100: one to two CTAs per SM of
 /// long splits beat many short ones, whose partials and merge cost more than they save).
 const TARGET_CTAS_PER_SM: i64 = 2;
@@ -50,14 +54,25 @@ const TARGET_CTAS_PER_SM: i64 = 2;
 static SPLITS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
 static STAGES_OVERRIDE: AtomicI64 = AtomicI64::new(0);
 static VARLEN_ROWS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
+static MIN_KEYS_OVERRIDE: AtomicI64 = AtomicI64::new(0);
 
-/// Forces the decode split count, the decode pipeline depth (2 to 4) and the varlen tile rows
-/// (64 or 128) for every later launch (`None` = automatic). A benchmarking and tuning hook: the
-/// split count is still capped by [`MAX_SPLITS`] and the workspace.
+/// Fewest keys a decode split takes at run time: [`RUN_MIN_KEYS_PER_SPLIT`] or the override.
+pub fn run_min_keys_per_split() -> i64 {
+    match MIN_KEYS_OVERRIDE.load(Ordering::Relaxed) {
+        0 => RUN_MIN_KEYS_PER_SPLIT,
+        n => n,
+    }
+}
+
+/// Forces the decode split count, the decode pipeline depth (2 to 4), the varlen tile rows
+/// (64 or 128) and the fewest keys a decode split takes at run time (a multiple of 16, 16 to
+/// 4096) for every later launch (`None` = automatic). A benchmarking and tuning hook: the split count is still
+/// capped by [`MAX_SPLITS`] and the workspace.
 pub fn set_overrides(
     splits: Option<i64>,
     decode_stages: Option<i64>,
     varlen_rows: Option<i64>,
+    min_keys: Option<i64>,
 ) -> Result<()> {
     if let Some(s) = splits {
         if !(1..=MAX_SPLITS).contains(&s) {
@@ -78,9 +93,17 @@ pub fn set_overrides(
             return Err(Error::arg(format!("varlen_rows = {r}: expected 64 or 128")));
         }
     }
+    if let Some(k) = min_keys {
+        if !(16..=4096).contains(&k) || k % 16 != 0 {
+            return Err(Error::arg(format!(
+                "min_keys = {k}: expected a multiple of 16 in 16..=4096"
+            )));
+        }
+    }
     SPLITS_OVERRIDE.store(splits.unwrap_or(0), Ordering::Relaxed);
     STAGES_OVERRIDE.store(decode_stages.unwrap_or(0), Ordering::Relaxed);
     VARLEN_ROWS_OVERRIDE.store(varlen_rows.unwrap_or(0), Ordering::Relaxed);
+    MIN_KEYS_OVERRIDE.store(min_keys.unwrap_or(0), Ordering::Relaxed);
     Ok(())
 }
 /// Dynamic shared memory per decode pipeline stage: 4 warps x 16 keys x (K + V) x 128 bytes.
@@ -573,7 +596,7 @@ fn prepare(a: &ForwardArgs) -> Result<Prepared> {
         window: to_i32("sliding_window", a.window.unwrap_or(0))?,
         sink_mode: a.sink_mode as i32,
         scale_log2: a.scale * std::f32::consts::LOG2_E,
-        min_chunk: MIN_KEYS_PER_SPLIT as i32,
+        min_chunk: run_min_keys_per_split() as i32,
         ..Default::default()
     };
     let hkv = match &a.kv {
@@ -811,7 +834,7 @@ mod tests {
             2
         );
         // Forced splits (benchmark hook) are still capped by the workspace.
-        set_overrides(Some(8), None, None).unwrap();
+        set_overrides(Some(8), None, None, None).unwrap();
         assert_eq!(
             decode_splits(16, 8, 131072, None, 1, 132, Tuning::Sm90, 32),
             2
@@ -820,10 +843,17 @@ mod tests {
             decode_splits(1, 8, 1024, None, 1, 132, Tuning::Sm90, cap),
             8
         );
-        set_overrides(None, None, None).unwrap();
-        assert!(set_overrides(Some(0), None, None).is_err());
-        assert!(set_overrides(None, Some(5), None).is_err());
-        assert!(set_overrides(None, None, Some(32)).is_err());
+        // The run-time split length does not change the plan.
+        set_overrides(None, None, None, Some(64)).unwrap();
+        assert_eq!(run_min_keys_per_split(), 64);
+        assert_eq!(h100(1, 1024, None), 1024 / MIN_KEYS_PER_SPLIT);
+        set_overrides(None, None, None, None).unwrap();
+        assert_eq!(run_min_keys_per_split(), RUN_MIN_KEYS_PER_SPLIT);
+        assert!(set_overrides(Some(0), None, None, None).is_err());
+        assert!(set_overrides(None, Some(5), None, None).is_err());
+        assert!(set_overrides(None, None, Some(32), None).is_err());
+        assert!(set_overrides(None, None, None, Some(40)).is_err());
+        assert!(set_overrides(None, None, None, Some(0)).is_err());
     }
 }
 
@@ -1016,16 +1046,17 @@ pub mod py {
         ))
     }
 
-    /// Forces the decode split count / decode pipeline stages / varlen tile rows for later
-    /// launches (None = automatic). Benchmarking and tuning hook.
+    /// Forces the decode split count / decode pipeline stages / varlen tile rows / fewest keys
+    /// a decode split takes at run time for later launches (None = automatic). Benchmarking and tuning hook.
     #[pyfunction]
-    #[pyo3(signature = (splits = None, decode_stages = None, varlen_rows = None))]
+    #[pyo3(signature = (splits = None, decode_stages = None, varlen_rows = None, min_keys = None))]
     fn attention_set_overrides(
         splits: Option<i64>,
         decode_stages: Option<i64>,
         varlen_rows: Option<i64>,
+        min_keys: Option<i64>,
     ) -> PyResult<()> {
-        super::set_overrides(splits, decode_stages, varlen_rows)?;
+        super::set_overrides(splits, decode_stages, varlen_rows, min_keys)?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod moe;
 pub mod nf4;
 pub mod py;
+pub mod router;
 
 use std::sync::OnceLock;
 

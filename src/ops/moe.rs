@@ -157,8 +157,8 @@ pub struct MoeParams {
     pub str_gx_dn: i32,
     /// `moe_str_fused_*`: expert slots.
     pub str_slots: i32,
-    /// Keeps the struct a multiple of 8 bytes, as in C.
-    pub pad_: i32,
+    /// `moe_router_*`: `router_b` holds act dtype values (1) or f32 (0).
+    pub router_b_act: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -625,7 +625,7 @@ impl MoeArgs {
             str_gx_up: 0,
             str_gx_dn: 0,
             str_slots: 0,
-            pad_: 0,
+            router_b_act: 0,
         })
     }
 }

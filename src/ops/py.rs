@@ -193,6 +193,7 @@ fn register_nf4(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     register_nf4(m)?;
     super::moe::register(m)?;
+    super::router::py::register(m)?;
     super::attention::py::register(m)?;
     Ok(())
 }

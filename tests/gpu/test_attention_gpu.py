@@ -85,18 +85,23 @@ def run_case(
     workspace: bool = True,
     pad_tokens: int = 0,
     seed: int = 0,
+    seq_bound: int = 0,
+    ws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     b = random_paged_batch(
         q_lens, seq_lens, HQ, HKV, block_size, dtype, DEV, generator=gen, pad_tokens=pad_tokens
     )
     s = make_sinks(sinks, gen)
-    ws = A.make_workspace(DEV, HKV) if workspace else None
+    if ws is None and workspace:
+        ws = A.make_workspace(DEV, HKV)
     sentinel = 3.0
     out = torch.full_like(b["query"], sentinel)
+    # seq_bound: the split plan of a longer context bound, as vLLM's graphs captured for
+    # max_model_len run shorter contexts.
     torch.ops.gptoss_3090.paged_attention(
         b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"], b["block_table"],
-        s, ws, b["max_query_len"], b["max_seq_len"], window, SCALE,
+        s, ws, b["max_query_len"], max(b["max_seq_len"], seq_bound), window, SCALE,
     )
     torch.cuda.synchronize()
     n = int(b["query_start_loc"][-1])
@@ -144,6 +149,21 @@ def test_decode_lengths(ctx, window, block_size):
 @pytest.mark.parametrize("window", [None, 128])
 def test_decode_131072(window):
     run_case(f"decode ctx=131072 w={window}", [1], [131072], window=window, seed=7)
+
+
+@pytest.mark.parametrize("window", [None, 128])
+def test_decode_short_contexts_planned_for_131072(window):
+    """A split plan for 131072 keys (33 splits per KV head at batch 1 on an H100) run on short
+    contexts: only the first splits hold keys, the rest exit, the used ones merge. One
+    workspace for every launch, so its arrival counters must be back at zero after each."""
+    ws = A.make_workspace(DEV, HKV)
+    for i, ctx in enumerate([1, 16, 100, 256, 257, 384, 1000, 4000, 9000, 300, 2]):
+        for batch in (1, 3):
+            run_case(
+                f"decode ctx={ctx} x{batch} bound 131072 w={window}", [1] * batch,
+                [ctx + 37 * j for j in range(batch)], window=window, seq_bound=131072, ws=ws,
+                seed=100 + i,
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

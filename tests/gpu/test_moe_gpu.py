@@ -577,3 +577,81 @@ def test_tiny_checkpoint_against_reference_moe(tmp_path, tokens: int) -> None:
     err = rel_err(y.cpu(), ref)
     print(f"tiny checkpoint T={tokens}: rel err {err:.2e}")
     assert err <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Router logits (torch.ops.gptoss_3090.moe_router), against F.linear in fp32 / cuBLAS.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_kind", ["act", "f32", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 64, 200])
+def test_router_logits_match_fp32_linear(tokens: int, dtype: torch.dtype, bias_kind: str) -> None:
+    g = torch.Generator(device=DEV).manual_seed(tokens)
+    e, h = 32, 2880
+    x = torch.randn(tokens, h, device=DEV, generator=g).to(dtype)
+    w = (torch.randn(e, h, device=DEV, generator=g) / h**0.5).to(dtype)
+    b = torch.randn(e, device=DEV, generator=g)
+    bias = {"act": b.to(dtype), "f32": b, "none": None}[bias_kind]
+    out = M.router_logits(x, w, bias)
+    assert out.dtype == dtype and out.shape == (tokens, e)
+    if bias is not None and tokens > M.ROUTER_KERNEL_MAX_TOKENS:
+        bias = bias.to(dtype)  # F.linear's path rounds a float32 bias to x's dtype first
+    ref = x.float() @ w.float().t() + (bias.float() if bias is not None else 0.0)
+    # One rounding of an fp32 sum: at most half an ulp of the output dtype (relative 2^-8 in
+    # bf16, 2^-11 in fp16; 5% for the fp32 summation order).
+    half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    worst = float(((out.float() - ref).abs() / ref.abs().clamp_min(1.0)).max())
+    assert worst <= 1.05 * half_ulp, f"{worst:.3e} vs half an ulp {half_ulp:.3e}"
+    # vLLM's own router runs F.linear (cuBLAS) in the same dtype: the top-4 agree except at
+    # near-ties of that rounding.
+    cublas = torch.nn.functional.linear(x, w, bias.to(dtype) if bias is not None else None)
+    assert rel_err(out, cublas.float()) <= 1e-2
+
+
+def test_router_logits_strided_x_graph_and_determinism() -> None:
+    g = torch.Generator(device=DEV).manual_seed(5)
+    e, h = 32, 2880
+    base = torch.randn(4, h + 64, device=DEV, generator=g).to(torch.bfloat16)
+    x = base[:, :h]  # row stride h + 64, as a slice of a wider buffer
+    w = (torch.randn(e, h, device=DEV, generator=g) / h**0.5).to(torch.bfloat16)
+    b = torch.randn(e, device=DEV, generator=g).to(torch.bfloat16)
+    eager = M.router_logits(x, w, b)
+    ref = x.float() @ w.float().t() + b.float()
+    assert rel_err(eager, ref) <= 1e-2
+    assert torch.equal(eager, M.router_logits(x, w, b)), "not deterministic"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = M.router_logits(x, w, b)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager), "replay differs from eager"
+    base.copy_(torch.randn(base.shape, device=DEV, generator=g).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, M.router_logits(x, w, b)), "replay with new x differs"
+
+
+def test_router_logits_errors_and_opcheck() -> None:
+    x = rand_x(4, 2880)
+    w = torch.randn(32, 2880, device=DEV).to(torch.bfloat16)
+    # Rows the kernel cannot read (8-byte offset) and large T go to F.linear: same logits.
+    odd = M.router_logits(x[:, 4:], w[:, 4:].contiguous())
+    assert rel_err(odd, x[:, 4:].float() @ w[:, 4:].float().t()) <= 1e-2
+    big = rand_x(M.ROUTER_KERNEL_MAX_TOKENS + 1, 2880)
+    assert rel_err(M.router_logits(big, w), big.float() @ w.float().t()) <= 1e-2
+    wide_x, wide_w = rand_x(3, 4104), torch.randn(8, 4104, device=DEV).to(torch.bfloat16)
+    assert rel_err(M.router_logits(wide_x, wide_w), wide_x.float() @ wide_w.float().t()) <= 1e-2
+    with pytest.raises(ValueError, match="is on"):
+        M.router_logits(x, w.cpu())
+    assert M.router_logits(x[:0], w).shape == (0, 32)
+    for bias in (None, torch.randn(32, device=DEV), torch.randn(32, device=DEV).bfloat16()):
+        torch.library.opcheck(
+            torch.ops.gptoss_3090.moe_router.default,
+            (x, w, bias),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 from torch.nn import Parameter
-from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
 
+import gptoss_3090.moe  # noqa: F401  (registers torch.ops.gptoss_3090.moe_router)
 from gptoss_3090.vllm.weights import Nf4Layout, dequantize_nf4_cpu
 
 logger = logging.getLogger("vllm.gptoss_3090")
@@ -41,6 +42,7 @@ def warn_once(msg: str, *args: Any) -> None:
 
 __all__ = [
     "Nf4LinearMethod",
+    "RouterLinearMethod",
     "nf4_linear_reference",
     "use_reference_kernels",
     "warn_once",
@@ -230,3 +232,33 @@ def _make_weight_loader(layer: torch.nn.Module, component: str) -> Any:
         param.data.narrow(0, start, length).copy_(flat)
 
     return weight_loader
+
+
+def router_method() -> Any:
+    """A :class:`RouterLinearMethod` for GPT-OSS's ``mlp.router``, or None when
+    ``GPTOSS_3090_ROUTER=vllm`` keeps vLLM's (or the reference kernels are on)."""
+    if use_reference_kernels() or os.environ.get("GPTOSS_3090_ROUTER", "") == "vllm":
+        return None
+    return RouterLinearMethod()
+
+
+class RouterLinearMethod(UnquantizedLinearMethod):
+    """vLLM's unquantized linear method, with ``apply`` through our router op.
+
+    GPT-OSS's router (``MLPBlock.router``, a bf16 ``ReplicatedLinear`` built with
+    ``quant_config=None``) runs cuBLAS in stock vLLM: for one decode token a 184 KB read behind a
+    GEMM launch sized for far more work, about 6 us per layer on an H100.
+    ``torch.ops.gptoss_3090.moe_router`` reads each expert's row once with every load in flight
+    and falls back to ``F.linear`` itself above ``ROUTER_KERNEL_MAX_TOKENS`` tokens, so ``apply``
+    has no data-dependent branch for Dynamo to trace. Weights, loading and the batch-invariant
+    mode are vLLM's.
+    """
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        import vllm.envs as envs
+
+        if envs.VLLM_BATCH_INVARIANT or not x.is_cuda:
+            return super().apply(layer, x, bias)
+        return torch.ops.gptoss_3090.moe_router(x, layer.weight, bias)

@@ -9,7 +9,8 @@ other GPT-OSS checkpoint is served exactly as before.
 With ``bnb_moe``:
 
 * **Modules.** The stock ``GptOssModel`` / ``TransformerBlock`` / ``OAIAttention`` / ``MLPBlock``
-  with our quant methods (NF4 ``qkv_proj``/``o_proj``, fused NF4 experts). The only structural
+  with our quant methods (NF4 ``qkv_proj``/``o_proj``, fused NF4 experts, and the bf16 router
+  through our router op unless ``GPTOSS_3090_ROUTER=vllm``). The only structural
   change is ``OAIAttention._build_attention``: on sm_80-sm_89, with no attention backend chosen by
   the user, the ``Attention`` layers get our sink/sliding-window backend (registered as
   ``AttentionBackendEnum.CUSTOM``) through ``Attention(..., attn_backend=cls)``. vLLM never picks
@@ -249,6 +250,7 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
         )
         self.logits_processor = LogitsProcessor(self.config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        _install_router_method(self.model)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self._bnb_moe:
@@ -274,6 +276,20 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
             use_tqdm=bool(getattr(load_config, "use_tqdm_on_load", True)),
         )
         return loader.load()
+
+
+def _install_router_method(model: nn.Module) -> None:
+    """Runs each layer's ``mlp.router`` (built by vLLM with ``quant_config=None``) through our
+    router op (:class:`~gptoss_3090.vllm.linear_method.RouterLinearMethod`), unless
+    ``GPTOSS_3090_ROUTER=vllm``."""
+    from gptoss_3090.vllm.linear_method import router_method
+
+    for layer in getattr(model, "layers", []):
+        router = getattr(getattr(layer, "mlp", None), "router", None)
+        method = router_method()
+        if router is None or method is None:
+            continue
+        router.quant_method = method
 
 
 def _check_parallelism(vllm_config: Any) -> None:
