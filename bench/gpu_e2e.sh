@@ -16,7 +16,7 @@
 # into part-3 (install-bundle.sh concatenates bundle.tgz.part* in name order).
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
-# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_dummy,
+# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_decode, e2e_dummy,
 # e2e_routing, e2e_profile, smoke. Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -127,6 +127,14 @@ job_qal() {
 job_e2e() {
   wait_synth
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e"
+}
+
+job_e2e_decode() {
+  # Decode at batch 16 and 64 only (0.85 of the card), both sides: the e2e job's decode rows
+  # without its prefill and 24 GiB runs.
+  wait_synth
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" --budgets full \
+    --workloads decode_b16 decode_b64
 }
 
 job_e2e_dummy() {
