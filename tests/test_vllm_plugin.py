@@ -1101,3 +1101,42 @@ def test_stock_mxfp4_gpt_oss_is_served_by_vllms_own_path(cpu_vllm, tmp_path: Pat
             params[f"model.layers.{n}.mlp.router.weight"],
             tensors[f"model.layers.{n}.mlp.router.weight"],
         )  # noqa: E501
+
+
+def test_router_method_is_installed_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer's bf16 router gets RouterLinearMethod (a subclass of vLLM's unquantized method,
+    so weights and loading stay vLLM's); GPTOSS_3090_ROUTER=vllm and the reference kernels
+    keep vLLM's own method."""
+    from gptoss_3090.vllm import linear_method as LM
+    from gptoss_3090.vllm.model import _install_router_method
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    def model() -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.layers = torch.nn.ModuleList()
+        for _ in range(3):
+            layer = torch.nn.Module()
+            layer.mlp = torch.nn.Module()
+            layer.mlp.router = torch.nn.Module()
+            layer.mlp.router.quant_method = UnquantizedLinearMethod()
+            m.layers.append(layer)
+        m.layers.append(torch.nn.Module())  # a layer without an MLP (pipeline stage) is skipped
+        return m
+
+    monkeypatch.delenv("GPTOSS_3090_ROUTER", raising=False)
+    monkeypatch.delenv("GPTOSS_3090_REFERENCE_KERNELS", raising=False)
+    m = model()
+    _install_router_method(m)
+    methods = [layer.mlp.router.quant_method for layer in m.layers[:3]]
+    assert all(isinstance(q, LM.RouterLinearMethod) for q in methods)
+    assert all(isinstance(q, UnquantizedLinearMethod) for q in methods)
+    for env in ({"GPTOSS_3090_ROUTER": "vllm"}, {"GPTOSS_3090_REFERENCE_KERNELS": "1"}):
+        with monkeypatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            m = model()
+            _install_router_method(m)
+            assert not any(
+                isinstance(layer.mlp.router.quant_method, LM.RouterLinearMethod)
+                for layer in m.layers[:3]
+            )
