@@ -173,3 +173,12 @@ def test_attention_bench_decode_cases_parse_and_reject() -> None:
     for bad in ("1x", "0x256", "1x256x2", "ax1"):
         with pytest.raises(SystemExit, match="decode-cases"):
             ba.decode_cases(bad)
+
+
+def test_router_bench_tokens_parse_and_reject() -> None:
+    """bench_router.py --tokens: positive integers; anything else is a usage error naming it."""
+    br = _load("bench_router")
+    assert br.tokens_list("1, 2,64") == [1, 2, 64]
+    for bad in ("0", "1,,2", "x", "-4"):
+        with pytest.raises(SystemExit, match="--tokens"):
+            br.tokens_list(bad)
