@@ -75,6 +75,19 @@ pub fn check_opt_ptr(name: &str, ptr: u64, align: u64) -> Result<()> {
     }
 }
 
+/// Checks the row stride (in elements) of a row-major activation matrix whose rows hold `len`
+/// elements: at least `len`, and a multiple of 8 so that every row starts 16-byte aligned (the
+/// kernels read rows with 16-byte loads).
+pub fn check_row_stride(what: &str, stride: i64, len: i64) -> Result<()> {
+    if stride < len || stride % 8 != 0 {
+        return Err(Error::arg(format!(
+            "{what}: row stride must be >= {len} (the row length) and a multiple of 8 elements, \
+             found {stride}"
+        )));
+    }
+    Ok(())
+}
+
 /// `ceil(a / b)` for positive sizes.
 pub fn ceil_div(a: u64, b: u64) -> u64 {
     a.div_ceil(b.max(1))

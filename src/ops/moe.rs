@@ -19,8 +19,8 @@ use std::sync::Arc;
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    env_count, residency, stream_k_split, stream_ks_override, stream_x_column_bytes,
-    stream_x_columns, Dtype, STR_TABLE_BYTES, STR_WARPS,
+    check_row_stride, env_count, residency, stream_k_split, stream_ks_override,
+    stream_x_column_bytes, stream_x_columns, Dtype, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
@@ -497,12 +497,7 @@ impl MoeArgs {
         // Element counts (T*topk*H etc.) index with 64-bit math in the kernels, but T itself and
         // per-expert row counts travel as i32.
         to_i32("tokens * top_k", self.tokens.saturating_mul(k))?;
-        if self.x_stride < h || self.x_stride % 8 != 0 {
-            return Err(Error::arg(format!(
-                "x: expected a row stride >= hidden ({h}) and a multiple of 8 elements, found {}",
-                self.x_stride
-            )));
-        }
+        check_row_stride("x", self.x_stride as i64, h as i64)?;
         let layout = WorkspaceLayout::new(self.tokens, h, i, e, k, 2)?;
         if self.workspace_bytes < layout.total {
             return Err(Error::arg(format!(

@@ -8,8 +8,8 @@
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    ceil_div, check_opt_ptr, check_ptr, residency, stream_k_split, stream_ks_override, to_i32,
-    Dtype, STR_TABLE_BYTES, STR_WARPS,
+    ceil_div, check_opt_ptr, check_ptr, check_row_stride, residency, stream_k_split,
+    stream_ks_override, to_i32, Dtype, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Elements per NF4 block.
@@ -685,12 +685,7 @@ pub fn linear_params(segments: &[Segment], a: &LinearArgs) -> Result<Nf4LinearPa
         )));
     }
     check_ptr("x", a.x, 16)?;
-    if a.ldx < a.k || a.ldx % 8 != 0 {
-        return Err(Error::arg(format!(
-            "x row stride must be >= K = {} and a multiple of 8 elements, found {}",
-            a.k, a.ldx
-        )));
-    }
+    check_row_stride("x", a.ldx, a.k)?;
     check_ptr("y", a.y, 4)?;
     check_opt_ptr("bias", a.bias, 2)?;
     let mut params = Nf4LinearParams::default();

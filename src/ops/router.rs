@@ -9,7 +9,7 @@
 use crate::cuda::GpuDevice;
 use crate::error::{Error, Result};
 use crate::ops::moe::MoeParams;
-use crate::ops::{check_opt_ptr, check_ptr, to_i32, Dtype};
+use crate::ops::{check_opt_ptr, check_ptr, check_row_stride, to_i32, Dtype};
 
 /// Tokens one block multiplies (kernels/moe.cu `ROUTER_TOKENS`).
 pub const ROUTER_TOKENS: usize = 4;
@@ -67,12 +67,7 @@ impl RouterArgs {
                 self.experts
             )));
         }
-        if self.x_stride < self.hidden || self.x_stride % 8 != 0 {
-            return Err(Error::arg(format!(
-                "router: x row stride {} must be a multiple of 8 and at least the hidden size {}",
-                self.x_stride, self.hidden
-            )));
-        }
+        check_row_stride("router x", self.x_stride as i64, self.hidden as i64)?;
         check_ptr("router x", self.x, 16)?;
         check_ptr("router weight", self.weight, 16)?;
         check_opt_ptr("router bias", self.bias, if self.bias_act { 2 } else { 4 })?;

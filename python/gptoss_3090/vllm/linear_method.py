@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import torch
+import vllm.envs as envs
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
 
@@ -257,8 +258,6 @@ class RouterLinearMethod(UnquantizedLinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        import vllm.envs as envs
-
         if envs.VLLM_BATCH_INVARIANT or not x.is_cuda:
             return super().apply(layer, x, bias)
         return torch.ops.gptoss_3090.moe_router(x, layer.weight, bias)

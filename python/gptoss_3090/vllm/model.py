@@ -284,12 +284,12 @@ def _install_router_method(model: nn.Module) -> None:
     ``GPTOSS_3090_ROUTER=vllm``."""
     from gptoss_3090.vllm.linear_method import router_method
 
+    if router_method() is None:
+        return
     for layer in getattr(model, "layers", []):
         router = getattr(getattr(layer, "mlp", None), "router", None)
-        method = router_method()
-        if router is None or method is None:
-            continue
-        router.quant_method = method
+        if router is not None:
+            router.quant_method = router_method()
 
 
 def _check_parallelism(vllm_config: Any) -> None:
