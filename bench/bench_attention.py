@@ -144,9 +144,13 @@ class SdpaBaseline:
         return output
 
 
-def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed, seq_bound=0):
+def bench_case(
+    kind, batch, ctx, window, base, base_name, ws, reps, iters, seed, seq_bound=0, kv_write=False
+):
     """One case; ``seq_bound`` (decode) is the ``max_seq_len`` both sides are given when it
-    exceeds the context, as in vLLM's captured decode graphs (planned for max_model_len)."""
+    exceeds the context, as in vLLM's captured decode graphs (planned for max_model_len).
+    ``kv_write`` (decode) also times the step's cache write: ``kv_cache_write`` then the
+    attention (vLLM's separate update) against the write folded into the decode launch."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "decode":
         q_lens, seq_lens = [1] * batch, [ctx] * batch
@@ -187,6 +191,43 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed,
         )
 
     t_ours = time_graph(ours, reps, iters)
+    t_write_then, t_folded = None, None
+    if kv_write and kind == "decode":
+        # The new token's K/V rows as vLLM passes them (slices of the fused q/k/v output) and
+        # their slots (each request's last position).
+        bs = b["kv_cache"].shape[2]
+        fused = torch.randn(batch, (HQ + 2 * HKV) * D, generator=gen).to("cuda", torch.bfloat16)
+        key = fused[:, HQ * D : (HQ + HKV) * D].view(batch, HKV, D)
+        value = fused[:, (HQ + HKV) * D :].view(batch, HKV, D)
+        slots = torch.tensor(
+            [int(b["block_table"][r, (ctx - 1) // bs]) * bs + (ctx - 1) % bs for r in range(batch)],
+            dtype=torch.int64,
+            device="cuda",
+        )
+
+        def write_then_attention():
+            torch.ops.gptoss_3090.kv_cache_write(key, value, b["kv_cache"], slots)
+            ours()
+
+        def folded():
+            torch.ops.gptoss_3090.paged_attention(
+                b["query"],
+                b["kv_cache"],
+                out,
+                *args,
+                sinks,
+                ws,
+                b["max_query_len"],
+                max_seq_len,
+                window,
+                SCALE,
+                key,
+                value,
+                slots,
+            )
+
+        t_write_then = time_graph(write_then_attention, reps, iters)
+        t_folded = time_graph(folded, reps, iters)
     if base_name == "sdpa":
         # The SDPA baseline synchronises (tolist); time it eagerly.
         baseline()
@@ -238,6 +279,8 @@ def bench_case(kind, batch, ctx, window, base, base_name, ws, reps, iters, seed,
         "rate_unit": unit,
         "decode_splits": splits if kind == "decode" else None,
         "rel_err_vs_baseline": err,
+        "write_then_attention_us": t_write_then,
+        "folded_write_us": t_folded,
     }
 
 
@@ -281,6 +324,12 @@ def main() -> int:
         "--min-keys",
         type=int,
         help="fewest keys a decode split takes at run time (a multiple of 16)",
+    )
+    ap.add_argument(
+        "--kv-write",
+        action="store_true",
+        help="decode: also time kv_cache_write + attention against the write folded into the "
+        "decode launch (what the vLLM backend runs)",
     )
     ap.add_argument("--baseline", choices=["auto", "triton", "sdpa"], default="auto")
     args = ap.parse_args()
@@ -332,6 +381,7 @@ def main() -> int:
             iters,
             seed=i,
             seq_bound=args.seq_bound,
+            kv_write=args.kv_write,
         )
         rows.append(row)
         torch.cuda.empty_cache()
@@ -347,6 +397,13 @@ def main() -> int:
             f"{ok}",
             flush=True,
         )
+        if row["folded_write_us"] is not None:
+            print(
+                f"{'':<22}{'':<9}KV write then attention {row['write_then_attention_us']:.1f} us,"
+                f" folded {row['folded_write_us']:.1f} us"
+                f" ({row['write_then_attention_us'] / row['folded_write_us']:.2f}x)",
+                flush=True,
+            )
     geo = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows))
     print(f"geometric-mean speedup vs {base_name}: {geo:.2f}x")
     if args.out:

@@ -15,6 +15,12 @@
 #               16x256,16x1024) planned for a 131072-token bound (as vLLM's graphs), with the
 #               wheel in .gpu-wheel-base, then the carried one at each of ATTN_MIN_KEYS (default
 #               "default 128 64 32": fewest keys per split), then the base again (carry both)
+#   attnwrite   bench_attention.py decode at ATTN_CASES (as attnbase) planned for 131072 with
+#               --kv-write: kv_cache_write then the attention against the write folded into
+#               the decode launch, same process
+#   moerouting  bench_moe.py at ROUTING_TOKENS (default 1,2,4,8,16) with the routing given
+#               (vLLM's top-k done before the op) and from the router logits (inside the op),
+#               twice in alternation, tunings MOE_TUNINGS (default auto)
 #   router      bench_router.py: the router logits kernel against F.linear (cuBLAS), as vLLM
 #               runs GPT-OSS's router, at ROUTER_TOKENS (default 1,2,4,8,16,32,64,128)
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
@@ -181,6 +187,20 @@ for step in "$@"; do
         PYTHONPATH=$gp python3 bench/bench_attention.py --only decode --seq-bound 131072 \
           --decode-cases "${ATTN_CASES:-1x128,1x256,1x384,1x1024,16x256,16x1024}" "${opts[@]}" \
           --out "$OUT/attn_$w.json" 2>&1 | tee "$OUT/attn_$w.log" | grep -v "^wrote"
+      done
+      ;;
+    attnwrite)
+      python3 bench/bench_attention.py --only decode --seq-bound 131072 --kv-write \
+        --decode-cases "${ATTN_CASES:-1x128,1x256,1x384,1x1024,16x256,16x1024,64x512}" \
+        --out "$OUT/attn_write.json" 2>&1 | tee "$OUT/attn_write.log" | grep -v "^wrote"
+      ;;
+    moerouting)
+      for round in 1 2; do
+        for routing in given logits; do
+          echo "-- routing $routing, round $round"
+          bench_moe "routing_${routing}_$round" --tokens "${ROUTING_TOKENS:-1,2,4,8,16}" \
+            --tunings "${MOE_TUNINGS:-auto}" --no-baselines --routing "$routing"
+        done
       done
       ;;
     router)

@@ -21,7 +21,8 @@
 //                                     with several, each CTA writes its partial (max, sum, acc) and
 //                                     the last CTA of a (request, KV head) to arrive (an atomic
 //                                     counter, reset by that CTA) merges them with the sink, so no
-//                                     second kernel launch is needed.
+//                                     second kernel launch is needed. With k_new/v_new it also
+//                                     does attn_kv_write's job for its requests (see load_tile).
 //
 // Numerics: scores are kept in the log2 domain (scale * log2(e) folded into one multiply), the
 // running max of every row is seeded with the sink's logit (denominator-only, like vLLM's Triton
@@ -104,6 +105,15 @@ struct AttnParams {
     i32 plain_kv;                // 1: K/V rows of request r start at token query_start_loc[r]
     float scale_log2;            // softmax scale * log2(e)
     i32 _pad;
+    // Decode with the KV-cache write folded in (paged mode; 0 = the cache already holds the new
+    // rows): the new K/V rows [T, Hkv, 64] of the queries' tokens. The decode kernel reads a
+    // request's new keys from here instead of the cache and stores them into the cache.
+    const u16* k_new;
+    const u16* v_new;
+    i64 k_new_stride_tok;        // key.stride(0)
+    i64 k_new_stride_head;       // key.stride(1)
+    i64 v_new_stride_tok;        // value.stride(0)
+    i64 v_new_stride_head;       // value.stride(1)
 };
 
 // -------------------------------------------------------------------------------------------------
@@ -655,8 +665,21 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             const int key = key0 + row;
             const bool ok = key < seq_len && key >= rg.lo_exact;
             const i64 off = ok ? base + (i64)row * p.kv_stride_tok + ch * 8 : 0;
-            cp_async_16_zfill(sk + attn_swz(row, ch), p.k + off, ok ? 16u : 0u);
-            cp_async_16_zfill(sv + attn_swz(row, ch), p.v + off, ok ? 16u : 0u);
+            const u16* ksrc = p.k + off;
+            const u16* vsrc = p.v + off;
+            if (p.k_new != nullptr && ok && key >= ctx) {
+                // A new token of this request (folded KV write): each key lies in exactly one
+                // tile of one split, so this lane is its chunk's only reader and writer in the
+                // launch. The tile takes it from the new rows, and the cache gets it for later
+                // steps (no CTA of this launch reads it back from there).
+                const i64 tok = q_start + (key - ctx);
+                ksrc = p.k_new + tok * p.k_new_stride_tok + (i64)kvh * p.k_new_stride_head + ch * 8;
+                vsrc = p.v_new + tok * p.v_new_stride_tok + (i64)kvh * p.v_new_stride_head + ch * 8;
+                *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
+                *(u32x4*)(const_cast<u16*>(p.v) + off) = *(const u32x4*)vsrc;
+            }
+            cp_async_16_zfill(sk + attn_swz(row, ch), ksrc, ok ? 16u : 0u);
+            cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, ok ? 16u : 0u);
         }
     };
 

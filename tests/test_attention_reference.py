@@ -234,7 +234,8 @@ def test_backend_static_contract():
 
     assert issubclass(backend, AttentionBackend)
     assert backend.get_name() == "CUSTOM"
-    assert backend.forward_includes_kv_cache_update is False
+    # forward writes the new K/V rows (folded into the decode launch where it can).
+    assert backend.forward_includes_kv_cache_update is True
     assert backend.get_kv_cache_shape(10, 16, 8, 64) == (10, 8, 16, 128)
     with pytest.raises(ValueError):
         backend.get_kv_cache_shape(10, 8, 8, 64)
@@ -278,8 +279,9 @@ def test_backend_unsupported_reasons():
 
 
 def test_backend_end_to_end_on_cpu():
-    """Builder -> do_kv_cache_update -> forward, on CPU tensors (the ops fall back to the
-    reference there), against the reference computed from the inputs directly."""
+    """Builder -> forward (which writes the new K/V rows itself), on CPU tensors (the ops fall
+    back to the reference there), against the reference computed from the inputs directly; the
+    cache then holds the new rows at their slots."""
     from types import SimpleNamespace
 
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -324,9 +326,12 @@ def test_backend_end_to_end_on_cpu():
     sinks = torch.randn(hq, generator=gen)
     impl = backend.get_impl_cls()(hq, d, 0.125, hkv, None, 4, "auto", None, "decoder", None,
                                   sinks=sinks)
-    impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
     out = torch.full((t + pad, hq, d), 7.0)
     impl.forward(None, query, key, value, kv_cache, md, out)
+    for i, slot in enumerate(new_slots):
+        blk, off = divmod(slot, bs)
+        assert torch.equal(kv_cache[blk, :, off, :d], key[i])
+        assert torch.equal(kv_cache[blk, :, off, d:], value[i])
     # Independent expectation: contiguous K/V per request, naive formula.
     k0 = torch.cat([old_k, key[:1]])
     v0 = torch.cat([old_v, value[:1]])

@@ -233,7 +233,7 @@ def _kv_cache_write_fake(key, value, kv_cache, slot_mapping) -> None:
 
 
 @torch.library.custom_op(
-    "gptoss_3090::paged_attention", mutates_args=("output", "workspace")
+    "gptoss_3090::paged_attention", mutates_args=("output", "workspace", "kv_cache")
 )
 def paged_attention(
     query: torch.Tensor,
@@ -248,25 +248,37 @@ def paged_attention(
     max_seq_len: int,
     sliding_window: Optional[int],  # noqa: UP045
     scale: float,
+    key: Optional[torch.Tensor] = None,  # noqa: UP045
+    value: Optional[torch.Tensor] = None,  # noqa: UP045
+    slot_mapping: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> None:
     """Attention of ``query`` ``[T, Hq, 64]`` over the paged cache, written to ``output``.
 
     Request ``r`` owns query rows ``query_start_loc[r] : query_start_loc[r + 1]`` and has
-    ``seq_lens[r]`` tokens in the cache (context + the new ones, already written); its query
-    ``i`` sits at position ``seq_lens[r] - q_len + i``. ``block_table`` is int32
-    ``[num_reqs(+), max_blocks]``. ``max_query_len`` / ``max_seq_len`` are upper bounds (host
-    ints; with CUDA graphs pass the model's maximum context for ``max_seq_len``).
-    ``workspace`` (see :func:`make_workspace`) enables split-KV decode; ``None`` means one
-    split. Rows of ``output`` past ``query_start_loc[-1]`` are left untouched.
+    ``seq_lens[r]`` tokens in the cache (context + the new ones); its query ``i`` sits at
+    position ``seq_lens[r] - q_len + i``. ``block_table`` is int32 ``[num_reqs(+),
+    max_blocks]``. ``max_query_len`` / ``max_seq_len`` are upper bounds (host ints; with CUDA
+    graphs pass the model's maximum context for ``max_seq_len``). ``workspace`` (see
+    :func:`make_workspace`) enables split-KV decode; ``None`` means one split. Rows of
+    ``output`` past ``query_start_loc[-1]`` are left untouched.
+
+    Without ``key``/``value``/``slot_mapping`` the cache must already hold the new tokens (see
+    :func:`kv_cache_write`). With them (all three, as :func:`kv_cache_write` takes them) the op
+    writes the new rows too: a decode-only batch (``max_query_len * Hq / Hkv <= 16``) does it
+    inside the decode launch, at the slots the block table gives (vLLM builds ``slot_mapping``
+    from the same table), and anything else runs :func:`kv_cache_write` first.
     """
+    new_kv = (key, value, slot_mapping)
+    if any(t is not None for t in new_kv) and any(t is None for t in new_kv):
+        raise ValueError("paged_attention: pass key, value and slot_mapping together, or none")
     if not query.is_cuda:
-        t = query.shape[0]
+        if key is not None:
+            kv_cache_write(key, value, kv_cache, slot_mapping)
         ref = paged_attention_ref(
             query, kv_cache, query_start_loc, seq_lens, block_table, sinks, sliding_window, scale
         )
         end = int(query_start_loc[-1])
         output[:end].copy_(ref[:end].to(output.dtype))
-        del t
         return
     dev = query.device
     _check_same_device(
@@ -278,6 +290,13 @@ def paged_attention(
         block_table=block_table,
         sinks=sinks,
         workspace=workspace,
+        key=key,
+        value=value,
+        slot_mapping=slot_mapping,
+    )
+    # (The checked tensors stay referenced until the launch: a contiguous copy must outlive it.)
+    new_kv_args, _keep = (
+        ({}, ()) if key is None else _new_kv_args(query, key, value, kv_cache, slot_mapping)
     )
     dtype = _dtype_name("query", query)
     if kv_cache.dtype != query.dtype or output.dtype != query.dtype:
@@ -335,7 +354,53 @@ def paged_attention(
         block_table=block_table.data_ptr(),
         block_table_shape=tuple(block_table.shape),
         block_table_stride=block_table.stride(0),
+        **new_kv_args,
     )
+
+
+def _new_kv_args(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    """Checks paged_attention's new K/V rows; returns attention_forward's keyword arguments and
+    the tensors they point into."""
+    if key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype:
+        raise TypeError(
+            f"key/value dtypes {key.dtype}/{value.dtype} must equal kv_cache's {kv_cache.dtype}"
+        )
+    if key.dim() != 3 or value.shape != key.shape or kv_cache.dim() != 4:
+        raise ValueError(
+            f"key/value: expected equal [N, Hkv, 64] shapes, found {tuple(key.shape)} "
+            f"and {tuple(value.shape)}"
+        )
+    if key.shape[1] != kv_cache.shape[1]:
+        raise ValueError(
+            f"key has {key.shape[1]} KV heads, kv_cache {kv_cache.shape[1]} (dimension 1)"
+        )
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
+        raise TypeError(
+            f"slot_mapping: expected a 1-D int32/int64 tensor, found {slot_mapping.dtype} "
+            f"{tuple(slot_mapping.shape)}"
+        )
+    n = slot_mapping.shape[0]
+    if n > key.shape[0]:
+        raise ValueError(f"slot_mapping has {n} rows but key only {key.shape[0]}")
+    if n < query.shape[0]:
+        raise ValueError(f"slot_mapping has {n} rows, fewer than the {query.shape[0]} queries")
+    key, value, slot_mapping = _rows(key), _rows(value), slot_mapping.contiguous()
+    return {
+        "new_key": key.data_ptr(),
+        "new_key_strides": key.stride(),
+        "new_value": value.data_ptr(),
+        "new_value_strides": value.stride(),
+        "new_key_shape": tuple(key.shape),
+        "slot_mapping": slot_mapping.data_ptr(),
+        "slot_is_i64": slot_mapping.dtype == torch.int64,
+        "new_rows": n,
+    }, (key, value, slot_mapping)
 
 
 @paged_attention.register_fake
@@ -352,6 +417,9 @@ def _paged_attention_fake(
     max_seq_len,
     sliding_window,
     scale,
+    key=None,
+    value=None,
+    slot_mapping=None,
 ) -> None:
     return None
 

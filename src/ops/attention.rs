@@ -219,6 +219,18 @@ pub struct AttnParams {
     pub scale_log2: f32,
     /// Padding to 8 bytes.
     pub _pad: i32,
+    /// New keys `[T, Hkv, 64]` for the folded KV-cache write (0: the cache holds them).
+    pub k_new: u64,
+    /// New values `[T, Hkv, 64]` (0 with `k_new`).
+    pub v_new: u64,
+    /// `key.stride(0)`.
+    pub k_new_stride_tok: i64,
+    /// `key.stride(1)`.
+    pub k_new_stride_head: i64,
+    /// `value.stride(0)`.
+    pub v_new_stride_tok: i64,
+    /// `value.stride(1)`.
+    pub v_new_stride_head: i64,
 }
 
 /// Arguments of [`kv_cache_write`] (raw pointers and element strides, as Python passes them).
@@ -340,6 +352,11 @@ pub struct ForwardArgs {
     /// Upper bound of the sequence lengths (vLLM `max_seq_len`; use the model's maximum when
     /// capturing a CUDA graph, so the split count suits every later context).
     pub max_seq_len: i64,
+    /// The queries' own K/V rows, still to be written into the paged cache (`None`: the cache
+    /// already holds them). Where the decode kernel serves every request (no varlen launch) it
+    /// writes them itself, at the slots the block table gives (vLLM derives `slot_mapping`
+    /// from the same table), and reads them from here; otherwise `attn_kv_write` runs first.
+    pub new_kv: Option<KvWriteArgs>,
 }
 
 /// The launch plan [`forward`] would use (exposed for tests and benchmarks).
@@ -466,6 +483,25 @@ fn check_cache(shape: &[i64; 4], strides: &[i64; 4]) -> Result<()> {
 /// Every pointer must be a live device allocation of the described shape and strides on `dev`,
 /// and `stream` a stream of `dev`'s primary context.
 pub unsafe fn kv_cache_write(dev: &GpuDevice, stream: u64, a: &KvWriteArgs) -> Result<()> {
+    let p = kv_write_params(a)?;
+    if a.num_tokens == 0 {
+        return Ok(());
+    }
+    let threads = 256u64;
+    let total = a.num_tokens as u64 * a.num_kv_heads as u64 * 16;
+    let blocks = u32::try_from(ceil_div(total, threads)).map_err(|_| {
+        Error::arg(format!(
+            "kv_cache_write: {} tokens is too many",
+            a.num_tokens
+        ))
+    })?;
+    let f = dev.function_for_stream(SOURCE, &a.dtype.entry("attn_kv_write"), stream)?;
+    // SAFETY: forwarded to the caller (pointers/shapes), params mirror the kernel struct.
+    unsafe { dev.launch(&f, (blocks, 1, 1), (threads as u32, 1, 1), 0, stream, &p) }
+}
+
+/// Validates a KV write and builds the kernel's parameters.
+fn kv_write_params(a: &KvWriteArgs) -> Result<AttnKvWriteParams> {
     if a.head_size != HEAD_DIM {
         return Err(Error::arg(format!(
             "key: head_size must be {HEAD_DIM}, found {}",
@@ -495,10 +531,7 @@ pub unsafe fn kv_cache_write(dev: &GpuDevice, stream: u64, a: &KvWriteArgs) -> R
             a.num_tokens, a.num_kv_heads
         )));
     }
-    if a.num_tokens == 0 {
-        return Ok(());
-    }
-    let p = AttnKvWriteParams {
+    Ok(AttnKvWriteParams {
         key: a.key,
         value: a.value,
         k_cache: a.cache,
@@ -515,18 +548,32 @@ pub unsafe fn kv_cache_write(dev: &GpuDevice, stream: u64, a: &KvWriteArgs) -> R
         num_kv_heads: to_i32("num_kv_heads", a.num_kv_heads)?,
         block_size: to_i32("block_size", a.cache_shape[2])?,
         slot_is_i64: i32::from(a.slot_is_i64),
+    })
+}
+
+/// Checks that `w` writes the new rows of the `t` queries of `a` into `a`'s own paged cache.
+fn check_new_kv(a: &ForwardArgs, w: &KvWriteArgs, t: i64) -> Result<AttnKvWriteParams> {
+    let p = kv_write_params(w)?;
+    let cache = match &a.kv {
+        KvSource::Paged { cache, .. } => *cache,
+        KvSource::Plain { .. } => {
+            return Err(Error::arg(
+                "new K/V rows (key, value, slot_mapping) need the paged cache".to_string(),
+            ))
+        }
     };
-    let threads = 256u64;
-    let total = a.num_tokens as u64 * a.num_kv_heads as u64 * 16;
-    let blocks = u32::try_from(ceil_div(total, threads)).map_err(|_| {
-        Error::arg(format!(
-            "kv_cache_write: {} tokens is too many",
-            a.num_tokens
-        ))
-    })?;
-    let f = dev.function_for_stream(SOURCE, &a.dtype.entry("attn_kv_write"), stream)?;
-    // SAFETY: forwarded to the caller (pointers/shapes), params mirror the kernel struct.
-    unsafe { dev.launch(&f, (blocks, 1, 1), (threads as u32, 1, 1), 0, stream, &p) }
+    if w.cache != cache || w.dtype != a.dtype {
+        return Err(Error::arg(
+            "the KV write must target the attention's own kv_cache, in its dtype".to_string(),
+        ));
+    }
+    if w.num_tokens < t {
+        return Err(Error::arg(format!(
+            "slot_mapping has {} rows, fewer than the {t} query tokens",
+            w.num_tokens
+        )));
+    }
+    Ok(p)
 }
 
 /// Validated common parameters plus the numbers the dispatch needs.
@@ -726,6 +773,26 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     } = prepare(a)?;
     let hkv = p.num_kv_heads as i64;
     let plan = plan(a, group, hkv, dev.sm_count() as i64, dev.tuning());
+    if let Some(w) = &a.new_kv {
+        let wp = check_new_kv(a, w, num_tokens)?;
+        if w.num_kv_heads != hkv {
+            return Err(Error::arg(format!(
+                "key has {} KV heads, the attention {hkv}",
+                w.num_kv_heads
+            )));
+        }
+        if plan.varlen {
+            // SAFETY: forwarded to the caller.
+            unsafe { kv_cache_write(dev, stream, w)? };
+        } else {
+            p.k_new = wp.key;
+            p.v_new = wp.value;
+            p.k_new_stride_tok = wp.key_stride_tok;
+            p.k_new_stride_head = wp.key_stride_head;
+            p.v_new_stride_tok = wp.value_stride_tok;
+            p.v_new_stride_head = wp.value_stride_head;
+        }
+    }
     if a.num_reqs == 0 || num_tokens == 0 {
         return Ok(plan);
     }
@@ -760,7 +827,7 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     let smem = (plan.decode_stages * DECODE_STAGE_BYTES) as u32;
     unsafe { dev.launch(&f, grid, (128, 1, 1), smem, stream, &p)? };
 
-    // Varlen path (requests with q_len > dec_max).
+    // Varlen path (requests with q_len > dec_max). New K/V rows were written above.
     if plan.varlen {
         p.min_q_len = to_i32("min_q_len", dec_max + 1)?;
         p.max_q_len = i32::MAX;
@@ -785,16 +852,105 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_structs() {
-        // 5 pointers + 7 i64 + 4 i32 / 11 pointers + 8 i64 + 12 i32 + f32 + pad.
+        // 5 pointers + 7 i64 + 4 i32 / 11 pointers + 8 i64 + 12 i32 + f32 + pad, then the new
+        // K/V rows: 2 pointers + 4 i64.
         assert_eq!(
             std::mem::size_of::<AttnKvWriteParams>(),
             5 * 8 + 7 * 8 + 4 * 4
         );
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
+            11 * 8 + 8 * 8 + 12 * 4 + 8 + 2 * 8 + 4 * 8
+        );
+        assert_eq!(
+            std::mem::offset_of!(AttnParams, k_new),
             11 * 8 + 8 * 8 + 12 * 4 + 8
         );
         assert_eq!(std::mem::align_of::<AttnParams>(), 8);
+    }
+
+    fn paged_args(cache: u64) -> ForwardArgs {
+        ForwardArgs {
+            dtype: Dtype::Bf16,
+            q: 256,
+            q_shape: [3, 64, 64],
+            q_strides: [4096, 64, 1],
+            o: 512,
+            o_shape: [3, 64, 64],
+            o_strides: [4096, 64, 1],
+            kv: KvSource::Paged {
+                cache,
+                cache_shape: [10, 8, 16, 128],
+                cache_strides: [16384, 2048, 128, 1],
+                block_table: 1024,
+                block_table_shape: [3, 4],
+                block_table_stride: 4,
+            },
+            query_start_loc: 2048,
+            seq_lens: 4096,
+            num_reqs: 3,
+            sinks: 0,
+            sink_mode: SinkMode::None,
+            workspace: 0,
+            workspace_floats: 0,
+            window: None,
+            scale: 0.125,
+            max_query_len: 1,
+            max_seq_len: 100,
+            new_kv: None,
+        }
+    }
+
+    fn new_rows(cache: u64, rows: i64) -> KvWriteArgs {
+        KvWriteArgs {
+            dtype: Dtype::Bf16,
+            key: 8192,
+            key_strides: [5120, 64, 1],
+            value: 16384,
+            value_strides: [5120, 64, 1],
+            cache,
+            cache_shape: [10, 8, 16, 128],
+            cache_strides: [16384, 2048, 128, 1],
+            slot_mapping: 32768,
+            slot_is_i64: true,
+            num_tokens: rows,
+            num_kv_heads: 8,
+            head_size: 64,
+        }
+    }
+
+    #[test]
+    fn new_kv_rows_must_fit_the_attention() {
+        let a = paged_args(1 << 20);
+        let ok = check_new_kv(&a, &new_rows(1 << 20, 3), 3).expect("valid new rows");
+        assert_eq!(
+            (ok.key, ok.key_stride_tok, ok.value_stride_head),
+            (8192, 5120, 64)
+        );
+        let err = |w: &KvWriteArgs, a: &ForwardArgs| match check_new_kv(a, w, 3) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        };
+        assert!(err(&new_rows(2 << 20, 3), &a).contains("own kv_cache"));
+        assert!(err(&new_rows(1 << 20, 2), &a).contains("fewer than"));
+        let mut w = new_rows(1 << 20, 3);
+        w.head_size = 128;
+        assert!(err(&w, &a).contains("head_size"));
+        w = new_rows(1 << 20, 3);
+        w.key_strides = [5120, 64, 2];
+        assert!(err(&w, &a).contains("contiguous"));
+        w = new_rows(1 << 20, 3);
+        w.dtype = Dtype::F16;
+        assert!(err(&w, &a).contains("dtype"));
+        let mut plain = a.clone();
+        plain.kv = KvSource::Plain {
+            k: 1 << 20,
+            k_shape: [3, 8, 64],
+            k_strides: [512, 64, 1],
+            v: 2 << 20,
+            v_strides: [512, 64, 1],
+        };
+        assert!(err(&new_rows(1 << 20, 3), &plain).contains("paged"));
     }
 
     #[test]
@@ -935,7 +1091,9 @@ pub mod py {
         window, scale, max_query_len, max_seq_len, *,
         cache = 0, cache_shape = [0; 4], cache_strides = [0; 4],
         block_table = 0, block_table_shape = [0; 2], block_table_stride = 0,
-        k = 0, k_shape = [0; 3], k_strides = [0; 3], v = 0, v_strides = [0; 3]
+        k = 0, k_shape = [0; 3], k_strides = [0; 3], v = 0, v_strides = [0; 3],
+        new_key = 0, new_key_strides = [0; 3], new_value = 0, new_value_strides = [0; 3],
+        new_key_shape = [0; 3], slot_mapping = 0, slot_is_i64 = false, new_rows = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
@@ -971,7 +1129,32 @@ pub mod py {
         k_strides: [i64; 3],
         v: u64,
         v_strides: [i64; 3],
+        new_key: u64,
+        new_key_strides: [i64; 3],
+        new_value: u64,
+        new_value_strides: [i64; 3],
+        new_key_shape: [i64; 3],
+        slot_mapping: u64,
+        slot_is_i64: bool,
+        new_rows: i64,
     ) -> PyResult<(i64, bool)> {
+        let dtype = Dtype::parse(dtype)?;
+        // The queries' own K/V rows, when the caller has not written them into the cache yet.
+        let new_kv = (new_key != 0).then(|| KvWriteArgs {
+            dtype,
+            key: new_key,
+            key_strides: new_key_strides,
+            value: new_value,
+            value_strides: new_value_strides,
+            cache,
+            cache_shape,
+            cache_strides,
+            slot_mapping,
+            slot_is_i64,
+            num_tokens: new_rows,
+            num_kv_heads: new_key_shape[1],
+            head_size: new_key_shape[2],
+        });
         let kv = if cache != 0 {
             KvSource::Paged {
                 cache,
@@ -991,7 +1174,7 @@ pub mod py {
             }
         };
         let args = ForwardArgs {
-            dtype: Dtype::parse(dtype)?,
+            dtype,
             q,
             q_shape,
             q_strides,
@@ -1010,6 +1193,7 @@ pub mod py {
             scale: scale as f32,
             max_query_len,
             max_seq_len,
+            new_kv,
         };
         let plan = py.detach(|| {
             let dev = cuda::device(ordinal)?;

@@ -301,6 +301,113 @@ def test_cuda_graph_capture_replay():
     assert err <= 1e-2
 
 
+def _new_rows(b: dict, gen: torch.Generator, pad: int, slot_dtype: torch.dtype):
+    """New K/V rows for every query token of batch `b` (plus `pad` padding rows), a key view
+    with vLLM's strides (a slice of a fused q/k/v buffer), and their slots from the block table
+    (-1 for padding), as vLLM builds slot_mapping."""
+    qsl = b["query_start_loc"].tolist()
+    seq = b["seq_lens"].tolist()
+    bs = b["kv_cache"].shape[2]
+    t = qsl[-1] + pad
+    fused = torch.randn(t, (HQ + 2 * HKV) * 64, generator=gen).to(DEV, b["query"].dtype)
+    key = fused[:, HQ * 64 : (HQ + HKV) * 64].view(t, HKV, 64)
+    value = fused[:, (HQ + HKV) * 64 :].view(t, HKV, 64)
+    slots = []
+    for r in range(len(seq)):
+        q_len = qsl[r + 1] - qsl[r]
+        for pos in range(seq[r] - q_len, seq[r]):
+            slots.append(int(b["block_table"][r, pos // bs]) * bs + pos % bs)
+    slots += [-1] * pad
+    return key, value, torch.tensor(slots, dtype=slot_dtype, device=DEV)
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "seq_lens", "window", "bound"),
+    [
+        ([1], [1], None, 0),
+        ([1], [300], None, 131072),
+        ([1], [9000], 128, 131072),
+        ([1] * 5, [17, 256, 257, 4000, 33], None, 131072),
+        ([2, 1, 2], [2, 700, 129], None, 8192),
+        ([1, 2, 1], [5000, 3000, 1], 128, 8192),
+        ([1, 300, 1, 2], [9000, 300, 100, 40], None, 0),  # mixed: written before the varlen launch
+        ([40, 1], [1040, 77], 128, 0),
+    ],
+)
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_folded_kv_write(q_lens, seq_lens, window, bound, slot_dtype):
+    """paged_attention with the new K/V rows (the write folded into the decode launch, or run
+    first for a mixed batch) leaves the same cache and the same output, bit for bit, as
+    kv_cache_write followed by paged_attention; the cache's stale rows at the new slots are
+    never read. Also under CUDA-graph capture and replay."""
+    gen = torch.Generator().manual_seed(sum(seq_lens) + len(q_lens))
+    b = random_paged_batch(q_lens, seq_lens, HQ, HKV, 16, torch.bfloat16, DEV, generator=gen,
+                           pad_tokens=2)
+    key, value, slots = _new_rows(b, gen, 2, slot_dtype)
+    live = slots >= 0
+    flat = b["kv_cache"].permute(0, 2, 1, 3).reshape(-1, HKV, 128)  # [slot, head, K|V] (NHD)
+    flat[slots[live].long()] = 1e4  # stale rows: a read of them would show
+    s = make_sinks("random", gen)
+    args = (b["query_start_loc"], b["seq_lens"], b["block_table"], s)
+    bound = max(bound, b["max_seq_len"])
+
+    def run(fold: bool, cache: torch.Tensor, out: torch.Tensor, ws: torch.Tensor) -> None:
+        if not fold:
+            torch.ops.gptoss_3090.kv_cache_write(key, value, cache, slots)
+        torch.ops.gptoss_3090.paged_attention(
+            b["query"], cache, out, *args, ws, b["max_query_len"], bound, window, SCALE,
+            key if fold else None, value if fold else None, slots if fold else None,
+        )
+
+    results = {}
+    for fold in (False, True):
+        cache, out = b["kv_cache"].clone(), torch.full_like(b["query"], 3.0)
+        run(fold, cache, out, A.make_workspace(DEV, HKV))
+        torch.cuda.synchronize()
+        results[fold] = (cache, out)
+    assert torch.equal(results[True][1], results[False][1]), "outputs differ"
+    assert torch.equal(results[True][0], results[False][0]), "caches differ"
+    n = int(b["query_start_loc"][-1])
+    assert bool((results[True][1][n:] == 3.0).all()), "padding rows were written"
+    ref = paged_attention_ref(b["query"], results[False][0], *args, window, SCALE)
+    err = rel_err(results[True][1][:n], ref[:n])
+    report(f"folded kv write q={q_lens[:4]} w={window} {slot_dtype}", err, None)
+    assert err <= 1e-2
+
+    # Captured once, replayed on a fresh copy of the stale cache: the same bits again.
+    cache, out, ws = b["kv_cache"].clone(), torch.zeros_like(b["query"]), A.make_workspace(DEV, HKV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
+        run(True, cache, out, ws)
+    torch.cuda.current_stream().wait_stream(stream)
+    cache.copy_(b["kv_cache"])
+    out.fill_(3.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, results[True][1]) and torch.equal(cache, results[True][0])
+
+
+def test_folded_kv_write_argument_errors():
+    gen = torch.Generator().manual_seed(71)
+    b = random_paged_batch([1, 1], [10, 20], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
+    key, value, slots = _new_rows(b, gen, 0, torch.int64)
+    out = torch.zeros_like(b["query"])
+    base = (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
+            b["block_table"], None, None, 1, 20, None, SCALE)
+    with pytest.raises(ValueError, match="together"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, None, slots)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.gptoss_3090.paged_attention(*base, key.half(), value.half(), slots)
+    with pytest.raises(ValueError, match="KV heads"):
+        torch.ops.gptoss_3090.paged_attention(*base, key[:, :4], value[:, :4], slots)
+    with pytest.raises(ValueError, match="fewer than"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots[:1])
+    with pytest.raises(TypeError, match="slot_mapping"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots.float())
+
+
 def test_forced_sm86_tuning():
     runtime.set_tuning("sm86")
     try:
@@ -322,6 +429,16 @@ def test_opcheck():
         torch.ops.gptoss_3090.paged_attention.default,
         (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
          b["block_table"], s, ws, 40, 300, 128, SCALE),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    # With the new K/V rows (the folded cache write) of a decode batch.
+    b = random_paged_batch([1, 1], [300, 40], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
+    key, value, slots = _new_rows(b, gen, 0, torch.int64)
+    out = torch.zeros_like(b["query"])
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.paged_attention.default,
+        (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
+         b["block_table"], s, ws, 1, 300, 128, SCALE, key, value, slots),
         test_utils=("test_schema", "test_faketensor"),
     )
 

@@ -9,8 +9,11 @@ CUDA kernels (``gptoss_3090.attention``):
   block_size, 2 * head_size)`` with ``K = [..., :hs]`` and ``V = [..., hs:]``, and the same
   physical stride order (``VLLM_KV_CACHE_LAYOUT``, NHD by default); block sizes that are
   multiples of 16.
-* ``forward_includes_kv_cache_update = False``: vLLM calls :meth:`GptOssSinkAttentionImpl.
-  do_kv_cache_update` (our cache writer) before :meth:`GptOssSinkAttentionImpl.forward`.
+* ``forward_includes_kv_cache_update = True``: :meth:`GptOssSinkAttentionImpl.forward` writes
+  the new K/V rows itself. In a decode-only batch (every captured decode graph) the decode
+  kernel does it in the same launch, one kernel per layer instead of two; other batches write
+  first (``attn_kv_write``). ``GPTOSS_3090_ATTN_KV_WRITE=separate`` (read at import) restores
+  vLLM's separate ``do_kv_cache_update`` call, for comparison.
 * CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` (pure decode batches are captured in full; the
   decode grid depends only on the request count, never on sequence lengths). Mixed batches run
   eagerly between piecewise graphs.
@@ -26,6 +29,7 @@ registers it by dotted path, so vLLM imports it lazily).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -61,6 +65,21 @@ __all__ = [
 ]
 
 _HEAD_SIZE = _attn.HEAD_DIM
+
+#: ``fused`` (default): forward writes the new K/V rows (in the decode launch where it can);
+#: ``separate``: vLLM calls do_kv_cache_update before forward. Read once, at import: vLLM reads
+#: the backend's ``forward_includes_kv_cache_update`` class attribute.
+KV_WRITE_ENV = "GPTOSS_3090_ATTN_KV_WRITE"
+
+
+def _fold_kv_write() -> bool:
+    mode = os.environ.get(KV_WRITE_ENV, "fused").strip() or "fused"
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"{KV_WRITE_ENV}={mode!r}: expected fused (default) or separate")
+    return mode == "fused"
+
+
+_FOLD_KV_WRITE = _fold_kv_write()
 _CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -199,7 +218,8 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Writes the new K/V rows into the paged cache (``slot < 0``: padding, skipped)."""
+        """Writes the new K/V rows into the paged cache (``slot < 0``: padding, skipped). vLLM
+        calls it only with ``GPTOSS_3090_ATTN_KV_WRITE=separate``; by default forward writes."""
         if self.kv_sharing_target_layer_name is not None or key is None or value is None:
             return
         if kv_cache.numel() == 0:
@@ -227,6 +247,14 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
         if attn_metadata is None:
             return output.fill_(0)  # profiling / dummy run
         n = attn_metadata.num_actual_tokens
+        # With the folded write (forward_includes_kv_cache_update) the op writes the new rows.
+        writes = (
+            _FOLD_KV_WRITE
+            and self.kv_sharing_target_layer_name is None
+            and key is not None
+            and value is not None
+            and kv_cache.numel() > 0
+        )
         torch.ops.gptoss_3090.paged_attention(
             query[:n],
             kv_cache,
@@ -240,6 +268,9 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
             attn_metadata.max_seq_len,
             self.sliding_window,
             self.scale,
+            key if writes else None,
+            value if writes else None,
+            attn_metadata.slot_mapping if writes else None,
         )
         return output
 
@@ -250,7 +281,7 @@ class GptOssSinkAttentionBackend(AttentionBackend):
     accept_output_buffer: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
-    forward_includes_kv_cache_update: bool = False
+    forward_includes_kv_cache_update: bool = _FOLD_KV_WRITE
 
     @staticmethod
     def get_name() -> str:
