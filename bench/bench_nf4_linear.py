@@ -226,28 +226,49 @@ def nf4_copies(base, l2: int) -> list:
     ]
 
 
-def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, first: bool):
-    """All M and tunings for one weight shape; weight copies rotate to exceed 4x L2."""
+def bench_shape(
+    n: int,
+    k: int,
+    ms: list[int],
+    tunings: list[str],
+    ctx: dict,
+    first: bool,
+    parts: list[int] | None = None,
+):
+    """All M and tunings for one weight shape; weight copies rotate to exceed 4x L2. With
+    ``parts`` (row counts summing to ``n``) the weight is that many separately quantized
+    segments, as vLLM's fused q/k/v (``4096+512+512x2880``)."""
     from gptoss_3090 import ops, runtime
 
     dtype = torch.bfloat16
     l2 = ctx["l2"]
-    base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
-    if ctx["args"].weights_order == "chunks":
-        check_chunk_major(base, n, k)
-    nf4 = nf4_copies(base, l2)
+    if parts:
+        segs = [
+            ops.nf4_quantize(torch.randn(r, k, dtype=dtype, device="cuda") * 0.02, nested=True)
+            for r in parts
+        ]
+        per_seg = [nf4_copies(sg, l2) for sg in segs]
+        nf4 = [list(c) for c in zip(*per_seg, strict=False)]
+        wd = torch.cat([sg.dequantize() for sg in segs])
+        base_bytes = sum(sg.nbytes for sg in segs)
+    else:
+        base = ops.nf4_quantize(torch.randn(n, k, dtype=dtype, device="cuda") * 0.02, nested=True)
+        if ctx["args"].weights_order == "chunks":
+            check_chunk_major(base, n, k)
+        nf4 = nf4_copies(base, l2)
+        base_bytes = base.nbytes
+        wd = base.dequantize()
     copies = len(nf4)
-    wd = base.dequantize()
     dcopies = max(2, math.ceil(4 * l2 / (wd.numel() * 2)) + 1)
     w = {
         "nf4": nf4,
         "bf16": [wd] + [wd.clone() for _ in range(dcopies - 1)],
         "bnb": [],
         "bias": torch.randn(n, dtype=dtype, device="cuda") * 0.1,
-        "nf4_bytes": base.nbytes,
+        "nf4_bytes": base_bytes,
         "bf16_bytes": wd.numel() * 2,
     }
-    if ctx["have_bnb"]:
+    if ctx["have_bnb"] and not parts:
         import bitsandbytes.functional as F
 
         q, st = F.quantize_4bit(wd, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -260,8 +281,11 @@ def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, fi
                 rows.append(row)
                 if first and len(rows) == 1:
                     print(HEADER)
+                if parts:
+                    row["segments"] = parts
+                name = "+".join(map(str, parts)) if parts else str(n)
                 print(
-                    f"{tuning:6} {f'{n}x{k}':>10} {m:5d} | {row['ours_us']:8.1f} "
+                    f"{tuning:6} {f'{name}x{k}':>10} {m:5d} | {row['ours_us']:8.1f} "
                     f"{row['ours_gbps']:6.0f} {100 * row['ours_frac_copy']:5.0f}% "
                     f"{row['ours_tflops']:7.1f} {row['kernel']:>24} | {row['fused_us']:8.1f} "
                     f"{row['dequant_matmul_us']:8.1f} | {row['cublas_us']:9.1f} "
@@ -271,10 +295,27 @@ def bench_shape(n: int, k: int, ms: list[int], tunings: list[str], ctx: dict, fi
     return rows
 
 
+def parse_shape(text: str) -> tuple[int, int, list[int] | None]:
+    """``NxK``, or ``A+B+CxK`` for a weight of separately quantized row segments (vLLM's fused
+    q/k/v: ``4096+512+512x2880``): ``(N, K, segment rows or None)``."""
+    try:
+        rows, k = text.strip().split("x")
+        parts = [int(r) for r in rows.split("+")]
+        if len(parts) > 3 or min(parts) <= 0 or int(k) <= 0:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--shapes: expected NxK or A+B+CxK items, found {text!r}") from None
+    return sum(parts), int(k), parts if len(parts) > 1 else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write JSON results here")
-    ap.add_argument("--shapes", default=None, help="e.g. 5760x2880,512x2880")
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="e.g. 5760x2880,512x2880; 4096+512+512x2880: three separately quantized segments",
+    )
     ap.add_argument("--ms", default=None, help="e.g. 1,16,2048")
     ap.add_argument("--tunings", default="auto,sm86", help="comma list of auto/sm80/sm86/sm90")
     ap.add_argument("--calls", type=int, default=40, help="calls per CUDA graph")
@@ -297,9 +338,9 @@ def main() -> int:
 
     if args.quick:
         args.calls, args.reps = 12, 3
-    shapes = SHAPES
+    shapes = [(n, k, None) for n, k in SHAPES]
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
     ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
     tunings = [t.strip() for t in args.tunings.split(",") if t.strip()]
 
@@ -316,8 +357,8 @@ def main() -> int:
     )
     rows: list[dict] = []
     ctx = {"copy_bps": copy_bps, "l2": l2, "have_bnb": have_bnb, "args": args}
-    for n, k in shapes:
-        rows += bench_shape(n, k, ms, tunings, ctx, first=not rows)
+    for n, k, parts in shapes:
+        rows += bench_shape(n, k, ms, tunings, ctx, first=not rows, parts=parts)
         torch.cuda.empty_cache()
 
     result = {

@@ -50,8 +50,9 @@
 #   moetimes    moe_kernel_times.py: each MoE kernel's time per layer (torch.profiler), also
 #               with forced K splits (TIMES_KS) at 1, 4 and 64 tokens
 #   dram        dram_pattern.py: DRAM bandwidth of the streaming MoE's weight order vs chunk-major
-#   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on the q/k/v and o
-#               shapes with the wheel in .gpu-wheel-base, then the carried one (carry both)
+#   nf4base     bench_nf4_linear.py at M in NF4_MS (default 32,64,128,256) on NF4_SHAPES
+#               (default the q/k/v and o shapes; 4096+512+512x2880 = vLLM's q/k/v as three
+#               segments) with the wheel in .gpu-wheel-base, then the carried one (carry both)
 #   moebase     bench_moe.py at VARIANT_TOKENS (default 1-128) with the wheel in .gpu-wheel-base,
 #               then the carried one, twice in alternation (carry both)
 #   moewheels   bench_moe.py at VARIANT_TOKENS with each wheel in .gpu-wheels/<name>/, all of them
@@ -384,11 +385,12 @@ for step in "$@"; do
       # The linear on the q/k/v and o shapes with a baseline wheel (.gpu-wheel-base: its Rust
       # launch choices and kernels) and then the carried wheel, same call.
       install_base_wheel
-      for w in base head; do
+      for w in ${NF4_ROUNDS:-base head}; do  # e.g. NF4_ROUNDS="base head base2 head2"
         gp=/tmp/gp
-        [ $w = base ] && gp=/tmp/gp_base
+        case $w in base*) gp=/tmp/gp_base ;; esac
         echo "-- wheel $w"
-        PYTHONPATH=$gp python3 bench/bench_nf4_linear.py --shapes 5760x2880,5120x2880,2880x4096,4096x2880 \
+        PYTHONPATH=$gp python3 bench/bench_nf4_linear.py \
+          --shapes "${NF4_SHAPES:-5760x2880,5120x2880,2880x4096,4096x2880}" \
           --ms "${NF4_MS:-32,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
           --out "$OUT/nf4_wheel_$w.json" 2>&1 | tee "$OUT/nf4_wheel_$w.log" | grep -v "^wrote"
       done

@@ -12,6 +12,7 @@
 //
 // Entries (one per dtype, ONE by-value params struct each, mirrored in src/ops/nf4.rs):
 //   nf4_dequant_{bf16,f16}                          Nf4DequantParams
+//   nf4_dequant_segs_{bf16,f16}                     Nf4DequantSegsParams (1..3 tensors, one launch)
 //   nf4_linear_str_{n1,n2,n4}[_plain]_{bf16,f16}    Nf4LinearParams   (M <= 8, 16, 32)
 //   nf4_linear_decode_m8_{bf16,f16}                 Nf4LinearParams   (M <= 8)
 //   nf4_linear_decode_m16_{bf16,f16}                Nf4LinearParams   (M <= 16)
@@ -52,6 +53,18 @@ struct Nf4DequantParams {
 static_assert(sizeof(Nf4DequantParams) == 80, "Nf4DequantParams layout must match Rust");
 
 #define NF4_MAX_SEGMENTS 3
+
+// Up to NF4_MAX_SEGMENTS tensors dequantized by one launch (the dequantize + cuBLAS linear path
+// of vLLM's fused q/k/v, whose k and v segments alone are launches too small to fill the GPU):
+// block b of the 1-D grid serves segment s for first_block[s] <= b < first_block[s + 1].
+struct Nf4DequantSegsParams {
+    Nf4DequantParams seg[NF4_MAX_SEGMENTS];
+    i32 first_block[NF4_MAX_SEGMENTS + 1];  // first_block[0] = 0, first_block[n_segments] = grid
+    i32 n_segments;
+    i32 pad_;
+};
+static_assert(sizeof(Nf4DequantSegsParams) == 3 * 80 + 24, "Nf4DequantSegsParams layout must match Rust");
+
 struct Nf4LinearParams {
     Nf4Tensor seg[NF4_MAX_SEGMENTS];  // output columns [sum(rows of seg < s), +rows of seg s)
     u64 x;                    // [M, K] activations, row stride ldx; 16-byte aligned rows
@@ -176,8 +189,9 @@ __device__ __forceinline__ float dequant_block_absmax(const Nf4DequantParams& p,
     return nf4_nested_absmax(map[code], sc, off);
 }
 
+// Block `block` of `n_blocks` (grid-stride over the tensor) dequantizes its share of p.
 template <int DTYPE>
-__device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
+__device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p, int block, int n_blocks) {
     __shared__ float lut[16];
     __shared__ float map[256];
     if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Code[threadIdx.x];
@@ -190,8 +204,8 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
     const u32* words = (const u32*)p.w.packed;
     u16* out = (u16*)p.out;
     const int lane = threadIdx.x & 31;
-    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const i64 n_warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const i64 warp = ((i64)block * blockDim.x + threadIdx.x) >> 5;
+    const i64 n_warps = ((i64)n_blocks * blockDim.x) >> 5;
     const i64 per_warp = 32 * DQ_WORDS_PER_LANE;
     for (i64 base = warp * per_warp; base < full_words; base += n_warps * per_warp) {
         u32 raw[DQ_WORDS_PER_LANE];
@@ -216,7 +230,7 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
         }
     }
     // The last (at most 7) elements of a tensor whose size is not a multiple of 8.
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
+    if (block == 0 && threadIdx.x == 0) {
         const u8* packed = (const u8*)p.w.packed;
         for (i64 g = full_words * 8; g < total; ++g) {
             const u32 byte = packed[g / 2];
@@ -226,8 +240,25 @@ __device__ __forceinline__ void nf4_dequant(const Nf4DequantParams& p) {
     }
 }
 
-extern "C" __global__ void nf4_dequant_bf16(const Nf4DequantParams p) { nf4_dequant<DTYPE_BF16>(p); }
-extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) { nf4_dequant<DTYPE_F16>(p); }
+extern "C" __global__ void nf4_dequant_bf16(const Nf4DequantParams p) {
+    nf4_dequant<DTYPE_BF16>(p, blockIdx.x, gridDim.x);
+}
+extern "C" __global__ void nf4_dequant_f16(const Nf4DequantParams p) {
+    nf4_dequant<DTYPE_F16>(p, blockIdx.x, gridDim.x);
+}
+
+template <int DTYPE>
+__device__ __forceinline__ void nf4_dequant_segs(const Nf4DequantSegsParams& p) {
+    int s = 0;
+    while (s + 1 < p.n_segments && (int)blockIdx.x >= p.first_block[s + 1]) ++s;  // block-uniform
+    nf4_dequant<DTYPE>(p.seg[s], blockIdx.x - p.first_block[s], p.first_block[s + 1] - p.first_block[s]);
+}
+extern "C" __global__ void nf4_dequant_segs_bf16(const Nf4DequantSegsParams p) {
+    nf4_dequant_segs<DTYPE_BF16>(p);
+}
+extern "C" __global__ void nf4_dequant_segs_f16(const Nf4DequantSegsParams p) {
+    nf4_dequant_segs<DTYPE_F16>(p);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Linear, streaming path (M <= 32 in 1, 2 or 4 tiles of 8 tokens; every segment a multiple of 16

@@ -202,6 +202,17 @@ def test_native_launchers_recheck_arguments():
         _native.cuda_nf4_dequantize(0, 0, "bfloat16", (16, 16, 0, 0, 0, 0.0, True), 128, 1, 16)
     with pytest.raises(ValueError, match="aligned"):
         _native.cuda_nf4_dequantize(0, 0, "bfloat16", (16, 16, 0, 0, 0, 0.0, False), 128, 1, 8)
+    plain = (16, 16, 0, 0, 0, 0.0, False)
+    with pytest.raises(ValueError, match="1..=3 tensors"):
+        _native.cuda_nf4_dequantize_segments(0, 0, "bfloat16", [])
+    with pytest.raises(ValueError, match="1..=3 tensors"):
+        _native.cuda_nf4_dequantize_segments(0, 0, "bfloat16", [(plain, 64, 16)] * 4)
+    with pytest.raises(ValueError, match="segment 1.*aligned"):
+        _native.cuda_nf4_dequantize_segments(0, 0, "bfloat16", [(plain, 64, 16), (plain, 64, 8)])
+    with pytest.raises(ValueError, match="segment 0.*nested_absmax"):
+        _native.cuda_nf4_dequantize_segments(
+            0, 0, "bfloat16", [((16, 16, 0, 0, 0, 0.0, True), 128, 16)]
+        )
     with pytest.raises(ValueError, match="null"):
         _native.cuda_nf4_quantize(0, 0, "float32", 16, 64, True, 16, 16, 0, 16, 16, 16)
     with pytest.raises(ValueError, match="weight dtype"):

@@ -808,69 +808,6 @@ def test_internal_routing_matches_vllms_routing(loaded) -> None:
     assert torch.equal(chunked, via_vllm)
 
 
-def test_routing_plan_reads_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto`` (the default) is monolithic with a token bound, ``internal`` routes every batch
-    in our op, ``vllm`` leaves routing to vLLM; anything else names the variable."""
-    from gptoss_3090.vllm import moe_method as MM
-
-    monkeypatch.delenv(MM.ROUTING_ENV, raising=False)
-    monkeypatch.delenv(MM.INTERNAL_ROUTING_MAX_ENV, raising=False)
-    assert MM.routing_plan() == (True, MM.DEFAULT_INTERNAL_ROUTING_MAX)
-    monkeypatch.setenv(MM.INTERNAL_ROUTING_MAX_ENV, "0")
-    assert MM.routing_plan() == (True, 0)
-    monkeypatch.setenv(MM.ROUTING_ENV, "vllm")
-    assert MM.routing_plan() == (False, 0)
-    monkeypatch.setenv(MM.ROUTING_ENV, "internal")
-    assert MM.routing_plan()[0] and MM.routing_plan()[1] >= 2**31
-    monkeypatch.setenv(MM.ROUTING_ENV, "sometimes")
-    with pytest.raises(ValueError, match=MM.ROUTING_ENV):
-        MM.routing_plan()
-    monkeypatch.setenv(MM.ROUTING_ENV, "auto")
-    for bad in ("-1", "four"):
-        monkeypatch.setenv(MM.INTERNAL_ROUTING_MAX_ENV, bad)
-        with pytest.raises(ValueError, match=MM.INTERNAL_ROUTING_MAX_ENV):
-            MM.routing_plan()
-
-
-def test_auto_routing_hands_large_batches_to_vllms_topk(
-    loaded, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With kernels, ``apply_monolithic`` passes the router logits to our op up to the bound
-    and vLLM's top-k (here a stand-in with the same contract) above it, per chunk."""
-    from gptoss_3090.vllm import moe_method as MM
-
-    spec, model = loaded.spec, loaded.model
-    routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
-    method = routed.quant_method
-    calls: list[tuple[int, str]] = []
-
-    def fake_kernel(x, weights, layer, topk_weights, topk_ids, router_logits):
-        if router_logits is not None:
-            calls.append((x.shape[0], "logits"))
-        else:
-            assert topk_ids.dtype == torch.int32 and topk_weights.shape == topk_ids.shape
-            calls.append((x.shape[0], "given"))
-        return torch.zeros_like(x)
-
-    def fake_topk(x, logits, top_k):
-        vals, ids = torch.topk(logits.float(), top_k, dim=-1)
-        return torch.softmax(vals, dim=-1), ids.to(torch.int32)
-
-    monkeypatch.setattr(MM, "_run_kernel", fake_kernel)
-    monkeypatch.setattr(MM, "vllm_topk", fake_topk)
-    saved = (method._kernel_weights, method._internal_max, method._chunk)
-    method._kernel_weights, method._internal_max, method._chunk = object(), 4, 5
-    try:
-        g = torch.Generator().manual_seed(3)
-        for tokens in (1, 4, 5, 9):
-            x = torch.randn(tokens, spec.hidden, generator=g).to(torch.bfloat16)
-            method.apply_monolithic(routed, x, torch.randn(tokens, spec.experts, generator=g))
-    finally:
-        method._kernel_weights, method._internal_max, method._chunk = saved
-    # 9 tokens run as chunks of 5 (vLLM's top-k) and 4 (ours).
-    assert calls == [(1, "logits"), (4, "logits"), (5, "given"), (5, "given"), (4, "logits")]
-
-
 def test_kernel_weights_reorder_experts_once_and_the_reference_follows(
     loaded, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -240,6 +240,15 @@ def cuda_nf4_dequantize(
     """Dequantizes NF4 (one tensor, or ``n_experts`` fused experts of ``numel`` values each)
     into ``out`` (``dtype`` = ``"bf16"``/``"f16"``) on ``stream``."""
 
+def cuda_nf4_dequantize_segments(
+    ordinal: int,
+    stream: int,
+    dtype: str,
+    segments: list[tuple[Nf4StatsTuple, int, int]],
+) -> None:
+    """Dequantizes 1..3 single NF4 tensors, each ``(stats, numel, out)``, in one launch (each
+    exactly as :func:`cuda_nf4_dequantize` would)."""
+
 def cuda_nf4_linear(
     ordinal: int,
     stream: int,
@@ -346,11 +355,21 @@ def attention_forward(
     k_strides: tuple[int, int, int] | list[int] = ...,
     v: int = 0,
     v_strides: tuple[int, int, int] | list[int] = ...,
+    new_key: int = 0,
+    new_key_strides: tuple[int, int, int] | list[int] = ...,
+    new_value: int = 0,
+    new_value_strides: tuple[int, int, int] | list[int] = ...,
+    new_key_shape: tuple[int, int, int] | list[int] = ...,
+    slot_mapping: int = 0,
+    slot_is_i64: bool = False,
+    new_rows: int = 0,
 ) -> tuple[int, bool]:
     """GPT-OSS attention with sinks and an optional sliding ``window`` (decode and/or varlen
     kernels) over the paged cache (``cache`` != 0) or plain ``k``/``v`` tensors.
-    ``sink_mode``: 0 none, 1 float32, 2 bfloat16, 3 float16. Returns
-    ``(decode_splits, varlen_launched)``."""
+    ``sink_mode``: 0 none, 1 float32, 2 bfloat16, 3 float16. With ``new_key`` != 0 the queries'
+    own K/V rows (``new_rows`` slots in ``slot_mapping``) are written into the paged cache too:
+    inside the decode launch when no varlen launch is needed, else by ``attn_kv_write`` first.
+    Returns ``(decode_splits, varlen_launched)``."""
 
 def attention_decode_splits(
     ordinal: int,

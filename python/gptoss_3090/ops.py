@@ -419,20 +419,14 @@ def _nf4_linear_op(
     if mode == "auto" and _rt.use_dequant_matmul(m, ordinal):
         mode = "dequant_matmul"
     if mode == "dequant_matmul":
+        # Every segment into its rows of one bf16/f16 weight, in one launch.
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
-        row0 = 0
+        row0, parts = 0, []
         for (packed, absmax, nabs, nmap), r, off in zip(segs, rows, offsets, strict=True):
             stats = _stats_tuple(packed, absmax, nabs, nmap, 0, off)
-            _native.cuda_nf4_dequantize(
-                ordinal,
-                stream,
-                _DTYPE_NAME[x.dtype],
-                stats,
-                r * k,
-                1,
-                w[row0 : row0 + r].data_ptr(),
-            )
+            parts.append((stats, r * k, w[row0 : row0 + r].data_ptr()))
             row0 += r
+        _native.cuda_nf4_dequantize_segments(ordinal, stream, _DTYPE_NAME[x.dtype], parts)
         return torch.nn.functional.linear(x2, w, bias).reshape([*lead, n])
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)

@@ -59,6 +59,20 @@ pub struct Nf4DequantParams {
     pub nnb: i32,
 }
 
+/// Mirror of `Nf4DequantSegsParams` (264 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nf4DequantSegsParams {
+    /// The tensors (`n_experts` 1 each).
+    pub seg: [Nf4DequantParams; MAX_SEGMENTS],
+    /// Block `b` serves segment `s` for `first_block[s] <= b < first_block[s + 1]`.
+    pub first_block: [i32; MAX_SEGMENTS + 1],
+    /// Used segments (1..=3).
+    pub n_segments: i32,
+    /// Padding (keeps the size a multiple of 8).
+    pub pad_: i32,
+}
+
 /// Mirror of `Nf4LinearParams` (240 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -194,15 +208,73 @@ pub unsafe fn dequantize(
     stream: u64,
 ) -> Result<()> {
     let params = dequantize_params(stats, numel, n_experts, out)?;
-    let total = numel * n_experts;
+    let blocks = dequantize_blocks(numel * n_experts, dev.sm_count() as u64) as u32;
+    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4DequantParams.
+    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, &params) }
+}
+
+/// One tensor of [`dequantize_segments`]: its statistics, its element count and its output.
+#[derive(Debug, Clone, Copy)]
+pub struct DequantSegment {
+    /// The tensor's NF4 statistics.
+    pub stats: Nf4Stats,
+    /// Elements (rows x K).
+    pub numel: i64,
+    /// bf16/f16 output, 16-byte aligned.
+    pub out: u64,
+}
+
+/// Dequantizes 1..=[`MAX_SEGMENTS`] single tensors in one launch (`nf4_dequant_segs_*`), each
+/// exactly as [`dequantize`] would: the linear's dequantize + cuBLAS path turns vLLM's fused
+/// q/k/v (three separately quantized tensors) into one bf16 weight this way.
+///
+/// # Safety
+/// As [`dequantize`], for every segment.
+pub unsafe fn dequantize_segments(
+    dev: &GpuDevice,
+    segments: &[DequantSegment],
+    dtype: Dtype,
+    stream: u64,
+) -> Result<()> {
+    let params = dequantize_segments_params(segments, dev.sm_count() as u64)?;
+    let grid = params.first_block[params.n_segments as usize] as u32;
+    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant_segs"), stream)?;
+    // SAFETY: forwarded contract; params mirrors Nf4DequantSegsParams.
+    unsafe { dev.launch(&f, (grid, 1, 1), (256, 1, 1), 0, stream, &params) }
+}
+
+/// Blocks [`dequantize`] launches for `total` elements on `sm_count` SMs.
+fn dequantize_blocks(total: i64, sm_count: u64) -> u64 {
     // One thread per 32 elements: a warp's pass is 4 packed words per lane (1024 elements), so
     // this grid covers the tensor in one pass; the kernel's grid-stride loop covers the rest
     // when the cap applies.
     let chunks = ceil_div(total as u64, 32);
-    let blocks = ceil_div(chunks, 256).min(dev.sm_count() as u64 * 64).max(1) as u32;
-    let f = dev.function_for_stream("nf4", &dtype.entry("nf4_dequant"), stream)?;
-    // SAFETY: forwarded contract; params mirrors Nf4DequantParams.
-    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, &params) }
+    ceil_div(chunks, 256).min(sm_count * 64).max(1)
+}
+
+/// Validates the arguments of [`dequantize_segments`] and builds its params (no GPU needed).
+pub fn dequantize_segments_params(
+    segments: &[DequantSegment],
+    sm_count: u64,
+) -> Result<Nf4DequantSegsParams> {
+    if segments.is_empty() || segments.len() > MAX_SEGMENTS {
+        return Err(Error::arg(format!(
+            "dequantize: 1..={MAX_SEGMENTS} tensors per launch, found {}",
+            segments.len()
+        )));
+    }
+    let mut params = Nf4DequantSegsParams::default();
+    for (i, s) in segments.iter().enumerate() {
+        params.seg[i] = dequantize_params(&s.stats, s.numel, 1, s.out)
+            .map_err(|e| Error::arg(format!("segment {i}: {e}")))?;
+        let blocks = dequantize_blocks(s.numel, sm_count);
+        let end = params.first_block[i] as u64 + blocks;
+        params.first_block[i + 1] = i32::try_from(end)
+            .map_err(|_| Error::arg(format!("dequantize: {end} blocks is too many")))?;
+    }
+    params.n_segments = segments.len() as i32;
+    Ok(params)
 }
 
 /// Validates the arguments of [`dequantize`] and builds its params (no GPU needed).
@@ -861,9 +933,42 @@ mod tests {
         // The .cu static_asserts the same sizes; both must change together.
         assert_eq!(std::mem::size_of::<Nf4TensorParams>(), 56);
         assert_eq!(std::mem::size_of::<Nf4DequantParams>(), 80);
+        assert_eq!(std::mem::size_of::<Nf4DequantSegsParams>(), 3 * 80 + 24);
         assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 240);
         assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
         assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
+    }
+
+    #[test]
+    fn dequantize_segments_split_the_grid_in_order() -> Result<()> {
+        let seg = |numel: i64| DequantSegment {
+            stats: Nf4Stats {
+                packed: 1 << 20,
+                absmax: 2 << 20,
+                ..Default::default()
+            },
+            numel,
+            out: 3 << 20,
+        };
+        // vLLM's q/k/v of GPT-OSS: 4096, 512 and 512 rows of 2880, on 132 SMs.
+        let p =
+            dequantize_segments_params(&[seg(4096 * 2880), seg(512 * 2880), seg(512 * 2880)], 132)?;
+        assert_eq!(p.n_segments, 3);
+        assert_eq!(p.first_block, [0, 1440, 1620, 1800]);
+        assert_eq!(p.seg[1].numel, 512 * 2880);
+        // Past the cap a segment's blocks stride over it, as dequantize's do.
+        let big = dequantize_segments_params(&[seg(1 << 30)], 132)?;
+        assert_eq!(big.first_block[1], 132 * 64);
+        assert!(dequantize_segments_params(&[], 132).is_err());
+        assert!(dequantize_segments_params(&[seg(64); 4], 132).is_err());
+        let mut bad = seg(64);
+        bad.out = 3;
+        let err = dequantize_segments_params(&[seg(64), bad], 132)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("segment 1"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!
 //! NF4 (`cuda_nf4_*`; the CPU reference functions of `src/nf4` use the plain `nf4_*` names):
 //! - `cuda_nf4_dequantize(ordinal, stream, dtype, stats, numel, n_experts, out)`
+//! - `cuda_nf4_dequantize_segments(ordinal, stream, dtype, [(stats, numel, out), ...])` (1..=3
+//!   single tensors, one launch)
 //! - `cuda_nf4_linear(ordinal, stream, dtype, x, ldx, m, k, y, ldy, bias, segments, path="auto",
 //!   ws=0, ws_floats=0) -> str` (ws: the split-K workspace the plan asks for)
 //! - `cuda_nf4_linear_plan(ordinal, m, n, k, path="auto") -> dict`
@@ -61,6 +63,33 @@ fn cuda_nf4_dequantize(
         // SAFETY: Python validated the tensors (device, dtype, sizes, alignment) and passes
         // torch's current stream of this device.
         unsafe { nf4::dequantize(&dev, &stats, numel, n_experts, dtype, out, stream) }
+    })?;
+    Ok(())
+}
+
+/// Dequantizes 1..=3 single NF4 tensors, each `(stats, numel, out)`, in one launch.
+#[pyfunction]
+fn cuda_nf4_dequantize_segments(
+    ordinal: i32,
+    stream: u64,
+    dtype: &str,
+    segments: Vec<(StatsTuple, i64, u64)>,
+) -> PyResult<()> {
+    let dtype = Dtype::parse(dtype)?;
+    let segments: Vec<nf4::DequantSegment> = segments
+        .into_iter()
+        .map(|(stats, numel, out)| nf4::DequantSegment {
+            stats: stats_of(stats),
+            numel,
+            out,
+        })
+        .collect();
+    nf4::dequantize_segments_params(&segments, 1)?;
+    let dev = cuda::device(ordinal)?;
+    cuda::guard("nf4 dequantize", || {
+        // SAFETY: Python validated the tensors (device, dtype, sizes, alignment) and passes
+        // torch's current stream of this device.
+        unsafe { nf4::dequantize_segments(&dev, &segments, dtype, stream) }
     })?;
     Ok(())
 }
@@ -182,6 +211,7 @@ fn cuda_nf4_quantize(
 
 fn register_nf4(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_nf4_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_nf4_dequantize_segments, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nf4_linear, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nf4_linear_plan, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nf4_quantize, m)?)?;

@@ -237,6 +237,41 @@ def test_dequant_single_bit_exact(shape, nested, dtype):
         assert torch.equal(out2, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize(
+    "shapes", [[(4096, 2880), (512, 2880), (512, 2880)], [(3, 100), (1, 7), (257, 64)], [(64, 64)]]
+)
+def test_dequant_segments_one_launch_bit_exact(shapes, nested, dtype):
+    """1-3 tensors dequantized by one launch (the dequantize + cuBLAS path of the fused q/k/v)
+    give each tensor's own dequantize bits, in consecutive slices of one buffer; the odd sizes
+    take the per-segment tail path."""
+    from gptoss_3090 import _native
+    from gptoss_3090 import runtime as rt
+
+    tensors = [rand_nf4(sh, nested, seed=17 + i) for i, sh in enumerate(shapes)]
+    sizes = [math.prod(sh) for sh in shapes]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 8) * 8)  # 16-byte aligned slices
+    out = torch.full((starts[-1],), float("nan"), dtype=dtype, device=DEV)
+    parts, want = [], []
+    for (packed, absmax, nabs, nmap, offsets), sh, n, at in zip(
+        tensors, shapes, sizes, starts[:-1], strict=True
+    ):
+        off = float(offsets[0]) if nested else 0.0
+        stats = (packed.data_ptr(), absmax.data_ptr(), nabs.data_ptr() if nested else 0,
+                 nmap.data_ptr() if nested else 0, 0, off, nested)
+        parts.append((stats, n, out[at:].data_ptr()))
+        want.append(ops.nf4_dequantize(packed, absmax, sh, dtype, nabs, nmap,
+                                       off if nested else None).reshape(-1))
+    ordinal, stream = rt.launch_context(out.device)
+    _native.cuda_nf4_dequantize_segments(ordinal, stream, ops._DTYPE_NAME[dtype], parts)
+    torch.cuda.synchronize()
+    for w, n, at in zip(want, sizes, starts[:-1], strict=True):
+        assert torch.equal(out[at : at + n].view(torch.int16), w.view(torch.int16))
+
+
 def test_dequant_matches_gptoss_cpu_reference():
     nf4 = pytest.importorskip("gptoss_3090.nf4")
     if not hasattr(nf4, "dequantize"):

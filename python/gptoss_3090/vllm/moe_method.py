@@ -17,10 +17,6 @@ vLLM 0.26 (``vllm/model_executor/layers/fused_moe/``):
   must return the finished ``[T, H]`` in ``x.dtype``. ``_forward_impl`` also calls
   ``get_fused_moe_quant_config`` through ``RoutedExperts._ensure_moe_quant_config_init`` (a None
   answer is re-queried on every call, so we return a real config).
-* Routing (:func:`routing_plan`): by default the method is monolithic, so vLLM hands
-  ``apply_monolithic`` the router logits; batches of at most a few tokens route inside our op
-  (no top-k launch of its own), larger ones call vLLM's ``fused_topk`` first, as the
-  non-monolithic path would.
 
 Buffers per projection ``p`` in (``w13`` = gate_up ``[2I, H]`` with gate/up rows interleaved as on
 disk, ``w2`` = down ``[H, I]``), with E experts, in our fused layout (per-expert tensors back to
@@ -44,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 import torch
@@ -70,13 +65,6 @@ SWIGLU_LIMIT = 7.0
 
 PROJECTIONS = ("w13", "w2")
 
-#: How the MoE layers route: ``auto`` (default), ``internal`` or ``vllm`` (:func:`routing_plan`).
-ROUTING_ENV = "GPTOSS_3090_MOE_ROUTING"
-#: Largest batch that ``auto`` routes inside our op (:func:`routing_plan`).
-INTERNAL_ROUTING_MAX_ENV = "GPTOSS_3090_MOE_INTERNAL_ROUTING_MAX_TOKENS"
-#: ``auto``'s default bound: placeholder, set from the session-16 measurement.
-DEFAULT_INTERNAL_ROUTING_MAX = 4
-
 
 def expert_layouts(hidden: int, intermediate: int, nested: bool) -> dict[str, Nf4Layout]:
     """The per-expert NF4 layouts of gate_up (w13) and down (w2)."""
@@ -95,7 +83,6 @@ class BnbMoeMethod(FusedMoEMethodBase):
         self._kernel_weights: Any = None
         self._chunk = 0
         self._monolithic = False
-        self._internal_max = 0
         self._gpu_util = 0.9
         self._max_tokens = 0
 
@@ -161,13 +148,12 @@ class BnbMoeMethod(FusedMoEMethodBase):
         if self._max_tokens > 0:
             self._chunk = min(self._chunk, self._max_tokens)
         self._kernel_weights = None
-        monolithic, self._internal_max = routing_plan()  # a bad setting fails on every path
         if use_reference_kernels() or not layer.w13_qweight.is_cuda:
             return
         try:
             self._kernel_weights = _make_kernel_weights(layer)
             _shared_workspace(self._kernel_weights, self._chunk)
-            self._monolithic = monolithic
+            self._monolithic = os.environ.get("GPTOSS_3090_MOE_ROUTING", "vllm") == "internal"
         except ImportError as e:
             warn_once(
                 "gptoss-3090: MoE kernels unavailable (%s); %s and the other MoE layers use "
@@ -180,8 +166,8 @@ class BnbMoeMethod(FusedMoEMethodBase):
 
     @property
     def is_monolithic(self) -> bool:
-        # True: vLLM hands us the router logits (routing_plan: "auto", the default, or
-        # "internal"); False ("vllm"): vLLM's fused_topk routes, then apply().
+        # True routes inside our op from the router logits (GPTOSS_3090_MOE_ROUTING=internal);
+        # default: vLLM's fused_topk routing, then apply().
         return self._monolithic
 
     @property
@@ -240,14 +226,6 @@ class BnbMoeMethod(FusedMoEMethodBase):
         topk_ids: torch.Tensor | None,
         router_logits: torch.Tensor | None,
     ) -> torch.Tensor:
-        if (
-            router_logits is not None
-            and self._kernel_weights is not None
-            and x.shape[0] > self._internal_max
-        ):
-            # Past the internal-routing bound: vLLM's own top-k kernel, as the "vllm" mode runs it.
-            topk_weights, topk_ids = vllm_topk(x, router_logits, layer.top_k)
-            router_logits = None
         if self._kernel_weights is None:
             if topk_weights is None:
                 assert router_logits is not None
@@ -255,48 +233,6 @@ class BnbMoeMethod(FusedMoEMethodBase):
             assert topk_ids is not None
             return moe_reference(x, layer, topk_weights, topk_ids)
         return _run_kernel(x, self._kernel_weights, layer, topk_weights, topk_ids, router_logits)
-
-
-def routing_plan() -> tuple[bool, int]:
-    """How the MoE layers route, from :data:`ROUTING_ENV`: ``(monolithic, internal_max)``.
-
-    * ``auto`` (default): vLLM hands us the router logits; batches of at most ``internal_max``
-      tokens (:data:`INTERNAL_ROUTING_MAX_ENV`, default :data:`DEFAULT_INTERNAL_ROUTING_MAX`)
-      route inside our MoE op, which saves vLLM's top-k launch per layer; larger ones run
-      vLLM's ``fused_topk`` first, exactly as ``vllm`` does.
-    * ``internal``: every batch routes inside our op.
-    * ``vllm``: vLLM routes (``fused_topk``), then calls ``apply`` with the top-k.
-
-    Raises ValueError naming the variable for anything else.
-    """
-    mode = os.environ.get(ROUTING_ENV, "auto").strip() or "auto"
-    if mode == "vllm":
-        return False, 0
-    if mode == "internal":
-        return True, sys.maxsize
-    if mode != "auto":
-        raise ValueError(f"{ROUTING_ENV}={mode!r}: expected auto (default), internal or vllm")
-    raw = os.environ.get(INTERNAL_ROUTING_MAX_ENV, "").strip()
-    if not raw:
-        return True, DEFAULT_INTERNAL_ROUTING_MAX
-    try:
-        bound = int(raw)
-    except ValueError:
-        bound = -1
-    if bound < 0:
-        raise ValueError(f"{INTERNAL_ROUTING_MAX_ENV}={raw!r}: expected a token count (0 or more)")
-    return True, bound
-
-
-def vllm_topk(
-    x: torch.Tensor, router_logits: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's routing of GPT-OSS (``FusedTopKRouter``: softmax scoring, renormalized top-k,
-    int32 ids): what vLLM runs before ``apply`` in the ``vllm`` mode."""
-    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
-
-    weights, ids, _ = fused_topk(x, router_logits, top_k, renormalize=True)
-    return weights, ids
 
 
 def _current_budget_settings() -> tuple[float, int]:
