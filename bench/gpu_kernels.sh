@@ -17,7 +17,8 @@
 #               "default 128 64 32": fewest keys per split), then the base again (carry both)
 #   attnwrite   bench_attention.py decode at ATTN_CASES (as attnbase) planned for 131072 with
 #               --kv-write: kv_cache_write then the attention against the write folded into
-#               the decode launch, same process
+#               the decode launch, same process; ATTN_ROUNDS wheels in turn (default head;
+#               base* = .gpu-wheel-base)
 #   moerouting  bench_moe.py at ROUTING_TOKENS (default 1,2,4,8,16) with the routing given
 #               (vLLM's top-k done before the op) and from the router logits (inside the op),
 #               twice in alternation, tunings MOE_TUNINGS (default auto)
@@ -191,9 +192,15 @@ for step in "$@"; do
       done
       ;;
     attnwrite)
-      python3 bench/bench_attention.py --only decode --seq-bound 131072 --kv-write \
-        --decode-cases "${ATTN_CASES:-1x128,1x256,1x384,1x1024,16x256,16x1024,64x512}" \
-        --out "$OUT/attn_write.json" 2>&1 | tee "$OUT/attn_write.log" | grep -v "^wrote"
+      # ATTN_ROUNDS (default "head"): wheels in turn, base* = .gpu-wheel-base (carry it).
+      for w in ${ATTN_ROUNDS:-head}; do
+        gp=/tmp/gp
+        case $w in base*) install_base_wheel; gp=/tmp/gp_base ;; esac
+        echo "-- wheel $w"
+        PYTHONPATH=$gp python3 bench/bench_attention.py --only decode --seq-bound 131072 \
+          --kv-write --decode-cases "${ATTN_CASES:-1x128,1x256,1x384,1x1024,16x256,16x1024,64x512}" \
+          --out "$OUT/attn_write_$w.json" 2>&1 | tee "$OUT/attn_write_$w.log" | grep -v "^wrote"
+      done
       ;;
     moerouting)
       for round in 1 2; do
