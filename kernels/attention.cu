@@ -642,8 +642,6 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     };
     int pages_even = page_batch(0);  // batches 0, 2, 4, ...
     int pages_odd = page_batch(1);   // batches 1, 3, 5, ...
-    int fresh_t = -1;     // folded KV write: this warp's tile holding new keys (-1: none)
-    i64 fresh_base = 0;   // its cache offset (load_tile's `base`)
     auto load_tile = [&](int stage, int t) {
         u16* sk = my_kv + stage * 2 * TILE;
         u16* sv = sk + TILE;
@@ -670,36 +668,18 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             const u16* ksrc = p.k + off;
             const u16* vsrc = p.v + off;
             if (p.k_new != nullptr && ok && key >= ctx) {
-                // A new token of this request (folded KV write): the tile takes it from the
-                // new rows; the loop stores it into the cache once it has landed (fresh_t).
+                // A new token of this request (folded KV write): each key lies in exactly one
+                // tile of one split, so this lane is its chunk's only reader and writer in the
+                // launch. The tile takes it from the new rows, and the cache gets it for later
+                // steps (no CTA of this launch reads it back from there).
                 const i64 tok = q_start + (key - ctx);
                 ksrc = p.k_new + tok * p.k_new_stride_tok + (i64)kvh * p.k_new_stride_head + ch * 8;
                 vsrc = p.v_new + tok * p.v_new_stride_tok + (i64)kvh * p.v_new_stride_head + ch * 8;
+                *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
+                *(u32x4*)(const_cast<u16*>(p.v) + off) = *(const u32x4*)vsrc;
             }
             cp_async_16_zfill(sk + attn_swz(row, ch), ksrc, ok ? 16u : 0u);
             cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, ok ? 16u : 0u);
-        }
-        if (p.k_new != nullptr && key0 + ATTN_DECODE_KEYS > ctx) {  // warp-uniform
-            fresh_t = t;
-            fresh_base = base;
-        }
-    };
-    // The new keys [ctx, seq_len) lie in the last one or two tiles of the request, and
-    // consecutive tiles belong to different warps: a warp holds at most one such tile. Each key
-    // lies in exactly one tile of one split, so its lanes are the key's only writers in the
-    // launch, and no CTA of this launch reads the key back from the cache.
-    auto store_new_rows = [&](const u16* sk) {
-        const u16* sv = sk + TILE;
-        const int key0 = tile_key0(fresh_t);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int c = lane + 32 * i;  // the chunks this lane copied in (load_tile)
-            const int row = c >> 3, ch = c & 7;
-            const int key = key0 + row;
-            if (key < ctx || key >= seq_len) continue;
-            const i64 off = fresh_base + (i64)row * p.kv_stride_tok + ch * 8;
-            *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)(sk + attn_swz(row, ch));
-            *(u32x4*)(const_cast<u16*>(p.v) + off) = *(const u32x4*)(sv + attn_swz(row, ch));
         }
     };
 
@@ -723,7 +703,6 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
         cp_async_wait<NST - 1>();
         __syncwarp();
         const u16* sk = my_kv + (i % NST) * 2 * TILE;
-        if (i == fresh_t) store_new_rows(sk);  // warp-uniform; the lane's own copies landed
         const int key0 = tile_key0(i);
         float s[2][4];
         attn_qk<DTYPE, 2>(s, qf, sk, lane);
