@@ -248,6 +248,21 @@ def test_backend_static_contract():
     assert hasattr(impl_cls, "do_kv_cache_update") and hasattr(impl_cls, "forward")
 
 
+def test_backend_kv_write_setting(monkeypatch):
+    """``GPTOSS_3090_ATTN_KV_WRITE``: ``fused`` (default) or ``separate``; anything else names
+    the variable."""
+    _backend()
+    from gptoss_3090.vllm import attention_backend as AB
+
+    monkeypatch.delenv(AB.KV_WRITE_ENV, raising=False)
+    assert AB._fold_kv_write() is True
+    monkeypatch.setenv(AB.KV_WRITE_ENV, "separate")
+    assert AB._fold_kv_write() is False
+    monkeypatch.setenv(AB.KV_WRITE_ENV, "later")
+    with pytest.raises(ValueError, match=AB.KV_WRITE_ENV):
+        AB._fold_kv_write()
+
+
 def test_backend_impl_positional_ctor():
     backend = _backend()
     sinks = torch.zeros(64)
@@ -278,10 +293,13 @@ def test_backend_unsupported_reasons():
         backend.get_impl_cls()(64, 128, 0.125, 8, None, None, "auto")
 
 
-def test_backend_end_to_end_on_cpu():
-    """Builder -> forward (which writes the new K/V rows itself), on CPU tensors (the ops fall
-    back to the reference there), against the reference computed from the inputs directly; the
-    cache then holds the new rows at their slots."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_backend_end_to_end_on_cpu(fold, monkeypatch):
+    """Builder -> forward (which writes the new K/V rows itself; with ``fold`` False, as
+    ``GPTOSS_3090_ATTN_KV_WRITE=separate``, vLLM calls do_kv_cache_update first and forward
+    only reads), on CPU tensors (the ops fall back to the reference there), against the
+    reference computed from the inputs directly; the cache then holds the new rows at their
+    slots."""
     from types import SimpleNamespace
 
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -326,6 +344,11 @@ def test_backend_end_to_end_on_cpu():
     sinks = torch.randn(hq, generator=gen)
     impl = backend.get_impl_cls()(hq, d, 0.125, hkv, None, 4, "auto", None, "decoder", None,
                                   sinks=sinks)
+    from gptoss_3090.vllm import attention_backend as AB
+
+    monkeypatch.setattr(AB, "_FOLD_KV_WRITE", fold)
+    if not fold:
+        impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
     out = torch.full((t + pad, hq, d), 7.0)
     impl.forward(None, query, key, value, kv_cache, md, out)
     for i, slot in enumerate(new_slots):

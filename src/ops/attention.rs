@@ -774,13 +774,8 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     let hkv = p.num_kv_heads as i64;
     let plan = plan(a, group, hkv, dev.sm_count() as i64, dev.tuning());
     if let Some(w) = &a.new_kv {
+        // (kv_write_params checked the key's KV heads against the cache's, which are hkv.)
         let wp = check_new_kv(a, w, num_tokens)?;
-        if w.num_kv_heads != hkv {
-            return Err(Error::arg(format!(
-                "key has {} KV heads, the attention {hkv}",
-                w.num_kv_heads
-            )));
-        }
         if plan.varlen {
             // SAFETY: forwarded to the caller.
             unsafe { kv_cache_write(dev, stream, w)? };
@@ -942,6 +937,9 @@ mod tests {
         w = new_rows(1 << 20, 3);
         w.dtype = Dtype::F16;
         assert!(err(&w, &a).contains("dtype"));
+        w = new_rows(1 << 20, 3);
+        w.num_kv_heads = 4;
+        assert!(err(&w, &a).contains("KV heads"));
         let mut plain = a.clone();
         plain.kv = KvSource::Plain {
             k: 1 << 20,
