@@ -20,8 +20,9 @@
 #               the decode launch, same process; ATTN_ROUNDS wheels in turn (default head;
 #               base* = .gpu-wheel-base)
 #   moerouting  bench_moe.py at ROUTING_TOKENS (default 1,2,4,8,16) with the routing given
-#               (vLLM's top-k done before the op) and from the router logits (inside the op),
-#               twice in alternation, tunings MOE_TUNINGS (default auto)
+#               (vLLM's top-k done before the op) or from the router logits (inside the op),
+#               for each wheel:routing of ROUTING_RUNS in turn (default head:given head:logits,
+#               twice; base = .gpu-wheel-base), tunings MOE_TUNINGS (default auto)
 #   router      bench_router.py: the router logits kernel against F.linear (cuBLAS), as vLLM
 #               runs GPT-OSS's router, at ROUTER_TOKENS (default 1,2,4,8,16,32,64,128)
 #   moebench    bench_moe.py: the default kernels, then the previous defaults on the same card in
@@ -203,12 +204,15 @@ for step in "$@"; do
       done
       ;;
     moerouting)
-      for round in 1 2; do
-        for routing in given logits; do
-          echo "-- routing $routing, round $round"
-          bench_moe "routing_${routing}_$round" --tokens "${ROUTING_TOKENS:-1,2,4,8,16}" \
-            --tunings "${MOE_TUNINGS:-auto}" --no-baselines --routing "$routing"
-        done
+      # ROUTING_RUNS: wheel:routing items in order (wheel head or base = .gpu-wheel-base).
+      n=0
+      for run in ${ROUTING_RUNS:-head:given head:logits head:given head:logits}; do
+        w=${run%%:*} routing=${run#*:} n=$((n + 1)) gp=/tmp/gp
+        [ "$w" = base ] && { install_base_wheel; gp=/tmp/gp_base; }
+        echo "-- $n: wheel $w, routing $routing"
+        PYTHONPATH=$gp bench_moe "routing_${n}_${w}_$routing" \
+          --tokens "${ROUTING_TOKENS:-1,2,4,8,16}" --tunings "${MOE_TUNINGS:-auto}" \
+          --no-baselines --routing "$routing"
       done
       ;;
     router)
