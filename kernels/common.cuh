@@ -196,13 +196,6 @@ __device__ __forceinline__ u32 ld_nc_u8_if(const u8* ptr, bool pred) {
         : "l"(ptr), "r"((int)pred));
     return v;
 }
-__device__ __forceinline__ u32 ld_nc_u16_if(const u16* ptr, bool pred) {
-    u32 v = 0u;
-    asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.global.nc.u16 %0, [%1];\n}"
-        : "+r"(v)
-        : "l"(ptr), "r"((int)pred));
-    return v;
-}
 __device__ __forceinline__ u32 ld_nc_b32_if(const void* ptr, bool pred) {
     u32 v = 0u;
     asm("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.global.nc.b32 %0, [%1];\n}"

@@ -271,8 +271,6 @@ __device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)
 // softmax arithmetic equal warp_topk_softmax's (bit-identical weights). Writes ids/wts
 // [T * topk] (global or shared memory). Every thread of the block must call it; it ends with a
 // barrier, after which the block sees the results.
-__device__ __forceinline__ void route_softmax_selected(const MoeParams& p, float* wts);
-
 template <int DTYPE>
 __device__ void block_route_logits(const MoeParams& p, int* ids, float* wts) {
     auto logit = [&](int t, int e) -> float {
@@ -296,12 +294,6 @@ __device__ void block_route_logits(const MoeParams& p, int* ids, float* wts) {
         }
     }
     __syncthreads();
-    route_softmax_selected(p, wts);
-}
-
-// The second half of block_route_logits and warp_route_logits: wts holds each token's k selected
-// logits in rank order; replaces them by their softmax. Ends with a barrier.
-__device__ __forceinline__ void route_softmax_selected(const MoeParams& p, float* wts) {
     for (int t = threadIdx.x; t < p.T; t += blockDim.x) {
         float* w = wts + t * p.topk;
         const float m = w[0];
@@ -314,27 +306,6 @@ __device__ __forceinline__ void route_softmax_selected(const MoeParams& p, float
         for (int i = 0; i < p.topk; ++i) w[i] = w[i] / sum;
     }
     __syncthreads();
-}
-
-// block_route_logits for E <= 32 experts and T <= warps of the block, with the logits already in
-// registers (dec_route_prefetch loads lane e of warp t's logit(t, e) at kernel entry, so its L2
-// round trip overlaps the table build): each lane ranks its logit against its warp's by
-// shuffles instead of E loads. Same selection, order and softmax arithmetic (bit-identical).
-// Every thread of the block must call it; it ends with a barrier.
-__device__ __forceinline__ void warp_route_logits(const MoeParams& p, float v, int* ids,
-                                                  float* wts) {
-    const int t = threadIdx.x >> 5, e = threadIdx.x & 31;
-    int rank = 0;
-    for (int j = 0; j < p.E; ++j) {
-        const float o = __shfl_sync(0xffffffffu, v, j);
-        rank += (o > v || (o == v && j < e)) ? 1 : 0;
-    }
-    if (t < p.T && e < p.E && rank < p.topk) {
-        ids[t * p.topk + rank] = e;
-        wts[t * p.topk + rank] = v;
-    }
-    __syncthreads();
-    route_softmax_selected(p, wts);
 }
 
 // Gathers (or computes) token t's logits into the warp's registers, then selects into ids/wts.
@@ -579,43 +550,20 @@ struct DecShared {
 // L2 round trip overlaps the table build instead of following it (the loads sit behind shared
 // stores the compiler may not move them over). `valid`: dec_route reads these instead of the
 // workspace (routing read from ws_ids/ws_wts, and T * topk <= blockDim.x).
-// Routing from logits (route_mode LOGITS, not from_ws) with E <= 32 and T <= the block's
-// warps instead loads logit(warp, lane) into `wt` (-inf past T or E, NaN read as -inf), and
-// dec_route ranks them by shuffles (warp_route_logits). One field serves both, so the fused
-// kernel keeps its registers.
-#define ROUTE_PRE_NONE 0
-#define ROUTE_PRE_ENTRY 1  // id / wt: this thread's routing entry
-#define ROUTE_PRE_LOGIT 2  // wt: this thread's logit
 struct RoutePrefetch {
     int id = -1;
     float wt = 0.0f;
-    int kind = ROUTE_PRE_NONE;
+    bool valid = false;
 };
 
-// LOGITS: whether the logit prefetch is compiled in (not in moe_str_fused, where its registers
-// cost spills in the two-tile kernel on sm_90; that kernel ranks with block_route_logits).
-template <int DTYPE, bool LOGITS = true>
 __device__ __forceinline__ RoutePrefetch dec_route_prefetch(const MoeParams& p, bool from_ws,
                                                             bool routes) {
     RoutePrefetch r;
     const int TK = p.T * p.topk;
-    const bool from_logits = p.route_mode == MOE_ROUTE_LOGITS && !from_ws;
-    if (routes && !from_logits && TK <= (int)blockDim.x) {
-        const bool mine = (int)threadIdx.x < TK;
-        r.kind = ROUTE_PRE_ENTRY;
-        r.id = (int)ld_nc_b32_if((const u32*)p.ws_ids + threadIdx.x, mine);
-        r.wt = ld_nc_f32_if((const float*)p.ws_wts + threadIdx.x, mine);
-    } else if (LOGITS && routes && from_logits && p.E <= 32 && p.T <= (int)(blockDim.x >> 5)) {
-        const int t = threadIdx.x >> 5, e = threadIdx.x & 31;
-        const bool has = t < p.T && e < p.E;
-        const long long idx = (long long)t * p.E + e;
-        // Predicated: an f32 load hoisted above the test would read past bf16/fp16 logits.
-        const float f = ld_nc_f32_if((const float*)p.logits + idx, has && p.logits_f32);
-        const u32 h = ld_nc_u16_if((const u16*)p.logits + idx, has && !p.logits_f32);
-        const float v = p.logits_f32 ? f : half_to_f32<DTYPE>((u16)h);
-        r.kind = ROUTE_PRE_LOGIT;
-        r.wt = (!has || v != v) ? -__int_as_float(0x7f800000) : v;
-    }
+    r.valid = routes && (p.route_mode != MOE_ROUTE_LOGITS || from_ws) && TK <= (int)blockDim.x;
+    const bool mine = r.valid && (int)threadIdx.x < TK;
+    r.id = (int)ld_nc_b32_if((const u32*)p.ws_ids + threadIdx.x, mine);
+    r.wt = ld_nc_f32_if((const float*)p.ws_wts + threadIdx.x, mine);
     return r;
 }
 
@@ -631,11 +579,8 @@ __device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult
     const int TK = p.T * p.topk;
     if (threadIdx.x < MOE_MAX_EXPERTS / 32) sh.mask[threadIdx.x] = 0u;
     if (p.route_mode == MOE_ROUTE_LOGITS && !from_ws) {
-        if (pre.kind == ROUTE_PRE_LOGIT)
-            warp_route_logits(p, pre.wt, sh.ids, sh.wts);
-        else
-            block_route_logits<DTYPE>(p, sh.ids, sh.wts);
-    } else if (pre.kind == ROUTE_PRE_ENTRY) {
+        block_route_logits<DTYPE>(p, sh.ids, sh.wts);
+    } else if (pre.valid) {
         if ((int)threadIdx.x < TK) {
             sh.ids[threadIdx.x] = pre.id;
             sh.wts[threadIdx.x] = pre.wt;
@@ -1642,7 +1587,7 @@ __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
     // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
     extern __shared__ __align__(16) u8 str_smem[];
-    const RoutePrefetch pre = dec_route_prefetch<DTYPE>(p, !UP, !p.str_grouped);
+    const RoutePrefetch pre = dec_route_prefetch(p, !UP, !p.str_grouped);
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     if (p.str_grouped)
         __syncthreads();  // table
@@ -1671,7 +1616,7 @@ __device__ void moe_str_fused(const MoeParams& p) {
     __shared__ StrShared sh;
     __shared__ int ticket;
     extern __shared__ __align__(16) u8 str_smem[];
-    const RoutePrefetch pre = dec_route_prefetch<DTYPE, false>(p, false, !p.str_grouped);
+    const RoutePrefetch pre = dec_route_prefetch(p, false, !p.str_grouped);
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
     if (p.str_grouped)
         __syncthreads();  // table

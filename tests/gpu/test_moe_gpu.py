@@ -152,33 +152,6 @@ def test_router_logits_mode(tokens: int, logits_dtype: torch.dtype) -> None:
     assert rel_err(y, ref) <= TOL
 
 
-@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
-def test_logits_routing_prefetched_equals_block_ranking(logits_dtype: torch.dtype) -> None:
-    """Up to 8 tokens with at most 32 experts, the gate_up kernel ranks logits it loaded at
-    entry by warp shuffles; from 9 tokens every block ranks them from memory. Per token both
-    give the same experts, order and weight bits (ties to the lower index, NaN as -inf, an
-    all -inf row), and the same output as that routing given as top-k."""
-    layer = make_layer(32, 320, 192, seed=21)
-    g = torch.Generator(device=DEV).manual_seed(22)
-    logits = torch.randn(9, 32, device=DEV, generator=g)
-    logits[1, :6] = 0.5  # a tie across the top-k boundary
-    logits[2, 7] = float("nan")
-    logits[3] = float("-inf")
-    logits = logits.to(logits_dtype)
-    x = rand_x(9, layer.hidden, seed=23)
-    ws9 = layer.workspace(9)
-    M.moe(x, layer, router_logits=logits, workspace=ws9)
-    ids9, wts9 = M.workspace_routing(ws9, 9, 4)
-    for tokens in range(1, 9):
-        ws = layer.workspace(tokens)
-        y = M.moe(x[:tokens], layer, router_logits=logits[:tokens], workspace=ws)
-        ids, wts = M.workspace_routing(ws, tokens, 4)
-        assert torch.equal(ids, ids9[:tokens]), tokens
-        assert torch.equal(wts.view(torch.int32), wts9[:tokens].view(torch.int32)), tokens
-        given = M.moe(x[:tokens], layer, topk_ids=ids.clone(), topk_weights=wts.clone())
-        assert torch.equal(y, given), tokens
-
-
 @pytest.mark.parametrize("tokens", [1, 5, 64, 8192])
 def test_given_routing_all_tokens_one_expert_set(tokens: int) -> None:
     """Every token routed to the same experts (one huge group) and most experts idle."""
