@@ -167,6 +167,37 @@ def decode_splits(
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_new_rows(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> int:
+    """Checks K/V rows to write into ``kv_cache`` (kv_cache_write, paged_attention's new rows);
+    returns the rows to write, ``slot_mapping.shape[0]``."""
+    if key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype:
+        raise TypeError(
+            f"key/value dtypes {key.dtype}/{value.dtype} must equal kv_cache's {kv_cache.dtype}"
+        )
+    if key.dim() != 3 or value.shape != key.shape:
+        raise ValueError(
+            f"key/value: expected equal [N, Hkv, 64] shapes, found {tuple(key.shape)} "
+            f"and {tuple(value.shape)}"
+        )
+    if kv_cache.dim() != 4:
+        raise ValueError(f"kv_cache: expected 4 dimensions, found {tuple(kv_cache.shape)}")
+    if key.shape[1] != kv_cache.shape[1]:
+        raise ValueError(
+            f"key has {key.shape[1]} KV heads, kv_cache {kv_cache.shape[1]} (dimension 1)"
+        )
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
+        raise TypeError(
+            f"slot_mapping: expected a 1-D int32/int64 tensor, found {slot_mapping.dtype} "
+            f"{tuple(slot_mapping.shape)}"
+        )
+    n = slot_mapping.shape[0]
+    if n > key.shape[0]:
+        raise ValueError(f"slot_mapping has {n} rows but key only {key.shape[0]}")
+    return n
+
+
 @torch.library.custom_op("gptoss_3090::kv_cache_write", mutates_args=("kv_cache",))
 def kv_cache_write(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -183,25 +214,7 @@ def kv_cache_write(
         return
     _check_same_device(kv_cache.device, key=key, value=value, slot_mapping=slot_mapping)
     dtype = _dtype_name("kv_cache", kv_cache)
-    if key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype:
-        raise TypeError(
-            f"key/value dtypes {key.dtype}/{value.dtype} must equal kv_cache's {kv_cache.dtype}"
-        )
-    if key.dim() != 3 or value.shape != key.shape:
-        raise ValueError(
-            f"key/value: expected equal [N, Hkv, 64] shapes, found {tuple(key.shape)} "
-            f"and {tuple(value.shape)}"
-        )
-    if kv_cache.dim() != 4:
-        raise ValueError(f"kv_cache: expected 4 dimensions, found {tuple(kv_cache.shape)}")
-    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
-        raise TypeError(
-            f"slot_mapping: expected a 1-D int32/int64 tensor, found {slot_mapping.dtype} "
-            f"{tuple(slot_mapping.shape)}"
-        )
-    n = slot_mapping.shape[0]
-    if n > key.shape[0]:
-        raise ValueError(f"slot_mapping has {n} rows but key only {key.shape[0]}")
+    n = _check_new_rows(key, value, kv_cache, slot_mapping)
     if n == 0:
         return
     key = _rows(key)
@@ -367,27 +380,7 @@ def _new_kv_args(
 ) -> tuple[dict, tuple[torch.Tensor, ...]]:
     """Checks paged_attention's new K/V rows; returns attention_forward's keyword arguments and
     the tensors they point into."""
-    if key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype:
-        raise TypeError(
-            f"key/value dtypes {key.dtype}/{value.dtype} must equal kv_cache's {kv_cache.dtype}"
-        )
-    if key.dim() != 3 or value.shape != key.shape or kv_cache.dim() != 4:
-        raise ValueError(
-            f"key/value: expected equal [N, Hkv, 64] shapes, found {tuple(key.shape)} "
-            f"and {tuple(value.shape)}"
-        )
-    if key.shape[1] != kv_cache.shape[1]:
-        raise ValueError(
-            f"key has {key.shape[1]} KV heads, kv_cache {kv_cache.shape[1]} (dimension 1)"
-        )
-    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.dim() != 1:
-        raise TypeError(
-            f"slot_mapping: expected a 1-D int32/int64 tensor, found {slot_mapping.dtype} "
-            f"{tuple(slot_mapping.shape)}"
-        )
-    n = slot_mapping.shape[0]
-    if n > key.shape[0]:
-        raise ValueError(f"slot_mapping has {n} rows but key only {key.shape[0]}")
+    n = _check_new_rows(key, value, kv_cache, slot_mapping)
     if n < query.shape[0]:
         raise ValueError(f"slot_mapping has {n} rows, fewer than the {query.shape[0]} queries")
     key, value, slot_mapping = _rows(key), _rows(value), slot_mapping.contiguous()
