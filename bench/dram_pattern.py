@@ -8,6 +8,8 @@ it (``docs/RUNTIME.md``). This script reads the same number of bytes with Triton
 
 * ``rows``: the kernels' order (16 rows x ``--piece`` bytes per step, rows ``K / 2`` bytes apart);
 * ``chunk_major``: each group's step as one contiguous block (what a load-time repack would give);
+* ``step_major``: inside each expert (``--groups-per-expert`` groups), step j of every group
+  side by side, so the groups streaming together read one contiguous sweep;
 
 one warp per 16-row group, ``--stages`` steps in flight (Triton pipelines the loop with cp.async
 on sm_80+), and prints GB/s next to a device-to-device copy of the same buffer. If ``rows`` stays
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_moe import time_fn  # noqa: E402
 
 ROWS = 16
+ORDERS = ("rows", "chunk_major", "step_major")
 
 
 @triton.jit
@@ -42,8 +45,9 @@ def _read_groups(
     row_words: tl.constexpr,
     steps: tl.constexpr,
     piece_words: tl.constexpr,
-    chunk_major: tl.constexpr,
+    order: tl.constexpr,
     stages: tl.constexpr,
+    gpe: tl.constexpr,
 ):
     # Program p reads 16-row groups p, p + grid, ... (one each without --programs-per-sm);
     # XOR of everything read keeps the loads alive.
@@ -53,8 +57,12 @@ def _read_groups(
         acc = tl.zeros([16, piece_words], dtype=tl.int32)
         group = g * (16 * row_words)  # int32: --mb is capped below 8 GiB
         for j in tl.range(0, steps, num_stages=stages):
-            if chunk_major:
+            if order == 1:
                 offs = group + j * (16 * piece_words) + r * piece_words + c
+            elif order == 2:
+                # expert base + step j of the expert's gpe groups + this group's piece
+                e0 = (g // gpe) * (gpe * 16 * row_words)
+                offs = e0 + (j * gpe + g % gpe) * (16 * piece_words) + r * piece_words + c
             else:
                 offs = group + r * row_words + j * piece_words + c
             acc ^= tl.load(w_ptr + offs)
@@ -65,9 +73,10 @@ def read_order(
     words: torch.Tensor,
     row_words: int,
     piece_words: int,
-    chunk_major: bool,
+    order: int,
     stages: int,
     programs: int = 0,
+    gpe: int = 360,
 ) -> tuple[torch.Tensor, int]:
     """Runs one read pass with `programs` programs (0: one per group); returns the per-group
     XOR tiles and the bytes read."""
@@ -76,17 +85,22 @@ def read_order(
     out = torch.empty(groups * ROWS * piece_words, dtype=torch.int32, device=words.device)
     grid = (min(programs, groups) if programs > 0 else groups,)
     _read_groups[grid](
-        words, out, groups, row_words, steps, piece_words, chunk_major, stages, num_warps=1
+        words, out, groups, row_words, steps, piece_words, order, stages, gpe, num_warps=1
     )
     return out, groups * ROWS * steps * piece_words * 4
 
 
-def expected_xor(words: torch.Tensor, row_words: int, piece_words: int, chunk_major: bool) -> int:
+def expected_xor(
+    words: torch.Tensor, row_words: int, piece_words: int, order: int, gpe: int = 360
+) -> int:
     """XOR of exactly the words one pass reads (the check that each is read once)."""
     groups = words.numel() // (ROWS * row_words)
     steps = row_words // piece_words
     g = words[: groups * ROWS * row_words].view(groups, ROWS * row_words)
-    if chunk_major:
+    if order == 2:
+        e = g.view(groups // gpe, gpe * ROWS * row_words)
+        region = e[:, : steps * gpe * ROWS * piece_words]
+    elif order == 1:
         region = g[:, : steps * ROWS * piece_words]
     else:
         region = g.view(groups, ROWS, row_words)[:, :, : steps * piece_words]
@@ -116,6 +130,10 @@ def main() -> None:
         "warps, so the same bytes in flight); 0 = one program per group",
     )
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument(
+        "--groups-per-expert", type=int, default=360, help="step_major: groups per expert"
+    )
+    ap.add_argument("--orders", default="rows,chunk_major,step_major")
     args = ap.parse_args()
     if args.stages < 1 or args.reps < 1 or args.programs_per_sm < 0:
         raise SystemExit(
@@ -129,7 +147,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("dram_pattern.py needs a CUDA GPU")
     row_words = args.row_bytes // 4
-    rows = (args.mb << 20) // args.row_bytes // ROWS * ROWS
+    gpe = args.groups_per_expert
+    rows = (args.mb << 20) // args.row_bytes // (ROWS * gpe) * (ROWS * gpe)
     words = torch.randint(
         -(2**31), 2**31 - 1, (rows * row_words,), dtype=torch.int32, device="cuda"
     )
@@ -147,16 +166,14 @@ def main() -> None:
     for piece in (int(p) for p in args.pieces.split(",")):
         if piece % 4 or piece > args.row_bytes or (piece // 4) & (piece // 4 - 1):
             raise SystemExit(f"--pieces {piece}: expected a power-of-two multiple of 4 bytes")
-        for chunk_major in (False, True):
-            out, nbytes = read_order(
-                words, row_words, piece // 4, chunk_major, args.stages, programs
-            )
+        for order in args.orders.split(","):
+            code = ORDERS.index(order)
+            out, nbytes = read_order(words, row_words, piece // 4, code, args.stages, programs, gpe)
             got = _xor_all(out)
-            want = expected_xor(words, row_words, piece // 4, chunk_major)
-            order = "chunk_major" if chunk_major else "rows"
+            want = expected_xor(words, row_words, piece // 4, code, gpe)
             us = 1e3 * time_fn(
-                lambda pw=piece // 4, cm=chunk_major: read_order(
-                    words, row_words, pw, cm, args.stages, programs
+                lambda pw=piece // 4, cm=code: read_order(
+                    words, row_words, pw, cm, args.stages, programs, gpe
                 ),
                 args.reps,
             )

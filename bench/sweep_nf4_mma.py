@@ -27,9 +27,14 @@ from bench_nf4_linear import nf4_copies, time_graph  # noqa: E402
 
 def sweep_shape(n: int, k: int, l2: int, splits: str, args: argparse.Namespace) -> None:
     """Every M and forced path of one [N, K] weight; one line each."""
-    from gptoss_3090 import _native, ops
+    from gptoss_3090 import _native, ops, runtime
 
     dev = torch.cuda.current_device()
+
+    def auto_wide(m: int) -> bool:
+        wide_max = getattr(ops, "WIDE_MAX_M", 0)  # older wheels (baselines) have no wide path
+        return ops.STREAM_MAX_M < m <= wide_max and runtime.use_wide_linear(dev)
+
     base = ops.nf4_quantize(torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02)
     ws = nf4_copies(base, l2)
     wd = base.dequantize()
@@ -46,6 +51,10 @@ def sweep_shape(n: int, k: int, l2: int, splits: str, args: argparse.Namespace) 
         for path in args.paths.split(","):
             if path in ("stream", "dequant_matmul"):  # no tensor-core plan to report
                 plan = {"entry": path, "splits": 1}
+            elif path == "auto" and auto_wide(m):  # what ops' auto runs (the runtime's plans
+                plan = _native.cuda_nf4_linear_plan(dev, m, n, k, "wide")  # do not know it)
+            elif path == "auto" and runtime.use_dequant_matmul(m, dev):
+                plan = {"entry": "dequant_matmul", "splits": 1}
             else:
                 plan = _native.cuda_nf4_linear_plan(dev, m, n, k, path)
             y = ops.nf4_linear(x, base, bias, path=path).float()

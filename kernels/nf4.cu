@@ -14,6 +14,7 @@
 //   nf4_dequant_{bf16,f16}                          Nf4DequantParams
 //   nf4_dequant_segs_{bf16,f16}                     Nf4DequantSegsParams (1..3 tensors, one launch)
 //   nf4_linear_str_{n1,n2,n4}[_plain]_{bf16,f16}    Nf4LinearParams   (M <= 8, 16, 32)
+//   nf4_linear_wide[_plain]_{bf16,f16}              Nf4LinearParams   (M <= 64)
 //   nf4_linear_decode_m8_{bf16,f16}                 Nf4LinearParams   (M <= 8)
 //   nf4_linear_decode_m16_{bf16,f16}                Nf4LinearParams   (M <= 16)
 //   nf4_linear_mma_{l4,l3,m4,m3,s4}_{bf16,f16}      Nf4LinearParams   (tile configs, see below)
@@ -428,6 +429,240 @@ extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOC
 }
 extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N4) nf4_linear_str_n4_plain_f16(const Nf4LinearParams p) {
     nf4_linear_str<DTYPE_F16, 4, false>(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear, wide streaming path (STREAM_MAX_M < M <= 64: vLLM's batch-64 decode and its CUDA-graph
+// sizes 40-64). The weights stream as in nf4_linear_str (per-warp cp.async rings in the table's
+// holes, code-pair table, mma A decoded in registers), with eight 8-token column tiles. Every
+// warp of a block needs the same activations for the same k, so the block stages each 128-k
+// chunk of x once in shared memory (all 64 token rows, zero past M) instead of each warp reading
+// its own from L1/L2: the four-tile kernel moved 8 KB of activations from L2 per KB of weights at
+// M = 32, which is what held it at 3.7x the read floor.
+//
+// grid (ceil(N / 128), splits): 8 warps = 8 row groups of 16, all on the block's chunk range
+// (an even share of K for split blockIdx.y), one block barrier per chunk. The staged chunk
+// i + 1 travels through registers (loaded before chunk i's barrier, stored after its products)
+// so that the weights' cp.async groups stay the only ones a thread waits on. splits > 1 write
+// fp32 partials to p.ws [splits][M][N]; nf4_linear_splitk_reduce adds them in order with the
+// bias (deterministic).
+// ---------------------------------------------------------------------------------------------
+#define WIDE_NT 8
+// One staged chunk: 64 token rows x 128 k of bf16/f16, 256 bytes per row; the 16-byte piece q
+// of row r lies at piece q ^ (r & 7), so the two 16-byte reads per tile of a quarter warp (rows
+// g, g + 1 of 8, pieces 2c and 2c + 1) hit 8 distinct bank groups.
+#define WIDE_X_BYTES (64 * 256)
+#define WIDE_SMEM_BYTES (STR_TABLE_BYTES + 2 * WIDE_X_BYTES)
+// Blocks per SM: two of these ~99 KB blocks fit an H100 SM (128 registers each), one fits the
+// 100 KB SMs of sm_86/sm_89 and the 164 KB of an A100.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WIDE_MIN_BLOCKS 2
+#else
+#define WIDE_MIN_BLOCKS 1
+#endif
+
+// acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt): str_half with the activations read
+// from the staged chunk (`xs`: this lane's row g of tile 0; `xo0`, `xo1`: its two pieces of
+// block h) one tile at a time, so the eight tiles need no more registers than two.
+template <int DTYPE>
+__device__ __forceinline__ void wide_half(const u8* table, const u8* rd, float sc0, float sc1,
+                                          const u8* xs, int xo0, int xo1,
+                                          float (&acc)[WIDE_NT][4]) {
+    const u32 lane4 = 4 * (threadIdx.x & 31);
+    const u32x2 wa = *(const u32x2*)rd;
+    const u32x2 wb = *(const u32x2*)(rd + STR_PIECE2_DST);
+    u32 a[4][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+        // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
+        const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
+        if (st & 1) {
+            a[st][0] = str_pair<2>(table, r0, lane4);
+            a[st][1] = str_pair<2>(table, r1, lane4);
+            a[st][2] = str_pair<3>(table, r0, lane4);
+            a[st][3] = str_pair<3>(table, r1, lane4);
+        } else {
+            a[st][0] = str_pair<0>(table, r0, lane4);
+            a[st][1] = str_pair<0>(table, r1, lane4);
+            a[st][2] = str_pair<1>(table, r0, lane4);
+            a[st][3] = str_pair<1>(table, r1, lane4);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < WIDE_NT; ++nt) {
+        // Tile nt: token rows 8 nt .. 8 nt + 7, 2 KB on from tile 0.
+        const u32x4 v0 = *(const u32x4*)(xs + nt * 2048 + xo0);
+        const u32x4 v1 = *(const u32x4*)(xs + nt * 2048 + xo1);
+        const u32 xw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        float d[4];
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+            const u32 bb[2] = {xw[2 * st], xw[2 * st + 1]};
+            if (st == 0) mma_zero<DTYPE>(d, a[st], bb); else mma_acc<DTYPE>(d, a[st], bb);
+        }
+        // d: (row g, col 2c), (row g, 2c + 1), (row g + 8, 2c), (row g + 8, 2c + 1).
+        acc[nt][0] = fmaf(sc0, d[0], acc[nt][0]);
+        acc[nt][1] = fmaf(sc0, d[1], acc[nt][1]);
+        acc[nt][2] = fmaf(sc1, d[2], acc[nt][2]);
+        acc[nt][3] = fmaf(sc1, d[3], acc[nt][3]);
+    }
+}
+
+template <int DTYPE, bool NESTED>
+__device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
+    __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
+    extern __shared__ __align__(16) u8 str_smem[];  // table + rings, then 2 staged x chunks
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const int r0 = (blockIdx.x * STR_WARPS + warp) * 16;  // first output row of the warp's group
+    const bool active = r0 < p.N;                         // warp-uniform
+    const int nkb = p.K / 64, nchunks = (nkb + 1) / 2, krow = p.K / 2, full_chunks = nkb >> 1;
+    // The block's chunks [jb, jb + n): an even share for split blockIdx.y (block-uniform).
+    const int jb = (int)((long long)blockIdx.y * nchunks / gridDim.y);
+    const int n = (int)((long long)(blockIdx.y + 1) * nchunks / gridDim.y) - jb;
+    int local;
+    const int s = seg_index(p, active ? r0 : 0, local);
+    int unused;
+    const SegView v = seg_view(p, active ? r0 : 0, unused);
+    StrLane l;
+    const int fr = lane >> 2;
+#ifdef STR_CHUNK_MAJOR
+    l.src = v.packed + (long long)local * krow + 16 * lane;
+#else
+    l.src = v.packed + (long long)(local + fr) * krow + 16 * (lane & 3);
+    l.piece2 = 8LL * krow;
+#endif
+    l.dst = str_row_off(fr, (lane >> 1) & 1) + 16 * (lane & 1);
+    l.hi = (lane & 2) != 0;
+    l.blk0 = (local + (lane >> 1)) * nkb + (lane & 1);
+    l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
+    l.nested = v.nested_absmax;
+    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    u8* xst = str_smem + STR_TABLE_BYTES;
+
+    // Staging: thread tid copies pieces tid + 256 i (i < 4) of a chunk: token row tid / 16 +
+    // 16 i, 16-byte piece tid % 16 (k 8 (tid % 16) ..); rows past M and k past K read zeros.
+    const int xr = tid >> 4, xc = tid & 15;
+    const u16* xsrc = (const u16*)p.x + (long long)xr * p.ldx + 8 * xc;
+    const int xdst = xr * 256 + ((xc ^ (xr & 7)) << 4);  // + 16 i rows keep the swizzle
+    u32x4 xreg[4];
+    auto x_load = [&](int j) {
+        const bool kok = 128 * j + 8 * xc < p.K;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            xreg[i] = ld_nc_16_if(xsrc + (long long)16 * i * p.ldx + 128 * j,
+                                  kok && xr + 16 * i < p.M);
+    };
+    auto x_store = [&](int stage) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            *(u32x4*)(xst + stage * WIDE_X_BYTES + xdst + i * 16 * 256) = xreg[i];
+    };
+
+    StrStats st;
+    if (n > 0) x_load(jb);
+    if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
+    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
+    if (NESTED && p.n_segments > 1)
+        maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
+    if (NESTED && p.n_segments > 2)
+        maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
+    if (n > 0) x_store(0);
+    // (the first chunk's barrier below publishes the table, the maps and stage 0)
+
+    float acc[WIDE_NT][4];
+#pragma unroll
+    for (int nt = 0; nt < WIDE_NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    const float inv_gamma = 1.0f / dec_gamma<DTYPE>();
+    const u32 dst = smem_addr(ring) + l.dst, half_back = str_half_back();
+    const u32 nmap_s = smem_addr(maps + 256 * s);
+    const int sl00 = 2 * g, sl01 = 16 + 2 * g, sl10 = 2 * g + 1, sl11 = 17 + 2 * g;
+    const u8* rd0 = ring + str_row_off(g, 0) + 8 * (lane & 3);
+    const u8* rd1 = ring + str_row_off(g, 1) + 8 * (lane & 3);
+    // This lane's activations in a stage: row g of tile 0; block h's pieces 8h + 2c, 8h + 2c + 1.
+    const u8* xs_lane = xst + g * 256;
+    const int xo00 = ((2 * c) ^ g) << 4, xo01 = ((2 * c + 1) ^ g) << 4;
+    const int xo10 = ((8 + 2 * c) ^ g) << 4, xo11 = ((9 + 2 * c) ^ g) << 4;
+    float am_off = v.offset;
+    for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
+#pragma unroll
+        for (int u = 0; u < STR_DEPTH; ++u) {
+            const int i = i0 + u;
+            if (i >= n) break;  // block-uniform
+            const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
+            if (active) {
+                __syncwarp();  // every lane is done reading stage nu
+                if (i + STR_DEPTH - 1 < n)
+                    str_issue<NESTED>(l, st.cur, full_chunks, dst + nu * STR_STAGE_STRIDE,
+                                      half_back, st.raw[nu], st.scl[nu]);
+                cp_async_commit();
+            }
+            if (i + 1 < n) x_load(jb + i + 1);
+            if (active) cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i landed
+            __syncthreads();  // ... every lane's; and stage i & 1 of x (stored last iteration)
+            if (active) {
+                const float am = (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * st.raw[u]),
+                                                             st.scl[u], am_off)
+                                         : __uint_as_float(st.raw[u])) * inv_gamma;
+                const float s00 = __shfl_sync(0xffffffffu, am, sl00);
+                const float s01 = __shfl_sync(0xffffffffu, am, sl01);
+                const float s10 = __shfl_sync(0xffffffffu, am, sl10);
+                const float s11 = __shfl_sync(0xffffffffu, am, sl11);
+                const u8* xs = xs_lane + (i & 1) * WIDE_X_BYTES;
+                wide_half<DTYPE>(str_smem, rd0 + u * STR_STAGE_STRIDE, s00, s01, xs, xo00, xo01,
+                                 acc);
+                if (jb + i < full_chunks)  // block-uniform: a final half chunk has block 0 only
+                    wide_half<DTYPE>(str_smem, rd1 + u * STR_STAGE_STRIDE, s10, s11, xs, xo10,
+                                     xo11, acc);
+            }
+            // Stage (i + 1) & 1 was last read in iteration i - 1, which every warp finished
+            // before this iteration's barrier.
+            if (i + 1 < n) x_store((i + 1) & 1);
+        }
+    }
+    if (active) cp_async_wait<0>();
+    if (!active) return;
+    if (gridDim.y > 1) {
+        // K split: fp32 partials without bias; nf4_linear_splitk_reduce sums them in order.
+        float* ws = (float*)p.ws + (long long)blockIdx.y * p.M * p.N;
+#pragma unroll
+        for (int nt = 0; nt < WIDE_NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int m = nt * 8 + 2 * c + q;  // acc[nt][q]: row g, column 2c + q
+                if (m >= p.M) continue;
+                float* w = ws + (long long)m * p.N + r0 + g;
+                w[0] = acc[nt][q];
+                w[8] = acc[nt][2 + q];
+            }
+        return;
+    }
+    const u16* bias = (const u16*)p.bias;
+    const float b0 = bias ? half_to_f32<DTYPE>(bias[r0 + g]) : 0.0f;
+    const float b1 = bias ? half_to_f32<DTYPE>(bias[r0 + g + 8]) : 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < WIDE_NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int m = nt * 8 + 2 * c + q;
+            if (m >= p.M) continue;
+            u16* y = (u16*)p.y + (long long)m * p.ldy;
+            y[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + b0);
+            y[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + b1);
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, WIDE_MIN_BLOCKS) nf4_linear_wide_bf16(const Nf4LinearParams p) {
+    nf4_linear_wide<DTYPE_BF16, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, WIDE_MIN_BLOCKS) nf4_linear_wide_f16(const Nf4LinearParams p) {
+    nf4_linear_wide<DTYPE_F16, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, WIDE_MIN_BLOCKS) nf4_linear_wide_plain_bf16(const Nf4LinearParams p) {
+    nf4_linear_wide<DTYPE_BF16, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, WIDE_MIN_BLOCKS) nf4_linear_wide_plain_f16(const Nf4LinearParams p) {
+    nf4_linear_wide<DTYPE_F16, false>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -310,3 +310,24 @@ def test_router_launcher_rechecks_arguments():
     ):
         with pytest.raises(ValueError, match=needle):
             _native.moe_router_logits(**{**base, **change})
+
+
+def test_wide_linear_only_on_sm90_tunings():
+    """The wide streaming linear is the sm90 choice for 32 < M <= 64; a forced sm86 or sm80
+    tuning and the dequant_matmul strategy keep the earlier paths (no GPU needed)."""
+    from gptoss_3090 import runtime
+
+    before = runtime.linear_strategy()
+    try:
+        runtime.set_tuning("sm90")
+        assert runtime.use_wide_linear(0)
+        runtime.set_linear_strategy("dequant_matmul")
+        assert not runtime.use_wide_linear(0)
+        runtime.set_linear_strategy("kernel")
+        assert runtime.use_wide_linear(0)
+        for other in ("sm86", "sm80"):
+            runtime.set_tuning(other)
+            assert not runtime.use_wide_linear(0)
+    finally:
+        runtime.set_tuning(None)
+        runtime.set_linear_strategy(before)

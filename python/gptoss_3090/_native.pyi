@@ -266,13 +266,16 @@ def cuda_nf4_linear(
     ws_floats: int = 0,
 ) -> str:
     """``y = x Wᵀ + b`` on the GPU, W made of 1 to 3 NF4 segments whose outputs are
-    concatenated; ``path`` is ``"auto"``, ``"stream"``, ``"decode"``, ``"mma"``, ``"mma_l"``,
-    ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"``. ``ws`` / ``ws_floats``: the fp32
+    concatenated; ``path`` is ``"auto"``, ``"stream"``, ``"wide"``, ``"decode"``, ``"mma"``,
+    ``"mma_l"``, ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"``. ``ws`` / ``ws_floats``: the fp32
     split-K workspace (pointer and size in floats) that :func:`cuda_nf4_linear_plan` asks for
     (0 when it asks for none). Returns the kernel entry used."""
 
 NF4_STREAM_MAX_M: int
 """Largest M (rows of x) the streaming NF4 linear serves (src/ops/nf4.rs ``STREAM_MAX_M``)."""
+
+NF4_WIDE_MAX_M: int
+"""Largest M the wide streaming NF4 linear serves (src/ops/nf4.rs ``WIDE_MAX_M``)."""
 
 def cuda_nf4_linear_plan(
     ordinal: int, m: int, n: int, k: int, path: str = "auto"

@@ -386,6 +386,9 @@ def _validate_linear(
 STREAM_MAX_M: int = _native.NF4_STREAM_MAX_M
 """Largest M the streaming linear serves (the runtime's own bound)."""
 
+WIDE_MAX_M: int = _native.NF4_WIDE_MAX_M
+"""Largest M the wide streaming linear serves (eight token tiles)."""
+
 
 def _streamable(segs: list[tuple[torch.Tensor, ...]], rows: list[int]) -> bool:
     """Whether the streaming linear can serve these segments (src/ops/nf4.rs
@@ -416,6 +419,13 @@ def _nf4_linear_op(
     for (packed, absmax, nabs, nmap), r, off in zip(segs, rows, offsets, strict=True):
         seg_args.append((*_stats_tuple(packed, absmax, nabs, nmap, 0, off), r))
     mode = path
+    if (
+        mode == "auto"
+        and STREAM_MAX_M < m <= WIDE_MAX_M
+        and _streamable(segs, rows)
+        and _rt.use_wide_linear(ordinal)
+    ):
+        mode = "wide"
     if mode == "auto" and _rt.use_dequant_matmul(m, ordinal):
         mode = "dequant_matmul"
     if mode == "dequant_matmul":
@@ -433,7 +443,7 @@ def _nf4_linear_op(
     ws, ws_floats = 0, 0
     if mode == "auto" and m <= STREAM_MAX_M and _streamable(segs, rows):
         mode = "stream"  # what the runtime's auto picks (src/ops/nf4.rs `linear`): no workspace
-    if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma")):
+    if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma") or mode == "wide"):
         plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
         ws_floats = int(plan["workspace_floats"])
         if ws_floats:
@@ -899,8 +909,9 @@ def nf4_linear(
         bias: ``[N]`` in x's dtype, or None.
         path: ``"auto"`` (for M <= 32 the streaming kernel when every part has a multiple
             of 16 rows and one absmax format, else for M <= 16 the first decode kernel;
-            above, the runtime's linear strategy), ``"stream"`` (M <= 32), ``"decode"``
-            (M <= 16), ``"mma"``, ``"mma_l"``,
+            above, the runtime's linear strategy), ``"stream"`` (M <= 32), ``"wide"``
+            (M <= 64, same weights as ``"stream"``), ``"decode"`` (M <= 16), ``"mma"``,
+            ``"mma_l"``,
             ``"mma_m"``, ``"mma_s"`` or ``"dequant_matmul"`` (benchmarks and tests).
 
     Returns:
@@ -919,7 +930,7 @@ def nf4_linear(
             f"{type(weight).__name__}"
         )
     if path not in (
-        "auto", "stream", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"
+        "auto", "stream", "wide", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"
     ):
         raise ValueError(f"path: unknown value {path!r}")
     _tensor("x", x, _HALF, contiguous=False)

@@ -49,10 +49,12 @@ kernel; ``auto`` and ``kernel`` also stream M <= 32 through weights of 16-row pa
 * ``dequant_matmul``: dequantize the whole weight into a scratch tensor, then ``torch.matmul``
   (cuBLAS); costs one extra weight-sized write + read but uses cuBLAS's best kernels (on sm_90
   these are wgmma kernels that mma.sync cannot match);
-* ``auto``: ``dequant_matmul`` when M >= ``GPTOSS_3090_DEQUANT_MIN_M`` (default 64) on a GPU
-  whose tuning family is sm90, else ``kernel``. (Decided by bench/bench_nf4_linear.py: with the
-  coalesced dequantize kernel the two cross near M = 48-64 on vLLM's q/k/v and o shapes, and
-  dequantize + cuBLAS is 1.4-1.9x faster at M = 96-192; session 12.)
+* ``auto``: on a GPU whose tuning family is sm90, the wide streaming kernel for 32 < M <= 64
+  (weights of 16-row parts, :func:`use_wide_linear`), then ``dequant_matmul`` when M >=
+  ``GPTOSS_3090_DEQUANT_MIN_M`` (default 64); else ``kernel``. (Decided by
+  bench/bench_nf4_linear.py: with the coalesced dequantize kernel the two cross near M = 48-64
+  on vLLM's q/k/v and o shapes, and dequantize + cuBLAS is 1.4-1.9x faster at M = 96-192;
+  session 12. The wide kernel: bench/sweep_nf4_mma.py, session 17.)
 """
 
 _strategy: str = os.environ.get("GPTOSS_3090_LINEAR", "auto").strip() or "auto"
@@ -172,6 +174,15 @@ def _dequant_min_m() -> int:
     if value < 1:
         raise ValueError(f"GPTOSS_3090_DEQUANT_MIN_M: expected an integer >= 1, found {raw!r}")
     return value
+
+
+def use_wide_linear(ordinal: int) -> bool:
+    """Whether ``nf4_linear`` should run the wide streaming kernel for 32 < M <= 64 (weights of
+    16-row parts) on ``ordinal``: on sm_90 tunings unless the strategy is ``dequant_matmul``.
+    H100, session 17: 1.05-1.25x the previous choice (the ``s4`` tensor-core kernel at M = 33-48,
+    dequantize + cuBLAS at 64) on vLLM's q/k/v and o shapes; under the forced sm86 tuning
+    (one block per SM) it measured 0.9x the tensor-core kernel, so other tunings keep that."""
+    return _strategy != "dequant_matmul" and _tuning_of(ordinal) == "sm90"
 
 
 def use_dequant_matmul(m: int, ordinal: int) -> bool:

@@ -334,6 +334,9 @@ pub enum LinearPath {
     /// Streaming kernel (M <= [`STREAM_MAX_M`], segments of 16-row multiples, one absmax
     /// format); `Auto` picks it whenever the weight allows.
     Stream,
+    /// Wide streaming kernel (M <= [`WIDE_MAX_M`], [`stream_eligible`] weights): eight token
+    /// tiles with the activations staged per block; its K split goes through the workspace.
+    Wide,
     /// Tensor-core kernel with the large tile (128 x 128).
     MmaLarge,
     /// Tensor-core kernel with the medium tile (64 x 128).
@@ -343,11 +346,12 @@ pub enum LinearPath {
 }
 
 impl LinearPath {
-    /// Parses `auto`, `stream`, `decode`, `mma` (auto tile), `mma_l`, `mma_m`, `mma_s`.
+    /// Parses `auto`, `stream`, `wide`, `decode`, `mma` (auto tile), `mma_l`, `mma_m`, `mma_s`.
     pub fn parse(text: &str) -> Result<Option<LinearPath>> {
         Ok(Some(match text {
             "auto" => LinearPath::Auto,
             "stream" => LinearPath::Stream,
+            "wide" => LinearPath::Wide,
             "decode" => LinearPath::Decode,
             "mma" => return Ok(None),
             "mma_l" => LinearPath::MmaLarge,
@@ -355,7 +359,7 @@ impl LinearPath {
             "mma_s" => LinearPath::MmaSmall,
             other => {
                 return Err(Error::arg(format!(
-                    "path '{other}': expected 'auto', 'stream', 'decode', 'mma', 'mma_l', 'mma_m' or 'mma_s'"
+                    "path '{other}': expected 'auto', 'stream', 'wide', 'decode', 'mma', 'mma_l', 'mma_m' or 'mma_s'"
                 )))
             }
         }))
@@ -459,6 +463,67 @@ pub const DECODE_MAX_M: i64 = 16;
 /// spill; kernels/nf4.cu `STR_LINEAR_MIN_BLOCKS_N4`).
 pub const STREAM_MAX_M: i64 = 32;
 
+/// Largest M served by the wide streaming kernel: eight column tiles of 8 tokens.
+pub const WIDE_MAX_M: i64 = 64;
+
+/// Dynamic shared memory of the wide kernel: the code-pair table with the warps' rings, then
+/// two staged chunks of 64 tokens x 128 k (kernels/nf4.cu `WIDE_SMEM_BYTES`).
+pub const WIDE_SMEM_BYTES: u32 = STR_TABLE_BYTES as u32 + 2 * 64 * 256;
+
+/// Static shared memory of the wide kernel (three nested code maps).
+const WIDE_STATIC_SMEM: u32 = 3 * 256 * 4;
+
+/// Blocks of the wide kernel one SM of `tuning` holds by shared memory (1 KB per block is the
+/// system's): two on an H100, one on an A100 and on sm_86/sm_89.
+fn wide_blocks_per_sm(tuning: Tuning) -> u64 {
+    (tuning.smem_per_sm() / (WIDE_SMEM_BYTES + WIDE_STATIC_SMEM + 1024)).max(1) as u64
+}
+
+/// K split of the wide kernel for `n` output rows and `chunks` 128-k chunks: about four chunks
+/// per split (at most 8 splits), but no more splits than it takes to fill every resident block
+/// slot (`resident` per SM, `sms` SMs). Each split adds an fp32 [M, N] partial to the
+/// workspace. H100 sweep (session 17, M = 33-64): 6 of 23 chunks on vLLM's q/k/v (5120 rows;
+/// 4 and 8 were 10-15% slower) and 8 of 32 on its o projection (2880 rows) were the fastest.
+pub fn wide_k_split(n: u64, chunks: u64, sms: u64, resident: u64) -> u64 {
+    let blocks = ceil_div(n, 16 * STR_WARPS as u64).max(1);
+    let fill = ceil_div(sms.max(1) * resident.max(1), blocks);
+    chunks.div_ceil(4).clamp(1, 8).min(fill).max(1)
+}
+
+/// The wide kernel's plan (shared by [`plan_linear`] and the launch, so that the workspace
+/// a caller sizes from the plan is the one the launch uses).
+fn plan_wide(m: i64, n: i64, k: i64, sm_count: u32, tuning: Tuning) -> Result<LinearPlan> {
+    if !(1..=WIDE_MAX_M).contains(&m) {
+        return Err(Error::arg(format!(
+            "the wide path serves 1 <= M <= {WIDE_MAX_M}, found M = {m}"
+        )));
+    }
+    let chunks = ((k / BLOCK) as u64).div_ceil(2);
+    let splits = match mma_splits_override()? {
+        Some(forced) => (forced as u64).min(chunks),
+        None => wide_k_split(
+            n as u64,
+            chunks,
+            sm_count as u64,
+            wide_blocks_per_sm(tuning),
+        ),
+    };
+    let gx = u32::try_from(ceil_div(n as u64, 16 * STR_WARPS as u64))
+        .map_err(|_| Error::arg("N too large for one launch"))?;
+    Ok(LinearPlan {
+        entry: "nf4_linear_wide",
+        grid: (gx, splits as u32, 1),
+        threads: 32 * STR_WARPS as u32,
+        smem: WIDE_SMEM_BYTES,
+        splits: splits as u32,
+        workspace_floats: if splits > 1 {
+            splits * m as u64 * n as u64
+        } else {
+            0
+        },
+    })
+}
+
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
 ///
 /// Tensor-core launches whose grid would leave block slots idle split K over `gridDim.z` (the
@@ -483,6 +548,9 @@ pub fn plan_linear(
         Some(p) => p,
         None => auto_mma_size(m, n, sm_count),
     };
+    if path == LinearPath::Wide {
+        return plan_wide(m, n, k, sm_count, tuning);
+    }
     if path == LinearPath::Decode || path == LinearPath::Stream {
         if m > DECODE_MAX_M {
             return Err(Error::arg(format!(
@@ -628,6 +696,16 @@ pub unsafe fn linear(
         // SAFETY: forwarded contract.
         return unsafe { linear_stream(dev, &mut params, a, stream) };
     }
+    if path == Some(LinearPath::Wide) {
+        if !streamable {
+            return Err(Error::arg(
+                "the wide path needs segments of 16-row multiples with one absmax format \
+                 (all nested or all plain)",
+            ));
+        }
+        // SAFETY: forwarded contract.
+        return unsafe { linear_wide(dev, &mut params, a, workspace, stream) };
+    }
     let plan = plan_linear(
         a.m,
         params.n as i64,
@@ -737,6 +815,63 @@ unsafe fn linear_stream(
         splits: 1,
         workspace_floats: 0,
     })
+}
+
+/// The wide streaming launch of [`linear`] (M <= [`WIDE_MAX_M`], [`stream_eligible`]
+/// weights), then the split-K reduce where the plan splits K.
+///
+/// # Safety
+/// As [`linear`].
+unsafe fn linear_wide(
+    dev: &GpuDevice,
+    params: &mut Nf4LinearParams,
+    a: &LinearArgs,
+    workspace: (u64, u64),
+    stream: u64,
+) -> Result<LinearPlan> {
+    let mut plan = plan_wide(a.m, params.n as i64, a.k, dev.sm_count(), dev.tuning())?;
+    let entry = if params.seg[0].nested != 0 {
+        "nf4_linear_wide"
+    } else {
+        "nf4_linear_wide_plain"
+    };
+    let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
+    // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
+    plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
+    params.splits = plan.splits as i32;
+    if plan.splits > 1 {
+        let (ws, ws_floats) = workspace;
+        check_ptr("split-K workspace", ws, 16)?;
+        if ws_floats < plan.workspace_floats {
+            return Err(Error::arg(format!(
+                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
+                plan.workspace_floats
+            )));
+        }
+        params.ws = ws;
+    }
+    // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
+    // groups of 8 per block and `splits` K ranges.
+    unsafe {
+        dev.launch(
+            &f,
+            plan.grid,
+            (plan.threads, 1, 1),
+            plan.smem,
+            stream,
+            &*params,
+        )?
+    };
+    if plan.splits > 1 {
+        let r =
+            dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
+        let total = a.m as u64 * params.n as u64;
+        let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
+        // SAFETY: as above; the reduce reads ws [splits][M][N] and writes y.
+        unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, &*params)? };
+    }
+    plan.entry = entry;
+    Ok(plan)
 }
 
 /// Validates the arguments of [`linear`] and builds its params (no GPU needed).
@@ -937,6 +1072,30 @@ mod tests {
         assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 240);
         assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
         assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
+    }
+
+    #[test]
+    fn wide_plans_split_k_about_four_chunks_each() -> Result<()> {
+        // H100 (132 SMs, 2 blocks each): vLLM's q/k/v (5120 x 2880: 40 blocks, 23 chunks) and
+        // o (2880 x 4096: 23 blocks, 32 chunks) take the sweep's fastest splits.
+        assert_eq!(wide_k_split(5120, 23, 132, 2), 6);
+        assert_eq!(wide_k_split(2880, 32, 132, 2), 8);
+        // A grid that already fills the GPU does not split; nor does a short K.
+        assert_eq!(wide_k_split(128 * 300, 23, 132, 2), 1);
+        assert_eq!(wide_k_split(128, 2, 132, 2), 1);
+        let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90)?;
+        assert_eq!(plan.grid, (40, 6, 1));
+        assert_eq!(plan.workspace_floats, 6 * 64 * 5120);
+        assert_eq!(plan.smem, WIDE_SMEM_BYTES);
+        // One block per SM by shared memory on an A100 and a 3090.
+        assert_eq!(wide_blocks_per_sm(Tuning::Sm90), 2);
+        assert_eq!(wide_blocks_per_sm(Tuning::Sm80), 1);
+        assert_eq!(wide_blocks_per_sm(Tuning::Sm86), 1);
+        assert!(plan_wide(65, 5120, 2880, 132, Tuning::Sm90).is_err());
+        assert_eq!(LinearPath::parse("wide")?, Some(LinearPath::Wide));
+        let single = plan_linear(64, 5120, 256, 132, Tuning::Sm90, Some(LinearPath::Wide))?;
+        assert_eq!((single.splits, single.workspace_floats), (1, 0));
+        Ok(())
     }
 
     #[test]

@@ -216,6 +216,7 @@ fn register_nf4(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_nf4_linear_plan, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_nf4_quantize, m)?)?;
     m.add("NF4_STREAM_MAX_M", nf4::STREAM_MAX_M)?;
+    m.add("NF4_WIDE_MAX_M", nf4::WIDE_MAX_M)?;
     Ok(())
 }
 

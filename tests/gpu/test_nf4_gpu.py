@@ -476,6 +476,81 @@ def test_linear_stream_path(shape, dtype, nested, tuning):
         ops.nf4_linear(torch.randn(33, k, dtype=dtype, device=DEV), w, bias, path="stream")
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(528, 2880), (208, 320), (2880, 4096)])
+def test_linear_wide_path(shape, dtype, nested, tuning):
+    """The wide streaming kernel (eight token tiles, activations staged per block) against
+    dequantize-then-matmul in fp32, with and without bias: partial tiles, a half chunk
+    (K / 64 = 45 and 5), a last block with idle warps (528 and 208 rows: 33 and 13 groups),
+    every forced K split including none, and run-to-run determinism."""
+    n, k = shape
+    w = make_weight(n, k, dtype, nested=nested, seed=12)
+    w_deq = w.dequantize()
+    g = gen(6)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV)
+    for m in [1, 8, 33, 47, 64]:
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+        for b in (bias, None):
+            y = ops.nf4_linear(x, w, b, path="wide")
+            err = rel_err(y, linear_ref(x, w_deq, b))
+            assert err <= 1e-2, f"wide {n}x{k} M={m}: {err:.3e}"
+        again = ops.nf4_linear(x, w, bias, path="wide")
+        assert torch.equal(again, ops.nf4_linear(x, w, bias, path="wide"))
+        if ops.STREAM_MAX_M < m and runtime.use_wide_linear(torch.cuda.current_device()):
+            # what auto runs for these M on sm90 tunings: the same bits
+            assert torch.equal(ops.nf4_linear(x, w, bias), again)
+    with pytest.raises(ValueError, match="M <= 64"):
+        ops.nf4_linear(torch.randn(65, k, dtype=dtype, device=DEV), w, bias, path="wide")
+
+
+def test_linear_wide_path_splits_fused_strided_graph():
+    """The wide kernel without and with a K split (shapes whose automatic split differs),
+    three segments (q/k/v-like; mixed statistics are refused), a strided x, and CUDA-graph
+    capture and replay."""
+    from gptoss_3090 import _native
+
+    k = 2880
+    parts = [make_weight(r, k, torch.bfloat16, seed=30 + r) for r in (256, 64, 64)]
+    w_deq = torch.cat([p.dequantize() for p in parts])
+    big = torch.randn(48, 2 * k, dtype=torch.bfloat16, device=DEV)
+    x = big[:, 8 : 8 + k]
+    y = ops.nf4_linear(x, parts, path="wide")
+    assert rel_err(y, linear_ref(x, w_deq, None)) <= 1e-2
+    mixed = [parts[0], make_weight(64, k, torch.bfloat16, nested=False, seed=3)]
+    with pytest.raises(ValueError, match="wide path"):
+        ops.nf4_linear(x, mixed, path="wide")
+    # plans for one and for several K splits: both exercised above and here
+    dev = torch.cuda.current_device()
+    one = _native.cuda_nf4_linear_plan(dev, 64, 16 * 8 * 200, 256, "wide")
+    many = _native.cuda_nf4_linear_plan(dev, 64, 128, k, "wide")
+    assert one["splits"] == 1 and one["workspace_floats"] == 0
+    assert many["splits"] > 1 and many["workspace_floats"] == many["splits"] * 64 * 128
+    w1 = make_weight(16 * 8 * 200, 256, torch.bfloat16, seed=5)
+    x1 = torch.randn(64, 256, dtype=torch.bfloat16, device=DEV)
+    y1 = ops.nf4_linear(x1, w1, path="wide")
+    assert rel_err(y1, linear_ref(x1, w1.dequantize(), None)) <= 1e-2
+    w = make_weight(2880, k, torch.bfloat16, seed=4)
+    bias = torch.randn(2880, dtype=torch.bfloat16, device=DEV)
+    xg = torch.randn(64, k, dtype=torch.bfloat16, device=DEV)
+    eager = ops.nf4_linear(xg, w, bias, path="wide")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.nf4_linear(xg, w, bias, path="wide")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = ops.nf4_linear(xg, w, bias, path="wide")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, eager)
+    xg.copy_(torch.randn_like(xg))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, ops.nf4_linear(xg, w, bias, path="wide"))
+
+
 def test_linear_stream_path_fused_and_strided():
     """Three segments (a q/k/v-like fused weight) and a strided x through the stream path;
     a weight it cannot serve gets a clear error."""
