@@ -444,8 +444,8 @@ fn mma_config(size: LinearPath, tuning: Tuning) -> MmaConfig {
     }
 }
 
-/// Development override of the tensor-core path's K split (`GPTOSS_3090_NF4_SPLITS`, 1 to 8;
-/// read once per process), for sweeps.
+/// Development override of the K split of the tensor-core and wide paths
+/// (`GPTOSS_3090_NF4_SPLITS`, 1 to 8; read once per process), for sweeps.
 fn mma_splits_override() -> Result<Option<usize>> {
     static SPLITS: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
     crate::ops::env_count(
