@@ -79,11 +79,17 @@ __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
 // ---------------------------------------------------------------------------------------------
 
 // The NF4 code table (bitsandbytes); index = 4-bit code. Code 7 is exact zero.
-__device__ __constant__ float kNf4Code[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+#define NF4_CODE_VALUES                                                                       \
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,                 \
+        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,            \
+        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,                     \
+        0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, \
+        1.0f
+__device__ __constant__ float kNf4Code[16] = {NF4_CODE_VALUES};
+// The same table in global memory, for lookups whose index differs across a warp: the constant
+// cache serves one address per cycle (16 distinct codes: 16 serialised reads), a global load
+// one 64-byte sector for all.
+__device__ const float kNf4CodeGlobal[16] = {NF4_CODE_VALUES};
 
 // Elements per NF4 block and blocks per nested (double-quantization) block.
 #define NF4_BLOCK 64
@@ -493,7 +499,8 @@ template <int DTYPE>
 __device__ __forceinline__ void str_table(u8* table, float* nmap, u64 nested_map) {
     const int b = threadIdx.x;  // STR_WARPS * 32 == 256 entries
     const float gamma = dec_gamma<DTYPE>();
-    const u32 pair = pack_half2<DTYPE>(gamma * kNf4Code[b >> 4], gamma * kNf4Code[b & 15]);
+    const u32 pair = pack_half2<DTYPE>(gamma * ld_nc_f32(kNf4CodeGlobal + (b >> 4)),
+                                       gamma * ld_nc_f32(kNf4CodeGlobal + (b & 15)));
     u32x4* row = (u32x4*)(table + b * 256);
 #pragma unroll
     for (int j = 0; j < 8; ++j) row[(j + b) & 7] = u32x4{pair, pair, pair, pair};
@@ -818,7 +825,7 @@ __device__ __forceinline__ void str_stage_x(u16* xs, int n, int K, ColSrc col_sr
 template <int NT>
 __device__ __forceinline__ void str_reduce(u8* smem, int ks, float (&acc)[NT][4]) {
     if (ks == 1) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kp = warp % ks;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kp = warp & (ks - 1);
     auto red_at = [&](int w, int nt, int q) -> float* {
         return (float*)(smem + w * (STR_DEPTH * STR_STAGE_STRIDE) + (nt * 4 + q) * 256 + 128);
     };

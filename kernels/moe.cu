@@ -1470,7 +1470,9 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
     const int N = UP ? 2 * p.I : p.H, K = UP ? p.H : p.I;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
-    const int rg = warp / ks, kp = warp % ks;
+    // The K split is 1, 2, 4 or 8 (src/ops): shifts and masks instead of divisions.
+    const int lks = __ffs(ks) - 1;
+    const int rg = warp >> lks, kp = warp & (ks - 1);
     // The block's 16-row groups of the expert: an even share of them, [g_lo, g_hi), at most
     // STR_WARPS / ks. The launch gives every expert slot at least the blocks that bound needs,
     // and more when a few experts would otherwise leave SMs unevenly loaded
@@ -1481,7 +1483,7 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
     const bool active = g_lo + rg < g_hi;  // warp-uniform
     const int r0 = (g_lo + rg) * 16;      // first memory row of the warp's group
     const int nkb = K / 64, nchunks = (nkb + 1) / 2, krow = K / 2;
-    const int per = nchunks / ks, extra = nchunks % ks;
+    const int per = nchunks >> lks, extra = nchunks & (ks - 1);
     const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
     const long long ee = e;
     float am_off = 0.0f;

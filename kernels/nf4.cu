@@ -323,13 +323,14 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
     extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
     const int tid = threadIdx.x;
-    const int ks = p.str_ks, groups = STR_WARPS / ks;
+    // The K split is 1, 2, 4 or 8 (src/ops): shifts and masks instead of divisions.
+    const int ks = p.str_ks, lks = __ffs(ks) - 1, groups = STR_WARPS >> lks;
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-    const int rg = warp / ks, kp = warp % ks;
+    const int rg = warp >> lks, kp = warp & (ks - 1);
     const int r0 = (blockIdx.x * groups + rg) * 16;  // first output row of the warp's group
     const bool active = r0 < p.N;                    // warp-uniform
     const int nkb = p.K / 64, nchunks = (nkb + 1) / 2, krow = p.K / 2;
-    const int per = nchunks / ks, extra = nchunks % ks;
+    const int per = nchunks >> lks, extra = nchunks & (ks - 1);
     const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
     int local;
     const int s = seg_index(p, active ? r0 : 0, local);

@@ -109,7 +109,8 @@ pub const STR_TABLE_BYTES: usize = 256 * 256;
 /// whichever minimises `block waves x (chunks per warp + STREAM_WARP_OVERHEAD)`. A single
 /// decode token thus still fills the GPU, while a split that only trades one partial wave for
 /// many short warps (each paying the pipeline fill, the block prologue and the reduction) is
-/// not taken.
+/// not taken. Always a power of two (as is `GPTOSS_3090_MOE_STREAM_KS`): the kernels split
+/// their warps with shifts and masks.
 pub fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
     let resident = resident.max(1);
     let mut best = (1usize, f64::INFINITY);
