@@ -1,11 +1,14 @@
-"""MoE streaming kernels with and without the prologue patch: timing + outputs (one process per variant)."""
+"""The MoE streaming kernels with and without the prologue patch: timing and outputs.
+
+One process per kernel variant (``GPTOSS_3090_KERNEL_DIR``); session 17, call 8.
+"""
+
 import sys
 
 import torch
 
 sys.path.insert(0, "bench")
 import bench_moe as B  # noqa: E402
-
 from gptoss_3090 import moe as M  # noqa: E402
 
 tag = sys.argv[1]
@@ -22,9 +25,8 @@ for t in (1, 4, 16, 64):
     o = B.Ours(layers, t, "auto", graph=True)
     o()
     torch.cuda.synchronize()
-    w0 = layers[0]
     tw, ti = o.routes[0]
-    out[f"t{t}"] = M.moe(o.x, w0, topk_ids=ti, topk_weights=tw).cpu()
+    out[f"t{t}"] = M.moe(o.x, layers[0], topk_ids=ti, topk_weights=tw).cpu()
     ms = B.time_fn(o, 20)
     print(f"{tag:6} T={t:3d}: {ms * 1e3 / len(layers):7.2f} us per layer", flush=True)
 torch.save(out, f"/root/kern/moe_{tag}.pt")
