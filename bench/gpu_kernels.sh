@@ -37,6 +37,10 @@
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
+#   variantcheck variant_check.py: the tree's kernels and each folder in .gpu-variants/, in two
+#               alternating rounds (the streaming linear at CHECK_MS, default 1,4,16, and the MoE
+#               at CHECK_TOKENS, default 1,4,16,64; CHECK_PARTS, default linear,moe), then each
+#               folder's outputs against the tree's, bit for bit; compiles only what it runs
 #   moechunks   bench_moe.py on row-order experts, then on chunk-major ones (the served order)
 #   nf4chunks   bench_nf4_linear.py at M = 1, 4, 16: the default kernels, then the streaming
 #               kernels built with STR_CHUNK_MAJOR on chunk-major weights
@@ -251,6 +255,26 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens "${VARIANT_TOKENS:-1,4,16,64}" \
           --tunings auto --no-baselines
       done
+      ;;
+    variantcheck)
+      rm -rf /tmp/kbase && mkdir -p /tmp/kbase && cp kernels/*.cu kernels/common.cuh /tmp/kbase/
+      for round in 1 2; do
+        for d in /tmp/kbase/ .gpu-variants/*/; do
+          v=$(basename "$d")
+          [ "$v" = kbase ] && v=base
+          GPTOSS_3090_KERNEL_DIR=$(realpath "$d") python3 bench/variant_check.py run "$v$round" \
+            --out "$OUT/variants" --parts "${CHECK_PARTS:-linear,moe}" \
+            --linear-ms "${CHECK_MS:-1,4,16}" --moe-tokens "${CHECK_TOKENS:-1,4,16,64}" 2>&1 \
+            | tee -a "$OUT/variantcheck.log"
+        done
+      done
+      for d in .gpu-variants/*/; do
+        v=$(basename "$d")
+        echo "-- $v against the tree's kernels" | tee -a "$OUT/variantcheck.log"
+        python3 bench/variant_check.py compare "$OUT/variants/base1.pt" "$OUT/variants/${v}1.pt" \
+          2>&1 | tee -a "$OUT/variantcheck.log"
+      done
+      rm -rf "$OUT/variants"
       ;;
     nf4variants)
       for d in .gpu-variants/${NF4_VARIANTS:-*}/; do
