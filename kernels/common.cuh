@@ -669,6 +669,25 @@ __device__ __forceinline__ void str_x_next(StrX<NT>& x) {
     for (int nt = 0; nt < NT; ++nt) x.p[nt] += 256;
 }
 
+// The mma A fragment of k16 step st (0..3, unrolled by the caller) of a 64-k block from this
+// lane's 8 bytes of fragment rows g (wa) and g + 8 (wb): k = k0 + 4 st + {0, 1 | 2, 3} are
+// bytes 2 st, 2 st + 1 of each row's 8.
+__device__ __forceinline__ void str_decode_step(const u8* table, const u32x2& wa, const u32x2& wb,
+                                                int st, u32 lane4, u32 (&a)[4]) {
+    const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
+    if (st & 1) {
+        a[0] = str_pair<2>(table, r0, lane4);
+        a[1] = str_pair<2>(table, r1, lane4);
+        a[2] = str_pair<3>(table, r0, lane4);
+        a[3] = str_pair<3>(table, r1, lane4);
+    } else {
+        a[0] = str_pair<0>(table, r0, lane4);
+        a[1] = str_pair<0>(table, r1, lane4);
+        a[2] = str_pair<1>(table, r0, lane4);
+        a[3] = str_pair<1>(table, r1, lane4);
+    }
+}
+
 // acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage (`rd`: this
 // lane's 8 bytes of row g of block h in it; row g + 8 lies 1 KB on), with the block's absmax
 // (sc0: row g, sc1: row g + 8) applied to the fp32 products.
@@ -681,20 +700,8 @@ __device__ __forceinline__ void str_half(const u8* table, const u8* rd, float sc
     float d[NT][4];
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
-        // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
-        const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
         u32 a[4];
-        if (st & 1) {
-            a[0] = str_pair<2>(table, r0, lane4);
-            a[1] = str_pair<2>(table, r1, lane4);
-            a[2] = str_pair<3>(table, r0, lane4);
-            a[3] = str_pair<3>(table, r1, lane4);
-        } else {
-            a[0] = str_pair<0>(table, r0, lane4);
-            a[1] = str_pair<0>(table, r1, lane4);
-            a[2] = str_pair<1>(table, r0, lane4);
-            a[3] = str_pair<1>(table, r1, lane4);
-        }
+        str_decode_step(table, wa, wb, st, lane4, a);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const u32 bb[2] = {xw[nt][2 * st], xw[nt][2 * st + 1]};

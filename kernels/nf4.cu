@@ -318,28 +318,13 @@ __device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int&
 // tensor-core kernel at 48-64 tokens (H100, session 14), so M > 32 stays on that path.
 #define STR_LINEAR_MIN_BLOCKS_N4 1
 
-template <int DTYPE, int NT, bool NESTED>
-__device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
-    __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
-    extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
-    const int tid = threadIdx.x;
-    // The K split is 1, 2, 4 or 8 (src/ops): shifts and masks instead of divisions.
-    const int ks = p.str_ks, lks = __ffs(ks) - 1, groups = STR_WARPS >> lks;
-    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-    const int rg = warp >> lks, kp = warp & (ks - 1);
-    const int r0 = (blockIdx.x * groups + rg) * 16;  // first output row of the warp's group
-    const bool active = r0 < p.N;                    // warp-uniform
-    const int nkb = p.K / 64, nchunks = (nkb + 1) / 2, krow = p.K / 2;
-    const int per = nchunks >> lks, extra = nchunks & (ks - 1);
-    const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
-    int local;
-    const int s = seg_index(p, active ? r0 : 0, local);
-    int unused;
-    const SegView v = seg_view(p, active ? r0 : 0, unused);
+// The lane's streaming addresses of a linear's 16-row group starting at row `local` of segment
+// view v (nf4_linear_str, nf4_linear_wide): fragment rows fr and fr + 8, bytes 16 (lane % 4) ..
+// of each row's 64 bytes of a chunk.
+template <bool NESTED>
+__device__ __forceinline__ StrLane linear_str_lane(const SegView& v, int local, int nkb, int krow) {
+    const int lane = threadIdx.x & 31, fr = lane >> 2;
     StrLane l;
-    // The lane's pieces: fragment rows fr and fr + 8, bytes 16 (lane % 4) .. of each row's 64
-    // bytes of a chunk.
-    const int fr = lane >> 2;
 #ifdef STR_CHUNK_MAJOR
     // Benchmark build (bench_nf4_linear.py --weights-order chunks): the segment's 16-row
     // groups chunk-major from its first row (segments start at multiples of 16 rows).
@@ -353,12 +338,64 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     l.blk0 = (local + (lane >> 1)) * nkb + (lane & 1);
     l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
     l.nested = v.nested_absmax;
-    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
-    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
+    return l;
+}
+
+// The code-pair table and the segments' nested code maps (every thread of the block; the caller
+// publishes them with a barrier).
+template <int DTYPE, bool NESTED>
+__device__ __forceinline__ void linear_str_tables(const Nf4LinearParams& p, u8* table,
+                                                  float* maps) {
+    const int tid = threadIdx.x;
+    str_table<DTYPE>(table, maps, NESTED ? p.seg[0].nested_map : 0);
     if (NESTED && p.n_segments > 1)
         maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
     if (NESTED && p.n_segments > 2)
         maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
+}
+
+// y = acc + bias for the warp's 16-row group at r0 (acc[nt][q]: row g, token 8 nt + 2c + q;
+// acc[nt][2 + q]: row g + 8), tokens past M skipped.
+template <int DTYPE, int NT>
+__device__ __forceinline__ void linear_str_store(const Nf4LinearParams& p, int r0,
+                                                 const float (&acc)[NT][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u16* bias = (const u16*)p.bias;
+    const float b0 = bias ? half_to_f32<DTYPE>(bias[r0 + g]) : 0.0f;
+    const float b1 = bias ? half_to_f32<DTYPE>(bias[r0 + g + 8]) : 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int m = nt * 8 + 2 * c + q;
+            if (m >= p.M) continue;
+            u16* y = (u16*)p.y + (long long)m * p.ldy;
+            y[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + b0);
+            y[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + b1);
+        }
+}
+
+template <int DTYPE, int NT, bool NESTED>
+__device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
+    __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
+    extern __shared__ __align__(16) u8 str_smem[];  // STR_TABLE_BYTES: table + rings
+    const int tid = threadIdx.x;
+    // The K split is 1, 2, 4 or 8 (src/ops): shifts and masks instead of divisions.
+    const int ks = p.str_ks, lks = __ffs(ks) - 1, groups = STR_WARPS >> lks;
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2;
+    const int rg = warp >> lks, kp = warp & (ks - 1);
+    const int r0 = (blockIdx.x * groups + rg) * 16;  // first output row of the warp's group
+    const bool active = r0 < p.N;                    // warp-uniform
+    const int nkb = p.K / 64, nchunks = (nkb + 1) / 2, krow = p.K / 2;
+    const int per = nchunks >> lks, extra = nchunks & (ks - 1);
+    const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
+    int local;
+    const int s = seg_index(p, active ? r0 : 0, local);
+    int unused;
+    const SegView v = seg_view(p, active ? r0 : 0, unused);
+    const StrLane l = linear_str_lane<NESTED>(v, local, nkb, krow);
+    u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
     __syncthreads();
 
     const u16* src[NT];
@@ -380,19 +417,7 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     }
     str_reduce<NT>(str_smem, ks, acc);
     if (kp != 0 || !active) return;
-    const u16* bias = (const u16*)p.bias;
-    const float b0 = bias ? half_to_f32<DTYPE>(bias[r0 + g]) : 0.0f;
-    const float b1 = bias ? half_to_f32<DTYPE>(bias[r0 + g + 8]) : 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int m = nt * 8 + 2 * c + q;  // acc[nt][q]: row g, column 2c + q
-            if (m >= p.M) continue;
-            u16* y = (u16*)p.y + (long long)m * p.ldy;
-            y[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + b0);
-            y[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + b1);
-        }
+    linear_str_store<DTYPE, NT>(p, r0, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOCKS_N1) nf4_linear_str_n1_bf16(const Nf4LinearParams p) {
@@ -474,21 +499,7 @@ __device__ __forceinline__ void wide_half(const u8* table, const u8* rd, float s
     const u32x2 wb = *(const u32x2*)(rd + STR_PIECE2_DST);
     u32 a[4][4];
 #pragma unroll
-    for (int st = 0; st < 4; ++st) {
-        // k = k0 + 4 st + {0, 1 | 2, 3}: bytes 2 st, 2 st + 1 of the lane's 8 bytes per row.
-        const u32 r0 = (st >> 1) ? wa.y : wa.x, r1 = (st >> 1) ? wb.y : wb.x;
-        if (st & 1) {
-            a[st][0] = str_pair<2>(table, r0, lane4);
-            a[st][1] = str_pair<2>(table, r1, lane4);
-            a[st][2] = str_pair<3>(table, r0, lane4);
-            a[st][3] = str_pair<3>(table, r1, lane4);
-        } else {
-            a[st][0] = str_pair<0>(table, r0, lane4);
-            a[st][1] = str_pair<0>(table, r1, lane4);
-            a[st][2] = str_pair<1>(table, r0, lane4);
-            a[st][3] = str_pair<1>(table, r1, lane4);
-        }
-    }
+    for (int st = 0; st < 4; ++st) str_decode_step(table, wa, wb, st, lane4, a[st]);
 #pragma unroll
     for (int nt = 0; nt < WIDE_NT; ++nt) {
         // Tile nt: token rows 8 nt .. 8 nt + 7, 2 KB on from tile 0.
@@ -525,19 +536,7 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
     const int s = seg_index(p, active ? r0 : 0, local);
     int unused;
     const SegView v = seg_view(p, active ? r0 : 0, unused);
-    StrLane l;
-    const int fr = lane >> 2;
-#ifdef STR_CHUNK_MAJOR
-    l.src = v.packed + (long long)local * krow + 16 * lane;
-#else
-    l.src = v.packed + (long long)(local + fr) * krow + 16 * (lane & 3);
-    l.piece2 = 8LL * krow;
-#endif
-    l.dst = str_row_off(fr, (lane >> 1) & 1) + 16 * (lane & 1);
-    l.hi = (lane & 2) != 0;
-    l.blk0 = (local + (lane >> 1)) * nkb + (lane & 1);
-    l.amb = v.absmax + (long long)l.blk0 * (NESTED ? 1 : 4);
-    l.nested = v.nested_absmax;
+    const StrLane l = linear_str_lane<NESTED>(v, local, nkb, krow);
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     u8* xst = str_smem + STR_TABLE_BYTES;
 
@@ -563,11 +562,7 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
     StrStats st;
     if (n > 0) x_load(jb);
     if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
-    str_table<DTYPE>(str_smem, maps, NESTED ? p.seg[0].nested_map : 0);
-    if (NESTED && p.n_segments > 1)
-        maps[256 + tid] = ld_nc_f32((const float*)p.seg[1].nested_map + tid);
-    if (NESTED && p.n_segments > 2)
-        maps[512 + tid] = ld_nc_f32((const float*)p.seg[2].nested_map + tid);
+    linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
     if (n > 0) x_store(0);
     // (the first chunk's barrier below publishes the table, the maps and stage 0)
 
@@ -638,19 +633,7 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
             }
         return;
     }
-    const u16* bias = (const u16*)p.bias;
-    const float b0 = bias ? half_to_f32<DTYPE>(bias[r0 + g]) : 0.0f;
-    const float b1 = bias ? half_to_f32<DTYPE>(bias[r0 + g + 8]) : 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < WIDE_NT; ++nt)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int m = nt * 8 + 2 * c + q;
-            if (m >= p.M) continue;
-            u16* y = (u16*)p.y + (long long)m * p.ldy;
-            y[r0 + g] = f32_to_half<DTYPE>(acc[nt][q] + b0);
-            y[r0 + g + 8] = f32_to_half<DTYPE>(acc[nt][2 + q] + b1);
-        }
+    linear_str_store<DTYPE, WIDE_NT>(p, r0, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, WIDE_MIN_BLOCKS) nf4_linear_wide_bf16(const Nf4LinearParams p) {

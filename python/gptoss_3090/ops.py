@@ -419,10 +419,11 @@ def _nf4_linear_op(
     for (packed, absmax, nabs, nmap), r, off in zip(segs, rows, offsets, strict=True):
         seg_args.append((*_stats_tuple(packed, absmax, nabs, nmap, 0, off), r))
     mode = path
+    streamable = _streamable(segs, rows)
     if (
         mode == "auto"
         and STREAM_MAX_M < m <= WIDE_MAX_M
-        and _streamable(segs, rows)
+        and streamable
         and _rt.use_wide_linear(ordinal)
     ):
         mode = "wide"
@@ -441,7 +442,7 @@ def _nf4_linear_op(
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)
     ws, ws_floats = 0, 0
-    if mode == "auto" and m <= STREAM_MAX_M and _streamable(segs, rows):
+    if mode == "auto" and m <= STREAM_MAX_M and streamable:
         mode = "stream"  # what the runtime's auto picks (src/ops/nf4.rs `linear`): no workspace
     if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma") or mode == "wide"):
         plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)

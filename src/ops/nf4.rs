@@ -714,18 +714,7 @@ pub unsafe fn linear(
         dev.tuning(),
         path,
     )?;
-    params.splits = plan.splits as i32;
-    if plan.splits > 1 {
-        let (ws, ws_floats) = workspace;
-        check_ptr("split-K workspace", ws, 16)?;
-        if ws_floats < plan.workspace_floats {
-            return Err(Error::arg(format!(
-                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
-                plan.workspace_floats
-            )));
-        }
-        params.ws = ws;
-    }
+    attach_split_workspace(&mut params, &plan, workspace)?;
     let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
     unsafe {
@@ -739,14 +728,50 @@ pub unsafe fn linear(
         )?;
     }
     if plan.splits > 1 {
-        let r =
-            dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
-        let total = a.m as u64 * params.n as u64;
-        let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
-        // SAFETY: as above; the reduce reads ws [splits][M][N] and writes y.
-        unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, &params)? };
+        // SAFETY: forwarded contract; the main launch wrote ws [splits][M][N].
+        unsafe { launch_splitk_reduce(dev, &params, a, stream)? };
     }
     Ok(plan)
+}
+
+/// Sets the split count of `params` from `plan` and, for a split launch, checks the caller's
+/// fp32 workspace `(pointer, floats)` against the plan and attaches it.
+fn attach_split_workspace(
+    params: &mut Nf4LinearParams,
+    plan: &LinearPlan,
+    workspace: (u64, u64),
+) -> Result<()> {
+    params.splits = plan.splits as i32;
+    if plan.splits > 1 {
+        let (ws, ws_floats) = workspace;
+        check_ptr("split-K workspace", ws, 16)?;
+        if ws_floats < plan.workspace_floats {
+            return Err(Error::arg(format!(
+                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
+                plan.workspace_floats
+            )));
+        }
+        params.ws = ws;
+    }
+    Ok(())
+}
+
+/// `nf4_linear_splitk_reduce`: y = cast(sum over the splits of ws [splits][M][N] in order +
+/// bias), after a split launch of the tensor-core or wide path.
+///
+/// # Safety
+/// As [`linear`], and `params.ws` must hold the partials of a finished split launch.
+unsafe fn launch_splitk_reduce(
+    dev: &GpuDevice,
+    params: &Nf4LinearParams,
+    a: &LinearArgs,
+    stream: u64,
+) -> Result<()> {
+    let r = dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
+    let total = a.m as u64 * params.n as u64;
+    let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
+    // SAFETY: forwarded contract; the reduce reads ws [splits][M][N] and writes y.
+    unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, params) }
 }
 
 /// Whether the streaming kernel can serve this weight: every segment a multiple of 16 rows (a
@@ -838,18 +863,7 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
-    params.splits = plan.splits as i32;
-    if plan.splits > 1 {
-        let (ws, ws_floats) = workspace;
-        check_ptr("split-K workspace", ws, 16)?;
-        if ws_floats < plan.workspace_floats {
-            return Err(Error::arg(format!(
-                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
-                plan.workspace_floats
-            )));
-        }
-        params.ws = ws;
-    }
+    attach_split_workspace(params, &plan, workspace)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
     // groups of 8 per block and `splits` K ranges.
     unsafe {
@@ -863,12 +877,8 @@ unsafe fn linear_wide(
         )?
     };
     if plan.splits > 1 {
-        let r =
-            dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
-        let total = a.m as u64 * params.n as u64;
-        let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
-        // SAFETY: as above; the reduce reads ws [splits][M][N] and writes y.
-        unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, &*params)? };
+        // SAFETY: forwarded contract; the main launch wrote ws [splits][M][N].
+        unsafe { launch_splitk_reduce(dev, params, a, stream)? };
     }
     plan.entry = entry;
     Ok(plan)

@@ -504,23 +504,13 @@ def test_linear_wide_path(shape, dtype, nested, tuning):
         ops.nf4_linear(torch.randn(65, k, dtype=dtype, device=DEV), w, bias, path="wide")
 
 
-def test_linear_wide_path_splits_fused_strided_graph():
-    """The wide kernel without and with a K split (shapes whose automatic split differs),
-    three segments (q/k/v-like; mixed statistics are refused), a strided x, and CUDA-graph
-    capture and replay."""
+def test_linear_wide_path_splits_and_graph():
+    """The wide kernel without and with a K split (shapes whose automatic split differs), and
+    CUDA-graph capture and replay."""
     from gptoss_3090 import _native
 
     k = 2880
-    parts = [make_weight(r, k, torch.bfloat16, seed=30 + r) for r in (256, 64, 64)]
-    w_deq = torch.cat([p.dequantize() for p in parts])
-    big = torch.randn(48, 2 * k, dtype=torch.bfloat16, device=DEV)
-    x = big[:, 8 : 8 + k]
-    y = ops.nf4_linear(x, parts, path="wide")
-    assert rel_err(y, linear_ref(x, w_deq, None)) <= 1e-2
-    mixed = [parts[0], make_weight(64, k, torch.bfloat16, nested=False, seed=3)]
-    with pytest.raises(ValueError, match="wide path"):
-        ops.nf4_linear(x, mixed, path="wide")
-    # plans for one and for several K splits: both exercised above and here
+    # plans for one and for several K splits, both run below
     dev = torch.cuda.current_device()
     one = _native.cuda_nf4_linear_plan(dev, 64, 16 * 8 * 200, 256, "wide")
     many = _native.cuda_nf4_linear_plan(dev, 64, 128, k, "wide")
@@ -551,19 +541,22 @@ def test_linear_wide_path_splits_fused_strided_graph():
     assert torch.equal(yg, ops.nf4_linear(xg, w, bias, path="wide"))
 
 
-def test_linear_stream_path_fused_and_strided():
-    """Three segments (a q/k/v-like fused weight) and a strided x through the stream path;
-    a weight it cannot serve gets a clear error."""
+@pytest.mark.parametrize("path, m", [("stream", 5), ("wide", 48)])
+def test_linear_stream_path_and_wide_fused_strided(path, m):
+    """Three segments (a q/k/v-like fused weight) and a strided x through the streaming paths;
+    weights they cannot serve (rows not a multiple of 16, mixed statistics) get clear errors."""
     k = 2880
     parts = [make_weight(r, k, torch.bfloat16, seed=20 + r) for r in (256, 64, 64)]
     w_deq = torch.cat([p.dequantize() for p in parts])
-    big = torch.randn(5, 2 * k, dtype=torch.bfloat16, device=DEV)
+    big = torch.randn(m, 2 * k, dtype=torch.bfloat16, device=DEV)
     x = big[:, 8 : 8 + k]
-    y = ops.nf4_linear(x, parts, path="stream")
+    y = ops.nf4_linear(x, parts, path=path)
     assert rel_err(y, linear_ref(x, w_deq, None)) <= 1e-2
     ragged = make_weight(520, k, torch.bfloat16, seed=21)
-    with pytest.raises(ValueError, match="stream path"):
-        ops.nf4_linear(x, ragged, path="stream")
+    mixed = [parts[0], make_weight(64, k, torch.bfloat16, nested=False, seed=3)]
+    for bad in (ragged, mixed):
+        with pytest.raises(ValueError, match=f"{path} path"):
+            ops.nf4_linear(x, bad, path=path)
 
 
 def test_linear_strided_input():
