@@ -47,7 +47,9 @@
 #   moegemm     bench_moe.py at GEMM_TOKENS with each prefill GEMM variant (MOE_GEMMS)
 #   moeks       bench_moe.py at KS_TOKENS (default 1,4,16,64) with each forced K split, then
 #               the automatic split
-#   moeprofile  ncu of the streaming kernels at 1 and 16 tokens
+#   moeprofile  ncu of the streaming kernels (PROFILE_KERNELS regex, PROFILE_COUNT launches) at
+#               PROFILE_TOKENS (default 1 4 16 64); bench_moe.py first checks the kernels at 64
+#               tokens, so a regex that matches the _n2 kernels profiles that check
 #   moesass     ncu source counters of the streaming kernels: warp-stall samples and executed
 #               instructions per SASS instruction (CSV per token count; PROFILE_TOKENS)
 #   nf4bench    bench_nf4_linear.py on the issue's shapes (NF4_SHAPES, NF4_MS, NF4_TUNINGS)
@@ -331,14 +333,15 @@ for step in "$@"; do
       met="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed"
       met="$met,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.per_cycle_active"
       met="$met,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts.sum,launch__registers_per_thread"
+      met="$met,dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__t_sector_hit_rate.pct"
       met="$met,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
       for t in ${PROFILE_TOKENS:-1 4 16 64}; do
         # shellcheck disable=SC2086
-        $ncu --graph-profiling node -k regex:"${PROFILE_KERNELS:-moe_str_up}" -c 1 --metrics "$met" \
+        $ncu --graph-profiling node -k regex:"${PROFILE_KERNELS:-moe_str_up}" -c "${PROFILE_COUNT:-1}" --metrics "$met" \
           python3 bench/bench_moe.py --tokens $t --tunings auto --layers 2 --no-baselines \
           --iters 1 > "$OUT/ncu_t$t.txt" 2>&1
         echo "-- T=$t"
-        grep -E "moe_|duration|dram__|warps_active|issue_active|inst_executed|wavefronts|registers" "$OUT/ncu_t$t.txt" | sed 's/  */ /g'
+        grep -E "moe_|duration|dram__|lts__|l1tex__t_sector|warps_active|issue_active|inst_executed|wavefronts|registers" "$OUT/ncu_t$t.txt" | sed 's/  */ /g'
         grep -E "stalled" "$OUT/ncu_t$t.txt" | awk '$NF+0 >= 0.3' | sed 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//; s/  */ /g'
       done
       ;;

@@ -614,6 +614,9 @@ __device__ __forceinline__ u32 str_half_back() { return opaque(8 * (threadIdx.x 
 #define STR_X_GLOBAL_NC 0
 #define STR_X_SHARED 1
 #define STR_X_GLOBAL_CG 2
+// Or'ed into a global mode: tile 0's columns come from shared memory (the block staged them),
+// the other tiles' from global memory.
+#define STR_X_FIRST_SHARED 4
 
 template <int NT>
 struct StrX {
@@ -648,10 +651,10 @@ __device__ __forceinline__ void str_load_x(const StrX<NT>& x, u32 cols, int h,
         const bool live = (cols >> nt) & 1u;
         const u8* at = x.p[nt] + 128 * h;
         u32x4 v0, v1;
-        if (XS == STR_X_SHARED) {
+        if (XS == STR_X_SHARED || ((XS & STR_X_FIRST_SHARED) && nt == 0)) {
             v0 = ld_shared_16_volatile(at);
             v1 = ld_shared_16_volatile(at + 16);
-        } else if (XS == STR_X_GLOBAL_CG) {
+        } else if ((XS & 3) == STR_X_GLOBAL_CG) {
             v0 = ld_cg_16_if_volatile(at, live);
             v1 = ld_cg_16_if_volatile(at + 16, live);
         } else {

@@ -567,6 +567,14 @@ __device__ __forceinline__ RoutePrefetch dec_route_prefetch(const MoeParams& p, 
     return r;
 }
 
+// Where dec_route keeps an expert's repetition count: DecShared has room for it; the streaming
+// kernels' StrShared does not (they never ask, need_mult = false), and the kilobyte it saves
+// lets a block of the two-tile kernels stage 8 activation columns instead of 7 on the H100.
+struct StrShared;
+template <class Sh>
+__device__ __forceinline__ void dec_store_mult(Sh& sh, int xi, int most) { sh.mult[xi] = most; }
+__device__ __forceinline__ void dec_store_mult(StrShared&, int, int) {}
+
 // Routing of the T (<= 16) decode tokens into shared memory, plus the ascending list of touched
 // experts. From logits when route_mode is LOGITS and not `from_ws` (then `store` writes it to
 // the workspace for the later kernels), else from ws_ids/ws_wts (given by the caller, written
@@ -622,7 +630,7 @@ __device__ void dec_route(const MoeParams& p, Sh& sh, bool store, bool need_mult
                 for (int k = 0; k < p.topk; ++k) n += sh.ids[t * p.topk + k] == e;
                 most = n > most ? n : most;
             }
-            sh.mult[xi] = most;
+            dec_store_mult(sh, xi, most);
         }
     }
     __syncthreads();
@@ -1400,7 +1408,6 @@ struct StrShared {
     int ids[DEC_MAX_PAIRS];
     float wts[DEC_MAX_PAIRS];
     int experts[MOE_MAX_EXPERTS];
-    int mult[MOE_MAX_EXPERTS];  // unused (need_mult = false), read by dec_route's template only
     int n_experts;
     int pairs[DEC_MAX_PAIRS];
     int n_pairs;
@@ -1413,16 +1420,23 @@ __device__ __forceinline__ int str_mem_row(int r0, int fr) {
     return UP ? r0 + 2 * (fr & 7) + (fr >> 3) : r0 + fr;
 }
 
-// str_stream with the activations in shared memory (staged) or read from global memory (XG:
-// STR_X_GLOBAL_NC, or STR_X_GLOBAL_CG when they were written earlier in the same launch).
+// Where a pass's activation columns come from: all staged in shared memory, the first tile's
+// staged and the rest global, or all global.
+enum StrPassX { STR_PASS_STAGED, STR_PASS_FIRST_STAGED, STR_PASS_GLOBAL };
+
+// str_stream with the activations where `px` says; global reads use XG (STR_X_GLOBAL_NC, or
+// STR_X_GLOBAL_CG when they were written earlier in the same launch).
 template <int DTYPE, int NT, bool NESTED, int XG>
-__device__ __forceinline__ void moe_str_stream(bool staged, const StrLane& l, int jb, int n,
+__device__ __forceinline__ void moe_str_stream(StrPassX px, const StrLane& l, int jb, int n,
                                                int nkb, float am_off, u8* table, u8* ring,
                                                StrStats& st, const u16* const (&src)[NT],
                                                u32 cols, const float* nmap, float (&acc)[NT][4]) {
-    if (staged)
+    if (px == STR_PASS_STAGED)
         str_stream<DTYPE, NT, NESTED, STR_X_SHARED>(l, jb, n, nkb, am_off, table, ring, st, src,
                                                     cols, nmap, acc);
+    else if (NT > 1 && px == STR_PASS_FIRST_STAGED)
+        str_stream<DTYPE, NT, NESTED, XG | STR_X_FIRST_SHARED>(l, jb, n, nkb, am_off, table, ring,
+                                                               st, src, cols, nmap, acc);
     else
         str_stream<DTYPE, NT, NESTED, XG>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
                                           nmap, acc);
@@ -1535,12 +1549,18 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
         // Every warp of the block reads the same columns: a pass that fits stages them in shared
         // memory once, so no activation load of the stream waits on L2 (block-uniform choice).
         const int live = min(cnt - p0, 8 * NT);
-        const bool staged = live <= xcols;
+        // A two-tile pass with more columns than fit stages its first tile's 8, the second
+        // tile reads global memory (block-uniform). H100, session 18, with 8 staged columns
+        // instead of 7: 1.03-1.04x at 48-64 tokens, bit-identical.
+        StrPassX px = STR_PASS_GLOBAL;
+        if (live <= xcols) px = STR_PASS_STAGED;
+        else if (NT > 1 && xcols >= 8) px = STR_PASS_FIRST_STAGED;
+        const int nstaged = px == STR_PASS_STAGED ? live : px == STR_PASS_FIRST_STAGED ? 8 : 0;
         const bool streams = active && n > 0;  // warp-uniform
         StrStats st;
         if (streams) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
         if (wait_ctr != nullptr && p0 == 0) block_wait_count(wait_ctr, wait_target);
-        if (staged) str_stage_x(xs, live, K, [&](int i) { return pair_x(p0 + i); });
+        if (nstaged > 0) str_stage_x(xs, nstaged, K, [&](int i) { return pair_x(p0 + i); });
         const u16* src[NT];
         u32 cols = 0;  // bit nt: this lane's column of tile nt is a routed pair
 #pragma unroll
@@ -1548,17 +1568,32 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
             const int i = nt * 8 + g;
             cols |= (i < live ? 1u : 0u) << nt;
             // Lanes past the last column point at it (staged loads are not predicated).
-            src[nt] = staged ? xs + min(i, live - 1) * str_x_stride(K)
-                             : pair_x(p0 + min(i, live - 1));
+            src[nt] = i < nstaged || px == STR_PASS_STAGED
+                          ? xs + min(i, live - 1) * str_x_stride(K)
+                          : pair_x(p0 + min(i, live - 1));
         }
         float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-        if (streams)
-            moe_str_stream<DTYPE, NT, NESTED, XG>(staged, l, jb, n, nkb, am_off, str_smem, ring,
-                                                  st, src, cols, sh.nmap, acc);
+        if (streams) {
+            if (NT == 2 && live <= 8) {
+                // A pass of at most 8 columns needs one tile: the one-tile stream's chunk costs
+                // fewer instructions (block-uniform branch; H100, session 18: 1.01-1.02x at
+                // 64-128 tokens, bit-identical).
+                const u16* src1[1] = {src[0]};
+                float acc1[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+                moe_str_stream<DTYPE, 1, NESTED, XG>(px, l, jb, n, nkb, am_off, str_smem, ring,
+                                                     st, src1, cols & 1u, sh.nmap, acc1);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[0][q] = acc1[0][q];
+            } else {
+                moe_str_stream<DTYPE, NT, NESTED, XG>(px, l, jb, n, nkb, am_off, str_smem,
+                                                      ring, st, src, cols, sh.nmap, acc);
+            }
+        }
         str_reduce<NT>(str_smem, ks, acc);
-        if (staged && ks == 1) __syncthreads();  // the next pass restages (str_reduce syncs ks > 1)
+        // The next pass restages (str_reduce already synced for ks > 1).
+        if (nstaged > 0 && ks == 1) __syncthreads();
         if (kp == 0 && active) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
