@@ -131,10 +131,11 @@ job_e2e() {
 
 job_e2e_decode() {
   # Decode at batch 16 and 64 only (0.85 of the card), both sides: the e2e job's decode rows
-  # without its prefill and 24 GiB runs.
+  # without its prefill and 24 GiB runs. E2E_WORKLOADS narrows it further (e.g. decode_b64).
   wait_synth
+  # shellcheck disable=SC2086  # a list of workloads
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" --budgets full \
-    --workloads decode_b16 decode_b64
+    --workloads ${E2E_WORKLOADS:-decode_b16 decode_b64}
 }
 
 job_e2e_dummy() {

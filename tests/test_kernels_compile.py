@@ -101,6 +101,40 @@ def test_nf4_kernels_do_not_spill():
         assert not spills, f"{arch}: {spills}"
 
 
+def _static_smem(log: str) -> dict[str, int]:
+    """Static shared-memory bytes per entry from a ``ptxas -v`` log."""
+    out: dict[str, int] = {}
+    entry = "?"
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line) or re.search(
+            r"Function properties for (\w+)", line
+        )
+        if m:
+            entry = m.group(1)
+        m = re.search(r"Used \d+ registers.*?(\d+) bytes smem", line)
+        if m:
+            out[entry] = int(m.group(1))
+    return out
+
+
+def test_two_tile_moe_kernels_stage_eight_columns_at_two_blocks_per_sm():
+    """The two-tile streaming MoE kernels stage a whole 8-column tile of activations at two
+    blocks per H100 SM (session 18: 1.04-1.05x at 64 tokens against 7 columns). A few hundred
+    bytes more of static shared memory would silently fall back to 7: the budget is the SM's
+    228 KB over two blocks, less the runtime's 1 KB per block, the 64 KB code-pair table and 8
+    columns of K = 2880 (`stream_x_column_bytes`)."""
+    _nvrtc_or_skip()
+    _, log = _native.compile_source_log(
+        _native.kernel_source("moe_chunks"), "sm_90", ["--ptxas-options=-v"], "moe_chunks"
+    )
+    smem = _static_smem(log)
+    per_block = 228 * 1024 // 2 - 1024
+    columns = 8 * 2 * (2880 + 8)
+    for entry in ("moe_str_up_n2_bf16", "moe_str_down_n2_bf16"):
+        assert entry in smem, f"no ptxas report for {entry}"
+        assert smem[entry] + 256 * 256 + columns <= per_block, (entry, smem[entry])
+
+
 def test_broken_source_raises_compile_error_with_log():
     _nvrtc_or_skip()
     src = '#include "common.cuh"\nextern "C" __global__ void k(int* p) { p[0] = no_such_symbol; }\n'
