@@ -667,14 +667,16 @@ pub const STREAM_MAX_ENV: &str = "GPTOSS_3090_MOE_STREAM_MAX_TOKENS";
 pub const STREAM_MAX_TOKENS: usize = 128;
 
 /// Column tiles (8 routed pairs each) per pass of the streaming kernels: one (`_n1`) while the
-/// experts average at most 6 routed pairs, two (`_n2`) above. An expert with more pairs than a
+/// experts average at most 5 routed pairs, two (`_n2`) above. An expert with more pairs than a
 /// pass holds streams its weights again per pass, but the one-tile kernels are so much
 /// cheaper per chunk that they win until then (H100, GPT-OSS-20B shapes, one call each:
 /// 1.17x n2 at 9-33 tokens, 1.11x at 40, 1.03x at 48, 0.88x at 64; bench/results/
 /// h100_2026-11-27_session9, calls 3 and 5). Running the experts with at most 8 pairs in an n1
-/// launch and the rest in an n2 launch lost to both there (call 5).
+/// launch and the rest in an n2 launch lost to both there (call 5). Since the two-tile kernels
+/// run a pass of at most 8 pairs as one tile and stage a larger pass's first tile (session 18,
+/// call 6, two rounds): n1 1.02x at 40 tokens, n2 1.05x at 48 (vLLM's graph size for 41-48).
 pub fn stream_tiles(tokens: usize, topk: usize, experts: usize) -> usize {
-    if tokens.saturating_mul(topk) <= 6 * experts {
+    if tokens.saturating_mul(topk) <= 5 * experts {
         1
     } else {
         2
@@ -1290,16 +1292,16 @@ mod tests {
     }
 
     #[test]
-    fn one_column_tile_while_experts_average_six_pairs() {
-        // GPT-OSS-20B (32 experts, top-4): one tile up to 48 tokens, two from 49.
-        for t in [1, 8, 9, 16, 17, 32, 48] {
+    fn one_column_tile_while_experts_average_five_pairs() {
+        // GPT-OSS-20B (32 experts, top-4): one tile up to 40 tokens, two from 41.
+        for t in [1, 8, 9, 16, 17, 32, 40] {
             assert_eq!(stream_tiles(t, 4, 32), 1, "{t} tokens");
         }
-        for t in [49, 64, 128] {
+        for t in [41, 48, 64, 128] {
             assert_eq!(stream_tiles(t, 4, 32), 2, "{t} tokens");
         }
-        assert_eq!(stream_tiles(13, 4, 8), 2); // few experts: many pairs each
-        assert_eq!(stream_tiles(12, 4, 8), 1);
+        assert_eq!(stream_tiles(11, 4, 8), 2); // few experts: many pairs each
+        assert_eq!(stream_tiles(10, 4, 8), 1);
         assert_eq!(stream_tiles(usize::MAX, 4, 32), 2);
     }
 
