@@ -111,7 +111,9 @@ struct SegView {
     int nested;
 };
 
-__device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, int& local) {
+// Segment of output row `row` (the streaming paths' segments are multiples of 16 rows, so a
+// row group never straddles two) and the row inside it.
+__device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int& local) {
     int s = 0;
     local = row;
     if (p.n_segments > 1 && local >= p.seg[0].rows) {
@@ -122,6 +124,11 @@ __device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, i
             s = 2;
         }
     }
+    return s;
+}
+
+// The fields of segment s (from seg_index).
+__device__ __forceinline__ SegView seg_view_at(const Nf4LinearParams& p, int s) {
     SegView v;
 #define GPTOSS_SEL(field) (s == 0 ? p.seg[0].field : (s == 1 ? p.seg[1].field : p.seg[2].field))
     v.packed = (const u8*)GPTOSS_SEL(packed);
@@ -136,6 +143,11 @@ __device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, i
     const float off_loaded = ld_nc_f32_if((const float*)off_ptr, off_on_device);
     v.offset = off_on_device ? off_loaded : off_val;
     return v;
+}
+
+// The segment holding output row `row`, and the row inside it.
+__device__ __forceinline__ SegView seg_view(const Nf4LinearParams& p, int row, int& local) {
+    return seg_view_at(p, seg_index(p, row, local));
 }
 
 // The two loads an absmax needs, issued early; finished by seg_absmax_finish once they landed.
@@ -275,22 +287,6 @@ extern "C" __global__ __launch_bounds__(256, DQ_SEGS_MIN_BLOCKS) void nf4_dequan
 // shared memory (fixed order), then part 0 adds the bias and writes y.
 // ---------------------------------------------------------------------------------------------
 
-// Segment of output row `row` (segments are multiples of 16 rows, so a row group never
-// straddles two) and the row inside it.
-__device__ __forceinline__ int seg_index(const Nf4LinearParams& p, int row, int& local) {
-    int s = 0;
-    local = row;
-    if (p.n_segments > 1 && local >= p.seg[0].rows) {
-        local -= p.seg[0].rows;
-        s = 1;
-        if (p.n_segments > 2 && local >= p.seg[1].rows) {
-            local -= p.seg[1].rows;
-            s = 2;
-        }
-    }
-    return s;
-}
-
 // Blocks per SM of the linear's streaming kernels. Two token tiles (9..16 tokens) at 2 blocks
 // per SM spilled a few registers on sm_90 before the streaming core kept its addresses in
 // running pointers (session 10: 119 registers, no spills), and even then measured faster than
@@ -391,8 +387,7 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     const int jb = kp * per + min(kp, extra), n = per + (kp < extra ? 1 : 0);
     int local;
     const int s = seg_index(p, active ? r0 : 0, local);
-    int unused;
-    const SegView v = seg_view(p, active ? r0 : 0, unused);
+    const SegView v = seg_view_at(p, s);
     const StrLane l = linear_str_lane<NESTED>(v, local, nkb, krow);
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
@@ -534,8 +529,7 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
     const int n = (int)((long long)(blockIdx.y + 1) * nchunks / gridDim.y) - jb;
     int local;
     const int s = seg_index(p, active ? r0 : 0, local);
-    int unused;
-    const SegView v = seg_view(p, active ? r0 : 0, unused);
+    const SegView v = seg_view_at(p, s);
     const StrLane l = linear_str_lane<NESTED>(v, local, nkb, krow);
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
     u8* xst = str_smem + STR_TABLE_BYTES;
