@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-capture", type=int, default=512, help="same for both sides")
     p.add_argument("--ours-attention", default="CUSTOM")
     p.add_argument("--budgets", nargs="+", default=["full", "24gib"])
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument(
         "--repeats", type=int, default=3, help="timed runs per workload (the median is reported)"
     )
