@@ -1,19 +1,22 @@
 #!/bin/bash
 # A GPU-host sitting for the end-to-end items (issue 6) and the kernel benchmarks, built for the
 # device tool's limits: 600 s per call, the machine stays warm only 30 s between calls, and the
-# vLLM bundle travels in three parts. Long jobs therefore run in a background queue (setsid) that
+# vLLM bundle travels in parts (scripts/gpu-bundle.sh). Long jobs therefore run in a background queue (setsid) that
 # outlives each call; every call ends by packing the results so far into $OUT/e2e.tgz.
 #
 #   bash bench/gpu_e2e.sh stage 1            # carry .gpu-wheel, .gpu-bundle/part-1, COMMIT:
 #                                            #   install our wheel, start the 20b synth (CPU)
-#   bash bench/gpu_e2e.sh stage 2            # carry .gpu-bundle/part-2
-#   bash bench/gpu_e2e.sh start JOB... [-- WAIT_S]   # carry .gpu-bundle/part-3: install vLLM,
-#                                            #   queue the jobs, wait up to WAIT_S (default 540)
+#   bash bench/gpu_e2e.sh stage N            # carry .gpu-bundle/part-N, COMMIT (every part but
+#                                            #   the last), back to back: the machine forgets
+#                                            #   /root/stage 30 s after a call
+#   bash bench/gpu_e2e.sh start JOB... [-- WAIT_S]   # carry the last part, .gpu-wheel, COMMIT:
+#                                            #   install vLLM, queue the jobs, wait up to WAIT_S
+#                                            #   (default 540)
 #   bash bench/gpu_e2e.sh wait [WAIT_S]      # later calls: wait for the queue, pack results
 #
-# Carry limit: the repository, the wheel and a 55 MiB part must stay under 64 MiB.
-# `bash scripts/gpu-bundle.sh` makes .gpu-bundle and moves the tail of a part that would not fit
-# into part-3 (install-bundle.sh concatenates bundle.tgz.part* in name order).
+# Carry limit: the repository, the wheel and a part must stay under 64 MiB together.
+# `bash scripts/gpu-bundle.sh` makes .gpu-bundle and cuts it into parts that fit (it prints how
+# many); install-bundle.sh concatenates bundle.tgz.part* in name order.
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
 # correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_decode, e2e_dummy,
@@ -202,7 +205,8 @@ start)
     if [ "$1" = "--" ]; then waits=${2:-540}; break; fi
     jobs+=("$1"); shift
   done
-  cp .gpu-bundle/part-3/* /root/stage/ 2>/dev/null
+  # Whatever part this call carried (the last one); the earlier ones are in /root/stage already.
+  cp .gpu-bundle/part-*/* /root/stage/ 2>/dev/null
   bash /root/stage/install-bundle.sh /root/stage /tmp/site 2>&1 | tail -2
   # Extra wheels (carried in .whl, e.g. oss-harmony, which embeds harmony's vocabularies) go
   # first on the path, ahead of the bundle.
