@@ -1,8 +1,9 @@
 #!/bin/bash
 # A GPU-host sitting for the end-to-end items (issue 6) and the kernel benchmarks, built for the
 # device tool's limits: 600 s per call, the machine stays warm only 30 s between calls, and the
-# vLLM bundle travels in parts (scripts/gpu-bundle.sh). Long jobs therefore run in a background queue (setsid) that
-# outlives each call; every call ends by packing the results so far into $OUT/e2e.tgz.
+# vLLM bundle travels in parts (scripts/gpu-bundle.sh). Long jobs therefore run in a background
+# queue (setsid) that outlives each call; every call ends by packing the results so far into
+# $OUT/e2e.tgz. Issue the stage calls and the start call as one batch of device calls.
 #
 #   bash bench/gpu_e2e.sh stage 1            # carry .gpu-wheel, .gpu-bundle/part-1, COMMIT:
 #                                            #   install our wheel, start the 20b synth (CPU)
