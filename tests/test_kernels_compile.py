@@ -73,18 +73,25 @@ def test_nf4_entries_exist_in_cubin():
         assert entry in cubin, entry
 
 
-def _spills(log: str) -> dict[str, int]:
-    """Spill-store bytes per entry from a ``ptxas -v`` log (entries without spills omitted)."""
+def _ptxas_per_entry(log: str, pattern: str) -> dict[str, int]:
+    """The integer in group 1 of ``pattern`` for each entry of a ``ptxas -v`` log."""
     out: dict[str, int] = {}
     entry = "?"
     for line in log.splitlines():
-        m = re.search(r"Function properties for (\w+)", line)
+        m = re.search(r"Compiling entry function '(\w+)'", line) or re.search(
+            r"Function properties for (\w+)", line
+        )
         if m:
             entry = m.group(1)
-        m = re.search(r"(\d+) bytes spill stores", line)
-        if m and int(m.group(1)) > 0:
+        m = re.search(pattern, line)
+        if m:
             out[entry] = int(m.group(1))
     return out
+
+
+def _spills(log: str) -> dict[str, int]:
+    """Spill-store bytes per entry (entries without spills omitted)."""
+    return {e: n for e, n in _ptxas_per_entry(log, r"(\d+) bytes spill stores").items() if n > 0}
 
 
 def test_nf4_kernels_do_not_spill():
@@ -102,19 +109,8 @@ def test_nf4_kernels_do_not_spill():
 
 
 def _static_smem(log: str) -> dict[str, int]:
-    """Static shared-memory bytes per entry from a ``ptxas -v`` log."""
-    out: dict[str, int] = {}
-    entry = "?"
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line) or re.search(
-            r"Function properties for (\w+)", line
-        )
-        if m:
-            entry = m.group(1)
-        m = re.search(r"Used \d+ registers.*?(\d+) bytes smem", line)
-        if m:
-            out[entry] = int(m.group(1))
-    return out
+    """Static shared-memory bytes per entry."""
+    return _ptxas_per_entry(log, r"Used \d+ registers.*?(\d+) bytes smem")
 
 
 def test_two_tile_moe_kernels_stage_eight_columns_at_two_blocks_per_sm():
