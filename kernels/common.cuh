@@ -274,6 +274,14 @@ __device__ __forceinline__ u32x4 ld_shared_16_volatile(const void* ptr) {
     return v;
 }
 
+// 8 bytes of shared memory by shared address, volatile: a ring stage read after the
+// cp.async wait and __syncwarp that publish it must stay behind them.
+__device__ __forceinline__ u32x2 ld_shared_8_volatile(u32 addr) {
+    u32x2 v;
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+    return v;
+}
+
 // cp.async 16 bytes global -> shared without staging through registers (sm_80+), so the copy of
 // the next tile overlaps the math on the current one.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
@@ -568,11 +576,12 @@ __device__ __forceinline__ StrCursor str_cursor(const StrLane& l, int j, bool ne
 // is whole iff j < full_chunks. `half_back`: chunk-major only (str_half_back).
 template <bool NESTED>
 __device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int full_chunks,
-                                          u32 stage, u32 half_back, u32& am_raw,
-                                          float& am_scale) {
+                                          u32 stage, u32 half_back, u32& am_raw) {
     const bool second = c.j < full_chunks;  // warp-uniform
 #ifdef STR_CHUNK_MAJOR
-    if (second) {
+    // A branch, not predication: only a stream's last chunk can be a half chunk, and computing
+    // both paths cost 6-8 instructions in every chunk (sm_90 SASS, session 19).
+    if (__builtin_expect(second, 1)) {
         cp_async_16_zfill_s(stage, c.src, 16u);
         cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + 512, 16u);
     } else {
@@ -590,13 +599,8 @@ __device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int fu
     cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + l.piece2, bytes);
 #endif
     const bool oka = second || !(threadIdx.x & 1);
-    if (NESTED) {
-        am_raw = ld_nc_u8_if(c.amb, oka);
-        am_scale = __uint_as_float(ld_nc_b32_if(l.nested + ((l.blk0 + 2 * c.j) >> 8), oka));
-    } else {
-        am_raw = ld_nc_b32_if(c.amb, oka);
-        am_scale = 0.0f;
-    }
+    // Nested: the block's u8 code; its nested absmax comes from StrStats (str_nested_scale).
+    am_raw = NESTED ? ld_nc_u8_if(c.amb, oka) : ld_nc_b32_if(c.amb, oka);
     c.src += STR_CHUNK_STEP;
     c.amb += NESTED ? 2 : 8;
     c.j += 1;
@@ -695,11 +699,11 @@ __device__ __forceinline__ void str_decode_step(const u8* table, const u32x2& wa
 // lane's 8 bytes of row g of block h in it; row g + 8 lies 1 KB on), with the block's absmax
 // (sc0: row g, sc1: row g + 8) applied to the fp32 products.
 template <int DTYPE, int NT>
-__device__ __forceinline__ void str_half(const u8* table, const u8* rd, float sc0, float sc1,
+__device__ __forceinline__ void str_half(const u8* table, u32 rd, float sc0, float sc1,
                                          const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
     const u32 lane4 = 4 * (threadIdx.x & 31);
-    const u32x2 wa = *(const u32x2*)rd;
-    const u32x2 wb = *(const u32x2*)(rd + STR_PIECE2_DST);
+    const u32x2 wa = ld_shared_8_volatile(rd);
+    const u32x2 wb = ld_shared_8_volatile(rd + STR_PIECE2_DST);
     float d[NT][4];
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -722,12 +726,24 @@ __device__ __forceinline__ void str_half(const u8* table, const u8* rd, float sc
 }
 
 // The state of a warp's stream between str_prime and str_stream: the issue cursor and the
-// statistics of the chunks in its ring (raw code or f32 bits, and the nested absmax).
+// statistics of the chunks in its ring (raw codes or f32 bits, and the nested absmax values).
+//
+// A lane's statistics of a stream are blocks blk0 + 2 j, j in [jb, jb + n): fewer than 256
+// blocks, as n <= 64 chunks (src/ops STREAM_MAX_CHUNKS, enforced where the host picks the K
+// split), so they span at most two nested blocks. Their two nested absmax values (nsa, nsb:
+// before and from chunk njx on) load once per stream; the per-chunk global load and its 64-bit
+// address (~8 instructions per chunk, sm_90 SASS) become a select.
 struct StrStats {
     StrCursor cur;
     u32 raw[STR_DEPTH];
-    float scl[STR_DEPTH];
+    float nsa, nsb;
+    int njx;
 };
+
+// The nested absmax of this lane's statistic of chunk j (nested streams).
+__device__ __forceinline__ float str_nested_scale(const StrStats& st, int j) {
+    return j < st.njx ? st.nsa : st.nsb;
+}
 
 // Issues the first STR_DEPTH - 1 chunks of a stream (chunks jb ..) into the warp's ring, one
 // cp.async group each (empty groups keep the count uniform). Separate from str_stream so that a
@@ -738,12 +754,24 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
                                           StrStats& st) {
     __syncwarp();  // every lane is done reading the ring (a previous pass)
     st.cur = str_cursor(l, jb, NESTED);
+    if (NESTED) {
+        // The lane's blocks blk0 + 2 j; the first chunk whose block lies in the next nested
+        // block is njx (a stream never reaches a third one: 2 n < NF4_NESTED_BLOCK).
+        const int b0 = l.blk0 + 2 * jb;
+        const int nb0 = b0 / NF4_NESTED_BLOCK;
+        st.njx = jb + ((nb0 + 1) * NF4_NESTED_BLOCK - b0 + 1) / 2;
+        // The lane's last chunk with a real block: an odd lane has none in a final half chunk
+        // (its block index there is the next row's first, past the tensor for the last row).
+        const int jl = jb + n - 1 - ((threadIdx.x & 1) && jb + n - 1 >= (nkb >> 1) ? 1 : 0);
+        st.nsa = ld_nc_f32_if(l.nested + nb0, jl >= jb);
+        st.nsb = ld_nc_f32_if(l.nested + nb0 + 1, st.njx <= jl);
+    }
     const u32 dst = smem_addr(ring) + l.dst, half_back = str_half_back();
 #pragma unroll
     for (int u = 0; u < STR_DEPTH - 1; ++u) {
         if (u < n)
             str_issue<NESTED>(l, st.cur, nkb >> 1, dst + u * STR_STAGE_STRIDE, half_back,
-                              st.raw[u], st.scl[u]);
+                              st.raw[u]);
         cp_async_commit();
     }
 }
@@ -762,7 +790,6 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
     const int full_chunks = nkb >> 1;
     u32 (&raw)[STR_DEPTH] = st.raw;
-    float (&scl)[STR_DEPTH] = st.scl;
     // Lane constants, computed once (opaque): the lane's piece destination in stage 0, the
     // final half chunk's offset, the nested code map's address, the lanes holding the
     // statistics of rows g and g + 8 for blocks 0 and 1 of a chunk.
@@ -771,8 +798,10 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
     const int sl00 = (int)opaque(2 * g), sl01 = (int)opaque(16 + 2 * g);
     const int sl10 = (int)opaque(2 * g + 1), sl11 = (int)opaque(17 + 2 * g);
     // This lane's 8 bytes of row g, block 0 and block 1, in stage 0 (str_row_off's layout).
-    const u8* rd0 = ring + str_row_off(g, 0) + 8 * (lane & 3);
-    const u8* rd1 = ring + str_row_off(g, 1) + 8 * (lane & 3);
+    // Shared addresses, opaque: the linear's kernels (80 registers at 3 blocks per SM)
+    // rebuilt both from the lane index in every chunk (11 instructions, sm_90 SASS).
+    const u32 rd0 = opaque(smem_addr(ring) + str_row_off(g, 0) + 8 * (lane & 3));
+    const u32 rd1 = opaque(smem_addr(ring) + str_row_off(g, 1) + 8 * (lane & 3));
     StrX<NT> x = str_x_at<NT>(src, jb);
     u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
     str_load_x<NT, XS>(x, cols, 0, x0);
@@ -785,7 +814,7 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             __syncwarp();  // every lane is done reading stage nu
             if (i + STR_DEPTH - 1 < n)
                 str_issue<NESTED>(l, st.cur, full_chunks, dst + nu * STR_STAGE_STRIDE, half_back,
-                                  raw[nu], scl[nu]);
+                                  raw[nu]);
             cp_async_commit();
             const bool second = jb + i < full_chunks;  // warp-uniform: odd block count
             if (second) str_load_x<NT, XS>(x, cols, 1, x1);
@@ -793,7 +822,8 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             __syncwarp();                    // ... and every other lane's
             // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
             const float am =
-                (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * raw[u]), scl[u], am_off)
+                (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * raw[u]),
+                                           str_nested_scale(st, jb + i), am_off)
                         : __uint_as_float(raw[u])) * inv_gamma;
             const float s00 = __shfl_sync(0xffffffffu, am, sl00);
             const float s01 = __shfl_sync(0xffffffffu, am, sl01);

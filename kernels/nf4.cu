@@ -584,7 +584,7 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
                 __syncwarp();  // every lane is done reading stage nu
                 if (i + STR_DEPTH - 1 < n)
                     str_issue<NESTED>(l, st.cur, full_chunks, dst + nu * STR_STAGE_STRIDE,
-                                      half_back, st.raw[nu], st.scl[nu]);
+                                      half_back, st.raw[nu]);
                 cp_async_commit();
             }
             if (i + 1 < n) x_load(jb + i + 1);
@@ -592,7 +592,8 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
             __syncthreads();  // ... every lane's; and stage i & 1 of x (stored last iteration)
             if (active) {
                 const float am = (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * st.raw[u]),
-                                                             st.scl[u], am_off)
+                                                             str_nested_scale(st, jb + i),
+                                                             am_off)
                                          : __uint_as_float(st.raw[u])) * inv_gamma;
                 const float s00 = __shfl_sync(0xffffffffu, am, sl00);
                 const float s01 = __shfl_sync(0xffffffffu, am, sl01);

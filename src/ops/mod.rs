@@ -104,6 +104,40 @@ pub const STR_WARPS: usize = 8;
 /// code-pair table with the warps' rings in its holes.
 pub const STR_TABLE_BYTES: usize = 256 * 256;
 
+/// Most 128-k chunks one warp streams (kernels/common.cuh `StrStats`): the statistics of a
+/// stream then span at most two nested-absmax blocks (256 blocks of 64 each), which the
+/// kernels load once per stream instead of once per chunk.
+pub const STREAM_MAX_CHUNKS: usize = 64;
+
+/// Whether K split `ks` keeps every warp's share of `chunks` chunks within
+/// [`STREAM_MAX_CHUNKS`] (the kernels give a warp at most `ceil(chunks / ks)`).
+pub fn stream_split_fits(chunks: usize, ks: usize) -> bool {
+    ks > 0 && chunks.div_ceil(ks) <= STREAM_MAX_CHUNKS
+}
+
+/// Whether some K split of the streaming kernels (at most [`STR_WARPS`]) serves `chunks`
+/// 128-k chunks: K up to 65,536.
+pub fn stream_k_fits(chunks: usize) -> bool {
+    stream_split_fits(chunks, STR_WARPS)
+}
+
+/// The K split of a streaming launch: `GPTOSS_3090_MOE_STREAM_KS` if set, else
+/// [`stream_k_split`]; an error naming the bound if the warps' streams would be too long.
+pub fn stream_split(groups: usize, chunks: usize, resident: usize) -> Result<usize> {
+    let ks = match stream_ks_override()? {
+        Some(ks) => ks,
+        None => stream_k_split(groups, chunks, resident),
+    };
+    if !stream_split_fits(chunks, ks) {
+        return Err(Error::arg(format!(
+            "K of {chunks} chunks of 128 split {ks} ways: the streaming kernels take at most \
+             {STREAM_MAX_CHUNKS} chunks per warp (K split {ks}: K <= {})",
+            128 * STREAM_MAX_CHUNKS * ks
+        )));
+    }
+    Ok(ks)
+}
+
 /// K split of a streaming launch with `groups` 16-row groups (all expert slots) of `chunks`
 /// 128-k chunks each and room for `resident` blocks at once: 1, 2, 4 or 8 warps per group,
 /// whichever minimises `block waves x (chunks per warp + STREAM_WARP_OVERHEAD)`. A single
@@ -111,10 +145,15 @@ pub const STR_TABLE_BYTES: usize = 256 * 256;
 /// many short warps (each paying the pipeline fill, the block prologue and the reduction) is
 /// not taken. Always a power of two (as is `GPTOSS_3090_MOE_STREAM_KS`): the kernels split
 /// their warps with shifts and masks.
+/// Only splits that keep each warp's stream within [`STREAM_MAX_CHUNKS`] are considered; for
+/// `chunks` beyond `8 * STREAM_MAX_CHUNKS` none is (callers check [`stream_k_fits`] first).
 pub fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
     let resident = resident.max(1);
-    let mut best = (1usize, f64::INFINITY);
+    let mut best = (STR_WARPS, f64::INFINITY);
     for ks in [1usize, 2, 4, 8] {
+        if !stream_split_fits(chunks, ks) {
+            continue;
+        }
         let waves = groups.div_ceil(STR_WARPS / ks).div_ceil(resident) as f64;
         let cost = waves * (chunks as f64 / ks as f64 + STREAM_WARP_OVERHEAD);
         if cost < best.1 {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    check_row_stride, env_count, residency, stream_k_split, stream_ks_override,
-    stream_x_column_bytes, stream_x_columns, Dtype, STR_TABLE_BYTES, STR_WARPS,
+    check_row_stride, env_count, residency, stream_k_fits, stream_split, stream_x_column_bytes,
+    stream_x_columns, Dtype, STREAM_MAX_CHUNKS, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
@@ -483,6 +483,15 @@ impl MoeArgs {
                 "intermediate size: expected a positive multiple of 64, found {i}"
             )));
         }
+        // The streaming kernels (decode and streaming regimes) split K at most 8 ways.
+        for (name, dim) in [("hidden size", h), ("intermediate size", i)] {
+            if !stream_k_fits(dim.div_ceil(128)) {
+                return Err(Error::arg(format!(
+                    "{name}: at most {} is supported (the streaming kernels' bound), found {dim}",
+                    128 * STREAM_MAX_CHUNKS * STR_WARPS
+                )));
+            }
+        }
         if e == 0 || e > MAX_EXPERTS {
             return Err(Error::arg(format!(
                 "experts: expected 1..={MAX_EXPERTS}, found {e}"
@@ -784,10 +793,7 @@ fn stream_phase(
     })?;
     let chunks = (k_dim / 64).div_ceil(2);
     let resident = per_sm * dev.sm_count() as usize;
-    let ks = match stream_ks_override()? {
-        Some(ks) => ks,
-        None => stream_k_split(slots * rows.div_ceil(16), chunks, resident),
-    };
+    let ks = stream_split(slots * rows.div_ceil(16), chunks, resident)?;
     Ok(StreamPhase {
         ks,
         xcols,
@@ -1251,7 +1257,27 @@ mod tests {
         assert_eq!(stream_k_split(1, 23, 396), 8); // one group: more warps on it
     }
 
+    #[test]
+    fn stream_k_split_keeps_each_warp_within_the_stream_bound() {
+        // Many groups favour whole rows per warp, unless a warp's stream would be too long:
+        // K = 16384 (128 chunks) then needs a split of 2, K = 65536 (512 chunks) of 8.
+        assert_eq!(stream_k_split(32 * 360, 128, 82), 2);
+        assert_eq!(stream_k_split(32 * 360, 512, 82), 8);
+        for chunks in [1, 23, 64, 65, 128, 129, 300, 512] {
+            for groups in [1, 16, 360, 11520] {
+                let ks = stream_k_split(groups, chunks, 396);
+                assert!(
+                    stream_split_fits(chunks, ks),
+                    "{chunks} chunks, {groups} groups"
+                );
+                assert!(chunks.div_ceil(ks) <= STREAM_MAX_CHUNKS);
+            }
+        }
+        assert!(!stream_split_fits(513, 8));
+    }
+
     use super::*;
+    use crate::ops::{stream_k_split, stream_split_fits};
 
     fn args(tokens: usize) -> MoeArgs {
         let nf4 = |nnb| Nf4Experts {
@@ -1393,6 +1419,11 @@ mod tests {
         let mut a = args(5);
         a.hidden = 100;
         assert!(a.validate().unwrap_err().to_string().contains("hidden"));
+        // Past the streaming kernels' K bound (8 warps x 64 chunks of 128).
+        let mut a = args(5);
+        a.intermediate = 65536 + 64;
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("intermediate size: at most 65536"), "{err}");
         let mut a = args(5);
         a.topk = 9;
         assert!(a.validate().unwrap_err().to_string().contains("top_k"));

@@ -8,8 +8,8 @@
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    ceil_div, check_opt_ptr, check_ptr, check_row_stride, residency, stream_k_split,
-    stream_ks_override, to_i32, Dtype, STR_TABLE_BYTES, STR_WARPS,
+    ceil_div, check_opt_ptr, check_ptr, check_row_stride, residency, stream_k_fits, stream_split,
+    stream_split_fits, to_i32, Dtype, STREAM_MAX_CHUNKS, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Elements per NF4 block.
@@ -499,14 +499,26 @@ fn plan_wide(m: i64, n: i64, k: i64, sm_count: u32, tuning: Tuning) -> Result<Li
         )));
     }
     let chunks = ((k / BLOCK) as u64).div_ceil(2);
+    // Enough splits that no block streams more than STREAM_MAX_CHUNKS chunks.
+    let least = chunks.div_ceil(STREAM_MAX_CHUNKS as u64).max(1);
     let splits = match mma_splits_override()? {
-        Some(forced) => (forced as u64).min(chunks),
+        Some(forced) => {
+            let forced = (forced as u64).min(chunks);
+            if !stream_split_fits(chunks as usize, forced as usize) {
+                return Err(Error::arg(format!(
+                    "GPTOSS_3090_NF4_SPLITS={forced}: the wide path needs at least {least} \
+                     K splits for K = {k} (at most {STREAM_MAX_CHUNKS} chunks of 128 per split)"
+                )));
+            }
+            forced
+        }
         None => wide_k_split(
             n as u64,
             chunks,
             sm_count as u64,
             wide_blocks_per_sm(tuning),
-        ),
+        )
+        .max(least),
     };
     let gx = u32::try_from(ceil_div(n as u64, 16 * STR_WARPS as u64))
         .map_err(|_| Error::arg("N too large for one launch"))?;
@@ -679,7 +691,7 @@ pub unsafe fn linear(
     stream: u64,
 ) -> Result<LinearPlan> {
     let mut params = linear_params(segments, a)?;
-    let streamable = stream_eligible(segments);
+    let streamable = stream_eligible(segments, a.k);
     let wants_stream = match path {
         Some(LinearPath::Stream) => true,
         Some(LinearPath::Auto) => a.m <= STREAM_MAX_M && streamable,
@@ -690,7 +702,7 @@ pub unsafe fn linear(
         if !streamable {
             return Err(Error::arg(
                 "the stream path needs segments of 16-row multiples with one absmax format \
-                 (all nested or all plain)",
+                 (all nested or all plain) and K <= 65536",
             ));
         }
         // SAFETY: forwarded contract.
@@ -700,7 +712,7 @@ pub unsafe fn linear(
         if !streamable {
             return Err(Error::arg(
                 "the wide path needs segments of 16-row multiples with one absmax format \
-                 (all nested or all plain)",
+                 (all nested or all plain) and K <= 65536",
             ));
         }
         // SAFETY: forwarded contract.
@@ -775,9 +787,12 @@ unsafe fn launch_splitk_reduce(
 }
 
 /// Whether the streaming kernel can serve this weight: every segment a multiple of 16 rows (a
-/// warp's row group never straddles two) and one absmax format for all.
-pub fn stream_eligible(segments: &[Segment]) -> bool {
-    !segments.is_empty()
+/// warp's row group never straddles two), one absmax format for all, and K within the
+/// streaming kernels' bound (at most [`STREAM_MAX_CHUNKS`] chunks per warp at a K split of 8:
+/// K <= 65,536).
+pub fn stream_eligible(segments: &[Segment], k: i64) -> bool {
+    stream_k_fits(((k / BLOCK) as usize).div_ceil(2))
+        && !segments.is_empty()
         && segments.iter().all(|s| s.rows % 16 == 0)
         && segments
             .iter()
@@ -821,7 +836,7 @@ unsafe fn linear_stream(
     let resident = held.per_sm * dev.sm_count() as usize;
     let n = params.n as usize;
     let chunks = (a.k as usize / 64).div_ceil(2);
-    let ks = stream_ks_override()?.unwrap_or_else(|| stream_k_split(n / 16, chunks, resident));
+    let ks = stream_split(n / 16, chunks, resident)?;
     params.str_ks = ks as i32;
     let grid = (
         u32::try_from(n.div_ceil(16 * (STR_WARPS / ks)))
@@ -1105,7 +1120,26 @@ mod tests {
         assert_eq!(LinearPath::parse("wide")?, Some(LinearPath::Wide));
         let single = plan_linear(64, 5120, 256, 132, Tuning::Sm90, Some(LinearPath::Wide))?;
         assert_eq!((single.splits, single.workspace_floats), (1, 0));
+        // A grid that fills the GPU still splits a long K: at most 64 chunks per split
+        // (K = 16384: 128 chunks, 2 splits).
+        let long = plan_wide(64, 128 * 300, 16384, 132, Tuning::Sm90)?;
+        assert_eq!(long.splits, 2);
         Ok(())
+    }
+
+    #[test]
+    fn streaming_paths_need_k_within_the_stream_bound() {
+        let seg = |rows: i64| Segment {
+            rows,
+            stats: Nf4Stats {
+                nested: true,
+                ..Nf4Stats::default()
+            },
+        };
+        assert!(stream_eligible(&[seg(4096), seg(512)], 2880));
+        assert!(stream_eligible(&[seg(16)], 65536));
+        assert!(!stream_eligible(&[seg(16)], 65536 + 64));
+        assert!(!stream_eligible(&[seg(8)], 2880));
     }
 
     #[test]
