@@ -160,17 +160,19 @@ job_e2e_routing() {
 
 job_e2e_profile() {
   # Where a decode step's time goes, kernel by kernel, ours vs stock at batch 64 (0.85 of the
-  # card; PROFILE_WORKLOAD=decode_b1 or decode_b16 for another batch): 32 traced decode steps
-  # per side, then bench/trace_kernels.py.
+  # card; PROFILE_WORKLOAD=decode_b1 or decode_b16 for another batch, or a comma list such as
+  # decode_b1,decode_b64): 32 traced decode steps per side, then bench/trace_kernels.py.
   wait_synth
-  local wl=${PROFILE_WORKLOAD:-decode_b64}
-  local res="$W/res/e2e_profile_$wl"
-  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$res" --budgets full \
-    --workloads "$wl" --profile-workload "$wl"
-  python3 bench/trace_kernels.py "$res/traces/stock_full" "$res/traces/ours_full" --steps 32 \
-    --out "$res/kernels.md"
-  # The traces themselves are large; keep the summary only.
-  rm -rf "$res/traces"
+  local wls=${PROFILE_WORKLOAD:-decode_b64} wl res
+  for wl in ${wls//,/ }; do
+    res="$W/res/e2e_profile_$wl"
+    python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$res" --budgets full \
+      --workloads "$wl" --profile-workload "$wl"
+    python3 bench/trace_kernels.py "$res/traces/stock_full" "$res/traces/ours_full" --steps 32 \
+      --out "$res/kernels.md"
+    # The traces themselves are large; keep the summary only.
+    rm -rf "$res/traces"
+  done
 }
 
 job_nf4test() {

@@ -73,6 +73,37 @@ def kernel_times(events: Iterable[dict[str, Any]]) -> dict[str, tuple[float, int
     return {k: (v[0], int(v[1])) for k, v in out.items()}
 
 
+def busy_and_span(events: Iterable[dict[str, Any]]) -> tuple[float, float]:
+    """GPU busy time (union of kernel intervals, us) and the span from the first kernel's start
+    to the last one's end. A span well above the busy time means the GPU waited: on the host's
+    launches or graph replays, or on something other than kernels (copies, synchronisation)."""
+    spans = sorted(
+        (float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0)))
+        for ev in events
+        if ev.get("ph") == "X" and ev.get("cat") == "kernel" and "ts" in ev
+    )
+    if not spans:
+        return 0.0, 0.0
+    busy, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy, max(e for _, e in spans) - spans[0][0]
+
+
+def timeline(folder: Path) -> tuple[float, float]:
+    """busy_and_span summed over the trace files of ``folder`` (one per worker)."""
+    busy = span = 0.0
+    for f in trace_files(folder):
+        b, s = busy_and_span(load_events(f))
+        busy, span = busy + b, span + s
+    return busy, span
+
+
 def summarize(folder: Path) -> dict[str, tuple[float, int]]:
     """kernel_times over every trace file in ``folder``."""
     total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -83,8 +114,14 @@ def summarize(folder: Path) -> dict[str, tuple[float, int]]:
     return {k: (v[0], int(v[1])) for k, v in total.items()}
 
 
-def table(runs: dict[str, dict[str, tuple[float, int]]], steps: int, top: int = 12) -> str:
-    """Markdown: us per step by family for each run, then each run's top kernels."""
+def table(
+    runs: dict[str, dict[str, tuple[float, int]]],
+    steps: int,
+    top: int = 12,
+    timelines: dict[str, tuple[float, float]] | None = None,
+) -> str:
+    """Markdown: us per step by family for each run (with each run's GPU busy time and span,
+    from ``timelines``, where given), then each run's top kernels."""
     fams = sorted({family(k) for r in runs.values() for k in r})
     per_fam = {
         name: {f: sum(us for k, (us, _) in r.items() if family(k) == f) / steps for f in fams}
@@ -97,6 +134,16 @@ def table(runs: dict[str, dict[str, tuple[float, int]]], steps: int, top: int = 
         lines.append(f"| {f} | " + " | ".join(f"{per_fam[n][f]:.1f}" for n in runs) + " |")
     totals = " | ".join(f"**{sum(per_fam[n].values()):.1f}**" for n in runs)
     lines.append(f"| **all kernels** | {totals} |")
+    if timelines:
+        busy = " | ".join(f"{timelines[n][0] / steps:.1f}" for n in runs)
+        span = " | ".join(f"{timelines[n][1] / steps:.1f}" for n in runs)
+        frac = " | ".join(
+            f"{100 * timelines[n][0] / timelines[n][1]:.0f}%" if timelines[n][1] else "-"
+            for n in runs
+        )
+        lines.append(f"| GPU busy (kernel union) | {busy} |")
+        lines.append(f"| GPU span (first to last kernel) | {span} |")
+        lines.append(f"| busy / span | {frac} |")
     for name, r in runs.items():
         lines += ["", f"Top kernels, {name} (us per step, launches per step):", ""]
         lines += ["| kernel | family | us/step | launches/step |", "|---|---|---|---|"]
@@ -114,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.steps <= 0:
         p.error("--steps must be positive")
-    runs = {}
+    runs, timelines = {}, {}
     for folder in a.folders:
         if not trace_files(folder):
             p.error(f"{folder}: no trace files (*.json, *.json.gz)")
         runs[folder.name] = summarize(folder)
-    md = table(runs, a.steps)
+        timelines[folder.name] = timeline(folder)
+    md = table(runs, a.steps, timelines=timelines)
     print(md)
     if a.out:
         a.out.write_text(md)

@@ -134,6 +134,23 @@ def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
         tk.main([str(tmp_path / "missing"), "--steps", "2"])
 
 
+def test_trace_kernels_reports_gpu_busy_time_against_the_span() -> None:
+    """Overlapping kernels count once; the gaps between them count in the span only."""
+    tk = _load("trace_kernels")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 100.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 105.0, "dur": 10.0},  # overlaps a
+        {"ph": "X", "cat": "kernel", "name": "c", "ts": 150.0, "dur": 20.0},  # after a gap
+        {"ph": "X", "cat": "cpu_op", "name": "d", "ts": 0.0, "dur": 500.0},  # not a kernel
+    ]
+    busy, span = tk.busy_and_span(events)
+    assert (busy, span) == (35.0, 70.0)
+    md = tk.table({"x": tk.kernel_times(events)}, steps=1, timelines={"x": (busy, span)})
+    assert "| GPU busy (kernel union) | 35.0 |" in md
+    assert "| busy / span | 50% |" in md
+    assert tk.busy_and_span([]) == (0.0, 0.0)
+
+
 def test_summary_reports_the_median_and_the_range_of_the_runs(bench, tmp_path) -> None:
     """summary_md shows each side's median tok/s with the range of its timed runs, and the ratio
     of the medians; plot() writes a PNG where matplotlib is installed."""
