@@ -19,9 +19,10 @@
 # `bash scripts/gpu-bundle.sh` makes .gpu-bundle and cuts it into parts that fit (it prints how
 # many); install-bundle.sh concatenates bundle.tgz.part* in name order.
 #
-# Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, nf4bench, profile,
-# correctness, correctness1, correctness32, server, chat, budget24, qal, e2e, e2e_decode, e2e_dummy,
-# e2e_routing, e2e_profile, smoke. Results land in /root/e2e/{status,logs,res}.
+# Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
+# nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
+# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, smoke. Results land in
+# /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -61,6 +62,17 @@ job_kernels() {
   python3 bench/bench_moe.py --tokens 1,2,4,8,16,32,64,128,512,2048,8192 --tunings auto \
     --layers 24 --no-baselines --weights-order rows --out "$W/res/moe_rows.json" \
     --commit "$commit"
+}
+
+job_kernels_skew() {
+  # Ours against Marlin with skewed routing (bench_moe.py --routing-skew: some experts get many
+  # of a batch's pairs, as a real model's routing does; 0.35 matches what our 20b synthetic
+  # checkpoint touched in vLLM at 64 tokens), at SKEW_TOKENS for each of MOE_SKEWS.
+  local sk
+  for sk in ${MOE_SKEWS:-0 0.35 0.7}; do
+    python3 bench/bench_moe.py --tokens "${SKEW_TOKENS:-16,32,64,128}" --tunings auto \
+      --layers 24 --routing-skew "$sk" --out "$W/res/moe_skew_$sk.json" --commit "$commit"
+  done
 }
 
 job_profile() {

@@ -41,6 +41,9 @@
 #               alternating rounds (the streaming linear at CHECK_MS, default 1,4,16, and the MoE
 #               at CHECK_TOKENS, default 1,4,16,64; CHECK_PARTS, default linear,moe), then each
 #               folder's outputs against the tree's, bit for bit; compiles only what it runs
+#   moeskew     bench_moe.py at SKEW_TOKENS (default 16,32,64,128) with each routing skew of
+#               MOE_SKEWS (default "0 0.35 0.7"; --routing-skew), our kernels only (the Marlin
+#               baseline needs vLLM: gpu_e2e.sh job kernels_skew)
 #   moechunks   bench_moe.py on row-order experts, then on chunk-major ones (the served order)
 #   nf4chunks   bench_nf4_linear.py at M = 1, 4, 16: the default kernels, then the streaming
 #               kernels built with STR_CHUNK_MAJOR on chunk-major weights
@@ -285,6 +288,13 @@ for step in "$@"; do
         GPTOSS_3090_KERNEL_DIR=$d python3 bench/bench_nf4_linear.py --shapes 5760x2880,4096x2880,2880x2880 \
           --ms "${NF4_MS:-1,4,16}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb --out "$OUT/nf4_variant_$v.json" 2>&1 \
           | tee "$OUT/nf4_variant_$v.log" | grep -v "^wrote"
+      done
+      ;;
+    moeskew)
+      for sk in ${MOE_SKEWS:-0 0.35 0.7}; do
+        echo "-- routing skew $sk"
+        bench_moe "skew_$sk" --tokens "${SKEW_TOKENS:-16,32,64,128}" --tunings auto \
+          --routing-skew "$sk" --no-baselines
       done
       ;;
     moechunks)
