@@ -126,6 +126,10 @@ struct MoeParams {
     i32 str_gx_dn;
     i32 str_slots;
     i32 router_b_act;  // moe_router_*: router_b holds act dtype values (1) or f32 (0)
+    // moe_str_* grouped: 1 = block row y is tile y of ws_tiles (moe_group's passes of bm pairs,
+    // bm = 8 * NT), so an expert with more pairs than a pass holds runs its passes in separate
+    // blocks; 0 = block row y is active expert y, whose passes run in turn in one block.
+    i32 str_pass_items;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1444,10 +1448,22 @@ __device__ __forceinline__ void moe_str_stream(StrPassX px, const StrLane& l, in
 
 // Expert slot y's expert (-1: no expert in that slot), its routed pair count and, grouped, its
 // pair list in ws_sorted (else the pairs land in sh.pairs). Block-uniform y: every thread calls.
+// With str_pass_items (PASS_ITEMS: the split launches; the host never sets it for the fused
+// kernel, which compiles without the branch), slot y is one pass of an expert: tile y of
+// moe_group's list, at most bm (one pass's) pairs from the tile's first row.
+template <bool PASS_ITEMS>
 __device__ __forceinline__ int str_slot_expert(const MoeParams& p, StrShared& sh, int y,
                                                int& cnt, const int*& gpairs) {
     cnt = 0;
     gpairs = nullptr;
+    if (PASS_ITEMS && p.str_grouped && p.str_pass_items) {
+        if (y >= ((const int*)p.ws_meta)[1]) return -1;
+        const int e = ((const int*)p.ws_tiles)[2 * y];
+        const int row = ((const int*)p.ws_tiles)[2 * y + 1];
+        cnt = min(p.bm, ((const int*)p.ws_counts)[e] - (row - ((const int*)p.ws_offsets)[e]));
+        gpairs = (const int*)p.ws_sorted + row;
+        return e;
+    }
     if (p.str_grouped) {
         if (y >= ((const int*)p.ws_meta)[0]) return -1;
         const int e = ((const int*)p.ws_active)[y];
@@ -1634,7 +1650,7 @@ __device__ void moe_str(const MoeParams& p) {
         dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP, pre);
     int cnt;
     const int* gpairs;
-    const int e = str_slot_expert(p, sh, blockIdx.y, cnt, gpairs);
+    const int e = str_slot_expert<true>(p, sh, blockIdx.y, cnt, gpairs);
     if (e < 0) return;  // block-uniform
     moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC>(p, sh, str_smem, e, cnt, gpairs,
                                                          blockIdx.x, gridDim.x, p.str_ks,
@@ -1675,7 +1691,7 @@ __device__ void moe_str_fused(const MoeParams& p) {
         const int y = local / gx, bx = local - y * gx;
         int cnt;
         const int* gpairs;
-        const int e = str_slot_expert(p, sh, y, cnt, gpairs);
+        const int e = str_slot_expert<false>(p, sh, y, cnt, gpairs);
         if (e < 0) continue;  // empty slot: nothing to compute, and no down item waits on it
         if (up) {
             moe_str_item<DTYPE, true, NT, NESTED, STR_X_GLOBAL_NC>(

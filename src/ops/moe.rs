@@ -38,8 +38,11 @@ pub const MAX_TOPK: usize = 8;
 pub const DECODE_MAX_TOKENS: usize = 16;
 /// Token counts up to this take top-k of given logits inside `moe_group` (one block).
 pub const FUSED_ROUTE_MAX_TOKENS: usize = 64;
-/// Smallest prefill tile height (sizes the tile list).
+/// Smallest prefill tile height.
 const MIN_BM: usize = 64;
+/// Smallest tile height `moe_group` may list: one streaming pass of one column tile (8 pairs),
+/// with [`PASS_ITEMS_ENV`]. Sizes the tile list.
+const MIN_TILE: usize = 8;
 /// Largest prefill tile height (sizes the padded sorted list).
 const MAX_BM: usize = 128;
 /// Rows of decoded weights per prefill block (kernels/moe.cu `GEMM_BN`).
@@ -159,6 +162,9 @@ pub struct MoeParams {
     pub str_slots: i32,
     /// `moe_router_*`: `router_b` holds act dtype values (1) or f32 (0).
     pub router_b_act: i32,
+    /// `moe_str_*` grouped: 1 = block row y runs tile y of `ws_tiles` (one pass of `bm` pairs),
+    /// 0 = block row y runs active expert y, all its passes in turn.
+    pub str_pass_items: i32,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -188,7 +194,7 @@ pub struct WorkspaceLayout {
     pub out: usize,
     /// Total bytes.
     pub total: usize,
-    /// Tile capacity (any tile height >= 64).
+    /// Tile capacity (any tile height >= 8).
     pub max_tiles: usize,
     /// Sorted-list capacity (any tile height <= 128).
     pub sorted_cap: usize,
@@ -220,7 +226,7 @@ impl WorkspaceLayout {
         elem_size: usize,
     ) -> Result<Self> {
         let tk = checked("tokens * top_k", tokens.checked_mul(topk))?;
-        let max_tiles = tk.div_ceil(MIN_BM) + experts;
+        let max_tiles = tk.div_ceil(MIN_TILE) + experts;
         let sorted_cap = checked(
             "sorted capacity",
             experts
@@ -630,6 +636,7 @@ impl MoeArgs {
             str_gx_dn: 0,
             str_slots: 0,
             router_b_act: 0,
+            str_pass_items: 0,
         })
     }
 }
@@ -716,6 +723,39 @@ pub fn stream_columns(groups: usize, slots: usize, per_block: usize, resident: u
 /// Development knob: the streaming kernels' 8-column tiles per pass, 1 (`moe_str_*_n1`) or 2
 /// (`_n2`), instead of the automatic choice (read once per process; for sweeps).
 pub const STREAM_TILES_ENV: &str = "GPTOSS_3090_MOE_STREAM_TILES";
+
+/// Development knob (read on every call, like [`STREAM_LAUNCH_ENV`]): `1` runs each pass of the
+/// streaming regime (up to 8 routed pairs per column tile) as its own block row, so that an
+/// expert with more pairs than one pass holds spreads its passes over the GPU instead of running
+/// them in turn in one block; `0` or unset keeps one block row per expert. The per-pair
+/// arithmetic is the same either way. Not yet measured on a GPU.
+pub const PASS_ITEMS_ENV: &str = "GPTOSS_3090_MOE_PASS_ITEMS";
+
+fn pass_items_setting() -> Result<bool> {
+    pass_items_for(std::env::var(PASS_ITEMS_ENV).ok().as_deref())
+}
+
+/// [`pass_items_setting`] for an explicit setting (`None` = the variable is unset).
+fn pass_items_for(setting: Option<&str>) -> Result<bool> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(Error::arg(format!(
+            "{PASS_ITEMS_ENV}={other:?}: expected 0 (default) or 1"
+        ))),
+    }
+}
+
+/// Block rows of a streaming launch for `pairs` routed pairs over `experts` experts: one per
+/// expert a launch may touch, or with pass items (passes of `pass` pairs) at most one per pass:
+/// sum over experts of ceil(c / pass) <= pairs / pass + touched experts.
+pub fn stream_slots(pairs: usize, experts: usize, pass: Option<usize>) -> usize {
+    let touched = experts.min(pairs);
+    match pass {
+        Some(pass) => touched + pairs / pass.max(1),
+        None => touched,
+    }
+}
 
 fn stream_tiles_override() -> Result<Option<usize>> {
     static TILES: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
@@ -906,7 +946,8 @@ fn launch_stream(
     tuning: Tuning,
 ) -> Result<()> {
     let (t, k, e) = (args.tokens, args.topk, args.experts);
-    let slots = e.min(t * k);
+    let pass_items = p.str_pass_items != 0;
+    let slots = stream_slots(t * k, e, pass_items.then_some(8 * nt));
     let table = u32_of("shared memory", STR_TABLE_BYTES)?;
     let threads = 32 * STR_WARPS as u32;
     let up_shape = (2 * args.intermediate, args.hidden);
@@ -915,8 +956,11 @@ fn launch_stream(
     let forced = stream_launch_override()?;
     // Plan the fused launch only where it may pay (fused_pays: decode regime, 2+ tokens), so
     // that one token and the streaming regime skip its occupancy queries.
-    let candidate = forced == Some(StreamLaunch::Fused)
-        || (forced.is_none() && fused_may_pay(p.str_grouped != 0, t));
+    // Pass items stay split: the fused kernel's counters hold one per expert slot (E), and it
+    // is compiled without the pass-item lookup.
+    let candidate = !pass_items
+        && (forced == Some(StreamLaunch::Fused)
+            || (forced.is_none() && fused_may_pay(p.str_grouped != 0, t)));
     if candidate && args.gate_up.nested == args.down.nested {
         let f = func(&format!(
             "moe_str_fused_n{nt}{}",
@@ -1024,10 +1068,15 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             }
         },
         Regime::Stream => {
+            let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
+            if pass_items_setting()? {
+                // moe_group lists each expert's passes as tiles of one pass's pairs.
+                p.bm = to_i32("bm", 8 * nt)?;
+                p.str_pass_items = 1;
+            }
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
             launch_stream(&dev, &func, args, &p, nt, tuning)?;
         }
         Regime::Prefill { bm, stages } => {
@@ -1258,6 +1307,54 @@ mod tests {
     }
 
     #[test]
+    fn pass_items_knob_parses() -> Result<()> {
+        assert!(!pass_items_for(None)?);
+        assert!(!pass_items_for(Some(" 0 "))?);
+        assert!(pass_items_for(Some("1"))?);
+        let err = pass_items_for(Some("yes")).unwrap_err().to_string();
+        assert!(err.contains("GPTOSS_3090_MOE_PASS_ITEMS") && err.contains("0 (default) or 1"));
+        Ok(())
+    }
+
+    #[test]
+    fn pass_items_fit_the_grid_and_the_tile_list() -> Result<()> {
+        // Every way of spreading `pairs` over `experts` (sampled: all on one expert, even,
+        // and a deterministic pseudo-random spread) needs at most stream_slots passes, and the
+        // workspace's tile list holds them for passes of 8 or 16 pairs.
+        let mut seed = 12345u64;
+        for (tokens, experts, topk) in [(17, 32, 4), (64, 32, 4), (128, 32, 4), (100, 8, 2)] {
+            let pairs = tokens * topk;
+            let layout = WorkspaceLayout::new(tokens, 2880, 2880, experts, topk, 2)?;
+            let mut spreads = vec![vec![0usize; experts], vec![pairs / experts; experts]];
+            spreads[0][0] = pairs;
+            spreads[1][0] += pairs % experts;
+            for _ in 0..50 {
+                let mut c = vec![0usize; experts];
+                for _ in 0..pairs {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    // Skewed: the square of a uniform draw favours low expert indices.
+                    let u = (seed >> 33) as f64 / (1u64 << 31) as f64;
+                    c[((u * u) * experts as f64) as usize % experts] += 1;
+                }
+                spreads.push(c);
+            }
+            for c in &spreads {
+                assert_eq!(c.iter().sum::<usize>(), pairs);
+                for pass in [8, 16] {
+                    let passes: usize = c.iter().map(|&n| n.div_ceil(pass)).sum();
+                    assert!(passes <= stream_slots(pairs, experts, Some(pass)), "{c:?}");
+                    assert!(passes <= layout.max_tiles, "{c:?}");
+                }
+                let touched = c.iter().filter(|&&n| n > 0).count();
+                assert!(touched <= stream_slots(pairs, experts, None));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn stream_k_split_keeps_each_warp_within_the_stream_bound() {
         // Many groups favour whole rows per warp, unless a warp's stream would be too long:
         // K = 16384 (128 chunks) then needs a split of 2, K = 65536 (512 chunks) of 8.
@@ -1376,10 +1473,11 @@ mod tests {
 
     #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 20 i32, then ws_sync + 6 i32 (kernels/moe.cu MoeParams).
+        // 26 pointers + 20 i32, then ws_sync + 7 i32, padded to 8 bytes (kernels/moe.cu
+        // MoeParams).
         assert_eq!(
             std::mem::size_of::<MoeParams>(),
-            26 * 8 + 20 * 4 + 8 + 6 * 4
+            (26 * 8 + 20 * 4 + 8 + 7 * 4usize).div_ceil(8) * 8
         );
         assert_eq!(std::mem::offset_of!(MoeParams, ws_sync), 26 * 8 + 20 * 4);
     }

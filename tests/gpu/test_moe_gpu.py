@@ -400,6 +400,41 @@ def test_stream_regime_matches_reference_small_shapes(tokens: int) -> None:
     assert err <= TOL
 
 
+@pytest.mark.parametrize("tokens", [17, 40, 64, 128])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("tuning", ["auto", "sm86"])
+def test_stream_pass_items_give_the_same_bits(
+    monkeypatch, tokens: int, nested: bool, tuning: str
+) -> None:
+    """GPTOSS_3090_MOE_PASS_ITEMS=1 runs each pass of an expert as its own block row. The
+    routing piles pairs onto expert 0 (every token) and expert 1 (every other token), so they
+    need several passes at both column-tile widths; the result must equal the default launch
+    bit for bit and stay within TOL of the fp32 reference."""
+    layer = make_layer(32, SMALL[1], SMALL[2], seed=51, nested=nested)
+    x = rand_x(tokens, layer.hidden, seed=52)
+    g = torch.Generator(device=DEV).manual_seed(53)
+    ids = torch.stack(
+        [torch.randperm(30, device=DEV, generator=g)[:4] + 2 for _ in range(tokens)]
+    ).to(torch.int32)
+    ids[:, 0] = 0
+    ids[::2, 1] = 1
+    wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
+    assert M.moe_regime(tokens, 4, 32, tuning if tuning != "auto" else "sm90") == "stream"
+    ws = layer.workspace(tokens)
+    ys = {}
+    for items in ("0", "1"):
+        monkeypatch.setenv("GPTOSS_3090_MOE_PASS_ITEMS", items)
+        ys[items] = M.moe(x, layer, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    err = rel_err(ys["1"], ref)
+    print(f"pass items T={tokens} nested={nested} {tuning}: rel err {err:.2e}")
+    assert err <= TOL
+    assert torch.equal(ys["1"], ys["0"])
+    monkeypatch.setenv("GPTOSS_3090_MOE_PASS_ITEMS", "2")
+    with pytest.raises(ValueError, match="GPTOSS_3090_MOE_PASS_ITEMS"):
+        M.moe(x, layer, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+
+
 @pytest.mark.parametrize("tokens", [17, 20, 32, 48])
 def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
     """The streaming regime with one column tile per pass (32 experts averaging at most 6 pairs,
