@@ -145,6 +145,7 @@ pub fn stream_split(groups: usize, chunks: usize, resident: usize) -> Result<usi
 /// many short warps (each paying the pipeline fill, the block prologue and the reduction) is
 /// not taken. Always a power of two (as is `GPTOSS_3090_MOE_STREAM_KS`): the kernels split
 /// their warps with shifts and masks.
+///
 /// Only splits that keep each warp's stream within [`STREAM_MAX_CHUNKS`] are considered; for
 /// `chunks` beyond `8 * STREAM_MAX_CHUNKS` none is (callers check [`stream_k_fits`] first).
 pub fn stream_k_split(groups: usize, chunks: usize, resident: usize) -> usize {
