@@ -42,7 +42,7 @@
 #               at CHECK_TOKENS, default 1,4,16,64; CHECK_PARTS, default linear,moe), then each
 #               folder's outputs against the tree's, bit for bit; compiles only what it runs
 #   moeskew     bench_moe.py at SKEW_TOKENS (default 16,32,64,128) with each routing skew of
-#               MOE_SKEWS (default "0 0.35 0.7"; --routing-skew), each with
+#               MOE_SKEWS (default "0 0.35"; --routing-skew), each with
 #               GPTOSS_3090_MOE_PASS_ITEMS set to each of PASS_ITEMS_RUNS (default "0 1 0 1":
 #               one block row per expert or per pass, twice in turn); our kernels only (the
 #               Marlin baseline needs vLLM: gpu_e2e.sh job kernels_skew)
@@ -296,7 +296,7 @@ for step in "$@"; do
       round=0
       for items in ${PASS_ITEMS_RUNS:-0 1 0 1}; do
         round=$((round + 1))
-        for sk in ${MOE_SKEWS:-0 0.35 0.7}; do
+        for sk in ${MOE_SKEWS:-0 0.35}; do
           echo "-- routing skew $sk, GPTOSS_3090_MOE_PASS_ITEMS=$items (run $round)"
           GPTOSS_3090_MOE_PASS_ITEMS=$items bench_moe "skew_${sk}_items${items}_$round" \
             --tokens "${SKEW_TOKENS:-16,32,64,128}" --tunings auto --routing-skew "$sk" \
