@@ -947,7 +947,10 @@ fn launch_stream(
 ) -> Result<()> {
     let (t, k, e) = (args.tokens, args.topk, args.experts);
     let pass_items = p.str_pass_items != 0;
-    let slots = stream_slots(t * k, e, pass_items.then_some(8 * nt));
+    // Planned per touched expert either way (K split, staged columns, blocks per row of the
+    // grid), so pass items change only the grid's rows: the same K split keeps the same sums.
+    let slots = stream_slots(t * k, e, None);
+    let grid_rows = stream_slots(t * k, e, pass_items.then_some(8 * nt));
     let table = u32_of("shared memory", STR_TABLE_BYTES)?;
     let threads = 32 * STR_WARPS as u32;
     let up_shape = (2 * args.intermediate, args.hidden);
@@ -994,7 +997,11 @@ fn launch_stream(
         unsafe {
             dev.launch(
                 &f,
-                (u32_of(name, phase.gx)?, u32_of("expert slots", slots)?, 1),
+                (
+                    u32_of(name, phase.gx)?,
+                    u32_of("expert slots", grid_rows)?,
+                    1,
+                ),
                 (threads, 1, 1),
                 smem,
                 args.stream,
