@@ -109,6 +109,15 @@ pub const STR_TABLE_BYTES: usize = 256 * 256;
 /// kernels load once per stream instead of once per chunk.
 pub const STREAM_MAX_CHUNKS: usize = 64;
 
+/// Largest K the streaming kernels serve: [`STREAM_MAX_CHUNKS`] chunks of 128 per warp at a K
+/// split of [`STR_WARPS`].
+pub const STREAM_MAX_K: usize = 128 * STREAM_MAX_CHUNKS * STR_WARPS;
+
+/// 128-k chunks of a streaming row of `k` elements (a final 64-element block is a half chunk).
+pub fn stream_chunks(k: usize) -> usize {
+    (k / 64).div_ceil(2)
+}
+
 /// Whether K split `ks` keeps every warp's share of `chunks` chunks within
 /// [`STREAM_MAX_CHUNKS`] (the kernels give a warp at most `ceil(chunks / ks)`).
 pub fn stream_split_fits(chunks: usize, ks: usize) -> bool {
@@ -116,7 +125,7 @@ pub fn stream_split_fits(chunks: usize, ks: usize) -> bool {
 }
 
 /// Whether some K split of the streaming kernels (at most [`STR_WARPS`]) serves `chunks`
-/// 128-k chunks: K up to 65,536.
+/// 128-k chunks: K up to [`STREAM_MAX_K`].
 pub fn stream_k_fits(chunks: usize) -> bool {
     stream_split_fits(chunks, STR_WARPS)
 }

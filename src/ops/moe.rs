@@ -19,8 +19,8 @@ use std::sync::Arc;
 use crate::cuda::{GpuDevice, KernelFn, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    check_row_stride, env_count, residency, stream_k_fits, stream_split, stream_x_column_bytes,
-    stream_x_columns, Dtype, STREAM_MAX_CHUNKS, STR_TABLE_BYTES, STR_WARPS,
+    check_row_stride, env_count, residency, stream_chunks, stream_k_fits, stream_split,
+    stream_x_column_bytes, stream_x_columns, Dtype, STREAM_MAX_K, STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Route from router weights (`logits = x W_rᵀ + b_r` in the kernel).
@@ -491,10 +491,10 @@ impl MoeArgs {
         }
         // The streaming kernels (decode and streaming regimes) split K at most 8 ways.
         for (name, dim) in [("hidden size", h), ("intermediate size", i)] {
-            if !stream_k_fits(dim.div_ceil(128)) {
+            if !stream_k_fits(stream_chunks(dim)) {
                 return Err(Error::arg(format!(
-                    "{name}: at most {} is supported (the streaming kernels' bound), found {dim}",
-                    128 * STREAM_MAX_CHUNKS * STR_WARPS
+                    "{name}: at most {STREAM_MAX_K} is supported (the streaming kernels' bound), \
+                     found {dim}"
                 )));
             }
         }
@@ -831,7 +831,7 @@ fn stream_phase(
         let dyn_smem = u32_of("shared memory", dyn_smem)?;
         Ok(residency(dev, f, threads, dyn_smem, tuning)?.per_sm >= per_sm)
     })?;
-    let chunks = (k_dim / 64).div_ceil(2);
+    let chunks = stream_chunks(k_dim);
     let resident = per_sm * dev.sm_count() as usize;
     let ks = stream_split(slots * rows.div_ceil(16), chunks, resident)?;
     Ok(StreamPhase {
@@ -1381,7 +1381,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::ops::{stream_k_split, stream_split_fits};
+    use crate::ops::{stream_k_split, stream_split_fits, STREAM_MAX_CHUNKS};
 
     fn args(tokens: usize) -> MoeArgs {
         let nf4 = |nnb| Nf4Experts {

@@ -8,8 +8,9 @@
 use crate::cuda::{GpuDevice, Tuning};
 use crate::error::{Error, Result};
 use crate::ops::{
-    ceil_div, check_opt_ptr, check_ptr, check_row_stride, residency, stream_k_fits, stream_split,
-    stream_split_fits, to_i32, Dtype, STREAM_MAX_CHUNKS, STR_TABLE_BYTES, STR_WARPS,
+    ceil_div, check_opt_ptr, check_ptr, check_row_stride, residency, stream_chunks, stream_k_fits,
+    stream_split, stream_split_fits, to_i32, Dtype, STREAM_MAX_CHUNKS, STREAM_MAX_K,
+    STR_TABLE_BYTES, STR_WARPS,
 };
 
 /// Elements per NF4 block.
@@ -498,7 +499,7 @@ fn plan_wide(m: i64, n: i64, k: i64, sm_count: u32, tuning: Tuning) -> Result<Li
             "the wide path serves 1 <= M <= {WIDE_MAX_M}, found M = {m}"
         )));
     }
-    let chunks = ((k / BLOCK) as u64).div_ceil(2);
+    let chunks = stream_chunks(k as usize) as u64;
     // Enough splits that no block streams more than STREAM_MAX_CHUNKS chunks.
     let least = chunks.div_ceil(STREAM_MAX_CHUNKS as u64).max(1);
     let splits = match mma_splits_override()? {
@@ -700,20 +701,20 @@ pub unsafe fn linear(
     if wants_stream {
         // M beyond the kernel's tiles: stream_entry (in linear_stream) names the bound.
         if !streamable {
-            return Err(Error::arg(
+            return Err(Error::arg(format!(
                 "the stream path needs segments of 16-row multiples with one absmax format \
-                 (all nested or all plain) and K <= 65536",
-            ));
+                 (all nested or all plain) and K <= {STREAM_MAX_K}"
+            )));
         }
         // SAFETY: forwarded contract.
         return unsafe { linear_stream(dev, &mut params, a, stream) };
     }
     if path == Some(LinearPath::Wide) {
         if !streamable {
-            return Err(Error::arg(
+            return Err(Error::arg(format!(
                 "the wide path needs segments of 16-row multiples with one absmax format \
-                 (all nested or all plain) and K <= 65536",
-            ));
+                 (all nested or all plain) and K <= {STREAM_MAX_K}"
+            )));
         }
         // SAFETY: forwarded contract.
         return unsafe { linear_wide(dev, &mut params, a, workspace, stream) };
@@ -788,10 +789,9 @@ unsafe fn launch_splitk_reduce(
 
 /// Whether the streaming kernel can serve this weight: every segment a multiple of 16 rows (a
 /// warp's row group never straddles two), one absmax format for all, and K within the
-/// streaming kernels' bound (at most [`STREAM_MAX_CHUNKS`] chunks per warp at a K split of 8:
-/// K <= 65,536).
+/// streaming kernels' bound ([`STREAM_MAX_K`]).
 pub fn stream_eligible(segments: &[Segment], k: i64) -> bool {
-    stream_k_fits(((k / BLOCK) as usize).div_ceil(2))
+    stream_k_fits(stream_chunks(k as usize))
         && !segments.is_empty()
         && segments.iter().all(|s| s.rows % 16 == 0)
         && segments
@@ -835,7 +835,7 @@ unsafe fn linear_stream(
     let smem = held.launch_smem;
     let resident = held.per_sm * dev.sm_count() as usize;
     let n = params.n as usize;
-    let chunks = (a.k as usize / 64).div_ceil(2);
+    let chunks = stream_chunks(a.k as usize);
     let ks = stream_split(n / 16, chunks, resident)?;
     params.str_ks = ks as i32;
     let grid = (
