@@ -579,8 +579,9 @@ __device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int fu
                                           u32 stage, u32 half_back, u32& am_raw) {
     const bool second = c.j < full_chunks;  // warp-uniform
 #ifdef STR_CHUNK_MAJOR
-    // A branch, not predication: only a stream's last chunk can be a half chunk, and computing
-    // both paths cost 6-8 instructions in every chunk (sm_90 SASS, session 19).
+    // Expected taken: only a stream's last chunk can be a half chunk. Computing both paths
+    // costs 6-8 instructions per chunk (sm_90 SASS, session 19); the hint changes the code
+    // ptxas emits but did not turn that predication into a branch there.
     if (__builtin_expect(second, 1)) {
         cp_async_16_zfill_s(stage, c.src, 16u);
         cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + 512, 16u);
