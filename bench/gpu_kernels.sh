@@ -75,6 +75,9 @@
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   floor       read_floor.py: an empty kernel, a pure read and a copy of the decode targets'
 #               weight sizes, timed as the benchmarks time ours
+#   reducevec   bench_nf4_linear.py at NF4_MS (default 33,48,64,128,256) on NF4_SHAPES (vLLM's
+#               q/k/v as three segments, o, 5760x2880) with GPTOSS_3090_SPLITK_REDUCE set to
+#               each of REDUCE_RUNS in turn (default "scalar vec scalar vec")
 #   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
@@ -470,6 +473,22 @@ for step in "$@"; do
     nf4wheels)
       install_wheels
       each_wheel_twice nf4_wheel
+      ;;
+    reducevec)
+      # The split-K reduce after the wide linear (sm90 tunings, M = 33-64) and after the
+      # tensor-core path (the sm86 tuning from M = 17): one output per thread, then four
+      # (GPTOSS_3090_SPLITK_REDUCE=vec), in turn (REDUCE_RUNS, default twice each), same call.
+      # tests/gpu/test_nf4_gpu.py checks that the two give the same bits.
+      round=0
+      for mode in ${REDUCE_RUNS:-scalar vec scalar vec}; do
+        round=$((round + 1))
+        echo "-- GPTOSS_3090_SPLITK_REDUCE=$mode (run $round)"
+        GPTOSS_3090_SPLITK_REDUCE=$mode python3 bench/bench_nf4_linear.py \
+          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
+          --ms "${NF4_MS:-33,48,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
+          --out "$OUT/nf4_reduce_${mode}_$round.json" 2>&1 \
+          | tee "$OUT/nf4_reduce_${mode}_$round.log" | grep -v "^wrote"
+      done
       ;;
     nf4bench)
       # bitsandbytes' kernels as a baseline too when .gpu-bnb was carried (bench_nf4_linear.py

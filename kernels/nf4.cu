@@ -1233,6 +1233,50 @@ extern "C" __global__ void nf4_linear_splitk_reduce_f16(const Nf4LinearParams p)
     nf4_linear_splitk_reduce<DTYPE_F16>(p);
 }
 
+// The same sum, four outputs of one row per thread (N a multiple of 4, splits <= 8; the host
+// checks both): one 16-byte load per partial, all of them issued before the first add, instead
+// of one dependent 4-byte load chain per output. The adds run in the same order from the same
+// 0.0f, so the result is bit-identical to nf4_linear_splitk_reduce. The split launch's kernel
+// ended before this one started, so the partials may come through the read-only path.
+#define SPLITK_REDUCE_MAX_SPLITS 8
+template <int DTYPE>
+__device__ __forceinline__ void nf4_linear_splitk_reduce_v4(const Nf4LinearParams& p) {
+    const i64 vecs = (i64)p.M * p.N / 4;  // also the distance between partials, in float4
+    const float4* ws = (const float4*)p.ws;
+    const u16* bias = (const u16*)p.bias;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < vecs;
+         i += (i64)gridDim.x * blockDim.x) {
+        float4 part[SPLITK_REDUCE_MAX_SPLITS];
+#pragma unroll
+        for (int z = 0; z < SPLITK_REDUCE_MAX_SPLITS; ++z)
+            if (z < p.splits) part[z] = __ldg(ws + z * vecs + i);
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int z = 0; z < SPLITK_REDUCE_MAX_SPLITS; ++z) {
+            if (z < p.splits) {
+                v[0] += part[z].x;
+                v[1] += part[z].y;
+                v[2] += part[z].z;
+                v[3] += part[z].w;
+            }
+        }
+        const i64 e = 4 * i;
+        const int m = (int)(e / p.N), n = (int)(e - (i64)m * p.N);
+        u16* y = (u16*)p.y + (i64)m * p.ldy + n;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float b = bias ? half_to_f32<DTYPE>(ld_nc_u16(bias + n + q)) : 0.0f;
+            y[q] = f32_to_half<DTYPE>(bias ? v[q] + b : v[q]);
+        }
+    }
+}
+extern "C" __global__ void nf4_linear_splitk_reduce_v4_bf16(const Nf4LinearParams p) {
+    nf4_linear_splitk_reduce_v4<DTYPE_BF16>(p);
+}
+extern "C" __global__ void nf4_linear_splitk_reduce_v4_f16(const Nf4LinearParams p) {
+    nf4_linear_splitk_reduce_v4<DTYPE_F16>(p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Quantize with bitsandbytes' CUDA semantics.
 //   1. nf4_quantize_blocks_*: one warp per 64-block. absmax = max |v| (fp32; elements past n

@@ -66,6 +66,8 @@ def test_nf4_entries_exist_in_cubin():
         b"nf4_linear_mma_l4_f16",
         b"nf4_linear_mma_m3_bf16",
         b"nf4_linear_mma_s4_bf16",
+        b"nf4_linear_splitk_reduce_bf16",
+        b"nf4_linear_splitk_reduce_v4_f16",
         b"nf4_quantize_blocks_f32",
         b"nf4_quantize_mean",
         b"nf4_quantize_nested",

@@ -769,6 +769,31 @@ fn attach_split_workspace(
     Ok(())
 }
 
+/// Knob (read on every call, so one process can compare both): `vec` sums the split-K partials
+/// with `nf4_linear_splitk_reduce_v4` (four outputs per thread, 16-byte loads, the same order:
+/// bit-identical) where N is a multiple of 4; `scalar` (the default) or unset keeps one output
+/// per thread. Not yet measured on a GPU.
+pub const SPLITK_REDUCE_ENV: &str = "GPTOSS_3090_SPLITK_REDUCE";
+
+/// Largest K split the vectorised reduce sums (kernels/nf4.cu `SPLITK_REDUCE_MAX_SPLITS`).
+const SPLITK_REDUCE_MAX_SPLITS: i32 = 8;
+
+/// [`SPLITK_REDUCE_ENV`] for an explicit setting (`None` = unset): whether to vectorise.
+fn splitk_reduce_vec_for(setting: Option<&str>) -> Result<bool> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("scalar") => Ok(false),
+        Some("vec") => Ok(true),
+        Some(other) => Err(Error::arg(format!(
+            "{SPLITK_REDUCE_ENV}={other:?}: expected scalar (default) or vec"
+        ))),
+    }
+}
+
+/// Whether the vectorised reduce serves `n` output columns summed over `splits` partials.
+fn splitk_reduce_vec_fits(n: i32, splits: i32) -> bool {
+    n % 4 == 0 && (1..=SPLITK_REDUCE_MAX_SPLITS).contains(&splits)
+}
+
 /// `nf4_linear_splitk_reduce`: y = cast(sum over the splits of ws [splits][M][N] in order +
 /// bias), after a split launch of the tensor-core or wide path.
 ///
@@ -780,8 +805,16 @@ unsafe fn launch_splitk_reduce(
     a: &LinearArgs,
     stream: u64,
 ) -> Result<()> {
-    let r = dev.function_for_stream("nf4", &a.dtype.entry("nf4_linear_splitk_reduce"), stream)?;
-    let total = a.m as u64 * params.n as u64;
+    let vec = splitk_reduce_vec_for(std::env::var(SPLITK_REDUCE_ENV).ok().as_deref())?
+        && splitk_reduce_vec_fits(params.n, params.splits);
+    let entry = if vec {
+        "nf4_linear_splitk_reduce_v4"
+    } else {
+        "nf4_linear_splitk_reduce"
+    };
+    let r = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
+    let per_thread = if vec { 4 } else { 1 };
+    let total = a.m as u64 * params.n as u64 / per_thread;
     let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
     // SAFETY: forwarded contract; the reduce reads ws [splits][M][N] and writes y.
     unsafe { dev.launch(&r, (blocks, 1, 1), (256, 1, 1), 0, stream, params) }
@@ -1097,6 +1130,23 @@ mod tests {
         assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 240);
         assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
         assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
+    }
+
+    #[test]
+    fn splitk_reduce_knob_parses_and_fits() -> Result<()> {
+        assert!(!splitk_reduce_vec_for(None)?);
+        assert!(!splitk_reduce_vec_for(Some(" scalar "))?);
+        assert!(splitk_reduce_vec_for(Some("vec"))?);
+        let err = splitk_reduce_vec_for(Some("fast")).unwrap_err().to_string();
+        assert!(
+            err.contains("GPTOSS_3090_SPLITK_REDUCE") && err.contains("scalar (default) or vec")
+        );
+        assert!(splitk_reduce_vec_fits(5120, 6));
+        assert!(splitk_reduce_vec_fits(128, 8));
+        assert!(!splitk_reduce_vec_fits(130, 2)); // rows of 4 outputs would straddle rows
+        assert!(!splitk_reduce_vec_fits(128, 9)); // beyond the kernel's unrolled partials
+        assert!(!splitk_reduce_vec_fits(128, 0));
+        Ok(())
     }
 
     #[test]

@@ -541,6 +541,42 @@ def test_linear_wide_path_splits_and_graph():
     assert torch.equal(yg, ops.nf4_linear(xg, w, bias, path="wide"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
+    """GPTOSS_3090_SPLITK_REDUCE=vec sums the split-K partials four outputs per thread, in the
+    same order as the scalar reduce: the same bits after the wide and the tensor-core split
+    launches, with and without bias. N = 130 (not a multiple of 4) falls back to the scalar
+    reduce; an unknown setting is a ValueError naming the variable."""
+    from gptoss_3090 import _native
+
+    k = 2880
+    dev = torch.cuda.current_device()
+    g = gen(31)
+    cases = [
+        ("wide", 48, 128),
+        ("wide", 64, 2880),
+        ("mma", 64, 128),
+        ("mma", 200, 256),
+        ("mma", 64, 130),
+    ]
+    for path, m, n in cases:
+        assert _native.cuda_nf4_linear_plan(dev, m, n, k, path)["splits"] > 1, (path, m, n)
+        w = make_weight(n, k, dtype, seed=n + m)
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+        bias = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV)
+        for b in (bias, None):
+            ys = {}
+            for mode in ("scalar", "vec"):
+                monkeypatch.setenv("GPTOSS_3090_SPLITK_REDUCE", mode)
+                ys[mode] = ops.nf4_linear(x, w, b, path=path)
+            err = rel_err(ys["vec"], linear_ref(x, w.dequantize(), b))
+            assert err <= 1e-2, f"{path} {m}x{n}: {err:.3e}"
+            assert torch.equal(ys["vec"], ys["scalar"]), (path, m, n, b is None)
+    monkeypatch.setenv("GPTOSS_3090_SPLITK_REDUCE", "fast")
+    with pytest.raises(ValueError, match="GPTOSS_3090_SPLITK_REDUCE"):
+        ops.nf4_linear(x, w, bias, path="mma")
+
+
 @pytest.mark.parametrize("path, m", [("stream", 5), ("wide", 48)])
 def test_linear_stream_path_and_wide_fused_strided(path, m):
     """Three segments (a q/k/v-like fused weight) and a strided x through the streaming paths;
