@@ -756,6 +756,8 @@ fn attach_split_workspace(
 ) -> Result<()> {
     params.splits = plan.splits as i32;
     if plan.splits > 1 {
+        // A bad reduce setting fails here, before the split launch, not after it.
+        splitk_reduce_vec_for(std::env::var(SPLITK_REDUCE_ENV).ok().as_deref())?;
         let (ws, ws_floats) = workspace;
         check_ptr("split-K workspace", ws, 16)?;
         if ws_floats < plan.workspace_floats {
