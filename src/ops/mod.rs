@@ -201,6 +201,36 @@ pub(crate) fn env_setting<T: Clone>(
     .map_err(Error::arg)
 }
 
+/// A two-way knob read on every call (so that one process can compare both settings):
+/// `setting` is the variable's value (`None` = unset); `off` or `on` choose, unset or empty
+/// gives `default_on`, anything else is an error naming `name` and both choices.
+pub(crate) fn env_switch(
+    setting: Option<&str>,
+    name: &str,
+    (off, on): (&str, &str),
+    default_on: bool,
+) -> Result<bool> {
+    match setting.map(str::trim) {
+        None | Some("") => Ok(default_on),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on => Ok(true),
+        Some(other) => {
+            let tag = |choice: &str, is_default: bool| {
+                if is_default {
+                    format!("{choice} (default)")
+                } else {
+                    choice.to_string()
+                }
+            };
+            Err(Error::arg(format!(
+                "{name}={other:?}: expected {} or {}",
+                tag(off, !default_on),
+                tag(on, default_on)
+            )))
+        }
+    }
+}
+
 /// [`env_setting`] for a count that `allowed` accepts.
 pub(crate) fn env_count(
     cell: &'static EnvCell<usize>,

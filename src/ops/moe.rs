@@ -738,13 +738,7 @@ fn pass_items_setting() -> Result<bool> {
 
 /// [`pass_items_setting`] for an explicit setting (`None` = the variable is unset).
 fn pass_items_for(setting: Option<&str>) -> Result<bool> {
-    match setting.map(str::trim) {
-        Some("0") => Ok(false),
-        None | Some("") | Some("1") => Ok(true),
-        Some(other) => Err(Error::arg(format!(
-            "{PASS_ITEMS_ENV}={other:?}: expected 0 or 1 (default)"
-        ))),
-    }
+    crate::ops::env_switch(setting, PASS_ITEMS_ENV, ("0", "1"), true)
 }
 
 /// Block rows of a streaming launch for `pairs` routed pairs over `experts` experts: one per

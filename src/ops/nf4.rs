@@ -727,7 +727,7 @@ pub unsafe fn linear(
         dev.tuning(),
         path,
     )?;
-    attach_split_workspace(&mut params, &plan, workspace)?;
+    let reduce = attach_split_workspace(&mut params, &plan, workspace)?;
     let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams.
     unsafe {
@@ -740,35 +740,50 @@ pub unsafe fn linear(
             &params,
         )?;
     }
-    if plan.splits > 1 {
+    if let Some(reduce) = reduce {
         // SAFETY: forwarded contract; the main launch wrote ws [splits][M][N].
-        unsafe { launch_splitk_reduce(dev, &params, a, stream)? };
+        unsafe { launch_splitk_reduce(dev, &params, a, reduce, stream)? };
     }
     Ok(plan)
 }
 
 /// Sets the split count of `params` from `plan` and, for a split launch, checks the caller's
-/// fp32 workspace `(pointer, floats)` against the plan and attaches it.
+/// fp32 workspace `(pointer, floats)` against the plan, attaches it and returns the reduce
+/// kernel that must follow (chosen here, so that a bad setting fails before the split launch).
 fn attach_split_workspace(
     params: &mut Nf4LinearParams,
     plan: &LinearPlan,
     workspace: (u64, u64),
-) -> Result<()> {
+) -> Result<Option<SplitReduce>> {
     params.splits = plan.splits as i32;
-    if plan.splits > 1 {
-        // A bad reduce setting fails here, before the split launch, not after it.
-        splitk_reduce_vec_for(std::env::var(SPLITK_REDUCE_ENV).ok().as_deref())?;
-        let (ws, ws_floats) = workspace;
-        check_ptr("split-K workspace", ws, 16)?;
-        if ws_floats < plan.workspace_floats {
-            return Err(Error::arg(format!(
-                "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
-                plan.workspace_floats
-            )));
-        }
-        params.ws = ws;
+    if plan.splits <= 1 {
+        return Ok(None);
     }
-    Ok(())
+    let vec = splitk_reduce_vec_for(std::env::var(SPLITK_REDUCE_ENV).ok().as_deref())?
+        && splitk_reduce_vec_fits(params.n, params.splits);
+    let (ws, ws_floats) = workspace;
+    check_ptr("split-K workspace", ws, 16)?;
+    if ws_floats < plan.workspace_floats {
+        return Err(Error::arg(format!(
+            "split-K workspace: expected >= {} float32 elements, found {ws_floats}",
+            plan.workspace_floats
+        )));
+    }
+    params.ws = ws;
+    Ok(Some(if vec {
+        SplitReduce::Vec4
+    } else {
+        SplitReduce::Scalar
+    }))
+}
+
+/// The kernel that sums a split launch's partials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SplitReduce {
+    /// `nf4_linear_splitk_reduce`: one output per thread.
+    Scalar,
+    /// `nf4_linear_splitk_reduce_v4`: four outputs of one row per thread.
+    Vec4,
 }
 
 /// Knob (read on every call, so one process can compare both): `vec` sums the split-K partials
@@ -782,13 +797,7 @@ const SPLITK_REDUCE_MAX_SPLITS: i32 = 8;
 
 /// [`SPLITK_REDUCE_ENV`] for an explicit setting (`None` = unset): whether to vectorise.
 fn splitk_reduce_vec_for(setting: Option<&str>) -> Result<bool> {
-    match setting.map(str::trim) {
-        None | Some("") | Some("scalar") => Ok(false),
-        Some("vec") => Ok(true),
-        Some(other) => Err(Error::arg(format!(
-            "{SPLITK_REDUCE_ENV}={other:?}: expected scalar (default) or vec"
-        ))),
-    }
+    crate::ops::env_switch(setting, SPLITK_REDUCE_ENV, ("scalar", "vec"), false)
 }
 
 /// Whether the vectorised reduce serves `n` output columns summed over `splits` partials.
@@ -805,17 +814,14 @@ unsafe fn launch_splitk_reduce(
     dev: &GpuDevice,
     params: &Nf4LinearParams,
     a: &LinearArgs,
+    reduce: SplitReduce,
     stream: u64,
 ) -> Result<()> {
-    let vec = splitk_reduce_vec_for(std::env::var(SPLITK_REDUCE_ENV).ok().as_deref())?
-        && splitk_reduce_vec_fits(params.n, params.splits);
-    let entry = if vec {
-        "nf4_linear_splitk_reduce_v4"
-    } else {
-        "nf4_linear_splitk_reduce"
+    let (entry, per_thread) = match reduce {
+        SplitReduce::Scalar => ("nf4_linear_splitk_reduce", 1),
+        SplitReduce::Vec4 => ("nf4_linear_splitk_reduce_v4", 4),
     };
     let r = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
-    let per_thread = if vec { 4 } else { 1 };
     let total = a.m as u64 * params.n as u64 / per_thread;
     let blocks = ceil_div(total, 256).min(dev.sm_count() as u64 * 16).max(1) as u32;
     // SAFETY: forwarded contract; the reduce reads ws [splits][M][N] and writes y.
@@ -913,7 +919,7 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
-    attach_split_workspace(params, &plan, workspace)?;
+    let reduce = attach_split_workspace(params, &plan, workspace)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
     // groups of 8 per block and `splits` K ranges.
     unsafe {
@@ -926,9 +932,9 @@ unsafe fn linear_wide(
             &*params,
         )?
     };
-    if plan.splits > 1 {
+    if let Some(reduce) = reduce {
         // SAFETY: forwarded contract; the main launch wrote ws [splits][M][N].
-        unsafe { launch_splitk_reduce(dev, params, a, stream)? };
+        unsafe { launch_splitk_reduce(dev, params, a, reduce, stream)? };
     }
     plan.entry = entry;
     Ok(plan)
