@@ -122,7 +122,7 @@ HEADER = (
 
 def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     """Times one (shape, M) under the current tuning; ``w`` holds the weight copies."""
-    from gptoss_3090 import _native, ops, runtime
+    from gptoss_3090 import _native, ops
 
     args = ctx["args"]
     dtype = torch.bfloat16
@@ -143,12 +143,12 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
         return torch.nn.functional.linear(x, wds[i % len(wds)], bias)
 
     t_auto = time_graph(ours, args.calls, args.reps)
-    plan = "dequant_matmul"
-    if m <= ops.STREAM_MAX_M:
-        plan = "str (auto)"  # the streaming kernel; `fused` times the first decode kernel or
-        # the tensor-core kernel
-    elif not runtime.use_dequant_matmul(m, torch.cuda.current_device()):
-        pl = _native.cuda_nf4_linear_plan(torch.cuda.current_device(), m, n, k)
+    # What `auto` ran (the op's own choice; every shape here is of 16-row parts). `fused` times
+    # the first decode kernel or the tensor-core kernel.
+    ordinal = torch.cuda.current_device()
+    plan = ops.auto_linear_path(m, True, ordinal)
+    if plan in ("wide", "mma"):
+        pl = _native.cuda_nf4_linear_plan(ordinal, m, n, k, plan)
         plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")
     t_fused = time_graph(fused, args.calls, args.reps)
     t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")

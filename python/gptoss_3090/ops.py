@@ -390,6 +390,23 @@ WIDE_MAX_M: int = _native.NF4_WIDE_MAX_M
 """Largest M the wide streaming linear serves (eight token tiles)."""
 
 
+def auto_linear_path(m: int, streamable: bool, ordinal: int) -> str:
+    """The path :func:`nf4_linear`'s ``"auto"`` runs for ``m`` rows of x on GPU ``ordinal``.
+
+    ``streamable``: the weight's parts are all multiples of 16 rows with one absmax format
+    (the streaming kernels' condition). Returns ``"wide"`` or ``"dequant_matmul"`` where the
+    runtime's strategy (:mod:`gptoss_3090.runtime`) asks for them, else ``"stream"`` (M <=
+    :data:`STREAM_MAX_M`), ``"decode"`` (M <= 16) or ``"mma"`` (the tensor-core plan of
+    ``_native.cuda_nf4_linear_plan``)."""
+    if STREAM_MAX_M < m <= WIDE_MAX_M and streamable and _rt.use_wide_linear(ordinal):
+        return "wide"
+    if _rt.use_dequant_matmul(m, ordinal):
+        return "dequant_matmul"
+    if m <= STREAM_MAX_M and streamable:
+        return "stream"
+    return "decode" if m <= 16 else "mma"
+
+
 def _streamable(segs: list[tuple[torch.Tensor, ...]], rows: list[int]) -> bool:
     """Whether the streaming linear can serve these segments (src/ops/nf4.rs
     ``stream_eligible``): every part a multiple of 16 rows, all nested or all plain."""
@@ -418,17 +435,8 @@ def _nf4_linear_op(
     seg_args = []
     for (packed, absmax, nabs, nmap), r, off in zip(segs, rows, offsets, strict=True):
         seg_args.append((*_stats_tuple(packed, absmax, nabs, nmap, 0, off), r))
-    mode = path
     streamable = _streamable(segs, rows)
-    if (
-        mode == "auto"
-        and STREAM_MAX_M < m <= WIDE_MAX_M
-        and streamable
-        and _rt.use_wide_linear(ordinal)
-    ):
-        mode = "wide"
-    if mode == "auto" and _rt.use_dequant_matmul(m, ordinal):
-        mode = "dequant_matmul"
+    mode = auto_linear_path(m, streamable, ordinal) if path == "auto" else path
     if mode == "dequant_matmul":
         # Every segment into its rows of one bf16/f16 weight, in one launch.
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
@@ -442,8 +450,6 @@ def _nf4_linear_op(
     out = torch.empty([*lead, n], dtype=x.dtype, device=x.device)
     y = out.view(m, n)
     ws, ws_floats = 0, 0
-    if mode == "auto" and m <= STREAM_MAX_M and streamable:
-        mode = "stream"  # what the runtime's auto picks (src/ops/nf4.rs `linear`): no workspace
     if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma") or mode == "wide"):
         plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
         ws_floats = int(plan["workspace_floats"])

@@ -543,10 +543,11 @@ def test_linear_wide_path_splits_and_graph():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
-    """GPTOSS_3090_SPLITK_REDUCE=vec sums the split-K partials four outputs per thread, in the
-    same order as the scalar reduce: the same bits after the wide and the tensor-core split
-    launches, with and without bias. N = 130 (not a multiple of 4) falls back to the scalar
-    reduce; an unknown setting is a ValueError naming the variable."""
+    """The default split-K reduce (GPTOSS_3090_SPLITK_REDUCE=vec) sums the partials four outputs
+    per thread, in the same order as the scalar reduce (=scalar): the same bits after the wide
+    and the tensor-core split launches, with and without bias, and unset means vec. N = 130
+    (not a multiple of 4) falls back to the scalar reduce; an unknown setting is a ValueError
+    naming the variable."""
     from gptoss_3090 import _native
 
     k = 2880
@@ -572,6 +573,8 @@ def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
             err = rel_err(ys["vec"], linear_ref(x, w.dequantize(), b))
             assert err <= 1e-2, f"{path} {m}x{n}: {err:.3e}"
             assert torch.equal(ys["vec"], ys["scalar"]), (path, m, n, b is None)
+            monkeypatch.delenv("GPTOSS_3090_SPLITK_REDUCE")
+            assert torch.equal(ops.nf4_linear(x, w, b, path=path), ys["vec"])
     monkeypatch.setenv("GPTOSS_3090_SPLITK_REDUCE", "fast")
     with pytest.raises(ValueError, match="GPTOSS_3090_SPLITK_REDUCE"):
         ops.nf4_linear(x, w, bias, path="mma")
