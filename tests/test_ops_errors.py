@@ -331,3 +331,37 @@ def test_wide_linear_only_on_sm90_tunings():
     finally:
         runtime.set_tuning(None)
         runtime.set_linear_strategy(before)
+
+
+def test_auto_linear_path_follows_the_runtime_strategy():
+    """``ops.auto_linear_path`` is the op's ``auto`` choice (and the benchmark's label): the wide
+    kernel for 32 < M <= 64 on sm90 tunings, dequantize + cuBLAS from the threshold on sm90,
+    streaming for M <= 32 on 16-row parts, else the first decode kernel (M <= 16) or the
+    tensor-core plan (no GPU needed: the tunings are forced)."""
+    from gptoss_3090 import runtime
+
+    before = runtime.linear_strategy()
+    runtime._dequant_min_m.cache_clear()
+    try:
+        runtime.set_tuning("sm90")
+        assert ops.auto_linear_path(1, True, 0) == "stream"
+        assert ops.auto_linear_path(32, True, 0) == "stream"
+        assert ops.auto_linear_path(8, False, 0) == "decode"
+        assert ops.auto_linear_path(20, False, 0) == "mma"
+        assert ops.auto_linear_path(33, True, 0) == "wide"
+        assert ops.auto_linear_path(64, True, 0) == "wide"
+        assert ops.auto_linear_path(64, False, 0) == "dequant_matmul"
+        assert ops.auto_linear_path(65, True, 0) == "dequant_matmul"
+        runtime.set_linear_strategy("kernel")
+        assert ops.auto_linear_path(65, True, 0) == "mma"
+        runtime.set_linear_strategy("dequant_matmul")
+        assert ops.auto_linear_path(20, True, 0) == "dequant_matmul"
+        assert ops.auto_linear_path(16, True, 0) == "stream"
+        runtime.set_linear_strategy(before)
+        runtime.set_tuning("sm86")
+        assert ops.auto_linear_path(48, True, 0) == "mma"
+        assert ops.auto_linear_path(2048, True, 0) == "mma"
+    finally:
+        runtime.set_tuning(None)
+        runtime.set_linear_strategy(before)
+        runtime._dequant_min_m.cache_clear()

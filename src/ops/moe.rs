@@ -752,6 +752,12 @@ pub fn stream_slots(pairs: usize, experts: usize, pass: Option<usize>) -> usize 
     }
 }
 
+/// Column tiles per streaming pass for `t` tokens: [`STREAM_TILES_ENV`] when set, else
+/// [`stream_tiles`]. Both streaming regimes launch with it.
+fn stream_tiles_chosen(t: usize, k: usize, e: usize) -> Result<usize> {
+    Ok(stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e)))
+}
+
 fn stream_tiles_override() -> Result<Option<usize>> {
     static TILES: crate::ops::EnvCell<usize> = std::sync::OnceLock::new();
     env_count(&TILES, STREAM_TILES_ENV, "1 or 2", |n| n == 1 || n == 2)
@@ -1053,7 +1059,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // Each block routes (logits) or reads the routing itself; gate_up's block
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
-                let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
+                let nt = stream_tiles_chosen(t, k, e)?;
                 launch_stream(&dev, &func, args, &p, nt, tuning)?;
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
@@ -1070,7 +1076,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             }
         },
         Regime::Stream => {
-            let nt = stream_tiles_override()?.unwrap_or(stream_tiles(t, k, e));
+            let nt = stream_tiles_chosen(t, k, e)?;
             // A forced fused launch wins: its kernel has no pass-item lookup.
             let fused_forced = stream_launch_override()? == Some(StreamLaunch::Fused);
             if pass_items_setting()? && !fused_forced {
