@@ -361,6 +361,9 @@ def test_auto_linear_path_follows_the_runtime_strategy():
         runtime.set_tuning("sm86")
         assert ops.auto_linear_path(48, True, 0) == "mma"
         assert ops.auto_linear_path(2048, True, 0) == "mma"
+        for bad in (0, -3, 2.0, True):
+            with pytest.raises(ValueError, match="m must be an integer >= 1"):
+                ops.auto_linear_path(bad, True, 0)
     finally:
         runtime.set_tuning(None)
         runtime.set_linear_strategy(before)

@@ -397,7 +397,9 @@ def auto_linear_path(m: int, streamable: bool, ordinal: int) -> str:
     (the streaming kernels' condition). Returns ``"wide"`` or ``"dequant_matmul"`` where the
     runtime's strategy (:mod:`gptoss_3090.runtime`) asks for them, else ``"stream"`` (M <=
     :data:`STREAM_MAX_M`), ``"decode"`` (M <= 16) or ``"mma"`` (the tensor-core plan of
-    ``_native.cuda_nf4_linear_plan``)."""
+    ``_native.cuda_nf4_linear_plan``). Raises ValueError for M < 1."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"auto_linear_path: m must be an integer >= 1, found {m!r}")
     if STREAM_MAX_M < m <= WIDE_MAX_M and streamable and _rt.use_wide_linear(ordinal):
         return "wide"
     if _rt.use_dequant_matmul(m, ordinal):
