@@ -150,8 +150,10 @@ def bench_point(m: int, n: int, k: int, w: dict, ctx: dict) -> dict:
     if plan in ("wide", "mma"):
         pl = _native.cuda_nf4_linear_plan(ordinal, m, n, k, plan)
         plan = pl["entry"] + (f" z{pl['splits']}" if pl["splits"] > 1 else "")
-    t_fused = time_graph(fused, args.calls, args.reps)
-    t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")
+    t_fused = t_dq = float("nan")
+    if not args.no_other_paths:
+        t_fused = time_graph(fused, args.calls, args.reps)
+        t_dq = time_graph(dequant_mm, args.calls, args.reps) if m > 16 else float("nan")
     t_cublas = time_graph(cublas, args.calls, args.reps)
     t_bnb = float("nan")
     if bnb_ws:
@@ -322,6 +324,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7, help="graph replays (median)")
     ap.add_argument("--quick", action="store_true", help="fewer calls and replays")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    ap.add_argument(
+        "--no-other-paths",
+        action="store_true",
+        help="skip the fused and dq+mm timings (our other paths): for kernel-variant sweeps",
+    )
     ap.add_argument(
         "--weights-order",
         choices=("rows", "chunks"),

@@ -75,6 +75,9 @@
 #   sass        ncu source counters of kernel SASS_KERNEL (regex) under SASS_CMD, named SASS_NAME
 #   floor       read_floor.py: an empty kernel, a pure read and a copy of the decode targets'
 #               weight sizes, timed as the benchmarks time ours
+#   nf4grid     bench_nf4_linear.py (ours and cuBLAS) at NF4_MS (default 33,48,64) for each
+#               variant/splits of NF4_GRID (e.g. "tree/auto base/auto mine/3"; variants are
+#               folders of .gpu-variants/), NF4_ROUNDS rounds (default 2)
 #   reducevec   bench_nf4_linear.py at NF4_MS (default 33,48,64,128,256) on NF4_SHAPES (vLLM's
 #               q/k/v as three segments, o, 5760x2880) with GPTOSS_3090_SPLITK_REDUCE set to
 #               each of REDUCE_RUNS in turn (default "scalar vec scalar vec")
@@ -473,6 +476,26 @@ for step in "$@"; do
     nf4wheels)
       install_wheels
       each_wheel_twice nf4_wheel
+      ;;
+    nf4grid)
+      # The linear at NF4_MS (default 33,48,64) on NF4_SHAPES (default vLLM's q/k/v as three
+      # segments, o, 5760x2880) for each VARIANT/SPLITS of NF4_GRID in turn, NF4_ROUNDS times
+      # (default 2): VARIANT is a folder of .gpu-variants/ (kernel sources for
+      # GPTOSS_3090_KERNEL_DIR) or "tree", SPLITS a forced GPTOSS_3090_NF4_SPLITS or "auto".
+      # Ours and cuBLAS only (--no-other-paths), one process per entry.
+      for round in $(seq "${NF4_ROUNDS:-2}"); do
+        for run in ${NF4_GRID:-tree/auto}; do
+          v=${run%/*} s=${run#*/} kd=$PWD/kernels
+          [ "$v" = tree ] || kd=$(realpath ".gpu-variants/$v")
+          [ "$s" = auto ] && s=
+          echo "-- $run (round $round)"
+          GPTOSS_3090_KERNEL_DIR=$kd GPTOSS_3090_NF4_SPLITS=$s python3 bench/bench_nf4_linear.py \
+            --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
+            --ms "${NF4_MS:-33,48,64}" --tunings "${NF4_TUNINGS:-auto}" --no-bnb --quick \
+            --no-other-paths --out "$OUT/nf4grid_${v}_${run#*/}_$round.json" 2>&1 \
+            | tee "$OUT/nf4grid_${v}_${run#*/}_$round.log" | grep -v "^wrote\|^#"
+        done
+      done
       ;;
     reducevec)
       # The split-K reduce after the wide linear (sm90 tunings, M = 33-64) and after the

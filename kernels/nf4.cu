@@ -476,10 +476,12 @@ extern "C" __global__ void __launch_bounds__(STR_WARPS * 32, STR_LINEAR_MIN_BLOC
 #define WIDE_SMEM_BYTES (STR_TABLE_BYTES + 2 * WIDE_X_BYTES)
 // Blocks per SM: two of these ~99 KB blocks fit an H100 SM (128 registers each), one fits the
 // 100 KB SMs of sm_86/sm_89 and the 164 KB of an A100.
+#ifndef WIDE_MIN_BLOCKS  // -D override for experiments (bench/gpu_kernels.sh nf4grid variants)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define WIDE_MIN_BLOCKS 2
 #else
 #define WIDE_MIN_BLOCKS 1
+#endif
 #endif
 
 // acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt): str_half with the activations read

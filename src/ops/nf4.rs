@@ -481,13 +481,15 @@ fn wide_blocks_per_sm(tuning: Tuning) -> u64 {
 }
 
 /// K split of the wide kernel for `n` output rows and `chunks` 128-k chunks: about four chunks
-/// per split (at most 8 splits), but no more splits than it takes to fill every resident block
-/// slot (`resident` per SM, `sms` SMs). Each split adds an fp32 [M, N] partial to the
+/// per split (at most 8 splits), but no more blocks than the resident block slots (`resident`
+/// per SM, `sms` SMs) hold in one wave. Each split adds an fp32 [M, N] partial to the
 /// workspace. H100 sweep (session 17, M = 33-64): 6 of 23 chunks on vLLM's q/k/v (5120 rows;
 /// 4 and 8 were 10-15% slower) and 8 of 32 on its o projection (2880 rows) were the fastest.
+/// One wave, not one more: 5760 x 2880 (45 blocks) split 6 ways left 6 of its 270 blocks for a
+/// second wave on 264 slots; 5 splits ran 14-15% faster at M = 33-64 (H200, session 23).
 pub fn wide_k_split(n: u64, chunks: u64, sms: u64, resident: u64) -> u64 {
     let blocks = ceil_div(n, 16 * STR_WARPS as u64).max(1);
-    let fill = ceil_div(sms.max(1) * resident.max(1), blocks);
+    let fill = sms.max(1) * resident.max(1) / blocks;
     chunks.div_ceil(4).clamp(1, 8).min(fill).max(1)
 }
 
@@ -1178,6 +1180,10 @@ mod tests {
         // o (2880 x 4096: 23 blocks, 32 chunks) take the sweep's fastest splits.
         assert_eq!(wide_k_split(5120, 23, 132, 2), 6);
         assert_eq!(wide_k_split(2880, 32, 132, 2), 8);
+        // 5760 rows (45 blocks): 5 splits fill 225 of 264 slots; 6 would need a second wave.
+        assert_eq!(wide_k_split(5760, 23, 132, 2), 5);
+        // A 3090 (82 SMs, one block each): vLLM's q/k/v splits 2 ways (80 blocks), not 3.
+        assert_eq!(wide_k_split(5120, 23, 82, 1), 2);
         // A grid that already fills the GPU does not split; nor does a short K.
         assert_eq!(wide_k_split(128 * 300, 23, 132, 2), 1);
         assert_eq!(wide_k_split(128, 2, 132, 2), 1);
