@@ -1182,7 +1182,8 @@ mod tests {
         assert_eq!(wide_k_split(2880, 32, 132, 2), 8);
         // 5760 rows (45 blocks): 5 splits fill 225 of 264 slots; 6 would need a second wave.
         assert_eq!(wide_k_split(5760, 23, 132, 2), 5);
-        // A 3090 (82 SMs, one block each): vLLM's q/k/v splits 2 ways (80 blocks), not 3.
+        // 82 SMs of one block each (a 3090, where `auto` runs the tensor-core path at M > 32
+        // and the wide kernel only when asked for): q/k/v splits 2 ways (80 blocks), not 3.
         assert_eq!(wide_k_split(5120, 23, 82, 1), 2);
         // A grid that already fills the GPU does not split; nor does a short K.
         assert_eq!(wide_k_split(128 * 300, 23, 132, 2), 1);
