@@ -297,6 +297,26 @@ def bench_shape(
     return rows
 
 
+def write_json(path: str, obj: object) -> None:
+    """Writes ``obj`` as indented JSON to ``path``, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def parse_counts(text: str, what: str) -> list[int]:
+    """``1,16,64`` -> ``[1, 16, 64]``; anything but positive integers exits naming ``what``."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(
+            f"{what}: expected positive integers such as 1,16,64, found {text!r}"
+        ) from None
+    return counts
+
+
 def parse_shape(text: str) -> tuple[int, int, list[int] | None]:
     """``NxK``, or ``A+B+CxK`` for a weight of separately quantized row segments (vLLM's fused
     q/k/v: ``4096+512+512x2880``): ``(N, K, segment rows or None)``."""
@@ -348,7 +368,7 @@ def main() -> int:
     shapes = [(n, k, None) for n, k in SHAPES]
     if args.shapes:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
+    ms = MS if not args.ms else parse_counts(args.ms, "--ms")
     tunings = [t.strip() for t in args.tunings.split(",") if t.strip()]
 
     torch.manual_seed(0)
@@ -384,9 +404,7 @@ def main() -> int:
         "rows": rows,
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         print(f"# wrote {args.out}")
     targets = [r for r in rows if r["M"] == 1 and (r["N"], r["K"]) in ((5760, 2880), (4096, 2880))]
     for r in targets:

@@ -486,7 +486,10 @@ for step in "$@"; do
       for round in $(seq "${NF4_ROUNDS:-2}"); do
         for run in ${NF4_GRID:-tree/auto}; do
           v=${run%/*} s=${run#*/} kd=$PWD/kernels
-          [ "$v" = tree ] || kd=$(realpath ".gpu-variants/$v")
+          if [ "$v" != tree ]; then
+            [ -d ".gpu-variants/$v" ] || { echo "nf4grid: no folder .gpu-variants/$v (carry it)"; continue; }
+            kd=$(realpath ".gpu-variants/$v")
+          fi
           [ "$s" = auto ] && s=
           echo "-- $run (round $round)"
           GPTOSS_3090_KERNEL_DIR=$kd GPTOSS_3090_NF4_SPLITS=$s python3 bench/bench_nf4_linear.py \

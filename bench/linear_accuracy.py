@@ -12,10 +12,13 @@ itself (ref rounded to the dtype) is the floor any kernel can reach.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_nf4_linear as B  # noqa: E402
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -24,33 +27,42 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="5120x2880,2880x4096", help="NxK list")
+    ap.add_argument("--shapes", default="5120x2880,2880x4096", help="NxK list (one tensor each)")
     ap.add_argument("--ms", default="1,16,33,64", help="token counts")
     ap.add_argument("--paths", default="auto,wide,stream,mma,dequant_matmul", help="linear paths")
     ap.add_argument("--dtypes", default="bf16,f16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write JSON rows here")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU", file=sys.stderr)
-        return 2
     from gptoss_3090 import ops
 
     dtypes = {"bf16": torch.bfloat16, "f16": torch.float16}
+    shapes = [B.parse_shape(t) for t in args.shapes.split(",")]
+    if any(parts for _, _, parts in shapes):
+        raise SystemExit("--shapes: one NxK tensor per shape here (no A+B+C segments)")
+    ms = B.parse_counts(args.ms, "--ms")
+    paths, dtypes_asked = args.paths.split(","), args.dtypes.split(",")
+    for name, allowed in ((paths, ops.LINEAR_PATHS), (dtypes_asked, tuple(dtypes))):
+        bad = [v for v in name if v not in allowed]
+        if bad:
+            raise SystemExit(f"unknown value(s) {bad}; expected some of {', '.join(allowed)}")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return 2
     rows = []
     print(
         f"{'shape':>10} {'dtype':>5} {'input':>8} {'M':>3} | floor    | "
-        + " | ".join(f"{p:>14}" for p in args.paths.split(","))
+        + " | ".join(f"{p:>14}" for p in paths)
     )
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
-        for dname in args.dtypes.split(","):
+    for n, k, _ in shapes:
+        shape = f"{n}x{k}"
+        for dname in dtypes_asked:
             dtype = dtypes[dname]
             g = torch.Generator().manual_seed(args.seed)
             w = ops.nf4_quantize((torch.randn(n, k, generator=g) * 0.02).to(dtype).cuda())
             w_deq = w.dequantize().float()
             for kind in ("gaussian", "positive"):
-                for m in (int(v) for v in args.ms.split(",")):
+                for m in ms:
                     x = torch.randn(m, k, generator=g)
                     if kind == "positive":
                         x = x.abs()
@@ -64,19 +76,20 @@ def main() -> int:
                         "input": kind,
                         "floor": rel_err(ref.to(dtype), ref),
                     }
-                    for path in args.paths.split(","):
+                    for path in paths:
                         try:
                             row[path] = rel_err(ops.nf4_linear(x, w, path=path), ref)
-                        except ValueError:  # the path does not serve this M
+                        except ValueError as e:  # the path does not serve this M
+                            if "path serves" not in str(e):
+                                raise
                             row[path] = float("nan")
                     rows.append(row)
                     print(
                         f"{shape:>10} {dname:>5} {kind:>8} {m:>3} | {row['floor']:.2e} | "
-                        + " | ".join(f"{row[p]:14.2e}" for p in args.paths.split(","))
+                        + " | ".join(f"{row[p]:14.2e}" for p in paths)
                     )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        B.write_json(args.out, rows)
     return 0
 
 

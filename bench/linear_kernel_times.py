@@ -12,7 +12,6 @@ is the gap between kernels inside the graph.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +30,10 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=10, help="profiled graph replays")
     ap.add_argument("--out", default=None, help="write JSON rows here")
     args = ap.parse_args()
+    shapes = [B.parse_shape(t) for t in args.shapes.split(",")]
+    ms = B.parse_counts(args.ms, "--ms")
+    if args.calls < 1 or args.replays < 1:
+        raise SystemExit("--calls and --replays: expected at least 1")
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
         return 2
@@ -39,8 +42,8 @@ def main() -> int:
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
-    for text in args.shapes.split(","):
-        n, k, parts = B.parse_shape(text)
+    for n, k, parts in shapes:
+        text = "+".join(map(str, parts)) + f"x{k}" if parts else f"{n}x{k}"
         segs = [
             ops.nf4_quantize(torch.randn(r, k, dtype=torch.bfloat16, device="cuda") * 0.02)
             for r in (parts or [n])
@@ -49,7 +52,7 @@ def main() -> int:
         copies = [list(c) for c in zip(*[B.nf4_copies(sg, l2) for sg in segs], strict=False)]
         if not parts:
             copies = [c[0] for c in copies]
-        for m in (int(v) for v in args.ms.split(",")):
+        for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
 
             def one(i: int, x: torch.Tensor = x, copies: list = copies) -> torch.Tensor:
@@ -82,8 +85,7 @@ def main() -> int:
                 + ", ".join(f"{name.split('(')[0]} {us:.1f}" for name, us in kernels.items())
             )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        B.write_json(args.out, rows)
     return 0
 
 

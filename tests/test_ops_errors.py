@@ -52,6 +52,13 @@ def test_linear_rejects_wrong_dtypes():
         ops.nf4_linear(torch.randn(2, 128, dtype=torch.bfloat16), "not a weight")
 
 
+def test_linear_rejects_unknown_paths():
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="path: unknown value 'wid'; expected one of auto, "):
+        ops.nf4_linear(x, cpu_weight(), path="wid")
+    assert "wide" in ops.LINEAR_PATHS and "dequant_matmul" in ops.LINEAR_PATHS
+
+
 def test_linear_rejects_wrong_shapes():
     w = cpu_weight()
     with pytest.raises(ValueError, match="in_features"):

@@ -390,6 +390,12 @@ WIDE_MAX_M: int = _native.NF4_WIDE_MAX_M
 """Largest M the wide streaming linear serves (eight token tiles)."""
 
 
+LINEAR_PATHS: tuple[str, ...] = (
+    "auto", "stream", "wide", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"
+)
+"""The values :func:`nf4_linear` takes for ``path``."""
+
+
 def auto_linear_path(m: int, streamable: bool, ordinal: int) -> str:
     """The path :func:`nf4_linear`'s ``"auto"`` runs for ``m`` rows of x on GPU ``ordinal``.
 
@@ -938,10 +944,8 @@ def nf4_linear(
             f"weight: expected Nf4Weight, Nf4FusedWeight or a list of Nf4Weight, found "
             f"{type(weight).__name__}"
         )
-    if path not in (
-        "auto", "stream", "wide", "decode", "mma", "mma_l", "mma_m", "mma_s", "dequant_matmul"
-    ):
-        raise ValueError(f"path: unknown value {path!r}")
+    if path not in LINEAR_PATHS:
+        raise ValueError(f"path: unknown value {path!r}; expected one of {', '.join(LINEAR_PATHS)}")
     _tensor("x", x, _HALF, contiguous=False)
     for i, p in enumerate(parts):
         if p.dtype != x.dtype:
