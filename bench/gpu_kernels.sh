@@ -81,6 +81,11 @@
 #   reducevec   bench_nf4_linear.py at NF4_MS (default 33,48,64,128,256) on NF4_SHAPES (vLLM's
 #               q/k/v as three segments, o, 5760x2880) with GPTOSS_3090_SPLITK_REDUCE set to
 #               each of REDUCE_RUNS in turn (default "scalar vec scalar vec")
+#   widereduce  the wide linear at NF4_MS (default 33,48,64) on NF4_SHAPES (vLLM's q/k/v as
+#               three segments, o, 5760x2880) with GPTOSS_3090_WIDE_REDUCE set to each of
+#               WIDE_RUNS in turn (default "launch cluster launch cluster": the K split summed
+#               by a reduce launch, or inside thread-block clusters on sm_90):
+#               bench_nf4_linear.py (ours and cuBLAS), then linear_kernel_times.py per kernel
 #   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
@@ -514,6 +519,22 @@ for step in "$@"; do
           --ms "${NF4_MS:-33,48,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
           --out "$OUT/nf4_reduce_${mode}_$round.json" 2>&1 \
           | tee "$OUT/nf4_reduce_${mode}_$round.log" | grep -v "^wrote"
+      done
+      ;;
+    widereduce)
+      round=0
+      for mode in ${WIDE_RUNS:-launch cluster launch cluster}; do
+        round=$((round + 1))
+        echo "-- GPTOSS_3090_WIDE_REDUCE=$mode (run $round)"
+        GPTOSS_3090_WIDE_REDUCE=$mode python3 bench/bench_nf4_linear.py \
+          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
+          --ms "${NF4_MS:-33,48,64}" --tunings auto --no-bnb --quick --no-other-paths \
+          --out "$OUT/wide_${mode}_$round.json" 2>&1 \
+          | tee "$OUT/wide_${mode}_$round.log" | grep -v "^wrote\|^#"
+        GPTOSS_3090_WIDE_REDUCE=$mode python3 bench/linear_kernel_times.py \
+          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
+          --ms "${NF4_MS:-33,48,64}" --out "$OUT/wide_kernels_${mode}_$round.json" 2>&1 \
+          | tee "$OUT/wide_kernels_${mode}_$round.log"
       done
       ;;
     nf4bench)

@@ -282,6 +282,38 @@ __device__ __forceinline__ u32x2 ld_shared_8_volatile(u32 addr) {
     return v;
 }
 
+// Thread-block clusters (sm_90+; callers compile these only under __CUDA_ARCH__ >= 900).
+// The blocks of a cluster run at once on one GPC and can read each other's shared memory, so
+// the K splits of one output tile can be summed on chip instead of through global memory and
+// a second launch.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Every thread of every block of the cluster arrives and waits: the release/acquire pair makes
+// each block's shared-memory stores before the barrier visible to the others' loads after it.
+// (.aligned: the callers reach it with whole warps.)
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The shared::cluster address of `local` (a shared address of this block) in block `rank` of
+// the cluster: the same offset in that block's shared memory.
+__device__ __forceinline__ u32 cluster_map(u32 local, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    return remote;
+}
+
+// 16 bytes of another block's shared memory (a shared::cluster address from cluster_map).
+__device__ __forceinline__ float4 ld_cluster_f32x4(u32 addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}
+#endif
+
 // cp.async 16 bytes global -> shared without staging through registers (sm_80+), so the copy of
 // the next tile overlaps the math on the current one.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {

@@ -80,8 +80,11 @@ struct Nf4LinearParams {
     u64 ws;                   // split-K (mma path, splits > 1): f32 [splits][M][N] partials
     i32 splits;               // k-ranges per output tile (gridDim.z); 1 = no split
     i32 str_ks;               // streaming path: warps that split K per 16-row group (1, 2, 4, 8)
+    i32 wide_cluster;         // wide path, sm_90: 1 = the launch is clusters of (1, splits, 1)
+                              // and they sum their K splits on chip (no ws, no reduce launch)
+    i32 reserved;             // 0 (keeps the struct a multiple of 8 bytes)
 };
-static_assert(sizeof(Nf4LinearParams) == 240, "Nf4LinearParams layout must match Rust");
+static_assert(sizeof(Nf4LinearParams) == 248, "Nf4LinearParams layout must match Rust");
 
 struct Nf4QuantizeParams {
     u64 input;                // [n] bf16 / f16 / f32 (contiguous)
@@ -517,6 +520,78 @@ __device__ __forceinline__ void wide_half(const u8* table, const u8* rd, float s
     }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// K split summed inside a thread-block cluster (sm_90). The host launches clusters of
+// (1, splits, 1), so the splits of one 128-row tile are one cluster and block rank z is split
+// blockIdx.y. Each block parks its fp32 partial in its own shared memory (the table's space,
+// free once the loop is done) as [token][WIDE_PART_STRIDE]; after a cluster barrier, block z
+// sums a 1/splits share of the tile's outputs over the cluster's blocks in rank order, adds the
+// bias and stores y. Those are the adds of nf4_linear_splitk_reduce in the same order from the
+// same 0.0f, so the output is bit-identical to the split launch + reduce launch, without the
+// [splits][M][N] round trip through L2 and without the second launch (H200, M = 64: 3.1 us of
+// reduce per q/k/v call, session 23). A second barrier keeps each block's shared memory alive
+// until the others have read it.
+// 128 rows + 4: the stores of a warp (rows g, tokens 2c + q) hit 32 distinct banks, and a row of
+// 4 outputs stays 16-byte aligned.
+#define WIDE_PART_STRIDE 132
+// The largest portable cluster (the host never splits a clustered launch more ways).
+#define WIDE_CLUSTER_MAX_SPLITS 8
+template <int DTYPE>
+__device__ __forceinline__ void wide_cluster_reduce(const Nf4LinearParams& p, u8* smem,
+                                                    int tile_r0, bool active,
+                                                    const float (&acc)[WIDE_NT][4]) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    float* part = (float*)smem;
+    __syncthreads();  // every warp is done reading the table, its ring and the staged chunks
+    if (active) {
+#pragma unroll
+        for (int nt = 0; nt < WIDE_NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int m = nt * 8 + 2 * c + q;  // acc[nt][q]: row g, token 2c + q of tile nt
+                if (m >= p.M) continue;
+                float* at = part + m * WIDE_PART_STRIDE + 16 * warp + g;
+                at[0] = acc[nt][q];
+                at[8] = acc[nt][2 + q];
+            }
+    }
+    cluster_sync_all();
+    // This block's share of the tile's M x rows outputs, four rows (one float4) at a time;
+    // N is a multiple of 16 (stream_eligible), so a float4 is all in range or all out.
+    const int splits = gridDim.y, z = blockIdx.y;
+    const int vecs = min(STR_WARPS * 16, p.N - tile_r0) / 4, total = p.M * vecs;
+    const int lo = z * total / splits, hi = (z + 1) * total / splits;
+    const u32 base = smem_addr(part);
+    const u16* bias = (const u16*)p.bias;
+    for (int i = lo + tid; i < hi; i += blockDim.x) {
+        const int m = i / vecs, r = 4 * (i - m * vecs);
+        const u32 at = base + 4u * (u32)(m * WIDE_PART_STRIDE + r);
+        float4 pz[WIDE_CLUSTER_MAX_SPLITS];  // every load issued before the first add
+#pragma unroll
+        for (int zz = 0; zz < WIDE_CLUSTER_MAX_SPLITS; ++zz)
+            if (zz < splits) pz[zz] = ld_cluster_f32x4(cluster_map(at, (u32)zz));
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int zz = 0; zz < WIDE_CLUSTER_MAX_SPLITS; ++zz) {
+            if (zz < splits) {
+                v[0] += pz[zz].x;
+                v[1] += pz[zz].y;
+                v[2] += pz[zz].z;
+                v[3] += pz[zz].w;
+            }
+        }
+        const int n = tile_r0 + r;
+        u16* y = (u16*)p.y + (i64)m * p.ldy + n;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float b = bias ? half_to_f32<DTYPE>(ld_nc_u16(bias + n + q)) : 0.0f;
+            y[q] = f32_to_half<DTYPE>(bias ? v[q] + b : v[q]);
+        }
+    }
+    cluster_sync_all();
+}
+#endif
+
 template <int DTYPE, bool NESTED>
 __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
     __shared__ float maps[NF4_MAX_SEGMENTS * 256];  // nested code maps of the segments
@@ -614,6 +689,12 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
         }
     }
     if (active) cp_async_wait<0>();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (p.wide_cluster) {  // grid-uniform; every thread of the block takes part
+        wide_cluster_reduce<DTYPE>(p, str_smem, blockIdx.x * STR_WARPS * 16, active, acc);
+        return;
+    }
+#endif
     if (!active) return;
     if (gridDim.y > 1) {
         // K split: fp32 partials without bias; nf4_linear_splitk_reduce sums them in order.

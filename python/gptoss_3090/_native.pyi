@@ -282,7 +282,10 @@ def cuda_nf4_linear_plan(
 ) -> dict[str, Any]:
     """The launch plan ``cuda_nf4_linear`` would use for (M, N, K) on GPU ``ordinal`` (no
     launch): ``entry``, ``grid``, ``threads``, ``smem``, ``tuning``, ``splits`` (split-K
-    factor) and ``workspace_floats`` (the split-K workspace it needs)."""
+    factor), ``workspace_floats`` (the split-K workspace it needs) and ``cluster_reduce``
+    (the wide path's split is summed inside thread-block clusters, sm_90: no workspace, no
+    reduce launch; ``GPTOSS_3090_WIDE_REDUCE=launch`` turns it off). A clustered launch may take
+    fewer splits than planned where the GPU runs fewer clusters at once than the grid has."""
 
 def cuda_nf4_quantize(
     ordinal: int,

@@ -32,7 +32,13 @@ pub struct KernelFn {
     occupancy: Arc<Mutex<Vec<OccupancyEntry>>>,
     /// Static shared memory bytes, once asked.
     static_smem: Arc<OnceLock<u32>>,
+    /// Clusters that can run at once, already asked of the driver, by (blocks per cluster
+    /// along y, threads, dynamic shared memory).
+    clusters: Arc<Mutex<Vec<ClusterEntry>>>,
 }
+
+/// ((blocks per cluster, threads, dynamic shared memory bytes), clusters at once).
+type ClusterEntry = ((u32, u32, u32), u32);
 
 /// ((threads, dynamic shared memory bytes), blocks per SM).
 type OccupancyEntry = ((u32, u32), u32);
@@ -316,6 +322,96 @@ impl GpuDevice {
         Ok(n)
     }
 
+    /// Whether this GPU launches thread-block clusters (compute capability 9.0 and newer).
+    pub fn has_clusters(&self) -> bool {
+        self.arch.major >= 9
+    }
+
+    /// How many clusters of (1, `cluster_y`, 1) blocks of `threads` threads with `dyn_smem`
+    /// bytes of dynamic shared memory the whole GPU runs at once for `f` (clusters must fit
+    /// inside one GPC, so this can be less than the blocks per SM times the SMs suggest).
+    pub fn max_active_clusters(
+        &self,
+        f: &KernelFn,
+        cluster_y: u32,
+        threads: u32,
+        dyn_smem: u32,
+    ) -> Result<u32> {
+        if !self.has_clusters() {
+            return Err(Error::arg(format!(
+                "{}: thread-block clusters need compute capability 9.0, this GPU is {}",
+                f.name, self.arch
+            )));
+        }
+        let key = (cluster_y, threads, dyn_smem);
+        {
+            let known = f.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
+                return Ok(n);
+            }
+        }
+        self.bind()?;
+        self.allow_dyn_smem(f, dyn_smem)?;
+        let mut attr = cluster_attribute(cluster_y);
+        // The grid only has to be a whole number of clusters here.
+        let config = launch_config((1, cluster_y, 1), (threads, 1, 1), dyn_smem, 0, &mut attr);
+        let mut n: c_int = 0;
+        // SAFETY: valid function handle of this context; `config` and the attribute it points
+        // at outlive the call, as does `n`.
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.func.0, &config) }
+            .result()
+            .map_err(|e| drv(&format!("cluster occupancy of {}", f.name), e))?;
+        let n = n.max(0) as u32;
+        f.clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key, n));
+        Ok(n)
+    }
+
+    /// Like [`GpuDevice::launch`], as clusters of (1, `cluster_y`, 1) blocks (compute
+    /// capability 9.0+; `grid.1` must be a multiple of `cluster_y`, at most 8).
+    ///
+    /// # Safety
+    /// As [`GpuDevice::launch`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_clusters<P: Copy>(
+        &self,
+        f: &KernelFn,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dyn_smem: u32,
+        cluster_y: u32,
+        stream: u64,
+        params: &P,
+    ) -> Result<()> {
+        check_launch_dims(f, grid, block)?;
+        if !self.has_clusters() {
+            return Err(Error::arg(format!(
+                "{}: thread-block clusters need compute capability 9.0, this GPU is {}",
+                f.name, self.arch
+            )));
+        }
+        if !(1..=8).contains(&cluster_y) || grid.1 % cluster_y != 0 {
+            return Err(Error::arg(format!(
+                "{}: cluster of {cluster_y} blocks along y for grid {grid:?} (1..=8, dividing \
+                 the grid)",
+                f.name
+            )));
+        }
+        self.bind()?;
+        self.allow_dyn_smem(f, dyn_smem)?;
+        let mut attr = cluster_attribute(cluster_y);
+        let config = launch_config(grid, block, dyn_smem, stream, &mut attr);
+        let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
+        // SAFETY: forwarded to the caller's contract; `config` and its attribute outlive the
+        // call, and `args[0]` points at the params struct, which the driver copies before
+        // returning.
+        unsafe { sys::cuLaunchKernelEx(&config, f.func.0, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| drv(&format!("launching {} as clusters", f.name), e))
+    }
+
     /// Static shared memory of `f` in bytes (what the kernel declares with `__shared__`).
     pub fn static_smem(&self, f: &KernelFn) -> Result<u32> {
         if let Some(&n) = f.static_smem.get() {
@@ -437,6 +533,7 @@ impl GpuDevice {
                 dyn_smem_limit: Arc::new(AtomicU32::new(0)),
                 occupancy: Arc::new(Mutex::new(Vec::new())),
                 static_smem: Arc::new(OnceLock::new()),
+                clusters: Arc::new(Mutex::new(Vec::new())),
             };
             let mut f = self.functions.lock().unwrap_or_else(|p| p.into_inner());
             Ok(f.entry(key).or_insert(k).clone())
@@ -541,19 +638,7 @@ impl GpuDevice {
         stream: u64,
         params: &P,
     ) -> Result<()> {
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
-            return Err(Error::arg(format!(
-                "{}: invalid grid {grid:?} (each dimension >= 1; y, z <= 65535)",
-                f.name
-            )));
-        }
-        let threads = block.0 as u64 * block.1 as u64 * block.2 as u64;
-        if threads == 0 || threads > 1024 {
-            return Err(Error::arg(format!(
-                "{}: invalid block {block:?} (1..=1024 threads)",
-                f.name
-            )));
-        }
+        check_launch_dims(f, grid, block)?;
         self.bind()?;
         self.allow_dyn_smem(f, dyn_smem)?;
         let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
@@ -608,5 +693,56 @@ fn capture_error(source_name: &str) -> Error {
         message: "kernels cannot be compiled or loaded while a CUDA graph is being captured; \
                   call gptoss_3090.runtime.warmup() (or run the op once) before capture"
             .to_string(),
+    }
+}
+
+/// Rejects a grid or block the driver would refuse, with a message naming the kernel.
+fn check_launch_dims(f: &KernelFn, grid: (u32, u32, u32), block: (u32, u32, u32)) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 {
+        return Err(Error::arg(format!(
+            "{}: invalid grid {grid:?} (each dimension >= 1; y, z <= 65535)",
+            f.name
+        )));
+    }
+    let threads = block.0 as u64 * block.1 as u64 * block.2 as u64;
+    if threads == 0 || threads > 1024 {
+        return Err(Error::arg(format!(
+            "{}: invalid block {block:?} (1..=1024 threads)",
+            f.name
+        )));
+    }
+    Ok(())
+}
+
+/// The launch attribute for clusters of (1, `cluster_y`, 1) blocks.
+fn cluster_attribute(cluster_y: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a plain C struct and union of integers, for which all-zero is a valid value.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = 1;
+    attr.value.clusterDim.y = cluster_y;
+    attr.value.clusterDim.z = 1;
+    attr
+}
+
+/// A `cuLaunchKernelEx` configuration with one attribute (which must outlive its use).
+fn launch_config(
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    dyn_smem: u32,
+    stream: u64,
+    attr: &mut sys::CUlaunchAttribute,
+) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: dyn_smem,
+        hStream: stream as sys::CUstream,
+        attrs: attr as *mut sys::CUlaunchAttribute,
+        numAttrs: 1,
     }
 }

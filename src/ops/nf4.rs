@@ -74,7 +74,7 @@ pub struct Nf4DequantSegsParams {
     pub pad_: i32,
 }
 
-/// Mirror of `Nf4LinearParams` (240 bytes).
+/// Mirror of `Nf4LinearParams` (248 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Nf4LinearParams {
@@ -104,6 +104,11 @@ pub struct Nf4LinearParams {
     pub splits: i32,
     /// Streaming kernel: warps that split K per 16-row group (1, 2, 4 or 8).
     pub str_ks: i32,
+    /// Wide kernel, sm_90: 1 = launched as clusters of (1, splits, 1) that sum their K splits
+    /// on chip (no workspace, no reduce launch).
+    pub wide_cluster: i32,
+    /// 0 (keeps the struct a multiple of 8 bytes).
+    pub reserved: i32,
 }
 
 /// Mirror of `Nf4QuantizeParams` (72 bytes).
@@ -493,9 +498,38 @@ pub fn wide_k_split(n: u64, chunks: u64, sms: u64, resident: u64) -> u64 {
     chunks.div_ceil(4).clamp(1, 8).min(fill).max(1)
 }
 
+/// Knob (read on every call, so one process can compare both): `cluster` (the default) lets
+/// the wide kernel sum its K splits inside thread-block clusters where the GPU has them
+/// (sm_90, native tuning); `launch` keeps the fp32 workspace and the reduce launch (the only way
+/// on sm_80-sm_89, and under a forced sm_86 tuning, which stands for a 3090).
+pub const WIDE_REDUCE_ENV: &str = "GPTOSS_3090_WIDE_REDUCE";
+
+/// The largest cluster the wide kernel is launched in (the portable limit; kernels/nf4.cu
+/// `WIDE_CLUSTER_MAX_SPLITS`).
+const WIDE_CLUSTER_MAX_SPLITS: u64 = 8;
+
+/// [`WIDE_REDUCE_ENV`] for an explicit setting (`None` = unset): whether clusters may be used.
+fn wide_cluster_for(setting: Option<&str>) -> Result<bool> {
+    crate::ops::env_switch(setting, WIDE_REDUCE_ENV, ("launch", "cluster"), true)
+}
+
+/// Whether wide launches on `dev` sum their K splits in clusters (see [`WIDE_REDUCE_ENV`]).
+pub fn wide_cluster_on(dev: &GpuDevice) -> Result<bool> {
+    let wanted = wide_cluster_for(std::env::var(WIDE_REDUCE_ENV).ok().as_deref())?;
+    Ok(wanted && dev.has_clusters() && dev.tuning() == Tuning::Sm90)
+}
+
 /// The wide kernel's plan (shared by [`plan_linear`] and the launch, so that the workspace
-/// a caller sizes from the plan is the one the launch uses).
-fn plan_wide(m: i64, n: i64, k: i64, sm_count: u32, tuning: Tuning) -> Result<LinearPlan> {
+/// a caller sizes from the plan is the one the launch uses). `cluster`: the split is summed in
+/// thread-block clusters where it fits one (2 to 8 splits), so no workspace is needed.
+fn plan_wide(
+    m: i64,
+    n: i64,
+    k: i64,
+    sm_count: u32,
+    tuning: Tuning,
+    cluster: bool,
+) -> Result<LinearPlan> {
     if !(1..=WIDE_MAX_M).contains(&m) {
         return Err(Error::arg(format!(
             "the wide path serves 1 <= M <= {WIDE_MAX_M}, found M = {m}"
@@ -525,18 +559,39 @@ fn plan_wide(m: i64, n: i64, k: i64, sm_count: u32, tuning: Tuning) -> Result<Li
     };
     let gx = u32::try_from(ceil_div(n as u64, 16 * STR_WARPS as u64))
         .map_err(|_| Error::arg("N too large for one launch"))?;
+    let in_cluster = cluster && splits <= WIDE_CLUSTER_MAX_SPLITS;
     Ok(LinearPlan {
         entry: "nf4_linear_wide",
         grid: (gx, splits as u32, 1),
         threads: 32 * STR_WARPS as u32,
         smem: WIDE_SMEM_BYTES,
         splits: splits as u32,
-        workspace_floats: if splits > 1 {
+        workspace_floats: if splits > 1 && !in_cluster {
             splits * m as u64 * n as u64
         } else {
             0
         },
     })
+}
+
+/// The K split a clustered wide launch of `tiles` row tiles takes: the plan's `splits`, or
+/// fewer where the GPU cannot run that many clusters of `splits` blocks at once (clusters
+/// live inside one GPC, so they can fit fewer blocks than the SMs do), but never a second
+/// wave. `active(s)`: the clusters of `s` blocks the GPU runs at once. A forced split is kept.
+fn wide_cluster_split(
+    tiles: u64,
+    splits: u64,
+    forced: bool,
+    mut active: impl FnMut(u64) -> Result<u64>,
+) -> Result<u64> {
+    if forced {
+        return Ok(splits);
+    }
+    let mut s = splits;
+    while s > 1 && active(s)? < tiles {
+        s -= 1;
+    }
+    Ok(s)
 }
 
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
@@ -551,6 +606,7 @@ pub fn plan_linear(
     sm_count: u32,
     tuning: Tuning,
     path: Option<LinearPath>,
+    wide_cluster: bool,
 ) -> Result<LinearPlan> {
     let path = match path {
         Some(LinearPath::Auto) => {
@@ -564,7 +620,7 @@ pub fn plan_linear(
         None => auto_mma_size(m, n, sm_count),
     };
     if path == LinearPath::Wide {
-        return plan_wide(m, n, k, sm_count, tuning);
+        return plan_wide(m, n, k, sm_count, tuning, wide_cluster);
     }
     if path == LinearPath::Decode || path == LinearPath::Stream {
         if m > DECODE_MAX_M {
@@ -728,6 +784,7 @@ pub unsafe fn linear(
         dev.sm_count(),
         dev.tuning(),
         path,
+        false,
     )?;
     let reduce = attach_split_workspace(&mut params, &plan, workspace)?;
     let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
@@ -927,7 +984,15 @@ unsafe fn linear_wide(
     workspace: (u64, u64),
     stream: u64,
 ) -> Result<LinearPlan> {
-    let mut plan = plan_wide(a.m, params.n as i64, a.k, dev.sm_count(), dev.tuning())?;
+    let cluster = wide_cluster_on(dev)?;
+    let mut plan = plan_wide(
+        a.m,
+        params.n as i64,
+        a.k,
+        dev.sm_count(),
+        dev.tuning(),
+        cluster,
+    )?;
     let entry = if params.seg[0].nested != 0 {
         "nf4_linear_wide"
     } else {
@@ -936,6 +1001,34 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
+    if cluster && (2..=WIDE_CLUSTER_MAX_SPLITS).contains(&(plan.splits as u64)) {
+        let forced = mma_splits_override()?.is_some();
+        let (threads, smem) = (plan.threads, plan.smem);
+        let splits = wide_cluster_split(plan.grid.0 as u64, plan.splits as u64, forced, |s| {
+            Ok(dev.max_active_clusters(&f, s as u32, threads, smem)? as u64)
+        })?;
+        plan.splits = splits as u32;
+        plan.grid.1 = splits as u32;
+        params.splits = plan.splits as i32;
+        params.wide_cluster = i32::from(splits > 1);
+        if splits > 1 {
+            // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers
+            // N / 16 row groups of 8 per block and `splits` K ranges, one cluster per row tile.
+            unsafe {
+                dev.launch_clusters(
+                    &f,
+                    plan.grid,
+                    (plan.threads, 1, 1),
+                    plan.smem,
+                    plan.grid.1,
+                    stream,
+                    &*params,
+                )?
+            };
+            plan.entry = entry;
+            return Ok(plan);
+        }
+    }
     let reduce = attach_split_workspace(params, &plan, workspace)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
     // groups of 8 per block and `splits` K ranges.
@@ -1152,7 +1245,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Nf4TensorParams>(), 56);
         assert_eq!(std::mem::size_of::<Nf4DequantParams>(), 80);
         assert_eq!(std::mem::size_of::<Nf4DequantSegsParams>(), 3 * 80 + 24);
-        assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 240);
+        assert_eq!(std::mem::size_of::<Nf4LinearParams>(), 248);
         assert_eq!(std::mem::size_of::<Nf4QuantizeParams>(), 72);
         assert_eq!(std::mem::align_of::<Nf4LinearParams>(), 8);
     }
@@ -1188,7 +1281,7 @@ mod tests {
         // A grid that already fills the GPU does not split; nor does a short K.
         assert_eq!(wide_k_split(128 * 300, 23, 132, 2), 1);
         assert_eq!(wide_k_split(128, 2, 132, 2), 1);
-        let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90)?;
+        let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, false)?;
         assert_eq!(plan.grid, (40, 6, 1));
         assert_eq!(plan.workspace_floats, 6 * 64 * 5120);
         assert_eq!(plan.smem, WIDE_SMEM_BYTES);
@@ -1196,14 +1289,72 @@ mod tests {
         assert_eq!(wide_blocks_per_sm(Tuning::Sm90), 2);
         assert_eq!(wide_blocks_per_sm(Tuning::Sm80), 1);
         assert_eq!(wide_blocks_per_sm(Tuning::Sm86), 1);
-        assert!(plan_wide(65, 5120, 2880, 132, Tuning::Sm90).is_err());
+        assert!(plan_wide(65, 5120, 2880, 132, Tuning::Sm90, false).is_err());
         assert_eq!(LinearPath::parse("wide")?, Some(LinearPath::Wide));
-        let single = plan_linear(64, 5120, 256, 132, Tuning::Sm90, Some(LinearPath::Wide))?;
+        let single = plan_linear(
+            64,
+            5120,
+            256,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Wide),
+            false,
+        )?;
         assert_eq!((single.splits, single.workspace_floats), (1, 0));
         // A grid that fills the GPU still splits a long K: at most 64 chunks per split
         // (K = 16384: 128 chunks, 2 splits).
-        let long = plan_wide(64, 128 * 300, 16384, 132, Tuning::Sm90)?;
+        let long = plan_wide(64, 128 * 300, 16384, 132, Tuning::Sm90, false)?;
         assert_eq!(long.splits, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn clustered_wide_plans_need_no_workspace() -> Result<()> {
+        // vLLM's q/k/v at M = 64 on an H100: 6 splits, summed in clusters of 6.
+        let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, true)?;
+        assert_eq!((plan.grid, plan.workspace_floats), ((40, 6, 1), 0));
+        let o = plan_linear(
+            64,
+            2880,
+            4096,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Wide),
+            true,
+        )?;
+        assert_eq!((o.splits, o.workspace_floats), (8, 0));
+        // Without clusters the same plan sizes the workspace.
+        let plain = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, false)?;
+        assert_eq!(plain.workspace_floats, 6 * 64 * 5120);
+        Ok(())
+    }
+
+    #[test]
+    fn clustered_wide_split_stays_in_one_wave() -> Result<()> {
+        // 40 row tiles; the GPU runs 48 clusters of 6 at once: kept.
+        assert_eq!(wide_cluster_split(40, 6, false, |_| Ok(48))?, 6);
+        // Clusters of s run 264 / s - 4 at once (29 of 8, 33 of 7, 40 of 6): 40 tiles take 6.
+        let active = |s: u64| Ok(264 / s - 4);
+        assert_eq!(wide_cluster_split(40, 8, false, active)?, 6);
+        // Nothing fits: no split (no cluster, no workspace).
+        assert_eq!(wide_cluster_split(400, 8, false, |_| Ok(10))?, 1);
+        // A forced split is kept as asked.
+        assert_eq!(wide_cluster_split(400, 8, true, |_| Ok(10))?, 8);
+        // The driver's error comes through.
+        assert!(wide_cluster_split(40, 6, false, |_| Err(Error::arg("no"))).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn wide_reduce_knob_parses() -> Result<()> {
+        assert!(wide_cluster_for(None)?);
+        assert!(wide_cluster_for(Some(" cluster"))?);
+        assert!(!wide_cluster_for(Some("launch"))?);
+        let err = wide_cluster_for(Some("dsmem")).unwrap_err().to_string();
+        assert!(
+            err.contains(WIDE_REDUCE_ENV) && err.contains("launch"),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -1297,30 +1448,84 @@ mod tests {
 
     #[test]
     fn plans() {
-        let p = plan_linear(1, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(
+            1,
+            5760,
+            2880,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Auto),
+            false,
+        )
+        .unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m8");
         assert_eq!(p.grid.0, 264);
-        let p = plan_linear(16, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(
+            16,
+            5760,
+            2880,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Auto),
+            false,
+        )
+        .unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m16");
         assert_eq!(p.grid.0, 264);
         assert_eq!(p.smem, 44_032);
-        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(
+            2048,
+            5760,
+            2880,
+            132,
+            Tuning::Sm86,
+            Some(LinearPath::Auto),
+            false,
+        )
+        .unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_l3");
         assert_eq!(p.grid, (45, 16, 1));
-        let p = plan_linear(64, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(
+            64,
+            5760,
+            2880,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Auto),
+            false,
+        )
+        .unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_s4");
         assert_eq!(p.splits, 4);
         assert_eq!(p.grid, (90, 1, 4));
         assert_eq!(p.workspace_floats, 4 * 64 * 5760);
-        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
+        let p = plan_linear(
+            2048,
+            5760,
+            2880,
+            132,
+            Tuning::Sm86,
+            Some(LinearPath::Auto),
+            false,
+        )
+        .unwrap();
         assert_eq!((p.splits, p.workspace_floats), (1, 0));
-        assert!(plan_linear(17, 64, 2880, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
+        assert!(plan_linear(
+            17,
+            64,
+            2880,
+            132,
+            Tuning::Sm90,
+            Some(LinearPath::Decode),
+            false
+        )
+        .is_err());
     }
 
     #[test]
     fn k_splits_minimise_waves_times_k_tiles() {
         let splits = |m, n, k, tuning| {
-            let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto)).unwrap();
+            let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto), false).unwrap();
             (p.entry, p.splits)
         };
         // The session-7 sweep's fastest forced splits (H100): o at M = 64 (45 tiles) 8, q/k/v

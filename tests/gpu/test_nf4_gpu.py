@@ -515,7 +515,8 @@ def test_linear_wide_path_splits_and_graph():
     one = _native.cuda_nf4_linear_plan(dev, 64, 16 * 8 * 200, 256, "wide")
     many = _native.cuda_nf4_linear_plan(dev, 64, 128, k, "wide")
     assert one["splits"] == 1 and one["workspace_floats"] == 0
-    assert many["splits"] > 1 and many["workspace_floats"] == many["splits"] * 64 * 128
+    split_ws = 0 if many["cluster_reduce"] else many["splits"] * 64 * 128
+    assert many["splits"] > 1 and many["workspace_floats"] == split_ws
     w1 = make_weight(16 * 8 * 200, 256, torch.bfloat16, seed=5)
     x1 = torch.randn(64, 256, dtype=torch.bfloat16, device=DEV)
     y1 = ops.nf4_linear(x1, w1, path="wide")
@@ -553,6 +554,8 @@ def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
     k = 2880
     dev = torch.cuda.current_device()
     g = gen(31)
+    # the wide path's splits go through the workspace and the reduce launch only without clusters
+    monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "launch")
     cases = [
         ("wide", 48, 128),
         ("wide", 64, 2880),
@@ -578,6 +581,64 @@ def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
     monkeypatch.setenv("GPTOSS_3090_SPLITK_REDUCE", "fast")
     with pytest.raises(ValueError, match="GPTOSS_3090_SPLITK_REDUCE"):
         ops.nf4_linear(x, w, bias, path="mma")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
+    """On sm_90 the wide kernel sums its K splits inside thread-block clusters
+    (GPTOSS_3090_WIDE_REDUCE=cluster, the default there): the same adds in the same order as
+    the workspace + reduce launch (=launch), so the same bits, with and without bias, for
+    vLLM's q/k/v (three segments), its o projection (8 splits, a last row tile with idle
+    warps), 5760 rows and M not a multiple of 8; the plan then asks for no workspace. The
+    result also matches dequantize-then-matmul in fp32 and CUDA-graph replay. An unknown setting
+    is a ValueError naming the variable."""
+    from gptoss_3090 import _native
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+    if runtime.tuning() != "sm90":
+        pytest.skip("a forced tuning stands for a GPU without clusters")
+    dev = torch.cuda.current_device()
+    g = gen(41)
+    cases = [((4096, 512, 512), 2880, 64), ((4096, 512, 512), 2880, 37), ((2880,), 4096, 64),
+             ((5760,), 2880, 48), ((2880,), 4096, 33)]
+    for rows, k, m in cases:
+        n = sum(rows)
+        plan = _native.cuda_nf4_linear_plan(dev, m, n, k, "wide")
+        assert plan["cluster_reduce"] and plan["workspace_floats"] == 0, plan
+        monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "launch")
+        plain = _native.cuda_nf4_linear_plan(dev, m, n, k, "wide")
+        assert not plain["cluster_reduce"] and plain["workspace_floats"] > 0, plain
+        monkeypatch.delenv("GPTOSS_3090_WIDE_REDUCE")
+        parts = [make_weight(r, k, dtype, nested=nested, seed=r + m) for r in rows]
+        w_deq = torch.cat([p.dequantize() for p in parts])
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+        bias = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEV)
+        for b in (bias, None):
+            y = ops.nf4_linear(x, parts, b, path="wide")
+            monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "launch")
+            y_launch = ops.nf4_linear(x, parts, b, path="wide")
+            monkeypatch.delenv("GPTOSS_3090_WIDE_REDUCE")
+            assert torch.equal(y, y_launch), (rows, k, m, b is None)
+            err = rel_err(y, linear_ref(x, w_deq, b))
+            assert err <= 1e-2, f"cluster {rows}x{k} M={m}: {err:.3e}"
+    # graph capture and replay of a clustered launch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.nf4_linear(x, parts, bias, path="wide")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = ops.nf4_linear(x, parts, bias, path="wide")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, ops.nf4_linear(x, parts, bias, path="wide"))
+    monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "dsmem")
+    with pytest.raises(ValueError, match="GPTOSS_3090_WIDE_REDUCE"):
+        ops.nf4_linear(x, parts, bias, path="wide")
 
 
 @pytest.mark.parametrize("path, m", [("stream", 5), ("wide", 48)])
