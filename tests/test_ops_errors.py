@@ -224,6 +224,9 @@ def test_native_launchers_recheck_arguments():
         _native.cuda_nf4_quantize(0, 0, "float32", 16, 64, True, 16, 16, 0, 16, 16, 16)
     with pytest.raises(ValueError, match="weight dtype"):
         _native.cuda_nf4_quantize(0, 0, "int8", 16, 64, False, 16, 16, 0, 0, 0, 0)
+    for cluster_y, threads in [(0, 256), (9, 256), (2, 0), (2, 2048)]:
+        with pytest.raises(ValueError, match="cluster_y must be 1..=8"):
+            _native.max_active_clusters(0, "nf4", "nf4_linear_wide_bf16", cluster_y, threads, 0)
 
 
 @pytest.mark.parametrize("raw", ["sixty-four", "0", "-5"])

@@ -205,6 +205,13 @@ def device_info(ordinal: int) -> dict[str, Any]:
     None), ``nvrtc_version`` and ``kernel_cache_dir``. Raises CudaError without a GPU or for an
     architecture below sm_80."""
 
+def max_active_clusters(
+    ordinal: int, family: str, entry: str, cluster_y: int, threads: int, dyn_smem: int
+) -> int:
+    """How many clusters of (1, ``cluster_y``, 1) blocks of kernel ``family``/``entry``
+    (``threads`` threads, ``dyn_smem`` bytes of dynamic shared memory) GPU ``ordinal`` runs at
+    once (compute capability 9.0+; else a ValueError)."""
+
 def warmup(ordinal: int) -> None:
     """Compiles (through the disk cache) and loads every kernel on GPU ``ordinal``. Call it
     before CUDA-graph capture: module loading is not capturable."""

@@ -9,13 +9,14 @@
 //! | `kernel_cache_dir() -> str \| None` | where cubins are cached |
 //! | `device_info(ordinal: int) -> dict` | name, arch, SMs, shared memory, L2, tuning, ... |
 //! | `warmup(ordinal: int) -> None` | compile + load every kernel (before CUDA-graph capture) |
+//! | `max_active_clusters(ordinal, family, entry, cluster_y, threads, dyn_smem) -> int` | clusters a GPU runs at once (sm_90+) |
 //! | `set_tuning(name: str \| None) -> None` | force `sm80`/`sm86`/`sm90` launch configs, or clear |
 //! | `forced_tuning() -> str \| None` | the current override |
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::{Arch, Tuning, SOURCES};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Compiles every kernel family for `arch` (e.g. "sm_86") through the disk cache.
 /// Returns `{family: cubin_bytes}`. Needs NVRTC, not a GPU.
@@ -125,6 +126,28 @@ fn device_info<'py>(py: Python<'py>, ordinal: i32) -> PyResult<Bound<'py, PyDict
     Ok(d)
 }
 
+/// How many clusters of (1, `cluster_y`, 1) blocks of kernel `family/entry` (`threads` threads,
+/// `dyn_smem` bytes of dynamic shared memory) GPU `ordinal` runs at once (sm_90+).
+#[pyfunction]
+fn max_active_clusters(
+    ordinal: i32,
+    family: &str,
+    entry: &str,
+    cluster_y: u32,
+    threads: u32,
+    dyn_smem: u32,
+) -> PyResult<u32> {
+    if !(1..=8).contains(&cluster_y) || !(1..=1024).contains(&threads) {
+        return Err(Error::arg(format!(
+            "cluster_y must be 1..=8 and threads 1..=1024, found {cluster_y} and {threads}"
+        ))
+        .into());
+    }
+    let dev = super::device(ordinal)?;
+    let f = dev.function(family, entry)?;
+    Ok(dev.max_active_clusters(&f, cluster_y, threads, dyn_smem)?)
+}
+
 /// Compiles (disk cache) and loads every kernel on GPU `ordinal`. Call before CUDA-graph capture.
 #[pyfunction]
 fn warmup(py: Python<'_>, ordinal: i32) -> PyResult<()> {
@@ -163,6 +186,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;
     m.add_function(wrap_pyfunction!(warmup, m)?)?;
+    m.add_function(wrap_pyfunction!(max_active_clusters, m)?)?;
     m.add_function(wrap_pyfunction!(set_tuning, m)?)?;
     m.add_function(wrap_pyfunction!(forced_tuning, m)?)?;
     Ok(())

@@ -574,24 +574,32 @@ fn plan_wide(
     })
 }
 
-/// The K split a clustered wide launch of `tiles` row tiles takes: the plan's `splits`, or
-/// fewer where the GPU cannot run that many clusters of `splits` blocks at once (clusters
-/// live inside one GPC, so they can fit fewer blocks than the SMs do), but never a second
-/// wave. `active(s)`: the clusters of `s` blocks the GPU runs at once. A forced split is kept.
-fn wide_cluster_split(
-    tiles: u64,
-    splits: u64,
-    forced: bool,
-    mut active: impl FnMut(u64) -> Result<u64>,
-) -> Result<u64> {
-    if forced {
-        return Ok(splits);
+/// The wide plan on `dev`: split K inside thread-block clusters ([`wide_cluster_on`]) only where
+/// the GPU runs all of the launch's clusters at once (clusters live inside one GPC, so fewer of
+/// them fit than blocks per SM times SMs suggest: H200, session 24, vLLM's q/k/v); otherwise
+/// the plain plan with its workspace and reduce launch. The launch and [`plan_linear`]'s caller
+/// both come here, so the workspace a caller sizes is the one the launch needs. A forced split
+/// (`GPTOSS_3090_NF4_SPLITS`) keeps clusters wherever it has 2 to 8 splits.
+pub fn plan_wide_on(dev: &GpuDevice, m: i64, n: i64, k: i64) -> Result<LinearPlan> {
+    let cluster = wide_cluster_on(dev)?;
+    let plan = plan_wide(m, n, k, dev.sm_count(), dev.tuning(), cluster)?;
+    if !cluster || plan.workspace_floats > 0 || plan.splits < 2 || mma_splits_override()?.is_some()
+    {
+        return Ok(plan);
     }
-    let mut s = splits;
-    while s > 1 && active(s)? < tiles {
-        s -= 1;
+    // The nested kernel holds the static code maps the plain one lacks: where it fits, both do.
+    let f = dev.function("nf4", "nf4_linear_wide_bf16")?;
+    let active = dev.max_active_clusters(&f, plan.splits, plan.threads, plan.smem)?;
+    if active >= plan.grid.0 {
+        Ok(plan)
+    } else {
+        plan_wide(m, n, k, dev.sm_count(), dev.tuning(), false)
     }
-    Ok(s)
+}
+
+/// Whether a wide plan sums its K split inside clusters (no workspace for a split).
+pub fn wide_plan_clustered(plan: &LinearPlan) -> bool {
+    plan.splits > 1 && plan.workspace_floats == 0
 }
 
 /// Resolves the kernel and launch configuration for an [M, K] x [N, K]^T product.
@@ -984,15 +992,7 @@ unsafe fn linear_wide(
     workspace: (u64, u64),
     stream: u64,
 ) -> Result<LinearPlan> {
-    let cluster = wide_cluster_on(dev)?;
-    let mut plan = plan_wide(
-        a.m,
-        params.n as i64,
-        a.k,
-        dev.sm_count(),
-        dev.tuning(),
-        cluster,
-    )?;
+    let mut plan = plan_wide_on(dev, a.m, params.n as i64, a.k)?;
     let entry = if params.seg[0].nested != 0 {
         "nf4_linear_wide"
     } else {
@@ -1001,33 +1001,24 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
-    if cluster && (2..=WIDE_CLUSTER_MAX_SPLITS).contains(&(plan.splits as u64)) {
-        let forced = mma_splits_override()?.is_some();
-        let (threads, smem) = (plan.threads, plan.smem);
-        let splits = wide_cluster_split(plan.grid.0 as u64, plan.splits as u64, forced, |s| {
-            Ok(dev.max_active_clusters(&f, s as u32, threads, smem)? as u64)
-        })?;
-        plan.splits = splits as u32;
-        plan.grid.1 = splits as u32;
+    if wide_plan_clustered(&plan) {
         params.splits = plan.splits as i32;
-        params.wide_cluster = i32::from(splits > 1);
-        if splits > 1 {
-            // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers
-            // N / 16 row groups of 8 per block and `splits` K ranges, one cluster per row tile.
-            unsafe {
-                dev.launch_clusters(
-                    &f,
-                    plan.grid,
-                    (plan.threads, 1, 1),
-                    plan.smem,
-                    plan.grid.1,
-                    stream,
-                    &*params,
-                )?
-            };
-            plan.entry = entry;
-            return Ok(plan);
-        }
+        params.wide_cluster = 1;
+        // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16
+        // row groups of 8 per block and `splits` K ranges, one cluster per 128-row tile.
+        unsafe {
+            dev.launch_clusters(
+                &f,
+                plan.grid,
+                (plan.threads, 1, 1),
+                plan.smem,
+                plan.grid.1,
+                stream,
+                &*params,
+            )?
+        };
+        plan.entry = entry;
+        return Ok(plan);
     }
     let reduce = attach_split_workspace(params, &plan, workspace)?;
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
@@ -1313,6 +1304,7 @@ mod tests {
         // vLLM's q/k/v at M = 64 on an H100: 6 splits, summed in clusters of 6.
         let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, true)?;
         assert_eq!((plan.grid, plan.workspace_floats), ((40, 6, 1), 0));
+        assert!(wide_plan_clustered(&plan));
         let o = plan_linear(
             64,
             2880,
@@ -1326,22 +1318,7 @@ mod tests {
         // Without clusters the same plan sizes the workspace.
         let plain = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, false)?;
         assert_eq!(plain.workspace_floats, 6 * 64 * 5120);
-        Ok(())
-    }
-
-    #[test]
-    fn clustered_wide_split_stays_in_one_wave() -> Result<()> {
-        // 40 row tiles; the GPU runs 48 clusters of 6 at once: kept.
-        assert_eq!(wide_cluster_split(40, 6, false, |_| Ok(48))?, 6);
-        // Clusters of s run 264 / s - 4 at once (29 of 8, 33 of 7, 40 of 6): 40 tiles take 6.
-        let active = |s: u64| Ok(264 / s - 4);
-        assert_eq!(wide_cluster_split(40, 8, false, active)?, 6);
-        // Nothing fits: no split (no cluster, no workspace).
-        assert_eq!(wide_cluster_split(400, 8, false, |_| Ok(10))?, 1);
-        // A forced split is kept as asked.
-        assert_eq!(wide_cluster_split(400, 8, true, |_| Ok(10))?, 8);
-        // The driver's error comes through.
-        assert!(wide_cluster_split(40, 6, false, |_| Err(Error::arg("no"))).is_err());
+        assert!(!wide_plan_clustered(&plain));
         Ok(())
     }
 

@@ -162,15 +162,11 @@ fn cuda_nf4_linear_plan<'py>(
     }
     let dev = cuda::device(ordinal)?;
     let path = LinearPath::parse(path)?;
-    let plan = nf4::plan_linear(
-        m,
-        n,
-        k,
-        dev.sm_count(),
-        dev.tuning(),
-        path,
-        nf4::wide_cluster_on(&dev)?,
-    )?;
+    let plan = if path == Some(LinearPath::Wide) {
+        nf4::plan_wide_on(&dev, m, n, k)?
+    } else {
+        nf4::plan_linear(m, n, k, dev.sm_count(), dev.tuning(), path, false)?
+    };
     let d = PyDict::new(py);
     d.set_item("entry", plan.entry)?;
     d.set_item("grid", (plan.grid.0, plan.grid.1, plan.grid.2))?;
@@ -179,9 +175,7 @@ fn cuda_nf4_linear_plan<'py>(
     d.set_item("tuning", dev.tuning().name())?;
     d.set_item("splits", plan.splits)?;
     d.set_item("workspace_floats", plan.workspace_floats)?;
-    // The wide plan leaves out the workspace of a split exactly when clusters sum it.
-    let clustered =
-        plan.entry == "nf4_linear_wide" && plan.splits > 1 && plan.workspace_floats == 0;
+    let clustered = path == Some(LinearPath::Wide) && nf4::wide_plan_clustered(&plan);
     d.set_item("cluster_reduce", clustered)?;
     Ok(d)
 }

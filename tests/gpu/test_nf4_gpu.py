@@ -587,30 +587,49 @@ def test_splitk_reduce_vec_gives_the_same_bits(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
     """On sm_90 the wide kernel sums its K splits inside thread-block clusters
-    (GPTOSS_3090_WIDE_REDUCE=cluster, the default there): the same adds in the same order as
-    the workspace + reduce launch (=launch), so the same bits, with and without bias, for
-    vLLM's q/k/v (three segments), its o projection (8 splits, a last row tile with idle
-    warps), 5760 rows and M not a multiple of 8; the plan then asks for no workspace. The
-    result also matches dequantize-then-matmul in fp32 and CUDA-graph replay. An unknown setting
-    is a ValueError naming the variable."""
+    (GPTOSS_3090_WIDE_REDUCE=cluster, the default there) where the GPU runs all of the launch's
+    clusters at once (the driver's count; else the workspace and the reduce launch): the same
+    adds in the same order as the workspace + reduce launch (=launch), so the same bits, with
+    and without bias, for vLLM's q/k/v (three segments), its o projection (8 splits, a last row
+    tile with idle warps), 5760 rows and M not a multiple of 8; the plan then asks for no
+    workspace. Also against dequantize-then-matmul in fp32 and under CUDA-graph replay. With
+    GPTOSS_3090_NF4_SPLITS set (2 to 8) every case runs in clusters. An unknown setting is a
+    ValueError naming the variable."""
     from gptoss_3090 import _native
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread-block clusters need sm_90")
     if runtime.tuning() != "sm90":
         pytest.skip("a forced tuning stands for a GPU without clusters")
+    forced = bool(os.environ.get("GPTOSS_3090_NF4_SPLITS", "").strip())
     dev = torch.cuda.current_device()
     g = gen(41)
-    cases = [((4096, 512, 512), 2880, 64), ((4096, 512, 512), 2880, 37), ((2880,), 4096, 64),
-             ((5760,), 2880, 48), ((2880,), 4096, 33)]
+    cases = [
+        ((4096, 512, 512), 2880, 64),
+        ((4096, 512, 512), 2880, 37),
+        ((2880,), 4096, 64),
+        ((5760,), 2880, 48),
+        ((2880,), 4096, 33),
+    ]
+    clustered = 0
     for rows, k, m in cases:
         n = sum(rows)
         plan = _native.cuda_nf4_linear_plan(dev, m, n, k, "wide")
-        assert plan["cluster_reduce"] and plan["workspace_floats"] == 0, plan
         monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "launch")
         plain = _native.cuda_nf4_linear_plan(dev, m, n, k, "wide")
-        assert not plain["cluster_reduce"] and plain["workspace_floats"] > 0, plain
         monkeypatch.delenv("GPTOSS_3090_WIDE_REDUCE")
+        assert plain["splits"] == plan["splits"] > 1, (plan, plain)
+        assert not plain["cluster_reduce"] and plain["workspace_floats"] > 0, plain
+        at_once = _native.max_active_clusters(
+            dev, "nf4", "nf4_linear_wide_bf16", plan["splits"], plan["threads"], plan["smem"]
+        )
+        fits = at_once >= plan["grid"][0]
+        assert plan["cluster_reduce"] == (forced or fits), (plan, at_once)
+        print(f"[wide cluster] {rows}x{k} M={m}: {plan['grid']} clusters at once {at_once}")
+        if not plan["cluster_reduce"]:
+            continue
+        clustered += 1
+        assert plan["workspace_floats"] == 0, plan
         parts = [make_weight(r, k, dtype, nested=nested, seed=r + m) for r in rows]
         w_deq = torch.cat([p.dequantize() for p in parts])
         x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
@@ -623,19 +642,21 @@ def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
             assert torch.equal(y, y_launch), (rows, k, m, b is None)
             err = rel_err(y, linear_ref(x, w_deq, b))
             assert err <= 1e-2, f"cluster {rows}x{k} M={m}: {err:.3e}"
-    # graph capture and replay of a clustered launch
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.nf4_linear(x, parts, bias, path="wide")
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        yg = ops.nf4_linear(x, parts, bias, path="wide")
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(yg, ops.nf4_linear(x, parts, bias, path="wide"))
+        # graph capture and replay of a clustered launch
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.nf4_linear(x, parts, bias, path="wide")
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = ops.nf4_linear(x, parts, bias, path="wide")
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, ops.nf4_linear(x, parts, bias, path="wide"))
+    # the o projection's clusters of 8 fit an H100/H200 in one wave
+    assert clustered > 0
     monkeypatch.setenv("GPTOSS_3090_WIDE_REDUCE", "dsmem")
     with pytest.raises(ValueError, match="GPTOSS_3090_WIDE_REDUCE"):
         ops.nf4_linear(x, parts, bias, path="wide")
