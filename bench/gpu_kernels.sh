@@ -81,6 +81,11 @@
 #   reducevec   bench_nf4_linear.py at NF4_MS (default 33,48,64,128,256) on NF4_SHAPES (vLLM's
 #               q/k/v as three segments, o, 5760x2880) with GPTOSS_3090_SPLITK_REDUCE set to
 #               each of REDUCE_RUNS in turn (default "scalar vec scalar vec")
+#   pdl         programmatic dependent launch off and on (GPTOSS_3090_PDL, PDL_RUNS, default
+#               "off on off on"): bench_moe.py at PDL_TOKENS (default 1,2,4,8,16,64) and
+#               bench_nf4_linear.py (ours and cuBLAS) at NF4_MS (default 1,4,16,48,64) on vLLM's
+#               q/k/v and o; both time back-to-back calls of our own kernels, so the previous
+#               kernel is always one of ours
 #   widereduce  the wide linear at NF4_MS (default 33,48,64) on NF4_SHAPES (vLLM's q/k/v as
 #               three segments, o, 5760x2880) with GPTOSS_3090_WIDE_REDUCE set to each of
 #               WIDE_RUNS in turn (default "launch cluster launch cluster": the K split summed
@@ -519,6 +524,20 @@ for step in "$@"; do
           --ms "${NF4_MS:-33,48,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
           --out "$OUT/nf4_reduce_${mode}_$round.json" 2>&1 \
           | tee "$OUT/nf4_reduce_${mode}_$round.log" | grep -v "^wrote"
+      done
+      ;;
+    pdl)
+      round=0
+      for mode in ${PDL_RUNS:-off on off on}; do
+        round=$((round + 1))
+        echo "-- GPTOSS_3090_PDL=$mode (run $round)"
+        GPTOSS_3090_PDL=$mode bench_moe "pdl_${mode}_$round" --tokens "${PDL_TOKENS:-1,2,4,8,16,64}" \
+          --tunings auto --no-baselines
+        GPTOSS_3090_PDL=$mode python3 bench/bench_nf4_linear.py \
+          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096}" \
+          --ms "${NF4_MS:-1,4,16,48,64}" --tunings auto --no-bnb --quick --no-other-paths \
+          --out "$OUT/pdl_linear_${mode}_$round.json" 2>&1 \
+          | tee "$OUT/pdl_linear_${mode}_$round.log" | grep -v "^wrote\|^#"
       done
       ;;
     widereduce)

@@ -582,6 +582,9 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     static_assert(W * NST * 2 * TILE * 2 >= W * ATTN_DECODE_ROWS * (ATTN_HEAD_DIM + 2) * 4 + 16,
                   "merge area must fit in the pipeline buffers");
 
+    // vLLM's o projection follows (our NF4 linear, launched with PDL on sm_90): it may build its
+    // table and put its weights in flight while this grid runs.
+    pdl_trigger();
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;

@@ -282,6 +282,28 @@ __device__ __forceinline__ u32x2 ld_shared_8_volatile(u32 addr) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90; no-ops before). The host launches some kernels with
+// the PDL attribute (ops::PDL_ENV): such a kernel may start while the previous kernel in the
+// stream is still running, so it must pdl_wait() (every thread, before the first read of
+// anything earlier work wrote and before its first global write) and may do only
+// launch-independent work before: code tables, constant weights, shared memory. Without the
+// attribute the wait returns at once.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream, if launched with the PDL attribute, start its prologue
+// now instead of when this grid has finished (it still waits for this grid's results in
+// pdl_wait). It fires once every block of this grid has called it or exited, so every block of
+// this grid is resident by then and the next kernel's blocks cannot starve it.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Thread-block clusters (sm_90+; callers compile these only under __CUDA_ARCH__ >= 900).
 // The blocks of a cluster run at once on one GPC and can read each other's shared memory, so
 // the K splits of one output tile can be summed on chip instead of through global memory and

@@ -1640,8 +1640,17 @@ __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
     // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
     extern __shared__ __align__(16) u8 str_smem[];
+    pdl_trigger();  // the next phase (down, or the combine) may build its table meanwhile
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Launched with PDL (ops::PDL_ENV): the table is launch-independent; the routing (stored by
+    // the gate_up launch, or by the kernels before it) is not.
+    str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
+    pdl_wait();
+    const RoutePrefetch pre = dec_route_prefetch(p, !UP, !p.str_grouped);
+#else
     const RoutePrefetch pre = dec_route_prefetch(p, !UP, !p.str_grouped);
     str_table<DTYPE>(str_smem, sh.nmap, p.nested_map);
+#endif
     if (p.str_grouped)
         __syncthreads();  // table
     else
@@ -1962,6 +1971,7 @@ __device__ void moe_gemm(const MoeParams& p) {
 // ---------------------------------------------------------------------------------------------
 template <int DTYPE>
 __device__ void moe_combine(const MoeParams& p) {
+    pdl_wait();  // everything below comes from the expert launches just before
     const int t = blockIdx.x;
     const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
     const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;

@@ -393,6 +393,7 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     const SegView v = seg_view_at(p, s);
     const StrLane l = linear_str_lane<NESTED>(v, local, nkb, krow);
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    pdl_trigger();  // the next kernel may build its tables while this one streams
     linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
     __syncthreads();
 
@@ -407,12 +408,12 @@ __device__ __forceinline__ void nf4_linear_str(const Nf4LinearParams& p) {
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    if (active && n > 0) {
-        StrStats st;
-        str_prime<NESTED>(l, jb, n, nkb, ring, st);
-        str_stream<DTYPE, NT, NESTED, STR_X_GLOBAL_NC>(l, jb, n, nkb, v.offset, str_smem, ring, st, src,
-                                             cols, maps + 256 * s, acc);
-    }
+    StrStats st;
+    if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);
+    pdl_wait();  // x comes from the previous kernel; the weights above do not
+    if (active && n > 0)
+        str_stream<DTYPE, NT, NESTED, STR_X_GLOBAL_NC>(l, jb, n, nkb, v.offset, str_smem, ring, st,
+                                                       src, cols, maps + 256 * s, acc);
     str_reduce<NT>(str_smem, ks, acc);
     if (kp != 0 || !active) return;
     linear_str_store<DTYPE, NT>(p, r0, acc);
@@ -631,9 +632,19 @@ __device__ __forceinline__ void nf4_linear_wide(const Nf4LinearParams& p) {
     };
 
     StrStats st;
+    pdl_trigger();  // the next kernel (the split-K reduce) may launch while this one runs
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Launched with PDL (ops::PDL_ENV): the weights and the table do not depend on the previous
+    // kernel, x does, so x comes after the wait.
+    if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
+    linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
+    pdl_wait();
+    if (n > 0) x_load(jb);
+#else
     if (n > 0) x_load(jb);
     if (active && n > 0) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
     linear_str_tables<DTYPE, NESTED>(p, str_smem, maps);
+#endif
     if (n > 0) x_store(0);
     // (the first chunk's barrier below publishes the table, the maps and stage 0)
 
@@ -1295,6 +1306,7 @@ static_assert(MmaSmem<64, 64, 4>::BYTES == 60480, "s4 smem");
 // One thread per output element; grid-stride.
 template <int DTYPE>
 __device__ __forceinline__ void nf4_linear_splitk_reduce(const Nf4LinearParams& p) {
+    pdl_wait();  // the partials come from the split launch just before
     const i64 total = (i64)p.M * p.N;
     const i64 plane = total;
     const float* ws = (const float*)p.ws;
@@ -1324,6 +1336,7 @@ extern "C" __global__ void nf4_linear_splitk_reduce_f16(const Nf4LinearParams p)
 #define SPLITK_REDUCE_MAX_SPLITS 8
 template <int DTYPE>
 __device__ __forceinline__ void nf4_linear_splitk_reduce_v4(const Nf4LinearParams& p) {
+    pdl_wait();  // the partials come from the split launch just before
     const i64 vecs = (i64)p.M * p.N / 4;  // also the distance between partials, in float4
     const float4* ws = (const float4*)p.ws;
     const u16* bias = (const u16*)p.bias;

@@ -40,6 +40,24 @@ pub struct KernelFn {
 /// ((blocks per cluster, threads, dynamic shared memory bytes), clusters at once).
 type ClusterEntry = ((u32, u32, u32), u32);
 
+/// Launch attributes of [`GpuDevice::launch_ex`] (sm_90+ where any is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// Blocks per thread-block cluster along y (1 = no clusters).
+    pub cluster_y: u32,
+    /// Programmatic dependent launch: the kernel may start while the previous one drains.
+    pub pdl: bool,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            cluster_y: 1,
+            pdl: false,
+        }
+    }
+}
+
 /// ((threads, dynamic shared memory bytes), blocks per SM).
 type OccupancyEntry = ((u32, u32), u32);
 
@@ -327,6 +345,11 @@ impl GpuDevice {
         self.arch.major >= 9
     }
 
+    /// Whether this GPU has programmatic dependent launch (compute capability 9.0 and newer).
+    pub fn has_pdl(&self) -> bool {
+        self.arch.major >= 9
+    }
+
     /// How many clusters of (1, `cluster_y`, 1) blocks of `threads` threads with `dyn_smem`
     /// bytes of dynamic shared memory the whole GPU runs at once for `f` (clusters must fit
     /// inside one GPC, so this can be less than the blocks per SM times the SMs suggest).
@@ -352,9 +375,9 @@ impl GpuDevice {
         }
         self.bind()?;
         self.allow_dyn_smem(f, dyn_smem)?;
-        let mut attr = cluster_attribute(cluster_y);
+        let mut attrs = vec![cluster_attribute(cluster_y)];
         // The grid only has to be a whole number of clusters here.
-        let config = launch_config((1, cluster_y, 1), (threads, 1, 1), dyn_smem, 0, &mut attr);
+        let config = launch_config((1, cluster_y, 1), (threads, 1, 1), dyn_smem, 0, &mut attrs);
         let mut n: c_int = 0;
         // SAFETY: valid function handle of this context; `config` and the attribute it points
         // at outlive the call, as does `n`.
@@ -369,47 +392,59 @@ impl GpuDevice {
         Ok(n)
     }
 
-    /// Like [`GpuDevice::launch`], as clusters of (1, `cluster_y`, 1) blocks (compute
-    /// capability 9.0+; `grid.1` must be a multiple of `cluster_y`, at most 8).
+    /// Like [`GpuDevice::launch`], with the launch attributes of `opts` (through
+    /// `cuLaunchKernelEx`); with none set it is a plain launch.
     ///
     /// # Safety
-    /// As [`GpuDevice::launch`].
+    /// As [`GpuDevice::launch`]; with `opts.pdl`, the kernel must also execute
+    /// `griddepcontrol.wait` (kernels/common.cuh `pdl_wait`) before it reads anything the
+    /// previous work in the stream writes or writes anything that work reads.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn launch_clusters<P: Copy>(
+    pub unsafe fn launch_ex<P: Copy>(
         &self,
         f: &KernelFn,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         dyn_smem: u32,
-        cluster_y: u32,
         stream: u64,
         params: &P,
+        opts: LaunchOptions,
     ) -> Result<()> {
+        if opts.cluster_y <= 1 && !opts.pdl {
+            // SAFETY: forwarded contract.
+            return unsafe { self.launch(f, grid, block, dyn_smem, stream, params) };
+        }
         check_launch_dims(f, grid, block)?;
         if !self.has_clusters() {
             return Err(Error::arg(format!(
-                "{}: thread-block clusters need compute capability 9.0, this GPU is {}",
+                "{}: clusters and programmatic dependent launch need compute capability 9.0, \
+                 this GPU is {}",
                 f.name, self.arch
             )));
         }
-        if !(1..=8).contains(&cluster_y) || grid.1 % cluster_y != 0 {
+        if !(1..=8).contains(&opts.cluster_y) || grid.1 % opts.cluster_y != 0 {
             return Err(Error::arg(format!(
-                "{}: cluster of {cluster_y} blocks along y for grid {grid:?} (1..=8, dividing \
-                 the grid)",
-                f.name
+                "{}: cluster of {} blocks along y for grid {grid:?} (1..=8, dividing the grid)",
+                f.name, opts.cluster_y
             )));
         }
         self.bind()?;
         self.allow_dyn_smem(f, dyn_smem)?;
-        let mut attr = cluster_attribute(cluster_y);
-        let config = launch_config(grid, block, dyn_smem, stream, &mut attr);
+        let mut attrs = Vec::with_capacity(2);
+        if opts.cluster_y > 1 {
+            attrs.push(cluster_attribute(opts.cluster_y));
+        }
+        if opts.pdl {
+            attrs.push(pdl_attribute());
+        }
+        let config = launch_config(grid, block, dyn_smem, stream, &mut attrs);
         let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
-        // SAFETY: forwarded to the caller's contract; `config` and its attribute outlive the
+        // SAFETY: forwarded to the caller's contract; `config` and its attributes outlive the
         // call, and `args[0]` points at the params struct, which the driver copies before
         // returning.
         unsafe { sys::cuLaunchKernelEx(&config, f.func.0, args.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
-            .map_err(|e| drv(&format!("launching {} as clusters", f.name), e))
+            .map_err(|e| drv(&format!("launching {} ({opts:?})", f.name), e))
     }
 
     /// Static shared memory of `f` in bytes (what the kernel declares with `__shared__`).
@@ -725,13 +760,24 @@ fn cluster_attribute(cluster_y: u32) -> sys::CUlaunchAttribute {
     attr
 }
 
-/// A `cuLaunchKernelEx` configuration with one attribute (which must outlive its use).
+/// The launch attribute that lets a kernel start before the previous kernel in its stream has
+/// finished (programmatic dependent launch, sm_90): it runs its prologue while that kernel
+/// drains, and `griddepcontrol.wait` holds it where it needs that kernel's results.
+fn pdl_attribute() -> sys::CUlaunchAttribute {
+    // SAFETY: as in cluster_attribute.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    attr
+}
+
+/// A `cuLaunchKernelEx` configuration with `attrs` (which must outlive its use).
 fn launch_config(
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     dyn_smem: u32,
     stream: u64,
-    attr: &mut sys::CUlaunchAttribute,
+    attrs: &mut [sys::CUlaunchAttribute],
 ) -> sys::CUlaunchConfig {
     sys::CUlaunchConfig {
         gridDimX: grid.0,
@@ -742,7 +788,7 @@ fn launch_config(
         blockDimZ: block.2,
         sharedMemBytes: dyn_smem,
         hStream: stream as sys::CUstream,
-        attrs: attr as *mut sys::CUlaunchAttribute,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as c_uint,
     }
 }

@@ -26,7 +26,7 @@ pub use compile::{
     cache_dir, compile_cubin, compile_options, compile_source, compile_source_with,
     nvrtc_available, nvrtc_version,
 };
-pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn};
+pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn, LaunchOptions};
 
 use crate::error::{Error, Result};
 

@@ -201,6 +201,31 @@ pub(crate) fn env_setting<T: Clone>(
     .map_err(Error::arg)
 }
 
+/// Knob (read on every call, so one process can compare both): `on` (the default) launches
+/// the streaming NF4 linear, the wide linear and its split-K reduce, the MoE's streaming
+/// kernels and its combine with programmatic dependent launch where the GPU has it (sm_90,
+/// native tuning): each starts while the previous kernel in the stream drains, builds its
+/// tables and puts its first weights in flight, and waits (`griddepcontrol.wait`) only where it
+/// reads that kernel's results. `off` launches them plainly (the only way on sm_80-sm_89, and
+/// under a forced sm_86 tuning, which stands for a 3090).
+pub const PDL_ENV: &str = "GPTOSS_3090_PDL";
+
+/// [`PDL_ENV`] for an explicit setting (`None` = unset): whether PDL may be used.
+pub(crate) fn pdl_for(setting: Option<&str>) -> Result<bool> {
+    env_switch(setting, PDL_ENV, ("off", "on"), true)
+}
+
+/// The launch options of the kernels [`PDL_ENV`] covers on `dev` under `tuning`.
+pub(crate) fn pdl_launch(
+    dev: &crate::cuda::GpuDevice,
+    tuning: crate::cuda::Tuning,
+) -> Result<crate::cuda::LaunchOptions> {
+    let pdl = pdl_for(std::env::var(PDL_ENV).ok().as_deref())?
+        && dev.has_pdl()
+        && tuning == crate::cuda::Tuning::Sm90;
+    Ok(crate::cuda::LaunchOptions { cluster_y: 1, pdl })
+}
+
 /// A two-way knob read on every call (so that one process can compare both settings):
 /// `setting` is the variable's value (`None` = unset); `off` or `on` choose, unset or empty
 /// gives `default_on`, anything else is an error naming `name` and both choices.
@@ -368,6 +393,16 @@ mod tests {
     use super::*;
 
     const KB: u32 = 1024;
+
+    #[test]
+    fn pdl_knob_parses() -> Result<()> {
+        assert!(pdl_for(None)?);
+        assert!(pdl_for(Some(" on "))?);
+        assert!(!pdl_for(Some("off"))?);
+        let err = pdl_for(Some("maybe")).unwrap_err().to_string();
+        assert!(err.contains(PDL_ENV) && err.contains("off"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn blocks_by_smem_counts_the_per_block_reserve() {

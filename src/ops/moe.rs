@@ -994,9 +994,10 @@ fn launch_stream(
         q.str_xcols = to_i32("staged columns", phase.xcols)?;
         // SAFETY: as in moe_forward; the grid gives every expert slot at least rows / (16 * 8 /
         // ks) blocks (each covers at most 8 / ks groups) and at most one per group; the dynamic
-        // shared memory holds the table and the `xcols` staged columns the kernel indexes.
+        // shared memory holds the table and the `xcols` staged columns the kernel indexes; it
+        // reads the routing and activations and writes after its pdl_wait.
         unsafe {
-            dev.launch(
+            dev.launch_ex(
                 &f,
                 (
                     u32_of(name, phase.gx)?,
@@ -1007,6 +1008,7 @@ fn launch_stream(
                 smem,
                 args.stream,
                 &q,
+                crate::ops::pdl_launch(dev, tuning)?,
             )?
         };
     }
@@ -1106,7 +1108,10 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     // One 8-element piece of a token per thread: ceil(H / 1024) blocks of 128 per token.
     let f = func("moe_combine")?;
     let gy = u32_of("combine", args.hidden.div_ceil(8 * 128))?;
-    unsafe { dev.launch(&f, (u32_of("combine", t)?, gy, 1), (128, 1, 1), 0, s, &p)? };
+    let grid = (u32_of("combine", t)?, gy, 1);
+    let opts = crate::ops::pdl_launch(&dev, tuning)?;
+    // (moe_combine reads everything after its pdl_wait.)
+    unsafe { dev.launch_ex(&f, grid, (128, 1, 1), 0, s, &p, opts)? };
     Ok(regime)
 }
 

@@ -897,15 +897,17 @@ unsafe fn launch_splitk_reduce(
     let blocks = ceil_div(total, threads)
         .min(dev.sm_count() as u64 * 16 * per_thread)
         .max(1) as u32;
-    // SAFETY: forwarded contract; the reduce reads ws [splits][M][N] and writes y.
+    // SAFETY: forwarded contract; the reduce reads ws [splits][M][N] and writes y, after its
+    // pdl_wait.
     unsafe {
-        dev.launch(
+        dev.launch_ex(
             &r,
             (blocks, 1, 1),
             (threads as u32, 1, 1),
             0,
             stream,
             params,
+            crate::ops::pdl_launch(dev, dev.tuning())?,
         )
     }
 }
@@ -968,8 +970,9 @@ unsafe fn linear_stream(
         1,
     );
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams and the grid covers N / 16
-    // row groups of (8 / ks) per block.
-    unsafe { dev.launch(&f, grid, (threads, 1, 1), smem, stream, &*params)? };
+    // row groups of (8 / ks) per block; the kernel reads x and writes y after its pdl_wait.
+    let opts = crate::ops::pdl_launch(dev, dev.tuning())?;
+    unsafe { dev.launch_ex(&f, grid, (threads, 1, 1), smem, stream, &*params, opts)? };
     Ok(LinearPlan {
         entry,
         grid,
@@ -1001,36 +1004,27 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
-    if wide_plan_clustered(&plan) {
+    let mut opts = crate::ops::pdl_launch(dev, dev.tuning())?;
+    let reduce = if wide_plan_clustered(&plan) {
         params.splits = plan.splits as i32;
         params.wide_cluster = 1;
-        // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16
-        // row groups of 8 per block and `splits` K ranges, one cluster per 128-row tile.
-        unsafe {
-            dev.launch_clusters(
-                &f,
-                plan.grid,
-                (plan.threads, 1, 1),
-                plan.smem,
-                plan.grid.1,
-                stream,
-                &*params,
-            )?
-        };
-        plan.entry = entry;
-        return Ok(plan);
-    }
-    let reduce = attach_split_workspace(params, &plan, workspace)?;
+        opts.cluster_y = plan.grid.1;
+        None
+    } else {
+        attach_split_workspace(params, &plan, workspace)?
+    };
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams, the grid covers N / 16 row
-    // groups of 8 per block and `splits` K ranges.
+    // groups of 8 per block and `splits` K ranges (one cluster per 128-row tile where the
+    // clusters sum them); the kernel reads x and writes y or ws after its pdl_wait.
     unsafe {
-        dev.launch(
+        dev.launch_ex(
             &f,
             plan.grid,
             (plan.threads, 1, 1),
             plan.smem,
             stream,
             &*params,
+            opts,
         )?
     };
     if let Some(reduce) = reduce {

@@ -662,6 +662,53 @@ def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
         ops.nf4_linear(x, parts, bias, path="wide")
 
 
+@pytest.mark.parametrize("m", [1, 5, 17, 48, 64])
+def test_pdl_launches_wait_for_their_inputs(monkeypatch, m):
+    """GPTOSS_3090_PDL=on (the default; sm_90 tunings) lets the linear's kernels start while the
+    previous kernel in the stream drains, and each reads x only after griddepcontrol.wait. Here
+    the kernel just before every call rewrites x in place, so a read before the wait would see
+    the previous call's x: call after call, the outputs equal those with PDL off bit for bit
+    (streaming, wide with its split-K reduce or clusters), in eager mode and in a CUDA graph.
+    An unknown setting is a ValueError naming the variable."""
+    g = gen(71 + m)
+    for rows, k in [((4096, 512, 512), 2880), ((2880,), 4096)]:
+        parts = [make_weight(r, k, torch.bfloat16, seed=r + k) for r in rows]
+        n = sum(rows)
+        bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).to(DEV)
+        xs = [torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV) for _ in range(6)]
+        x = torch.empty_like(xs[0])
+        runs = {}
+        for mode in ("off", "on"):
+            monkeypatch.setenv("GPTOSS_3090_PDL", mode)
+            ys = []
+            for xi in xs:
+                x.copy_(xi)
+                ys.append(ops.nf4_linear(x, parts, bias))
+            runs[mode] = ys
+        for i, (a, b) in enumerate(zip(runs["off"], runs["on"], strict=True)):
+            assert torch.equal(a, b), (rows, k, m, i)
+        monkeypatch.delenv("GPTOSS_3090_PDL")
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            x.copy_(xs[0])
+            ops.nf4_linear(x, parts, bias)
+        torch.cuda.current_stream().wait_stream(s)
+        src = torch.empty_like(x)
+        with torch.cuda.graph(graph):
+            x.copy_(src)
+            yg = ops.nf4_linear(x, parts, bias)
+        for i, xi in enumerate(xs):
+            src.copy_(xi)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, runs["off"][i]), (rows, k, m, i, "graph")
+    monkeypatch.setenv("GPTOSS_3090_PDL", "maybe")
+    with pytest.raises(ValueError, match="GPTOSS_3090_PDL"):
+        ops.nf4_linear(x, parts, bias)
+
+
 @pytest.mark.parametrize("path, m", [("stream", 5), ("wide", 48)])
 def test_linear_stream_path_and_wide_fused_strided(path, m):
     """Three segments (a q/k/v-like fused weight) and a strided x through the streaming paths;
