@@ -285,14 +285,15 @@ NF4_WIDE_MAX_M: int
 """Largest M the wide streaming NF4 linear serves (src/ops/nf4.rs ``WIDE_MAX_M``)."""
 
 def cuda_nf4_linear_plan(
-    ordinal: int, m: int, n: int, k: int, path: str = "auto"
+    ordinal: int, m: int, n: int, k: int, path: str = "auto", stream: int = 0
 ) -> dict[str, Any]:
     """The launch plan ``cuda_nf4_linear`` would use for (M, N, K) on GPU ``ordinal`` (no
     launch): ``entry``, ``grid``, ``threads``, ``smem``, ``tuning``, ``splits`` (split-K
     factor), ``workspace_floats`` (the split-K workspace it needs) and ``cluster_reduce``
     (the wide path's split is summed inside thread-block clusters, sm_90: no workspace, no
-    reduce launch; ``GPTOSS_3090_WIDE_REDUCE=launch`` turns it off). A clustered launch may take
-    fewer splits than planned where the GPU runs fewer clusters at once than the grid has."""
+    reduce launch; ``GPTOSS_3090_WIDE_REDUCE=launch`` turns it off; only where the GPU runs all
+    of the launch's clusters at once). ``stream``: the stream the launch will use (0 = none
+    known); inside CUDA-graph capture the kernels must already be loaded (``warmup``)."""
 
 def cuda_nf4_quantize(
     ordinal: int,

@@ -459,7 +459,7 @@ def _nf4_linear_op(
     y = out.view(m, n)
     ws, ws_floats = 0, 0
     if mode not in ("decode", "stream") and (m > 16 or mode.startswith("mma") or mode == "wide"):
-        plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode)
+        plan = _native.cuda_nf4_linear_plan(ordinal, m, n, k, mode, stream)
         ws_floats = int(plan["workspace_floats"])
         if ws_floats:
             ws_t = torch.empty(ws_floats, dtype=torch.float32, device=x.device)

@@ -580,7 +580,10 @@ fn plan_wide(
 /// the plain plan with its workspace and reduce launch. The launch and [`plan_linear`]'s caller
 /// both come here, so the workspace a caller sizes is the one the launch needs. A forced split
 /// (`GPTOSS_3090_NF4_SPLITS`) keeps clusters wherever it has 2 to 8 splits.
-pub fn plan_wide_on(dev: &GpuDevice, m: i64, n: i64, k: i64) -> Result<LinearPlan> {
+///
+/// `stream`: the stream the launch will use (0: none known). Inside CUDA-graph capture the
+/// kernel must already be loaded (`warmup`), as for the launch itself.
+pub fn plan_wide_on(dev: &GpuDevice, m: i64, n: i64, k: i64, stream: u64) -> Result<LinearPlan> {
     let cluster = wide_cluster_on(dev)?;
     let plan = plan_wide(m, n, k, dev.sm_count(), dev.tuning(), cluster)?;
     if !cluster || plan.workspace_floats > 0 || plan.splits < 2 || mma_splits_override()?.is_some()
@@ -588,7 +591,11 @@ pub fn plan_wide_on(dev: &GpuDevice, m: i64, n: i64, k: i64) -> Result<LinearPla
         return Ok(plan);
     }
     // The nested kernel holds the static code maps the plain one lacks: where it fits, both do.
-    let f = dev.function("nf4", "nf4_linear_wide_bf16")?;
+    let f = if stream != 0 {
+        dev.function_for_stream("nf4", "nf4_linear_wide_bf16", stream)?
+    } else {
+        dev.function("nf4", "nf4_linear_wide_bf16")?
+    };
     let active = dev.max_active_clusters(&f, plan.splits, plan.threads, plan.smem)?;
     if active >= plan.grid.0 {
         Ok(plan)
@@ -995,7 +1002,7 @@ unsafe fn linear_wide(
     workspace: (u64, u64),
     stream: u64,
 ) -> Result<LinearPlan> {
-    let mut plan = plan_wide_on(dev, a.m, params.n as i64, a.k)?;
+    let mut plan = plan_wide_on(dev, a.m, params.n as i64, a.k, stream)?;
     let entry = if params.seg[0].nested != 0 {
         "nf4_linear_wide"
     } else {

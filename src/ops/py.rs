@@ -143,9 +143,11 @@ fn cuda_nf4_linear(
 }
 
 /// The launch plan the linear would use for (M, N, K) on GPU `ordinal` (no launch): entry,
-/// grid, threads, smem, tuning, splits and workspace_floats (the split-K workspace to pass).
+/// grid, threads, smem, tuning, splits, workspace_floats (the split-K workspace to pass) and
+/// cluster_reduce. `stream`: the stream the launch will use (0: none known; inside CUDA-graph
+/// capture the kernels must then be loaded already).
 #[pyfunction]
-#[pyo3(signature = (ordinal, m, n, k, path = "auto"))]
+#[pyo3(signature = (ordinal, m, n, k, path = "auto", stream = 0))]
 fn cuda_nf4_linear_plan<'py>(
     py: Python<'py>,
     ordinal: i32,
@@ -153,6 +155,7 @@ fn cuda_nf4_linear_plan<'py>(
     n: i64,
     k: i64,
     path: &str,
+    stream: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     if m < 1 || n < 1 || k < 1 {
         return Err(Error::arg(format!(
@@ -163,7 +166,7 @@ fn cuda_nf4_linear_plan<'py>(
     let dev = cuda::device(ordinal)?;
     let path = LinearPath::parse(path)?;
     let plan = if path == Some(LinearPath::Wide) {
-        nf4::plan_wide_on(&dev, m, n, k)?
+        nf4::plan_wide_on(&dev, m, n, k, stream)?
     } else {
         nf4::plan_linear(m, n, k, dev.sm_count(), dev.tuning(), path, false)?
     };
