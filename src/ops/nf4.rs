@@ -621,7 +621,6 @@ pub fn plan_linear(
     sm_count: u32,
     tuning: Tuning,
     path: Option<LinearPath>,
-    wide_cluster: bool,
 ) -> Result<LinearPlan> {
     let path = match path {
         Some(LinearPath::Auto) => {
@@ -635,7 +634,8 @@ pub fn plan_linear(
         None => auto_mma_size(m, n, sm_count),
     };
     if path == LinearPath::Wide {
-        return plan_wide(m, n, k, sm_count, tuning, wide_cluster);
+        // Without clusters: plan_wide_on decides those with the device.
+        return plan_wide(m, n, k, sm_count, tuning, false);
     }
     if path == LinearPath::Decode || path == LinearPath::Stream {
         if m > DECODE_MAX_M {
@@ -799,7 +799,6 @@ pub unsafe fn linear(
         dev.sm_count(),
         dev.tuning(),
         path,
-        false,
     )?;
     let reduce = attach_split_workspace(&mut params, &plan, workspace)?;
     let f = dev.function_for_stream("nf4", &a.dtype.entry(plan.entry), stream)?;
@@ -1283,15 +1282,7 @@ mod tests {
         assert_eq!(wide_blocks_per_sm(Tuning::Sm86), 1);
         assert!(plan_wide(65, 5120, 2880, 132, Tuning::Sm90, false).is_err());
         assert_eq!(LinearPath::parse("wide")?, Some(LinearPath::Wide));
-        let single = plan_linear(
-            64,
-            5120,
-            256,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Wide),
-            false,
-        )?;
+        let single = plan_linear(64, 5120, 256, 132, Tuning::Sm90, Some(LinearPath::Wide))?;
         assert_eq!((single.splits, single.workspace_floats), (1, 0));
         // A grid that fills the GPU still splits a long K: at most 64 chunks per split
         // (K = 16384: 128 chunks, 2 splits).
@@ -1302,20 +1293,16 @@ mod tests {
 
     #[test]
     fn clustered_wide_plans_need_no_workspace() -> Result<()> {
-        // vLLM's q/k/v at M = 64 on an H100: 6 splits, summed in clusters of 6.
+        // vLLM's q/k/v at M = 64 on an H100: 6 splits, summed in clusters of 6 (where the
+        // device runs 40 of them at once: plan_wide_on).
         let plan = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, true)?;
         assert_eq!((plan.grid, plan.workspace_floats), ((40, 6, 1), 0));
         assert!(wide_plan_clustered(&plan));
-        let o = plan_linear(
-            64,
-            2880,
-            4096,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Wide),
-            true,
-        )?;
+        let o = plan_wide(64, 2880, 4096, 132, Tuning::Sm90, true)?;
         assert_eq!((o.splits, o.workspace_floats), (8, 0));
+        // plan_linear plans without clusters.
+        let o = plan_linear(64, 2880, 4096, 132, Tuning::Sm90, Some(LinearPath::Wide))?;
+        assert_eq!((o.splits, o.workspace_floats), (8, 8 * 64 * 2880));
         // Without clusters the same plan sizes the workspace.
         let plain = plan_wide(64, 5120, 2880, 132, Tuning::Sm90, false)?;
         assert_eq!(plain.workspace_floats, 6 * 64 * 5120);
@@ -1426,84 +1413,30 @@ mod tests {
 
     #[test]
     fn plans() {
-        let p = plan_linear(
-            1,
-            5760,
-            2880,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Auto),
-            false,
-        )
-        .unwrap();
+        let p = plan_linear(1, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m8");
         assert_eq!(p.grid.0, 264);
-        let p = plan_linear(
-            16,
-            5760,
-            2880,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Auto),
-            false,
-        )
-        .unwrap();
+        let p = plan_linear(16, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_decode_m16");
         assert_eq!(p.grid.0, 264);
         assert_eq!(p.smem, 44_032);
-        let p = plan_linear(
-            2048,
-            5760,
-            2880,
-            132,
-            Tuning::Sm86,
-            Some(LinearPath::Auto),
-            false,
-        )
-        .unwrap();
+        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_l3");
         assert_eq!(p.grid, (45, 16, 1));
-        let p = plan_linear(
-            64,
-            5760,
-            2880,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Auto),
-            false,
-        )
-        .unwrap();
+        let p = plan_linear(64, 5760, 2880, 132, Tuning::Sm90, Some(LinearPath::Auto)).unwrap();
         assert_eq!(p.entry, "nf4_linear_mma_s4");
         assert_eq!(p.splits, 4);
         assert_eq!(p.grid, (90, 1, 4));
         assert_eq!(p.workspace_floats, 4 * 64 * 5760);
-        let p = plan_linear(
-            2048,
-            5760,
-            2880,
-            132,
-            Tuning::Sm86,
-            Some(LinearPath::Auto),
-            false,
-        )
-        .unwrap();
+        let p = plan_linear(2048, 5760, 2880, 132, Tuning::Sm86, Some(LinearPath::Auto)).unwrap();
         assert_eq!((p.splits, p.workspace_floats), (1, 0));
-        assert!(plan_linear(
-            17,
-            64,
-            2880,
-            132,
-            Tuning::Sm90,
-            Some(LinearPath::Decode),
-            false
-        )
-        .is_err());
+        assert!(plan_linear(17, 64, 2880, 132, Tuning::Sm90, Some(LinearPath::Decode)).is_err());
     }
 
     #[test]
     fn k_splits_minimise_waves_times_k_tiles() {
         let splits = |m, n, k, tuning| {
-            let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto), false).unwrap();
+            let p = plan_linear(m, n, k, 132, tuning, Some(LinearPath::Auto)).unwrap();
             (p.entry, p.splits)
         };
         // The session-7 sweep's fastest forced splits (H100): o at M = 64 (45 tiles) 8, q/k/v

@@ -168,7 +168,7 @@ fn cuda_nf4_linear_plan<'py>(
     let plan = if path == Some(LinearPath::Wide) {
         nf4::plan_wide_on(&dev, m, n, k, stream)?
     } else {
-        nf4::plan_linear(m, n, k, dev.sm_count(), dev.tuning(), path, false)?
+        nf4::plan_linear(m, n, k, dev.sm_count(), dev.tuning(), path)?
     };
     let d = PyDict::new(py);
     d.set_item("entry", plan.entry)?;
