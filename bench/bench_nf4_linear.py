@@ -358,6 +358,12 @@ def main() -> int:
         "other paths then read garbage",
     )
     args = ap.parse_args()
+    # arguments first: a typo is reported on any machine, before the GPU is looked for
+    shapes = [(n, k, None) for n, k in SHAPES]
+    if args.shapes:
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    ms = MS if not args.ms else parse_counts(args.ms, "--ms")
+    tunings = [t.strip() for t in args.tunings.split(",") if t.strip()]
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to benchmark", file=sys.stderr)
         return 2
@@ -365,11 +371,6 @@ def main() -> int:
 
     if args.quick:
         args.calls, args.reps = 12, 3
-    shapes = [(n, k, None) for n, k in SHAPES]
-    if args.shapes:
-        shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    ms = MS if not args.ms else parse_counts(args.ms, "--ms")
-    tunings = [t.strip() for t in args.tunings.split(",") if t.strip()]
 
     torch.manual_seed(0)
     runtime.warmup()
