@@ -95,6 +95,25 @@ def busy_and_span(events: Iterable[dict[str, Any]]) -> tuple[float, float]:
     return busy, max(e for _, e in spans) - spans[0][0]
 
 
+def early_starts(events: Iterable[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Per kernel name: how many launches started before the kernel before them (in start order)
+    had ended, and for how long they ran alongside it (us). In one stream, kernels only overlap
+    through programmatic dependent launch (GPTOSS_3090_PDL), so this shows whether PDL took
+    effect, inside CUDA graphs too."""
+    spans = sorted(
+        (float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0)), str(ev.get("name", "?")))
+        for ev in events
+        if ev.get("ph") == "X" and ev.get("cat") == "kernel" and "ts" in ev
+    )
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for (_, prev_end, _), (start, end, name) in zip(spans, spans[1:], strict=False):
+        if start < prev_end:
+            acc = out[name]
+            acc[0] += min(prev_end, end) - start
+            acc[1] += 1
+    return {k: (v[0], int(v[1])) for k, v in out.items()}
+
+
 def timeline(folder: Path) -> tuple[float, float]:
     """busy_and_span summed over the trace files of ``folder`` (one per worker)."""
     busy = span = 0.0
@@ -102,6 +121,16 @@ def timeline(folder: Path) -> tuple[float, float]:
         b, s = busy_and_span(load_events(f))
         busy, span = busy + b, span + s
     return busy, span
+
+
+def early_starts_in(folder: Path) -> dict[str, tuple[float, int]]:
+    """early_starts summed over the trace files of ``folder``."""
+    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for f in trace_files(folder):
+        for name, (us, n) in early_starts(load_events(f)).items():
+            total[name][0] += us
+            total[name][1] += n
+    return {k: (v[0], int(v[1])) for k, v in total.items()}
 
 
 def summarize(folder: Path) -> dict[str, tuple[float, int]]:
@@ -119,9 +148,11 @@ def table(
     steps: int,
     top: int = 12,
     timelines: dict[str, tuple[float, float]] | None = None,
+    early: dict[str, dict[str, tuple[float, int]]] | None = None,
 ) -> str:
     """Markdown: us per step by family for each run (with each run's GPU busy time and span,
-    from ``timelines``, where given), then each run's top kernels."""
+    from ``timelines``, where given), then each run's top kernels, then (from ``early``, where
+    given) the kernels that started before the previous kernel ended."""
     fams = sorted({family(k) for r in runs.values() for k in r})
     per_fam = {
         name: {f: sum(us for k, (us, _) in r.items() if family(k) == f) / steps for f in fams}
@@ -150,6 +181,15 @@ def table(
         for k, (us, n) in sorted(r.items(), key=lambda kv: -kv[1][0])[:top]:
             short = k if len(k) <= 90 else k[:87] + "..."
             lines.append(f"| `{short}` | {family(k)} | {us / steps:.1f} | {n / steps:.1f} |")
+    for name, starts in (early or {}).items():
+        lines += ["", f"Early starts, {name} (before the previous kernel ended: PDL):", ""]
+        if not starts:
+            lines.append("none")
+            continue
+        lines += ["| kernel | launches/step | overlap us/step |", "|---|---|---|"]
+        for k, (us, n) in sorted(starts.items(), key=lambda kv: -kv[1][0])[:top]:
+            short = k if len(k) <= 90 else k[:87] + "..."
+            lines.append(f"| `{short}` | {n / steps:.1f} | {us / steps:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.steps <= 0:
         p.error("--steps must be positive")
-    runs, timelines = {}, {}
+    runs, timelines, early = {}, {}, {}
     for folder in a.folders:
         if not trace_files(folder):
             p.error(f"{folder}: no trace files (*.json, *.json.gz)")
         runs[folder.name] = summarize(folder)
         timelines[folder.name] = timeline(folder)
-    md = table(runs, a.steps, timelines=timelines)
+        early[folder.name] = early_starts_in(folder)
+    md = table(runs, a.steps, timelines=timelines, early=early)
     print(md)
     if a.out:
         a.out.write_text(md)

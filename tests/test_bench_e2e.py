@@ -151,6 +151,24 @@ def test_trace_kernels_reports_gpu_busy_time_against_the_span() -> None:
     assert tk.busy_and_span([]) == (0.0, 0.0)
 
 
+def test_trace_kernels_finds_kernels_that_start_early() -> None:
+    """A kernel that starts before the one before it has ended (programmatic dependent launch)
+    is counted with its overlap; back-to-back kernels and CPU ops are not."""
+    tk = _load("trace_kernels")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "attn", "ts": 100.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "nf4_o", "ts": 104.0, "dur": 20.0},  # 6 us early
+        {"ph": "X", "cat": "kernel", "name": "norm", "ts": 124.0, "dur": 2.0},  # right after
+        {"ph": "X", "cat": "kernel", "name": "nf4_o", "ts": 125.0, "dur": 0.5},  # inside norm
+        {"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0.0, "dur": 500.0},
+    ]
+    starts = tk.early_starts(events)
+    assert starts == {"nf4_o": (6.5, 2)}
+    md = tk.table({"x": tk.kernel_times(events)}, steps=1, early={"x": starts, "y": {}})
+    assert "| `nf4_o` | 2.0 | 6.5 |" in md
+    assert "Early starts, y" in md and "none" in md
+
+
 def test_summary_reports_the_median_and_the_range_of_the_runs(bench, tmp_path) -> None:
     """summary_md shows each side's median tok/s with the range of its timed runs, and the ratio
     of the medians; plot() writes a PNG where matplotlib is installed."""
