@@ -159,6 +159,24 @@ bench_moe() {  # name, then bench_moe.py arguments
     2>&1 | tee "$OUT/moe_$name.log" | grep -v "^wrote"
 }
 
+bench_linear() {  # name, then bench_nf4_linear.py arguments (bitsandbytes left out)
+  local name=$1
+  shift
+  python3 bench/bench_nf4_linear.py --no-bnb --out "$OUT/$name.json" "$@" 2>&1 \
+    | tee "$OUT/$name.log" | grep -v "^wrote"
+}
+
+# Same-call A/B of a knob: runs "$3 MODE ROUND" for each word MODE of $2 in turn, with the
+# environment variable $1 set to MODE (ROUND counts from 1).
+knob_rounds() {
+  local var=$1 runs=$2 step=$3 mode round=0
+  for mode in $runs; do
+    round=$((round + 1))
+    echo "-- $var=$mode (run $round)"
+    (export "$var=$mode"; "$step" "$mode" "$round")
+  done
+}
+
 # ncu source counters of one launch of kernels matching $2 while the command $4... runs, with
 # the extra ncu sections $3; exports the per-SASS CSV, the details page and their summary to
 # $1.{csv,txt,summary.txt}.
@@ -515,46 +533,31 @@ for step in "$@"; do
       # tensor-core path (the sm86 tuning from M = 17): one output per thread, then four
       # (GPTOSS_3090_SPLITK_REDUCE=vec), in turn (REDUCE_RUNS, default twice each), same call.
       # tests/gpu/test_nf4_gpu.py checks that the two give the same bits.
-      round=0
-      for mode in ${REDUCE_RUNS:-scalar vec scalar vec}; do
-        round=$((round + 1))
-        echo "-- GPTOSS_3090_SPLITK_REDUCE=$mode (run $round)"
-        GPTOSS_3090_SPLITK_REDUCE=$mode python3 bench/bench_nf4_linear.py \
+      reducevec_run() {
+        bench_linear "nf4_reduce_$1_$2" \
           --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
-          --ms "${NF4_MS:-33,48,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}" --no-bnb \
-          --out "$OUT/nf4_reduce_${mode}_$round.json" 2>&1 \
-          | tee "$OUT/nf4_reduce_${mode}_$round.log" | grep -v "^wrote"
-      done
+          --ms "${NF4_MS:-33,48,64,128,256}" --tunings "${NF4_TUNINGS:-auto,sm86}"
+      }
+      knob_rounds GPTOSS_3090_SPLITK_REDUCE "${REDUCE_RUNS:-scalar vec scalar vec}" reducevec_run
       ;;
     pdl)
-      round=0
-      for mode in ${PDL_RUNS:-off on off on}; do
-        round=$((round + 1))
-        echo "-- GPTOSS_3090_PDL=$mode (run $round)"
-        GPTOSS_3090_PDL=$mode bench_moe "pdl_${mode}_$round" --tokens "${PDL_TOKENS:-1,2,4,8,16,64}" \
-          --tunings auto --no-baselines
-        GPTOSS_3090_PDL=$mode python3 bench/bench_nf4_linear.py \
-          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096}" \
-          --ms "${NF4_MS:-1,4,16,48,64}" --tunings auto --no-bnb --quick --no-other-paths \
-          --out "$OUT/pdl_linear_${mode}_$round.json" 2>&1 \
-          | tee "$OUT/pdl_linear_${mode}_$round.log" | grep -v "^wrote\|^#"
-      done
+      pdl_run() {
+        bench_moe "pdl_$1_$2" --tokens "${PDL_TOKENS:-1,2,4,8,16,64}" --tunings auto --no-baselines
+        bench_linear "pdl_linear_$1_$2" --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096}" \
+          --ms "${NF4_MS:-1,4,16,48,64}" --tunings auto --quick --no-other-paths
+      }
+      knob_rounds GPTOSS_3090_PDL "${PDL_RUNS:-off on off on}" pdl_run
       ;;
     widereduce)
-      round=0
-      for mode in ${WIDE_RUNS:-launch cluster launch cluster}; do
-        round=$((round + 1))
-        echo "-- GPTOSS_3090_WIDE_REDUCE=$mode (run $round)"
-        GPTOSS_3090_WIDE_REDUCE=$mode python3 bench/bench_nf4_linear.py \
-          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
-          --ms "${NF4_MS:-33,48,64}" --tunings auto --no-bnb --quick --no-other-paths \
-          --out "$OUT/wide_${mode}_$round.json" 2>&1 \
-          | tee "$OUT/wide_${mode}_$round.log" | grep -v "^wrote\|^#"
-        GPTOSS_3090_WIDE_REDUCE=$mode python3 bench/linear_kernel_times.py \
-          --shapes "${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880}" \
-          --ms "${NF4_MS:-33,48,64}" --out "$OUT/wide_kernels_${mode}_$round.json" 2>&1 \
-          | tee "$OUT/wide_kernels_${mode}_$round.log"
-      done
+      widereduce_run() {
+        local shapes=${NF4_SHAPES:-4096+512+512x2880,2880x4096,5760x2880} ms=${NF4_MS:-33,48,64}
+        bench_linear "wide_$1_$2" --shapes "$shapes" --ms "$ms" --tunings auto --quick \
+          --no-other-paths
+        python3 bench/linear_kernel_times.py --shapes "$shapes" --ms "$ms" \
+          --out "$OUT/wide_kernels_$1_$2.json" 2>&1 | tee "$OUT/wide_kernels_$1_$2.log"
+      }
+      knob_rounds GPTOSS_3090_WIDE_REDUCE "${WIDE_RUNS:-launch cluster launch cluster}" \
+        widereduce_run
       ;;
     nf4bench)
       # bitsandbytes' kernels as a baseline too when .gpu-bnb was carried (bench_nf4_linear.py

@@ -19,7 +19,7 @@ import gzip
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +123,29 @@ def timeline(folder: Path) -> tuple[float, float]:
     return busy, span
 
 
-def early_starts_in(folder: Path) -> dict[str, tuple[float, int]]:
+PerKernel = dict[str, tuple[float, int]]
+
+
+def summed_over_files(
+    folder: Path, per_file: Callable[[list[dict[str, Any]]], PerKernel]
+) -> PerKernel:
+    """``per_file`` (us and a count per kernel name) of every trace file in ``folder``, added."""
+    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for f in trace_files(folder):
+        for name, (us, n) in per_file(load_events(f)).items():
+            total[name][0] += us
+            total[name][1] += n
+    return {k: (v[0], int(v[1])) for k, v in total.items()}
+
+
+def early_starts_in(folder: Path) -> PerKernel:
     """early_starts summed over the trace files of ``folder``."""
-    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for f in trace_files(folder):
-        for name, (us, n) in early_starts(load_events(f)).items():
-            total[name][0] += us
-            total[name][1] += n
-    return {k: (v[0], int(v[1])) for k, v in total.items()}
+    return summed_over_files(folder, early_starts)
 
 
-def summarize(folder: Path) -> dict[str, tuple[float, int]]:
+def summarize(folder: Path) -> PerKernel:
     """kernel_times over every trace file in ``folder``."""
-    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for f in trace_files(folder):
-        for name, (us, n) in kernel_times(load_events(f)).items():
-            total[name][0] += us
-            total[name][1] += n
-    return {k: (v[0], int(v[1])) for k, v in total.items()}
+    return summed_over_files(folder, kernel_times)
 
 
 def table(

@@ -309,13 +309,13 @@ impl GpuDevice {
     /// How many blocks of `threads` threads with `dyn_smem` bytes of dynamic shared memory one
     /// SM holds at once for `f` (registers, static and dynamic shared memory all counted).
     pub fn max_active_blocks(&self, f: &KernelFn, threads: u32, dyn_smem: u32) -> Result<u32> {
-        let key = (threads, dyn_smem);
-        {
-            let known = f.occupancy.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
-                return Ok(n);
-            }
-        }
+        memoized(&f.occupancy, (threads, dyn_smem), || {
+            self.ask_max_active_blocks(f, threads, dyn_smem)
+        })
+    }
+
+    /// The driver's answer for [`GpuDevice::max_active_blocks`].
+    fn ask_max_active_blocks(&self, f: &KernelFn, threads: u32, dyn_smem: u32) -> Result<u32> {
         self.bind()?;
         // The occupancy calculator counts a dynamic size above the function's limit as not
         // launchable (0 blocks), so the limit is raised first, as the launch will.
@@ -332,22 +332,25 @@ impl GpuDevice {
         }
         .result()
         .map_err(|e| drv(&format!("occupancy of {}", f.name), e))?;
-        let n = n.max(1) as u32;
-        f.occupancy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((key, n));
-        Ok(n)
+        Ok(n.max(1) as u32)
     }
 
-    /// Whether this GPU launches thread-block clusters (compute capability 9.0 and newer).
-    pub fn has_clusters(&self) -> bool {
+    /// Whether this GPU has the sm_90 launch attributes of [`LaunchOptions`]: thread-block
+    /// clusters and programmatic dependent launch (compute capability 9.0 and newer).
+    pub fn has_sm90_launch(&self) -> bool {
         self.arch.major >= 9
     }
 
-    /// Whether this GPU has programmatic dependent launch (compute capability 9.0 and newer).
-    pub fn has_pdl(&self) -> bool {
-        self.arch.major >= 9
+    /// [`GpuDevice::has_sm90_launch`] as a clear error naming `f`.
+    fn require_sm90_launch(&self, f: &KernelFn) -> Result<()> {
+        if self.has_sm90_launch() {
+            return Ok(());
+        }
+        Err(Error::arg(format!(
+            "{}: thread-block clusters and programmatic dependent launch need compute \
+             capability 9.0, this GPU is {}",
+            f.name, self.arch
+        )))
     }
 
     /// How many clusters of (1, `cluster_y`, 1) blocks of `threads` threads with `dyn_smem`
@@ -360,19 +363,20 @@ impl GpuDevice {
         threads: u32,
         dyn_smem: u32,
     ) -> Result<u32> {
-        if !self.has_clusters() {
-            return Err(Error::arg(format!(
-                "{}: thread-block clusters need compute capability 9.0, this GPU is {}",
-                f.name, self.arch
-            )));
-        }
-        let key = (cluster_y, threads, dyn_smem);
-        {
-            let known = f.clusters.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
-                return Ok(n);
-            }
-        }
+        self.require_sm90_launch(f)?;
+        memoized(&f.clusters, (cluster_y, threads, dyn_smem), || {
+            self.ask_max_active_clusters(f, cluster_y, threads, dyn_smem)
+        })
+    }
+
+    /// The driver's answer for [`GpuDevice::max_active_clusters`].
+    fn ask_max_active_clusters(
+        &self,
+        f: &KernelFn,
+        cluster_y: u32,
+        threads: u32,
+        dyn_smem: u32,
+    ) -> Result<u32> {
         self.bind()?;
         self.allow_dyn_smem(f, dyn_smem)?;
         let mut attrs = vec![cluster_attribute(cluster_y)];
@@ -384,12 +388,7 @@ impl GpuDevice {
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.func.0, &config) }
             .result()
             .map_err(|e| drv(&format!("cluster occupancy of {}", f.name), e))?;
-        let n = n.max(0) as u32;
-        f.clusters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((key, n));
-        Ok(n)
+        Ok(n.max(0) as u32)
     }
 
     /// Like [`GpuDevice::launch`], with the launch attributes of `opts` (through
@@ -415,13 +414,7 @@ impl GpuDevice {
             return unsafe { self.launch(f, grid, block, dyn_smem, stream, params) };
         }
         check_launch_dims(f, grid, block)?;
-        if !self.has_clusters() {
-            return Err(Error::arg(format!(
-                "{}: clusters and programmatic dependent launch need compute capability 9.0, \
-                 this GPU is {}",
-                f.name, self.arch
-            )));
-        }
+        self.require_sm90_launch(f)?;
         if !(1..=8).contains(&opts.cluster_y) || grid.1 % opts.cluster_y != 0 {
             return Err(Error::arg(format!(
                 "{}: cluster of {} blocks along y for grid {grid:?} (1..=8, dividing the grid)",
@@ -729,6 +722,28 @@ fn capture_error(source_name: &str) -> Error {
                   call gptoss_3090.runtime.warmup() (or run the op once) before capture"
             .to_string(),
     }
+}
+
+/// The value cached under `key` in `cache`, or `ask`'s answer, cached (a driver query whose
+/// answer is fixed per function and key, asked by launchers on every call). A failed `ask` is
+/// not cached.
+fn memoized<K: PartialEq + Copy>(
+    cache: &Mutex<Vec<(K, u32)>>,
+    key: K,
+    ask: impl FnOnce() -> Result<u32>,
+) -> Result<u32> {
+    {
+        let known = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(_, n)) = known.iter().find(|(k, _)| *k == key) {
+            return Ok(n);
+        }
+    }
+    let n = ask()?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((key, n));
+    Ok(n)
 }
 
 /// Rejects a grid or block the driver would refuse, with a message naming the kernel.

@@ -215,14 +215,19 @@ pub(crate) fn pdl_for(setting: Option<&str>) -> Result<bool> {
     env_switch(setting, PDL_ENV, ("off", "on"), true)
 }
 
+/// Whether launches on `dev` under `tuning` may carry the sm_90 launch attributes (clusters,
+/// PDL): the GPU has them and runs its own sm_90 configuration, not a forced sm_86 one, which
+/// stands for a 3090 that has neither.
+pub(crate) fn sm90_launch_ok(dev: &crate::cuda::GpuDevice, tuning: crate::cuda::Tuning) -> bool {
+    dev.has_sm90_launch() && tuning == crate::cuda::Tuning::Sm90
+}
+
 /// The launch options of the kernels [`PDL_ENV`] covers on `dev` under `tuning`.
 pub(crate) fn pdl_launch(
     dev: &crate::cuda::GpuDevice,
     tuning: crate::cuda::Tuning,
 ) -> Result<crate::cuda::LaunchOptions> {
-    let pdl = pdl_for(std::env::var(PDL_ENV).ok().as_deref())?
-        && dev.has_pdl()
-        && tuning == crate::cuda::Tuning::Sm90;
+    let pdl = pdl_for(std::env::var(PDL_ENV).ok().as_deref())? && sm90_launch_ok(dev, tuning);
     Ok(crate::cuda::LaunchOptions { cluster_y: 1, pdl })
 }
 

@@ -516,7 +516,7 @@ fn wide_cluster_for(setting: Option<&str>) -> Result<bool> {
 /// Whether wide launches on `dev` sum their K splits in clusters (see [`WIDE_REDUCE_ENV`]).
 pub fn wide_cluster_on(dev: &GpuDevice) -> Result<bool> {
     let wanted = wide_cluster_for(std::env::var(WIDE_REDUCE_ENV).ok().as_deref())?;
-    Ok(wanted && dev.has_clusters() && dev.tuning() == Tuning::Sm90)
+    Ok(wanted && crate::ops::sm90_launch_ok(dev, dev.tuning()))
 }
 
 /// The wide kernel's plan (shared by [`plan_linear`] and the launch, so that the workspace

@@ -73,6 +73,20 @@ def _warm():
     )
 
 
+def capture(fn):
+    """A CUDA graph of ``fn()`` and what it returned: ``fn`` runs once on the capture's side
+    stream first (outside capture, so every kernel is loaded), then is captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
@@ -525,14 +539,7 @@ def test_linear_wide_path_splits_and_graph():
     bias = torch.randn(2880, dtype=torch.bfloat16, device=DEV)
     xg = torch.randn(64, k, dtype=torch.bfloat16, device=DEV)
     eager = ops.nf4_linear(xg, w, bias, path="wide")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.nf4_linear(xg, w, bias, path="wide")
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        yg = ops.nf4_linear(xg, w, bias, path="wide")
+    graph, yg = capture(lambda: ops.nf4_linear(xg, w, bias, path="wide"))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, eager)
@@ -643,14 +650,7 @@ def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
             err = rel_err(y, linear_ref(x, w_deq, b))
             assert err <= 1e-2, f"cluster {rows}x{k} M={m}: {err:.3e}"
         # graph capture and replay of a clustered launch
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.nf4_linear(x, parts, bias, path="wide")
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            yg = ops.nf4_linear(x, parts, bias, path="wide")
+        graph, yg = capture(lambda x=x, w=parts, b=bias: ops.nf4_linear(x, w, b, path="wide"))
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
@@ -688,17 +688,13 @@ def test_pdl_launches_wait_for_their_inputs(monkeypatch, m):
         for i, (a, b) in enumerate(zip(runs["off"], runs["on"], strict=True)):
             assert torch.equal(a, b), (rows, k, m, i)
         monkeypatch.delenv("GPTOSS_3090_PDL")
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            x.copy_(xs[0])
-            ops.nf4_linear(x, parts, bias)
-        torch.cuda.current_stream().wait_stream(s)
-        src = torch.empty_like(x)
-        with torch.cuda.graph(graph):
+        src = torch.zeros_like(x)
+
+        def step(x=x, src=src, parts=parts, bias=bias):
             x.copy_(src)
-            yg = ops.nf4_linear(x, parts, bias)
+            return ops.nf4_linear(x, parts, bias)
+
+        graph, yg = capture(step)
         for i, xi in enumerate(xs):
             src.copy_(xi)
             graph.replay()
@@ -763,15 +759,7 @@ def test_linear_cuda_graph_replay_identical(tuning):
         x = torch.randn(m, 2880, dtype=torch.bfloat16, device=DEV)
         eager = ops.nf4_linear(x, w, bias)
         deq_eager = w.dequantize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.nf4_linear(x, w, bias)  # first call on the capture stream, outside capture
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = ops.nf4_linear(x, w, bias)
-            d = w.dequantize()
+        graph, (y, d) = capture(lambda x=x: (ops.nf4_linear(x, w, bias), w.dequantize()))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager)
