@@ -91,6 +91,11 @@
 #               WIDE_RUNS in turn (default "launch cluster launch cluster": the K split summed
 #               by a reduce launch, or inside thread-block clusters on sm_90):
 #               bench_nf4_linear.py (ours and cuBLAS), then linear_kernel_times.py per kernel
+#   foldcombine bench_moe.py at FOLD_TOKENS (default 1,2,4) with the split streaming launches
+#               (GPTOSS_3090_MOE_STREAM_LAUNCH=split) and GPTOSS_3090_MOE_FOLD_COMBINE set to
+#               each of FOLD_RUNS in turn (default "off on off on": a moe_combine launch, or
+#               the down launch's last block per column sums the outputs), tunings MOE_TUNINGS
+#               (default auto,sm86)
 #   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
@@ -547,6 +552,13 @@ for step in "$@"; do
           --ms "${NF4_MS:-1,4,16,48,64}" --tunings auto --quick --no-other-paths
       }
       knob_rounds GPTOSS_3090_PDL "${PDL_RUNS:-off on off on}" pdl_run
+      ;;
+    foldcombine)
+      foldcombine_run() {
+        GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "fold_$1_$2" \
+          --tokens "${FOLD_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto,sm86}" --no-baselines
+      }
+      knob_rounds GPTOSS_3090_MOE_FOLD_COMBINE "${FOLD_RUNS:-off on off on}" foldcombine_run
       ;;
     widereduce)
       widereduce_run() {

@@ -130,6 +130,12 @@ struct MoeParams {
     // bm = 8 * NT), so an expert with more pairs than a pass holds runs its passes in separate
     // blocks; 0 = block row y is active expert y, whose passes run in turn in one block.
     i32 str_pass_items;
+    // moe_str_* split launches (ops::moe::fold_combine): 1 = the down launch sums each token's
+    // k outputs itself (the last block of each row range, moe_str_fold_combine) and no
+    // moe_combine launch follows. fold_ctr: u32 [str_gx_dn] arrival counters, one per row
+    // range of the down grid, zeroed by the gate_up launch's block (0, 0).
+    i32 str_fold;
+    u64 fold_ctr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1633,8 +1639,97 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
     }
 }
 
+// A token's routing as the combine uses it: every valid k's weight (0 and `ok` false for an
+// invalid id or k past topk), loaded before any output so that all k rows' loads are in flight
+// together instead of one ids -> out round trip per k.
+struct CombineRoute {
+    float w[MOE_MAX_TOPK];
+    bool ok[MOE_MAX_TOPK];
+};
+
+__device__ __forceinline__ CombineRoute combine_route(const MoeParams& p, int t) {
+    const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
+    const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;
+    CombineRoute r;
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+        // Predicated inside the loads: k past topk must not read past the token's row.
+        const bool in_row = k < p.topk;
+        const int e = (int)ld_nc_b32_if(ids + k, in_row);
+        r.ok[k] = in_row && e >= 0 && e < p.E;
+        r.w[k] = ld_nc_f32_if(wts + k, r.ok[k]);
+    }
+    return r;
+}
+
+// y[t, h .. h + 8) = sum_k w[t,k] out[t*topk+k, h .. h + 8) in k order over fp32 outputs (the
+// streaming kernels'), rounded once. CG: the outputs were written earlier in the same launch
+// (moe_str_fold_combine), so they are read through L2, not the read-only path. One routine for
+// moe_combine and the folded combine, so both give the same bits.
+template <int DTYPE, bool CG>
+__device__ __forceinline__ void combine_piece_f32(const MoeParams& p, const CombineRoute& r, int t,
+                                                  int h) {
+    const long long row0 = (long long)t * p.topk * p.H + h;
+    float acc[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
+    u32x4 v[MOE_MAX_TOPK][2];
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+        const float* row = (const float*)p.ws_out + row0 + (long long)k * p.H;
+        v[k][0] = CG ? ld_cg_16_if_volatile(row, r.ok[k]) : ld_nc_16_if(row, r.ok[k]);
+        v[k][1] = CG ? ld_cg_16_if_volatile(row + 4, r.ok[k]) : ld_nc_16_if(row + 4, r.ok[k]);
+    }
+    // In k order, skipping invalid ids: the same sums as one k at a time.
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+        if (!r.ok[k]) continue;
+        const u32 vs[8] = {v[k][0].x, v[k][0].y, v[k][0].z, v[k][0].w,
+                           v[k][1].x, v[k][1].y, v[k][1].z, v[k][1].w};
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = fmaf(r.w[k], __uint_as_float(vs[q]), acc[q]);
+    }
+    u32x4 o;
+    o.x = pack_half2<DTYPE>(acc[0], acc[1]);
+    o.y = pack_half2<DTYPE>(acc[2], acc[3]);
+    o.z = pack_half2<DTYPE>(acc[4], acc[5]);
+    o.w = pack_half2<DTYPE>(acc[6], acc[7]);
+    *(u32x4*)((u16*)p.y + (long long)t * p.H + h) = o;
+}
+
+// The combine folded into a split down launch (p.str_fold; ops::moe::fold_combine). Every
+// block of grid column bx (all expert slots, used or not) covers the same output rows, the
+// column's row range, so the last block of a column to arrive at fold_ctr[bx] holds every
+// expert output of those rows and sums them per token, in k order, with moe_combine's
+// arithmetic (combine_piece_f32): the same bits without the combine launch. Pays where a
+// column's rows x tokens are few (one decode token: about 44 rows); the host decides.
+template <int DTYPE>
+__device__ __forceinline__ void moe_str_fold_combine(const MoeParams& p) {
+    __shared__ bool last;
+    // The block's ws_out stores, then one fence and the arrival by thread 0: the barrier orders
+    // the other threads' stores before its fence (as cooperative groups' grid sync does), so
+    // only one thread waits for the fence.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd((u32*)p.fold_ctr + blockIdx.x, 1u) == gridDim.y - 1;
+        if (last) __threadfence();  // the other blocks' stores, published by their arrivals
+    }
+    __syncthreads();
+    if (!last) return;  // block-uniform
+    const long long gpe = p.H / 16;
+    const int r_lo = 16 * (int)(blockIdx.x * gpe / gridDim.x);
+    const int r_hi = 16 * (int)((blockIdx.x + 1) * gpe / gridDim.x);
+    const int pieces = (r_hi - r_lo) / 8;  // 8 outputs per thread and step
+    for (int i = threadIdx.x; i < p.T * pieces; i += blockDim.x) {
+        const int t = i / pieces;
+        combine_piece_f32<DTYPE, true>(p, combine_route(p, t), t, r_lo + 8 * (i - t * pieces));
+    }
+}
+
 // One launch per phase (moe_str_up_* then moe_str_down_*): block (blockIdx.x, blockIdx.y) is
-// item blockIdx.x of gridDim.x of expert slot blockIdx.y.
+// item blockIdx.x of gridDim.x of expert slot blockIdx.y. With p.str_fold, the down launch
+// also combines (moe_str_fold_combine).
 template <int DTYPE, bool UP, int NT, bool NESTED>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
@@ -1657,13 +1752,20 @@ __device__ void moe_str(const MoeParams& p) {
         // The gate_up launch's block (0, 0) stores the routing for moe_str_down (which reads it
         // instead of routing again) and moe_combine.
         dec_route<DTYPE>(p, sh, UP && blockIdx.x == 0 && blockIdx.y == 0, false, !UP, pre);
+    if (UP && p.str_fold && blockIdx.x == 0 && blockIdx.y == 0) {
+        // The down launch's arrival counters, after pdl_wait: the previous down launch that
+        // used them is complete. The down launch counts only after its own pdl_wait, when this
+        // launch is complete.
+        for (int i = threadIdx.x; i < p.str_gx_dn; i += blockDim.x) ((u32*)p.fold_ctr)[i] = 0u;
+    }
     int cnt;
     const int* gpairs;
     const int e = str_slot_expert<true>(p, sh, blockIdx.y, cnt, gpairs);
-    if (e < 0) return;  // block-uniform
-    moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC>(p, sh, str_smem, e, cnt, gpairs,
-                                                         blockIdx.x, gridDim.x, p.str_ks,
-                                                         p.str_xcols, nullptr, 0u);
+    if (e >= 0)  // block-uniform
+        moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC>(p, sh, str_smem, e, cnt, gpairs,
+                                                             blockIdx.x, gridDim.x, p.str_ks,
+                                                             p.str_xcols, nullptr, 0u);
+    if (!UP && p.str_fold) moe_str_fold_combine<DTYPE>(p);
 }
 
 // Both phases in one launch (moe_str_fused_*; where: ops::moe::fused_pays). A block builds the
@@ -1973,58 +2075,29 @@ template <int DTYPE>
 __device__ void moe_combine(const MoeParams& p) {
     pdl_wait();  // everything below comes from the expert launches just before
     const int t = blockIdx.x;
-    const int* ids = (const int*)p.ws_ids + (long long)t * p.topk;
-    const float* wts = (const float*)p.ws_wts + (long long)t * p.topk;
-    // The token's routing once, before any output load: every valid k's weight (0 marks an
-    // invalid id), so that all k rows' loads below are in flight together instead of one
-    // ids -> out round trip per k.
-    float w[MOE_MAX_TOPK];
-    bool ok[MOE_MAX_TOPK];
-#pragma unroll
-    for (int k = 0; k < MOE_MAX_TOPK; ++k) {
-        // Predicated inside the loads: k past topk must not read past the token's row.
-        const bool in_row = k < p.topk;
-        const int e = (int)ld_nc_b32_if(ids + k, in_row);
-        ok[k] = in_row && e >= 0 && e < p.E;
-        w[k] = ld_nc_f32_if(wts + k, ok[k]);
-    }
+    const CombineRoute r = combine_route(p, t);
     const int step = gridDim.y * blockDim.x * 8;
     for (int h = (blockIdx.y * blockDim.x + threadIdx.x) * 8; h < p.H; h += step) {
+        if (p.out_f32) {
+            combine_piece_f32<DTYPE, false>(p, r, t, h);
+            continue;
+        }
         const long long row0 = (long long)t * p.topk * p.H + h;
         float acc[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
-        if (p.out_f32) {
-            u32x4 v[MOE_MAX_TOPK][2];
+        u32x4 v[MOE_MAX_TOPK];
 #pragma unroll
-            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
-                const float* row = (const float*)p.ws_out + row0 + (long long)k * p.H;
-                v[k][0] = ld_nc_16_if(row, ok[k]);
-                v[k][1] = ld_nc_16_if(row + 4, ok[k]);
-            }
-            // In k order, skipping invalid ids: the same sums as one k at a time.
+        for (int k = 0; k < MOE_MAX_TOPK; ++k)
+            v[k] = ld_nc_16_if((const u16*)p.ws_out + row0 + (long long)k * p.H, r.ok[k]);
 #pragma unroll
-            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
-                if (!ok[k]) continue;
-                const u32 vs[8] = {v[k][0].x, v[k][0].y, v[k][0].z, v[k][0].w,
-                                   v[k][1].x, v[k][1].y, v[k][1].z, v[k][1].w};
+        for (int k = 0; k < MOE_MAX_TOPK; ++k) {
+            if (!r.ok[k]) continue;
+            const u32 vs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[q] += w[k] * __uint_as_float(vs[q]);
-            }
-        } else {
-            u32x4 v[MOE_MAX_TOPK];
-#pragma unroll
-            for (int k = 0; k < MOE_MAX_TOPK; ++k)
-                v[k] = ld_nc_16_if((const u16*)p.ws_out + row0 + (long long)k * p.H, ok[k]);
-#pragma unroll
-            for (int k = 0; k < MOE_MAX_TOPK; ++k) {
-                if (!ok[k]) continue;
-                const u32 vs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    acc[2 * q] += w[k] * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
-                    acc[2 * q + 1] += w[k] * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
-                }
+            for (int q = 0; q < 4; ++q) {
+                acc[2 * q] += r.w[k] * half_to_f32<DTYPE>((u16)(vs[q] & 0xffffu));
+                acc[2 * q + 1] += r.w[k] * half_to_f32<DTYPE>((u16)(vs[q] >> 16));
             }
         }
         u32x4 o;

@@ -5,7 +5,8 @@
 //! stream:
 //! - decode (T <= 16): (`moe_route` in router-weights mode) → `moe_str_up` (per-block routing
 //!   and grouping, gate_up + bias + SwiGLU-OAI) → `moe_str_down` (down + bias, fp32) →
-//!   `moe_combine`; the older `moe_dec2_*` / `moe_dec_*` through [`DECODE_VARIANT_ENV`];
+//!   `moe_combine` (or `moe_str_down` combines itself where [`fold_combine`] says so: one
+//!   token); the older `moe_dec2_*` / `moe_dec_*` through [`DECODE_VARIANT_ENV`];
 //! - stream (17..=[`STREAM_MAX_TOKENS`]): (`moe_route`) → `moe_group` → `moe_str_up` →
 //!   `moe_str_down` → `moe_combine`;
 //! - prefill: (`moe_route`) → `moe_group` → `moe_gemm_up` → `moe_gemm_down` → `moe_combine`.
@@ -165,6 +166,12 @@ pub struct MoeParams {
     /// `moe_str_*` grouped: 1 = block row y runs tile y of `ws_tiles` (one pass of `bm` pairs),
     /// 0 = block row y runs active expert y, all its passes in turn.
     pub str_pass_items: i32,
+    /// `moe_str_*` split launches: 1 = the down launch combines ([`fold_combine`]) and no
+    /// `moe_combine` follows.
+    pub str_fold: i32,
+    /// u32 `[str_gx_dn]`: the folded combine's arrival counters, one per down grid column
+    /// (zeroed by the gate_up launch).
+    pub fold_ctr: u64,
 }
 
 /// Byte offsets of the buffers inside the caller's workspace for one token count.
@@ -188,6 +195,9 @@ pub struct WorkspaceLayout {
     pub sorted: usize,
     /// u32 `[1 + E]`: the fused streaming kernel's counters.
     pub sync: usize,
+    /// u32 `[H / 16]`: the folded combine's counters (one per down grid column, at most one
+    /// column per 16-row group).
+    pub fold: usize,
     /// act `[T*topk, I]`.
     pub h: usize,
     /// act `[T*topk, H]`.
@@ -249,6 +259,7 @@ impl WorkspaceLayout {
         let tiles = take(max_tiles.checked_mul(8))?;
         let sorted = take(sorted_cap.checked_mul(4))?;
         let sync = take(Some(sync_bytes(experts)))?;
+        let fold = take(Some(4 * hidden.div_ceil(16)))?;
         let h = take(
             tk.checked_mul(intermediate)
                 .and_then(|v| v.checked_mul(elem_size)),
@@ -271,6 +282,7 @@ impl WorkspaceLayout {
             tiles,
             sorted,
             sync,
+            fold,
             h,
             out,
             total: off,
@@ -637,6 +649,8 @@ impl MoeArgs {
             str_slots: 0,
             router_b_act: 0,
             str_pass_items: 0,
+            str_fold: 0,
+            fold_ctr: at(layout.fold),
         })
     }
 }
@@ -937,7 +951,8 @@ fn launch_fused(
 
 /// Runs the streaming kernels (`p.str_grouped` set by the caller): `moe_str_fused_*` where
 /// [`fused_pays`] (or [`STREAM_LAUNCH_ENV`] forces it) and both weights have the same
-/// statistics kind, else `moe_str_up_*` then `moe_str_down_*`.
+/// statistics kind, else `moe_str_up_*` then `moe_str_down_*`. Returns whether the down launch
+/// combined ([`fold_combine`]), so that no `moe_combine` launch is needed.
 fn launch_stream(
     dev: &GpuDevice,
     func: &dyn Fn(&str) -> Result<KernelFn>,
@@ -945,7 +960,7 @@ fn launch_stream(
     p: &MoeParams,
     nt: usize,
     tuning: Tuning,
-) -> Result<()> {
+) -> Result<bool> {
     let (t, k, e) = (args.tokens, args.topk, args.experts);
     let pass_items = p.str_pass_items != 0;
     // Planned per touched expert either way (K split, staged columns, blocks per row of the
@@ -977,11 +992,12 @@ fn launch_stream(
         if forced == Some(StreamLaunch::Fused)
             || fused_pays(p.str_grouped != 0, t, up.gx * slots, resident)
         {
-            return launch_fused(dev, &f, args, p, slots, (up, down), tuning);
+            return launch_fused(dev, &f, args, p, slots, (up, down), tuning).map(|()| false);
         }
     }
     let gu = ("moe_str_up", up_shape, args.gate_up.nested);
     let dn = ("moe_str_down", down_shape, args.down.nested);
+    let mut plans = Vec::with_capacity(2);
     for (name, shape, nested) in [gu, dn] {
         let f = func(&format!("{name}_n{nt}{}", plain(nested)))?;
         let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
@@ -989,30 +1005,96 @@ fn launch_stream(
         let smem = u32_of("shared memory", phase.smem)?;
         // The tuning's residency: padded so that a forced sm86 holds a 3090's blocks per SM.
         let smem = residency(dev, &f, threads, smem, tuning)?.launch_smem;
+        plans.push((name, f, phase, smem));
+    }
+    let down_columns = plans[1].2.gx;
+    let opts = crate::ops::pdl_launch(dev, tuning)?;
+    let fold = fold_combine(
+        fold_combine_override()?,
+        opts.pdl,
+        t,
+        args.hidden,
+        down_columns,
+    );
+    for (name, f, phase, smem) in &plans {
         let mut q = *p;
         q.str_ks = to_i32("k split", phase.ks)?;
         q.str_xcols = to_i32("staged columns", phase.xcols)?;
+        q.str_fold = i32::from(fold);
+        q.str_gx_dn = to_i32("blocks per expert", down_columns)?;
         // SAFETY: as in moe_forward; the grid gives every expert slot at least rows / (16 * 8 /
         // ks) blocks (each covers at most 8 / ks groups) and at most one per group; the dynamic
         // shared memory holds the table and the `xcols` staged columns the kernel indexes; it
-        // reads the routing and activations and writes after its pdl_wait.
+        // reads the routing and activations and writes after its pdl_wait. Folded, the down
+        // grid has `down_columns` <= H / 16 columns, so its counters lie in `layout.fold`.
         unsafe {
             dev.launch_ex(
-                &f,
+                f,
                 (
                     u32_of(name, phase.gx)?,
                     u32_of("expert slots", grid_rows)?,
                     1,
                 ),
                 (threads, 1, 1),
-                smem,
+                *smem,
                 args.stream,
                 &q,
-                crate::ops::pdl_launch(dev, tuning)?,
+                opts,
             )?
         };
     }
-    Ok(())
+    Ok(fold)
+}
+
+/// Knob (read on every call, so that one process can compare): `auto` (default) folds the
+/// combine into the split streaming down launch where [`fold_combine`] says it pays; `on`
+/// folds wherever the split launches run, `off` never (a separate `moe_combine` launch). The
+/// folded combine gives the same bits (the same routine, `combine_piece_f32`; GPU test
+/// `test_folded_combine_gives_the_same_bits`).
+pub const FOLD_COMBINE_ENV: &str = "GPTOSS_3090_MOE_FOLD_COMBINE";
+
+/// Outputs (tokens x rows) up to which the last block of a down grid column sums them itself:
+/// 2048 is one 8-output piece per thread of the 256-thread block. One decode token with 66
+/// down columns (H200, 2 blocks per SM) has 48 rows per column.
+pub const FOLD_MAX_OUTPUTS: usize = 2048;
+
+fn fold_combine_override() -> Result<Option<bool>> {
+    fold_combine_for(std::env::var(FOLD_COMBINE_ENV).ok().as_deref())
+}
+
+/// [`fold_combine_override`] for an explicit setting (`None` = the variable is unset).
+fn fold_combine_for(setting: Option<&str>) -> Result<Option<bool>> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("on") => Ok(Some(true)),
+        Some("off") => Ok(Some(false)),
+        Some(other) => Err(Error::arg(format!(
+            "{FOLD_COMBINE_ENV}={other:?}: expected auto (default), on or off"
+        ))),
+    }
+}
+
+/// Whether a split streaming launch of `tokens` tokens folds the combine into its down launch
+/// (`columns` grid columns over `hidden` rows): `forced` when set, else where the launches use
+/// programmatic dependent launch (`pdl`: sm_90 under its own tuning) and the last block of a
+/// column sums at most [`FOLD_MAX_OUTPUTS`] outputs. The fold saves a launch but serialises
+/// each column's sums (behind a fence and an atomic) after its last expert block. H200,
+/// session 25, the MoE layer at 24 GPT-OSS-20B shapes, fold off / on in turn, same call:
+/// sm_90 tuning 36.4-36.6 -> 35.6-36.1 us at 1 token, 61.3-61.8 -> 60.7-61.3 at 2, and
+/// 94.7-95.7 -> 95.9-97.0 at 4 (its column sums 720 outputs); the forced sm_86 tuning (no PDL,
+/// a 3090's residency: 33 columns of 96 rows) 46.7-46.9 -> 47.2-47.7 at 1 token. So it
+/// stays off there, and from 4 tokens the decode regime runs the fused launch anyway.
+pub fn fold_combine(
+    forced: Option<bool>,
+    pdl: bool,
+    tokens: usize,
+    hidden: usize,
+    columns: usize,
+) -> bool {
+    forced.unwrap_or_else(|| {
+        let rows = 16 * (hidden / 16).div_ceil(columns.max(1));
+        pdl && tokens.saturating_mul(rows) <= FOLD_MAX_OUTPUTS
+    })
 }
 
 /// Runs the whole MoE block; returns the regime it used. `tuning` overrides the device's.
@@ -1062,7 +1144,9 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
                 // (0, 0) stores it for moe_combine.
                 p.out_f32 = 1;
                 let nt = stream_tiles_chosen(t, k, e)?;
-                launch_stream(&dev, &func, args, &p, nt, tuning)?;
+                if launch_stream(&dev, &func, args, &p, nt, tuning)? {
+                    return Ok(regime);
+                }
             }
             DecodeKernels::Older(up_name, down_name, pairs_per_block, rows_per_down_block) => {
                 // moe_dec_up routes (logits) or reads the routing itself and groups per block;
@@ -1089,7 +1173,9 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
             let f = func("moe_group")?;
             unsafe { dev.launch(&f, (1, 1, 1), (1024, 1, 1), 0, s, &p)? };
             p.out_f32 = 1;
-            launch_stream(&dev, &func, args, &p, nt, tuning)?;
+            if launch_stream(&dev, &func, args, &p, nt, tuning)? {
+                return Ok(regime);
+            }
         }
         Regime::Prefill { bm, stages } => {
             let f = func("moe_group")?;
@@ -1322,6 +1408,38 @@ mod tests {
     }
 
     #[test]
+    fn fold_combine_knob_parses() -> Result<()> {
+        assert_eq!(fold_combine_for(None)?, None);
+        assert_eq!(fold_combine_for(Some(" auto "))?, None);
+        assert_eq!(fold_combine_for(Some("on"))?, Some(true));
+        assert_eq!(fold_combine_for(Some("off"))?, Some(false));
+        let err = fold_combine_for(Some("1")).unwrap_err().to_string();
+        assert!(
+            err.contains(FOLD_COMBINE_ENV) && err.contains("auto"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn fold_combine_pays_for_one_token_only() {
+        // GPT-OSS-20B down (H = 2880, 180 groups), H200 residency (264 blocks): one token has
+        // 4 expert slots, 66 columns of 3 groups (48 rows): folded. Sixteen tokens with 8
+        // columns (23 groups, 368 rows each) and 64 tokens are not.
+        assert!(fold_combine(None, true, 1, 2880, 66));
+        assert!(fold_combine(None, true, 2, 2880, 33));
+        assert!(!fold_combine(None, true, 16, 2880, 8));
+        assert!(!fold_combine(None, true, 64, 2880, 8));
+        // One column of the whole output: 2880 outputs for its last block, over the bound.
+        assert!(!fold_combine(None, true, 1, 2880, 1));
+        assert!(fold_combine(None, true, 1, 2048, 1));
+        // Without PDL (other GPUs, the forced sm86 tuning) it measured slower: off.
+        assert!(!fold_combine(None, false, 1, 2880, 33));
+        assert!(fold_combine(Some(true), false, 64, 2880, 8));
+        assert!(!fold_combine(Some(false), true, 1, 2880, 66));
+    }
+
+    #[test]
     fn pass_items_knob_parses() -> Result<()> {
         assert!(pass_items_for(None)?);
         assert!(!pass_items_for(Some(" 0 "))?);
@@ -1488,13 +1606,17 @@ mod tests {
 
     #[test]
     fn params_struct_matches_the_kernel_layout() {
-        // 26 pointers + 20 i32, then ws_sync + 7 i32, padded to 8 bytes (kernels/moe.cu
+        // 26 pointers + 20 i32, then ws_sync + 8 i32, then fold_ctr (kernels/moe.cu
         // MoeParams).
         assert_eq!(
             std::mem::size_of::<MoeParams>(),
-            (26 * 8 + 20 * 4 + 8 + 7 * 4usize).div_ceil(8) * 8
+            26 * 8 + 20 * 4 + 8 + 8 * 4 + 8
         );
         assert_eq!(std::mem::offset_of!(MoeParams, ws_sync), 26 * 8 + 20 * 4);
+        assert_eq!(
+            std::mem::offset_of!(MoeParams, fold_ctr),
+            26 * 8 + 20 * 4 + 8 + 8 * 4
+        );
     }
 
     #[test]
@@ -1514,7 +1636,8 @@ mod tests {
         for t in [1usize, 3, 64, 8192] {
             let l = WorkspaceLayout::new(t, 2880, 2880, 32, 4, 2)?;
             let parts = [
-                l.ids, l.wts, l.counts, l.offsets, l.meta, l.active, l.tiles, l.sorted, l.h, l.out,
+                l.ids, l.wts, l.counts, l.offsets, l.meta, l.active, l.tiles, l.sorted, l.sync,
+                l.fold, l.h, l.out,
             ];
             assert!(parts.iter().all(|o| o % 256 == 0));
             assert!(parts.windows(2).all(|w| w[0] < w[1]));

@@ -491,6 +491,70 @@ def test_pdl_launches_wait_for_their_inputs(monkeypatch, tokens: int) -> None:
         assert torch.equal(yg, runs["off"][i]), (tokens, i, "graph")
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 4, 16, 64])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("tuning", ["auto", "sm86"])
+def test_folded_combine_gives_the_same_bits(
+    monkeypatch, tokens: int, nested: bool, tuning: str
+) -> None:
+    """GPTOSS_3090_MOE_FOLD_COMBINE=on makes the split streaming down launch sum each token's k
+    outputs itself (the last block of each grid column) instead of a moe_combine launch. With
+    the split launches forced at every count, on a workspace full of 0xff (the counters must be
+    zeroed by the gate_up launch), call after call, chunk-major and row order, from given
+    routing and from router logits, and in a CUDA graph replayed with new inputs, the output
+    equals the combine launch's bit for bit and stays within TOL of the fp32 reference."""
+    layer = make_layer(32, SMALL[1], SMALL[2], seed=91, nested=nested)
+    g = torch.Generator(device=DEV).manual_seed(92)
+    monkeypatch.setenv("GPTOSS_3090_MOE_STREAM_LAUNCH", "split")
+    calls = []
+    for i in range(3):
+        xi = rand_x(tokens, layer.hidden, seed=93 + i)
+        ids = torch.stack(
+            [torch.randperm(32, device=DEV, generator=g)[:4] for _ in range(tokens)]
+        ).to(torch.int32)
+        wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
+        calls.append((xi, ids, wts))
+    ws = layer.workspace(tokens)
+    ws.fill_(0xFF)
+    chunks = layer.chunk_major()
+    runs: dict[str, list[torch.Tensor]] = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("GPTOSS_3090_MOE_FOLD_COMBINE", mode)
+        ys = []
+        for lay in (layer, chunks):
+            for xi, ii, wi in calls:
+                ys.append(M.moe(xi, lay, topk_ids=ii, topk_weights=wi, workspace=ws, tuning=tuning))
+            ys.append(M.moe(calls[0][0], lay, workspace=ws, tuning=tuning))  # router logits
+        runs[mode] = ys
+    for i, (a, b) in enumerate(zip(runs["off"], runs["on"], strict=True)):
+        assert torch.equal(a, b), (tokens, i)
+    for i, (xi, ii, wi) in enumerate(calls):
+        ref, _, _ = M.reference_forward(xi, layer, topk_ids=ii, topk_weights=wi)
+        err = rel_err(runs["on"][i], ref)
+        assert err <= TOL, (i, err)
+    print(f"folded combine T={tokens} nested={nested} {tuning}: rel err {err:.2e}")
+    # A captured graph replays the fold: the counters are zeroed again on every replay.
+    monkeypatch.setenv("GPTOSS_3090_MOE_FOLD_COMBINE", "on")
+    x, ids, wts = (t.clone() for t in calls[0])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        M.moe(x, chunks, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = M.moe(x, chunks, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+    for i, call in enumerate(calls):
+        for dst, src in zip((x, ids, wts), call, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, runs["off"][len(calls) + 1 + i]), (tokens, i, "graph")
+    monkeypatch.setenv("GPTOSS_3090_MOE_FOLD_COMBINE", "sometimes")
+    with pytest.raises(ValueError, match="GPTOSS_3090_MOE_FOLD_COMBINE"):
+        M.moe(x, chunks, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+
+
 @pytest.mark.parametrize("tokens", [17, 20, 32, 48])
 def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
     """The streaming regime with one column tile per pass (32 experts averaging at most 6 pairs,
