@@ -91,6 +91,10 @@
 #               WIDE_RUNS in turn (default "launch cluster launch cluster": the K split summed
 #               by a reduce launch, or inside thread-block clusters on sm_90):
 #               bench_nf4_linear.py (ours and cuBLAS), then linear_kernel_times.py per kernel
+#   deepring    bench_moe.py at DEEP_TOKENS (default 1,2,4) with the split streaming launches and
+#               GPTOSS_3090_MOE_DEEP_RING set to each of DEEP_RUNS in turn (default "off on off
+#               on": the one-tile kernels with four weight stages per warp, or the deep-ring
+#               ones with seven on sm_90), tunings MOE_TUNINGS (default auto)
 #   foldcombine bench_moe.py at FOLD_TOKENS (default 1,2,4) with the split streaming launches
 #               (GPTOSS_3090_MOE_STREAM_LAUNCH=split) and GPTOSS_3090_MOE_FOLD_COMBINE set to
 #               each of FOLD_RUNS in turn (default "off on off on": a moe_combine launch, or
@@ -552,6 +556,13 @@ for step in "$@"; do
           --ms "${NF4_MS:-1,4,16,48,64}" --tunings auto --quick --no-other-paths
       }
       knob_rounds GPTOSS_3090_PDL "${PDL_RUNS:-off on off on}" pdl_run
+      ;;
+    deepring)
+      deepring_run() {
+        GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "deep_$1_$2" \
+          --tokens "${DEEP_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto}" --no-baselines
+      }
+      knob_rounds GPTOSS_3090_MOE_DEEP_RING "${DEEP_RUNS:-off on off on}" deepring_run
       ;;
     foldcombine)
       foldcombine_run() {

@@ -630,7 +630,8 @@ __device__ __forceinline__ StrCursor str_cursor(const StrLane& l, int j, bool ne
 // is whole iff j < full_chunks. `half_back`: chunk-major only (str_half_back).
 template <bool NESTED>
 __device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int full_chunks,
-                                          u32 stage, u32 half_back, u32& am_raw) {
+                                          u32 stage, u32 half_back, u32& am_raw,
+                                          u32 piece2 = STR_PIECE2_DST) {
     const bool second = c.j < full_chunks;  // warp-uniform
 #ifdef STR_CHUNK_MAJOR
     // Expected taken: only a stream's last chunk can be a half chunk. Computing both paths
@@ -638,20 +639,20 @@ __device__ __forceinline__ void str_issue(const StrLane& l, StrCursor& c, int fu
     // ptxas emits but did not turn that predication into a branch there.
     if (__builtin_expect(second, 1)) {
         cp_async_16_zfill_s(stage, c.src, 16u);
-        cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + 512, 16u);
+        cp_async_16_zfill_s(stage + piece2, c.src + 512, 16u);
     } else {
         // A final half chunk packs 32 bytes per fragment row: the lane's rows start 32 fr
         // bytes before a full chunk's, and its two rows lie 256 bytes apart instead of 512.
         const u8* s0 = c.src - half_back;
         const u32 bytes = l.hi ? 0u : 16u;
         cp_async_16_zfill_s(stage, s0, bytes);
-        cp_async_16_zfill_s(stage + STR_PIECE2_DST, s0 + 256, bytes);
+        cp_async_16_zfill_s(stage + piece2, s0 + 256, bytes);
     }
 #else
     (void)half_back;
     const u32 bytes = (second || !l.hi) ? 16u : 0u;
     cp_async_16_zfill_s(stage, c.src, bytes);
-    cp_async_16_zfill_s(stage + STR_PIECE2_DST, c.src + l.piece2, bytes);
+    cp_async_16_zfill_s(stage + piece2, c.src + l.piece2, bytes);
 #endif
     const bool oka = second || !(threadIdx.x & 1);
     // Nested: the block's u8 code; its nested absmax comes from StrStats (str_nested_scale).
@@ -751,14 +752,16 @@ __device__ __forceinline__ void str_decode_step(const u8* table, const u32x2& wa
 }
 
 // acc[nt] += W(chunk, block h) x X(chunk, block h, tile nt) from a filled stage (`rd`: this
-// lane's 8 bytes of row g of block h in it; row g + 8 lies 1 KB on), with the block's absmax
-// (sc0: row g, sc1: row g + 8) applied to the fp32 products.
+// lane's 8 bytes of row g of block h in it; row g + 8 lies `piece2` bytes on: 1 KB in a hole
+// stage, 512 in a compact one), with the block's absmax (sc0: row g, sc1: row g + 8) applied
+// to the fp32 products.
 template <int DTYPE, int NT>
 __device__ __forceinline__ void str_half(const u8* table, u32 rd, float sc0, float sc1,
-                                         const u32 (&xw)[NT][8], float (&acc)[NT][4]) {
+                                         const u32 (&xw)[NT][8], float (&acc)[NT][4],
+                                         u32 piece2 = STR_PIECE2_DST) {
     const u32 lane4 = 4 * (threadIdx.x & 31);
     const u32x2 wa = ld_shared_8_volatile(rd);
-    const u32x2 wb = ld_shared_8_volatile(rd + STR_PIECE2_DST);
+    const u32x2 wb = ld_shared_8_volatile(rd + piece2);
     float d[NT][4];
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -788,25 +791,57 @@ __device__ __forceinline__ void str_half(const u8* table, u32 rd, float sc0, flo
 // split), so they span at most two nested blocks. Their two nested absmax values (nsa, nsb:
 // before and from chunk njx on) load once per stream; the per-chunk global load and its 64-bit
 // address (~8 instructions per chunk, sm_90 SASS) become a select.
-struct StrStats {
+//
+// EXTRA: compact ring stages beyond the STR_DEPTH hole stages (StrRing).
+template <int EXTRA = 0>
+struct StrStatsT {
     StrCursor cur;
-    u32 raw[STR_DEPTH];
+    u32 raw[STR_DEPTH + EXTRA];
     float nsa, nsb;
     int njx;
 };
+typedef StrStatsT<0> StrStats;
 
 // The nested absmax of this lane's statistic of chunk j (nested streams).
-__device__ __forceinline__ float str_nested_scale(const StrStats& st, int j) {
+template <int EXTRA>
+__device__ __forceinline__ float str_nested_scale(const StrStatsT<EXTRA>& st, int j) {
     return j < st.njx ? st.nsa : st.nsb;
 }
+
+// A warp's weight ring: STR_DEPTH stages in the table's holes (`hole`: the warp's first, as
+// str_reduce also expects), then EXTRA compact 1 KB stages at `extra` (static shared memory of
+// the kernels that have them; unused when EXTRA is 0). More stages keep more weight bytes in
+// flight per warp: at one decode token each SM streams with 10-11 warps, each with its next
+// STR_DEPTH - 1 chunks requested. A compact stage holds the hole layout's rows 128 bytes apart
+// instead of 256 (str_row_off without the table's half of each 256 bytes); addresses equal
+// modulo 128, so the same lanes meet the same banks. Stage u's choice is compile-time (the
+// callers unroll u).
+#define STR_COMPACT_STAGE 1024
+#define STR_COMPACT_PIECE2 512
+
+// Offset of a hole-layout address (inside a stage, fragment row fr) in the compact layout.
+__device__ __forceinline__ int str_compact_shift(int fr) { return 128 + ((fr >> 1) << 7); }
+
+template <int EXTRA>
+struct StrStage {
+    // Shared address of stage u for a lane whose hole-stage-0 address is `hole` and compact-
+    // stage-0 address `compact`, and the distance to its second piece (row + 8).
+    __device__ __forceinline__ static u32 at(int u, u32 hole, u32 compact) {
+        return u < STR_DEPTH ? hole + u * STR_STAGE_STRIDE
+                             : compact + (u - STR_DEPTH) * STR_COMPACT_STAGE;
+    }
+    __device__ __forceinline__ static u32 piece2(int u) {
+        return u < STR_DEPTH ? STR_PIECE2_DST : STR_COMPACT_PIECE2;
+    }
+};
 
 // Issues the first STR_DEPTH - 1 chunks of a stream (chunks jb ..) into the warp's ring, one
 // cp.async group each (empty groups keep the count uniform). Separate from str_stream so that a
 // block can stage its activations after it: the two DRAM latencies then overlap instead of
 // adding up before the first mma (ncu, 1 token: the prologue was a third of the stall samples).
-template <bool NESTED>
+template <bool NESTED, int EXTRA = 0>
 __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int nkb, u8* ring,
-                                          StrStats& st) {
+                                          StrStatsT<EXTRA>& st, u8* extra = nullptr) {
     __syncwarp();  // every lane is done reading the ring (a previous pass)
     st.cur = str_cursor(l, jb, NESTED);
     if (NESTED) {
@@ -822,11 +857,13 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
         st.nsb = ld_nc_f32_if(l.nested + nb0 + 1, st.njx <= jl);
     }
     const u32 dst = smem_addr(ring) + l.dst, half_back = str_half_back();
+    const u32 dst_c =
+        EXTRA ? smem_addr(extra) + l.dst - str_compact_shift((threadIdx.x & 31) >> 2) : 0u;
 #pragma unroll
-    for (int u = 0; u < STR_DEPTH - 1; ++u) {
+    for (int u = 0; u < STR_DEPTH + EXTRA - 1; ++u) {
         if (u < n)
-            str_issue<NESTED>(l, st.cur, nkb >> 1, dst + u * STR_STAGE_STRIDE, half_back,
-                              st.raw[u]);
+            str_issue<NESTED>(l, st.cur, nkb >> 1, StrStage<EXTRA>::at(u, dst, dst_c),
+                              half_back, st.raw[u], StrStage<EXTRA>::piece2(u));
         cp_async_commit();
     }
 }
@@ -836,15 +873,17 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
 // (L1 or L2 hits, but on the critical path of every mma) half a chunk ahead through registers:
 // block 1 of a chunk loads while block 0 computes, and block 0 of the next chunk while block 1
 // computes. Every per-chunk address is a running pointer or a fixed offset from one.
-template <int DTYPE, int NT, bool NESTED, int XS>
+template <int DTYPE, int NT, bool NESTED, int XS, int EXTRA = 0>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
-                                           u8* table, u8* ring, StrStats& st,
+                                           u8* table, u8* ring, StrStatsT<EXTRA>& st,
                                            const u16* const (&src)[NT], u32 cols,
-                                           const float* nmap, float (&acc)[NT][4]) {
+                                           const float* nmap, float (&acc)[NT][4],
+                                           u8* extra = nullptr) {
+    constexpr int D = STR_DEPTH + EXTRA;  // ring stages
     const int lane = threadIdx.x & 31, g = lane >> 2;
     const float inv_gamma = 1.0f / dec_gamma<DTYPE>();  // compile-time constant
     const int full_chunks = nkb >> 1;
-    u32 (&raw)[STR_DEPTH] = st.raw;
+    u32 (&raw)[D] = st.raw;
     // Lane constants, computed once (opaque): the lane's piece destination in stage 0, the
     // final half chunk's offset, the nested code map's address, the lanes holding the
     // statistics of rows g and g + 8 for blocks 0 and 1 of a chunk.
@@ -857,24 +896,30 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
     // rebuilt both from the lane index in every chunk (11 instructions, sm_90 SASS).
     const u32 rd0 = opaque(smem_addr(ring) + str_row_off(g, 0) + 8 * (lane & 3));
     const u32 rd1 = opaque(smem_addr(ring) + str_row_off(g, 1) + 8 * (lane & 3));
+    // The same in the compact stages (EXTRA only).
+    const u32 dst_c = EXTRA ? opaque(smem_addr(extra) + l.dst - str_compact_shift(g)) : 0u;
+    const u32 rc0 = EXTRA ? opaque(rd0 - smem_addr(ring) + smem_addr(extra) - str_compact_shift(g))
+                          : 0u;
+    const u32 rc1 = EXTRA ? opaque(rd1 - smem_addr(ring) + smem_addr(extra) - str_compact_shift(g))
+                          : 0u;
     StrX<NT> x = str_x_at<NT>(src, jb);
     u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
     str_load_x<NT, XS>(x, cols, 0, x0);
-    for (int i0 = 0; i0 < n; i0 += STR_DEPTH) {
+    for (int i0 = 0; i0 < n; i0 += D) {
 #pragma unroll
-        for (int u = 0; u < STR_DEPTH; ++u) {
+        for (int u = 0; u < D; ++u) {
             const int i = i0 + u;
             if (i >= n) break;  // warp-uniform
-            const int nu = (u + STR_DEPTH - 1) % STR_DEPTH;  // the stage chunk i - 1 used
+            const int nu = (u + D - 1) % D;  // the stage chunk i - 1 used
             __syncwarp();  // every lane is done reading stage nu
-            if (i + STR_DEPTH - 1 < n)
-                str_issue<NESTED>(l, st.cur, full_chunks, dst + nu * STR_STAGE_STRIDE, half_back,
-                                  raw[nu]);
+            if (i + D - 1 < n)
+                str_issue<NESTED>(l, st.cur, full_chunks, StrStage<EXTRA>::at(nu, dst, dst_c),
+                                  half_back, raw[nu], StrStage<EXTRA>::piece2(nu));
             cp_async_commit();
             const bool second = jb + i < full_chunks;  // warp-uniform: odd block count
             if (second) str_load_x<NT, XS>(x, cols, 1, x1);
-            cp_async_wait<STR_DEPTH - 1>();  // this lane's copies of chunk i have landed
-            __syncwarp();                    // ... and every other lane's
+            cp_async_wait<D - 1>();  // this lane's copies of chunk i have landed
+            __syncwarp();            // ... and every other lane's
             // This lane's statistic: fragment row lane >> 1, block 2j + (lane & 1).
             const float am =
                 (NESTED ? nf4_nested_absmax(ld_shared_f32(nmap_s + 4 * raw[u]),
@@ -884,10 +929,13 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             const float s01 = __shfl_sync(0xffffffffu, am, sl01);
             const float s10 = __shfl_sync(0xffffffffu, am, sl10);
             const float s11 = __shfl_sync(0xffffffffu, am, sl11);
-            str_half<DTYPE, NT>(table, rd0 + u * STR_STAGE_STRIDE, s00, s01, x0, acc);
+            str_half<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd0, rc0), s00, s01, x0, acc,
+                                StrStage<EXTRA>::piece2(u));
             str_x_next<NT>(x);
             if (i + 1 < n) str_load_x<NT, XS>(x, cols, 0, x0);
-            if (second) str_half<DTYPE, NT>(table, rd1 + u * STR_STAGE_STRIDE, s10, s11, x1, acc);
+            if (second)
+                str_half<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd1, rc1), s10, s11, x1, acc,
+                                    StrStage<EXTRA>::piece2(u));
         }
     }
     cp_async_wait<0>();

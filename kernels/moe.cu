@@ -1436,21 +1436,54 @@ enum StrPassX { STR_PASS_STAGED, STR_PASS_FIRST_STAGED, STR_PASS_GLOBAL };
 
 // str_stream with the activations where `px` says; global reads use XG (STR_X_GLOBAL_NC, or
 // STR_X_GLOBAL_CG when they were written earlier in the same launch).
-template <int DTYPE, int NT, bool NESTED, int XG>
+template <int DTYPE, int NT, bool NESTED, int XG, int EXTRA>
 __device__ __forceinline__ void moe_str_stream(StrPassX px, const StrLane& l, int jb, int n,
                                                int nkb, float am_off, u8* table, u8* ring,
-                                               StrStats& st, const u16* const (&src)[NT],
-                                               u32 cols, const float* nmap, float (&acc)[NT][4]) {
+                                               StrStatsT<EXTRA>& st, const u16* const (&src)[NT],
+                                               u32 cols, const float* nmap, float (&acc)[NT][4],
+                                               u8* extra) {
     if (px == STR_PASS_STAGED)
-        str_stream<DTYPE, NT, NESTED, STR_X_SHARED>(l, jb, n, nkb, am_off, table, ring, st, src,
-                                                    cols, nmap, acc);
+        str_stream<DTYPE, NT, NESTED, STR_X_SHARED, EXTRA>(l, jb, n, nkb, am_off, table, ring, st,
+                                                           src, cols, nmap, acc, extra);
     else if (NT > 1 && px == STR_PASS_FIRST_STAGED)
-        str_stream<DTYPE, NT, NESTED, XG | STR_X_FIRST_SHARED>(l, jb, n, nkb, am_off, table, ring,
-                                                               st, src, cols, nmap, acc);
+        str_stream<DTYPE, NT, NESTED, XG | STR_X_FIRST_SHARED, EXTRA>(
+            l, jb, n, nkb, am_off, table, ring, st, src, cols, nmap, acc, extra);
     else
-        str_stream<DTYPE, NT, NESTED, XG>(l, jb, n, nkb, am_off, table, ring, st, src, cols,
-                                          nmap, acc);
+        str_stream<DTYPE, NT, NESTED, XG, EXTRA>(l, jb, n, nkb, am_off, table, ring, st, src,
+                                                 cols, nmap, acc, extra);
 }
+
+// Compact weight-ring stages (StrStage, common.cuh) of the deep-ring streaming kernels
+// (`moe_str_*_n1_deep_*`, ops::moe::deep_ring: one decode token), on sm_90 only: its 228 KB per
+// SM hold two blocks with them beside the 64 KB tables. An A100's 164 KB and the 100 KB of
+// sm_86/sm_89 do not (there the deep entries equal the plain ones). Their 24 KB of static shared
+// memory leave room for three staged activation columns per block, so the kernels that stage
+// more (2-40 tokens) keep four stages: H200, session 25, one tile with seven stages against
+// four, same call: 1 token 35.8 vs 37.0-37.2 us per layer, 2-4 tokens level, 8-16 tokens 3-4%
+// slower, 32 tokens 10% slower.
+#ifndef MOE_STR_EXTRA_STAGES
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_STR_EXTRA_STAGES 3
+#else
+#define MOE_STR_EXTRA_STAGES 0
+#endif
+#endif
+
+// The block's compact stages (static shared memory: the host's occupancy queries see it), or
+// nullptr without any.
+template <int EXTRA>
+struct StrExtraRing {
+    __device__ __forceinline__ static u8* get() {
+        __shared__ __align__(128) u8 ring[STR_WARPS * EXTRA * STR_COMPACT_STAGE];
+        return ring;
+    }
+};
+template <>
+struct StrExtraRing<0> {
+    __device__ __forceinline__ static u8* get() { return nullptr; }
+};
+
+
 
 // Expert slot y's expert (-1: no expert in that slot), its routed pair count and, grouped, its
 // pair list in ws_sorted (else the pairs land in sh.pairs). Block-uniform y: every thread calls.
@@ -1498,7 +1531,7 @@ __device__ __forceinline__ void block_wait_count(const u32* ctr, u32 target) {
 // kernel's down phase, which primes its weights and then waits until *wait_ctr reaches
 // wait_target (the expert's h is complete) before it touches the activations. Block-uniform
 // arguments: every thread calls.
-template <int DTYPE, bool UP, int NT, bool NESTED, int XG>
+template <int DTYPE, bool UP, int NT, bool NESTED, int XG, int EXTRA = 0>
 __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, u8* str_smem,
                                              int e, int cnt, const int* gpairs, int bx, int gx,
                                              int ks, int xcols, const u32* wait_ctr,
@@ -1551,6 +1584,7 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
         am_off = r.offset;
     }
     u8* ring = str_smem + warp * (STR_DEPTH * STR_STAGE_STRIDE);
+    u8* compact = EXTRA ? StrExtraRing<EXTRA>::get() + warp * (EXTRA * STR_COMPACT_STAGE) : nullptr;
     // This lane's two bias values (gate and up of pair r0 / 2 + g, or rows r0 + g and r0 + g + 8),
     // loaded now so that their latency hides under the stream instead of following it. The
     // predicate sits in the load: an inactive warp's rows may lie past the last expert's bias,
@@ -1579,8 +1613,8 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
         else if (NT > 1 && xcols >= 8) px = STR_PASS_FIRST_STAGED;
         const int nstaged = px == STR_PASS_STAGED ? live : px == STR_PASS_FIRST_STAGED ? 8 : 0;
         const bool streams = active && n > 0;  // warp-uniform
-        StrStats st;
-        if (streams) str_prime<NESTED>(l, jb, n, nkb, ring, st);  // weights in flight first
+        StrStatsT<EXTRA> st;
+        if (streams) str_prime<NESTED, EXTRA>(l, jb, n, nkb, ring, st, compact);  // weights first
         if (wait_ctr != nullptr && p0 == 0) block_wait_count(wait_ctr, wait_target);
         if (nstaged > 0) str_stage_x(xs, nstaged, K, [&](int i) { return pair_x(p0 + i); });
         const u16* src[NT];
@@ -1604,13 +1638,15 @@ __device__ __forceinline__ void moe_str_item(const MoeParams& p, StrShared& sh, 
                 // 64-128 tokens, bit-identical).
                 const u16* src1[1] = {src[0]};
                 float acc1[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-                moe_str_stream<DTYPE, 1, NESTED, XG>(px, l, jb, n, nkb, am_off, str_smem, ring,
-                                                     st, src1, cols & 1u, sh.nmap, acc1);
+                moe_str_stream<DTYPE, 1, NESTED, XG, EXTRA>(px, l, jb, n, nkb, am_off, str_smem,
+                                                            ring, st, src1, cols & 1u, sh.nmap,
+                                                            acc1, compact);
 #pragma unroll
                 for (int q = 0; q < 4; ++q) acc[0][q] = acc1[0][q];
             } else {
-                moe_str_stream<DTYPE, NT, NESTED, XG>(px, l, jb, n, nkb, am_off, str_smem,
-                                                      ring, st, src, cols, sh.nmap, acc);
+                moe_str_stream<DTYPE, NT, NESTED, XG, EXTRA>(px, l, jb, n, nkb, am_off, str_smem,
+                                                             ring, st, src, cols, sh.nmap, acc,
+                                                             compact);
             }
         }
         str_reduce<NT>(str_smem, ks, acc);
@@ -1729,8 +1765,8 @@ __device__ __forceinline__ void moe_str_fold_combine(const MoeParams& p) {
 
 // One launch per phase (moe_str_up_* then moe_str_down_*): block (blockIdx.x, blockIdx.y) is
 // item blockIdx.x of gridDim.x of expert slot blockIdx.y. With p.str_fold, the down launch
-// also combines (moe_str_fold_combine).
-template <int DTYPE, bool UP, int NT, bool NESTED>
+// also combines (moe_str_fold_combine). EXTRA: compact ring stages (the deep entries).
+template <int DTYPE, bool UP, int NT, bool NESTED, int EXTRA = 0>
 __device__ void moe_str(const MoeParams& p) {
     __shared__ StrShared sh;
     // STR_TABLE_BYTES of table + rings, then p.str_xcols columns of staged activations.
@@ -1762,9 +1798,9 @@ __device__ void moe_str(const MoeParams& p) {
     const int* gpairs;
     const int e = str_slot_expert<true>(p, sh, blockIdx.y, cnt, gpairs);
     if (e >= 0)  // block-uniform
-        moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC>(p, sh, str_smem, e, cnt, gpairs,
-                                                             blockIdx.x, gridDim.x, p.str_ks,
-                                                             p.str_xcols, nullptr, 0u);
+        moe_str_item<DTYPE, UP, NT, NESTED, STR_X_GLOBAL_NC, EXTRA>(
+            p, sh, str_smem, e, cnt, gpairs, blockIdx.x, gridDim.x, p.str_ks, p.str_xcols,
+            nullptr, 0u);
     if (!UP && p.str_fold) moe_str_fold_combine<DTYPE>(p);
 }
 
@@ -2214,6 +2250,30 @@ extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void 
 }
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 1, false>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 1, true, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 1, true, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, true, 1, false, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, true, 1, false, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 1, true, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 1, true, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_plain_bf16(const MoeParams p) {
+    moe_str<DTYPE_BF16, false, 1, false, MOE_STR_EXTRA_STAGES>(p);
+}
+extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_plain_f16(const MoeParams p) {
+    moe_str<DTYPE_F16, false, 1, false, MOE_STR_EXTRA_STAGES>(p);
 }
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 2, true>(p);

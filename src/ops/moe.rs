@@ -997,9 +997,16 @@ fn launch_stream(
     }
     let gu = ("moe_str_up", up_shape, args.gate_up.nested);
     let dn = ("moe_str_down", down_shape, args.down.nested);
+    let deep = nt == 1
+        && deep_ring(
+            deep_ring_override()?,
+            crate::ops::sm90_launch_ok(dev, tuning),
+            t,
+        );
+    let deep = if deep { "_deep" } else { "" };
     let mut plans = Vec::with_capacity(2);
     for (name, shape, nested) in [gu, dn] {
-        let f = func(&format!("{name}_n{nt}{}", plain(nested)))?;
+        let f = func(&format!("{name}_n{nt}{deep}{}", plain(nested)))?;
         let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
         let phase = stream_phase(dev, &f, shape, nt, slots, per_sm, tuning)?;
         let smem = u32_of("shared memory", phase.smem)?;
@@ -1046,6 +1053,28 @@ fn launch_stream(
     Ok(fold)
 }
 
+/// Knob (read on every call, so that one process can compare): `auto` (default) runs the split
+/// one-tile streaming launches of one decode token on sm_90 under its own tuning with the
+/// deep-ring kernels (`moe_str_*_n1_deep_*`: seven weight stages per warp instead of four,
+/// the extra three in static shared memory); `on` wherever the split one-tile launches run,
+/// `off` never. Same arithmetic, same bits (GPU test `test_deep_ring_gives_the_same_bits`).
+pub const DEEP_RING_ENV: &str = "GPTOSS_3090_MOE_DEEP_RING";
+
+fn deep_ring_override() -> Result<Option<bool>> {
+    tri_state_for(std::env::var(DEEP_RING_ENV).ok().as_deref(), DEEP_RING_ENV)
+}
+
+/// Whether a split one-tile streaming launch of `tokens` tokens runs the deep-ring kernels:
+/// `forced` when set, else one token on sm_90 under its own tuning (`sm90`). More weight bytes
+/// in flight per warp pay where each SM streams with few warps and stages one activation
+/// column; the deep kernels' static ring leaves room for only three staged columns. H200,
+/// session 25, seven stages against four in one call (bit-identical): 1 token 35.8 vs
+/// 37.0-37.2 us per layer, 2-4 tokens level, 8-16 tokens 3-4% slower, 32 tokens 10% slower.
+/// A 3090 (sm_86, 100 KB per SM) has no room for them: its deep entries equal the plain ones.
+pub fn deep_ring(forced: Option<bool>, sm90: bool, tokens: usize) -> bool {
+    forced.unwrap_or(sm90 && tokens == 1)
+}
+
 /// Knob (read on every call, so that one process can compare): `auto` (default) folds the
 /// combine into the split streaming down launch where [`fold_combine`] says it pays; `on`
 /// folds wherever the split launches run, `off` never (a separate `moe_combine` launch). The
@@ -1059,17 +1088,21 @@ pub const FOLD_COMBINE_ENV: &str = "GPTOSS_3090_MOE_FOLD_COMBINE";
 pub const FOLD_MAX_OUTPUTS: usize = 2048;
 
 fn fold_combine_override() -> Result<Option<bool>> {
-    fold_combine_for(std::env::var(FOLD_COMBINE_ENV).ok().as_deref())
+    tri_state_for(
+        std::env::var(FOLD_COMBINE_ENV).ok().as_deref(),
+        FOLD_COMBINE_ENV,
+    )
 }
 
-/// [`fold_combine_override`] for an explicit setting (`None` = the variable is unset).
-fn fold_combine_for(setting: Option<&str>) -> Result<Option<bool>> {
+/// An `auto` / `on` / `off` knob's setting (`None` = the variable is unset; `auto` and empty
+/// give `None`), or an error naming `name`.
+fn tri_state_for(setting: Option<&str>, name: &str) -> Result<Option<bool>> {
     match setting.map(str::trim) {
         None | Some("") | Some("auto") => Ok(None),
         Some("on") => Ok(Some(true)),
         Some("off") => Ok(Some(false)),
         Some(other) => Err(Error::arg(format!(
-            "{FOLD_COMBINE_ENV}={other:?}: expected auto (default), on or off"
+            "{name}={other:?}: expected auto (default), on or off"
         ))),
     }
 }
@@ -1408,17 +1441,25 @@ mod tests {
     }
 
     #[test]
-    fn fold_combine_knob_parses() -> Result<()> {
-        assert_eq!(fold_combine_for(None)?, None);
-        assert_eq!(fold_combine_for(Some(" auto "))?, None);
-        assert_eq!(fold_combine_for(Some("on"))?, Some(true));
-        assert_eq!(fold_combine_for(Some("off"))?, Some(false));
-        let err = fold_combine_for(Some("1")).unwrap_err().to_string();
-        assert!(
-            err.contains(FOLD_COMBINE_ENV) && err.contains("auto"),
-            "{err}"
-        );
+    fn tri_state_knobs_parse() -> Result<()> {
+        for name in [FOLD_COMBINE_ENV, DEEP_RING_ENV] {
+            assert_eq!(tri_state_for(None, name)?, None);
+            assert_eq!(tri_state_for(Some(" auto "), name)?, None);
+            assert_eq!(tri_state_for(Some("on"), name)?, Some(true));
+            assert_eq!(tri_state_for(Some("off"), name)?, Some(false));
+            let err = tri_state_for(Some("1"), name).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("auto"), "{err}");
+        }
         Ok(())
+    }
+
+    #[test]
+    fn deep_ring_serves_one_token_on_sm90() {
+        assert!(deep_ring(None, true, 1));
+        assert!(!deep_ring(None, true, 2));
+        assert!(!deep_ring(None, false, 1)); // other GPUs, the forced sm86 tuning
+        assert!(deep_ring(Some(true), false, 32));
+        assert!(!deep_ring(Some(false), true, 1));
     }
 
     #[test]

@@ -555,6 +555,43 @@ def test_folded_combine_gives_the_same_bits(
         M.moe(x, chunks, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 8, 32])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("tuning", ["auto", "sm86"])
+def test_deep_ring_gives_the_same_bits(monkeypatch, tokens: int, nested: bool, tuning: str) -> None:
+    """GPTOSS_3090_MOE_DEEP_RING=on runs the split one-tile streaming launches with the deep-ring
+    kernels (seven weight stages per warp on sm_90, three of them compact in static shared
+    memory; elsewhere the same kernels as the plain ones). Row order and chunk-major, one and two
+    tiles' worth of routed pairs, staged and global activations: the output equals the plain
+    kernels' bit for bit and stays within TOL of the fp32 reference."""
+    layer = make_layer(32, 2880, SMALL[2], seed=121, nested=nested)
+    x = rand_x(tokens, layer.hidden, seed=122)
+    g = torch.Generator(device=DEV).manual_seed(123)
+    ids = torch.stack(
+        [torch.randperm(32, device=DEV, generator=g)[:4] for _ in range(tokens)]
+    ).to(torch.int32)
+    ids[:, 0] = 0  # expert 0 gets every token: more columns than a block stages
+    wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
+    monkeypatch.setenv("GPTOSS_3090_MOE_STREAM_LAUNCH", "split")
+    assert M.moe_regime(tokens, 4, 32, "sm90") in ("decode", "stream")  # one tile up to 40
+    ws = layer.workspace(tokens)
+    ys = {}
+    for lay_name, lay in (("rows", layer), ("chunks", layer.chunk_major())):
+        for mode in ("off", "on"):
+            monkeypatch.setenv("GPTOSS_3090_MOE_DEEP_RING", mode)
+            ys[lay_name, mode] = M.moe(
+                x, lay, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning
+            )
+        assert torch.equal(ys[lay_name, "on"], ys[lay_name, "off"]), lay_name
+    ref, _, _ = M.reference_forward(x, layer, topk_ids=ids, topk_weights=wts)
+    err = rel_err(ys["chunks", "on"], ref)
+    print(f"deep ring T={tokens} nested={nested} {tuning}: rel err {err:.2e}")
+    assert err <= TOL
+    monkeypatch.setenv("GPTOSS_3090_MOE_DEEP_RING", "deeper")
+    with pytest.raises(ValueError, match="GPTOSS_3090_MOE_DEEP_RING"):
+        M.moe(x, layer, topk_ids=ids, topk_weights=wts, workspace=ws, tuning=tuning)
+
+
 @pytest.mark.parametrize("tokens", [17, 20, 32, 48])
 def test_stream_regime_one_tile_many_experts(tokens: int) -> None:
     """The streaming regime with one column tile per pass (32 experts averaging at most 6 pairs,
