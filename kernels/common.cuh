@@ -792,7 +792,7 @@ __device__ __forceinline__ void str_half(const u8* table, u32 rd, float sc0, flo
 // before and from chunk njx on) load once per stream; the per-chunk global load and its 64-bit
 // address (~8 instructions per chunk, sm_90 SASS) become a select.
 //
-// EXTRA: compact ring stages beyond the STR_DEPTH hole stages (StrRing).
+// EXTRA: compact ring stages beyond the STR_DEPTH hole stages (StrStage).
 template <int EXTRA = 0>
 struct StrStatsT {
     StrCursor cur;
@@ -808,14 +808,14 @@ __device__ __forceinline__ float str_nested_scale(const StrStatsT<EXTRA>& st, in
     return j < st.njx ? st.nsa : st.nsb;
 }
 
-// A warp's weight ring: STR_DEPTH stages in the table's holes (`hole`: the warp's first, as
-// str_reduce also expects), then EXTRA compact 1 KB stages at `extra` (static shared memory of
-// the kernels that have them; unused when EXTRA is 0). More stages keep more weight bytes in
-// flight per warp: at one decode token each SM streams with 10-11 warps, each with its next
-// STR_DEPTH - 1 chunks requested. A compact stage holds the hole layout's rows 128 bytes apart
-// instead of 256 (str_row_off without the table's half of each 256 bytes); addresses equal
-// modulo 128, so the same lanes meet the same banks. Stage u's choice is compile-time (the
-// callers unroll u).
+// A warp's weight ring: STR_DEPTH stages in the table's holes (the ring str_reduce also
+// uses), then EXTRA compact 1 KB stages (`extra` in str_prime / str_stream: static shared
+// memory of the kernels that have them; unused when EXTRA is 0). More stages keep more weight
+// bytes in flight per warp: at one decode token each SM streams with 10-11 warps, each with
+// only its next STR_DEPTH - 1 chunks requested. A compact stage holds the hole layout's rows
+// 128 bytes apart instead of 256 (str_row_off without the table's half of each 256 bytes);
+// addresses are equal modulo 128, so the same lanes meet the same banks. Stage u's kind is
+// compile-time (the callers unroll u).
 #define STR_COMPACT_STAGE 1024
 #define STR_COMPACT_PIECE2 512
 

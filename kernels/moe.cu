@@ -1483,8 +1483,6 @@ struct StrExtraRing<0> {
     __device__ __forceinline__ static u8* get() { return nullptr; }
 };
 
-
-
 // Expert slot y's expert (-1: no expert in that slot), its routed pair count and, grouped, its
 // pair list in ws_sorted (else the pairs land in sh.pairs). Block-uniform y: every thread calls.
 // With str_pass_items (PASS_ITEMS: the split launches; the host never sets it for the fused
@@ -1738,7 +1736,7 @@ __device__ __forceinline__ void combine_piece_f32(const MoeParams& p, const Comb
 // column's row range, so the last block of a column to arrive at fold_ctr[bx] holds every
 // expert output of those rows and sums them per token, in k order, with moe_combine's
 // arithmetic (combine_piece_f32): the same bits without the combine launch. Pays where a
-// column's rows x tokens are few (one decode token: about 44 rows); the host decides.
+// column's rows x tokens are few (one decode token: 48 rows); the host decides.
 template <int DTYPE>
 __device__ __forceinline__ void moe_str_fold_combine(const MoeParams& p) {
     __shared__ bool last;

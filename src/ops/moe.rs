@@ -1003,10 +1003,10 @@ fn launch_stream(
             crate::ops::sm90_launch_ok(dev, tuning),
             t,
         );
-    let deep = if deep { "_deep" } else { "" };
+    let deep_suffix = if deep { "_deep" } else { "" };
     let mut plans = Vec::with_capacity(2);
     for (name, shape, nested) in [gu, dn] {
-        let f = func(&format!("{name}_n{nt}{deep}{}", plain(nested)))?;
+        let f = func(&format!("{name}_n{nt}{deep_suffix}{}", plain(nested)))?;
         let per_sm = residency(dev, &f, threads, table, tuning)?.per_sm;
         let phase = stream_phase(dev, &f, shape, nt, slots, per_sm, tuning)?;
         let smem = u32_of("shared memory", phase.smem)?;
@@ -1116,7 +1116,8 @@ fn tri_state_for(setting: Option<&str>, name: &str) -> Result<Option<bool>> {
 /// sm_90 tuning 36.4-36.6 -> 35.6-36.1 us at 1 token, 61.3-61.8 -> 60.7-61.3 at 2, and
 /// 94.7-95.7 -> 95.9-97.0 at 4 (its column sums 720 outputs); the forced sm_86 tuning (no PDL,
 /// a 3090's residency: 33 columns of 96 rows) 46.7-46.9 -> 47.2-47.7 at 1 token. So it
-/// stays off there, and from 4 tokens the decode regime runs the fused launch anyway.
+/// stays off there; from 2 tokens the decode regime runs the fused launch (`fused_pays`),
+/// which keeps its combine launch.
 pub fn fold_combine(
     forced: Option<bool>,
     pdl: bool,
