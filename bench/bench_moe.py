@@ -128,6 +128,19 @@ def given_routes(logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.T
     return routes
 
 
+def foreign_kernel_us(dev: torch.device, calls: int, iters: int) -> float:
+    """Microseconds per call of ``--foreign-kernel``'s torch kernel alone, ``calls`` of them
+    replayed in one CUDA graph."""
+    pad = torch.zeros(1024, device=dev)
+    pad.add_(1.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            pad.add_(1.0)
+    return time_fn(graph.replay, iters) / calls * 1e3
+
+
 class Ours:
     """Our op over ``layers`` layers; graph replay for small token counts."""
 
@@ -139,9 +152,14 @@ class Ours:
         graph: bool,
         routing: str = "given",
         skew: float = 0.0,
+        foreign: bool = False,
     ):
         dev = layers[0].gate_up.packed.device
         self.layers = layers
+        # --foreign-kernel: a torch kernel before each layer, as vLLM's top-k runs before our
+        # op, so our first kernel cannot start early behind our previous layer's last one
+        # (programmatic dependent launch) as it does back to back.
+        self.foreign = torch.zeros(1024, device=dev) if foreign else None
         g = torch.Generator(device=dev).manual_seed(1000 + tokens)
         self.x = torch.randn(tokens, H, device=dev, generator=g).to(torch.bfloat16)
         self.logits = router_logits(tokens, len(layers), dev, g, skew)
@@ -164,10 +182,14 @@ class Ours:
     def run(self) -> None:
         if self.routes is not None:
             for w, (tw, ti) in zip(self.layers, self.routes, strict=True):
+                if self.foreign is not None:
+                    self.foreign.add_(1.0)
                 M.moe(self.x, w, topk_ids=ti, topk_weights=tw, workspace=self.ws,
                       tuning=self.tuning)  # fmt: skip
             return
         for w, lg in zip(self.layers, self.logits, strict=True):
+            if self.foreign is not None:
+                self.foreign.add_(1.0)
             M.moe(self.x, w, router_logits=lg, workspace=self.ws, tuning=self.tuning)
 
     def __call__(self) -> None:
@@ -363,6 +385,13 @@ def main() -> None:
         "synthetic checkpoint routed in vLLM)",
     )
     ap.add_argument(
+        "--foreign-kernel",
+        action="store_true",
+        help="run a small torch kernel before each layer (as vLLM's top-k precedes our op), so "
+        "that our kernels cannot overlap the previous layer's through PDL; us/layer then "
+        "includes it (its own time per call is printed)",
+    )
+    ap.add_argument(
         "--weights-order",
         choices=("rows", "chunks"),
         default="chunks",
@@ -390,6 +419,10 @@ def main() -> None:
         f"{layers[0].layer_bytes() / 1e6:.0f} MB NF4; {per_expert / 1e6:.2f} MB per expert; "
         f"routing {args.routing}, skew {args.routing_skew:g}"
     )
+    foreign_us = None
+    if args.foreign_kernel:
+        foreign_us = foreign_kernel_us(dev, args.layers, args.iters)
+        print(f"foreign kernel before each layer: {foreign_us:.2f} us per call alone (in us/layer)")
 
     bf16_ws = [] if args.no_baselines else bf16_weights(layers[: args.bf16_layers])
     rows: list[dict[str, Any]] = []
@@ -421,6 +454,7 @@ def main() -> None:
                 graph=t <= args.graph_max_tokens,
                 routing=args.routing,
                 skew=args.routing_skew,
+                foreign=args.foreign_kernel,
             )
             ms = time_fn(ours, args.iters)
             us = ms / len(layers) * 1e3
@@ -461,6 +495,7 @@ def main() -> None:
         "layers": args.layers,
         "routing": args.routing,
         "routing_skew": args.routing_skew,
+        "foreign_kernel_us": foreign_us,
         "expert_bytes": per_expert,
         "rows": rows,
     }

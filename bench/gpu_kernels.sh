@@ -94,12 +94,13 @@
 #   deepring    bench_moe.py at DEEP_TOKENS (default 1,2,4) with the split streaming launches and
 #               GPTOSS_3090_MOE_DEEP_RING set to each of DEEP_RUNS in turn (default "off on off
 #               on": the one-tile kernels with four weight stages per warp, or the deep-ring
-#               ones with seven on sm_90), tunings MOE_TUNINGS (default auto)
+#               ones with seven on sm_90), tunings MOE_TUNINGS (default auto); FOREIGN=1 puts a
+#               torch kernel before each layer (bench_moe.py --foreign-kernel), as in vLLM
 #   foldcombine bench_moe.py at FOLD_TOKENS (default 1,2,4) with the split streaming launches
 #               (GPTOSS_3090_MOE_STREAM_LAUNCH=split) and GPTOSS_3090_MOE_FOLD_COMBINE set to
 #               each of FOLD_RUNS in turn (default "off on off on": a moe_combine launch, or
 #               the down launch's last block per column sums the outputs), tunings MOE_TUNINGS
-#               (default auto,sm86)
+#               (default auto,sm86); FOREIGN=1 as in deepring
 #   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
@@ -560,14 +561,16 @@ for step in "$@"; do
     deepring)
       deepring_run() {
         GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "deep_$1_$2" \
-          --tokens "${DEEP_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto}" --no-baselines
+          --tokens "${DEEP_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto}" --no-baselines \
+          ${FOREIGN:+--foreign-kernel}
       }
       knob_rounds GPTOSS_3090_MOE_DEEP_RING "${DEEP_RUNS:-off on off on}" deepring_run
       ;;
     foldcombine)
       foldcombine_run() {
         GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "fold_$1_$2" \
-          --tokens "${FOLD_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto,sm86}" --no-baselines
+          --tokens "${FOLD_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto,sm86}" --no-baselines \
+          ${FOREIGN:+--foreign-kernel}
       }
       knob_rounds GPTOSS_3090_MOE_FOLD_COMBINE "${FOLD_RUNS:-off on off on}" foldcombine_run
       ;;
