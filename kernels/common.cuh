@@ -835,10 +835,11 @@ struct StrStage {
     }
 };
 
-// Issues the first STR_DEPTH - 1 chunks of a stream (chunks jb ..) into the warp's ring, one
-// cp.async group each (empty groups keep the count uniform). Separate from str_stream so that a
-// block can stage its activations after it: the two DRAM latencies then overlap instead of
-// adding up before the first mma (ncu, 1 token: the prologue was a third of the stall samples).
+// Issues the first STR_DEPTH + EXTRA - 1 chunks of a stream (chunks jb ..) into the warp's
+// ring, one cp.async group each (empty groups keep the count uniform). Separate from str_stream
+// so that a block can stage its activations after it: the two DRAM latencies then overlap
+// instead of adding up before the first mma (ncu, 1 token: the prologue was a third of the
+// stall samples).
 template <bool NESTED, int EXTRA = 0>
 __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int nkb, u8* ring,
                                           StrStatsT<EXTRA>& st, u8* extra = nullptr) {
@@ -869,10 +870,11 @@ __device__ __forceinline__ void str_prime(const StrLane& l, int jb, int n, int n
 }
 
 // Streams chunks jb .. jb + n - 1 of one 16-row group through the warp's ring, primed by
-// str_prime. The weights arrive STR_DEPTH - 1 chunks ahead through cp.async; the activations
-// (L1 or L2 hits, but on the critical path of every mma) half a chunk ahead through registers:
-// block 1 of a chunk loads while block 0 computes, and block 0 of the next chunk while block 1
-// computes. Every per-chunk address is a running pointer or a fixed offset from one.
+// str_prime. The weights arrive D - 1 chunks ahead (D = STR_DEPTH + EXTRA stages) through
+// cp.async; the activations (L1 or L2 hits, but on the critical path of every mma) half a
+// chunk ahead through registers: block 1 of a chunk loads while block 0 computes, and block 0
+// of the next chunk while block 1 computes. Every per-chunk address is a running pointer or a
+// fixed offset from one.
 template <int DTYPE, int NT, bool NESTED, int XS, int EXTRA = 0>
 __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int nkb, float am_off,
                                            u8* table, u8* ring, StrStatsT<EXTRA>& st,
