@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -130,15 +131,12 @@ def given_routes(logits: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.T
 
 def foreign_kernel_us(dev: torch.device, calls: int, iters: int) -> float:
     """Microseconds per call of ``--foreign-kernel``'s torch kernel alone, ``calls`` of them
-    replayed in one CUDA graph."""
+    replayed in one CUDA graph (bench_nf4_linear.time_graph)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_nf4_linear import time_graph
+
     pad = torch.zeros(1024, device=dev)
-    pad.add_(1.0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            pad.add_(1.0)
-    return time_fn(graph.replay, iters) / calls * 1e3
+    return time_graph(lambda _i: pad.add_(1.0), calls, iters) * 1e6
 
 
 class Ours:

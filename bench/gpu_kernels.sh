@@ -169,6 +169,14 @@ bench_moe() {  # name, then bench_moe.py arguments
     2>&1 | tee "$OUT/moe_$name.log" | grep -v "^wrote"
 }
 
+# bench_moe over the split streaming launches, our kernels only (the knob A/B steps deepring and
+# foldcombine); FOREIGN=1 adds --foreign-kernel.
+bench_moe_split() {  # name, tokens, tunings
+  # shellcheck disable=SC2086  # an optional flag
+  GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "$1" --tokens "$2" --tunings "$3" \
+    --no-baselines ${FOREIGN:+--foreign-kernel}
+}
+
 bench_linear() {  # name, then bench_nf4_linear.py arguments (bitsandbytes left out)
   local name=$1
   shift
@@ -560,17 +568,13 @@ for step in "$@"; do
       ;;
     deepring)
       deepring_run() {
-        GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "deep_$1_$2" \
-          --tokens "${DEEP_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto}" --no-baselines \
-          ${FOREIGN:+--foreign-kernel}
+        bench_moe_split "deep_$1_$2" "${DEEP_TOKENS:-1,2,4}" "${MOE_TUNINGS:-auto}"
       }
       knob_rounds GPTOSS_3090_MOE_DEEP_RING "${DEEP_RUNS:-off on off on}" deepring_run
       ;;
     foldcombine)
       foldcombine_run() {
-        GPTOSS_3090_MOE_STREAM_LAUNCH=split bench_moe "fold_$1_$2" \
-          --tokens "${FOLD_TOKENS:-1,2,4}" --tunings "${MOE_TUNINGS:-auto,sm86}" --no-baselines \
-          ${FOREIGN:+--foreign-kernel}
+        bench_moe_split "fold_$1_$2" "${FOLD_TOKENS:-1,2,4}" "${MOE_TUNINGS:-auto,sm86}"
       }
       knob_rounds GPTOSS_3090_MOE_FOLD_COMBINE "${FOLD_RUNS:-off on off on}" foldcombine_run
       ;;

@@ -56,6 +56,16 @@ def rand_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 1) -
     return torch.randn(t, h, device=DEV, generator=g).to(dtype)
 
 
+def rand_routing(
+    tokens: int, g: torch.Generator, experts: int = 32, first: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given routing drawn from ``g``: per token 4 distinct experts of ``first .. experts - 1``
+    (int32 ids) and softmax weights, ids drawn first."""
+    draws = [torch.randperm(experts - first, device=DEV, generator=g)[:4] for _ in range(tokens)]
+    ids = (torch.stack(draws) + first).to(torch.int32)
+    return ids, torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
+
+
 def transformers_mlp(layer: M.MoeLayerWeights, x: torch.Tensor) -> torch.Tensor:
     """transformers' GptOssMLP in fp32 with the dequantized weights (HF stores transposes)."""
     from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
@@ -412,13 +422,9 @@ def test_stream_pass_items_give_the_same_bits(
     bit for bit and stay within TOL of the fp32 reference."""
     layer = make_layer(32, SMALL[1], SMALL[2], seed=51, nested=nested)
     x = rand_x(tokens, layer.hidden, seed=52)
-    g = torch.Generator(device=DEV).manual_seed(53)
-    ids = torch.stack(
-        [torch.randperm(30, device=DEV, generator=g)[:4] + 2 for _ in range(tokens)]
-    ).to(torch.int32)
+    ids, wts = rand_routing(tokens, torch.Generator(device=DEV).manual_seed(53), first=2)
     ids[:, 0] = 0
     ids[::2, 1] = 1
-    wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
     assert M.moe_regime(tokens, 4, 32, tuning if tuning != "auto" else "sm90") == "stream"
     ws = layer.workspace(tokens)
     ys = {}
@@ -448,11 +454,7 @@ def test_pdl_launches_wait_for_their_inputs(monkeypatch, tokens: int) -> None:
     calls = []
     for i in range(5):
         xi = rand_x(tokens, layer.hidden, seed=83 + i)
-        ids = torch.stack(
-            [torch.randperm(32, device=DEV, generator=g)[:4] for _ in range(tokens)]
-        ).to(torch.int32)
-        wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
-        calls.append((xi, ids, wts))
+        calls.append((xi, *rand_routing(tokens, g)))
     x, ids, wts = (torch.empty_like(t) for t in calls[0])
     ws = layer.workspace(tokens)
     runs = {}
@@ -509,11 +511,7 @@ def test_folded_combine_gives_the_same_bits(
     calls = []
     for i in range(3):
         xi = rand_x(tokens, layer.hidden, seed=93 + i)
-        ids = torch.stack(
-            [torch.randperm(32, device=DEV, generator=g)[:4] for _ in range(tokens)]
-        ).to(torch.int32)
-        wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
-        calls.append((xi, ids, wts))
+        calls.append((xi, *rand_routing(tokens, g)))
     ws = layer.workspace(tokens)
     ws.fill_(0xFF)
     chunks = layer.chunk_major()
@@ -566,12 +564,8 @@ def test_deep_ring_gives_the_same_bits(monkeypatch, tokens: int, nested: bool, t
     kernels' bit for bit and stays within TOL of the fp32 reference."""
     layer = make_layer(32, 2880, SMALL[2], seed=121, nested=nested)
     x = rand_x(tokens, layer.hidden, seed=122)
-    g = torch.Generator(device=DEV).manual_seed(123)
-    ids = torch.stack(
-        [torch.randperm(32, device=DEV, generator=g)[:4] for _ in range(tokens)]
-    ).to(torch.int32)
+    ids, wts = rand_routing(tokens, torch.Generator(device=DEV).manual_seed(123))
     ids[:, 0] = 0  # expert 0 gets every token: more columns than a block stages
-    wts = torch.softmax(torch.randn(tokens, 4, device=DEV, generator=g), dim=-1)
     monkeypatch.setenv("GPTOSS_3090_MOE_STREAM_LAUNCH", "split")
     assert M.moe_regime(tokens, 4, 32, "sm90") in ("decode", "stream")  # one tile up to 40
     ws = layer.workspace(tokens)
