@@ -21,7 +21,7 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, smoke. Results land in
+# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, e2e_pdl, smoke. Results land in
 # /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -185,6 +185,23 @@ job_e2e_profile() {
     # The traces themselves are large; keep the summary only.
     rm -rf "$res/traces"
   done
+}
+
+job_e2e_pdl() {
+  # Does programmatic dependent launch survive vLLM's captured graphs, and what does it buy end
+  # to end? Ours only, at PROFILE_WORKLOAD (default decode_b1), once with GPTOSS_3090_PDL
+  # unset (on) and once off, each engine timed and then traced; one kernel table for both
+  # (its "Early starts" section lists the kernels that ran alongside the one before them).
+  wait_synth
+  local wl=${PROFILE_WORKLOAD:-decode_b1} pdl res=$W/res/e2e_pdl
+  for pdl in on off; do
+    GPTOSS_3090_PDL=$pdl python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
+      --out "$res/pdl_$pdl" --budgets full --workloads "$wl" --profile-workload "$wl"
+    mv "$res/pdl_$pdl/traces/ours_full" "$res/pdl_$pdl/traces/pdl_$pdl"
+  done
+  python3 bench/trace_kernels.py "$res/pdl_on/traces/pdl_on" "$res/pdl_off/traces/pdl_off" \
+    --steps 32 --out "$res/kernels.md"
+  rm -rf "$res"/pdl_*/traces
 }
 
 job_nf4test() {
