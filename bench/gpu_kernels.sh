@@ -101,6 +101,10 @@
 #               each of FOLD_RUNS in turn (default "off on off on": a moe_combine launch, or
 #               the down launch's last block per column sums the outputs), tunings MOE_TUNINGS
 #               (default auto,sm86); FOREIGN=1 as in deepring
+#   moepdl      bench_moe.py at MOEPDL_TOKENS (default 1) with the split streaming launches, for
+#               each PDL:FOLD pair of MOEPDL_RUNS in turn (default "off:auto on:off on:auto",
+#               twice): GPTOSS_3090_PDL and GPTOSS_3090_MOE_FOLD_COMBINE; FOREIGN=1 as in
+#               deepring (vLLM's batch-1 trace found the folded down slower there, session 26)
 #   nf4stream   sweep_nf4_mma.py: the streaming linear at M in NF4_MS (default 17-32) against
 #               auto, the tensor-core kernel and dequantize + cuBLAS, each forced K split
 #               (STREAM_KS, default 1 2 4 8) after the automatic one
@@ -571,6 +575,15 @@ for step in "$@"; do
         bench_moe_split "deep_$1_$2" "${DEEP_TOKENS:-1,2,4}" "${MOE_TUNINGS:-auto}"
       }
       knob_rounds GPTOSS_3090_MOE_DEEP_RING "${DEEP_RUNS:-off on off on}" deepring_run
+      ;;
+    moepdl)
+      # Modes are PDL:FOLD pairs (GPTOSS_3090_PDL, GPTOSS_3090_MOE_FOLD_COMBINE).
+      moepdl_run() {
+        GPTOSS_3090_PDL=${1%%:*} GPTOSS_3090_MOE_FOLD_COMBINE=${1##*:} \
+          bench_moe_split "pdl${FOREIGN:+_foreign}_${1/:/_fold_}_$2" "${MOEPDL_TOKENS:-1}" "${MOE_TUNINGS:-auto}"
+      }
+      knob_rounds MOEPDL "${MOEPDL_RUNS:-off:auto on:off on:auto off:auto on:off on:auto}" \
+        moepdl_run
       ;;
     foldcombine)
       foldcombine_run() {
