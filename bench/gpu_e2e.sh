@@ -189,18 +189,23 @@ job_e2e_profile() {
 
 job_e2e_pdl() {
   # Does programmatic dependent launch survive vLLM's captured graphs, and what does it buy end
-  # to end? Ours only, at PROFILE_WORKLOAD (default decode_b1), once with GPTOSS_3090_PDL
-  # unset (on) and once off, each engine timed and then traced; one kernel table for both
-  # (its "Early starts" section lists the kernels that ran alongside the one before them).
+  # to end? Ours only, at PROFILE_WORKLOAD (default decode_b1), one engine per entry of
+  # E2E_PDL_RUNS (default "on off"), each timed and then traced; one kernel table for all (its
+  # "Early starts" section lists the kernels that ran alongside the one before them). An entry
+  # is GPTOSS_3090_PDL's value (on, off, linear, moe), optionally :FOLD for
+  # GPTOSS_3090_MOE_FOLD_COMBINE (e.g. on:off).
   wait_synth
-  local wl=${PROFILE_WORKLOAD:-decode_b1} pdl res=$W/res/e2e_pdl
-  for pdl in on off; do
-    GPTOSS_3090_PDL=$pdl python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
-      --out "$res/pdl_$pdl" --budgets full --workloads "$wl" --profile-workload "$wl"
-    mv "$res/pdl_$pdl/traces/ours_full" "$res/pdl_$pdl/traces/pdl_$pdl"
+  local wl=${PROFILE_WORKLOAD:-decode_b1} run name fold res=$W/res/e2e_pdl folders=()
+  for run in ${E2E_PDL_RUNS:-on off}; do
+    name=pdl_${run/:/_fold_} fold=auto
+    [[ $run == *:* ]] && fold=${run#*:}
+    GPTOSS_3090_PDL=${run%%:*} GPTOSS_3090_MOE_FOLD_COMBINE=$fold \
+      python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
+      --out "$res/$name" --budgets full --workloads "$wl" --profile-workload "$wl"
+    mv "$res/$name/traces/ours_full" "$res/$name/traces/$name"
+    folders+=("$res/$name/traces/$name")
   done
-  python3 bench/trace_kernels.py "$res/pdl_on/traces/pdl_on" "$res/pdl_off/traces/pdl_off" \
-    --steps 32 --out "$res/kernels.md"
+  python3 bench/trace_kernels.py "${folders[@]}" --steps 32 --out "$res/kernels.md"
   rm -rf "$res"/pdl_*/traces
 }
 

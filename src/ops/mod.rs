@@ -201,18 +201,36 @@ pub(crate) fn env_setting<T: Clone>(
     .map_err(Error::arg)
 }
 
-/// Knob (read on every call, so one process can compare both): `on` (the default) launches
-/// the streaming NF4 linear, the wide linear and its split-K reduce, the MoE's streaming
-/// kernels and its combine with programmatic dependent launch where the GPU has it (sm_90,
-/// native tuning): each starts while the previous kernel in the stream drains, builds its
-/// tables and puts its first weights in flight, and waits (`griddepcontrol.wait`) only where it
-/// reads that kernel's results. `off` launches them plainly (the only way on sm_80-sm_89, and
-/// under a forced sm_86 tuning, which stands for a 3090).
+/// Knob (read on every call, so one process can compare): `on` (the default) launches the
+/// streaming NF4 linear, the wide linear and its split-K reduce, the MoE's streaming kernels
+/// and its combine with programmatic dependent launch where the GPU has it (sm_90, native
+/// tuning): each starts while the previous kernel in the stream drains, builds its tables and
+/// puts its first weights in flight, and waits (`griddepcontrol.wait`) only where it reads that
+/// kernel's results. `off` launches them plainly (the only way on sm_80-sm_89, and under a
+/// forced sm_86 tuning, which stands for a 3090). `linear` or `moe` keeps PDL for that family
+/// only ([`PdlFamily`]), to measure each family's share end to end.
 pub const PDL_ENV: &str = "GPTOSS_3090_PDL";
 
-/// [`PDL_ENV`] for an explicit setting (`None` = unset): whether PDL may be used.
-pub(crate) fn pdl_for(setting: Option<&str>) -> Result<bool> {
-    env_switch(setting, PDL_ENV, ("off", "on"), true)
+/// The kernel families [`PDL_ENV`] can switch separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PdlFamily {
+    /// The NF4 linear's streaming and wide kernels and its split-K reduce.
+    Linear,
+    /// The MoE's streaming kernels and its combine.
+    Moe,
+}
+
+/// [`PDL_ENV`] for an explicit setting (`None` = unset): whether `family` may use PDL.
+pub(crate) fn pdl_for(setting: Option<&str>, family: PdlFamily) -> Result<bool> {
+    match setting.map(str::trim) {
+        None | Some("") | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some("linear") => Ok(family == PdlFamily::Linear),
+        Some("moe") => Ok(family == PdlFamily::Moe),
+        Some(other) => Err(Error::arg(format!(
+            "{PDL_ENV}={other:?}: expected on (default), off, linear or moe"
+        ))),
+    }
 }
 
 /// Whether launches on `dev` under `tuning` may carry the sm_90 launch attributes (clusters,
@@ -226,8 +244,10 @@ pub(crate) fn sm90_launch_ok(dev: &crate::cuda::GpuDevice, tuning: crate::cuda::
 pub(crate) fn pdl_launch(
     dev: &crate::cuda::GpuDevice,
     tuning: crate::cuda::Tuning,
+    family: PdlFamily,
 ) -> Result<crate::cuda::LaunchOptions> {
-    let pdl = pdl_for(std::env::var(PDL_ENV).ok().as_deref())? && sm90_launch_ok(dev, tuning);
+    let pdl =
+        pdl_for(std::env::var(PDL_ENV).ok().as_deref(), family)? && sm90_launch_ok(dev, tuning);
     Ok(crate::cuda::LaunchOptions { cluster_y: 1, pdl })
 }
 
@@ -401,11 +421,19 @@ mod tests {
 
     #[test]
     fn pdl_knob_parses() -> Result<()> {
-        assert!(pdl_for(None)?);
-        assert!(pdl_for(Some(" on "))?);
-        assert!(!pdl_for(Some("off"))?);
-        let err = pdl_for(Some("maybe")).unwrap_err().to_string();
-        assert!(err.contains(PDL_ENV) && err.contains("off"), "{err}");
+        for family in [PdlFamily::Linear, PdlFamily::Moe] {
+            assert!(pdl_for(None, family)?);
+            assert!(pdl_for(Some(" on "), family)?);
+            assert!(!pdl_for(Some("off"), family)?);
+        }
+        assert!(pdl_for(Some("linear"), PdlFamily::Linear)?);
+        assert!(!pdl_for(Some("linear"), PdlFamily::Moe)?);
+        assert!(pdl_for(Some("moe"), PdlFamily::Moe)?);
+        assert!(!pdl_for(Some("moe"), PdlFamily::Linear)?);
+        let err = pdl_for(Some("maybe"), PdlFamily::Moe)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(PDL_ENV) && err.contains("linear"), "{err}");
         Ok(())
     }
 

@@ -1015,7 +1015,7 @@ fn launch_stream(
         plans.push((name, f, phase, smem));
     }
     let down_columns = plans[1].2.gx;
-    let opts = crate::ops::pdl_launch(dev, tuning)?;
+    let opts = crate::ops::pdl_launch(dev, tuning, crate::ops::PdlFamily::Moe)?;
     let fold = fold_combine(
         fold_combine_override()?,
         opts.pdl,
@@ -1229,7 +1229,7 @@ pub fn moe_forward(args: &MoeArgs, tuning: Option<Tuning>) -> Result<Regime> {
     let f = func("moe_combine")?;
     let gy = u32_of("combine", args.hidden.div_ceil(8 * 128))?;
     let grid = (u32_of("combine", t)?, gy, 1);
-    let opts = crate::ops::pdl_launch(&dev, tuning)?;
+    let opts = crate::ops::pdl_launch(&dev, tuning, crate::ops::PdlFamily::Moe)?;
     // (moe_combine reads everything after its pdl_wait.)
     unsafe { dev.launch_ex(&f, grid, (128, 1, 1), 0, s, &p, opts)? };
     Ok(regime)

@@ -913,7 +913,7 @@ unsafe fn launch_splitk_reduce(
             0,
             stream,
             params,
-            crate::ops::pdl_launch(dev, dev.tuning())?,
+            crate::ops::pdl_launch(dev, dev.tuning(), crate::ops::PdlFamily::Linear)?,
         )
     }
 }
@@ -977,7 +977,7 @@ unsafe fn linear_stream(
     );
     // SAFETY: forwarded contract; params mirrors Nf4LinearParams and the grid covers N / 16
     // row groups of (8 / ks) per block; the kernel reads x and writes y after its pdl_wait.
-    let opts = crate::ops::pdl_launch(dev, dev.tuning())?;
+    let opts = crate::ops::pdl_launch(dev, dev.tuning(), crate::ops::PdlFamily::Linear)?;
     unsafe { dev.launch_ex(&f, grid, (threads, 1, 1), smem, stream, &*params, opts)? };
     Ok(LinearPlan {
         entry,
@@ -1010,7 +1010,7 @@ unsafe fn linear_wide(
     let f = dev.function_for_stream("nf4", &a.dtype.entry(entry), stream)?;
     // A forced sm86 tuning pads the shared memory so that this GPU holds a 3090's one block.
     plan.smem = residency(dev, &f, plan.threads, plan.smem, dev.tuning())?.launch_smem;
-    let mut opts = crate::ops::pdl_launch(dev, dev.tuning())?;
+    let mut opts = crate::ops::pdl_launch(dev, dev.tuning(), crate::ops::PdlFamily::Linear)?;
     let reduce = if wide_plan_clustered(&plan) {
         params.splits = plan.splits as i32;
         params.wide_cluster = 1;
