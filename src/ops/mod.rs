@@ -201,14 +201,21 @@ pub(crate) fn env_setting<T: Clone>(
     .map_err(Error::arg)
 }
 
-/// Knob (read on every call, so one process can compare): `on` (the default) launches the
-/// streaming NF4 linear, the wide linear and its split-K reduce, the MoE's streaming kernels
-/// and its combine with programmatic dependent launch where the GPU has it (sm_90, native
-/// tuning): each starts while the previous kernel in the stream drains, builds its tables and
-/// puts its first weights in flight, and waits (`griddepcontrol.wait`) only where it reads that
-/// kernel's results. `off` launches them plainly (the only way on sm_80-sm_89, and under a
-/// forced sm_86 tuning, which stands for a 3090). `linear` or `moe` keeps PDL for that family
-/// only ([`PdlFamily`]), to measure each family's share end to end.
+/// Knob (read on every call, so one process can compare): which kernel families launch with
+/// programmatic dependent launch where the GPU has it (sm_90, native tuning): each such kernel
+/// starts while the previous kernel in the stream drains, builds its tables and puts its first
+/// weights in flight, and waits (`griddepcontrol.wait`) only where it reads that kernel's
+/// results. `linear` (the default): the streaming NF4 linear, the wide linear and its split-K
+/// reduce ([`PdlFamily::Linear`]); `moe`: the MoE's streaming kernels and its combine; `on`:
+/// both; `off`: none (the only way on sm_80-sm_89, and under a forced sm_86 tuning, which
+/// stands for a 3090).
+///
+/// Why `linear`: in vLLM's captured batch-1 decode graphs (H200, session 26, one sitting) the
+/// o projection started behind our attention kernel and saved more than it cost the attention,
+/// while the MoE's down launch, started early behind gate_up, ran about 4 us per layer longer
+/// (with or without the folded combine): linear only 461-466 tok/s, off 448-451, both 424-447.
+/// Back to back in `bench_moe.py` (with or without a foreign kernel before each layer) the MoE
+/// launches were level or faster with PDL, so only the end-to-end trace shows this.
 pub const PDL_ENV: &str = "GPTOSS_3090_PDL";
 
 /// The kernel families [`PDL_ENV`] can switch separately.
@@ -223,12 +230,12 @@ pub(crate) enum PdlFamily {
 /// [`PDL_ENV`] for an explicit setting (`None` = unset): whether `family` may use PDL.
 pub(crate) fn pdl_for(setting: Option<&str>, family: PdlFamily) -> Result<bool> {
     match setting.map(str::trim) {
-        None | Some("") | Some("on") => Ok(true),
+        None | Some("") | Some("linear") => Ok(family == PdlFamily::Linear),
+        Some("on") => Ok(true),
         Some("off") => Ok(false),
-        Some("linear") => Ok(family == PdlFamily::Linear),
         Some("moe") => Ok(family == PdlFamily::Moe),
         Some(other) => Err(Error::arg(format!(
-            "{PDL_ENV}={other:?}: expected on (default), off, linear or moe"
+            "{PDL_ENV}={other:?}: expected linear (default), moe, on or off"
         ))),
     }
 }
@@ -422,12 +429,13 @@ mod tests {
     #[test]
     fn pdl_knob_parses() -> Result<()> {
         for family in [PdlFamily::Linear, PdlFamily::Moe] {
-            assert!(pdl_for(None, family)?);
             assert!(pdl_for(Some(" on "), family)?);
             assert!(!pdl_for(Some("off"), family)?);
         }
-        assert!(pdl_for(Some("linear"), PdlFamily::Linear)?);
-        assert!(!pdl_for(Some("linear"), PdlFamily::Moe)?);
+        for default in [None, Some(""), Some("linear")] {
+            assert!(pdl_for(default, PdlFamily::Linear)?);
+            assert!(!pdl_for(default, PdlFamily::Moe)?);
+        }
         assert!(pdl_for(Some("moe"), PdlFamily::Moe)?);
         assert!(!pdl_for(Some("moe"), PdlFamily::Linear)?);
         let err = pdl_for(Some("maybe"), PdlFamily::Moe)

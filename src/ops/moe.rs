@@ -1117,7 +1117,8 @@ fn tri_state_for(setting: Option<&str>, name: &str) -> Result<Option<bool>> {
 /// 94.7-95.7 -> 95.9-97.0 at 4 (its column sums 720 outputs); the forced sm_86 tuning (no PDL,
 /// a 3090's residency: 33 columns of 96 rows) 46.7-46.9 -> 47.2-47.7 at 1 token. So it
 /// stays off there; from 2 tokens the decode regime runs the fused launch (`fused_pays`),
-/// which keeps its combine launch.
+/// which keeps its combine launch. Since the MoE launches no longer use PDL by default
+/// (`ops::PDL_ENV`, session 26), `auto` folds only under `GPTOSS_3090_PDL=on` or `moe`.
 pub fn fold_combine(
     forced: Option<bool>,
     pdl: bool,

@@ -664,10 +664,11 @@ def test_wide_cluster_reduce_gives_the_same_bits(monkeypatch, dtype, nested):
 
 @pytest.mark.parametrize("m", [1, 5, 17, 48, 64])
 def test_pdl_launches_wait_for_their_inputs(monkeypatch, m):
-    """GPTOSS_3090_PDL=on (the default; sm_90 tunings) lets the linear's kernels start while the
-    previous kernel in the stream drains, and each reads x only after griddepcontrol.wait. Here
-    the kernel just before every call rewrites x in place, so a read before the wait would see
-    the previous call's x: call after call, the outputs equal those with PDL off bit for bit
+    """GPTOSS_3090_PDL=on or linear (the default; sm_90 tunings) lets the linear's kernels start
+    while the previous kernel in the stream drains, and each reads x only after
+    griddepcontrol.wait. Here the kernel just before every call rewrites x in place, so a read
+    before the wait would see the previous call's x: call after call, the outputs equal those
+    with PDL off bit for bit
     (streaming, wide with its split-K reduce or clusters), in eager mode and in a CUDA graph.
     An unknown setting is a ValueError naming the variable."""
     g = gen(71 + m)
