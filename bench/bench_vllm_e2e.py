@@ -432,12 +432,12 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
         if "workloads" not in s or "workloads" not in o:
             for side, r in (("stock", s), ("ours", o)):
                 for w, v in r.get("workloads", {}).items():
-                    lines.append(f"| {b} | {w} ({side} only) | {v['tok_s']:,.0f} | | | |")
+                    lines.append(_one_side_row(b, side, f"{w} ({side} only)", _tok_s(v)))
                 if r:
-                    routed = _routed(r)
-                    lines.append(f"| {b} | {side}: experts per layer, 64 tokens | {routed} | | | |")
+                    label = f"{side}: experts per layer, 64 tokens"
+                    lines.append(_one_side_row(b, side, label, _routed(r)))
                 if "error" in r:
-                    lines.append(f"| {b} | {side} error | {r['error']} | | | |")
+                    lines.append(_one_side_row(b, side, f"{side} error", str(r["error"])))
             continue
         for w in workloads:
             sw, ow = s["workloads"][w], o["workloads"][w]
@@ -452,6 +452,13 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
         lines.append(f"| {b} | experts per layer, 64 tokens | {_routed(s)} | {_routed(o)} | | |")
     dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "?")
     return f"Device: {dev}\n\n" + "\n".join(lines) + "\n"
+
+
+def _one_side_row(budget: str, side: str, label: str, value: str) -> str:
+    """A summary row of a run with one side only: the value in that side's column."""
+    cells = [budget, label, "", "", "", ""]
+    cells[2 if side == "stock" else 3] = value
+    return "| " + " | ".join(cells) + " |"
 
 
 def _tok_s(workload: dict[str, Any]) -> str:

@@ -194,6 +194,21 @@ def test_summary_reports_the_median_and_the_range_of_the_runs(bench, tmp_path) -
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_of_one_side_puts_its_numbers_in_its_own_column(bench) -> None:
+    """A run of one side only (``--sides ours``) lists its tok/s under that side's column, with
+    the range of the timed runs, and leaves the other columns empty."""
+    ours = {"decode_b1": {"tok_s": 464.0, "runs_tok_s": [461.0, 464.0, 466.0]}}
+    for side, column in (("ours", 3), ("stock", 2)):
+        report = {"runs": {f"{side}_full": {"device": "card", "workloads": ours}}}
+        md = bench.summary_md(report, ["full"], ["decode_b1"])
+        row = next(line for line in md.splitlines() if "decode_b1" in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 6, row
+        assert cells[1] == f"decode_b1 ({side} only)", row
+        assert cells[column] == "464 (461-466)", row
+        assert [c for i, c in enumerate(cells) if i not in (0, 1, column)] == ["", "", ""], row
+
+
 def test_repeats_below_one_is_refused(bench, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--ours", "x", "--repeats", "0"])
