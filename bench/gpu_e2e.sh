@@ -21,7 +21,7 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, e2e_pdl, smoke. Results land in
+# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, e2e_pdl, router, smoke. Results land in
 # /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -162,12 +162,24 @@ job_e2e_dummy() {
 }
 
 job_e2e_routing() {
-  # Ours with our kernels routing from the router logits (GPTOSS_3090_MOE_ROUTING=internal)
-  # instead of vLLM's fused_topk + apply(top-k): compare with the e2e job's ours_full rows of the
-  # same sitting before changing the default.
+  # Ours with each routing mode of E2E_ROUTING_RUNS in turn (GPTOSS_3090_MOE_ROUTING; default
+  # "vllm router": vLLM's top-k launch then our MoE op, against our router routing in its own
+  # launch), one engine each, at E2E_WORKLOADS (default decode_b1 decode_b64), ours only.
   wait_synth
-  GPTOSS_3090_MOE_ROUTING=internal python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" \
-    --out "$W/res/e2e_routing" --sides ours --budgets full
+  local mode
+  for mode in ${E2E_ROUTING_RUNS:-vllm router}; do
+    # shellcheck disable=SC2086  # a list of workloads
+    GPTOSS_3090_MOE_ROUTING=$mode python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" \
+      --out "$W/res/e2e_routing_$mode" --sides ours --budgets full \
+      --workloads ${E2E_WORKLOADS:-decode_b1 decode_b64}
+  done
+}
+
+job_router() {
+  # The router with its top-k (one launch of clusters on sm_90, and two launches) against
+  # vLLM's top-k launch after F.linear (stock) and after our logits kernel (the plugin's
+  # default): needs vLLM, so it runs in a sitting.
+  python3 bench/bench_router.py --tokens 1,2,4,8,16,32,64 --out "$W/res/router.json"
 }
 
 job_e2e_profile() {

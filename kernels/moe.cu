@@ -17,7 +17,9 @@
 // The older two-launch decode kernels (moe_dec_*, moe_dec2_*: combine fused into down) stay for
 // comparison (GPTOSS_3090_MOE_DECODE=1|2).
 // Router logits on their own (moe_router_*, the vLLM router layer at small T):
-//   logits [T, E] = x W_r^T + b_r, one block per (expert, 4 tokens), fp32 sums.
+//   logits [T, E] = x W_r^T + b_r, one block per (expert, 4 tokens), fp32 sums;
+//   moe_router_topk_* (sm_90, E <= 32) the same logits and their top-k in one launch of
+//   thread-block clusters (the routing vLLM's top-k launch would compute).
 // Prefill (T > 128):
 //   moe_route_*     (when routing is needed and T is large) router logits -> top-k
 //   moe_group_*     (one block) [top-k of given logits for small T] + count per expert, padded
@@ -406,20 +408,22 @@ __device__ __forceinline__ float dot8_half(const u32x4& a, const u32x4& b, float
     return acc;
 }
 
+// Expert e's partial sums for tokens t0 .. t0 + nt by the 128 threads sub = 0 .. 127 of one
+// group (a whole block in moe_router, a quarter of one in moe_router_topk): part[warp][t], to
+// be read after a barrier by router_logit. Both kernels share it, so their logits are the
+// same bits.
 template <int DTYPE>
-__device__ void moe_router(const MoeParams& p) {
-    __shared__ float part[ROUTER_WARPS][ROUTER_TOKENS];
+__device__ __forceinline__ void router_partials(const MoeParams& p, int e, int t0, int nt, int sub,
+                                                float (*part)[ROUTER_TOKENS]) {
     constexpr int THREADS = ROUTER_WARPS * 32;
-    const int e = blockIdx.x, t0 = blockIdx.y * ROUTER_TOKENS;
-    const int nt = min(ROUTER_TOKENS, p.T - t0);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp = sub >> 5, lane = sub & 31;
     const int pieces = p.H / 8;
     const u16* w = (const u16*)p.router_w + (long long)e * p.H;
     const u16* x = (const u16*)p.x + (long long)t0 * p.x_stride;
     u32x4 wv[ROUTER_PIECES], xv[ROUTER_PIECES][ROUTER_TOKENS];
 #pragma unroll
     for (int u = 0; u < ROUTER_PIECES; ++u) {
-        const int i = tid + u * THREADS;
+        const int i = sub + u * THREADS;
         wv[u] = ld_nc_16_if(w + 8 * i, i < pieces);
 #pragma unroll
         for (int t = 0; t < ROUTER_TOKENS; ++t)
@@ -434,20 +438,90 @@ __device__ void moe_router(const MoeParams& p) {
         const float v = warp_sum(acc[t]);
         if (lane == 0) part[warp][t] = v;
     }
-    __syncthreads();
-    if (tid >= nt) return;
+}
+
+// Stores the logit of (token t0 + sub, expert e) from router_partials' sums (warps in order,
+// then the bias) and returns it as stored: rounded to the act dtype unless logits_f32, so a
+// top-k over the returned values equals one over the stored logits (moe_route's).
+template <int DTYPE>
+__device__ __forceinline__ float router_logit(const MoeParams& p, int e, int t0, int sub,
+                                              const float (*part)[ROUTER_TOKENS]) {
     float sum = 0.0f;
 #pragma unroll
-    for (int wi = 0; wi < ROUTER_WARPS; ++wi) sum += part[wi][tid];
+    for (int wi = 0; wi < ROUTER_WARPS; ++wi) sum += part[wi][sub];
     if (p.router_b)
         sum += p.router_b_act ? half_to_f32<DTYPE>(((const u16*)p.router_b)[e])
                               : ((const float*)p.router_b)[e];
-    const long long idx = (long long)(t0 + tid) * p.E + e;
-    if (p.logits_f32)
+    const long long idx = (long long)(t0 + sub) * p.E + e;
+    if (p.logits_f32) {
         ((float*)p.logits)[idx] = sum;
-    else
-        ((u16*)p.logits)[idx] = f32_to_half<DTYPE>(sum);
+        return sum;
+    }
+    const u16 h = f32_to_half<DTYPE>(sum);
+    ((u16*)p.logits)[idx] = h;
+    return half_to_f32<DTYPE>(h);
 }
+
+template <int DTYPE>
+__device__ void moe_router(const MoeParams& p) {
+    __shared__ float part[ROUTER_WARPS][ROUTER_TOKENS];
+    const int e = blockIdx.x, t0 = blockIdx.y * ROUTER_TOKENS;
+    const int nt = min(ROUTER_TOKENS, p.T - t0);
+    router_partials<DTYPE>(p, e, t0, nt, threadIdx.x, part);
+    __syncthreads();
+    if ((int)threadIdx.x >= nt) return;
+    router_logit<DTYPE>(p, e, t0, threadIdx.x, part);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router logits and their top-k in one launch (sm_90): grid (ceil(T / ROUTER_TOKENS),
+// ROUTER_TOPK_BLOCKS), thread-block clusters of (1, ROUTER_TOPK_BLOCKS, 1), ROUTER_TOPK_GROUPS
+// groups of 128 threads per block. Group g of block y computes expert 4 y + g exactly as
+// moe_router's block does (the same logits, written to p.logits), then stores its tokens'
+// logits into block 0's shared memory (distributed shared memory); after the cluster barrier,
+// block 0 routes each token with one warp (warp_topk_softmax, as moe_route does from the stored
+// logits) into ws_ids / ws_wts [T, topk]. This replaces vLLM's top-k launch after the router:
+// the logits never leave the chip for the top-k. E <= ROUTER_TOPK_MAX_EXPERTS (the launcher
+// checks; larger routers take moe_router + moe_route).
+// ---------------------------------------------------------------------------------------------
+#define ROUTER_TOPK_BLOCKS 8  // blocks per cluster: the portable maximum
+#define ROUTER_TOPK_GROUPS 4  // experts per block
+#define ROUTER_TOPK_MAX_EXPERTS (ROUTER_TOPK_BLOCKS * ROUTER_TOPK_GROUPS)
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// A float into another block's shared memory (a shared::cluster address from cluster_map).
+__device__ __forceinline__ void st_cluster_f32(u32 addr, float v) {
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+}
+
+template <int DTYPE>
+__device__ void moe_router_topk(const MoeParams& p) {
+    __shared__ float part[ROUTER_TOPK_GROUPS][ROUTER_WARPS][ROUTER_TOKENS];
+    // Block 0's copy gathers every expert's logits of the block's tokens.
+    __shared__ float gathered[ROUTER_TOKENS][ROUTER_TOPK_MAX_EXPERTS];
+    const int g = threadIdx.x >> 7, sub = threadIdx.x & 127;
+    const int rank = blockIdx.y;  // the cluster spans grid y
+    const int e = rank * ROUTER_TOPK_GROUPS + g;
+    const int t0 = blockIdx.x * ROUTER_TOKENS, nt = min(ROUTER_TOKENS, p.T - t0);
+    if (e < p.E) router_partials<DTYPE>(p, e, t0, nt, sub, part[g]);  // group-uniform
+    __syncthreads();
+    if (e < p.E && sub < nt) {
+        const float v = router_logit<DTYPE>(p, e, t0, sub, part[g]);
+        st_cluster_f32(cluster_map(smem_addr(&gathered[sub][e]), 0), v);
+    }
+    // Release/acquire: block 0 reads every block's stores after this; the other blocks touch
+    // no shared memory of theirs that anyone reads, so they may exit right after it.
+    cluster_sync_all();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (rank != 0 || warp >= nt) return;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = -__int_as_float(0x7f800000);
+    if (lane < p.E) v[0] = gathered[warp][lane];
+    const long long t = t0 + warp;
+    warp_topk_softmax(p, v, (int*)p.ws_ids + t * p.topk, (float*)p.ws_wts + t * p.topk);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Grouping: one block of 1024 threads (the pair count is at most a few ten thousand, so a single
@@ -2161,6 +2235,18 @@ extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_bf16(
 }
 extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_f16(const MoeParams p) {
     moe_router<DTYPE_F16>(p);
+}
+// sm_90 only (thread-block clusters); the launcher never runs them on older GPUs, where they
+// compile empty.
+extern "C" __global__ __launch_bounds__(ROUTER_TOPK_GROUPS * ROUTER_WARPS * 32) void moe_router_topk_bf16(const MoeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    moe_router_topk<DTYPE_BF16>(p);
+#endif
+}
+extern "C" __global__ __launch_bounds__(ROUTER_TOPK_GROUPS * ROUTER_WARPS * 32) void moe_router_topk_f16(const MoeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    moe_router_topk<DTYPE_F16>(p);
+#endif
 }
 extern "C" __global__ __launch_bounds__(1024) void moe_group_bf16(const MoeParams p) {
     moe_group<DTYPE_BF16>(p);

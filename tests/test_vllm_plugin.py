@@ -808,6 +808,80 @@ def test_internal_routing_matches_vllms_routing(loaded) -> None:
     assert torch.equal(chunked, via_vllm)
 
 
+def test_packed_router_routing_matches_vllms_routing(loaded) -> None:
+    """``apply_monolithic`` given our router's packed top-k (``GPTOSS_3090_MOE_ROUTING=router``:
+    int32 from ``moe_router_topk``) uses those ids and weights: the same block as vLLM's
+    routing followed by ``apply``, also in chunks."""
+    from gptoss_3090 import moe as M
+
+    spec, model = loaded.spec, loaded.model
+    routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
+    method = routed.quant_method
+    g = torch.Generator().manual_seed(8)
+    t, e, k = 11, spec.experts, spec.experts_per_token
+    x = torch.randn(t, spec.hidden, generator=g).to(torch.bfloat16)
+    logits = torch.randn(t, e, generator=g).to(torch.bfloat16)
+    vals, ids = torch.topk(logits.float(), k, dim=-1)
+    wts = torch.softmax(vals, dim=-1)
+    packed = torch.empty(t, M.router_topk_width(e, k), dtype=torch.int32)
+    p_ids, p_wts, p_logits = M.router_topk_unpack(packed, e, k)
+    p_ids.copy_(ids)
+    p_wts.copy_(wts)
+    p_logits.copy_(logits)
+    with torch.no_grad():
+        via_vllm = method.apply(
+            layer=routed,
+            x=x,
+            topk_weights=wts,
+            topk_ids=ids.to(torch.int32),
+            shared_experts=None,
+            shared_experts_input=None,
+        )
+        via_packed = method.apply_monolithic(routed, x, packed)
+        chunk, method._chunk = method._chunk, 4
+        try:
+            chunked = method.apply_monolithic(routed, x, packed)
+        finally:
+            method._chunk = chunk
+    assert torch.equal(via_packed, via_vllm)
+    assert torch.equal(chunked, via_vllm)
+    with pytest.raises(ValueError, match="router top-k"):
+        method.apply_monolithic(routed, x, packed[:, 1:].contiguous())
+
+
+def test_moe_routing_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTOSS_3090_MOE_ROUTING picks where routing happens: ``vllm`` (default), ``router`` (which
+    needs our router layer, so GPTOSS_3090_ROUTER=vllm turns it into ``vllm``) or
+    ``internal``; unknown values are errors naming the variable. Only ``router`` gives the
+    router method a top-k."""
+    from gptoss_3090.vllm import linear_method as LM
+
+    monkeypatch.delenv("GPTOSS_3090_ROUTER", raising=False)
+    monkeypatch.delenv("GPTOSS_3090_REFERENCE_KERNELS", raising=False)
+    monkeypatch.delenv("GPTOSS_3090_MOE_ROUTING", raising=False)
+    assert LM.moe_routing() == "vllm"
+    assert LM.router_method(4).top_k == 0
+    monkeypatch.setenv("GPTOSS_3090_MOE_ROUTING", "router")
+    assert LM.moe_routing() == "router"
+    assert LM.router_method(4).top_k == 4
+    for mode in ("vllm", "internal"):
+        monkeypatch.setenv("GPTOSS_3090_MOE_ROUTING", mode)
+        assert LM.moe_routing() == mode
+        assert LM.router_method(4).top_k == 0
+    monkeypatch.setenv("GPTOSS_3090_MOE_ROUTING", "router")
+    monkeypatch.setenv("GPTOSS_3090_ROUTER", "vllm")
+    assert LM.moe_routing() == "vllm" and LM.router_method(4) is None
+    monkeypatch.setenv("GPTOSS_3090_MOE_ROUTING", "topk")
+    with pytest.raises(ValueError, match="GPTOSS_3090_MOE_ROUTING"):
+        LM.moe_routing()
+    # On a CPU tensor the method computes plain logits (vLLM's path), whatever its top-k.
+    monkeypatch.delenv("GPTOSS_3090_ROUTER")
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(8, 16), requires_grad=False)
+    out = LM.RouterLinearMethod(4).apply(layer, torch.randn(3, 16))
+    assert out.shape == (3, 8) and out.dtype == torch.float32
+
+
 def test_kernel_weights_reorder_experts_once_and_the_reference_follows(
     loaded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1119,17 +1193,26 @@ def test_router_method_is_installed_unless_disabled(monkeypatch: pytest.MonkeyPa
             layer.mlp = torch.nn.Module()
             layer.mlp.router = torch.nn.Module()
             layer.mlp.router.quant_method = UnquantizedLinearMethod()
+            layer.mlp.experts_per_token = 4  # as vLLM 0.26's gpt_oss.MLPBlock
             m.layers.append(layer)
         m.layers.append(torch.nn.Module())  # a layer without an MLP (pipeline stage) is skipped
         return m
 
     monkeypatch.delenv("GPTOSS_3090_ROUTER", raising=False)
     monkeypatch.delenv("GPTOSS_3090_REFERENCE_KERNELS", raising=False)
+    monkeypatch.delenv("GPTOSS_3090_MOE_ROUTING", raising=False)
     m = model()
     _install_router_method(m)
     methods = [layer.mlp.router.quant_method for layer in m.layers[:3]]
     assert all(isinstance(q, LM.RouterLinearMethod) for q in methods)
     assert all(isinstance(q, UnquantizedLinearMethod) for q in methods)
+    assert [q.top_k for q in methods] == [0, 0, 0]  # default routing: vLLM's top-k
+    # The routing mode "router" hands each router its MLP's experts per token.
+    with monkeypatch.context() as mp:
+        mp.setenv("GPTOSS_3090_MOE_ROUTING", "router")
+        m = model()
+        _install_router_method(m)
+        assert [layer.mlp.router.quant_method.top_k for layer in m.layers[:3]] == [4, 4, 4]
     for env in ({"GPTOSS_3090_ROUTER": "vllm"}, {"GPTOSS_3090_REFERENCE_KERNELS": "1"}):
         with monkeypatch.context() as mp:
             for k, v in env.items():

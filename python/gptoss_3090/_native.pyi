@@ -454,8 +454,15 @@ def moe_router_logits(
     bias_act: bool,
     logits: int,
     logits_f32: bool,
-) -> None:
+    top_k: int = 0,
+    topk_ids: int = 0,
+    topk_weights: int = 0,
+) -> bool:
     """Launches the router logits kernel (src/ops/router.rs) on ``stream``: ``logits [T, E] =
     x weight^T + bias`` with fp32 sums. Pointers are ints (``bias`` 0 = none; ``bias_act``: the
-    bias holds ``dtype`` values, else f32). Raises ValueError for bad arguments, CudaError for
+    bias holds ``dtype`` values, else f32). With ``top_k`` > 0 it also routes into i32
+    ``topk_ids [T, top_k]`` and f32 ``topk_weights [T, top_k]`` (the MoE op's selection: ties
+    to the lower expert, softmax over the selected logits as stored): in the same launch on
+    sm_90 with at most 32 experts (returns True), else by a second launch over the stored
+    logits (returns False; the same bits). Raises ValueError for bad arguments, CudaError for
     driver failures."""

@@ -44,6 +44,8 @@ __all__ = [
     "quantize_nf4_experts",
     "reference_forward",
     "router_logits",
+    "router_topk",
+    "router_topk_unpack",
     "rows_packed",
     "workspace_routing",
 ]
@@ -874,6 +876,99 @@ def router_logits(
     router layer through it.
     """
     return torch.ops.gptoss_3090.moe_router(x, weight, bias)
+
+
+def router_topk_width(experts: int, top_k: int) -> int:
+    """Columns of :func:`router_topk`'s packed int32 result: ``2 top_k + ceil(E / 2)``."""
+    return 2 * top_k + (experts + 1) // 2
+
+
+@torch.library.custom_op("gptoss_3090::moe_router_topk", mutates_args=())
+def moe_router_topk(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
+) -> torch.Tensor:
+    """``torch.ops.gptoss_3090.moe_router_topk``: the router's logits and their top-k in one
+    packed int32 tensor (see :func:`router_topk`)."""
+    _check_router_args(x, weight, bias)
+    t, e = int(x.shape[0]), int(weight.shape[0])
+    _need(
+        1 <= top_k <= min(8, e), ValueError,
+        f"router top-k: top_k must be in 1..{min(8, e)} (at most 8 and the {e} experts), "
+        f"found {top_k}",
+    )
+    packed = torch.empty(t, router_topk_width(e, top_k), dtype=torch.int32, device=x.device)
+    ids, wts, logits = router_topk_unpack(packed, e, top_k, x.dtype)
+    if t == 0:
+        return packed
+    if not _router_kernel_fits(x, weight):
+        # Prefill sizes or a layout the kernel does not read: F.linear, then the selection in
+        # torch (ties may differ from the kernels' lower-expert rule).
+        logits.copy_(torch.ops.gptoss_3090.moe_router(x, weight, bias))
+        values, top = torch.topk(logits.float(), top_k, dim=-1)
+        ids.copy_(top)
+        wts.copy_(torch.softmax(values, dim=-1))
+        return packed
+    _ensure_cuda_libs()
+    with torch.cuda.device(x.device):
+        _native().moe_router_logits(
+            x.device.index if x.device.index is not None else torch.cuda.current_device(),
+            torch.cuda.current_stream(x.device).cuda_stream,
+            "bfloat16" if x.dtype == torch.bfloat16 else "float16",
+            t, int(x.shape[1]), e, _ptr(x), x.stride(0), _ptr(weight), _ptr(bias),
+            bias is not None and bias.dtype != torch.float32, _ptr(logits), False,
+            top_k, _ptr(ids), _ptr(wts),
+        )
+    return packed
+
+
+@moe_router_topk.register_fake
+def _moe_router_topk_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
+) -> torch.Tensor:
+    return x.new_empty(
+        x.shape[0], router_topk_width(weight.shape[0], top_k), dtype=torch.int32
+    )
+
+
+def router_topk(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
+) -> torch.Tensor:
+    """The router's logits and their top-k routing in one launch, packed into one tensor.
+
+    Returns int32 ``[T, 2 top_k + ceil(E / 2)]`` whose storage holds, one block after the other,
+    the top-k ids (int32 ``[T, top_k]``), their weights (float32 ``[T, top_k]``: the softmax
+    over the selected logits) and the logits (x's dtype, ``[T, E]``); read them with
+    :func:`router_topk_unpack`. The rows of the result are *not* per-token rows: slice the
+    unpacked views, not the packed tensor. Selection: the top ``top_k`` logits, ties to the
+    lower expert index, NaN as -inf (the MoE op's own routing, over the logits as stored). Up
+    to :data:`ROUTER_KERNEL_MAX_TOKENS` tokens the kernels compute both: on sm_90 with at most
+    32 experts in one launch of thread-block clusters (``GPTOSS_3090_ROUTER_TOPK_CLUSTER=off``
+    turns that off), which saves the separate top-k launch of a decode step; elsewhere the
+    logits launch and then a routing launch, with the same bits. Above, ``F.linear`` and
+    ``torch.topk``.
+    """
+    return torch.ops.gptoss_3090.moe_router_topk(x, weight, bias, top_k)
+
+
+def router_topk_unpack(
+    packed: torch.Tensor, experts: int, top_k: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of :func:`router_topk`'s result: ``(ids int32 [T, k], weights float32 [T, k],
+    logits dtype [T, E])``, each contiguous."""
+    _need(
+        packed.dtype == torch.int32 and packed.dim() == 2
+        and packed.shape[1] == router_topk_width(experts, top_k) and packed.is_contiguous(),
+        ValueError,
+        f"router top-k: expected a contiguous int32 [T, {router_topk_width(experts, top_k)}] "
+        f"tensor for {experts} experts and top_k {top_k}, found {packed.dtype} "
+        f"{list(packed.shape)}",
+    )
+    t = packed.shape[0]
+    flat = packed.view(-1)
+    ids = flat[: t * top_k].view(t, top_k)
+    wts = flat[t * top_k : 2 * t * top_k].view(torch.float32).view(t, top_k)
+    logits = flat[2 * t * top_k :].view(dtype)[: t * experts].view(t, experts)
+    return ids, wts, logits
 
 
 def workspace_routing(

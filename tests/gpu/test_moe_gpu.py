@@ -18,6 +18,7 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gptoss_3090 import moe as M  # noqa: E402
+from gptoss_3090 import runtime  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device())
 TOL = 1e-2
@@ -820,6 +821,106 @@ def test_router_logits_strided_x_graph_and_determinism() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, M.router_logits(x, w, b)), "replay with new x differs"
+
+
+@pytest.mark.parametrize("experts", [32, 12, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 16, 64, 65])
+def test_router_topk_routes_as_the_moe_op(monkeypatch, tokens: int, experts: int) -> None:
+    """M.router_topk: the router's logits and their top-k. Its logits equal M.router_logits'
+    bit for bit; its ids and weights equal the MoE op's own routing from those logits
+    (M.workspace_routing after a logits-mode call) bit for bit, and torch's stable sort +
+    softmax of the logits within float rounding. Rows with tied logits (two router rows equal)
+    pick the lower expert. The one-launch cluster kernel (sm_90, at most 32 experts) and the
+    logits + routing launches (GPTOSS_3090_ROUTER_TOPK_CLUSTER=off, 40 experts, other GPUs)
+    give the same bits; call after call, and in a CUDA graph replayed with new x. 65 tokens
+    take the F.linear + torch.topk path."""
+    g = torch.Generator(device=DEV).manual_seed(100 + tokens + experts)
+    e, h, k = experts, 2880, 4
+    w = (torch.randn(e, h, device=DEV, generator=g) / h**0.5).to(torch.bfloat16)
+    w[7] = w[3]  # experts 3 and 7 tie on every token
+    b = torch.randn(e, device=DEV, generator=g).to(torch.bfloat16)
+    b[7] = b[3]
+    layer = make_layer(e, 256, 128, seed=101)
+
+    def check(x: torch.Tensor, packed: torch.Tensor) -> None:
+        ids, wts, logits = M.router_topk_unpack(packed, e, k)
+        assert torch.equal(logits, M.router_logits(x, w, b))
+        # A stable descending sort ranks tied logits by expert index, as the kernels do.
+        ref_v, ref_i = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+        ref_v, ref_i = ref_v[:, :k], ref_i[:, :k]
+        assert torch.equal(logits.float().gather(1, ids.long()), ref_v)  # a top-k
+        assert torch.allclose(wts, torch.softmax(ref_v, dim=-1), rtol=1e-5, atol=1e-6)
+        if tokens <= M.ROUTER_KERNEL_MAX_TOKENS:
+            assert torch.equal(ids, ref_i.int()), "selection or its order differs"
+            ws = layer.workspace(tokens)
+            xs = rand_x(tokens, 256, seed=102)
+            M.moe(xs, layer, router_logits=logits, workspace=ws)
+            ws_ids, ws_wts = M.workspace_routing(ws, tokens, k)
+            assert torch.equal(ids, ws_ids) and torch.equal(wts, ws_wts)
+
+    xs = [rand_x(tokens, h, seed=103 + i) for i in range(3)]
+    runs = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("GPTOSS_3090_ROUTER_TOPK_CLUSTER", mode)
+        runs[mode] = [M.router_topk(x, w, b, k) for x in xs]
+        for x, packed in zip(xs, runs[mode], strict=True):
+            check(x, packed)
+    for a, c in zip(runs["off"], runs["on"], strict=True):
+        assert torch.equal(a, c), "the cluster launch and the two launches differ"
+    x = xs[0].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        M.router_topk(x, w, b, k)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = M.router_topk(x, w, b, k)
+    for xi in xs[::-1]:
+        x.copy_(xi)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, M.router_topk(xi, w, b, k)), "replay differs from eager"
+    with pytest.raises(ValueError, match="top_k"):
+        M.router_topk(x, w, b, 9)
+    with pytest.raises(ValueError, match="top_k"):
+        M.router_topk(x, w, b, 0)
+    assert M.router_topk(x[:0], w, b, k).shape == (0, M.router_topk_width(e, k))
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.moe_router_topk.default,
+        (x, w, b, k),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_router_topk_runs_in_one_launch_on_sm90() -> None:
+    """On sm_90 (its own tuning) with up to 32 experts the native launcher routes in the
+    router's own launch (returns True); under a forced sm86 tuning it does not. Either way the
+    ids are the stable top-k of the logits it wrote. (More than 32 experts:
+    test_router_topk_routes_as_the_moe_op's 40-expert case.)"""
+    e, h, k, t = 32, 2880, 4, 1
+    g = torch.Generator(device=DEV).manual_seed(120)
+    w = (torch.randn(e, h, device=DEV, generator=g) / h**0.5).to(torch.bfloat16)
+    x = rand_x(t, h, seed=121)
+    ids = torch.empty(t, k, dtype=torch.int32, device=DEV)
+    wts = torch.empty(t, k, dtype=torch.float32, device=DEV)
+    logits = torch.empty(t, e, dtype=torch.bfloat16, device=DEV)
+
+    def launch(experts: int) -> bool:
+        fused = M._native().moe_router_logits(
+            torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream, "bfloat16",
+            t, h, experts, M._ptr(x), x.stride(0), M._ptr(w), 0, False, M._ptr(logits), False,
+            k, M._ptr(ids), M._ptr(wts),
+        )
+        torch.cuda.synchronize()
+        ref_v, ref_i = torch.sort(logits[:, :experts].float(), dim=-1, descending=True, stable=True)
+        assert torch.equal(ids, ref_i[:, :k].int())
+        return fused
+
+    assert launch(e) == (runtime.tuning() == "sm90")
+    assert launch(12) == (runtime.tuning() == "sm90")  # fewer experts than the cluster holds
+    with runtime.forced_tuning("sm86"):
+        assert not launch(e)
 
 
 def test_router_logits_errors_and_opcheck() -> None:

@@ -235,12 +235,39 @@ def _make_weight_loader(layer: torch.nn.Module, component: str) -> Any:
     return weight_loader
 
 
-def router_method() -> Any:
+#: Where the plugin's MoE layers get their routing (read at load time): ``vllm`` (default)
+#: runs vLLM's top-k (``fused_topk``) and then our MoE op with its result; ``router`` routes in
+#: our router layer (``torch.ops.gptoss_3090.moe_router_topk``: on sm_90 in the router's own
+#: launch) and hands the routing to our MoE op, so vLLM's top-k launch goes away;
+#: ``internal`` hands the router logits to our MoE op, whose kernels route.
+MOE_ROUTING_ENV = "GPTOSS_3090_MOE_ROUTING"
+
+
+def moe_routing() -> str:
+    """The routing mode from :data:`MOE_ROUTING_ENV` (ValueError when unknown). ``router``
+    needs our router layer, so with ``GPTOSS_3090_ROUTER=vllm`` (or the reference kernels) it
+    falls back to ``vllm``."""
+    mode = os.environ.get(MOE_ROUTING_ENV, "vllm").strip() or "vllm"
+    if mode not in ("router", "vllm", "internal"):
+        raise ValueError(
+            f"{MOE_ROUTING_ENV}={mode!r}: expected 'vllm' (default), 'router' or 'internal'"
+        )
+    if mode == "router" and not _our_router():
+        return "vllm"
+    return mode
+
+
+def _our_router() -> bool:
+    return not use_reference_kernels() and os.environ.get("GPTOSS_3090_ROUTER", "") != "vllm"
+
+
+def router_method(top_k: int = 0) -> Any:
     """A :class:`RouterLinearMethod` for GPT-OSS's ``mlp.router``, or None when
-    ``GPTOSS_3090_ROUTER=vllm`` keeps vLLM's (or the reference kernels are on)."""
-    if use_reference_kernels() or os.environ.get("GPTOSS_3090_ROUTER", "") == "vllm":
+    ``GPTOSS_3090_ROUTER=vllm`` keeps vLLM's (or the reference kernels are on). ``top_k`` > 0
+    with the ``router`` routing (:func:`moe_routing`) makes it route too."""
+    if not _our_router():
         return None
-    return RouterLinearMethod()
+    return RouterLinearMethod(top_k if moe_routing() == "router" else 0)
 
 
 class RouterLinearMethod(UnquantizedLinearMethod):
@@ -253,11 +280,21 @@ class RouterLinearMethod(UnquantizedLinearMethod):
     and falls back to ``F.linear`` itself above ``ROUTER_KERNEL_MAX_TOKENS`` tokens, so ``apply``
     has no data-dependent branch for Dynamo to trace. Weights, loading and the batch-invariant
     mode are vLLM's.
+
+    With ``top_k`` > 0 it returns ``torch.ops.gptoss_3090.moe_router_topk``'s packed int32
+    result instead of the logits (the same launch routes); our MoE method
+    (``BnbMoeMethod.apply_monolithic``) unpacks it.
     """
+
+    def __init__(self, top_k: int = 0) -> None:
+        super().__init__()
+        self.top_k = top_k
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if envs.VLLM_BATCH_INVARIANT or not x.is_cuda:
             return super().apply(layer, x, bias)
+        if self.top_k:
+            return torch.ops.gptoss_3090.moe_router_topk(x, layer.weight, bias, self.top_k)
         return torch.ops.gptoss_3090.moe_router(x, layer.weight, bias)

@@ -281,15 +281,19 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
 def _install_router_method(model: nn.Module) -> None:
     """Runs each layer's ``mlp.router`` (built by vLLM with ``quant_config=None``) through our
     router op (:class:`~gptoss_3090.vllm.linear_method.RouterLinearMethod`), unless
-    ``GPTOSS_3090_ROUTER=vllm``."""
+    ``GPTOSS_3090_ROUTER=vllm``; with the ``router`` routing it also picks the layer's top-k
+    (``mlp.experts_per_token``) for our MoE method."""
     from gptoss_3090.vllm.linear_method import router_method
 
     if router_method() is None:
         return
     for layer in getattr(model, "layers", []):
-        router = getattr(getattr(layer, "mlp", None), "router", None)
+        mlp = getattr(layer, "mlp", None)
+        router = getattr(mlp, "router", None)
         if router is not None:
-            router.quant_method = router_method()
+            # vLLM 0.26's gpt_oss.MLPBlock keeps config.num_experts_per_tok here.
+            top_k = int(getattr(mlp, "experts_per_token", 0) or 0)
+            router.quant_method = router_method(top_k)
 
 
 def _check_parallelism(vllm_config: Any) -> None:

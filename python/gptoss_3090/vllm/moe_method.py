@@ -51,7 +51,7 @@ from vllm.model_executor.layers.fused_moe.config import (
 )
 
 from gptoss_3090.vllm.defaults import moe_chunk_tokens
-from gptoss_3090.vllm.linear_method import use_reference_kernels, warn_once
+from gptoss_3090.vllm.linear_method import moe_routing, use_reference_kernels, warn_once
 from gptoss_3090.vllm.weights import Nf4Layout, dequantize_nf4_cpu
 
 logger = logging.getLogger("vllm.gptoss_3090")
@@ -140,6 +140,10 @@ class BnbMoeMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Builds the kernel's per-layer weight descriptor and the token chunk size."""
+        # Monolithic: vLLM hands apply_monolithic the router layer's output, which is our
+        # router's packed top-k (routing "router") or the logits (routing "internal"); both
+        # work with the reference path too.
+        self._monolithic = moe_routing() != "vllm"
         budget = None
         if layer.w13_qweight.is_cuda:
             total = torch.cuda.get_device_properties(layer.w13_qweight.device).total_memory
@@ -153,7 +157,6 @@ class BnbMoeMethod(FusedMoEMethodBase):
         try:
             self._kernel_weights = _make_kernel_weights(layer)
             _shared_workspace(self._kernel_weights, self._chunk)
-            self._monolithic = os.environ.get("GPTOSS_3090_MOE_ROUTING", "vllm") == "internal"
         except ImportError as e:
             warn_once(
                 "gptoss-3090: MoE kernels unavailable (%s); %s and the other MoE layers use "
@@ -166,8 +169,8 @@ class BnbMoeMethod(FusedMoEMethodBase):
 
     @property
     def is_monolithic(self) -> bool:
-        # True routes inside our op from the router logits (GPTOSS_3090_MOE_ROUTING=internal);
-        # default: vLLM's fused_topk routing, then apply().
+        # True: apply_monolithic gets the router layer's output (GPTOSS_3090_MOE_ROUTING=router
+        # or internal); False (default): vLLM's fused_topk routing, then apply().
         return self._monolithic
 
     @property
@@ -192,6 +195,14 @@ class BnbMoeMethod(FusedMoEMethodBase):
         router_logits: torch.Tensor,
         input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if router_logits.dtype == torch.int32:
+            # Our router's packed routing (RouterLinearMethod with a top-k): ids and weights.
+            from gptoss_3090.moe import router_topk_unpack
+
+            ids, wts, _ = router_topk_unpack(
+                router_logits, layer.global_num_experts, layer.top_k, x.dtype
+            )
+            return self._chunked(layer, x, wts, ids, None)
         return self._chunked(layer, x, None, None, router_logits)
 
     def _chunked(
