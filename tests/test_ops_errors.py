@@ -317,9 +317,45 @@ def test_router_launcher_rechecks_arguments():
         ({"weight": 0}, "null"),
         ({"experts": 0}, "experts"),
         ({"dtype": "float32"}, "dtype"),
+        # With a top-k: its size and both routing pointers are checked too.
+        ({"top_k": 9, "topk_ids": 32768, "topk_weights": 65536}, "top_k"),
+        ({"top_k": 4, "topk_ids": 0, "topk_weights": 65536}, "ids"),
+        ({"top_k": 4, "topk_ids": 32768, "topk_weights": 65538}, "aligned"),
+        ({"top_k": 0, "topk_ids": 32768, "topk_weights": 65536}, "top_k"),
     ):
         with pytest.raises(ValueError, match=needle):
             _native.moe_router_logits(**{**base, **change})
+
+
+def test_router_topk_rejects_bad_arguments_and_unpacks():
+    """moe.router_topk checks like router_logits plus its top_k; router_topk_unpack reads the
+    packed int32 layout back (ids, weights, logits, each contiguous) and names a wrong one."""
+    from gptoss_3090 import moe as M
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        M.router_topk(x, w, None, 4)
+    with pytest.raises(TypeError, match="expected dtype"):
+        M.router_topk(x.float(), w, None, 4)
+    t, e, k = 3, 32, 4
+    packed = torch.arange(t * M.router_topk_width(e, k), dtype=torch.int32).view(t, -1)
+    ids, wts, logits = M.router_topk_unpack(packed, e, k)
+    assert ids.shape == (t, k) and ids.is_contiguous() and ids.dtype == torch.int32
+    assert wts.shape == (t, k) and wts.is_contiguous() and wts.dtype == torch.float32
+    assert logits.shape == (t, e) and logits.is_contiguous() and logits.dtype == torch.bfloat16
+    ids.fill_(7)
+    wts.fill_(0.25)
+    logits.fill_(1.5)
+    flat = packed.view(-1)
+    assert torch.equal(flat[: t * k], torch.full((t * k,), 7, dtype=torch.int32))
+    assert torch.equal(flat[t * k : 2 * t * k].view(torch.float32), torch.full((t * k,), 0.25))
+    assert torch.equal(
+        flat[2 * t * k :].view(torch.bfloat16), torch.full((t * e,), 1.5, dtype=torch.bfloat16)
+    )
+    for bad in (packed[:, 1:].contiguous(), packed.float(), packed.t()):
+        with pytest.raises(ValueError, match="router top-k"):
+            M.router_topk_unpack(bad, e, k)
 
 
 def test_wide_linear_only_on_sm90_tunings():

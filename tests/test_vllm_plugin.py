@@ -778,32 +778,42 @@ def test_experts_match_transformers(loaded) -> None:
         assert _rel_err(got, want) < 2e-2
 
 
+def _vllm_then_monolithic(
+    method, routed, x: torch.Tensor, wts: torch.Tensor, ids: torch.Tensor, router_out
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``method.apply`` given vLLM-style routing, then ``apply_monolithic`` given the router
+    layer's output, whole and in chunks of 4 tokens."""
+    with torch.no_grad():
+        via_vllm = method.apply(
+            layer=routed,
+            x=x,
+            topk_weights=wts,
+            topk_ids=ids.to(torch.int32),
+            shared_experts=None,
+            shared_experts_input=None,
+        )
+        whole = method.apply_monolithic(routed, x, router_out)
+        chunk, method._chunk = method._chunk, 4  # 11 tokens in chunks of 4, 4, 3
+        try:
+            chunked = method.apply_monolithic(routed, x, router_out)
+        finally:
+            method._chunk = chunk
+    return via_vllm, whole, chunked
+
+
 def test_internal_routing_matches_vllms_routing(loaded) -> None:
     """``apply_monolithic`` (``GPTOSS_3090_MOE_ROUTING=internal``: we route from the router
     logits) gives what vLLM's own routing (top-k, softmax over the k) followed by ``apply`` gives,
     also when the tokens are split into chunks."""
     spec, model = loaded.spec, loaded.model
     routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
-    method = routed.quant_method
     g = torch.Generator().manual_seed(7)
     x = torch.randn(11, spec.hidden, generator=g).to(torch.bfloat16)
     logits = torch.randn(11, spec.experts, generator=g)
     vals, ids = torch.topk(logits, spec.experts_per_token, dim=-1)
-    with torch.no_grad():
-        via_vllm = method.apply(
-            layer=routed,
-            x=x,
-            topk_weights=torch.softmax(vals, dim=-1),
-            topk_ids=ids.to(torch.int32),
-            shared_experts=None,
-            shared_experts_input=None,
-        )
-        via_ours = method.apply_monolithic(routed, x, logits)
-        chunk, method._chunk = method._chunk, 4  # 11 tokens in chunks of 4, 4, 3
-        try:
-            chunked = method.apply_monolithic(routed, x, logits)
-        finally:
-            method._chunk = chunk
+    via_vllm, via_ours, chunked = _vllm_then_monolithic(
+        routed.quant_method, routed, x, torch.softmax(vals, dim=-1), ids, logits
+    )
     assert torch.equal(via_ours, via_vllm)
     assert torch.equal(chunked, via_vllm)
 
@@ -816,7 +826,6 @@ def test_packed_router_routing_matches_vllms_routing(loaded) -> None:
 
     spec, model = loaded.spec, loaded.model
     routed = model.get_submodule("model.layers.0.mlp.experts.routed_experts")
-    method = routed.quant_method
     g = torch.Generator().manual_seed(8)
     t, e, k = 11, spec.experts, spec.experts_per_token
     x = torch.randn(t, spec.hidden, generator=g).to(torch.bfloat16)
@@ -828,25 +837,13 @@ def test_packed_router_routing_matches_vllms_routing(loaded) -> None:
     p_ids.copy_(ids)
     p_wts.copy_(wts)
     p_logits.copy_(logits)
-    with torch.no_grad():
-        via_vllm = method.apply(
-            layer=routed,
-            x=x,
-            topk_weights=wts,
-            topk_ids=ids.to(torch.int32),
-            shared_experts=None,
-            shared_experts_input=None,
-        )
-        via_packed = method.apply_monolithic(routed, x, packed)
-        chunk, method._chunk = method._chunk, 4
-        try:
-            chunked = method.apply_monolithic(routed, x, packed)
-        finally:
-            method._chunk = chunk
+    via_vllm, via_packed, chunked = _vllm_then_monolithic(
+        routed.quant_method, routed, x, wts, ids, packed
+    )
     assert torch.equal(via_packed, via_vllm)
     assert torch.equal(chunked, via_vllm)
     with pytest.raises(ValueError, match="router top-k"):
-        method.apply_monolithic(routed, x, packed[:, 1:].contiguous())
+        routed.quant_method.apply_monolithic(routed, x, packed[:, 1:].contiguous())
 
 
 def test_moe_routing_modes(monkeypatch: pytest.MonkeyPatch) -> None:

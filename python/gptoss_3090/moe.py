@@ -841,18 +841,35 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         b = bias.to(x.dtype) if bias is not None else None
         return torch.nn.functional.linear(x, weight, b)
     logits = torch.empty(t, e, dtype=x.dtype, device=x.device)
-    if t == 0:
-        return logits
+    if t > 0:
+        _launch_router(x, weight, bias, logits)
+    return logits
+
+
+def _launch_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    logits: torch.Tensor,
+    top_k: int = 0,
+    ids: torch.Tensor | None = None,
+    wts: torch.Tensor | None = None,
+) -> bool:
+    """The native router launch on x's current stream (arguments checked by the caller; T > 0):
+    logits in x's dtype, and with ``top_k`` its routing into ids/wts. True where the top-k ran
+    in the router's own launch."""
     _ensure_cuda_libs()
     with torch.cuda.device(x.device):
-        _native().moe_router_logits(
-            x.device.index if x.device.index is not None else torch.cuda.current_device(),
-            torch.cuda.current_stream(x.device).cuda_stream,
-            "bfloat16" if x.dtype == torch.bfloat16 else "float16",
-            t, int(x.shape[1]), e, _ptr(x), x.stride(0), _ptr(weight), _ptr(bias),
-            bias is not None and bias.dtype != torch.float32, _ptr(logits), False,
+        return bool(
+            _native().moe_router_logits(
+                x.device.index if x.device.index is not None else torch.cuda.current_device(),
+                torch.cuda.current_stream(x.device).cuda_stream,
+                "bfloat16" if x.dtype == torch.bfloat16 else "float16",
+                int(x.shape[0]), int(x.shape[1]), int(weight.shape[0]), _ptr(x), x.stride(0),
+                _ptr(weight), _ptr(bias), bias is not None and bias.dtype != torch.float32,
+                _ptr(logits), False, top_k, _ptr(ids), _ptr(wts),
+            )
         )
-    return logits
 
 
 @moe_router.register_fake
@@ -908,16 +925,7 @@ def moe_router_topk(
         ids.copy_(top)
         wts.copy_(torch.softmax(values, dim=-1))
         return packed
-    _ensure_cuda_libs()
-    with torch.cuda.device(x.device):
-        _native().moe_router_logits(
-            x.device.index if x.device.index is not None else torch.cuda.current_device(),
-            torch.cuda.current_stream(x.device).cuda_stream,
-            "bfloat16" if x.dtype == torch.bfloat16 else "float16",
-            t, int(x.shape[1]), e, _ptr(x), x.stride(0), _ptr(weight), _ptr(bias),
-            bias is not None and bias.dtype != torch.float32, _ptr(logits), False,
-            top_k, _ptr(ids), _ptr(wts),
-        )
+    _launch_router(x, weight, bias, logits, top_k, ids, wts)
     return packed
 
 
