@@ -43,8 +43,13 @@ pack() {
 status() { echo "$(date -u +%T) $*" | tee -a "$W/status"; }
 
 job_moetest() {
-  # GPU tests of the MoE kernels; if they fail, every later job of this sitting falls back to
-  # the first decode variant on row-order experts.
+  # GPU tests of the MoE kernels (MOETEST_K: a pytest -k expression, e.g. router). If the whole
+  # file fails, every later job of this sitting falls back to the first decode variant on
+  # row-order experts.
+  if [ -n "${MOETEST_K:-}" ]; then
+    python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py -k "$MOETEST_K"
+    return
+  fi
   python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py \
     || echo "export GPTOSS_3090_MOE_DECODE=1 GPTOSS_3090_MOE_WEIGHTS_ORDER=rows" >> "$W/env"
 }
