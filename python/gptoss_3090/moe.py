@@ -64,6 +64,7 @@ def _check_weights_order(what: str, order: str) -> None:
 _BLOCK = 64
 _NESTED_BLOCK = 256
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+_MAX_TOP_K = 8  # experts per token the kernels route (kernels/moe.cu MOE_MAX_TOPK)
 _ROUTE_WEIGHTS, _ROUTE_LOGITS, _ROUTE_GIVEN = 0, 1, 2
 
 
@@ -515,9 +516,9 @@ def _check_args(
     )
     _need(1 <= e <= 256, ValueError, f"experts: expected 1..256, found {e}")
     _need(
-        isinstance(top_k, int) and 1 <= top_k <= min(8, e),
+        isinstance(top_k, int) and 1 <= top_k <= min(_MAX_TOP_K, e),
         ValueError,
-        f"top_k: expected 1..{min(8, e)}, found {top_k}",
+        f"top_k: expected 1..{min(_MAX_TOP_K, e)}, found {top_k}",
     )
     for prefix, parts, n, k in (("gate_up", gu, 2 * i, h), ("down", dn, h, i)):
         nb = n * k // 64
@@ -909,9 +910,9 @@ def moe_router_topk(
     _check_router_args(x, weight, bias)
     t, e = int(x.shape[0]), int(weight.shape[0])
     _need(
-        1 <= top_k <= min(8, e), ValueError,
-        f"router top-k: top_k must be in 1..{min(8, e)} (at most 8 and the {e} experts), "
-        f"found {top_k}",
+        1 <= top_k <= min(_MAX_TOP_K, e), ValueError,
+        f"router top-k: top_k must be in 1..{min(_MAX_TOP_K, e)} (at most {_MAX_TOP_K} and the "
+        f"{e} experts), found {top_k}",
     )
     packed = torch.empty(t, router_topk_width(e, top_k), dtype=torch.int32, device=x.device)
     ids, wts, logits = router_topk_unpack(packed, e, top_k, x.dtype)

@@ -677,7 +677,7 @@ fn prefill_tiles(tokens: usize, topk: usize, experts: usize, bm: usize) -> usize
     (tokens * topk).div_ceil(bm) + experts
 }
 
-fn u32_of(name: &str, v: usize) -> Result<u32> {
+pub(crate) fn u32_of(name: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::arg(format!("{name}: grid size {v} too large")))
 }
 

@@ -15,7 +15,7 @@
 //! kernel family.
 use crate::cuda::GpuDevice;
 use crate::error::{Error, Result};
-use crate::ops::moe::MoeParams;
+use crate::ops::moe::{u32_of, MoeParams, MAX_TOPK};
 use crate::ops::{check_opt_ptr, check_ptr, check_row_stride, to_i32, Dtype};
 
 /// Tokens one block multiplies (kernels/moe.cu `ROUTER_TOKENS`).
@@ -27,8 +27,6 @@ pub const MAX_HIDDEN: usize = 4096;
 const ROUTER_THREADS: u32 = 128;
 /// Most experts (the grid's x dimension is one block per expert; the MoE's own bound).
 pub const MAX_EXPERTS: usize = 256;
-/// Most experts per token the top-k selects (kernels/moe.cu `MOE_MAX_TOPK`).
-pub const MAX_TOPK: usize = 8;
 /// Blocks per cluster of `moe_router_topk` (kernels/moe.cu `ROUTER_TOPK_BLOCKS`, the portable
 /// cluster size) and experts per block (`ROUTER_TOPK_GROUPS`, 128 threads each).
 const TOPK_CLUSTER_BLOCKS: u32 = 8;
@@ -142,12 +140,7 @@ impl RouterArgs {
     /// a top-k is asked for, the GPU runs its own sm_90 launches, the experts fit one
     /// cluster, and [`TOPK_CLUSTER_ENV`] allows it.
     pub fn cluster_topk(&self, sm90_launch_ok: bool) -> Result<bool> {
-        let allowed = crate::ops::env_switch(
-            std::env::var(TOPK_CLUSTER_ENV).ok().as_deref(),
-            TOPK_CLUSTER_ENV,
-            ("off", "on"),
-            true,
-        )?;
+        let allowed = cluster_topk_allowed(std::env::var(TOPK_CLUSTER_ENV).ok().as_deref())?;
         Ok(
             self.topk.is_some()
                 && sm90_launch_ok
@@ -171,6 +164,11 @@ impl RouterArgs {
 /// one-launch router top-k where it can run; `off` always runs the logits launch and then
 /// `moe_route` (for comparisons; the same bits).
 pub const TOPK_CLUSTER_ENV: &str = "GPTOSS_3090_ROUTER_TOPK_CLUSTER";
+
+/// [`TOPK_CLUSTER_ENV`] for an explicit setting (`None` = unset).
+fn cluster_topk_allowed(setting: Option<&str>) -> Result<bool> {
+    crate::ops::env_switch(setting, TOPK_CLUSTER_ENV, ("off", "on"), true)
+}
 
 /// Launches the router (and its top-k, where asked) on `args.stream`; returns whether the
 /// top-k ran in the router's own launch (`moe_router_topk`).
@@ -214,8 +212,7 @@ pub unsafe fn router_logits(dev: &GpuDevice, args: &RouterArgs) -> Result<bool> 
     unsafe { dev.launch(&f, grid, (ROUTER_THREADS, 1, 1), 0, args.stream, &params)? };
     if args.topk.is_some() {
         let f = dev.function_for_stream("moe", &args.dtype.entry("moe_route"), args.stream)?;
-        let blocks = u32::try_from(args.tokens.div_ceil(8))
-            .map_err(|_| Error::arg(format!("router: {} tokens is too many", args.tokens)))?;
+        let blocks = u32_of("router top-k", args.tokens.div_ceil(8))?;
         // SAFETY: forwarded contract; one warp per token (t = 8 x + warp < T) reads the logits
         // just written and writes its ids/weights row.
         unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, args.stream, &params)? };
@@ -347,6 +344,19 @@ mod tests {
         );
         a.experts = 128; // gpt-oss-120b: more than one cluster holds
         assert!(!a.cluster_topk(true)?);
+        Ok(())
+    }
+
+    #[test]
+    fn cluster_topk_knob_parses() -> Result<()> {
+        assert!(cluster_topk_allowed(None)?);
+        assert!(cluster_topk_allowed(Some("on"))?);
+        assert!(!cluster_topk_allowed(Some(" off "))?);
+        let err = cluster_topk_allowed(Some("maybe")).unwrap_err().to_string();
+        assert!(
+            err.contains(TOPK_CLUSTER_ENV) && err.contains("off"),
+            "{err}"
+        );
         Ok(())
     }
 
