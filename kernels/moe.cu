@@ -223,6 +223,25 @@ __device__ __forceinline__ void load_tables(float* s_lut, float* s_nmap, u64 nes
 // Routing: one warp per token.
 // ---------------------------------------------------------------------------------------------
 
+// Softmax over k selected logits (sel_v in selection order, sel_v[0] the largest) and the store
+// of the token's routing: one thread. Every routing path ends here, so their weights are the
+// same bits.
+__device__ __forceinline__ void topk_softmax_store(const float* sel_v, const int* sel_e, int k,
+                                                   int* ids, float* wts) {
+    const float m = sel_v[0];
+    float w[MOE_MAX_TOPK];
+    float sum = 0.0f;
+    for (int i = 0; i < k; ++i) {
+        // All selected logits -inf: fall back to equal weights instead of NaN.
+        w[i] = (m == -__int_as_float(0x7f800000)) ? 1.0f : expf(sel_v[i] - m);
+        sum += w[i];
+    }
+    for (int i = 0; i < k; ++i) {
+        ids[i] = sel_e[i];
+        wts[i] = w[i] / sum;
+    }
+}
+
 // Top-k over the logits one warp holds (lane l has experts l, l+32, ...), ties to the lower expert
 // index, NaN treated as -inf; softmax over the k selected logits only. Lane 0 writes the token's
 // topk ids/weights to ids[0..topk) / wts[0..topk) (global or shared memory).
@@ -259,20 +278,7 @@ __device__ __forceinline__ void warp_topk_softmax(const MoeParams& p, float (&v)
         sel_v[i < MOE_MAX_TOPK ? i : 0] = bv;
         sel_e[i < MOE_MAX_TOPK ? i : 0] = be;
     }
-    if (lane == 0) {
-        const float m = sel_v[0];
-        float w[MOE_MAX_TOPK];
-        float sum = 0.0f;
-        for (int i = 0; i < p.topk; ++i) {
-            // All selected logits -inf: fall back to equal weights instead of NaN.
-            w[i] = (m == -__int_as_float(0x7f800000)) ? 1.0f : expf(sel_v[i] - m);
-            sum += w[i];
-        }
-        for (int i = 0; i < p.topk; ++i) {
-            ids[i] = sel_e[i];
-            wts[i] = w[i] / sum;
-        }
-    }
+    if (lane == 0) topk_softmax_store(sel_v, sel_e, p.topk, ids, wts);
 }
 
 // Routing of tokens [0, T) from given logits by the whole block: the thread of (token t, expert
@@ -479,8 +485,8 @@ __device__ void moe_router(const MoeParams& p) {
 // groups of 128 threads per block. Group g of block y computes expert 4 y + g exactly as
 // moe_router's block does (the same logits, written to p.logits), then stores its tokens'
 // logits into block 0's shared memory (distributed shared memory); after the cluster barrier,
-// block 0 routes each token with one warp (warp_topk_softmax, as moe_route does from the stored
-// logits) into ws_ids / ws_wts [T, topk]. This replaces vLLM's top-k launch after the router:
+// block 0 routes each token with one warp (the selection and softmax of warp_topk_softmax, which
+// moe_route runs over the stored logits, by ranks) into ws_ids / ws_wts [T, topk]. This replaces vLLM's top-k launch after the router:
 // the logits never leave the chip for the top-k. E <= ROUTER_TOPK_MAX_EXPERTS (the launcher
 // checks; larger routers take moe_router + moe_route).
 // ---------------------------------------------------------------------------------------------
@@ -514,12 +520,34 @@ __device__ void moe_router_topk(const MoeParams& p) {
     cluster_sync_all();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (rank != 0 || warp >= nt) return;
-    float v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = -__int_as_float(0x7f800000);
-    if (lane < p.E) v[0] = gathered[warp][lane];
+    // Warp `warp` routes token t0 + warp, lane e ranking expert e's logit among the token's E
+    // (NaN as -inf, ties to the lower expert: warp_topk_softmax's order) in one parallel step of
+    // E broadcast reads, instead of k dependent rounds of 5 shuffle pairs (session 27: the
+    // shuffle rounds made this launch cost as much as the two it replaces).
+    const float* row = gathered[warp];
+    auto logit = [&](int e) -> float {
+        const float f = row[e];
+        return f != f ? -__int_as_float(0x7f800000) : f;
+    };
+    __shared__ float sel_v[ROUTER_TOKENS][MOE_MAX_TOPK];
+    __shared__ int sel_e[ROUTER_TOKENS][MOE_MAX_TOPK];
+    if (lane < p.E) {
+        const float v = logit(lane);
+        int r = 0;
+        for (int j = 0; j < p.E; ++j) {
+            const float o = logit(j);
+            r += (o > v || (o == v && j < lane)) ? 1 : 0;
+        }
+        if (r < p.topk) {
+            sel_v[warp][r] = v;
+            sel_e[warp][r] = lane;
+        }
+    }
+    __syncwarp();
     const long long t = t0 + warp;
-    warp_topk_softmax(p, v, (int*)p.ws_ids + t * p.topk, (float*)p.ws_wts + t * p.topk);
+    if (lane == 0)
+        topk_softmax_store(sel_v[warp], sel_e[warp], p.topk, (int*)p.ws_ids + t * p.topk,
+                           (float*)p.ws_wts + t * p.topk);
 }
 #endif
 
