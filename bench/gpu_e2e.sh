@@ -152,11 +152,12 @@ job_e2e() {
 
 job_e2e_decode() {
   # Decode at batch 16 and 64 only (0.85 of the card), both sides: the e2e job's decode rows
-  # without its prefill and 24 GiB runs. E2E_WORKLOADS narrows it further (e.g. decode_b64).
+  # without its prefill and 24 GiB runs. E2E_WORKLOADS picks the workloads (e.g. decode_b1
+  # prefill_16x2048), E2E_BUDGETS the budgets (full, 24gib: 23.0 GiB, an RTX 3090's).
   wait_synth
-  # shellcheck disable=SC2086  # a list of workloads
-  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" --budgets full \
-    --workloads ${E2E_WORKLOADS:-decode_b16 decode_b64}
+  # shellcheck disable=SC2086  # lists of budgets and workloads
+  python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" \
+    --budgets ${E2E_BUDGETS:-full} --workloads ${E2E_WORKLOADS:-decode_b16 decode_b64}
 }
 
 job_e2e_dummy() {
