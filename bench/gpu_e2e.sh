@@ -173,14 +173,25 @@ job_e2e_routing() {
   # Ours with each routing mode of E2E_ROUTING_RUNS in turn (GPTOSS_3090_MOE_ROUTING; default
   # "vllm router": vLLM's top-k launch then our MoE op, against our router routing in its own
   # launch), one engine each, at E2E_WORKLOADS (default decode_b1 decode_b64), ours only.
+  # PROFILE_WORKLOAD (one of them, e.g. decode_b64) also traces 32 decode steps of each engine
+  # there and writes one kernel table for all modes (res/e2e_routing_kernels.md).
   wait_synth
-  local mode
+  local mode prof=() folders=()
+  [ -n "${PROFILE_WORKLOAD:-}" ] && prof=(--profile-workload "$PROFILE_WORKLOAD")
   for mode in ${E2E_ROUTING_RUNS:-vllm router}; do
     # shellcheck disable=SC2086  # a list of workloads
     GPTOSS_3090_MOE_ROUTING=$mode python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" \
       --out "$W/res/e2e_routing_$mode" --sides ours --budgets full \
-      --workloads ${E2E_WORKLOADS:-decode_b1 decode_b64}
+      --workloads ${E2E_WORKLOADS:-decode_b1 decode_b64} "${prof[@]}"
+    if [ -n "${PROFILE_WORKLOAD:-}" ]; then
+      mv "$W/res/e2e_routing_$mode/traces/ours_full" "$W/res/e2e_routing_$mode/traces/$mode"
+      folders+=("$W/res/e2e_routing_$mode/traces/$mode")
+    fi
   done
+  if [ ${#folders[@]} -gt 0 ]; then
+    python3 bench/trace_kernels.py "${folders[@]}" --steps 32 --out "$W/res/e2e_routing_kernels.md"
+    rm -rf "$W"/res/e2e_routing_*/traces
+  fi
 }
 
 job_router() {
