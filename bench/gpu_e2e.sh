@@ -36,6 +36,11 @@ commit=$(cat COMMIT 2>/dev/null || echo unknown)
 export GPTOSS_3090_GIT_COMMIT=$commit
 
 pack() {
+  # The Triton source of the per-layer Inductor kernels the traces name only generically
+  # (INDUCTOR_KERNELS), once an engine has compiled them on this machine.
+  # shellcheck disable=SC2086  # a list of names
+  python3 bench/inductor_kernels.py ${INDUCTOR_KERNELS:-triton_poi_fused_2 triton_poi_fused_3} \
+    --out "$W/inductor_kernels.txt" > /dev/null 2>&1 || true
   df -h / | tail -1 > "$W/disk.txt"
   nvidia-smi --query-gpu=name,memory.used --format=csv,noheader >> "$W/disk.txt" 2>&1
   tar czf "$OUT/e2e.tgz" -C "$W" --exclude='*.safetensors' --exclude='*.ncu-rep' . 2>/dev/null
