@@ -8,25 +8,18 @@ token-dependent logits: every token picks the same 4 experts. ``bench_vllm_e2e._
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_modules import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 H, E, VOCAB, LAYERS = 256, 32, 200_000, 3
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = ROOT / "bench" / "bench_vllm_e2e.py"
-    spec = importlib.util.spec_from_file_location("bench_vllm_e2e", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_vllm_e2e")
 
 
 def _dummy(shape: tuple[int, ...]) -> torch.Tensor:
@@ -89,15 +82,6 @@ def test_redraw_fills_mxfp4_codes_and_scales(bench) -> None:
     assert bool((scales == 127 - 7).all())  # e8m0 2^-7
 
 
-def _load(name: str):
-    path = ROOT / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_profiler_config_is_accepted_by_vllm(bench, tmp_path) -> None:
     config = pytest.importorskip("vllm.config.profiler")
     cfg = config.ProfilerConfig(**bench.profiler_config(str(tmp_path)))
@@ -108,7 +92,7 @@ def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
     import gzip
     import json
 
-    tk = _load("trace_kernels")
+    tk = load_bench("trace_kernels")
     events = [
         {"ph": "X", "cat": "kernel", "name": "moe_str_up_n1_bf16", "dur": 10.0},
         {"ph": "X", "cat": "kernel", "name": "moe_str_up_n1_bf16", "dur": 30.0},
@@ -136,7 +120,7 @@ def test_trace_kernels_sums_gpu_kernels_per_step(tmp_path) -> None:
 
 def test_trace_kernels_reports_gpu_busy_time_against_the_span() -> None:
     """Overlapping kernels count once; the gaps between them count in the span only."""
-    tk = _load("trace_kernels")
+    tk = load_bench("trace_kernels")
     events = [
         {"ph": "X", "cat": "kernel", "name": "a", "ts": 100.0, "dur": 10.0},
         {"ph": "X", "cat": "kernel", "name": "b", "ts": 105.0, "dur": 10.0},  # overlaps a
@@ -154,7 +138,7 @@ def test_trace_kernels_reports_gpu_busy_time_against_the_span() -> None:
 def test_trace_kernels_finds_kernels_that_start_early() -> None:
     """A kernel that starts before the one before it has ended (programmatic dependent launch)
     is counted with its overlap; back-to-back kernels and CPU ops are not."""
-    tk = _load("trace_kernels")
+    tk = load_bench("trace_kernels")
     events = [
         {"ph": "X", "cat": "kernel", "name": "attn", "ts": 100.0, "dur": 10.0},
         {"ph": "X", "cat": "kernel", "name": "nf4_o", "ts": 104.0, "dur": 20.0},  # 6 us early
@@ -218,7 +202,7 @@ def test_repeats_below_one_is_refused(bench, capsys) -> None:
 def test_attention_bench_decode_cases_parse_and_reject() -> None:
     """bench_attention.py --decode-cases: BATCHxCONTEXT pairs; anything else is a usage error
     naming the bad item (the batch-1 short-context cases of the session-14 trace)."""
-    ba = _load("bench_attention")
+    ba = load_bench("bench_attention")
     assert ba.decode_cases("1x256, 16x8192") == [(1, 256), (16, 8192)]
     for bad in ("1x", "0x256", "1x256x2", "ax1"):
         with pytest.raises(SystemExit, match="decode-cases"):
@@ -227,7 +211,7 @@ def test_attention_bench_decode_cases_parse_and_reject() -> None:
 
 def test_router_bench_tokens_parse_and_reject() -> None:
     """bench_router.py --tokens: positive integers; anything else is a usage error naming it."""
-    br = _load("bench_router")
+    br = load_bench("bench_router")
     assert br.tokens_list("1, 2,64") == [1, 2, 64]
     for bad in ("0", "1,,2", "x", "-4"):
         with pytest.raises(SystemExit, match="--tokens"):

@@ -6,12 +6,10 @@ source inlined as ``NAME = async_compile.triton('NAME', '''...''', device_str='c
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_modules import load_bench
 
 WRAPPER = """
 from torch._inductor.async_compile import AsyncCompile
@@ -39,13 +37,7 @@ def triton_poi_fused_3(in_ptr0, in_ptr1):
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location(
-        "inductor_kernels", ROOT / "bench" / "inductor_kernels.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("inductor_kernels")
 
 
 def test_finds_each_named_kernel_once(tool, tmp_path: Path) -> None:

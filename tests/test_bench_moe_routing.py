@@ -3,25 +3,16 @@ earlier draws, and ``--routing-skew`` piles pairs onto the same experts for ever
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_modules import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "bench" / "bench_moe.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_moe")
 
 
 def test_uniform_logits_are_the_plain_draws(bench) -> None:

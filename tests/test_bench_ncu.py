@@ -7,13 +7,11 @@ row per SASS instruction) is what ``ncu --page source --csv --print-source sass`
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)",
           "Warp Stall Sampling (Not-issued Samples)", "Instructions Executed",
           "stall_long_sb", "stall_wait", "stall_barrier", "stall_long_sb (Not Issued)"]
@@ -21,13 +19,7 @@ HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)",
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("ncu_sass_summary",
-                                                  ROOT / "bench" / "ncu_sass_summary.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("ncu_sass_summary")
 
 
 def _write(path: Path, rows: list[tuple[str, int, int, int, int, int]]) -> Path:

@@ -3,26 +3,14 @@ reported bit-identical, a differing or missing case fails the comparison."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_modules import load_bench
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location(
-        "variant_check", ROOT / "bench" / "variant_check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("variant_check")
 
 
 def test_compare_reports_equal_differing_and_missing_cases(tool, tmp_path, capsys):
