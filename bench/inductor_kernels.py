@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", action="append", type=Path, help="search here (default: caches)")
     p.add_argument("--out", type=Path, help="write the report here (default: stdout)")
     a = p.parse_args(argv)
+    missing = [str(r) for r in a.root or [] if not r.is_dir()]
+    if missing:
+        p.error(f"--root: not a directory: {', '.join(missing)}")
     roots = a.root or default_roots()
     found = find_kernels(a.names, roots)
     lines = [f"# searched: {', '.join(str(r) for r in roots) or '(no cache directory)'}"]

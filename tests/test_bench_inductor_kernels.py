@@ -64,3 +64,10 @@ def test_cli_reports_and_fails_when_nothing_matches(tool, tmp_path: Path) -> Non
     assert "## triton_poi_fused_3: 1 distinct source(s)" in report and "tmp0 + tmp1" in report
     assert tool.main(["nope", "--root", str(tmp_path), "--out", str(out)]) == 1
     assert "## nope: 0 distinct source(s)" in out.read_text()
+
+
+def test_cli_rejects_a_missing_root(tool, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        tool.main(["triton_poi_fused_3", "--root", str(tmp_path / "absent")])
+    assert err.value.code == 2
+    assert "--root: not a directory" in capsys.readouterr().err
