@@ -23,8 +23,8 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_routing, e2e_profile, e2e_pdl, router, smoke. Results land in
-# /root/e2e/{status,logs,res}.
+# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, smoke.
+# Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
 CK=/root/ck
@@ -165,6 +165,26 @@ job_e2e_decode() {
   # shellcheck disable=SC2086  # lists of budgets and workloads
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" \
     --budgets ${E2E_BUDGETS:-full} --workloads ${E2E_WORKLOADS:-decode_b16 decode_b64}
+}
+
+job_e2e_env() {
+  # Ours only, one engine per entry of E2E_ENV_RUNS (space-separated; each entry is one or more
+  # VAR=value settings joined by commas, e.g. GPTOSS_3090_ATTN_ROPE=vllm), at E2E_ENV_WORKLOADS
+  # (default decode_b1 decode_b16 decode_b64), 0.85 of the card: a same-sitting A/B of a
+  # setting against e2e_decode's ours side.
+  wait_synth
+  local run name
+  for run in ${E2E_ENV_RUNS:?E2E_ENV_RUNS}; do
+    name=$(echo "$run" | tr ',=' '__' | tr -cd 'A-Za-z0-9_.-')
+    # shellcheck disable=SC2086  # a list of workloads; the settings split on commas
+    env ${run//,/ } python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
+      --out "$W/res/e2e_env_$name" --budgets full \
+      --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64}
+  done
+}
+
+job_attntest() {
+  python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_attention_gpu.py
 }
 
 job_e2e_dummy() {

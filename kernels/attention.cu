@@ -11,6 +11,11 @@
 //
 // Stages (one `extern "C"` entry per dtype each, all taking one by-value params struct):
 //   attn_kv_write_{bf16,f16}          scatter new K/V rows into the paged cache (slot < 0 = skip).
+//   attn_rope_write_{bf16,f16}        RoPE on the queries (into the output buffer, which the
+//                                     attention then reads them from) and on the new keys, written
+//                                     into the cache with the new values: the KV write of batches
+//                                     the decode kernel does not serve alone, when vLLM hands the
+//                                     rotary embedding to the attention (AttnParams::rope_cos_sin).
 //   attn_fwd_m{64,128}_{bf16,f16}     FlashAttention-2 style varlen kernel (prefill / mixed): one CTA
 //                                     = one KV head x a tile of (tokens x the G query heads sharing it),
 //                                     tiled online softmax with mma.sync, cp.async double buffering.
@@ -114,6 +119,46 @@ struct AttnParams {
     i64 k_new_stride_head;       // key.stride(1)
     i64 v_new_stride_tok;        // value.stride(0)
     i64 v_new_stride_head;       // value.stride(1)
+    // RoPE folded in (GPT-OSS's neox style over all 64 dims; null: q and the new keys arrive
+    // rotated). [rope_positions][64] fp32: cos of the 32 frequencies, then their sin (vLLM's
+    // cos_sin_cache). The decode kernel rotates its q fragments and the new keys it reads from
+    // k_new, at the positions vLLM gives its rotary op: query i of request r at
+    // seq_len - q_len + i, a new key at its own index. The launcher checks that every position is
+    // below rope_positions (max_seq_len <= rope_positions).
+    const float* rope_cos_sin;
+    i64 rope_positions;
+};
+
+// The RoPE launch (attn_rope_write): q -> q_out rotated, the new keys rotated into the cache, the
+// new values copied there. Strides in elements.
+struct AttnRopeWriteParams {
+    const u16* q;                // [T, Hq, 64], last dim contiguous
+    u16* q_out;                  // [T, Hq, 64]: the attention's output buffer
+    const u16* key;              // [T, Hkv, 64]
+    const u16* value;            // [T, Hkv, 64]
+    u16* k_cache;                // kv_cache.data_ptr()
+    u16* v_cache;                // kv_cache.data_ptr() + 64 elements
+    const void* slot_mapping;    // [>= T] int32 or int64 (slot < 0: not written)
+    const i32* query_start_loc;  // [num_reqs + 1]
+    const i32* seq_lens;         // [num_reqs]
+    const float* rope_cos_sin;   // as AttnParams::rope_cos_sin
+    i64 q_stride_tok;
+    i64 q_stride_head;
+    i64 qo_stride_tok;
+    i64 qo_stride_head;
+    i64 key_stride_tok;
+    i64 key_stride_head;
+    i64 value_stride_tok;
+    i64 value_stride_head;
+    i64 cache_stride_block;      // kv_cache.stride(0)
+    i64 cache_stride_tok;        // kv_cache.stride(2)
+    i64 cache_stride_head;       // kv_cache.stride(1)
+    i32 num_tokens;              // T = query_start_loc[num_reqs]
+    i32 num_reqs;
+    i32 num_q_heads;
+    i32 num_kv_heads;
+    i32 block_size;
+    i32 slot_is_i64;
 };
 
 // -------------------------------------------------------------------------------------------------
@@ -294,6 +339,98 @@ __device__ __forceinline__ void attn_softmax_step(float (&s)[NJ][4], float (&o)[
 // -------------------------------------------------------------------------------------------------
 // KV-cache write.
 // -------------------------------------------------------------------------------------------------
+
+// RoPE of two packed dim pairs: lo2 holds dims (d, d + 1), hi2 dims (d + 32, d + 33), `cs` the
+// position's cos/sin row. x_lo' = x_lo cos - x_hi sin, x_hi' = x_hi cos + x_lo sin in fp32, rounded
+// once to the input dtype (what vLLM's compiled rotary op stores).
+template <int DTYPE>
+__device__ __forceinline__ void attn_rope_u32(const float* cs, int d, u32& lo2, u32& hi2) {
+    const float a0 = half_to_f32<DTYPE>((u16)(lo2 & 0xffffu)), a1 = half_to_f32<DTYPE>((u16)(lo2 >> 16));
+    const float b0 = half_to_f32<DTYPE>((u16)(hi2 & 0xffffu)), b1 = half_to_f32<DTYPE>((u16)(hi2 >> 16));
+    const float2 c = *(const float2*)(cs + d);  // d is even: 8-byte aligned
+    const float2 s = *(const float2*)(cs + 32 + d);
+    lo2 = pack_half2<DTYPE>(a0 * c.x - b0 * s.x, a1 * c.y - b1 * s.y);
+    hi2 = pack_half2<DTYPE>(b0 * c.x + a0 * s.x, b1 * c.y + a1 * s.y);
+}
+
+// RoPE of 16-byte chunk `ch` (dims 8 ch .. 8 ch + 7) of a row, given its partner chunk ch ^ 4
+// (the dims 32 apart): returns the rotated chunk `ch`.
+template <int DTYPE>
+__device__ __forceinline__ u32x4 attn_rope_chunk(const float* cs, int ch, u32x4 mine, u32x4 partner) {
+    const bool low = ch < 4;
+    u32x4 lo = low ? mine : partner;
+    u32x4 hi = low ? partner : mine;
+    const int d = (ch & 3) * 8;
+    attn_rope_u32<DTYPE>(cs, d, lo.x, hi.x);
+    attn_rope_u32<DTYPE>(cs, d + 2, lo.y, hi.y);
+    attn_rope_u32<DTYPE>(cs, d + 4, lo.z, hi.z);
+    attn_rope_u32<DTYPE>(cs, d + 6, lo.w, hi.w);
+    return low ? lo : hi;
+}
+
+// One half-warp per row of (token, q head | K head | V head): lane l of the half moves dims
+// (2l, 2l + 1) and (2l + 32, 2l + 33), rotating q and K rows. A token finds its request by binary
+// search over query_start_loc (uniform across the half-warp); tokens past the last request's
+// (CUDA-graph padding) are left alone.
+template <int DTYPE>
+__device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& p) {
+    const int per_token = p.num_q_heads + 2 * p.num_kv_heads;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 4) + (threadIdx.x >> 4);
+    const int l = threadIdx.x & 15;
+    const i64 total = (i64)p.num_tokens * per_token;
+    if (row >= total) return;
+    const int t = (int)(row / per_token);
+    const int j = (int)(row - (i64)t * per_token);
+    const int d = 2 * l;
+    if (t >= p.query_start_loc[p.num_reqs]) return;  // padding rows past the requests' tokens
+    if (j >= p.num_q_heads) {  // K or V row: into the cache at the token's slot
+        const i64 slot = p.slot_is_i64 ? ((const i64*)p.slot_mapping)[t]
+                                       : (i64)((const i32*)p.slot_mapping)[t];
+        if (slot < 0) return;  // padding token
+        const i64 blk = slot / p.block_size;
+        const i64 off = slot - blk * p.block_size;
+        const bool is_v = j >= p.num_q_heads + p.num_kv_heads;
+        const int h = is_v ? j - p.num_q_heads - p.num_kv_heads : j - p.num_q_heads;
+        const i64 dst_row = blk * p.cache_stride_block + off * p.cache_stride_tok + h * p.cache_stride_head;
+        const u16* src = is_v ? p.value + (i64)t * p.value_stride_tok + h * p.value_stride_head
+                              : p.key + (i64)t * p.key_stride_tok + h * p.key_stride_head;
+        u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
+        if (!is_v) {
+            int lo_r = 0, hi_r = p.num_reqs - 1;  // the last request whose start is <= t
+            while (lo_r < hi_r) {
+                const int mid = (lo_r + hi_r + 1) >> 1;
+                if (p.query_start_loc[mid] <= t) lo_r = mid; else hi_r = mid - 1;
+            }
+            const int q0 = p.query_start_loc[lo_r];
+            const int pos = p.seq_lens[lo_r] - (p.query_start_loc[lo_r + 1] - q0) + (t - q0);
+            attn_rope_u32<DTYPE>(p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM, d, lo, hi);
+        }
+        u16* dst = (is_v ? p.v_cache : p.k_cache) + dst_row;
+        *(u32*)(dst + d) = lo;
+        *(u32*)(dst + d + 32) = hi;
+        return;
+    }
+    int lo_r = 0, hi_r = p.num_reqs - 1;
+    while (lo_r < hi_r) {
+        const int mid = (lo_r + hi_r + 1) >> 1;
+        if (p.query_start_loc[mid] <= t) lo_r = mid; else hi_r = mid - 1;
+    }
+    const int q0 = p.query_start_loc[lo_r];
+    const int pos = p.seq_lens[lo_r] - (p.query_start_loc[lo_r + 1] - q0) + (t - q0);
+    const u16* src = p.q + (i64)t * p.q_stride_tok + (i64)j * p.q_stride_head;
+    u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
+    attn_rope_u32<DTYPE>(p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM, d, lo, hi);
+    u16* dst = p.q_out + (i64)t * p.qo_stride_tok + (i64)j * p.qo_stride_head;
+    *(u32*)(dst + d) = lo;
+    *(u32*)(dst + d + 32) = hi;
+}
+
+extern "C" __global__ __launch_bounds__(256) void attn_rope_write_bf16(const AttnRopeWriteParams p) {
+    attn_rope_write_impl<DTYPE_BF16>(p);
+}
+extern "C" __global__ __launch_bounds__(256) void attn_rope_write_f16(const AttnRopeWriteParams p) {
+    attn_rope_write_impl<DTYPE_F16>(p);
+}
 
 // One thread moves one 16-byte chunk: (token, head, K chunk 0..7 | V chunk 8..15).
 template <int DTYPE>
@@ -626,6 +763,19 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             qf[ks][i + 2] = ok ? *(const u32*)(src + ks * 16 + 8) : 0u;
         }
     }
+    if (p.rope_cos_sin != nullptr) {
+        // RoPE in the fragments: dims d and d + 32 sit in k-steps ks and ks + 2 of the same lane.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (g + 8 * i >= rows) continue;
+            const float* cs = p.rope_cos_sin + (i64)qpos[i] * ATTN_HEAD_DIM;
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                attn_rope_u32<DTYPE>(cs, ks * 16 + 2 * tq, qf[ks][i], qf[ks + 2][i]);
+                attn_rope_u32<DTYPE>(cs, ks * 16 + 8 + 2 * tq, qf[ks][i + 2], qf[ks + 2][i + 2]);
+            }
+        }
+    }
 
     u16* my_kv = s_kv + warp * NST * 2 * TILE;
 
@@ -678,8 +828,21 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
                 const i64 tok = q_start + (key - ctx);
                 ksrc = p.k_new + tok * p.k_new_stride_tok + (i64)kvh * p.k_new_stride_head + ch * 8;
                 vsrc = p.v_new + tok * p.v_new_stride_tok + (i64)kvh * p.v_new_stride_head + ch * 8;
-                *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
                 *(u32x4*)(const_cast<u16*>(p.v) + off) = *(const u32x4*)vsrc;
+                if (p.rope_cos_sin != nullptr) {
+                    // Rotated on the way (position = the key's index): the lane also reads the
+                    // partner chunk 32 dims away, and stores the tile's copy itself (__syncwarp
+                    // before the tile is read orders it like the copies).
+                    const u32x4 mine = *(const u32x4*)ksrc;
+                    const u32x4 partner = *(const u32x4*)(ksrc + ((ch ^ 4) - ch) * 8);
+                    const u32x4 rot = attn_rope_chunk<DTYPE>(
+                        p.rope_cos_sin + (i64)key * ATTN_HEAD_DIM, ch, mine, partner);
+                    *(u32x4*)(const_cast<u16*>(p.k) + off) = rot;
+                    *(u32x4*)(sk + attn_swz(row, ch)) = rot;
+                    cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, 16u);
+                    continue;
+                }
+                *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
             }
             cp_async_16_zfill(sk + attn_swz(row, ch), ksrc, ok ? 16u : 0u);
             cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, ok ? 16u : 0u);

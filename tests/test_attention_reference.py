@@ -18,6 +18,8 @@ from gptoss_3090.attention_reference import (
     gather_paged_kv,
     kv_cache_write_ref,
     paged_attention_ref,
+    rope_neox_ref,
+    token_positions,
 )
 
 
@@ -228,6 +230,77 @@ def _backend():
     return GptOssSinkAttentionBackend
 
 
+def _rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def test_rope_ref_matches_vllm_rotary():
+    """rope_neox_ref (what the kernels' RoPE is judged by) is vLLM's own neox RoPE
+    (``RotaryEmbedding.forward_static``, the code torch.compile turns into the model's RoPE
+    kernels) on the same table and positions."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(5)
+    table = _rope_table(4096)
+    pos = torch.randint(0, 4096, (9,), generator=gen)
+    q = torch.randn(9, 4 * 64, generator=gen)
+    k = torch.randn(9, 2 * 64, generator=gen)
+    q_v, k_v = RotaryEmbedding.forward_static(pos, q.clone(), k.clone(), 64, 64, table, True)
+    assert torch.equal(rope_neox_ref(q.view(9, 4, 64), pos, table).reshape(9, -1), q_v)
+    assert torch.equal(rope_neox_ref(k.view(9, 2, 64), pos, table).reshape(9, -1), k_v)
+
+
+def test_token_positions():
+    qsl = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32)
+    lens = torch.tensor([10, 3, 7, 2], dtype=torch.int32)
+    assert token_positions(qsl, lens).tolist() == [9, 0, 1, 2, 0, 1]
+
+
+def test_paged_attention_rope_on_cpu():
+    """paged_attention with ``rope_cos_sin`` on unrotated q/k (the CPU fallback) equals RoPE
+    applied first, and leaves its inputs unchanged; its argument errors name the problem."""
+    from gptoss_3090 import attention as A
+
+    gen = torch.Generator().manual_seed(8)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    table = _rope_table(64)
+    kv = torch.zeros(4, hkv, bs, 2 * d)
+    bt = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 4], dtype=torch.int32)
+    lens = torch.tensor([20, 3], dtype=torch.int32)
+    old = torch.randn(19, hkv, d, generator=gen)
+    old_slots = torch.tensor([int(bt[0, j // bs]) * bs + j % bs for j in range(19)])
+    A.kv_cache_write(old, old, kv, old_slots)
+    q = torch.randn(4, hq, d, generator=gen)
+    k = torch.randn(4, hkv, d, generator=gen)
+    v = torch.randn(4, hkv, d, generator=gen)
+    slots = torch.tensor([int(bt[0, 1]) * bs + 3, 3 * bs, 3 * bs + 1, 3 * bs + 2])
+    pos = token_positions(qsl, lens)
+    assert pos.tolist() == [19, 0, 1, 2]
+    want_kv = kv.clone()
+    kr, qr = rope_neox_ref(k, pos, table), rope_neox_ref(q, pos, table)
+    A.kv_cache_write(kr, v, want_kv, slots)
+    want = paged_attention_ref(qr, want_kv, qsl, lens, bt, None, None, 0.125)
+    q0, k0 = q.clone(), k.clone()
+    out = torch.zeros_like(q)
+    args = (q, kv, out, qsl, lens, bt, None, None, 3, 20, None, 0.125)
+    torch.ops.gptoss_3090.paged_attention(*args, k, v, slots, table)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    assert torch.equal(kv, want_kv)
+    assert rel_err(out, want) < 1e-6
+    with pytest.raises(ValueError, match="needs the new K/V rows"):
+        torch.ops.gptoss_3090.paged_attention(*args, None, None, None, table)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.gptoss_3090.paged_attention(*args, k, v, slots, table.double())
+    with pytest.raises(ValueError, match="fewer than max_seq_len"):
+        torch.ops.gptoss_3090.paged_attention(*args, k, v, slots, table[:19])
+    with pytest.raises(ValueError, match="shape"):
+        torch.ops.gptoss_3090.paged_attention(*args, k, v, slots, table[:, :32])
+
+
 def test_backend_static_contract():
     backend = _backend()
     from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport
@@ -263,6 +336,39 @@ def test_backend_kv_write_setting(monkeypatch):
         AB._fold_kv_write()
 
 
+def test_backend_rope_setting(monkeypatch):
+    """``GPTOSS_3090_ATTN_ROPE``: ``fold`` (default, needs the folded KV write) or ``vllm``;
+    anything else names the variable. The impl takes only a RoPE it can run."""
+    backend = _backend()
+    from types import SimpleNamespace
+
+    from gptoss_3090.vllm import attention_backend as AB
+
+    monkeypatch.delenv(AB.ROPE_ENV, raising=False)
+    monkeypatch.delenv(AB.KV_WRITE_ENV, raising=False)
+    assert AB._fold_rope() is True
+    monkeypatch.setenv(AB.ROPE_ENV, "vllm")
+    assert AB._fold_rope() is False
+    monkeypatch.setenv(AB.ROPE_ENV, "fold")
+    monkeypatch.setattr(AB, "_FOLD_KV_WRITE", False)
+    assert AB._fold_rope() is False
+    monkeypatch.setenv(AB.ROPE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=AB.ROPE_ENV):
+        AB._fold_rope()
+
+    impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, None, "auto")
+    rope = SimpleNamespace(head_size=64, rotary_dim=64, is_neox_style=True,
+                           cos_sin_cache=_rope_table(8))
+    monkeypatch.setattr(AB, "_FOLD_ROPE", False)
+    assert impl.take_rotary_embedding(rope) is False and impl._rotary is None
+    monkeypatch.setattr(AB, "_FOLD_ROPE", True)
+    gptj = SimpleNamespace(**{**vars(rope), "is_neox_style": False})
+    partial = SimpleNamespace(**{**vars(rope), "rotary_dim": 32})
+    assert not impl.take_rotary_embedding(gptj) and not impl.take_rotary_embedding(partial)
+    assert impl.take_rotary_embedding(rope) is True
+    assert impl._rope_cos_sin(torch.device("cpu")) is rope.cos_sin_cache
+
+
 def test_backend_impl_positional_ctor():
     backend = _backend()
     sinks = torch.zeros(64)
@@ -293,8 +399,8 @@ def test_backend_unsupported_reasons():
         backend.get_impl_cls()(64, 128, 0.125, 8, None, None, "auto")
 
 
-@pytest.mark.parametrize("fold", [True, False])
-def test_backend_end_to_end_on_cpu(fold, monkeypatch):
+@pytest.mark.parametrize(("fold", "rope"), [(True, False), (False, False), (True, True)])
+def test_backend_end_to_end_on_cpu(fold, rope, monkeypatch):
     """Builder -> forward (which writes the new K/V rows itself; with ``fold`` False, as
     ``GPTOSS_3090_ATTN_KV_WRITE=separate``, vLLM calls do_kv_cache_update first and forward
     only reads), on CPU tensors (the ops fall back to the reference there), against the
@@ -347,13 +453,27 @@ def test_backend_end_to_end_on_cpu(fold, monkeypatch):
     from gptoss_3090.vllm import attention_backend as AB
 
     monkeypatch.setattr(AB, "_FOLD_KV_WRITE", fold)
+    monkeypatch.setattr(AB, "_FOLD_ROPE", rope)
     if not fold:
         impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
+    if rope:
+        # The model hands vLLM's rotary module over: q and k arrive unrotated.
+        table = _rope_table(4096)
+        rotary = SimpleNamespace(head_size=d, rotary_dim=d, is_neox_style=True,
+                                 cos_sin_cache=table)
+        assert impl.take_rotary_embedding(rotary)
+        unrotated_q, unrotated_k = query, key
+        pos = token_positions(qsl, cm.seq_lens)
+        query = torch.cat([rope_neox_ref(query[:t], pos, table), query[t:]])
+        key = torch.cat([rope_neox_ref(key[:t], pos, table), key[t:]])
     out = torch.full((t + pad, hq, d), 7.0)
-    impl.forward(None, query, key, value, kv_cache, md, out)
+    if rope:
+        impl.forward(None, unrotated_q, unrotated_k, value, kv_cache, md, out)
+    else:
+        impl.forward(None, query, key, value, kv_cache, md, out)
     for i, slot in enumerate(new_slots):
         blk, off = divmod(slot, bs)
-        assert torch.equal(kv_cache[blk, :, off, :d], key[i])
+        torch.testing.assert_close(kv_cache[blk, :, off, :d], key[i], rtol=0, atol=1e-6)
         assert torch.equal(kv_cache[blk, :, off, d:], value[i])
     # Independent expectation: contiguous K/V per request, naive formula.
     k0 = torch.cat([old_k, key[:1]])

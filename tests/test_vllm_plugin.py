@@ -939,6 +939,32 @@ def test_bad_checkpoint_gives_clear_error_at_load(cpu_vllm, tmp_path: Path) -> N
         _load(model, vc)
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_rope_moves_into_our_attention(
+    cpu_vllm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ours: bool
+) -> None:
+    """With our attention backend every layer hands its rotary module to the attention impl
+    (GPTOSS_3090_ATTN_ROPE=fold, the default), so forward skips vLLM's rotary op; with
+    TRITON_ATTN, or GPTOSS_3090_ATTN_ROPE=vllm, the layer keeps it."""
+    import vllm.model_executor.layers.attention.attention as attn_mod
+    from gptoss_3090.vllm import attention_backend as AB
+
+    if ours:
+        monkeypatch.setattr(
+            attn_mod, "get_attn_backend", lambda *a, **k: AB.GptOssSinkAttentionBackend
+        )
+    spec = fx.Spec()
+    path = fx.save_checkpoint(tmp_path / "ck", fx.build_tensors(spec), fx.config_dict(spec))
+    for fold in (True, False):
+        monkeypatch.setattr(AB, "_FOLD_ROPE", fold)
+        model, _ = _build(path)
+        for n in range(spec.layers):
+            attn = model.get_submodule(f"model.layers.{n}.attn")
+            assert attn.rope_in_attention is (ours and fold)
+            rotary = getattr(attn.attn.impl, "_rotary", None)
+            assert rotary is (attn.rotary_emb if ours and fold else None)
+
+
 def test_quantize_at_load_reproduces_synth_codes(cpu_vllm, synth_tiny: Path) -> None:
     """The bf16 reference/ served with --quantization bnb_moe: quantized at load (bitsandbytes'
     quantizer on the CPU here; ours on a GPU) to the codes of the NF4 checkpoint it came from,

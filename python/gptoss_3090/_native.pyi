@@ -377,12 +377,17 @@ def attention_forward(
     slot_mapping: int = 0,
     slot_is_i64: bool = False,
     new_rows: int = 0,
+    rope_cos_sin: int = 0,
+    rope_positions: int = 0,
 ) -> tuple[int, bool]:
     """GPT-OSS attention with sinks and an optional sliding ``window`` (decode and/or varlen
     kernels) over the paged cache (``cache`` != 0) or plain ``k``/``v`` tensors.
     ``sink_mode``: 0 none, 1 float32, 2 bfloat16, 3 float16. With ``new_key`` != 0 the queries'
     own K/V rows (``new_rows`` slots in ``slot_mapping``) are written into the paged cache too:
     inside the decode launch when no varlen launch is needed, else by ``attn_kv_write`` first.
+    ``rope_cos_sin`` != 0 (a float32 ``[rope_positions, 64]`` table; needs ``new_key``) rotates
+    the queries and the new keys (GPT-OSS's neox RoPE): in the decode launch, or else by
+    ``attn_rope_write`` into ``o`` and the cache first.
     Returns ``(decode_splits, varlen_launched)``."""
 
 def attention_decode_splits(

@@ -32,6 +32,8 @@ from gptoss_3090.attention_reference import (
     attention_ref,
     kv_cache_write_ref,
     paged_attention_ref,
+    rope_neox_ref,
+    token_positions,
 )
 
 __all__ = [
@@ -264,6 +266,7 @@ def paged_attention(
     key: Optional[torch.Tensor] = None,  # noqa: UP045
     value: Optional[torch.Tensor] = None,  # noqa: UP045
     slot_mapping: Optional[torch.Tensor] = None,  # noqa: UP045
+    rope_cos_sin: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> None:
     """Attention of ``query`` ``[T, Hq, 64]`` over the paged cache, written to ``output``.
 
@@ -280,11 +283,27 @@ def paged_attention(
     writes the new rows too: a decode-only batch (``max_query_len * Hq / Hkv <= 16``) does it
     inside the decode launch, at the slots the block table gives (vLLM builds ``slot_mapping``
     from the same table), and anything else runs :func:`kv_cache_write` first.
+
+    ``rope_cos_sin`` (needs the new rows; vLLM's float32 ``cos_sin_cache`` ``[P, 64]`` with
+    ``P >= max_seq_len``: cos of the 32 frequencies, then their sin) hands GPT-OSS's rotary
+    embedding to the op: ``query`` and ``key`` arrive unrotated, and the op rotates them (neox
+    style, fp32 math, rounded once) at the positions above. The decode launch does it on the
+    way; other batches rotate the queries into ``output`` first and write the rotated keys into
+    the cache. ``query`` and ``key`` are not modified.
     """
     new_kv = (key, value, slot_mapping)
     if any(t is not None for t in new_kv) and any(t is None for t in new_kv):
         raise ValueError("paged_attention: pass key, value and slot_mapping together, or none")
+    if rope_cos_sin is not None:
+        _check_rope(rope_cos_sin, key, query.device, max_seq_len)
     if not query.is_cuda:
+        if rope_cos_sin is not None:
+            n = int(query_start_loc[-1])
+            pos = token_positions(query_start_loc, seq_lens)
+            query = query.clone()
+            query[:n] = rope_neox_ref(query[:n], pos, rope_cos_sin).to(query.dtype)
+            key = key.clone()
+            key[:n] = rope_neox_ref(key[:n], pos, rope_cos_sin).to(key.dtype)
         if key is not None:
             kv_cache_write(key, value, kv_cache, slot_mapping)
         ref = paged_attention_ref(
@@ -368,7 +387,35 @@ def paged_attention(
         block_table_shape=tuple(block_table.shape),
         block_table_stride=block_table.stride(0),
         **new_kv_args,
+        rope_cos_sin=0 if rope_cos_sin is None else rope_cos_sin.data_ptr(),
+        rope_positions=0 if rope_cos_sin is None else rope_cos_sin.shape[0],
     )
+
+
+def _check_rope(
+    rope_cos_sin: torch.Tensor, key: torch.Tensor | None, device: torch.device, max_seq_len: int
+) -> None:
+    """Checks paged_attention's RoPE table (see its docstring)."""
+    if key is None:
+        raise ValueError(
+            "paged_attention: rope_cos_sin needs the new K/V rows (key, value, slot_mapping)"
+        )
+    if rope_cos_sin.device != device:
+        raise ValueError(f"rope_cos_sin is on {rope_cos_sin.device}, expected {device}")
+    if rope_cos_sin.dtype != torch.float32:
+        raise TypeError(f"rope_cos_sin: dtype must be float32, found {rope_cos_sin.dtype}")
+    if rope_cos_sin.dim() != 2 or rope_cos_sin.shape[1] != HEAD_DIM:
+        raise ValueError(
+            f"rope_cos_sin: expected shape [positions, {HEAD_DIM}], found "
+            f"{tuple(rope_cos_sin.shape)}"
+        )
+    if not rope_cos_sin.is_contiguous() or rope_cos_sin.data_ptr() % 16:
+        raise ValueError("rope_cos_sin: must be contiguous and 16-byte aligned")
+    if rope_cos_sin.shape[0] < max_seq_len:
+        raise ValueError(
+            f"rope_cos_sin has {rope_cos_sin.shape[0]} positions, fewer than max_seq_len = "
+            f"{max_seq_len}"
+        )
 
 
 def _new_kv_args(
@@ -413,6 +460,7 @@ def _paged_attention_fake(
     key=None,
     value=None,
     slot_mapping=None,
+    rope_cos_sin=None,
 ) -> None:
     return None
 

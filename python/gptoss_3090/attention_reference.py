@@ -34,9 +34,39 @@ __all__ = [
     "kv_cache_write_ref",
     "paged_attention_ref",
     "random_paged_batch",
+    "rope_neox_ref",
+    "token_positions",
     "sink_attention_one_seq",
     "vllm_triton_available",
 ]
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Absolute position of every query token (int64 ``[query_start_loc[-1]]``): query ``i`` of
+    request ``r`` sits at ``seq_lens[r] - q_len(r) + i``, the positions vLLM gives its rotary op."""
+    qsl = query_start_loc.to(torch.int64).cpu()
+    lens = seq_lens.to(torch.int64).cpu()
+    out = []
+    for r in range(lens.shape[0]):
+        q_len = int(qsl[r + 1] - qsl[r])
+        start = int(lens[r]) - q_len
+        out.append(torch.arange(start, start + q_len, dtype=torch.int64))
+    if not out:
+        return torch.zeros(0, dtype=torch.int64, device=query_start_loc.device)
+    return torch.cat(out).to(query_start_loc.device)
+
+
+def rope_neox_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's RoPE (neox style over the whole head) of ``x [T, H, 64]`` at ``positions [T]``,
+    with vLLM's ``cos_sin_cache`` layout (row ``p`` = cos of the 32 frequencies, then their sin):
+    ``x_lo' = x_lo cos - x_hi sin``, ``x_hi' = x_hi cos + x_lo sin`` in fp32, returned in fp32."""
+    half = x.shape[-1] // 2
+    cs = cos_sin.float()[positions.long()]  # [T, 64]
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+    xf = x.float()
+    lo, hi = xf[..., :half], xf[..., half:]
+    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1)
+
 
 # Queries processed at once per sequence (bounds the [Hq, chunk, seq] fp32 score matrix).
 _QUERY_CHUNK = 512

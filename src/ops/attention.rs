@@ -231,6 +231,79 @@ pub struct AttnParams {
     pub v_new_stride_tok: i64,
     /// `value.stride(1)`.
     pub v_new_stride_head: i64,
+    /// fp32 `[rope_positions, 64]` RoPE cos/sin table (0: q and the new keys arrive rotated).
+    pub rope_cos_sin: u64,
+    /// Rows of the RoPE table.
+    pub rope_positions: i64,
+}
+
+/// `AttnRopeWriteParams` of `kernels/attention.cu`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnRopeWriteParams {
+    /// Queries `[T, Hq, 64]`.
+    pub q: u64,
+    /// Rotated queries `[T, Hq, 64]` (the attention's output buffer).
+    pub q_out: u64,
+    /// New keys `[T, Hkv, 64]`.
+    pub key: u64,
+    /// New values `[T, Hkv, 64]`.
+    pub value: u64,
+    /// K half of the cache.
+    pub k_cache: u64,
+    /// V half of the cache.
+    pub v_cache: u64,
+    /// int32/int64 `[>= T]` slots.
+    pub slot_mapping: u64,
+    /// int32 `[num_reqs + 1]`.
+    pub query_start_loc: u64,
+    /// int32 `[num_reqs]`.
+    pub seq_lens: u64,
+    /// fp32 `[positions, 64]` cos/sin.
+    pub rope_cos_sin: u64,
+    /// `q.stride(0)`.
+    pub q_stride_tok: i64,
+    /// `q.stride(1)`.
+    pub q_stride_head: i64,
+    /// `q_out.stride(0)`.
+    pub qo_stride_tok: i64,
+    /// `q_out.stride(1)`.
+    pub qo_stride_head: i64,
+    /// `key.stride(0)`.
+    pub key_stride_tok: i64,
+    /// `key.stride(1)`.
+    pub key_stride_head: i64,
+    /// `value.stride(0)`.
+    pub value_stride_tok: i64,
+    /// `value.stride(1)`.
+    pub value_stride_head: i64,
+    /// `kv_cache.stride(0)`.
+    pub cache_stride_block: i64,
+    /// `kv_cache.stride(2)`.
+    pub cache_stride_tok: i64,
+    /// `kv_cache.stride(1)`.
+    pub cache_stride_head: i64,
+    /// Query tokens.
+    pub num_tokens: i32,
+    /// Requests.
+    pub num_reqs: i32,
+    /// Query heads.
+    pub num_q_heads: i32,
+    /// KV heads.
+    pub num_kv_heads: i32,
+    /// Tokens per cache block.
+    pub block_size: i32,
+    /// 1: slot_mapping is int64.
+    pub slot_is_i64: i32,
+}
+
+/// vLLM's rotary table, for attention that applies GPT-OSS's RoPE itself.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeArgs {
+    /// fp32 `[positions, 64]`, contiguous: cos of the 32 frequencies, then their sin.
+    pub cos_sin: u64,
+    /// Rows of the table; every position must be below it.
+    pub positions: i64,
 }
 
 /// Arguments of [`kv_cache_write`] (raw pointers and element strides, as Python passes them).
@@ -357,6 +430,12 @@ pub struct ForwardArgs {
     /// writes them itself, at the slots the block table gives (vLLM derives `slot_mapping`
     /// from the same table), and reads them from here; otherwise `attn_kv_write` runs first.
     pub new_kv: Option<KvWriteArgs>,
+    /// RoPE (GPT-OSS's neox style over all 64 dims) on the queries and the new keys, at the
+    /// positions vLLM's rotary op uses (query `i` of request `r` at `seq_lens[r] - q_len + i`).
+    /// Needs `new_kv`. Where the decode kernel serves every request it rotates them in its
+    /// launch; otherwise `attn_rope_write` rotates the queries into `o` (the attention then reads
+    /// them from there) and writes the rotated keys into the cache, in place of `kv_cache_write`.
+    pub rope: Option<RopeArgs>,
 }
 
 /// The launch plan [`forward`] would use (exposed for tests and benchmarks).
@@ -576,6 +655,75 @@ fn check_new_kv(a: &ForwardArgs, w: &KvWriteArgs, t: i64) -> Result<AttnKvWriteP
     Ok(p)
 }
 
+/// Checks the RoPE table against the positions a launch may use (below `max_seq_len`).
+fn check_rope(r: &RopeArgs, max_seq_len: i64) -> Result<RopeArgs> {
+    check_ptr("rope_cos_sin", r.cos_sin, 16)?;
+    if r.positions < max_seq_len {
+        return Err(Error::arg(format!(
+            "rope_cos_sin has {} positions, fewer than max_seq_len = {max_seq_len}",
+            r.positions
+        )));
+    }
+    Ok(*r)
+}
+
+/// The RoPE launch's parameters from the attention's and the KV write's.
+fn rope_write_params(
+    p: &AttnParams,
+    w: &AttnKvWriteParams,
+    r: RopeArgs,
+    num_tokens: i64,
+) -> Result<AttnRopeWriteParams> {
+    Ok(AttnRopeWriteParams {
+        q: p.q,
+        q_out: p.o,
+        key: w.key,
+        value: w.value,
+        k_cache: w.k_cache,
+        v_cache: w.v_cache,
+        slot_mapping: w.slot_mapping,
+        query_start_loc: p.query_start_loc,
+        seq_lens: p.seq_lens,
+        rope_cos_sin: r.cos_sin,
+        q_stride_tok: p.q_stride_tok,
+        q_stride_head: p.q_stride_head,
+        qo_stride_tok: p.o_stride_tok,
+        qo_stride_head: p.o_stride_head,
+        key_stride_tok: w.key_stride_tok,
+        key_stride_head: w.key_stride_head,
+        value_stride_tok: w.value_stride_tok,
+        value_stride_head: w.value_stride_head,
+        cache_stride_block: w.cache_stride_block,
+        cache_stride_tok: w.cache_stride_tok,
+        cache_stride_head: w.cache_stride_head,
+        num_tokens: to_i32("num_tokens", num_tokens)?,
+        num_reqs: p.num_reqs,
+        num_q_heads: p.num_q_heads,
+        num_kv_heads: p.num_kv_heads,
+        block_size: w.block_size,
+        slot_is_i64: w.slot_is_i64,
+    })
+}
+
+/// Rotates the queries into `q_out` and writes the rotated keys and the values into the cache:
+/// one half-warp per (token, head) row.
+///
+/// # Safety
+/// As [`forward`].
+unsafe fn rope_write(
+    dev: &GpuDevice,
+    stream: u64,
+    dtype: Dtype,
+    rp: &AttnRopeWriteParams,
+) -> Result<()> {
+    let rows = rp.num_tokens as u64 * (rp.num_q_heads as u64 + 2 * rp.num_kv_heads as u64);
+    let blocks = u32::try_from(ceil_div(rows, 16))
+        .map_err(|_| Error::arg(format!("rope: {} tokens is too many", rp.num_tokens)))?;
+    let f = dev.function_for_stream(SOURCE, &dtype.entry("attn_rope_write"), stream)?;
+    // SAFETY: forwarded to the caller; params mirror the kernel struct.
+    unsafe { dev.launch(&f, (blocks, 1, 1), (256, 1, 1), 0, stream, rp) }
+}
+
 /// Validated common parameters plus the numbers the dispatch needs.
 struct Prepared {
     p: AttnParams,
@@ -773,13 +921,40 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
     } = prepare(a)?;
     let hkv = p.num_kv_heads as i64;
     let plan = plan(a, group, hkv, dev.sm_count() as i64, dev.tuning());
+    let rope = match (&a.rope, &a.new_kv) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Error::arg(
+                "rope_cos_sin needs the new K/V rows (key, value, slot_mapping)".to_string(),
+            ))
+        }
+        (Some(r), Some(_)) => Some(check_rope(r, a.max_seq_len)?),
+    };
     if let Some(w) = &a.new_kv {
         // (kv_write_params checked the key's KV heads against the cache's, which are hkv.)
         let wp = check_new_kv(a, w, num_tokens)?;
         if plan.varlen {
-            // SAFETY: forwarded to the caller.
-            unsafe { kv_cache_write(dev, stream, w)? };
+            match rope {
+                Some(r) => {
+                    if a.num_reqs > 0 && num_tokens > 0 {
+                        let rp = rope_write_params(&p, &wp, r, num_tokens)?;
+                        // SAFETY: forwarded to the caller.
+                        unsafe { rope_write(dev, stream, a.dtype, &rp)? };
+                    }
+                    // The attention reads the rotated queries from the output buffer: each CTA
+                    // loads its query rows before it stores the same rows' output.
+                    p.q = p.o;
+                    p.q_stride_tok = p.o_stride_tok;
+                    p.q_stride_head = p.o_stride_head;
+                }
+                // SAFETY: forwarded to the caller.
+                None => unsafe { kv_cache_write(dev, stream, w)? },
+            }
         } else {
+            if let Some(r) = rope {
+                p.rope_cos_sin = r.cos_sin;
+                p.rope_positions = r.positions;
+            }
             p.k_new = wp.key;
             p.v_new = wp.value;
             p.k_new_stride_tok = wp.key_stride_tok;
@@ -855,7 +1030,16 @@ mod tests {
         );
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
+            11 * 8 + 8 * 8 + 12 * 4 + 8 + 2 * 8 + 4 * 8 + 8 + 8
+        );
+        assert_eq!(
+            std::mem::offset_of!(AttnParams, rope_cos_sin),
             11 * 8 + 8 * 8 + 12 * 4 + 8 + 2 * 8 + 4 * 8
+        );
+        // 10 pointers + 11 i64 + 6 i32.
+        assert_eq!(
+            std::mem::size_of::<AttnRopeWriteParams>(),
+            10 * 8 + 11 * 8 + 6 * 4
         );
         assert_eq!(
             std::mem::offset_of!(AttnParams, k_new),
@@ -893,6 +1077,7 @@ mod tests {
             max_query_len: 1,
             max_seq_len: 100,
             new_kv: None,
+            rope: None,
         }
     }
 
@@ -1017,7 +1202,7 @@ pub mod py {
 
     use super::{
         decode_splits, forward, kv_cache_write, workspace_floats, ForwardArgs, KvSource,
-        KvWriteArgs, SinkMode,
+        KvWriteArgs, RopeArgs, SinkMode,
     };
     use crate::cuda;
     use crate::error::Error;
@@ -1091,7 +1276,8 @@ pub mod py {
         block_table = 0, block_table_shape = [0; 2], block_table_stride = 0,
         k = 0, k_shape = [0; 3], k_strides = [0; 3], v = 0, v_strides = [0; 3],
         new_key = 0, new_key_strides = [0; 3], new_value = 0, new_value_strides = [0; 3],
-        new_key_shape = [0; 3], slot_mapping = 0, slot_is_i64 = false, new_rows = 0
+        new_key_shape = [0; 3], slot_mapping = 0, slot_is_i64 = false, new_rows = 0,
+        rope_cos_sin = 0, rope_positions = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
@@ -1135,6 +1321,8 @@ pub mod py {
         slot_mapping: u64,
         slot_is_i64: bool,
         new_rows: i64,
+        rope_cos_sin: u64,
+        rope_positions: i64,
     ) -> PyResult<(i64, bool)> {
         let dtype = Dtype::parse(dtype)?;
         // The queries' own K/V rows, when the caller has not written them into the cache yet.
@@ -1192,6 +1380,10 @@ pub mod py {
             max_query_len,
             max_seq_len,
             new_kv,
+            rope: (rope_cos_sin != 0).then_some(RopeArgs {
+                cos_sin: rope_cos_sin,
+                positions: rope_positions,
+            }),
         };
         let plan = py.detach(|| {
             let dev = cuda::device(ordinal)?;

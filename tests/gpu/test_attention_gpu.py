@@ -27,6 +27,8 @@ from gptoss_3090.attention_reference import (  # noqa: E402
     kv_cache_write_ref,
     paged_attention_ref,
     random_paged_batch,
+    rope_neox_ref,
+    token_positions,
     vllm_triton_available,
 )
 
@@ -389,6 +391,110 @@ def test_folded_kv_write(q_lens, seq_lens, window, bound, slot_dtype):
     assert torch.equal(out, results[True][1]) and torch.equal(cache, results[True][0])
 
 
+def rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
+    """A float32 ``[positions, 64]`` cos/sin table in vLLM's cos_sin_cache layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEV)
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "seq_lens", "window", "bound"),
+    [
+        ([1], [1], None, 0),
+        ([1], [300], None, 131072),
+        ([1], [9000], 128, 131072),
+        ([1] * 5, [17, 256, 257, 4000, 33], None, 131072),
+        ([2, 1, 2], [2, 700, 129], None, 8192),
+        ([1, 300, 1, 2], [9000, 300, 100, 40], None, 0),  # mixed: attn_rope_write first
+        ([40, 1], [1040, 77], 128, 0),
+        ([700], [700], None, 0),
+    ],
+)
+def test_folded_rope(q_lens, seq_lens, window, bound):
+    """paged_attention with rope_cos_sin on unrotated q/k equals RoPE in fp32 (the reference,
+    rounded to bf16 as vLLM's rotary op stores it) followed by kv_cache_write + paged_attention:
+    the same cache within one bf16 rounding and the output within the usual tolerance of the
+    fp32 reference, in the decode launch (decode-only batches) and through attn_rope_write
+    (mixed batches). The op leaves query and key unchanged; graph replay gives the same bits."""
+    gen = torch.Generator().manual_seed(sum(seq_lens) * 3 + len(q_lens))
+    b = random_paged_batch(q_lens, seq_lens, HQ, HKV, 16, torch.bfloat16, DEV, generator=gen,
+                           pad_tokens=2)
+    key, value, slots = _new_rows(b, gen, 2, torch.int64)
+    live = slots >= 0
+    flat = b["kv_cache"].permute(0, 2, 1, 3).reshape(-1, HKV, 128)
+    flat[slots[live].long()] = 1e4  # stale rows: a read of them would show
+    s = make_sinks("random", gen)
+    args = (b["query_start_loc"], b["seq_lens"], b["block_table"], s)
+    bound = max(bound, b["max_seq_len"])
+    table = rope_table(bound)
+    n = int(b["query_start_loc"][-1])
+    pos = token_positions(b["query_start_loc"], b["seq_lens"])
+
+    # Reference inputs: rotated in fp32, stored in bf16, written by kv_cache_write.
+    q_rot = b["query"].clone()
+    q_rot[:n] = rope_neox_ref(b["query"][:n], pos, table).to(torch.bfloat16)
+    k_rot = key.clone()
+    k_rot[:n] = rope_neox_ref(key[:n], pos, table).to(torch.bfloat16)
+    ref_cache = b["kv_cache"].clone()
+    torch.ops.gptoss_3090.kv_cache_write(k_rot, value, ref_cache, slots)
+    ref = paged_attention_ref(q_rot, ref_cache, *args, window, SCALE)
+
+    q_before, k_before = b["query"].clone(), key.clone()
+    cache, out = b["kv_cache"].clone(), torch.full_like(b["query"], 3.0)
+
+    def run(cache: torch.Tensor, out: torch.Tensor, ws: torch.Tensor) -> None:
+        torch.ops.gptoss_3090.paged_attention(
+            b["query"], cache, out, *args, ws, b["max_query_len"], bound, window, SCALE,
+            key, value, slots, table,
+        )
+
+    run(cache, out, A.make_workspace(DEV, HKV))
+    torch.cuda.synchronize()
+    assert torch.equal(b["query"], q_before) and torch.equal(key, k_before), "inputs modified"
+    assert bool((out[n:] == 3.0).all()), "padding rows were written"
+    # Rotated keys in the cache: the reference's, up to one bf16 rounding of an fp32 result
+    # whose last bits may differ (FMA contraction).
+    torch.testing.assert_close(cache.float(), ref_cache.float(), rtol=8e-3, atol=1e-3)
+    err = rel_err(out[:n], ref[:n])
+    report(f"folded rope q={q_lens[:4]} w={window}", err, None)
+    assert err <= 1e-2
+
+    cache2, out2 = b["kv_cache"].clone(), torch.zeros_like(b["query"])
+    ws = A.make_workspace(DEV, HKV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
+        run(cache2, out2, ws)
+    torch.cuda.current_stream().wait_stream(stream)
+    cache2.copy_(b["kv_cache"])
+    out2.fill_(3.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out2, out) and torch.equal(cache2, cache)
+
+
+def test_folded_rope_argument_errors():
+    gen = torch.Generator().manual_seed(72)
+    b = random_paged_batch([1, 1], [10, 20], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
+    key, value, slots = _new_rows(b, gen, 0, torch.int64)
+    out = torch.zeros_like(b["query"])
+    base = (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
+            b["block_table"], None, None, 1, 20, None, SCALE)
+    table = rope_table(20)
+    with pytest.raises(ValueError, match="needs the new K/V rows"):
+        torch.ops.gptoss_3090.paged_attention(*base, None, None, None, table)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table.double())
+    with pytest.raises(ValueError, match="fewer than max_seq_len"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table[:19])
+    with pytest.raises(ValueError, match="shape"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table[:, :32])
+    with pytest.raises(ValueError, match="is on"):
+        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table.cpu())
+
+
 def test_folded_kv_write_argument_errors():
     gen = torch.Generator().manual_seed(71)
     b = random_paged_batch([1, 1], [10, 20], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
@@ -439,6 +545,13 @@ def test_opcheck():
         torch.ops.gptoss_3090.paged_attention.default,
         (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
          b["block_table"], s, ws, 1, 300, 128, SCALE, key, value, slots),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    # With RoPE handed to the op.
+    torch.library.opcheck(
+        torch.ops.gptoss_3090.paged_attention.default,
+        (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
+         b["block_table"], s, ws, 1, 300, 128, SCALE, key, value, slots, rope_table(300)),
         test_utils=("test_schema", "test_faketensor"),
     )
 

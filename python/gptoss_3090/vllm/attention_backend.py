@@ -80,6 +80,22 @@ def _fold_kv_write() -> bool:
 
 
 _FOLD_KV_WRITE = _fold_kv_write()
+
+#: ``fold`` (default): GPT-OSS's rotary embedding runs inside our attention op (the decode
+#: launch rotates q and the new keys on the way; other batches in one launch before the
+#: attention), so the model's two per-layer RoPE kernels go; ``vllm``: vLLM's rotary op as
+#: before. Needs the folded KV write. Read at import.
+ROPE_ENV = "GPTOSS_3090_ATTN_ROPE"
+
+
+def _fold_rope() -> bool:
+    mode = os.environ.get(ROPE_ENV, "fold").strip() or "fold"
+    if mode not in ("fold", "vllm"):
+        raise ValueError(f"{ROPE_ENV}={mode!r}: expected fold (default) or vllm")
+    return mode == "fold" and _FOLD_KV_WRITE
+
+
+_FOLD_ROPE = _fold_rope()
 _CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -209,6 +225,40 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
         self.sinks = sinks
         self.alibi_slopes = None
         self.logits_soft_cap = 0
+        self._rotary: torch.nn.Module | None = None
+        self._rope_table: torch.Tensor | None = None
+
+    def take_rotary_embedding(self, rotary_emb: torch.nn.Module) -> bool:
+        """Makes :meth:`forward` apply ``rotary_emb`` (vLLM's GPT-OSS RoPE module: neox style
+        over all 64 dims) to the queries and new keys, which then arrive unrotated. Returns
+        False, changing nothing, where that cannot be done (``GPTOSS_3090_ATTN_ROPE=vllm``, the
+        separate KV write, another RoPE shape); the caller then keeps vLLM's rotary op."""
+        if not _FOLD_ROPE or self.kv_sharing_target_layer_name is not None:
+            return False
+        if (
+            getattr(rotary_emb, "head_size", None) != _HEAD_SIZE
+            or getattr(rotary_emb, "rotary_dim", None) != _HEAD_SIZE
+            or getattr(rotary_emb, "is_neox_style", None) is not True
+            or getattr(rotary_emb, "cos_sin_cache", None) is None
+        ):
+            return False
+        self._rotary = rotary_emb
+        self._rope_table = None
+        return True
+
+    def _rope_cos_sin(self, device: torch.device) -> torch.Tensor:
+        """vLLM's float32 cos/sin table on ``device`` (the module's own buffer where it is
+        already float32 there; computed again in float32 if vLLM rounded it)."""
+        table = self._rope_table
+        if table is None or table.device != device:
+            rotary = self._rotary
+            assert rotary is not None
+            cache = rotary.cos_sin_cache
+            if cache.dtype != torch.float32:
+                cache = rotary._compute_cos_sin_cache()
+            table = cache.to(device=device, dtype=torch.float32).contiguous()
+            self._rope_table = table
+        return table
 
     def do_kv_cache_update(
         self,
@@ -255,6 +305,14 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
             and value is not None
             and kv_cache.numel() > 0
         )
+        rope = None
+        if self._rotary is not None:
+            if not writes:
+                raise RuntimeError(
+                    "GptOssSinkAttentionImpl: the rotary embedding was handed to the attention, "
+                    "which then needs the new K/V rows"
+                )
+            rope = self._rope_cos_sin(query.device)
         torch.ops.gptoss_3090.paged_attention(
             query[:n],
             kv_cache,
@@ -271,6 +329,7 @@ class GptOssSinkAttentionImpl(AttentionImpl[GptOssSinkAttentionMetadata]):
             key if writes else None,
             value if writes else None,
             attn_metadata.slot_mapping if writes else None,
+            rope,
         )
         return output
 

@@ -184,7 +184,28 @@ def choose_attention_backend(
 
 class _BnbOAIAttention(OAIAttention):
     """OAIAttention whose Attention layer gets our backend when :func:`choose_attention_backend`
-    says so. Same arguments as the stock ``_build_attention`` otherwise."""
+    says so. Same arguments as the stock ``_build_attention`` otherwise.
+
+    With our backend the rotary embedding moves into the attention op
+    (``GPTOSS_3090_ATTN_ROPE=fold``, the default): ``forward`` hands q and k over unrotated and
+    the op rotates them with the same table and positions, which removes the two RoPE kernels
+    per layer that torch.compile would generate.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        impl = getattr(self.attn, "impl", None)
+        take = getattr(impl, "take_rotary_embedding", None)
+        self.rope_in_attention = bool(take is not None and take(self.rotary_emb))
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.rope_in_attention:
+            return super().forward(hidden_states, positions)
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        attn_output = self.attn(q, k, v)  # rotates q and k at the tokens' positions
+        output, _ = self.o_proj(attn_output)
+        return output
 
     def _build_attention(
         self, config: Any, cache_config: Any, quant_config: Any, prefix: str
