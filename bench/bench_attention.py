@@ -144,13 +144,48 @@ class SdpaBaseline:
         return output
 
 
+def rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
+    """A float32 ``[positions, 64]`` cos/sin table in vLLM's ``cos_sin_cache`` layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to("cuda")
+
+
+def rope_like_vllm(positions, q, k, table):
+    """vLLM's neox RoPE in torch ops (``RotaryEmbedding.forward_static``); compiled, it becomes
+    the model's per-layer RoPE kernels."""
+    cos, sin = table.index_select(0, positions).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rot(x, heads):
+        x = x.reshape(x.shape[0], heads, D)
+        lo, hi = x[..., : D // 2], x[..., D // 2 :]
+        return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1).to(x.dtype)
+
+    return rot(q, HQ), rot(k, HKV)
+
+
 def bench_case(
-    kind, batch, ctx, window, base, base_name, ws, reps, iters, seed, seq_bound=0, kv_write=False
+    kind,
+    batch,
+    ctx,
+    window,
+    base,
+    base_name,
+    ws,
+    reps,
+    iters,
+    seed,
+    seq_bound=0,
+    kv_write=False,
+    rope=False,
 ):
     """One case; ``seq_bound`` (decode) is the ``max_seq_len`` both sides are given when it
     exceeds the context, as in vLLM's captured decode graphs (planned for max_model_len).
     ``kv_write`` (decode) also times the step's cache write: ``kv_cache_write`` then the
-    attention (vLLM's separate update) against the write folded into the decode launch."""
+    attention (vLLM's separate update) against the write folded into the decode launch.
+    ``rope`` (with ``kv_write``) also times the step's RoPE: vLLM's, compiled by torch.compile,
+    before the folded launch, against RoPE folded into it (``rope_cos_sin``)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "decode":
         q_lens, seq_lens = [1] * batch, [ctx] * batch
@@ -194,6 +229,7 @@ def bench_case(
 
     t_ours = time_graph(ours, reps, iters)
     t_write_then, t_folded = None, None
+    t_vllm_rope, t_rope_folded = None, None
     if kv_write and kind == "decode":
         # The new token's K/V rows as vLLM passes them (slices of the fused q/k/v output) and
         # their slots (each request's last position).
@@ -213,6 +249,26 @@ def bench_case(
 
         t_write_then = time_graph(write_then_attention, reps, iters)
         t_folded = time_graph(lambda: ours(key, value, slots), reps, iters)
+        if rope:
+            table = rope_table(max(max_seq_len, ctx))
+            q_view = fused[:, : HQ * D].view(batch, HQ, D)
+            positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device="cuda")
+            compiled = torch.compile(rope_like_vllm, dynamic=False)
+
+            def attend(q, k, *rope_arg):
+                torch.ops.gptoss_3090.paged_attention(
+                    q, b["kv_cache"], out, *args, sinks, ws, b["max_query_len"], max_seq_len,
+                    window, SCALE, k, value, slots, *rope_arg,
+                )
+
+            def vllm_rope_then_folded():
+                q, k = compiled(positions, q_view, key, table)
+                attend(q, k)
+
+            vllm_rope_then_folded()  # compile outside the capture
+            t_vllm_rope = time_graph(vllm_rope_then_folded, reps, iters)
+            t_rope_folded = time_graph(lambda: attend(q_view, key, table), reps, iters)
+            ours()  # `out` again from the unrotated queries, for the baseline comparison below
     if base_name == "sdpa":
         # The SDPA baseline synchronises (tolist); time it eagerly.
         baseline()
@@ -266,6 +322,8 @@ def bench_case(
         "rel_err_vs_baseline": err,
         "write_then_attention_us": t_write_then,
         "folded_write_us": t_folded,
+        "vllm_rope_then_folded_us": t_vllm_rope,
+        "rope_folded_us": t_rope_folded,
     }
 
 
@@ -315,6 +373,12 @@ def main() -> int:
         action="store_true",
         help="decode: also time kv_cache_write + attention against the write folded into the "
         "decode launch (what the vLLM backend runs)",
+    )
+    ap.add_argument(
+        "--rope",
+        action="store_true",
+        help="decode, with --kv-write: also time vLLM's RoPE (torch.compile) before the folded "
+        "launch against RoPE folded into it (what the vLLM backend runs)",
     )
     ap.add_argument("--baseline", choices=["auto", "triton", "sdpa"], default="auto")
     args = ap.parse_args()
@@ -367,6 +431,7 @@ def main() -> int:
             seed=i,
             seq_bound=args.seq_bound,
             kv_write=args.kv_write,
+            rope=args.rope,
         )
         rows.append(row)
         torch.cuda.empty_cache()
@@ -387,6 +452,13 @@ def main() -> int:
                 f"{'':<22}{'':<9}KV write then attention {row['write_then_attention_us']:.1f} us,"
                 f" folded {row['folded_write_us']:.1f} us"
                 f" ({row['write_then_attention_us'] / row['folded_write_us']:.2f}x)",
+                flush=True,
+            )
+        if row["rope_folded_us"] is not None:
+            print(
+                f"{'':<22}{'':<9}vLLM RoPE then folded {row['vllm_rope_then_folded_us']:.1f} us,"
+                f" RoPE folded {row['rope_folded_us']:.1f} us"
+                f" ({row['vllm_rope_then_folded_us'] / row['rope_folded_us']:.2f}x)",
                 flush=True,
             )
     geo = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows))

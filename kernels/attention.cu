@@ -763,19 +763,6 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             qf[ks][i + 2] = ok ? *(const u32*)(src + ks * 16 + 8) : 0u;
         }
     }
-    if (p.rope_cos_sin != nullptr) {
-        // RoPE in the fragments: dims d and d + 32 sit in k-steps ks and ks + 2 of the same lane.
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            if (g + 8 * i >= rows) continue;
-            const float* cs = p.rope_cos_sin + (i64)qpos[i] * ATTN_HEAD_DIM;
-#pragma unroll
-            for (int ks = 0; ks < 2; ++ks) {
-                attn_rope_u32<DTYPE>(cs, ks * 16 + 2 * tq, qf[ks][i], qf[ks + 2][i]);
-                attn_rope_u32<DTYPE>(cs, ks * 16 + 8 + 2 * tq, qf[ks][i + 2], qf[ks + 2][i + 2]);
-            }
-        }
-    }
 
     u16* my_kv = s_kv + warp * NST * 2 * TILE;
 
@@ -793,6 +780,9 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
         if (p.plain_kv || t >= n_mine) return 0;
         return p.block_table[(i64)r * p.bt_stride + tile_key0(t) / p.block_size];
     };
+    // Cache row of this warp's tile that holds new keys (q_len <= 16 keys span at most two
+    // tiles, and a warp's tiles lie 64 keys apart, so a warp has at most one).
+    i64 new_key_base = 0;
     int pages_even = page_batch(0);  // batches 0, 2, 4, ...
     int pages_odd = page_batch(1);   // batches 1, 3, 5, ...
     auto load_tile = [&](int stage, int t) {
@@ -810,6 +800,7 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
             const int page = __shfl_sync(0xffffffffu, (b & 1) ? pages_odd : pages_even, t & 31);
             base = (i64)page * p.kv_stride_block + (i64)(key0 % p.block_size) * p.kv_stride_tok +
                    (i64)kvh * p.kv_stride_head;
+            if (key0 + ATTN_DECODE_KEYS > ctx) new_key_base = base;  // this warp's tile of new keys
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -829,23 +820,42 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
                 ksrc = p.k_new + tok * p.k_new_stride_tok + (i64)kvh * p.k_new_stride_head + ch * 8;
                 vsrc = p.v_new + tok * p.v_new_stride_tok + (i64)kvh * p.v_new_stride_head + ch * 8;
                 *(u32x4*)(const_cast<u16*>(p.v) + off) = *(const u32x4*)vsrc;
-                if (p.rope_cos_sin != nullptr) {
-                    // Rotated on the way (position = the key's index): the lane also reads the
-                    // partner chunk 32 dims away, and stores the tile's copy itself (__syncwarp
-                    // before the tile is read orders it like the copies).
-                    const u32x4 mine = *(const u32x4*)ksrc;
-                    const u32x4 partner = *(const u32x4*)(ksrc + ((ch ^ 4) - ch) * 8);
-                    const u32x4 rot = attn_rope_chunk<DTYPE>(
-                        p.rope_cos_sin + (i64)key * ATTN_HEAD_DIM, ch, mine, partner);
-                    *(u32x4*)(const_cast<u16*>(p.k) + off) = rot;
-                    *(u32x4*)(sk + attn_swz(row, ch)) = rot;
-                    cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, 16u);
-                    continue;
-                }
-                *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
+                // With RoPE the key lands unrotated; rope_new_keys rotates it in the stage and
+                // stores it into the cache once the tile has arrived (no wait here).
+                if (p.rope_cos_sin == nullptr)
+                    *(u32x4*)(const_cast<u16*>(p.k) + off) = *(const u32x4*)ksrc;
             }
             cp_async_16_zfill(sk + attn_swz(row, ch), ksrc, ok ? 16u : 0u);
             cp_async_16_zfill(sv + attn_swz(row, ch), vsrc, ok ? 16u : 0u);
+        }
+    };
+
+    // RoPE of the new keys in a landed stage (tile key0), then their cache rows: each lane
+    // reads its chunks and their partners 32 dims away before any lane writes.
+    auto rope_new_keys = [&](u16* sk, int key0) {
+        u32x4 rot[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = lane + 32 * i;
+            const int row = c >> 3, ch = c & 7;
+            const int key = key0 + row;
+            if (key >= ctx && key < seq_len) {
+                rot[i] = attn_rope_chunk<DTYPE>(p.rope_cos_sin + (i64)key * ATTN_HEAD_DIM, ch,
+                                                *(const u32x4*)(sk + attn_swz(row, ch)),
+                                                *(const u32x4*)(sk + attn_swz(row, ch ^ 4)));
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = lane + 32 * i;
+            const int row = c >> 3, ch = c & 7;
+            const int key = key0 + row;
+            if (key >= ctx && key < seq_len) {
+                *(u32x4*)(sk + attn_swz(row, ch)) = rot[i];
+                *(u32x4*)(const_cast<u16*>(p.k) + new_key_base + (i64)row * p.kv_stride_tok +
+                          ch * 8) = rot[i];
+            }
         }
     };
 
@@ -862,14 +872,33 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
         if (i < n_mine) load_tile(i, i);
         cp_async_commit();
     }
+    if (p.rope_cos_sin != nullptr) {
+        // RoPE in the fragments (dims d and d + 32 sit in k-steps ks and ks + 2 of the same
+        // lane), after the first tiles are in flight so the table loads overlap them. A new key
+        // of this request sits at a query's position: these loads also bring its table rows in.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (g + 8 * i >= rows) continue;
+            const float* cs = p.rope_cos_sin + (i64)qpos[i] * ATTN_HEAD_DIM;
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                attn_rope_u32<DTYPE>(cs, ks * 16 + 2 * tq, qf[ks][i], qf[ks + 2][i]);
+                attn_rope_u32<DTYPE>(cs, ks * 16 + 8 + 2 * tq, qf[ks][i + 2], qf[ks + 2][i + 2]);
+            }
+        }
+    }
     for (int i = 0; i < n_mine; ++i) {
         const int pre = i + NST - 1;
         if (pre < n_mine) load_tile(pre % NST, pre);
         cp_async_commit();
         cp_async_wait<NST - 1>();
         __syncwarp();
-        const u16* sk = my_kv + (i % NST) * 2 * TILE;
+        u16* sk = my_kv + (i % NST) * 2 * TILE;
         const int key0 = tile_key0(i);
+        if (p.rope_cos_sin != nullptr && p.k_new != nullptr && key0 + ATTN_DECODE_KEYS > ctx) {
+            rope_new_keys(sk, key0);
+            __syncwarp();
+        }
         float s[2][4];
         attn_qk<DTYPE, 2>(s, qf, sk, lane);
 #pragma unroll

@@ -475,6 +475,16 @@ def test_folded_rope(q_lens, seq_lens, window, bound):
     assert torch.equal(out2, out) and torch.equal(cache2, cache)
 
 
+def test_folded_rope_forced_sm86_tuning():
+    """The RoPE paths under the RTX 3090's launch configuration (other split plans)."""
+    runtime.set_tuning("sm86")
+    try:
+        test_folded_rope([1] * 5, [17, 256, 257, 4000, 33], None, 131072)
+        test_folded_rope([1, 300, 1, 2], [9000, 300, 100, 40], 128, 0)
+    finally:
+        runtime.set_tuning(None)
+
+
 def test_folded_rope_argument_errors():
     gen = torch.Generator().manual_seed(72)
     b = random_paged_batch([1, 1], [10, 20], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
