@@ -37,6 +37,7 @@ from gptoss_3090 import runtime
 from gptoss_3090.attention_reference import (
     VllmTritonAttention,
     random_paged_batch,
+    rope_cos_sin_table,
     vllm_triton_available,
 )
 
@@ -144,13 +145,6 @@ class SdpaBaseline:
         return output
 
 
-def rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
-    """A float32 ``[positions, 64]`` cos/sin table in vLLM's ``cos_sin_cache`` layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to("cuda")
-
-
 def rope_like_vllm(positions, q, k, table):
     """vLLM's neox RoPE in torch ops (``RotaryEmbedding.forward_static``); compiled, it becomes
     the model's per-layer RoPE kernels."""
@@ -250,7 +244,7 @@ def bench_case(
         t_write_then = time_graph(write_then_attention, reps, iters)
         t_folded = time_graph(lambda: ours(key, value, slots), reps, iters)
         if rope:
-            table = rope_table(max(max_seq_len, ctx))
+            table = rope_cos_sin_table(max(max_seq_len, ctx), device="cuda")
             q_view = fused[:, : HQ * D].view(batch, HQ, D)
             positions = torch.full((batch,), ctx - 1, dtype=torch.int64, device="cuda")
             compiled = torch.compile(rope_like_vllm, dynamic=False)

@@ -18,6 +18,7 @@ from gptoss_3090.attention_reference import (
     gather_paged_kv,
     kv_cache_write_ref,
     paged_attention_ref,
+    rope_cos_sin_table,
     rope_neox_ref,
     token_positions,
 )
@@ -230,12 +231,6 @@ def _backend():
     return GptOssSinkAttentionBackend
 
 
-def _rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
 def test_rope_ref_matches_vllm_rotary():
     """rope_neox_ref (what the kernels' RoPE is judged by) is vLLM's own neox RoPE
     (``RotaryEmbedding.forward_static``, the code torch.compile turns into the model's RoPE
@@ -244,7 +239,7 @@ def test_rope_ref_matches_vllm_rotary():
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(5)
-    table = _rope_table(4096)
+    table = rope_cos_sin_table(4096)
     pos = torch.randint(0, 4096, (9,), generator=gen)
     q = torch.randn(9, 4 * 64, generator=gen)
     k = torch.randn(9, 2 * 64, generator=gen)
@@ -266,7 +261,7 @@ def test_paged_attention_rope_on_cpu():
 
     gen = torch.Generator().manual_seed(8)
     hq, hkv, d, bs = 4, 2, 64, 16
-    table = _rope_table(64)
+    table = rope_cos_sin_table(64)
     kv = torch.zeros(4, hkv, bs, 2 * d)
     bt = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
     qsl = torch.tensor([0, 1, 4], dtype=torch.int32)
@@ -358,7 +353,7 @@ def test_backend_rope_setting(monkeypatch):
 
     impl = backend.get_impl_cls()(64, 64, 0.125, 8, None, None, "auto")
     rope = SimpleNamespace(head_size=64, rotary_dim=64, is_neox_style=True,
-                           cos_sin_cache=_rope_table(8))
+                           cos_sin_cache=rope_cos_sin_table(8))
     monkeypatch.setattr(AB, "_FOLD_ROPE", False)
     assert impl.take_rotary_embedding(rope) is False and impl._rotary is None
     monkeypatch.setattr(AB, "_FOLD_ROPE", True)
@@ -458,7 +453,7 @@ def test_backend_end_to_end_on_cpu(fold, rope, monkeypatch):
         impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
     if rope:
         # The model hands vLLM's rotary module over: q and k arrive unrotated.
-        table = _rope_table(4096)
+        table = rope_cos_sin_table(4096)
         rotary = SimpleNamespace(head_size=d, rotary_dim=d, is_neox_style=True,
                                  cos_sin_cache=table)
         assert impl.take_rotary_embedding(rotary)

@@ -34,6 +34,7 @@ __all__ = [
     "kv_cache_write_ref",
     "paged_attention_ref",
     "random_paged_batch",
+    "rope_cos_sin_table",
     "rope_neox_ref",
     "token_positions",
     "sink_attention_one_seq",
@@ -53,6 +54,16 @@ def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> to
     if not out:
         return torch.zeros(0, dtype=torch.int64, device=query_start_loc.device)
     return torch.cat(out).to(query_start_loc.device)
+
+
+def rope_cos_sin_table(
+    positions: int, theta: float = 150000.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A float32 ``[positions, 64]`` table in vLLM's ``cos_sin_cache`` layout (plain RoPE with
+    base ``theta``, no YaRN scaling): for tests and benchmarks of the folded RoPE."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 
 
 def rope_neox_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

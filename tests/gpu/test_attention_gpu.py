@@ -27,6 +27,7 @@ from gptoss_3090.attention_reference import (  # noqa: E402
     kv_cache_write_ref,
     paged_attention_ref,
     random_paged_batch,
+    rope_cos_sin_table,
     rope_neox_ref,
     token_positions,
     vllm_triton_available,
@@ -323,19 +324,21 @@ def _new_rows(b: dict, gen: torch.Generator, pad: int, slot_dtype: torch.dtype):
     return key, value, torch.tensor(slots, dtype=slot_dtype, device=DEV)
 
 
-@pytest.mark.parametrize(
-    ("q_lens", "seq_lens", "window", "bound"),
-    [
-        ([1], [1], None, 0),
-        ([1], [300], None, 131072),
-        ([1], [9000], 128, 131072),
-        ([1] * 5, [17, 256, 257, 4000, 33], None, 131072),
-        ([2, 1, 2], [2, 700, 129], None, 8192),
-        ([1, 2, 1], [5000, 3000, 1], 128, 8192),
-        ([1, 300, 1, 2], [9000, 300, 100, 40], None, 0),  # mixed: written before the varlen launch
-        ([40, 1], [1040, 77], 128, 0),
-    ],
-)
+# Batches of the new-row tests (q_lens, seq_lens, window, max_seq_len bound): decode-only ones
+# run in the decode launch, the mixed ones write (and rotate) before the varlen launch.
+NEW_ROW_BATCHES = [
+    ([1], [1], None, 0),
+    ([1], [300], None, 131072),
+    ([1], [9000], 128, 131072),
+    ([1] * 5, [17, 256, 257, 4000, 33], None, 131072),
+    ([2, 1, 2], [2, 700, 129], None, 8192),
+    ([1, 2, 1], [5000, 3000, 1], 128, 8192),
+    ([1, 300, 1, 2], [9000, 300, 100, 40], None, 0),  # mixed
+    ([40, 1], [1040, 77], 128, 0),  # mixed
+]
+
+
+@pytest.mark.parametrize(("q_lens", "seq_lens", "window", "bound"), NEW_ROW_BATCHES)
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 def test_folded_kv_write(q_lens, seq_lens, window, bound, slot_dtype):
     """paged_attention with the new K/V rows (the write folded into the decode launch, or run
@@ -391,25 +394,12 @@ def test_folded_kv_write(q_lens, seq_lens, window, bound, slot_dtype):
     assert torch.equal(out, results[True][1]) and torch.equal(cache, results[True][0])
 
 
-def rope_table(positions: int, theta: float = 150000.0) -> torch.Tensor:
-    """A float32 ``[positions, 64]`` cos/sin table in vLLM's cos_sin_cache layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEV)
+def rope_table(positions: int) -> torch.Tensor:
+    return rope_cos_sin_table(positions, device=DEV)
 
 
 @pytest.mark.parametrize(
-    ("q_lens", "seq_lens", "window", "bound"),
-    [
-        ([1], [1], None, 0),
-        ([1], [300], None, 131072),
-        ([1], [9000], 128, 131072),
-        ([1] * 5, [17, 256, 257, 4000, 33], None, 131072),
-        ([2, 1, 2], [2, 700, 129], None, 8192),
-        ([1, 300, 1, 2], [9000, 300, 100, 40], None, 0),  # mixed: attn_rope_write first
-        ([40, 1], [1040, 77], 128, 0),
-        ([700], [700], None, 0),
-    ],
+    ("q_lens", "seq_lens", "window", "bound"), [*NEW_ROW_BATCHES, ([700], [700], None, 0)]
 )
 def test_folded_rope(q_lens, seq_lens, window, bound):
     """paged_attention with rope_cos_sin on unrotated q/k equals RoPE in fp32 (the reference,
@@ -485,24 +475,19 @@ def test_folded_rope_forced_sm86_tuning():
         runtime.set_tuning(None)
 
 
-def test_folded_rope_argument_errors():
+def test_folded_rope_table_on_another_device():
+    """A CPU table for CUDA tensors names the problem (the other argument errors are checked
+    before any device work, in the CPU tests)."""
     gen = torch.Generator().manual_seed(72)
     b = random_paged_batch([1, 1], [10, 20], HQ, HKV, 16, torch.bfloat16, DEV, generator=gen)
     key, value, slots = _new_rows(b, gen, 0, torch.int64)
     out = torch.zeros_like(b["query"])
-    base = (b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
-            b["block_table"], None, None, 1, 20, None, SCALE)
-    table = rope_table(20)
-    with pytest.raises(ValueError, match="needs the new K/V rows"):
-        torch.ops.gptoss_3090.paged_attention(*base, None, None, None, table)
-    with pytest.raises(TypeError, match="float32"):
-        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table.double())
-    with pytest.raises(ValueError, match="fewer than max_seq_len"):
-        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table[:19])
-    with pytest.raises(ValueError, match="shape"):
-        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table[:, :32])
-    with pytest.raises(ValueError, match="is on"):
-        torch.ops.gptoss_3090.paged_attention(*base, key, value, slots, table.cpu())
+    with pytest.raises(ValueError, match="rope_cos_sin is on cpu"):
+        torch.ops.gptoss_3090.paged_attention(
+            b["query"], b["kv_cache"], out, b["query_start_loc"], b["seq_lens"],
+            b["block_table"], None, None, 1, 20, None, SCALE, key, value, slots,
+            rope_cos_sin_table(20),
+        )
 
 
 def test_folded_kv_write_argument_errors():
