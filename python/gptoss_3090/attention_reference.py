@@ -41,6 +41,7 @@ __all__ = [
     "vllm_triton_available",
 ]
 
+
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
     """Absolute position of every query token (int64 ``[query_start_loc[-1]]``): query ``i`` of
     request ``r`` sits at ``seq_lens[r] - q_len(r) + i``, the positions vLLM gives its rotary op."""

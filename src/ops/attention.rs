@@ -1137,6 +1137,29 @@ mod tests {
     }
 
     #[test]
+    fn rope_table_must_cover_every_position() {
+        let ok = RopeArgs {
+            cos_sin: 1 << 20,
+            positions: 131072,
+        };
+        assert!(check_rope(&ok, 131072).is_ok());
+        let msg = |r: RopeArgs, max_seq_len: i64| match check_rope(&r, max_seq_len) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted {r:?} for max_seq_len {max_seq_len}"),
+        };
+        assert!(msg(ok, 131073).contains("fewer than max_seq_len = 131073"));
+        assert!(msg(RopeArgs { cos_sin: 0, ..ok }, 16).contains("null"));
+        assert!(msg(
+            RopeArgs {
+                cos_sin: (1 << 20) + 4,
+                ..ok
+            },
+            16
+        )
+        .contains("rope_cos_sin"));
+    }
+
+    #[test]
     fn workspace_layout() {
         for hkv in [1, 8] {
             for r in [1, 3, 512] {
