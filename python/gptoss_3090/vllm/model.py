@@ -182,6 +182,9 @@ def choose_attention_backend(
     return cls
 
 
+_rope_logged = False
+
+
 class _BnbOAIAttention(OAIAttention):
     """OAIAttention whose Attention layer gets our backend when :func:`choose_attention_backend`
     says so. Same arguments as the stock ``_build_attention`` otherwise.
@@ -197,6 +200,13 @@ class _BnbOAIAttention(OAIAttention):
         impl = getattr(self.attn, "impl", None)
         take = getattr(impl, "take_rotary_embedding", None)
         self.rope_in_attention = bool(take is not None and take(self.rotary_emb))
+        global _rope_logged
+        if self.rope_in_attention and not _rope_logged:
+            _rope_logged = True
+            logger.info(
+                "gptoss-3090: RoPE runs inside the attention op "
+                "(GPTOSS_3090_ATTN_ROPE=vllm keeps vLLM's rotary op)"
+            )
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not self.rope_in_attention:
