@@ -345,8 +345,10 @@ __device__ __forceinline__ void attn_softmax_step(float (&s)[NJ][4], float (&o)[
 // once to the input dtype (what vLLM's compiled rotary op stores).
 template <int DTYPE>
 __device__ __forceinline__ void attn_rope_u32(const float* cs, int d, u32& lo2, u32& hi2) {
-    const float a0 = half_to_f32<DTYPE>((u16)(lo2 & 0xffffu)), a1 = half_to_f32<DTYPE>((u16)(lo2 >> 16));
-    const float b0 = half_to_f32<DTYPE>((u16)(hi2 & 0xffffu)), b1 = half_to_f32<DTYPE>((u16)(hi2 >> 16));
+    const float a0 = half_to_f32<DTYPE>((u16)(lo2 & 0xffffu));
+    const float a1 = half_to_f32<DTYPE>((u16)(lo2 >> 16));
+    const float b0 = half_to_f32<DTYPE>((u16)(hi2 & 0xffffu));
+    const float b1 = half_to_f32<DTYPE>((u16)(hi2 >> 16));
     const float2 c = *(const float2*)(cs + d);  // d is even: 8-byte aligned
     const float2 s = *(const float2*)(cs + 32 + d);
     lo2 = pack_half2<DTYPE>(a0 * c.x - b0 * s.x, a1 * c.y - b1 * s.y);
@@ -356,7 +358,8 @@ __device__ __forceinline__ void attn_rope_u32(const float* cs, int d, u32& lo2, 
 // RoPE of 16-byte chunk `ch` (dims 8 ch .. 8 ch + 7) of a row, given its partner chunk ch ^ 4
 // (the dims 32 apart): returns the rotated chunk `ch`.
 template <int DTYPE>
-__device__ __forceinline__ u32x4 attn_rope_chunk(const float* cs, int ch, u32x4 mine, u32x4 partner) {
+__device__ __forceinline__ u32x4 attn_rope_chunk(const float* cs, int ch, u32x4 mine,
+                                                 u32x4 partner) {
     const bool low = ch < 4;
     u32x4 lo = low ? mine : partner;
     u32x4 hi = low ? partner : mine;
@@ -391,7 +394,8 @@ __device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& 
         const i64 off = slot - blk * p.block_size;
         const bool is_v = j >= p.num_q_heads + p.num_kv_heads;
         const int h = is_v ? j - p.num_q_heads - p.num_kv_heads : j - p.num_q_heads;
-        const i64 dst_row = blk * p.cache_stride_block + off * p.cache_stride_tok + h * p.cache_stride_head;
+        const i64 dst_row =
+            blk * p.cache_stride_block + off * p.cache_stride_tok + h * p.cache_stride_head;
         const u16* src = is_v ? p.value + (i64)t * p.value_stride_tok + h * p.value_stride_head
                               : p.key + (i64)t * p.key_stride_tok + h * p.key_stride_head;
         u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
@@ -425,10 +429,12 @@ __device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& 
     *(u32*)(dst + d + 32) = hi;
 }
 
-extern "C" __global__ __launch_bounds__(256) void attn_rope_write_bf16(const AttnRopeWriteParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_rope_write_bf16(
+    const AttnRopeWriteParams p) {
     attn_rope_write_impl<DTYPE_BF16>(p);
 }
-extern "C" __global__ __launch_bounds__(256) void attn_rope_write_f16(const AttnRopeWriteParams p) {
+extern "C" __global__ __launch_bounds__(256) void attn_rope_write_f16(
+    const AttnRopeWriteParams p) {
     attn_rope_write_impl<DTYPE_F16>(p);
 }
 
