@@ -371,6 +371,20 @@ __device__ __forceinline__ u32x4 attn_rope_chunk(const float* cs, int ch, u32x4 
     return low ? lo : hi;
 }
 
+// The cos/sin row of query token t: its request by binary search over query_start_loc (the last
+// request starting at or before t; empty requests before it start at t too), then
+// seq_len - q_len + (t - start).
+__device__ __forceinline__ const float* attn_rope_row(const AttnRopeWriteParams& p, int t) {
+    int lo = 0, hi = p.num_reqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (p.query_start_loc[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    const int q0 = p.query_start_loc[lo];
+    const int pos = p.seq_lens[lo] - (p.query_start_loc[lo + 1] - q0) + (t - q0);
+    return p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM;
+}
+
 // One half-warp per row of (token, q head | K head | V head): lane l of the half moves dims
 // (2l, 2l + 1) and (2l + 32, 2l + 33), rotating q and K rows. A token finds its request by binary
 // search over query_start_loc (uniform across the half-warp); tokens past the last request's
@@ -399,31 +413,15 @@ __device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& 
         const u16* src = is_v ? p.value + (i64)t * p.value_stride_tok + h * p.value_stride_head
                               : p.key + (i64)t * p.key_stride_tok + h * p.key_stride_head;
         u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
-        if (!is_v) {
-            int lo_r = 0, hi_r = p.num_reqs - 1;  // the last request whose start is <= t
-            while (lo_r < hi_r) {
-                const int mid = (lo_r + hi_r + 1) >> 1;
-                if (p.query_start_loc[mid] <= t) lo_r = mid; else hi_r = mid - 1;
-            }
-            const int q0 = p.query_start_loc[lo_r];
-            const int pos = p.seq_lens[lo_r] - (p.query_start_loc[lo_r + 1] - q0) + (t - q0);
-            attn_rope_u32<DTYPE>(p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM, d, lo, hi);
-        }
+        if (!is_v) attn_rope_u32<DTYPE>(attn_rope_row(p, t), d, lo, hi);
         u16* dst = (is_v ? p.v_cache : p.k_cache) + dst_row;
         *(u32*)(dst + d) = lo;
         *(u32*)(dst + d + 32) = hi;
         return;
     }
-    int lo_r = 0, hi_r = p.num_reqs - 1;
-    while (lo_r < hi_r) {
-        const int mid = (lo_r + hi_r + 1) >> 1;
-        if (p.query_start_loc[mid] <= t) lo_r = mid; else hi_r = mid - 1;
-    }
-    const int q0 = p.query_start_loc[lo_r];
-    const int pos = p.seq_lens[lo_r] - (p.query_start_loc[lo_r + 1] - q0) + (t - q0);
     const u16* src = p.q + (i64)t * p.q_stride_tok + (i64)j * p.q_stride_head;
     u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
-    attn_rope_u32<DTYPE>(p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM, d, lo, hi);
+    attn_rope_u32<DTYPE>(attn_rope_row(p, t), d, lo, hi);
     u16* dst = p.q_out + (i64)t * p.qo_stride_tok + (i64)j * p.qo_stride_head;
     *(u32*)(dst + d) = lo;
     *(u32*)(dst + d + 32) = hi;
@@ -839,29 +837,27 @@ __device__ __forceinline__ void attn_decode_impl(const AttnParams& p) {
     // RoPE of the new keys in a landed stage (tile key0), then their cache rows: each lane
     // reads its chunks and their partners 32 dims away before any lane writes.
     auto rope_new_keys = [&](u16* sk, int key0) {
+        // Chunk i of this lane: row (lane + 32 i) / 8 of the tile, 16-byte chunk lane % 8.
+        const int ch = lane & 7;
+        auto is_new = [&](int i) { return key0 + ((lane + 32 * i) >> 3) >= ctx &&
+                                          key0 + ((lane + 32 * i) >> 3) < seq_len; };
         u32x4 rot[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int c = lane + 32 * i;
-            const int row = c >> 3, ch = c & 7;
-            const int key = key0 + row;
-            if (key >= ctx && key < seq_len) {
-                rot[i] = attn_rope_chunk<DTYPE>(p.rope_cos_sin + (i64)key * ATTN_HEAD_DIM, ch,
-                                                *(const u32x4*)(sk + attn_swz(row, ch)),
+            const int row = (lane + 32 * i) >> 3;
+            if (is_new(i))
+                rot[i] = attn_rope_chunk<DTYPE>(p.rope_cos_sin + (i64)(key0 + row) * ATTN_HEAD_DIM,
+                                                ch, *(const u32x4*)(sk + attn_swz(row, ch)),
                                                 *(const u32x4*)(sk + attn_swz(row, ch ^ 4)));
-            }
         }
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int c = lane + 32 * i;
-            const int row = c >> 3, ch = c & 7;
-            const int key = key0 + row;
-            if (key >= ctx && key < seq_len) {
-                *(u32x4*)(sk + attn_swz(row, ch)) = rot[i];
-                *(u32x4*)(const_cast<u16*>(p.k) + new_key_base + (i64)row * p.kv_stride_tok +
-                          ch * 8) = rot[i];
-            }
+            const int row = (lane + 32 * i) >> 3;
+            if (!is_new(i)) continue;
+            *(u32x4*)(sk + attn_swz(row, ch)) = rot[i];
+            *(u32x4*)(const_cast<u16*>(p.k) + new_key_base + (i64)row * p.kv_stride_tok + ch * 8) =
+                rot[i];
         }
     };
 
