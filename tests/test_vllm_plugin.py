@@ -965,6 +965,41 @@ def test_rope_moves_into_our_attention(
             assert rotary is (attn.rotary_emb if ours and fold else None)
 
 
+def test_graph_settings_key_vllms_compile_cache(
+    cpu_vllm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's compile cache key (VllmConfig.compute_hash, which both its Inductor cache and its
+    AOT-compiled Dynamo graph use) changes with our settings that choose the traced ops, so an
+    engine never replays a graph traced under another GPTOSS_3090_ATTN_ROPE (or routing) value;
+    paths and benchmark metadata do not change it."""
+    from gptoss_3090.vllm import model as M
+
+    spec = fx.Spec()
+    path = fx.save_checkpoint(tmp_path / "ck", fx.build_tensors(spec), fx.config_dict(spec))
+    for name in [n for n in os.environ if n.startswith("GPTOSS_3090_")]:
+        monkeypatch.delenv(name)
+
+    def key(**env: str) -> str:
+        with monkeypatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            model, vc = _build(path)
+        assert model._bnb_moe
+        assert vc.additional_config[M.COMPILE_KEY] == M.graph_settings(env)
+        return vc.compute_hash()
+
+    key()  # the first model built in a process leaves vLLM's compilation_config hashing apart
+    default = key()
+    assert key() == default
+    assert key(GPTOSS_3090_ATTN_ROPE="vllm") != default
+    assert key(GPTOSS_3090_MOE_ROUTING="router") != default
+    assert key(GPTOSS_3090_ATTN_ROPE="vllm") != key(GPTOSS_3090_MOE_ROUTING="router")
+    assert key(GPTOSS_3090_GIT_COMMIT="abc", GPTOSS_3090_CACHE=str(tmp_path)) == default
+    # Only our variables count.
+    settings = M.graph_settings({"GPTOSS_3090_ATTN_ROPE": "vllm", "VLLM_X": "1", "OTHER": "x"})
+    assert set(settings) == {"GPTOSS_3090_ATTN_ROPE", "version"}
+
+
 def test_quantize_at_load_reproduces_synth_codes(cpu_vllm, synth_tiny: Path) -> None:
     """The bf16 reference/ served with --quantization bnb_moe: quantized at load (bitsandbytes'
     quantizer on the CPU here; ours on a GPU) to the codes of the NF4 checkpoint it came from,

@@ -72,7 +72,13 @@ from gptoss_3090.vllm.weights import (
 
 logger = logging.getLogger("vllm.gptoss_3090")
 
-__all__ = ["BnbCheckpointLoader", "GptOssBnbForCausalLM", "choose_attention_backend"]
+__all__ = [
+    "BnbCheckpointLoader",
+    "GptOssBnbForCausalLM",
+    "choose_attention_backend",
+    "graph_settings",
+    "record_graph_settings",
+]
 
 #: Set to ``triton`` (or ``vllm``) to keep vLLM's attention selection for bnb_moe models.
 ATTENTION_ENV = "GPTOSS_3090_ATTENTION"
@@ -81,6 +87,59 @@ ATTENTION_ENV = "GPTOSS_3090_ATTENTION"
 def _is_bnb_moe(vllm_config: Any) -> bool:
     qc = getattr(vllm_config, "quant_config", None)
     return qc is not None and qc.get_name() == QUANT_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# The compile cache key
+# ----------------------------------------------------------------------------------------------
+
+#: Key of our entry in ``vllm_config.additional_config``.
+COMPILE_KEY = "gptoss_3090"
+#: Our environment variables that cannot change a compiled graph: paths and benchmark metadata.
+_NOT_GRAPH_SETTINGS = frozenset(
+    {"GPTOSS_3090_CACHE", "GPTOSS_3090_NVRTC", "GPTOSS_3090_GIT_COMMIT"}
+)
+
+
+def graph_settings(environ: Any = None) -> dict[str, str]:
+    """What of ours can change the graph torch.compile traces: the package version and every
+    ``GPTOSS_3090_*`` environment variable but paths and benchmark metadata."""
+    environ = os.environ if environ is None else environ
+    settings = {
+        name: str(value)
+        for name, value in sorted(environ.items())
+        if name.startswith("GPTOSS_3090_") and name not in _NOT_GRAPH_SETTINGS
+    }
+    from gptoss_3090 import __version__
+
+    settings["version"] = __version__
+    return settings
+
+
+def record_graph_settings(vllm_config: Any) -> None:
+    """Puts :func:`graph_settings` into ``vllm_config.additional_config``, which
+    ``VllmConfig.compute_hash`` hashes into torch.compile's cache key.
+
+    vLLM keys its compile caches (Inductor's and the AOT-compiled Dynamo graph) by vLLM's own
+    ``VLLM_*`` variables, the configs and the traced source files, not by ours. Settings read at
+    model build (``GPTOSS_3090_ATTN_ROPE``, ``GPTOSS_3090_ATTN_KV_WRITE``, ``GPTOSS_3090_ROUTER``,
+    ``GPTOSS_3090_MOE_ROUTING``) choose which ops the same source traces, so without this an
+    engine started with another value silently replays the graph cached by the last one: with
+    RoPE moved into our attention op, ``GPTOSS_3090_ATTN_ROPE=vllm`` replayed a graph without
+    vLLM's rotary op and ran no RoPE at all (session 29), and the reverse rotates twice.
+    """
+    extra = getattr(vllm_config, "additional_config", None)
+    if extra is None:
+        vllm_config.additional_config = extra = {}
+    if not isinstance(extra, dict):
+        logger.warning(
+            "gptoss-3090: additional_config is a %s, not a dict; torch.compile's cache key "
+            "cannot include GPTOSS_3090_* settings, so set VLLM_DISABLE_COMPILE_CACHE=1 when "
+            "changing them",
+            type(extra).__name__,
+        )
+        return
+    extra[COMPILE_KEY] = graph_settings()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +328,7 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             return
         _check_parallelism(vllm_config)
+        record_graph_settings(vllm_config)
         # What GptOssForCausalLM.__init__ does (gpt_oss.py, 0.26), with our GptOssModel subclass.
         super(GptOssForCausalLM, self).__init__()
         self.vllm_config = vllm_config
