@@ -23,7 +23,7 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, smoke.
+# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, readfloor, smoke.
 # Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -165,26 +165,55 @@ job_e2e_decode() {
   # shellcheck disable=SC2086  # lists of budgets and workloads
   python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --out "$W/res/e2e_decode" \
     --budgets ${E2E_BUDGETS:-full} --workloads ${E2E_WORKLOADS:-decode_b16 decode_b64}
+  # Each side's decode rows against the bandwidth floor, where job readfloor ran first.
+  if [ -f "$W/res/read_floor.json" ]; then
+    python3 bench/decode_floor.py --result "$W/res/e2e_decode/result.json" \
+      --read-floor "$W/res/read_floor.json" --out "$W/res/e2e_decode/floor.md" || true
+  fi
 }
 
 job_e2e_env() {
   # Ours only, one engine per entry of E2E_ENV_RUNS (space-separated; each entry is one or more
   # VAR=value settings joined by commas, e.g. GPTOSS_3090_ATTN_ROPE=vllm), at E2E_ENV_WORKLOADS
   # (default decode_b1 decode_b16 decode_b64), 0.85 of the card: a same-sitting A/B of a
-  # setting against e2e_decode's ours side.
+  # setting against e2e_decode's ours side. A setting may repeat (entries run in the given order,
+  # so A B A B interleaves them); the Nth run of a setting lands in e2e_env_<name>_runN.
+  # PROFILE_WORKLOAD (one of the workloads, e.g. decode_b16) also traces 32 decode steps of each
+  # engine there and writes one kernel table for all runs (res/e2e_env_kernels.md).
   wait_synth
-  local run name
+  local run name out prof=() folders=()
+  [ -n "${PROFILE_WORKLOAD:-}" ] && prof=(--profile-workload "$PROFILE_WORKLOAD")
   for run in ${E2E_ENV_RUNS:?E2E_ENV_RUNS}; do
     name=$(echo "$run" | tr ',=' '__' | tr -cd 'A-Za-z0-9_.-')
+    out="$W/res/e2e_env_$name"
+    if [ -e "$out" ]; then
+      local n=2
+      while [ -e "${out}_run$n" ]; do n=$((n + 1)); done
+      out="${out}_run$n"
+    fi
     # shellcheck disable=SC2086  # a list of workloads; the settings split on commas
     env ${run//,/ } python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
-      --out "$W/res/e2e_env_$name" --budgets full \
-      --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64}
+      --out "$out" --budgets full \
+      --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64} "${prof[@]}"
+    if [ -n "${PROFILE_WORKLOAD:-}" ] && [ -d "$out/traces/ours_full" ]; then
+      mv "$out/traces/ours_full" "$out/traces/$(basename "$out")"
+      folders+=("$out/traces/$(basename "$out")")
+    fi
   done
+  if [ ${#folders[@]} -gt 0 ]; then
+    python3 bench/trace_kernels.py "${folders[@]}" --steps 32 --out "$W/res/e2e_env_kernels.md"
+    rm -rf "$W"/res/e2e_env_*/traces
+  fi
 }
 
 job_attntest() {
   python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_attention_gpu.py
+}
+
+job_readfloor() {
+  # The card's copy bandwidth and the read floor at decode sizes (bench/read_floor.py), for
+  # bench/decode_floor.py's bandwidth floor of a decode step in the same sitting.
+  python3 bench/read_floor.py --sizes-mb 0.75,8.4,33.6,268 --out "$W/res/read_floor.json"
 }
 
 job_e2e_dummy() {
