@@ -56,6 +56,26 @@ WORKLOADS = {
 TARGETS = {"decode_b1": 1.5, "decode_b64": 1.0, "prefill_16x2048": 1.0}
 
 
+def decode_steps(batch: int, n_out: int, seconds: float, first_token_s: float) -> dict[str, float]:
+    """The decode steps of a timed run: the whole run (prefill, then n_out - 1 decode steps of
+    `batch` tokens) less a run of the same shape that stops after the first token. A decode
+    workload's tok/s counts its prefill too (128 prompt tokens per request: about 1% of a
+    batch-1 run, 9% of a batch-64 one, where prefill runs at a different ratio to stock);
+    decode_tok_s is what bench/decode_floor.py sets against the bandwidth floor."""
+    decode_s = seconds - first_token_s
+    if decode_s <= 0:
+        raise ValueError(
+            f"a {n_out}-token run took {seconds:.4f} s, not more than its first token alone "
+            f"({first_token_s:.4f} s)"
+        )
+    return {
+        "first_token_s": first_token_s,
+        "decode_s": decode_s,
+        "decode_step_ms": 1e3 * decode_s / (n_out - 1),
+        "decode_tok_s": batch * (n_out - 1) / decode_s,
+    }
+
+
 def mxfp4_config_dir(out: Path) -> Path:
     """config.json of GPT-OSS-20B in OpenAI's MXFP4 form (weights come from load_format=dummy)."""
     from gptoss_3090.presets import get_preset
@@ -215,24 +235,34 @@ def worker(spec_path: str, out_path: str) -> None:
         # Several timed runs, each on fresh prompts: a batch-1 run lasts under a second, so a
         # single one is at the mercy of the host (sitting 13: 1.07x and 1.32x stock on the two
         # budgets from one run each). The median run is the result; all are kept.
-        runs = []
-        for _ in range(spec.get("repeats", 1)):
+        first_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+        def timed(p: Any, batch: int = batch, n_in: int = n_in) -> tuple[float, list[Any]]:
             torch.cuda.synchronize()
             t1 = time.perf_counter()
-            outs = llm.generate(prompts(batch, n_in), params, use_tqdm=False)
+            outs = llm.generate(prompts(batch, n_in), p, use_tqdm=False)
             torch.cuda.synchronize()
-            dt = time.perf_counter() - t1
+            return time.perf_counter() - t1, outs
+
+        runs = []
+        for _ in range(spec.get("repeats", 1)):
+            dt, outs = timed(params)
             produced = sum(len(o.outputs[0].token_ids) for o in outs)
-            runs.append(
-                {
-                    "seconds": dt,
-                    "output_tok_s": produced / dt,
-                    "input_tok_s": batch * n_in / dt,
-                    "tok_s": (batch * n_in if n_out == 1 else produced) / dt,
-                }
-            )
+            run = {
+                "seconds": dt,
+                "output_tok_s": produced / dt,
+                "input_tok_s": batch * n_in / dt,
+                "tok_s": (batch * n_in if n_out == 1 else produced) / dt,
+            }
+            if n_out > 1:
+                # The same prompts' prefill and first token alone, on fresh prompts: what is
+                # left of the run is its n_out - 1 decode steps (decode_steps).
+                run.update(decode_steps(batch, n_out, dt, timed(first_only)[0]))
+            runs.append(run)
         median = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
         result["workloads"][name] = {**median, "runs_tok_s": [r["tok_s"] for r in runs]}
+        if n_out > 1:
+            result["workloads"][name]["runs_decode_tok_s"] = [r["decode_tok_s"] for r in runs]
     prof = spec.get("profile")
     if prof:
         # After the timed runs: a traced decode (the profiler skips PROFILE_DELAY engine
@@ -433,6 +463,9 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
             for side, r in (("stock", s), ("ours", o)):
                 for w, v in r.get("workloads", {}).items():
                     lines.append(_one_side_row(b, side, f"{w} ({side} only)", _tok_s(v)))
+                    if "decode_tok_s" in v:
+                        label = f"{w}, decode steps only ({side} only)"
+                        lines.append(_one_side_row(b, side, label, _tok_s(v, "decode_tok_s")))
                 if r:
                     label = f"{side}: experts per layer, 64 tokens"
                     lines.append(_one_side_row(b, side, label, _routed(r)))
@@ -445,6 +478,12 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
             tgt = TARGETS.get(w)
             target = f">= {tgt:.1f}x" if tgt else ""
             lines.append(f"| {b} | {w} | {_tok_s(sw)} | {_tok_s(ow)} | {ot / st:.2f}x | {target} |")
+            if "decode_tok_s" in sw and "decode_tok_s" in ow:
+                sd, od = sw["decode_tok_s"], ow["decode_tok_s"]
+                lines.append(
+                    f"| {b} | {w}, decode steps only | {_tok_s(sw, 'decode_tok_s')} | "
+                    f"{_tok_s(ow, 'decode_tok_s')} | {od / sd:.2f}x | |"
+                )
         sk, ok = s.get("kv_cache_tokens"), o.get("kv_cache_tokens")
         kv_ratio = f"{ok / sk:.2f}x" if isinstance(sk, int) and isinstance(ok, int) else ""
         lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
@@ -461,11 +500,12 @@ def _one_side_row(budget: str, side: str, label: str, value: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _tok_s(workload: dict[str, Any]) -> str:
-    """The median tok/s, with the range of the timed runs when there were several."""
-    runs = workload.get("runs_tok_s", [])
+def _tok_s(workload: dict[str, Any], key: str = "tok_s") -> str:
+    """The median run's tok/s (or decode_tok_s), with the range of the timed runs when there
+    were several."""
+    runs = workload.get(f"runs_{key}", [])
     spread = f" ({min(runs):,.0f}-{max(runs):,.0f})" if len(runs) > 1 else ""
-    return f"{workload['tok_s']:,.0f}{spread}"
+    return f"{workload[key]:,.0f}{spread}"
 
 
 def _routed(run: dict[str, Any]) -> str:

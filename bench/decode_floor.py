@@ -47,11 +47,12 @@ the floor ratio falls to 1.12x at B = 16 and 1.10x at B = 64 (formula routing).
 
 With ``--result`` (the ``result.json`` of ``bench/bench_vllm_e2e.py``) each workload
 ``decode_bN`` (N prompts of 128 tokens, 256 output tokens each, so C = 128 + 256 / 2 = 256 by
-default) is set against its measured tok/s. That figure times the whole ``generate`` call,
-prefill of the 128 prompt tokens included, so measured / floor is a lower bound of the decode
-steps' own efficiency. Ours's measured routing (``runs[...]["routing"]
-["experts_per_layer_t<B>"]``) replaces n(B) when recorded; stock uses the formula unless
-``--measured-routing both``.
+default) is set against its measured tok/s: ``decode_tok_s``, the decode steps alone, where
+the run recorded it (``bench_vllm_e2e.py`` since session 29), else ``tok_s``, which times the
+whole ``generate`` call, prefill of the 128 prompt tokens included, so that measured / floor
+is a lower bound of the decode steps' own efficiency. Ours's measured routing
+(``runs[...]["routing"]["experts_per_layer_t<B>"]``) replaces n(B) when recorded; stock uses
+the formula unless ``--measured-routing both``.
 
 Usage::
 
@@ -408,7 +409,9 @@ def result_cases(
         for side in SIDES:
             run = runs.get(f"{side}_{budget}") or {}
             w = run.get("workloads", {}).get(name) or {}
-            tok_s = w.get("tok_s")
+            # The decode steps alone where the run recorded them (bench_vllm_e2e.py since
+            # session 29), else the whole generate call.
+            tok_s = w.get("decode_tok_s", w.get("tok_s"))
             measured[side] = float(tok_s) if isinstance(tok_s, (int, float)) else None
             touched[side] = measured_experts(run, batch) if use_measured[side] else None
         cases.append((name, batch, touched, measured))
@@ -439,8 +442,16 @@ def report(
     if result is not None:
         cases = result_cases(result, budget, measured_routing)
         lines[0] += f" vs measured ({result_name}, budget {budget})"
+        steps_only = all(
+            "decode_tok_s" in (run.get("workloads", {}).get(c[0]) or {})
+            for c in cases
+            for side, run in result.get("runs", {}).items()
+            if side.endswith(f"_{budget}")
+        )
         lines += [
-            "Measured tok/s times the whole generate call, including the prefill of the "
+            "Measured tok/s: the decode steps alone (each run less a run of its first token)."
+            if steps_only
+            else "Measured tok/s times the whole generate call, including the prefill of the "
             f"{E2E_PROMPT}-token prompts, so measured/floor is a lower bound of the decode "
             "steps' efficiency.",
             "",

@@ -173,6 +173,23 @@ def test_cli_on_session28_result(floor, tmp_path: Path) -> None:
     assert b16["stock"][3] == f"{floor.expected_distinct_experts(32, 4, 16):.2f}"
 
 
+def test_cli_prefers_the_decode_steps_alone(floor, tmp_path: Path) -> None:
+    """A result whose runs recorded decode_tok_s (the decode steps without the prefill) is
+    measured by it, and the report says so instead of calling the ratio a lower bound."""
+    result = json.loads(E2E_RESULT.read_text())
+    for run in result["runs"].values():
+        for w in run["workloads"].values():
+            w["decode_tok_s"] = 1.25 * w["tok_s"]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    proc = _run_cli("--result", str(path), "--bandwidth-gbs", "4103")
+    assert proc.returncode == 0, proc.stderr
+    assert "lower bound" not in proc.stdout and "decode steps alone" in proc.stdout
+    for side, cells in _rows(proc.stdout, "decode_b64").items():
+        w = result["runs"][f"{side}_full"]["workloads"]["decode_b64"]
+        assert cells[7] == f"{w['decode_tok_s']:,.0f}"
+
+
 def test_cli_read_floor_bandwidth_and_floor_only(floor) -> None:
     proc = _run_cli("--read-floor", str(READ_FLOOR), "--batches", "1,64")
     assert proc.returncode == 0, proc.stderr

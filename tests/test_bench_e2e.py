@@ -193,6 +193,57 @@ def test_summary_of_one_side_puts_its_numbers_in_its_own_column(bench) -> None:
         assert [c for i, c in enumerate(cells) if i not in (0, 1, column)] == ["", "", ""], row
 
 
+def test_decode_steps_subtract_the_first_token_run(bench) -> None:
+    """A 256-token run of batch 4 taking 2.0 s, whose first token alone takes 0.2 s, spent 1.8 s
+    on 255 decode steps of 4 tokens."""
+    d = bench.decode_steps(4, 256, 2.0, 0.2)
+    assert d["decode_s"] == pytest.approx(1.8)
+    assert d["decode_step_ms"] == pytest.approx(1800 / 255)
+    assert d["decode_tok_s"] == pytest.approx(4 * 255 / 1.8)
+    with pytest.raises(ValueError, match="first token alone"):
+        bench.decode_steps(4, 256, 0.2, 0.2)
+
+
+def test_summary_adds_decode_steps_only_rows(bench) -> None:
+    """Where both sides recorded decode_tok_s, the summary adds a row of the decode steps alone
+    with its own ratio; prefill rows (no decode_tok_s) get none."""
+
+    def run(tok_s: float, decode: list[float]) -> dict:
+        return {
+            "tok_s": tok_s,
+            "runs_tok_s": [tok_s],
+            "decode_tok_s": sorted(decode)[1],
+            "runs_decode_tok_s": decode,
+        }
+
+    report = {
+        "runs": {
+            "stock_full": {
+                "device": "card",
+                "workloads": {
+                    "decode_b64": run(7900.0, [8400.0, 8500.0, 8450.0]),
+                    "p": {"tok_s": 1.0},
+                },
+            },
+            "ours_full": {
+                "device": "card",
+                "workloads": {
+                    "decode_b64": run(7470.0, [7700.0, 7800.0, 7650.0]),
+                    "p": {"tok_s": 1.0},
+                },
+            },
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b64", "p"])
+    row = next(line for line in md.splitlines() if "decode steps only" in line)
+    assert (
+        "| full | decode_b64, decode steps only | 8,450 (8,400-8,500) | 7,700 (7,650-7,800) |"
+        in row
+    )
+    assert f"| {7700 / 8450:.2f}x |" in row, row
+    assert sum("decode steps only" in line for line in md.splitlines()) == 1
+
+
 def test_repeats_below_one_is_refused(bench, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--ours", "x", "--repeats", "0"])
