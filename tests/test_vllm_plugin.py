@@ -1220,6 +1220,7 @@ def test_stock_mxfp4_gpt_oss_is_served_by_vllms_own_path(cpu_vllm, tmp_path: Pat
             pytest.skip(f"stock MXFP4 GPT-OSS cannot be built on this CPU-only vLLM: {exc}")
     assert vc.model_config.quantization == "gpt_oss_mxfp4" and not model._bnb_moe
     assert type(vc.quant_config).__name__ == "GptOssMxfp4Config"
+    assert "gptoss_3090" not in vc.additional_config  # vLLM's compile-cache key as stock's
     with set_current_vllm_config(vc):
         model.load_weights(safetensors_weights_iterator([str(d / "model.safetensors")], False))
     params = dict(model.named_parameters())
