@@ -232,10 +232,22 @@ def load_bandwidth(read_floor: str | None, bandwidth_gbs: float | None) -> tuple
         return bandwidth_gbs * 1e9, f"{bandwidth_gbs:,.0f} GB/s (given)"
     if read_floor is None:
         raise ValueError("give --bandwidth-gbs or --read-floor")
-    data = json.loads(Path(read_floor).read_text())
+    data = read_json(read_floor, "--read-floor")
+    if not isinstance(data, dict) or not isinstance(data.get("copy_gbps"), (int, float)):
+        raise ValueError(
+            f"--read-floor {read_floor}: no numeric copy_gbps (not a read_floor.json?)"
+        )
     gbs = float(data["copy_gbps"])
     device = data.get("device", "?")
     return gbs * 1e9, f"{gbs:,.0f} GB/s (device-to-device copy on {device}, {read_floor})"
+
+
+def read_json(path: str, option: str) -> Any:
+    """The JSON document at ``path``; ValueError naming the option and the file if it is not."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} {path}: not JSON ({e})") from e
 
 
 def workload_batch(name: str) -> int | None:
@@ -468,7 +480,7 @@ def report(
 def load_config(preset: str, config_path: str | None) -> tuple[dict[str, Any], str]:
     """(config dict, name) from a config.json path or a gptoss_3090 preset."""
     if config_path:
-        return json.loads(Path(config_path).read_text()), config_path
+        return read_json(config_path, "--config"), config_path
     from gptoss_3090.presets import get_preset  # CPU-only, imports no torch
 
     return get_preset(preset), f"preset {preset}"
@@ -509,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bandwidth, src = load_bandwidth(args.read_floor, args.bandwidth_gbs)
         config, name = load_config(args.preset, args.config)
-        result = json.loads(Path(args.result).read_text()) if args.result else None
+        result = read_json(args.result, "--result") if args.result else None
         text = report(
             config,
             name,

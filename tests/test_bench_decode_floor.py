@@ -200,3 +200,19 @@ def test_cli_read_floor_bandwidth_and_floor_only(floor) -> None:
     assert ours[5] == f"{step['total'] / (copy_gbps * 1e9) * 1e6:,.1f}"
     assert set(_rows(proc.stdout, "B=64")) == {"ours", "stock"}
     assert _run_cli("--batches", "1").returncode != 0  # no bandwidth given
+
+
+def test_cli_names_the_bad_file(tmp_path: Path) -> None:
+    """A file that is not JSON, or a read_floor.json without copy_gbps, is a usage error that
+    names the option and the file, not a traceback."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not json")
+    for args, expect in (
+        (("--read-floor", str(text)), f"--read-floor {text}: not JSON"),
+        (("--read-floor", str(E2E_RESULT)), "no numeric copy_gbps"),
+        (("--bandwidth-gbs", "1", "--result", str(text)), f"--result {text}: not JSON"),
+        (("--bandwidth-gbs", "1", "--config", str(text)), f"--config {text}: not JSON"),
+    ):
+        proc = _run_cli(*args)
+        assert proc.returncode == 2, proc.stdout
+        assert expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
