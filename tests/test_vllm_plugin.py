@@ -994,7 +994,8 @@ def test_graph_settings_key_vllms_compile_cache(
     assert key(GPTOSS_3090_ATTN_ROPE="vllm") != default
     assert key(GPTOSS_3090_MOE_ROUTING="router") != default
     assert key(GPTOSS_3090_ATTN_ROPE="vllm") != key(GPTOSS_3090_MOE_ROUTING="router")
-    assert key(GPTOSS_3090_GIT_COMMIT="abc", GPTOSS_3090_CACHE=str(tmp_path)) == default
+    paths = {"GPTOSS_3090_CACHE": str(tmp_path), "GPTOSS_3090_KERNEL_DIR": str(tmp_path)}
+    assert key(GPTOSS_3090_GIT_COMMIT="abc", **paths) == default
     # Only our variables count.
     settings = M.graph_settings({"GPTOSS_3090_ATTN_ROPE": "vllm", "VLLM_X": "1", "OTHER": "x"})
     assert set(settings) == {"GPTOSS_3090_ATTN_ROPE", "version"}

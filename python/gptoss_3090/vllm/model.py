@@ -95,9 +95,15 @@ def _is_bnb_moe(vllm_config: Any) -> bool:
 
 #: Key of our entry in ``vllm_config.additional_config``.
 COMPILE_KEY = "gptoss_3090"
-#: Our environment variables that cannot change a compiled graph: paths and benchmark metadata.
+#: Our environment variables that cannot change a compiled graph: paths (the kernel cache,
+#: NVRTC, the kernel sources, which our opaque ops compile at run time) and benchmark metadata.
 _NOT_GRAPH_SETTINGS = frozenset(
-    {"GPTOSS_3090_CACHE", "GPTOSS_3090_NVRTC", "GPTOSS_3090_GIT_COMMIT"}
+    {
+        "GPTOSS_3090_CACHE",
+        "GPTOSS_3090_NVRTC",
+        "GPTOSS_3090_KERNEL_DIR",
+        "GPTOSS_3090_GIT_COMMIT",
+    }
 )
 
 
