@@ -30,6 +30,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from gptoss_3090 import attention as A
@@ -159,27 +161,39 @@ def rope_like_vllm(positions, q, k, table):
     return rot(q, HQ), rot(k, HKV)
 
 
-def bench_case(
-    kind,
-    batch,
-    ctx,
-    window,
-    base,
-    base_name,
-    ws,
-    reps,
-    iters,
-    seed,
-    seq_bound=0,
-    kv_write=False,
-    rope=False,
-):
-    """One case; ``seq_bound`` (decode) is the ``max_seq_len`` both sides are given when it
-    exceeds the context, as in vLLM's captured decode graphs (planned for max_model_len).
-    ``kv_write`` (decode) also times the step's cache write: ``kv_cache_write`` then the
-    attention (vLLM's separate update) against the write folded into the decode launch.
-    ``rope`` (with ``kv_write``) also times the step's RoPE: vLLM's, compiled by torch.compile,
-    before the folded launch, against RoPE folded into it (``rope_cos_sin``)."""
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: ``batch`` decode requests of one new token after ``ctx`` keys each, or
+    (``kind == "prefill"``) one request of ``ctx`` tokens; ``window`` None is a full layer."""
+
+    kind: str
+    batch: int
+    ctx: int
+    window: int | None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every case shares. ``seq_bound`` (decode) is the ``max_seq_len`` both sides are
+    given when it exceeds the context, as in vLLM's captured decode graphs (planned for
+    max_model_len). ``kv_write`` (decode) also times the step's cache write: ``kv_cache_write``
+    then the attention (vLLM's separate update) against the write folded into the decode
+    launch. ``rope`` (with ``kv_write``) also times the step's RoPE: vLLM's, compiled by
+    torch.compile, before the folded launch, against RoPE folded into it (``rope_cos_sin``)."""
+
+    base: Callable[..., None]
+    base_name: str
+    ws: torch.Tensor
+    seq_bound: int = 0
+    kv_write: bool = False
+    rope: bool = False
+
+
+def bench_case(case: Case, setup: Setup, reps: int, iters: int, seed: int) -> dict:
+    """Times ``case`` (ours, then the baseline) and returns its result row."""
+    kind, batch, ctx, window = case.kind, case.batch, case.ctx, case.window
+    base, base_name, ws = setup.base, setup.base_name, setup.ws
+    seq_bound, kv_write, rope = setup.seq_bound, setup.kv_write, setup.rope
     gen = torch.Generator().manual_seed(seed)
     if kind == "decode":
         q_lens, seq_lens = [1] * batch, [ctx] * batch
@@ -402,6 +416,7 @@ def main() -> int:
         cases += [("decode", b, c, w) for b, c in decode for w in (WINDOW, None)]
     if args.only != "decode":
         cases += [("prefill", 1, n, w) for n in PREFILL for w in (WINDOW, None)]
+    setup = Setup(base, base_name, ws, args.seq_bound, args.kv_write, args.rope)
     rows = []
     hdr = (
         f"{'case':<22}{'layer':<9}{'ours us':>10}{f'{base_name} us':>12}{'speedup':>9}"
@@ -412,21 +427,7 @@ def main() -> int:
     for i, (kind, batch, ctx, window) in enumerate(cases):
         iters = args.iters if not (kind == "prefill" and ctx >= 32768) else max(5, args.iters // 4)
         reps = args.reps if not (kind == "prefill" and ctx >= 8192) else 2
-        row = bench_case(
-            kind,
-            batch,
-            ctx,
-            window,
-            base,
-            base_name,
-            ws,
-            reps,
-            iters,
-            seed=i,
-            seq_bound=args.seq_bound,
-            kv_write=args.kv_write,
-            rope=args.rope,
-        )
+        row = bench_case(Case(kind, batch, ctx, window), setup, reps, iters, seed=i)
         rows.append(row)
         torch.cuda.empty_cache()
         if kind == "decode":

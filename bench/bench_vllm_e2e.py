@@ -231,7 +231,11 @@ def worker(spec_path: str, out_path: str) -> None:
     for name in spec["workloads"]:
         batch, n_in, n_out = WORKLOADS[name]
         params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
-        llm.generate(prompts(batch, n_in), params, use_tqdm=False)  # warm-up, other prompts
+        # Warm-up, other prompts. Its first request's greedy tokens are kept: the prompts are the
+        # same in every engine of the same workload list, so `agree` can set engines' outputs
+        # side by side (a setting that silently changed the math diverges at once).
+        warm = llm.generate(prompts(batch, n_in), params, use_tqdm=False)
+        first_tokens = [int(t) for t in warm[0].outputs[0].token_ids]
         # Several timed runs, each on fresh prompts: a batch-1 run lasts under a second, so a
         # single one is at the mercy of the host (sitting 13: 1.07x and 1.32x stock on the two
         # budgets from one run each). The median run is the result; all are kept.
@@ -260,7 +264,11 @@ def worker(spec_path: str, out_path: str) -> None:
                 run.update(decode_steps(batch, n_out, dt, timed(first_only)[0]))
             runs.append(run)
         median = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
-        result["workloads"][name] = {**median, "runs_tok_s": [r["tok_s"] for r in runs]}
+        result["workloads"][name] = {
+            **median,
+            "runs_tok_s": [r["tok_s"] for r in runs],
+            "first_tokens": first_tokens,
+        }
         if n_out > 1:
             result["workloads"][name]["runs_decode_tok_s"] = [r["decode_tok_s"] for r in runs]
     prof = spec.get("profile")
@@ -338,6 +346,42 @@ def run(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return res
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: for each engine's result (name -> worker result JSON) and workload, how
+    many of its first request's greedy tokens match the first engine's (``tokens / total``).
+    Two settings that compute the same model agree until a near-tie flips a token; one that
+    changes the math (no RoPE, say) diverges within a few tokens."""
+    names = list(results)
+    if not names:
+        raise ValueError("agree: no results to compare")
+    ref = results[names[0]]
+    workloads = [w for w in ref.get("workloads", {}) if "first_tokens" in ref["workloads"][w]]
+    if not workloads:
+        raise ValueError(f"agree: {names[0]} has no first_tokens (a result from before them?)")
+    lines = [
+        "| engine | " + " | ".join(workloads) + " |",
+        "|---|" + "---|" * len(workloads),
+    ]
+    for name in names:
+        cells = []
+        for w in workloads:
+            mine = results[name].get("workloads", {}).get(w, {}).get("first_tokens")
+            theirs = ref["workloads"][w]["first_tokens"]
+            cells.append("-" if mine is None else f"{common_prefix(mine, theirs)} / {len(theirs)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker")
     w.add_argument("spec")
     w.add_argument("result")
+    ag = sub.add_parser(
+        "agree",
+        help="compare the greedy tokens of engines' result JSONs (ours_full.json) with the first's",
+    )
+    ag.add_argument("results", nargs="+", type=Path)
+    ag.add_argument("--out", type=Path, help="also write the table here")
     p.add_argument("--ours", help="the 20b synthetic NF4 checkpoint")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/vllm_e2e_bench")
     p.add_argument("--budget-gib", type=float, default=23.0)
@@ -377,6 +427,21 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "worker":
         worker(a.spec, a.result)
+        return 0
+    if a.cmd == "agree":
+        loaded = {}
+        for path in a.results:
+            try:
+                loaded[path.parent.name or str(path)] = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                p.error(f"agree: cannot read {path}: {e}")
+        try:
+            table = agreement_table(loaded)
+        except ValueError as e:
+            p.error(str(e))
+        print(table, end="")
+        if a.out:
+            a.out.write_text(table)
         return 0
     if a.repeats < 1:
         p.error(f"--repeats {a.repeats}: at least one timed run per workload")

@@ -23,7 +23,8 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, readfloor, smoke.
+# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, attnkeys,
+# readfloor, smoke.
 # Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -180,8 +181,9 @@ job_e2e_env() {
   # so A B A B interleaves them); the Nth run of a setting lands in e2e_env_<name>_runN.
   # PROFILE_WORKLOAD (one of the workloads, e.g. decode_b16) also traces 32 decode steps of each
   # engine there and writes one kernel table for all runs (res/e2e_env_kernels.md).
+  # res/e2e_env_agree.md: each engine's first-request greedy tokens against the first engine's.
   wait_synth
-  local run name out prof=() folders=()
+  local run name out prof=() folders=() results=()
   [ -n "${PROFILE_WORKLOAD:-}" ] && prof=(--profile-workload "$PROFILE_WORKLOAD")
   for run in ${E2E_ENV_RUNS:?E2E_ENV_RUNS}; do
     name=$(echo "$run" | tr ',=' '__' | tr -cd 'A-Za-z0-9_.-')
@@ -195,11 +197,14 @@ job_e2e_env() {
     env ${run//,/ } python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
       --out "$out" --budgets full \
       --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64} "${prof[@]}"
+    [ -f "$out/ours_full.json" ] && results+=("$out/ours_full.json")
     if [ -n "${PROFILE_WORKLOAD:-}" ] && [ -d "$out/traces/ours_full" ]; then
       mv "$out/traces/ours_full" "$out/traces/$(basename "$out")"
       folders+=("$out/traces/$(basename "$out")")
     fi
   done
+  # Each engine's greedy tokens against the first's (the same prompts in every engine).
+  python3 bench/bench_vllm_e2e.py agree "${results[@]}" --out "$W/res/e2e_env_agree.md" || true
   if [ ${#folders[@]} -gt 0 ]; then
     python3 bench/trace_kernels.py "${folders[@]}" --steps 32 --out "$W/res/e2e_env_kernels.md"
     rm -rf "$W"/res/e2e_env_*/traces
@@ -208,6 +213,21 @@ job_e2e_env() {
 
 job_attntest() {
   python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_attention_gpu.py
+}
+
+job_attnkeys() {
+  # bench_attention.py decode at ATTN_CASES planned for a 131072-token bound (as vLLM's graphs)
+  # at the default run-time split length, then each of ATTN_MIN_KEYS (default "512 1024": the
+  # fewest keys a split takes, GPTOSS_3090_ATTN_MIN_KEYS in vLLM), then the default again.
+  local w opts
+  for w in default ${ATTN_MIN_KEYS:-512 1024} default2; do
+    opts=()
+    case $w in default*) ;; *) opts=(--min-keys "$w") ;; esac
+    echo "-- min keys per split: $w"
+    python3 bench/bench_attention.py --only decode --seq-bound 131072 \
+      --decode-cases "${ATTN_CASES:-1x256,1x384,1x512,1x1024,16x384,16x1024}" "${opts[@]}" \
+      --out "$W/res/attn_keys_$w.json" 2>&1 | grep -v "^wrote"
+  done
 }
 
 job_readfloor() {

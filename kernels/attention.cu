@@ -57,12 +57,14 @@
 // sync). All strides are in ELEMENTS (u16), never bytes.
 // -------------------------------------------------------------------------------------------------
 
-struct AttnKvWriteParams {
+// New K/V rows and where they land in the paged cache: the part of a KV write that the separate
+// write (AttnKvWriteParams) and the RoPE launch (AttnRopeWriteParams) share.
+struct AttnKvRows {
     const u16* key;            // [num_tokens, num_kv_heads, 64], last dim contiguous
     const u16* value;          // [num_tokens, num_kv_heads, 64], last dim contiguous
     u16* k_cache;              // K half of the cache: kv_cache.data_ptr()
     u16* v_cache;              // V half of the cache: kv_cache.data_ptr() + 64 elements
-    const void* slot_mapping;  // [num_tokens] int32 or int64; slot = block * block_size + offset
+    const void* slot_mapping;  // [>= num_tokens] int32 or int64; slot = block * block_size + offset
     i64 key_stride_tok;        // key.stride(0)
     i64 key_stride_head;       // key.stride(1)
     i64 value_stride_tok;      // value.stride(0)
@@ -70,11 +72,17 @@ struct AttnKvWriteParams {
     i64 cache_stride_block;    // kv_cache.stride(0)  (logical (blocks, kv_heads, block_size, 128))
     i64 cache_stride_tok;      // kv_cache.stride(2)
     i64 cache_stride_head;     // kv_cache.stride(1)
-    i32 num_tokens;            // rows of key/value to write (slot_mapping.shape[0])
     i32 num_kv_heads;
     i32 block_size;
     i32 slot_is_i64;           // 1: slot_mapping is int64, 0: int32
 };
+
+struct AttnKvWriteParams {
+    AttnKvRows kv;
+    i32 num_tokens;            // rows of key/value to write (slot_mapping.shape[0])
+};
+static_assert(sizeof(AttnKvRows) == 112, "AttnKvRows layout must match src/ops/attention.rs");
+static_assert(sizeof(AttnKvWriteParams) == 120, "AttnKvWriteParams layout must match Rust");
 
 struct AttnParams {
     const u16* q;                // [T, Hq, 64], last dim contiguous
@@ -134,32 +142,19 @@ struct AttnParams {
 struct AttnRopeWriteParams {
     const u16* q;                // [T, Hq, 64], last dim contiguous
     u16* q_out;                  // [T, Hq, 64]: the attention's output buffer
-    const u16* key;              // [T, Hkv, 64]
-    const u16* value;            // [T, Hkv, 64]
-    u16* k_cache;                // kv_cache.data_ptr()
-    u16* v_cache;                // kv_cache.data_ptr() + 64 elements
-    const void* slot_mapping;    // [>= T] int32 or int64 (slot < 0: not written)
     const i32* query_start_loc;  // [num_reqs + 1]
     const i32* seq_lens;         // [num_reqs]
     const float* rope_cos_sin;   // as AttnParams::rope_cos_sin
-    i64 q_stride_tok;
-    i64 q_stride_head;
-    i64 qo_stride_tok;
-    i64 qo_stride_head;
-    i64 key_stride_tok;
-    i64 key_stride_head;
-    i64 value_stride_tok;
-    i64 value_stride_head;
-    i64 cache_stride_block;      // kv_cache.stride(0)
-    i64 cache_stride_tok;        // kv_cache.stride(2)
-    i64 cache_stride_head;       // kv_cache.stride(1)
+    i64 q_stride_tok;            // q.stride(0)
+    i64 q_stride_head;           // q.stride(1)
+    i64 qo_stride_tok;           // q_out.stride(0)
+    i64 qo_stride_head;          // q_out.stride(1)
+    AttnKvRows kv;               // the new keys (rotated on the way) and values; slot < 0: skipped
     i32 num_tokens;              // T = query_start_loc[num_reqs]
     i32 num_reqs;
     i32 num_q_heads;
-    i32 num_kv_heads;
-    i32 block_size;
-    i32 slot_is_i64;
 };
+static_assert(sizeof(AttnRopeWriteParams) == 200, "AttnRopeWriteParams layout must match Rust");
 
 // -------------------------------------------------------------------------------------------------
 // Small helpers.
@@ -389,9 +384,35 @@ __device__ __forceinline__ const float* attn_rope_row(const AttnRopeWriteParams&
 // (2l, 2l + 1) and (2l + 32, 2l + 33), rotating q and K rows. A token finds its request by binary
 // search over query_start_loc (uniform across the half-warp); tokens past the last request's
 // (CUDA-graph padding) are left alone.
+// The cache slot of new row `token` (< 0: a padding token, not written).
+__device__ __forceinline__ i64 attn_kv_slot(const AttnKvRows& kv, i64 token) {
+    return kv.slot_is_i64 ? ((const i64*)kv.slot_mapping)[token]
+                          : (i64)((const i32*)kv.slot_mapping)[token];
+}
+
+// Where KV head `head` of new row `token` comes from (K, or V when `is_v`).
+__device__ __forceinline__ const u16* attn_kv_src(const AttnKvRows& kv, i64 token, int head,
+                                                  bool is_v) {
+    return is_v ? kv.value + token * kv.value_stride_tok + head * kv.value_stride_head
+                : kv.key + token * kv.key_stride_tok + head * kv.key_stride_head;
+}
+
+// Where it goes: the row of cache slot `slot` (>= 0), KV head `head`, K or V half.
+__device__ __forceinline__ u16* attn_kv_dst(const AttnKvRows& kv, i64 slot, int head, bool is_v) {
+    const i64 blk = slot / kv.block_size;
+    const i64 off = slot - blk * kv.block_size;
+    return (is_v ? kv.v_cache : kv.k_cache) + blk * kv.cache_stride_block +
+           off * kv.cache_stride_tok + head * kv.cache_stride_head;
+}
+
+// One half-warp per row of (token, q head | K head | V head): lane l of the half moves dims
+// (2l, 2l + 1) and (2l + 32, 2l + 33), rotating q and K rows. A token finds its request by binary
+// search over query_start_loc (uniform across the half-warp); tokens past the last request's
+// (CUDA-graph padding) are left alone.
 template <int DTYPE>
 __device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& p) {
-    const int per_token = p.num_q_heads + 2 * p.num_kv_heads;
+    const AttnKvRows& kv = p.kv;
+    const int per_token = p.num_q_heads + 2 * kv.num_kv_heads;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 4) + (threadIdx.x >> 4);
     const int l = threadIdx.x & 15;
     const i64 total = (i64)p.num_tokens * per_token;
@@ -401,20 +422,14 @@ __device__ __forceinline__ void attn_rope_write_impl(const AttnRopeWriteParams& 
     const int d = 2 * l;
     if (t >= p.query_start_loc[p.num_reqs]) return;  // padding rows past the requests' tokens
     if (j >= p.num_q_heads) {  // K or V row: into the cache at the token's slot
-        const i64 slot = p.slot_is_i64 ? ((const i64*)p.slot_mapping)[t]
-                                       : (i64)((const i32*)p.slot_mapping)[t];
+        const i64 slot = attn_kv_slot(kv, t);
         if (slot < 0) return;  // padding token
-        const i64 blk = slot / p.block_size;
-        const i64 off = slot - blk * p.block_size;
-        const bool is_v = j >= p.num_q_heads + p.num_kv_heads;
-        const int h = is_v ? j - p.num_q_heads - p.num_kv_heads : j - p.num_q_heads;
-        const i64 dst_row =
-            blk * p.cache_stride_block + off * p.cache_stride_tok + h * p.cache_stride_head;
-        const u16* src = is_v ? p.value + (i64)t * p.value_stride_tok + h * p.value_stride_head
-                              : p.key + (i64)t * p.key_stride_tok + h * p.key_stride_head;
+        const bool is_v = j >= p.num_q_heads + kv.num_kv_heads;
+        const int h = is_v ? j - p.num_q_heads - kv.num_kv_heads : j - p.num_q_heads;
+        const u16* src = attn_kv_src(kv, t, h, is_v);
         u32 lo = *(const u32*)(src + d), hi = *(const u32*)(src + d + 32);
         if (!is_v) attn_rope_u32<DTYPE>(attn_rope_row(p, t), d, lo, hi);
-        u16* dst = (is_v ? p.v_cache : p.k_cache) + dst_row;
+        u16* dst = attn_kv_dst(kv, slot, h, is_v);
         *(u32*)(dst + d) = lo;
         *(u32*)(dst + d + 32) = hi;
         return;
@@ -439,24 +454,20 @@ extern "C" __global__ __launch_bounds__(256) void attn_rope_write_f16(
 // One thread moves one 16-byte chunk: (token, head, K chunk 0..7 | V chunk 8..15).
 template <int DTYPE>
 __device__ __forceinline__ void attn_kv_write_impl(const AttnKvWriteParams& p) {
+    const AttnKvRows& kv = p.kv;
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const i64 per_token = (i64)p.num_kv_heads * 16;
+    const i64 per_token = (i64)kv.num_kv_heads * 16;
     const i64 token = idx / per_token;
     if (token >= p.num_tokens) return;
     const int rem = (int)(idx - token * per_token);
     const int head = rem >> 4;
     const int part = rem & 15;
-    const i64 slot = p.slot_is_i64 ? ((const i64*)p.slot_mapping)[token]
-                                   : (i64)((const i32*)p.slot_mapping)[token];
+    const i64 slot = attn_kv_slot(kv, token);
     if (slot < 0) return;  // padding token
-    const i64 blk = slot / p.block_size;
-    const i64 off = slot - blk * p.block_size;
-    const i64 dst_row = blk * p.cache_stride_block + off * p.cache_stride_tok + head * p.cache_stride_head;
     const bool is_v = part >= 8;
     const int chunk = part & 7;
-    const u16* src = is_v ? p.value + token * p.value_stride_tok + head * p.value_stride_head
-                          : p.key + token * p.key_stride_tok + head * p.key_stride_head;
-    u16* dst = (is_v ? p.v_cache : p.k_cache) + dst_row;
+    const u16* src = attn_kv_src(kv, token, head, is_v);
+    u16* dst = attn_kv_dst(kv, slot, head, is_v);
     *(u32x4*)(dst + chunk * 8) = *(const u32x4*)(src + chunk * 8);
 }
 

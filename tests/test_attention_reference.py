@@ -331,6 +331,41 @@ def test_backend_kv_write_setting(monkeypatch):
         AB._fold_kv_write()
 
 
+def test_backend_min_keys_setting(monkeypatch):
+    """``GPTOSS_3090_ATTN_MIN_KEYS``: unset or ``auto`` keeps the kernel default; a multiple of
+    16 in 16..4096 reaches the launches when the metadata builder is made (before capture),
+    without touching the benchmark overrides; anything else names the variable."""
+    backend = _backend()
+    from types import SimpleNamespace
+
+    from gptoss_3090 import _native
+    from gptoss_3090.vllm import attention_backend as AB
+
+    default = _native.attention_run_min_keys()
+    spec = SimpleNamespace(block_size=16, num_kv_heads=8)
+    config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096))
+    builder_cls = backend.get_builder_cls()
+    try:
+        monkeypatch.setenv(AB.MIN_KEYS_ENV, "512")
+        assert AB._run_min_keys() == 512
+        builder_cls(spec, ["layer.0"], config, torch.device("cpu"))
+        assert _native.attention_run_min_keys() == 512
+        monkeypatch.setenv(AB.MIN_KEYS_ENV, "auto")
+        builder_cls(spec, ["layer.0"], config, torch.device("cpu"))
+        assert _native.attention_run_min_keys() == default
+        monkeypatch.delenv(AB.MIN_KEYS_ENV)
+        assert AB._run_min_keys() is None
+        for bad in ("500", "0", "8192", "long"):
+            monkeypatch.setenv(AB.MIN_KEYS_ENV, bad)
+            with pytest.raises(ValueError, match=AB.MIN_KEYS_ENV):
+                AB._run_min_keys()
+            with pytest.raises(ValueError, match=AB.MIN_KEYS_ENV):
+                builder_cls(spec, ["layer.0"], config, torch.device("cpu"))
+    finally:
+        _native.attention_set_run_min_keys(None)
+    assert _native.attention_run_min_keys() == default
+
+
 def test_backend_rope_setting(monkeypatch):
     """``GPTOSS_3090_ATTN_ROPE``: ``fold`` (default, needs the folded KV write) or ``vllm``;
     anything else names the variable. The impl takes only a RoPE it can run."""

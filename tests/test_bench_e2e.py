@@ -8,6 +8,7 @@ token-dependent logits: every token picks the same 4 experts. ``bench_vllm_e2e._
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -267,3 +268,34 @@ def test_router_bench_tokens_parse_and_reject() -> None:
     for bad in ("0", "1,,2", "x", "-4"):
         with pytest.raises(SystemExit, match="--tokens"):
             br.tokens_list(bad)
+
+
+def test_agreement_counts_shared_leading_tokens(bench, tmp_path, capsys) -> None:
+    """``agree`` sets each engine's first-request greedy tokens against the first engine's: the
+    shared prefix, per workload; a missing workload is a dash, unreadable input an error."""
+    ref = {"workloads": {"decode_b1": {"first_tokens": [5, 6, 7, 8]},
+                         "decode_b16": {"first_tokens": [1, 2]}}}
+    same = {"workloads": {"decode_b1": {"first_tokens": [5, 6, 7, 8]},
+                          "decode_b16": {"first_tokens": [1, 2]}}}
+    early = {"workloads": {"decode_b1": {"first_tokens": [5, 9, 7, 8]}}}
+    paths = []
+    for name, res in (("fold", ref), ("fold_run2", same), ("vllm", early)):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "ours_full.json")
+        paths[-1].write_text(json.dumps(res))
+    out = tmp_path / "agree.md"
+    assert bench.main(["agree", *map(str, paths), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| fold | 4 / 4 | 2 / 2 |" in table
+    assert "| fold_run2 | 4 / 4 | 2 / 2 |" in table
+    assert "| vllm | 1 / 4 | - |" in table
+    assert table in capsys.readouterr().out
+    assert bench.common_prefix([1, 2, 3], [1, 2]) == 2
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        bench.main(["agree", str(tmp_path / "bad.json")])
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["agree", str(paths[2].parent.parent / "nothing.json")])
+    with pytest.raises(ValueError, match="no first_tokens"):
+        bench.agreement_table({"old": {"workloads": {"decode_b1": {"tok_s": 1.0}}}})

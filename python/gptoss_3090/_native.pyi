@@ -414,6 +414,14 @@ def attention_set_overrides(
     decode split takes at run time (a multiple of 16, 16-4096) for later launches
     (None = automatic). Benchmarking and tuning hook."""
 
+def attention_set_run_min_keys(min_keys: int | None = None) -> None:
+    """Sets only the fewest keys a decode split takes at run time (a multiple of 16, 16-4096;
+    None = the default, 256), leaving the other overrides alone. A captured CUDA graph keeps
+    the value it was captured with."""
+
+def attention_run_min_keys() -> int:
+    """The fewest keys a decode split takes at run time, as later launches use it."""
+
 # ---------------------------------------------------------------------------------------------
 # fused MoE launchers (src/ops/moe.rs)
 # ---------------------------------------------------------------------------------------------

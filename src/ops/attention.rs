@@ -93,28 +93,42 @@ pub fn set_overrides(
             return Err(Error::arg(format!("varlen_rows = {r}: expected 64 or 128")));
         }
     }
-    if let Some(k) = min_keys {
-        if !(16..=4096).contains(&k) || k % 16 != 0 {
-            return Err(Error::arg(format!(
-                "min_keys = {k}: expected a multiple of 16 in 16..=4096"
-            )));
-        }
-    }
+    check_min_keys(min_keys)?;
     SPLITS_OVERRIDE.store(splits.unwrap_or(0), Ordering::Relaxed);
     STAGES_OVERRIDE.store(decode_stages.unwrap_or(0), Ordering::Relaxed);
     VARLEN_ROWS_OVERRIDE.store(varlen_rows.unwrap_or(0), Ordering::Relaxed);
     MIN_KEYS_OVERRIDE.store(min_keys.unwrap_or(0), Ordering::Relaxed);
     Ok(())
 }
+
+/// Sets only the fewest keys a decode split takes at run time (`None`: the default,
+/// [`RUN_MIN_KEYS_PER_SPLIT`]), leaving the other overrides as they are: the serving setting
+/// `GPTOSS_3090_ATTN_MIN_KEYS`, applied before any graph is captured (the value is a launch
+/// parameter, so a captured graph keeps the one it was captured with).
+pub fn set_run_min_keys(min_keys: Option<i64>) -> Result<()> {
+    check_min_keys(min_keys)?;
+    MIN_KEYS_OVERRIDE.store(min_keys.unwrap_or(0), Ordering::Relaxed);
+    Ok(())
+}
+
+fn check_min_keys(min_keys: Option<i64>) -> Result<()> {
+    match min_keys {
+        Some(k) if !(16..=4096).contains(&k) || k % 16 != 0 => Err(Error::arg(format!(
+            "min_keys = {k}: expected a multiple of 16 in 16..=4096"
+        ))),
+        _ => Ok(()),
+    }
+}
 /// Dynamic shared memory per decode pipeline stage: 4 warps x 16 keys x (K + V) x 128 bytes.
 pub const DECODE_STAGE_BYTES: i64 = 4 * 16 * 2 * 128;
 /// Most splits per (request, KV head).
 pub const MAX_SPLITS: i64 = 64;
 
-/// `AttnKvWriteParams` of `kernels/attention.cu`, field for field.
+/// `AttnKvRows` of `kernels/attention.cu`, field for field: new K/V rows and where they land
+/// in the paged cache (shared by the separate KV write and the RoPE launch).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct AttnKvWriteParams {
+pub struct AttnKvRows {
     /// `[num_tokens, num_kv_heads, 64]` keys.
     pub key: u64,
     /// `[num_tokens, num_kv_heads, 64]` values.
@@ -123,7 +137,7 @@ pub struct AttnKvWriteParams {
     pub k_cache: u64,
     /// V half of the cache (`kv_cache.data_ptr() + 64 elements`).
     pub v_cache: u64,
-    /// `[num_tokens]` int32 or int64 slots.
+    /// `[>= num_tokens]` int32 or int64 slots.
     pub slot_mapping: u64,
     /// `key.stride(0)`, elements.
     pub key_stride_tok: i64,
@@ -139,14 +153,22 @@ pub struct AttnKvWriteParams {
     pub cache_stride_tok: i64,
     /// `kv_cache.stride(1)`.
     pub cache_stride_head: i64,
-    /// Rows to write.
-    pub num_tokens: i32,
     /// KV heads.
     pub num_kv_heads: i32,
     /// Tokens per cache block.
     pub block_size: i32,
     /// 1 if `slot_mapping` is int64.
     pub slot_is_i64: i32,
+}
+
+/// `AttnKvWriteParams` of `kernels/attention.cu`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnKvWriteParams {
+    /// The rows and their destination.
+    pub kv: AttnKvRows,
+    /// Rows to write.
+    pub num_tokens: i32,
 }
 
 /// `AttnParams` of `kernels/attention.cu`, field for field (see the comments there).
@@ -245,16 +267,6 @@ pub struct AttnRopeWriteParams {
     pub q: u64,
     /// Rotated queries `[T, Hq, 64]` (the attention's output buffer).
     pub q_out: u64,
-    /// New keys `[T, Hkv, 64]`.
-    pub key: u64,
-    /// New values `[T, Hkv, 64]`.
-    pub value: u64,
-    /// K half of the cache.
-    pub k_cache: u64,
-    /// V half of the cache.
-    pub v_cache: u64,
-    /// int32/int64 `[>= T]` slots.
-    pub slot_mapping: u64,
     /// int32 `[num_reqs + 1]`.
     pub query_start_loc: u64,
     /// int32 `[num_reqs]`.
@@ -269,32 +281,14 @@ pub struct AttnRopeWriteParams {
     pub qo_stride_tok: i64,
     /// `q_out.stride(1)`.
     pub qo_stride_head: i64,
-    /// `key.stride(0)`.
-    pub key_stride_tok: i64,
-    /// `key.stride(1)`.
-    pub key_stride_head: i64,
-    /// `value.stride(0)`.
-    pub value_stride_tok: i64,
-    /// `value.stride(1)`.
-    pub value_stride_head: i64,
-    /// `kv_cache.stride(0)`.
-    pub cache_stride_block: i64,
-    /// `kv_cache.stride(2)`.
-    pub cache_stride_tok: i64,
-    /// `kv_cache.stride(1)`.
-    pub cache_stride_head: i64,
+    /// The new keys (rotated on the way) and values, and their cache slots.
+    pub kv: AttnKvRows,
     /// Query tokens.
     pub num_tokens: i32,
     /// Requests.
     pub num_reqs: i32,
     /// Query heads.
     pub num_q_heads: i32,
-    /// KV heads.
-    pub num_kv_heads: i32,
-    /// Tokens per cache block.
-    pub block_size: i32,
-    /// 1: slot_mapping is int64.
-    pub slot_is_i64: i32,
 }
 
 /// vLLM's rotary table, for attention that applies GPT-OSS's RoPE itself.
@@ -611,22 +605,24 @@ fn kv_write_params(a: &KvWriteArgs) -> Result<AttnKvWriteParams> {
         )));
     }
     Ok(AttnKvWriteParams {
-        key: a.key,
-        value: a.value,
-        k_cache: a.cache,
-        v_cache: a.cache + (HEAD_DIM as u64) * 2,
-        slot_mapping: a.slot_mapping,
-        key_stride_tok: a.key_strides[0],
-        key_stride_head: a.key_strides[1],
-        value_stride_tok: a.value_strides[0],
-        value_stride_head: a.value_strides[1],
-        cache_stride_block: a.cache_strides[0],
-        cache_stride_tok: a.cache_strides[2],
-        cache_stride_head: a.cache_strides[1],
+        kv: AttnKvRows {
+            key: a.key,
+            value: a.value,
+            k_cache: a.cache,
+            v_cache: a.cache + (HEAD_DIM as u64) * 2,
+            slot_mapping: a.slot_mapping,
+            key_stride_tok: a.key_strides[0],
+            key_stride_head: a.key_strides[1],
+            value_stride_tok: a.value_strides[0],
+            value_stride_head: a.value_strides[1],
+            cache_stride_block: a.cache_strides[0],
+            cache_stride_tok: a.cache_strides[2],
+            cache_stride_head: a.cache_strides[1],
+            num_kv_heads: to_i32("num_kv_heads", a.num_kv_heads)?,
+            block_size: to_i32("block_size", a.cache_shape[2])?,
+            slot_is_i64: i32::from(a.slot_is_i64),
+        },
         num_tokens: to_i32("num_tokens", a.num_tokens)?,
-        num_kv_heads: to_i32("num_kv_heads", a.num_kv_heads)?,
-        block_size: to_i32("block_size", a.cache_shape[2])?,
-        slot_is_i64: i32::from(a.slot_is_i64),
     })
 }
 
@@ -677,11 +673,6 @@ fn rope_write_params(
     Ok(AttnRopeWriteParams {
         q: p.q,
         q_out: p.o,
-        key: w.key,
-        value: w.value,
-        k_cache: w.k_cache,
-        v_cache: w.v_cache,
-        slot_mapping: w.slot_mapping,
         query_start_loc: p.query_start_loc,
         seq_lens: p.seq_lens,
         rope_cos_sin: r.cos_sin,
@@ -689,19 +680,10 @@ fn rope_write_params(
         q_stride_head: p.q_stride_head,
         qo_stride_tok: p.o_stride_tok,
         qo_stride_head: p.o_stride_head,
-        key_stride_tok: w.key_stride_tok,
-        key_stride_head: w.key_stride_head,
-        value_stride_tok: w.value_stride_tok,
-        value_stride_head: w.value_stride_head,
-        cache_stride_block: w.cache_stride_block,
-        cache_stride_tok: w.cache_stride_tok,
-        cache_stride_head: w.cache_stride_head,
+        kv: w.kv,
         num_tokens: to_i32("num_tokens", num_tokens)?,
         num_reqs: p.num_reqs,
         num_q_heads: p.num_q_heads,
-        num_kv_heads: p.num_kv_heads,
-        block_size: w.block_size,
-        slot_is_i64: w.slot_is_i64,
     })
 }
 
@@ -716,7 +698,7 @@ unsafe fn rope_write(
     dtype: Dtype,
     rp: &AttnRopeWriteParams,
 ) -> Result<()> {
-    let rows = rp.num_tokens as u64 * (rp.num_q_heads as u64 + 2 * rp.num_kv_heads as u64);
+    let rows = rp.num_tokens as u64 * (rp.num_q_heads as u64 + 2 * rp.kv.num_kv_heads as u64);
     let blocks = u32::try_from(ceil_div(rows, 16))
         .map_err(|_| Error::arg(format!("rope: {} tokens is too many", rp.num_tokens)))?;
     let f = dev.function_for_stream(SOURCE, &dtype.entry("attn_rope_write"), stream)?;
@@ -955,12 +937,12 @@ pub unsafe fn forward(dev: &GpuDevice, stream: u64, a: &ForwardArgs) -> Result<P
                 p.rope_cos_sin = r.cos_sin;
                 p.rope_positions = r.positions;
             }
-            p.k_new = wp.key;
-            p.v_new = wp.value;
-            p.k_new_stride_tok = wp.key_stride_tok;
-            p.k_new_stride_head = wp.key_stride_head;
-            p.v_new_stride_tok = wp.value_stride_tok;
-            p.v_new_stride_head = wp.value_stride_head;
+            p.k_new = wp.kv.key;
+            p.v_new = wp.kv.value;
+            p.k_new_stride_tok = wp.kv.key_stride_tok;
+            p.k_new_stride_head = wp.kv.key_stride_head;
+            p.v_new_stride_tok = wp.kv.value_stride_tok;
+            p.v_new_stride_head = wp.kv.value_stride_head;
         }
     }
     if a.num_reqs == 0 || num_tokens == 0 {
@@ -1022,12 +1004,12 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel_structs() {
-        // 5 pointers + 7 i64 + 4 i32 / 11 pointers + 8 i64 + 12 i32 + f32 + pad, then the new
-        // K/V rows: 2 pointers + 4 i64.
-        assert_eq!(
-            std::mem::size_of::<AttnKvWriteParams>(),
-            5 * 8 + 7 * 8 + 4 * 4
-        );
+        // AttnKvRows: 5 pointers + 7 i64 + 3 i32, padded to 8 bytes; the write adds an i32.
+        // AttnParams: 11 pointers + 8 i64 + 12 i32 + f32 + pad, then the new K/V rows:
+        // 2 pointers + 4 i64.
+        let kv_rows = 5 * 8 + 7 * 8 + 3 * 4 + 4;
+        assert_eq!(std::mem::size_of::<AttnKvRows>(), kv_rows);
+        assert_eq!(std::mem::size_of::<AttnKvWriteParams>(), kv_rows + 8);
         assert_eq!(
             std::mem::size_of::<AttnParams>(),
             11 * 8 + 8 * 8 + 12 * 4 + 8 + 2 * 8 + 4 * 8 + 8 + 8
@@ -1036,10 +1018,11 @@ mod tests {
             std::mem::offset_of!(AttnParams, rope_cos_sin),
             11 * 8 + 8 * 8 + 12 * 4 + 8 + 2 * 8 + 4 * 8
         );
-        // 10 pointers + 11 i64 + 6 i32.
+        // 5 pointers + 4 i64, the rows, 3 i32 + pad.
+        assert_eq!(std::mem::offset_of!(AttnRopeWriteParams, kv), 5 * 8 + 4 * 8);
         assert_eq!(
             std::mem::size_of::<AttnRopeWriteParams>(),
-            10 * 8 + 11 * 8 + 6 * 4
+            5 * 8 + 4 * 8 + kv_rows + 3 * 4 + 4
         );
         assert_eq!(
             std::mem::offset_of!(AttnParams, k_new),
@@ -1104,7 +1087,7 @@ mod tests {
         let a = paged_args(1 << 20);
         let ok = check_new_kv(&a, &new_rows(1 << 20, 3), 3).expect("valid new rows");
         assert_eq!(
-            (ok.key, ok.key_stride_tok, ok.value_stride_head),
+            (ok.kv.key, ok.kv.key_stride_tok, ok.kv.value_stride_head),
             (8192, 5120, 64)
         );
         let err = |w: &KvWriteArgs, a: &ForwardArgs| match check_new_kv(a, w, 3) {
@@ -1216,6 +1199,16 @@ mod tests {
         assert!(set_overrides(None, None, Some(32), None).is_err());
         assert!(set_overrides(None, None, None, Some(40)).is_err());
         assert!(set_overrides(None, None, None, Some(0)).is_err());
+        // The serving setting moves only the run-time split length.
+        set_overrides(Some(8), None, None, None).unwrap();
+        set_run_min_keys(Some(512)).unwrap();
+        assert_eq!(run_min_keys_per_split(), 512);
+        assert_eq!(SPLITS_OVERRIDE.load(Ordering::Relaxed), 8);
+        assert!(set_run_min_keys(Some(500)).is_err());
+        assert_eq!(run_min_keys_per_split(), 512);
+        set_run_min_keys(None).unwrap();
+        assert_eq!(run_min_keys_per_split(), RUN_MIN_KEYS_PER_SPLIT);
+        set_overrides(None, None, None, None).unwrap();
     }
 }
 
@@ -1457,6 +1450,21 @@ pub mod py {
         Ok(())
     }
 
+    /// Sets the fewest keys a decode split takes at run time (None: the default), leaving the
+    /// other overrides alone.
+    #[pyfunction]
+    #[pyo3(signature = (min_keys = None))]
+    fn attention_set_run_min_keys(min_keys: Option<i64>) -> PyResult<()> {
+        super::set_run_min_keys(min_keys)?;
+        Ok(())
+    }
+
+    /// The fewest keys a decode split takes at run time, as later launches will use it.
+    #[pyfunction]
+    fn attention_run_min_keys() -> i64 {
+        super::run_min_keys_per_split()
+    }
+
     /// Floats of a split workspace for `request_splits` (request, split) pairs.
     #[pyfunction]
     fn attention_workspace_floats(request_splits: i64, num_kv_heads: i64) -> i64 {
@@ -1470,6 +1478,8 @@ pub mod py {
         m.add_function(wrap_pyfunction!(attention_decode_splits, m)?)?;
         m.add_function(wrap_pyfunction!(attention_workspace_floats, m)?)?;
         m.add_function(wrap_pyfunction!(attention_set_overrides, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_set_run_min_keys, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_run_min_keys, m)?)?;
         Ok(())
     }
 }

@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without vLLM
         "gptoss_3090.vllm.attention_backend needs vLLM 0.26 (pip install 'gptoss-3090[vllm]')"
     ) from exc
 
+from gptoss_3090 import _native
 from gptoss_3090 import attention as _attn
 
 logger = init_logger(__name__)
@@ -96,6 +97,27 @@ def _fold_rope() -> bool:
 
 
 _FOLD_ROPE = _fold_rope()
+
+#: Fewest keys one decode split takes at run time (a multiple of 16, 16-4096; unset or ``auto``:
+#: the kernel default, 256). Shorter contexts fill fewer splits; a longer floor trades the
+#: split merge for a longer serial pass per CTA. Applied when the first metadata builder is made,
+#: before any graph is captured (captured graphs keep the value as a launch parameter).
+MIN_KEYS_ENV = "GPTOSS_3090_ATTN_MIN_KEYS"
+
+
+def _run_min_keys() -> int | None:
+    raw = os.environ.get(MIN_KEYS_ENV, "").strip()
+    if raw in ("", "auto"):
+        return None
+    try:
+        keys = int(raw)
+    except ValueError:
+        keys = -1
+    if not 16 <= keys <= 4096 or keys % 16:
+        raise ValueError(
+            f"{MIN_KEYS_ENV}={raw!r}: expected auto or a multiple of 16 in 16..4096"
+        )
+    return keys
 _CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -136,6 +158,7 @@ class GptOssSinkAttentionMetadataBuilder(
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.max_model_len = int(vllm_config.model_config.max_model_len)
+        _native.attention_set_run_min_keys(_run_min_keys())
         # Sized by constants only (never by data): one buffer serves every batch and every
         # captured graph; the decode path lowers its split count to fit.
         self.workspace = _attn.make_workspace(device, self.num_kv_heads)
