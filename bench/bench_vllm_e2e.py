@@ -271,6 +271,21 @@ def worker(spec_path: str, out_path: str) -> None:
         }
         if n_out > 1:
             result["workloads"][name]["runs_decode_tok_s"] = [r["decode_tok_s"] for r in runs]
+    det = spec.get("determinism", 0)
+    if det:
+        # The same prompts again and again in this engine: greedy tokens of every request must
+        # repeat exactly (a race shows as a run that diverges; a random-weight model turns the
+        # smallest difference into other tokens within a few steps).
+        for name in spec["workloads"]:
+            batch, n_in, n_out = WORKLOADS[name]
+            fixed = prompts(batch, n_in)
+            params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+            runs_tokens = [
+                [[int(t) for t in o.outputs[0].token_ids] for o in llm.generate(fixed, params,
+                                                                                use_tqdm=False)]
+                for _ in range(det)
+            ]
+            result["workloads"][name]["determinism"] = determinism_report(runs_tokens)
     prof = spec.get("profile")
     if prof:
         # After the timed runs: a traced decode (the profiler skips PROFILE_DELAY engine
@@ -346,6 +361,25 @@ def run(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return res
 
 
+def determinism_report(runs: list[list[list[int]]]) -> dict[str, Any]:
+    """Runs of the same prompts (``runs[r][request]`` = greedy tokens) against the first run:
+    how many runs repeat it exactly, and for each run the shortest prefix any of its requests
+    shares with the first run's (the earliest divergence)."""
+    if not runs:
+        raise ValueError("determinism: no runs")
+    first = runs[0]
+    shortest = [
+        min((common_prefix(mine, ref) for mine, ref in zip(run, first, strict=True)), default=0)
+        for run in runs
+    ]
+    return {
+        "runs": len(runs),
+        "identical_runs": sum(run == first for run in runs),
+        "earliest_divergence_per_run": shortest,
+        "tokens_per_request": max((len(t) for t in first), default=0),
+    }
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two greedy outputs share."""
     n = 0
@@ -412,6 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sides", nargs="+", default=["stock", "ours"], choices=["stock", "ours"])
     p.add_argument(
+        "--determinism",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed runs, generate each workload's same prompts N times and compare "
+        "every request's greedy tokens with the first run's (result: workloads.<w>.determinism)",
+    )
+    p.add_argument(
         "--profile-workload",
         choices=list(WORKLOADS),
         help="after the timed runs, trace PROFILE_STEPS decode steps of this workload with the "
@@ -445,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.repeats < 1:
         p.error(f"--repeats {a.repeats}: at least one timed run per workload")
+    if a.determinism < 0 or a.determinism == 1:
+        p.error(f"--determinism {a.determinism}: 0 (off) or at least 2 runs to compare")
     if not a.ours:
         p.error("--ours PATH (gptoss-3090 synth PATH --preset 20b) is required")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -482,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             if side not in a.sides:
                 continue
             spec = {**base, "side": side, "workloads": a.workloads, "repeats": a.repeats}
+            spec["determinism"] = a.determinism
             spec["llm"] = dict(base["llm"])
             if a.profile_workload:
                 trace_dir = str((a.out / "traces" / f"{side}_{budget}").resolve())
@@ -531,6 +576,13 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                     if "decode_tok_s" in v:
                         label = f"{w}, decode steps only ({side} only)"
                         lines.append(_one_side_row(b, side, label, _tok_s(v, "decode_tok_s")))
+                    if "determinism" in v:
+                        d = v["determinism"]
+                        label = f"{w}, runs repeating the first exactly ({side} only)"
+                        value = (f"{d['identical_runs']} / {d['runs']} (earliest divergence "
+                                 f"{min(d['earliest_divergence_per_run'])} / "
+                                 f"{d['tokens_per_request']})")
+                        lines.append(_one_side_row(b, side, label, value))
                 if r:
                     label = f"{side}: experts per layer, 64 tokens"
                     lines.append(_one_side_row(b, side, label, _routed(r)))

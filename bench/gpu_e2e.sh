@@ -22,9 +22,9 @@
 # many); install-bundle.sh concatenates bundle.tgz.part* in name order.
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
-# nf4bench, profile, correctness, correctness1, correctness32, server, chat, budget24, qal, e2e,
-# e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router, attntest, attnkeys,
-# readfloor, smoke.
+# nf4bench, profile, correctness, correctness1, correctness_knobs, correctness32, server, chat,
+# budget24, qal, e2e, e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router,
+# attntest, attnkeys, readfloor, smoke.
 # Results land in /root/e2e/{status,logs,res}.
 set -u
 W=/root/e2e
@@ -113,6 +113,16 @@ job_correctness1() {
   python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness1" --workdir "$CK/tiny" \
     --variants nested --engines ours negative_sinks_minus30
 }
+job_correctness_knobs() {
+  # Item 1's measures (teacher-forced |logprob diff| and regret against transformers, nested
+  # checkpoint) for ours under the non-default settings of KNOB_ENGINES (tests/gpu/
+  # test_vllm_e2e.py): MoE routing in our router layer or in our MoE op, a 512-key decode split.
+  # Diagnostic: the verdict stays with the default engine.
+  python3 tests/gpu/test_vllm_e2e.py correctness --out "$W/res/correctness_knobs" \
+    --workdir "$CK/tiny" --variants nested --engines ours knob_moe_routing_router \
+    knob_moe_routing_internal knob_attn_min_keys_512 negative_sinks_minus30
+}
+
 job_correctness32() {
   # Item 1's nested checkpoint again with 4 sets of 8 prompts (the first set is the standard
   # one): the regret measure over 256 tokens is noisy; this shows how much.
@@ -182,6 +192,8 @@ job_e2e_env() {
   # PROFILE_WORKLOAD (one of the workloads, e.g. decode_b16) also traces 32 decode steps of each
   # engine there and writes one kernel table for all runs (res/e2e_env_kernels.md).
   # res/e2e_env_agree.md: each engine's first-request greedy tokens against the first engine's.
+  # E2E_DETERMINISM=N: each engine also repeats each workload's same prompts N times and
+  # compares all requests' tokens (summary rows "runs repeating the first exactly").
   wait_synth
   local run name out prof=() folders=() results=()
   [ -n "${PROFILE_WORKLOAD:-}" ] && prof=(--profile-workload "$PROFILE_WORKLOAD")
@@ -196,7 +208,8 @@ job_e2e_env() {
     # shellcheck disable=SC2086  # a list of workloads; the settings split on commas
     env ${run//,/ } python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
       --out "$out" --budgets full \
-      --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64} "${prof[@]}"
+      --workloads ${E2E_ENV_WORKLOADS:-decode_b1 decode_b16 decode_b64} "${prof[@]}" \
+      --determinism "${E2E_DETERMINISM:-0}"
     [ -f "$out/ours_full.json" ] && results+=("$out/ours_full.json")
     if [ -n "${PROFILE_WORKLOAD:-}" ] && [ -d "$out/traces/ours_full" ]; then
       mv "$out/traces/ours_full" "$out/traces/$(basename "$out")"

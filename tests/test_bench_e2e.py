@@ -299,3 +299,77 @@ def test_agreement_counts_shared_leading_tokens(bench, tmp_path, capsys) -> None
         bench.main(["agree", str(paths[2].parent.parent / "nothing.json")])
     with pytest.raises(ValueError, match="no first_tokens"):
         bench.agreement_table({"old": {"workloads": {"decode_b1": {"tok_s": 1.0}}}})
+
+
+def test_correctness_knob_engines_run_only_when_named() -> None:
+    """The correctness run's diagnostic engines copy ``ours`` under their setting and start
+    only when ``--engines`` names them; stock (the tolerance) always runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "gpu" / "test_vllm_e2e.py"
+    spec = importlib.util.spec_from_file_location("vllm_e2e_harness", path)
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    engines = {
+        "stock_triton": {"model": "ref", "env": {"VLLM_PLUGINS": ""}},
+        "ours": {"model": "ckpt", "llm": {"quantization": "bnb_moe"}},
+        "negative_sinks_minus30": {"model": "neg"},
+    }
+    default = harness.select_engines(engines, None)
+    assert set(default) == set(engines)
+    named = harness.select_engines(engines, ["knob_moe_routing_router", "knob_attn_min_keys_512"])
+    assert set(named) == {"stock_triton", "knob_moe_routing_router", "knob_attn_min_keys_512"}
+    knob = named["knob_moe_routing_router"]
+    assert knob["model"] == "ckpt" and knob["llm"] == {"quantization": "bnb_moe"}
+    assert knob["env"] == {"GPTOSS_3090_MOE_ROUTING": "router"}
+    assert named["knob_attn_min_keys_512"]["env"] == {"GPTOSS_3090_ATTN_MIN_KEYS": "512"}
+    assert "env" not in engines["ours"]  # the copies leave ours alone
+
+
+def test_determinism_report_finds_the_earliest_divergence(bench) -> None:
+    """Repeated runs of the same prompts: identical runs are counted, and each run's earliest
+    divergence from the first run (over all its requests) is reported."""
+    first = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    same = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    late = [[1, 2, 3, 4], [5, 6, 0, 8]]
+    rep = bench.determinism_report([first, same, late])
+    assert rep == {
+        "runs": 3,
+        "identical_runs": 2,
+        "earliest_divergence_per_run": [4, 4, 2],
+        "tokens_per_request": 4,
+    }
+    with pytest.raises(ValueError, match="no runs"):
+        bench.determinism_report([])
+
+
+def test_determinism_needs_two_runs(bench, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--ours", "x", "--determinism", "1"])
+    assert "--determinism 1" in capsys.readouterr().err
+
+
+def test_summary_reports_determinism_of_one_side(bench) -> None:
+    report = {
+        "runs": {
+            "ours_full": {
+                "device": "GPU",
+                "workloads": {
+                    "decode_b16": {
+                        "tok_s": 3000.0,
+                        "determinism": {
+                            "runs": 5,
+                            "identical_runs": 4,
+                            "earliest_divergence_per_run": [256, 256, 3, 256, 256],
+                            "tokens_per_request": 256,
+                        },
+                    }
+                },
+            }
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b16"])
+    assert "decode_b16, runs repeating the first exactly (ours only)" in md
+    assert "4 / 5 (earliest divergence 3 / 256)" in md

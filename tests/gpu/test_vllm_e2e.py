@@ -205,6 +205,27 @@ def run_engine(name: str, spec: dict[str, Any], out: Path, timeout: int = 3600) 
 # ----------------------------------------------------------------------------------------------
 
 
+#: Diagnostic engines: ours under a non-default setting (see `correctness`).
+KNOB_ENGINES: dict[str, dict[str, str]] = {
+    "knob_moe_routing_router": {"GPTOSS_3090_MOE_ROUTING": "router"},
+    "knob_moe_routing_internal": {"GPTOSS_3090_MOE_ROUTING": "internal"},
+    "knob_attn_min_keys_512": {"GPTOSS_3090_ATTN_MIN_KEYS": "512"},
+}
+
+
+def select_engines(
+    engines: dict[str, dict[str, Any]], only: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    """The engines a correctness run starts: ``only`` (plus stock, which sets the tolerance),
+    else all but the diagnostic :data:`KNOB_ENGINES`, which copy ``ours`` with their setting."""
+    engines = dict(engines)
+    for knob, env in KNOB_ENGINES.items():
+        engines[knob] = {**engines["ours"], "env": {**engines["ours"].get("env", {}), **env}}
+    if only:
+        return {n: v for n, v in engines.items() if n in only or n == "stock_triton"}
+    return {n: v for n, v in engines.items() if n not in KNOB_ENGINES}
+
+
 def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     """8 token-id prompts of different lengths (fixed seed), avoiding the special ids at the end."""
     import torch
@@ -365,8 +386,10 @@ def correctness(
                 "llm": {**common, "quantization": "bnb_moe"}
                 | ({"attention_backend": ours_attn} if ours_attn else {}),
             }
-        if only:
-            engines = {n: v for n, v in engines.items() if n in only or n == "stock_triton"}
+        # Settings that change the arithmetic but not the model (diagnostic, outside the verdict,
+        # run only when --engines names them): the teacher-forced measures tell a wrong model
+        # from rounding, which greedy tokens of a random-weight model cannot (session 30).
+        engines = select_engines(engines, only)
         rows: dict[str, Any] = {}
         for name, spec in engines.items():
             try:
