@@ -215,21 +215,90 @@ def attention_cases(runs: int) -> list[CaseResult]:
     return results
 
 
+def chain_cases(tokens: list[int], runs: int) -> list[CaseResult]:
+    """Two decode layers' worth of our ops back to back in one CUDA graph, as a vLLM step chains
+    them (so programmatic dependent launches overlap one op's tail with the next one's start):
+    q/k/v projection, paged attention on the step's queries, o projection, residual, router,
+    vLLM-style top-k in torch, MoE, residual."""
+    from bench_moe import random_nf4
+    from gptoss_3090 import attention as A
+    from gptoss_3090 import moe as M
+    from gptoss_3090 import ops
+    from gptoss_3090.attention_reference import random_paged_batch
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(7)
+
+    def weight(n: int, k: int) -> ops.Nf4Weight:
+        return ops.nf4_quantize(
+            (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+        )
+
+    layers = []
+    for i in range(2):
+        moe_w = M.MoeLayerWeights(
+            random_nf4(E, 2 * INTER, H, seed=30 + i, dev=dev),
+            random_nf4(E, H, INTER, seed=40 + i, dev=dev),
+            M._dynamic_map_signed().to(dev),
+            top_k=TOPK,
+        )
+        moe_w.chunk_major(in_place=True)
+        layers.append({
+            "qkv": [weight(HQ * D, H), weight(HKV * D, H), weight(HKV * D, H)],
+            "o": weight(H, HQ * D),
+            "router_w": (torch.randn(E, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16),
+            "router_b": (torch.randn(E, device=dev, generator=g) * 0.1).to(torch.bfloat16),
+            "moe": moe_w,
+            "window": 128 if i % 2 == 0 else None,
+        })  # fmt: skip
+    results = []
+    for t in tokens:
+        cg = torch.Generator().manual_seed(100 + t)
+        b = random_paged_batch([1] * t, [300] * t, HQ, HKV, 16, torch.bfloat16, dev, generator=cg)
+        sinks = torch.randn(HQ, generator=cg).to(dev, torch.bfloat16)
+        ws = A.make_workspace(dev, HKV)
+        moe_ws = layers[0]["moe"].workspace(t)
+        attn_out = torch.empty(t, HQ, D, device=dev, dtype=torch.bfloat16)
+        x = (torch.randn(t, H, generator=cg) * 0.5).to(dev, torch.bfloat16)
+
+        def run(b=b, sinks=sinks, ws=ws, moe_ws=moe_ws, attn_out=attn_out, x=x) -> torch.Tensor:
+            h = x
+            for lw in layers:
+                qkv = ops.nf4_linear(h, lw["qkv"])
+                q = qkv[:, : HQ * D].view(-1, HQ, D)
+                torch.ops.gptoss_3090.paged_attention(
+                    q, b["kv_cache"], attn_out, b["query_start_loc"], b["seq_lens"],
+                    b["block_table"], sinks, ws, 1, 131072, lw["window"], 0.125,
+                )  # fmt: skip
+                h = h + ops.nf4_linear(attn_out.view(-1, HQ * D), lw["o"])
+                logits = torch.ops.gptoss_3090.moe_router(h, lw["router_w"], lw["router_b"])
+                vals, ids = torch.topk(logits.float(), TOPK, dim=-1)
+                y = M.moe(h, lw["moe"], topk_ids=ids.to(torch.int32),
+                          topk_weights=torch.softmax(vals, dim=-1), workspace=moe_ws)  # fmt: skip
+                h = h + y
+            return h
+
+        results.append(stress("chain", f"T={t}, 2 decode layers", run, runs, True))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", type=int, default=200, help="calls per case (at least 2)")
     p.add_argument("--tokens", type=lambda s: parse_ints(s, "--tokens"), default=[1, 16, 64, 2048])
     p.add_argument("--ms", type=lambda s: parse_ints(s, "--ms"), default=[1, 16, 64, 2048])
     p.add_argument("--graph-max", type=int, default=512, help="largest size also run as a graph")
-    p.add_argument("--parts", default="moe,linear,attention", help="which ops to stress")
+    p.add_argument(
+        "--parts", default="moe,linear,attention,chain", help="which ops to stress (comma list)"
+    )
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
     a = p.parse_args(argv)
     if a.runs < 2:
         p.error(f"--runs {a.runs}: at least 2 calls to compare")
     parts = {s.strip() for s in a.parts.split(",") if s.strip()}
-    unknown = parts - {"moe", "linear", "attention"}
+    unknown = parts - {"moe", "linear", "attention", "chain"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; expected moe, linear, attention")
+        p.error(f"--parts: unknown {sorted(unknown)}; expected moe, linear, attention, chain")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}, {a.runs} calls per case")
@@ -241,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += linear_cases(a.ms, a.runs, a.graph_max)
     if "moe" in parts:
         rows += moe_cases(a.tokens, a.runs, a.graph_max)
+    if "chain" in parts:
+        rows += chain_cases([t for t in a.tokens if t <= a.graph_max], a.runs)
     bad = sum(r.differing_runs > 0 for r in rows)
     print(f"{bad} of {len(rows)} cases gave an output that differs from their first")
     if a.out:
