@@ -380,10 +380,6 @@ __device__ __forceinline__ const float* attn_rope_row(const AttnRopeWriteParams&
     return p.rope_cos_sin + (i64)pos * ATTN_HEAD_DIM;
 }
 
-// One half-warp per row of (token, q head | K head | V head): lane l of the half moves dims
-// (2l, 2l + 1) and (2l + 32, 2l + 33), rotating q and K rows. A token finds its request by binary
-// search over query_start_loc (uniform across the half-warp); tokens past the last request's
-// (CUDA-graph padding) are left alone.
 // The cache slot of new row `token` (< 0: a padding token, not written).
 __device__ __forceinline__ i64 attn_kv_slot(const AttnKvRows& kv, i64 token) {
     return kv.slot_is_i64 ? ((const i64*)kv.slot_mapping)[token]

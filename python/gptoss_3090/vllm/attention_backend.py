@@ -118,6 +118,8 @@ def _run_min_keys() -> int | None:
             f"{MIN_KEYS_ENV}={raw!r}: expected auto or a multiple of 16 in 16..4096"
         )
     return keys
+
+
 _CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
