@@ -51,9 +51,9 @@ PREFILL = [2048, 8192, 32768]
 
 
 def git_commit() -> str:
-    """``$GPTOSS_3090_COMMIT`` if set (runs from a copied tree), else ``git rev-parse HEAD``."""
-    if os.environ.get("GPTOSS_3090_COMMIT"):
-        return os.environ["GPTOSS_3090_COMMIT"]
+    """``$GPTOSS_3090_GIT_COMMIT`` if set (runs from a copied tree), else ``git rev-parse HEAD``."""
+    if os.environ.get("GPTOSS_3090_GIT_COMMIT"):
+        return os.environ["GPTOSS_3090_GIT_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.check_output(

@@ -122,7 +122,9 @@ def test_doctor_prints_one_line_per_check(doctor_run) -> None:
     _, text, _ = doctor_run
     lines = text.splitlines()
     names = [LINE.match(ln).group(2) for ln in lines[:-1] if LINE.match(ln)]
-    assert names == ["gpu", "driver", "nvrtc", "torch", "vllm", "plugin", "kernels", "memory"]
+    assert names == [
+        "gpu", "driver", "nvrtc", "torch", "vllm", "plugin", "kernels", "memory", "settings"
+    ]
     assert lines[-1].startswith("doctor: ")
 
 
@@ -153,11 +155,57 @@ def test_doctor_cli_exit_status_and_json(monkeypatch, capsys) -> None:
     monkeypatch.setattr(doctor, "_check_plugin", lambda v: doctor.Check("plugin", "SKIP", "x"))
     assert cli_main(["doctor", "--json"]) == 0 or GPU
     doc = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in doc["checks"]][-1] == "memory"
+    assert [c["name"] for c in doc["checks"]][-1] == "settings"
     monkeypatch.setattr(doctor, "_check_torch", lambda: doctor.Check("torch", "FAIL", "broken"))
     assert cli_main(["doctor"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  torch" in out and "FAILED: torch" in out
+
+
+def test_doctor_settings_lists_what_is_set_and_fails_on_unknown_names() -> None:
+    """The settings check: defaults when nothing is set; each known variable with its kind (and
+    a note on experimental ones); a GPTOSS_3090_* name the package does not read fails."""
+    from gptoss_3090 import doctor
+
+    c = doctor._check_settings({"PATH": "/bin"})
+    assert c.status == "PASS" and "defaults" in c.detail
+    c = doctor._check_settings(
+        {"GPTOSS_3090_ATTN_ROPE": "vllm", "GPTOSS_3090_MOE_ROUTING": "router"}
+    )
+    assert c.status == "PASS"
+    assert "GPTOSS_3090_ATTN_ROPE=vllm [serving]" in c.detail
+    assert "GPTOSS_3090_MOE_ROUTING=router [serving] (experimental" in c.detail
+    assert c.data["experimental"] == ["GPTOSS_3090_MOE_ROUTING"]
+    c = doctor._check_settings({"GPTOSS_3090_ATTN_ROPES": "vllm", "GPTOSS_3090_PDL": "off"})
+    assert c.status == "FAIL" and "GPTOSS_3090_ATTN_ROPES" in c.detail
+    assert c.data["unknown"] == ["GPTOSS_3090_ATTN_ROPES"]
+    assert "GPTOSS_3090_ATTN_ROPE" in c.data["known"]
+
+
+def test_settings_table_matches_the_sources_and_the_docs() -> None:
+    """Every GPTOSS_3090_* name the Rust, CUDA and Python sources and the benchmarks mention is
+    in the settings table, every table entry is read somewhere, and each is documented (docs/
+    or README)."""
+    from gptoss_3090 import settings
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"GPTOSS_3090_[A-Z0-9_]+")
+    used: set[str] = set()
+    for folder in ("src", "python", "kernels", "bench"):
+        for path in (root / folder).rglob("*"):
+            if "results" in path.parts:
+                continue
+            if path.suffix in (".rs", ".py", ".cu", ".cuh", ".sh") and path.name != "settings.py":
+                used |= set(pattern.findall(path.read_text()))
+    table = settings.by_name()
+    assert len(table) == len(settings.SETTINGS)
+    assert sorted(used - set(table)) == [], "read by the sources but missing from the table"
+    assert sorted(set(table) - used) == [], "in the table but read nowhere"
+    docs = "".join(
+        (root / p).read_text() for p in ("README.md", "docs/RUNTIME.md", "docs/ARCHITECTURE.md")
+    )
+    assert sorted(n for n in table if n not in docs) == [], "undocumented settings"
+    assert all(s.kind in settings.KINDS and s.summary for s in settings.SETTINGS)
 
 
 def test_doctor_memory_fail_for_missing_checkpoint(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ One line per check, each ``PASS``, ``FAIL`` or ``SKIP`` (not applicable here, e.
   subprocess, so this process never imports vLLM);
 * ``kernels``: every kernel family compiles with NVRTC for this GPU's arch (sm_86 without a GPU);
 * ``memory``: with ``--checkpoint``, the memory plan of that checkpoint on this card (24 GiB
-  without a GPU).
+  without a GPU);
+* ``settings``: the ``GPTOSS_3090_*`` variables in force (``gptoss_3090.settings``); an unknown
+  one (misspelt: it would change nothing) fails.
 
 The exit status is 0 when nothing FAILED, else 1.
 """
@@ -25,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ class Check:
 
     name: str
     """Short id: ``gpu``, ``driver``, ``nvrtc``, ``torch``, ``vllm``, ``plugin``, ``kernels``,
-    ``memory``."""
+    ``memory``, ``settings``."""
     status: str
     """``PASS``, ``FAIL`` or ``SKIP``."""
     detail: str
@@ -319,6 +321,33 @@ def _check_kernels(gpu: _Gpu) -> Check:
     )
 
 
+def _check_settings(environ: Mapping[str, str] | None = None) -> Check:
+    from gptoss_3090 import settings
+
+    active = settings.active_settings(environ)
+    unknown = settings.unknown_settings(environ)
+    data = {
+        "active": {s.name: value for s, value in active},
+        "unknown": unknown,
+        "experimental": [s.name for s, _ in active if s.experimental],
+    }
+    if unknown:
+        return Check(
+            "settings",
+            FAIL,
+            f"{', '.join(unknown)}: not a setting of gptoss-3090 (misspelt or retired), so it "
+            "changes nothing; `gptoss-3090 doctor --json` lists the known ones",
+            data | {"known": [s.name for s in settings.SETTINGS]},
+        )
+    if not active:
+        return Check("settings", PASS, "defaults (no GPTOSS_3090_* variable set)", data)
+    parts = []
+    for s, value in active:
+        note = " (experimental: not verified end to end)" if s.experimental else ""
+        parts.append(f"{s.name}={value} [{s.kind}]{note}")
+    return Check("settings", PASS, "; ".join(parts), data)
+
+
 def _check_memory(checkpoint: str | None, gpu: _Gpu, max_model_len: int) -> Check:
     if checkpoint is None:
         return Check("memory", SKIP, "no --checkpoint given: memory plan not computed")
@@ -378,6 +407,7 @@ def run_checks(
         ("plugin", lambda: _check_plugin(vllm_version)),
         ("kernels", lambda: _check_kernels(gpu)),
         ("memory", lambda: _check_memory(checkpoint, gpu, max_model_len)),
+        ("settings", _check_settings),
     ]
     results = []
     for name, fn in steps:

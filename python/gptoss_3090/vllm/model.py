@@ -53,6 +53,7 @@ from vllm.model_executor.models.gpt_oss import (
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.v1.attention.backend import AttentionType
 
+from gptoss_3090.settings import SETTINGS
 from gptoss_3090.vllm.quant_config import QUANT_NAME
 from gptoss_3090.vllm.weights import (
     CheckpointError,
@@ -97,14 +98,7 @@ def _is_bnb_moe(vllm_config: Any) -> bool:
 COMPILE_KEY = "gptoss_3090"
 #: Our environment variables that cannot change a compiled graph: paths (the kernel cache,
 #: NVRTC, the kernel sources, which our opaque ops compile at run time) and benchmark metadata.
-_NOT_GRAPH_SETTINGS = frozenset(
-    {
-        "GPTOSS_3090_CACHE",
-        "GPTOSS_3090_NVRTC",
-        "GPTOSS_3090_KERNEL_DIR",
-        "GPTOSS_3090_GIT_COMMIT",
-    }
-)
+_NOT_GRAPH_SETTINGS = frozenset(s.name for s in SETTINGS if s.kind in ("path", "metadata"))
 
 
 def graph_settings(environ: Any = None) -> dict[str, str]:
