@@ -183,6 +183,33 @@ def test_unsupported_vllm_warns_once_and_registers_nothing(
     assert version in msg and gv.SUPPORTED_VLLM in msg and "NOT registered" in msg
 
 
+def test_register_warns_once_about_unknown_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPTOSS_3090_* variable the package does not read (a misspelt setting) is named in one
+    warning when the plugin registers; known settings are not."""
+    for name in (
+        "_register_quantization",
+        "_register_model",
+        "_register_attention_backend",
+        "_install_defaults_hook",
+    ):
+        monkeypatch.setattr(gv, name, lambda: None)
+    monkeypatch.setattr(gv, "_vllm_version", lambda: "0.26.0")
+    monkeypatch.setenv("GPTOSS_3090_ATTN_ROPES", "vllm")
+    monkeypatch.setenv("GPTOSS_3090_PDL", "off")
+    handler = _Records()
+    gv.logger.addHandler(handler)
+    try:
+        monkeypatch.setattr(gv, "_registered", False)
+        gv.register()
+        gv.register()
+    finally:
+        gv.logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "GPTOSS_3090_ATTN_ROPES is not a setting" in warnings[0]
+    assert "GPTOSS_3090_PDL" not in warnings[0]
+
+
 def test_unsupported_vllm_leaves_vllm_untouched_and_bnb_moe_unknown(tmp_path: Path) -> None:
     """In a fresh process: nothing registered, and asking for bnb_moe fails after our warning."""
     (tmp_path / "config.json").write_text(json.dumps(fx.config_dict(fx.Spec())))

@@ -86,6 +86,7 @@ def register() -> None:
             )
         return
     _registered = True
+    _warn_unknown_settings()
     try:
         _register_quantization()
         _register_model()
@@ -95,6 +96,21 @@ def register() -> None:
         # A bug here must not take every other model down with it.
         logger.exception(
             "gptoss-3090: registration with vLLM %s failed; bnb_moe unavailable", version
+        )
+
+
+def _warn_unknown_settings() -> None:
+    """One warning naming ``GPTOSS_3090_*`` variables the package does not read: a misspelt
+    setting would otherwise silently change nothing."""
+    from gptoss_3090.settings import unknown_settings
+
+    unknown = unknown_settings()
+    if unknown:
+        logger.warning(
+            "gptoss-3090: %s %s not a setting of gptoss-3090 (misspelt or retired?) and "
+            "changes nothing; `gptoss-3090 doctor` lists the settings in force",
+            ", ".join(unknown),
+            "is" if len(unknown) == 1 else "are",
         )
 
 
