@@ -86,8 +86,8 @@ def register() -> None:
             )
         return
     _registered = True
-    _warn_unknown_settings()
     try:
+        _warn_unknown_settings()
         _register_quantization()
         _register_model()
         _register_attention_backend()
