@@ -148,3 +148,33 @@ def test_memory_plan_20b_fits_on_24_gib() -> None:
     assert not tight["fits_max_model_len"]
     with pytest.raises(ValueError, match="gpu_weight_bytes"):
         memory_plan({"layers": 2})
+
+
+def test_settings_lists_the_variables_and_their_values(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``settings``: one row per variable with its kind and value here; ``--kind`` filters;
+    ``--json`` gives the same; an unknown GPTOSS_3090_* name is reported and exits 1."""
+    from gptoss_3090 import settings
+
+    for name in [n for n in os.environ if n.startswith("GPTOSS_3090_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("GPTOSS_3090_ATTN_ROPE", "vllm")
+    assert main(["settings"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(settings.SETTINGS)
+    rope = next(ln for ln in lines if ln.startswith("GPTOSS_3090_ATTN_ROPE "))
+    assert "serving" in rope and "=vllm" in rope
+    assert any("(unset)" in ln and ln.startswith("GPTOSS_3090_PDL ") for ln in lines)
+    assert "[experimental]" in next(ln for ln in lines if "MOE_ROUTING" in ln)
+
+    assert main(["settings", "--kind", "path", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {s["kind"] for s in doc["settings"]} == {"path"}
+    assert doc["unknown"] == []
+
+    monkeypatch.setenv("GPTOSS_3090_ATTN_ROPES", "vllm")
+    assert main(["settings"]) == 1
+    err = capsys.readouterr().err
+    assert "GPTOSS_3090_ATTN_ROPES is not a setting" in err
+    assert main(["settings", "--kind", "nonsense"]) == 2

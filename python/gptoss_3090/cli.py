@@ -10,6 +10,9 @@ Subcommands:
 * ``doctor [--checkpoint PATH] [--json]``: PASS/FAIL/SKIP checks (see :mod:`gptoss_3090.doctor`).
 * ``demo [--model PATH] [--prompt TEXT] [--max-tokens N] [--cache-dir DIR]``: tiny-checkpoint
   generation (see :mod:`gptoss_3090.demo`).
+* ``settings [--kind K] [--json]``: the ``GPTOSS_3090_*`` environment variables, their kinds,
+  current values and what they do (see :mod:`gptoss_3090.settings`); exit 1 when an unknown
+  one is set.
 * ``bench [--out DIR] ...``: benchmarks that fit this machine, JSON + PNG plots (see
   :mod:`gptoss_3090.bench_cli`).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -301,6 +305,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _add_settings(sub: Any) -> None:
+    p = sub.add_parser(
+        "settings",
+        help="list the GPTOSS_3090_* environment variables, their kinds and current values",
+        description="Every GPTOSS_3090_* variable the package reads (none is needed to serve): "
+        "name, kind, value in this environment and what it does. docs/RUNTIME.md explains "
+        "the defaults. Exit status 1 when a GPTOSS_3090_* variable set here is not one of "
+        "them (a misspelt setting changes nothing).",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["serving", "tuning", "debug", "path", "metadata"],
+        help="only settings of this kind",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_settings)
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    from gptoss_3090 import settings
+
+    rows = [s for s in settings.SETTINGS if args.kind is None or s.kind == args.kind]
+    unknown = settings.unknown_settings()
+    if args.json:
+        doc = {
+            "settings": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "value": os.environ.get(s.name),
+                    "experimental": s.experimental,
+                    "summary": s.summary,
+                }
+                for s in rows
+            ],
+            "unknown": unknown,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        width = max(len(s.name) for s in settings.SETTINGS)
+        for s in rows:
+            value = os.environ.get(s.name)
+            shown = "(unset)" if value is None else f"={value}"
+            flag = " [experimental]" if s.experimental else ""
+            print(f"{s.name:<{width}}  {s.kind:<8}  {shown:<12}  {s.summary}{flag}")
+        for name in unknown:
+            print(f"{PROG}: {name} is not a setting of gptoss-3090 and changes nothing",
+                  file=sys.stderr)  # fmt: skip
+    return 1 if unknown else 0
+
+
 def _add_bench(sub: Any) -> None:
     from gptoss_3090 import bench_cli
 
@@ -317,6 +372,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_synth,
     _add_doctor,
     _add_demo,
+    _add_settings,
     _add_bench,
 ]
 
