@@ -24,8 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gptoss_3090.moe import MoeLayerWeights
+    from gptoss_3090.ops import Nf4Weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -116,19 +121,41 @@ def row(r: CaseResult) -> str:
     )
 
 
+def projection_weights(g: torch.Generator) -> tuple[list[Nf4Weight], Nf4Weight]:
+    """vLLM's q/k/v (three separately quantized parts) and o projections, random, nested NF4
+    quantized on the GPU: ``([q, k, v], o)``."""
+    from gptoss_3090 import ops
+
+    def weight(n: int, k: int) -> ops.Nf4Weight:
+        return ops.nf4_quantize(
+            (torch.randn(n, k, device=g.device, generator=g) * 0.02).to(torch.bfloat16)
+        )
+
+    return [weight(HQ * D, H), weight(HKV * D, H), weight(HKV * D, H)], weight(H, HQ * D)
+
+
+def moe_layer(seed: int, dev: torch.device) -> MoeLayerWeights:
+    """One 20b MoE layer of random NF4 experts, chunk-major as the plugin serves them."""
+    from bench_moe import random_nf4
+    from gptoss_3090 import moe as M
+
+    w = M.MoeLayerWeights(
+        random_nf4(E, 2 * INTER, H, seed=seed, dev=dev),
+        random_nf4(E, H, INTER, seed=seed + 10, dev=dev),
+        M._dynamic_map_signed().to(dev),
+        top_k=TOPK,
+    )
+    w.chunk_major(in_place=True)
+    return w
+
+
 def moe_cases(tokens: list[int], runs: int, graph_max: int) -> list[CaseResult]:
     """Two 20b MoE layers (random NF4, chunk-major as served), routing given as vLLM gives it."""
-    from bench_moe import given_routes, random_nf4, router_logits
+    from bench_moe import given_routes, router_logits
     from gptoss_3090 import moe as M
 
     dev = torch.device("cuda")
-    layers = []
-    for i in range(2):
-        gu = random_nf4(E, 2 * INTER, H, seed=10 + i, dev=dev)
-        dn = random_nf4(E, H, INTER, seed=20 + i, dev=dev)
-        w = M.MoeLayerWeights(gu, dn, M._dynamic_map_signed().to(dev), top_k=TOPK)
-        w.chunk_major(in_place=True)
-        layers.append(w)
+    layers = [moe_layer(10 + i, dev) for i in range(2)]
     results = []
     for t in tokens:
         g = torch.Generator(device=dev).manual_seed(t)
@@ -153,14 +180,7 @@ def linear_cases(ms: list[int], runs: int, graph_max: int) -> list[CaseResult]:
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(5)
-
-    def weight(n: int, k: int) -> ops.Nf4Weight:
-        return ops.nf4_quantize(
-            (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
-        )
-
-    qkv = [weight(HQ * D, H), weight(HKV * D, H), weight(HKV * D, H)]
-    o = weight(H, HQ * D)
+    qkv, o = projection_weights(g)
     results = []
     for m in ms:
         for name, w, k in (("qkv 5120x2880", qkv, H), ("o 2880x4096", o, HQ * D)):
@@ -220,7 +240,6 @@ def chain_cases(tokens: list[int], runs: int) -> list[CaseResult]:
     them (so programmatic dependent launches overlap one op's tail with the next one's start):
     q/k/v projection, paged attention on the step's queries, o projection, residual, router,
     vLLM-style top-k in torch, MoE, residual."""
-    from bench_moe import random_nf4
     from gptoss_3090 import attention as A
     from gptoss_3090 import moe as M
     from gptoss_3090 import ops
@@ -228,27 +247,15 @@ def chain_cases(tokens: list[int], runs: int) -> list[CaseResult]:
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(7)
-
-    def weight(n: int, k: int) -> ops.Nf4Weight:
-        return ops.nf4_quantize(
-            (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
-        )
-
     layers = []
     for i in range(2):
-        moe_w = M.MoeLayerWeights(
-            random_nf4(E, 2 * INTER, H, seed=30 + i, dev=dev),
-            random_nf4(E, H, INTER, seed=40 + i, dev=dev),
-            M._dynamic_map_signed().to(dev),
-            top_k=TOPK,
-        )
-        moe_w.chunk_major(in_place=True)
+        qkv, o = projection_weights(g)
         layers.append({
-            "qkv": [weight(HQ * D, H), weight(HKV * D, H), weight(HKV * D, H)],
-            "o": weight(H, HQ * D),
+            "qkv": qkv,
+            "o": o,
             "router_w": (torch.randn(E, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16),
             "router_b": (torch.randn(E, device=dev, generator=g) * 0.1).to(torch.bfloat16),
-            "moe": moe_w,
+            "moe": moe_layer(30 + i, dev),
             "window": 128 if i % 2 == 0 else None,
         })  # fmt: skip
     results = []
