@@ -350,9 +350,8 @@ def _cmd_settings(args: argparse.Namespace) -> int:
             shown = "(unset)" if value is None else f"={value}"
             flag = " [experimental]" if s.experimental else ""
             print(f"{s.name:<{width}}  {s.kind:<8}  {shown:<12}  {s.summary}{flag}")
-        for name in unknown:
-            print(f"{PROG}: {name} is not a setting of gptoss-3090 and changes nothing",
-                  file=sys.stderr)  # fmt: skip
+        if unknown:
+            print(f"{PROG}: {settings.unknown_message(unknown)}", file=sys.stderr)
     return 1 if unknown else 0
 
 

@@ -335,8 +335,7 @@ def _check_settings(environ: Mapping[str, str] | None = None) -> Check:
         return Check(
             "settings",
             FAIL,
-            f"{', '.join(unknown)}: not a setting of gptoss-3090 (misspelt or retired), so it "
-            "changes nothing; `gptoss-3090 doctor --json` lists the known ones",
+            settings.unknown_message(unknown),
             data | {"known": [s.name for s in settings.SETTINGS]},
         )
     if not active:

@@ -21,7 +21,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["SETTINGS", "Setting", "active_settings", "by_name", "unknown_settings"]
+__all__ = [
+    "SETTINGS",
+    "Setting",
+    "active_settings",
+    "by_name",
+    "unknown_message",
+    "unknown_settings",
+]
 
 PREFIX = "GPTOSS_3090_"
 KINDS = ("serving", "tuning", "debug", "path", "metadata")
@@ -124,3 +131,13 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     known = by_name()
     return sorted(n for n in environ if n.startswith(PREFIX) and n not in known)
+
+
+def unknown_message(names: list[str]) -> str:
+    """The one wording doctor, ``gptoss-3090 settings`` and the plugin use for
+    :func:`unknown_settings`."""
+    verb = "is not a setting" if len(names) == 1 else "are not settings"
+    return (
+        f"{', '.join(names)} {verb} of gptoss-3090 (misspelt or retired?) and changes nothing; "
+        "`gptoss-3090 settings` lists the known ones"
+    )

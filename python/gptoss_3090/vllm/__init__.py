@@ -102,16 +102,11 @@ def register() -> None:
 def _warn_unknown_settings() -> None:
     """One warning naming ``GPTOSS_3090_*`` variables the package does not read: a misspelt
     setting would otherwise silently change nothing."""
-    from gptoss_3090.settings import unknown_settings
+    from gptoss_3090.settings import unknown_message, unknown_settings
 
     unknown = unknown_settings()
     if unknown:
-        logger.warning(
-            "gptoss-3090: %s %s not a setting of gptoss-3090 (misspelt or retired?) and "
-            "changes nothing; `gptoss-3090 doctor` lists the settings in force",
-            ", ".join(unknown),
-            "is" if len(unknown) == 1 else "are",
-        )
+        logger.warning("gptoss-3090: %s", unknown_message(unknown))
 
 
 def _register_quantization() -> None:
