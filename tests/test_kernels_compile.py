@@ -53,6 +53,21 @@ def test_every_source_compiles(arch, cache_dir):
     assert _native.compile_kernels(arch) == sizes
 
 
+@pytest.mark.parametrize("family", ["attention", "nf4"])
+def test_families_compiled_side_by_side_equal_a_lone_compile(family, cache_dir):
+    """compile_kernels runs NVRTC on several families at once (no global lock); each cubin must
+    be byte for byte what a compile of that family alone gives. The two smallest families keep
+    this cheap; the sm_86 cache entries come from test_every_source_compiles (same module
+    cache), else from this call."""
+    _nvrtc_or_skip()
+    _native.compile_kernels("sm_86")
+    (entry,) = [p for p in cache_dir.iterdir() if p.name.startswith(f"{family}-sm86-")]
+    cached = entry.read_bytes()
+    assert cached[:8] == b"GPTOSSK1"
+    alone = _native.compile_source(_native.kernel_source(family), "sm_86", family)
+    assert cached[40:] == alone
+
+
 def test_nf4_entries_exist_in_cubin():
     _nvrtc_or_skip()
     cubin = _native.compile_source(_native.kernel_source("nf4"), "sm_86", "nf4")

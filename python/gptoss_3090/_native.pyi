@@ -167,8 +167,9 @@ def fused_dequantize(
 
 def compile_kernels(arch: str) -> dict[str, int]:
     """NVRTC-compiles every kernel family for ``arch`` (e.g. ``"sm_86"``) through the disk
-    cache; returns ``{family: cubin_bytes}``. Needs NVRTC, not a GPU. Raises
-    KernelCompileError (with the NVRTC log) or CudaError (NVRTC not found)."""
+    cache, the families side by side (one thread each, up to the machine's cores); returns
+    ``{family: cubin_bytes}``. Needs NVRTC, not a GPU. Raises KernelCompileError (with the
+    NVRTC log of the first failing family, in family order) or CudaError (NVRTC not found)."""
 
 def compile_source(src: str, arch: str, name: str = "test_source") -> bytes:
     """Compiles one source text (it may ``#include "common.cuh"``) for ``arch``, without the

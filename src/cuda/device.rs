@@ -15,7 +15,7 @@ use cudarc::driver::result as dr;
 use cudarc::driver::sys;
 use cudarc::driver::CudaContext;
 
-use super::compile::{compile_cubin, evict};
+use super::compile::{compile_cubin, compile_families, evict};
 use super::{entry_names, forced_tuning, guard, source, Arch, Tuning, SOURCES};
 use crate::error::{Error, Result};
 
@@ -494,12 +494,21 @@ impl GpuDevice {
     }
 
     fn load_module(&self, name: &'static str) -> Result<RawModule> {
+        self.load_module_with(name, None)
+    }
+
+    /// [`GpuDevice::load_module`] with the family's cubin when the caller compiled it already
+    /// (`warmup`); `None` compiles it (disk cache).
+    fn load_module_with(&self, name: &'static str, compiled: Option<Vec<u8>>) -> Result<RawModule> {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = modules.get(name) {
             return Ok(*m);
         }
         let src = source(name)?;
-        let cubin = compile_cubin(src, self.arch)?;
+        let cubin = match compiled {
+            Some(cubin) => cubin,
+            None => compile_cubin(src, self.arch)?,
+        };
         self.bind()?;
         let load = |cubin: &[u8]| -> std::result::Result<sys::CUmodule, dr::DriverError> {
             // SAFETY: cubin is a complete ELF image that outlives the call.
@@ -591,6 +600,21 @@ impl GpuDevice {
     /// Compiles (disk cache) and loads every kernel family, and resolves and loads every entry,
     /// so that later launches (e.g. inside CUDA-graph capture) never load code.
     pub fn warmup(&self) -> Result<()> {
+        // The families not loaded yet, compiled side by side first (compile_families): on a
+        // fresh install this is most of the first start's time.
+        let missing: Vec<&'static str> = {
+            let modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            SOURCES
+                .iter()
+                .map(|s| s.name)
+                .filter(|n| !modules.contains_key(n))
+                .collect()
+        };
+        if missing.len() > 1 {
+            for (name, cubin) in missing.iter().zip(compile_families(&missing, self.arch)?) {
+                self.load_module_with(name, Some(cubin))?;
+            }
+        }
         for src in SOURCES {
             let module = self.load_module(src.name)?;
             // The driver lists the entries (CUDA 12.4+); older drivers: scan the source text

@@ -10,7 +10,7 @@
 //! - [`KernelSource`], [`SOURCES`], [`COMMON_HEADER`]: the kernel families, embedded with
 //!   `include_str!` (the wheel carries no loose `.cu` files).
 //! - [`compile_cubin`] (module `compile`): NVRTC to a cubin for one exact [`Arch`], with an
-//!   on-disk cache; needs no GPU.
+//!   on-disk cache; needs no GPU. [`compile_families`] compiles several families at once.
 //! - [`device`] / [`GpuDevice`] (module `device`): one object per ordinal on PyTorch's primary
 //!   context; loads modules, resolves entries and launches on a borrowed stream handle.
 //! - [`Tuning`]: the launch-configuration family (sm_80-like, sm_86-like, sm_90-like).
@@ -23,8 +23,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use compile::{
-    cache_dir, compile_cubin, compile_options, compile_source, compile_source_with,
-    nvrtc_available, nvrtc_version,
+    cache_dir, compile_cubin, compile_families, compile_options, compile_source,
+    compile_source_with, nvrtc_available, nvrtc_version,
 };
 pub use device::{device, driver_available, driver_version, GpuDevice, KernelFn, LaunchOptions};
 

@@ -18,20 +18,17 @@ use pyo3::types::{PyBytes, PyDict};
 use super::{Arch, Tuning, SOURCES};
 use crate::error::{Error, Result};
 
-/// Compiles every kernel family for `arch` (e.g. "sm_86") through the disk cache.
+/// Compiles every kernel family for `arch` (e.g. "sm_86") through the disk cache, several at
+/// once (`compile_families`).
 /// Returns `{family: cubin_bytes}`. Needs NVRTC, not a GPU.
 #[pyfunction]
 fn compile_kernels<'py>(py: Python<'py>, arch: &str) -> PyResult<Bound<'py, PyDict>> {
     let arch = Arch::parse(arch)?;
-    let sizes: Result<Vec<(&str, usize)>> = py.detach(|| {
-        SOURCES
-            .iter()
-            .map(|s| super::compile_cubin(s, arch).map(|c| (s.name, c.len())))
-            .collect()
-    });
+    let names: Vec<&str> = SOURCES.iter().map(|s| s.name).collect();
+    let cubins: Result<Vec<Vec<u8>>> = py.detach(|| super::compile_families(&names, arch));
     let d = PyDict::new(py);
-    for (name, size) in sizes? {
-        d.set_item(name, size)?;
+    for (name, cubin) in names.iter().zip(cubins?) {
+        d.set_item(name, cubin.len())?;
     }
     Ok(d)
 }
