@@ -35,6 +35,10 @@
 #               turn, tunings MOE_TUNINGS (default auto,sm86)
 #   moevariants bench_moe.py at 1, 4, 16 and 64 tokens for each kernel folder in .gpu-variants/
 #               (GPTOSS_3090_KERNEL_DIR; carry .gpu-variants too)
+#   ablation    the timing-only folders of bench/ablation_variants.py in .gpu-variants/ (carry
+#               it), a_head again at the end: moe_kernel_times.py at ABL_TOKENS (default 1,4;
+#               4 layers) and linear_kernel_times.py at ABL_MS (default 1,4) on vLLM's q/k/v and
+#               o; each folder compiles its kernels once (about 1.5 min on a fresh host)
 #   nf4variants bench_nf4_linear.py at M in NF4_MS (default 1,4,16) for each kernel folder in
 #               .gpu-variants/ (carry .gpu-variants too)
 #   variantcheck variant_check.py: the tree's kernels and each folder in .gpu-variants/, in two
@@ -317,6 +321,22 @@ for step in "$@"; do
         echo "-- variant $v"
         GPTOSS_3090_KERNEL_DIR=$d bench_moe "variant_$v" --tokens "${VARIANT_TOKENS:-1,4,16,64}" \
           --tunings auto --no-baselines
+      done
+      ;;
+    ablation)
+      round=0
+      for d in .gpu-variants/*/ .gpu-variants/a_head/; do
+        v=$(basename "$d")
+        round=$((round + 1))
+        echo "-- $round $v"
+        GPTOSS_3090_KERNEL_DIR=$(realpath "$d") python3 bench/moe_kernel_times.py \
+          --tokens "${ABL_TOKENS:-1,4}" --layers 4 --out "$OUT/abl_moe_${round}_$v.json" \
+          > "$OUT/abl_moe_${round}_$v.log" 2>&1
+        grep -E "^T=|moe_str" "$OUT/abl_moe_${round}_$v.log"
+        GPTOSS_3090_KERNEL_DIR=$(realpath "$d") python3 bench/linear_kernel_times.py \
+          --shapes 4096+512+512x2880,2880x4096 --ms "${ABL_MS:-1,4}" \
+          > "$OUT/abl_linear_${round}_$v.log" 2>&1
+        grep " M=" "$OUT/abl_linear_${round}_$v.log"
       done
       ;;
     variantcheck)
