@@ -577,12 +577,8 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                         label = f"{w}, decode steps only ({side} only)"
                         lines.append(_one_side_row(b, side, label, _tok_s(v, "decode_tok_s")))
                     if "determinism" in v:
-                        d = v["determinism"]
                         label = f"{w}, runs repeating the first exactly ({side} only)"
-                        value = (f"{d['identical_runs']} / {d['runs']} (earliest divergence "
-                                 f"{min(d['earliest_divergence_per_run'])} / "
-                                 f"{d['tokens_per_request']})")
-                        lines.append(_one_side_row(b, side, label, value))
+                        lines.append(_one_side_row(b, side, label, _determinism(v)))
                 if r:
                     label = f"{side}: experts per layer, 64 tokens"
                     lines.append(_one_side_row(b, side, label, _routed(r)))
@@ -601,6 +597,11 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                     f"| {b} | {w}, decode steps only | {_tok_s(sw, 'decode_tok_s')} | "
                     f"{_tok_s(ow, 'decode_tok_s')} | {od / sd:.2f}x | |"
                 )
+            if "determinism" in sw or "determinism" in ow:
+                lines.append(
+                    f"| {b} | {w}, runs repeating the first exactly | {_determinism(sw)} | "
+                    f"{_determinism(ow)} | | |"
+                )
         sk, ok = s.get("kv_cache_tokens"), o.get("kv_cache_tokens")
         kv_ratio = f"{ok / sk:.2f}x" if isinstance(sk, int) and isinstance(ok, int) else ""
         lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
@@ -608,6 +609,18 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
         lines.append(f"| {b} | experts per layer, 64 tokens | {_routed(s)} | {_routed(o)} | | |")
     dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "?")
     return f"Device: {dev}\n\n" + "\n".join(lines) + "\n"
+
+
+def _determinism(workload: dict[str, Any]) -> str:
+    """A workload's ``--determinism`` result as a table cell: identical runs of all, and the
+    earliest divergence of any run (empty without one)."""
+    d = workload.get("determinism")
+    if not d:
+        return ""
+    return (
+        f"{d['identical_runs']} / {d['runs']} (earliest divergence "
+        f"{min(d['earliest_divergence_per_run'])} / {d['tokens_per_request']})"
+    )
 
 
 def _one_side_row(budget: str, side: str, label: str, value: str) -> str:

@@ -373,3 +373,36 @@ def test_summary_reports_determinism_of_one_side(bench) -> None:
     md = bench.summary_md(report, ["full"], ["decode_b16"])
     assert "decode_b16, runs repeating the first exactly (ours only)" in md
     assert "4 / 5 (earliest divergence 3 / 256)" in md
+
+
+def test_summary_reports_determinism_of_both_sides(bench) -> None:
+    """Both sides ran: the determinism row sits in the two-sided table, each side in its column
+    (session 30 printed it only for one-sided runs)."""
+
+    def workload(tok_s: float, identical: int, earliest: list[int]) -> dict:
+        return {
+            "tok_s": tok_s,
+            "determinism": {
+                "runs": len(earliest),
+                "identical_runs": identical,
+                "earliest_divergence_per_run": earliest,
+                "tokens_per_request": 256,
+            },
+        }
+
+    report = {
+        "runs": {
+            "stock_full": {"workloads": {"decode_b1": workload(350.0, 3, [256, 256, 256])}},
+            "ours_full": {"workloads": {"decode_b1": workload(480.0, 2, [256, 40, 256])}},
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b1"])
+    row = next(ln for ln in md.splitlines() if "runs repeating the first exactly" in ln)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == [
+        "full",
+        "decode_b1, runs repeating the first exactly",
+        "3 / 3 (earliest divergence 256 / 256)",
+        "2 / 3 (earliest divergence 40 / 256)",
+    ]
+
