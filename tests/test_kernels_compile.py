@@ -158,6 +158,20 @@ def test_broken_source_raises_compile_error_with_log():
     assert isinstance(ei.value, gptoss_3090.CudaError)
 
 
+def test_side_by_side_compile_reports_the_first_failing_family(tmp_path, monkeypatch):
+    """Every family broken (GPTOSS_3090_KERNEL_DIR): whichever thread fails first, the error
+    is the first family's in family order (nf4), with its NVRTC log."""
+    _nvrtc_or_skip()
+    for name in ("nf4", "moe", "attention"):
+        (tmp_path / f"{name}.cu").write_text(f'#error "{name} is broken here"\n')
+    monkeypatch.setenv("GPTOSS_3090_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("GPTOSS_3090_CACHE", "off")
+    with pytest.raises(gptoss_3090.KernelCompileError) as ei:
+        _native.compile_kernels("sm_86")
+    msg = str(ei.value)
+    assert "nf4.cu" in msg and "nf4 is broken here" in msg, msg
+
+
 def test_bad_arch_is_a_value_error():
     with pytest.raises(ValueError):
         _native.compile_kernels("sm_7x")
