@@ -355,12 +355,15 @@ def test_backend_min_keys_setting(monkeypatch):
         assert _native.attention_run_min_keys() == default
         monkeypatch.delenv(AB.MIN_KEYS_ENV)
         assert AB._run_min_keys() is None
+        monkeypatch.setenv(AB.MIN_KEYS_ENV, "long")
+        with pytest.raises(ValueError, match=AB.MIN_KEYS_ENV):
+            AB._run_min_keys()
         for bad in ("500", "0", "8192", "long"):
             monkeypatch.setenv(AB.MIN_KEYS_ENV, bad)
             with pytest.raises(ValueError, match=AB.MIN_KEYS_ENV):
-                AB._run_min_keys()
-            with pytest.raises(ValueError, match=AB.MIN_KEYS_ENV):
                 builder_cls(spec, ["layer.0"], config, torch.device("cpu"))
+            # the rejected value never reached the launches
+            assert _native.attention_run_min_keys() == default
     finally:
         _native.attention_set_run_min_keys(None)
     assert _native.attention_run_min_keys() == default

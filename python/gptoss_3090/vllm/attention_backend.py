@@ -106,18 +106,27 @@ MIN_KEYS_ENV = "GPTOSS_3090_ATTN_MIN_KEYS"
 
 
 def _run_min_keys() -> int | None:
+    """``MIN_KEYS_ENV`` as an integer (``None``: unset or ``auto``). The range is the kernel
+    side's to check (``_apply_run_min_keys``), so that it is written once."""
     raw = os.environ.get(MIN_KEYS_ENV, "").strip()
     if raw in ("", "auto"):
         return None
     try:
-        keys = int(raw)
+        return int(raw)
     except ValueError:
-        keys = -1
-    if not 16 <= keys <= 4096 or keys % 16:
         raise ValueError(
             f"{MIN_KEYS_ENV}={raw!r}: expected auto or a multiple of 16 in 16..4096"
-        )
-    return keys
+        ) from None
+
+
+def _apply_run_min_keys() -> None:
+    """Hands ``MIN_KEYS_ENV`` to the launches; an out-of-range value raises ValueError naming
+    the variable (the range is checked in src/ops/attention.rs)."""
+    keys = _run_min_keys()
+    try:
+        _native.attention_set_run_min_keys(keys)
+    except ValueError as e:
+        raise ValueError(f"{MIN_KEYS_ENV}={keys}: {e}") from None
 
 
 _CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,7 +169,7 @@ class GptOssSinkAttentionMetadataBuilder(
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        _native.attention_set_run_min_keys(_run_min_keys())
+        _apply_run_min_keys()
         # Sized by constants only (never by data): one buffer serves every batch and every
         # captured graph; the decode path lowers its split count to fit.
         self.workspace = _attn.make_workspace(device, self.num_kv_heads)
