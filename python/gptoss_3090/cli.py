@@ -306,6 +306,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_settings(sub: Any) -> None:
+    from gptoss_3090.settings import KINDS
+
     p = sub.add_parser(
         "settings",
         help="list the GPTOSS_3090_* environment variables, their kinds and current values",
@@ -316,7 +318,7 @@ def _add_settings(sub: Any) -> None:
     )
     p.add_argument(
         "--kind",
-        choices=["serving", "tuning", "debug", "path", "metadata"],
+        choices=KINDS,
         help="only settings of this kind",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
