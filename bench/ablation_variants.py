@@ -76,6 +76,44 @@ NO_COMPUTE = Edit(
         str_decode_step(table, wa, wb, st, lane4, a);""",
 )
 
+# The same two edits in str_chunk, the interleaved form of a whole chunk that the MoE's streams
+# run (common.cuh, STR_INTERLEAVE_MAX_NT).
+NO_MMA_CHUNK = Edit(
+    "common.cuh",
+    """            if (st == 0) {
+                mma_zero<DTYPE>(d0[nt], a0, b0);
+                mma_zero<DTYPE>(d1[nt], a1, b1);
+            } else {
+                mma_acc<DTYPE>(d0[nt], a0, b0);
+                mma_acc<DTYPE>(d1[nt], a1, b1);
+            }""",
+    """            { const u32 x0x = a0[0] ^ a0[1] ^ a0[2] ^ a0[3] ^ b0[0] ^ b0[1];
+              const u32 x1x = a1[0] ^ a1[1] ^ a1[2] ^ a1[3] ^ b1[0] ^ b1[1];
+              if (st == 0) {
+                  d0[nt][0] = __uint_as_float(x0x); d0[nt][1] = d0[nt][2] = d0[nt][3] = 0.f;
+                  d1[nt][0] = __uint_as_float(x1x); d1[nt][1] = d1[nt][2] = d1[nt][3] = 0.f;
+              } else {
+                  d0[nt][0] = __uint_as_float(__float_as_uint(d0[nt][0]) ^ x0x);
+                  d1[nt][0] = __uint_as_float(__float_as_uint(d1[nt][0]) ^ x1x);
+              } }""",
+)
+
+NO_COMPUTE_CHUNK = Edit(
+    "common.cuh",
+    """    float d0[NT][4], d1[NT][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {""",
+    """    float d0[NT][4], d1[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        d0[nt][0] = __uint_as_float(wa0.x ^ wa0.y ^ wb0.x ^ wb0.y ^ x0[nt][0] ^ lane4);
+        d1[nt][0] = __uint_as_float(wa1.x ^ wa1.y ^ wb1.x ^ wb1.y ^ x1[nt][0] ^ lane4);
+        d0[nt][1] = d0[nt][2] = d0[nt][3] = d1[nt][1] = d1[nt][2] = d1[nt][3] = 0.f;
+    }
+#pragma unroll
+    for (int st = 0; st < 0; ++st) {""",
+)
+
 # The 64 KB code-pair table left unwritten (the nested map still loads).
 NO_TABLE = Edit(
     "common.cuh",
@@ -85,8 +123,8 @@ NO_TABLE = Edit(
 
 ABLATIONS: dict[str, tuple[Edit, ...]] = {
     "nolut": (NO_LOOKUP,),
-    "nomma": (NO_MMA,),
-    "nocomp": (NO_COMPUTE,),
+    "nomma": (NO_MMA, NO_MMA_CHUNK),
+    "nocomp": (NO_COMPUTE, NO_COMPUTE_CHUNK),
     "notable": (NO_TABLE,),
 }
 

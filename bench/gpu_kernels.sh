@@ -44,7 +44,9 @@
 #   variantcheck variant_check.py: the tree's kernels and each folder in .gpu-variants/, in two
 #               alternating rounds (the streaming linear at CHECK_MS, default 1,4,16, and the MoE
 #               at CHECK_TOKENS, default 1,4,16,64; CHECK_PARTS, default linear,moe), then each
-#               folder's outputs against the tree's, bit for bit; compiles only what it runs
+#               folder's outputs against the tree's, bit for bit; compiles only what it runs;
+#               CHECK_TUNING=sm86 runs every folder under a 3090's configuration
+#               (GPTOSS_3090_FORCE_TUNING)
 #   moeskew     bench_moe.py at SKEW_TOKENS (default 16,32,64,128) with each routing skew of
 #               MOE_SKEWS (default "0 0.35"; --routing-skew), each with
 #               GPTOSS_3090_MOE_PASS_ITEMS set to each of PASS_ITEMS_RUNS (default "0 1 0 1":
@@ -345,7 +347,8 @@ for step in "$@"; do
         for d in /tmp/kbase/ .gpu-variants/*/; do
           v=$(basename "$d")
           [ "$v" = kbase ] && v=base
-          GPTOSS_3090_KERNEL_DIR=$(realpath "$d") python3 bench/variant_check.py run "$v$round" \
+          GPTOSS_3090_FORCE_TUNING=${CHECK_TUNING:-} GPTOSS_3090_KERNEL_DIR=$(realpath "$d") \
+            python3 bench/variant_check.py run "$v$round" \
             --out "$OUT/variants" --parts "${CHECK_PARTS:-linear,moe}" \
             --linear-ms "${CHECK_MS:-1,4,16}" --moe-tokens "${CHECK_TOKENS:-1,4,16,64}" 2>&1 \
             | tee -a "$OUT/variantcheck.log"

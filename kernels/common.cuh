@@ -517,6 +517,16 @@ __device__ __forceinline__ float dec_gamma() {
 
 #define STR_WARPS 8
 #define STR_DEPTH 4  // stages per warp ring (STR_DEPTH - 1 chunks in flight)
+// Streams of at most this many 8-column tiles run a whole chunk's two 64-k blocks as two
+// interleaved mma chains (str_chunk) instead of one block after the other (str_half); same
+// bits either way. The MoE (moe.cu) keeps the default: H200, session 32, the MoE layer at
+// GPT-OSS-20B shapes, two rounds in one call: 3-4% faster at 2-8 and 32 tokens, 1% at 16 and
+// 48, level at 64; under the forced sm86 configuration (a 3090's kernels) 1.6% faster at 1
+// token, 4.3-4.7% at 4-16, 2.2% at 64. The NF4 linear (nf4.cu) sets 0: level at M = 1 and 4,
+// and its q/k/v at M = 16 ran 4.4% slower (o 2% faster).
+#ifndef STR_INTERLEAVE_MAX_NT
+#define STR_INTERLEAVE_MAX_NT 2
+#endif
 // Blocks per SM the streaming kernels are compiled for. The 70 KB of shared memory allow 3
 // blocks on sm_90 (2 on an A100's 164 KB), but 2 (128 registers, no spills in the stream, more
 // L1 left for the activations) measured faster on the H100 at 1 and 4 tokens (59.6 vs 65.4 and
@@ -783,6 +793,55 @@ __device__ __forceinline__ void str_half(const u8* table, u32 rd, float sc0, flo
     }
 }
 
+// str_half for both 64-k blocks of a whole chunk, their steps interleaved: acc += block 0
+// (rd0, scales s00 / s01, activations x0), then += block 1 (rd1, s10 / s11, x1), the same
+// operations and the same order of the fp32 updates as two str_half calls, so the same bits.
+// Why: called one after the other, each block's four mma form one dependent chain behind its
+// table lookups, and ptxas reuses the first block's registers for the second, so a warp's chunk
+// was two such chains in a row (sm_90 SASS). Here the two chains are independent and ptxas
+// interleaves them.
+template <int DTYPE, int NT>
+__device__ __forceinline__ void str_chunk(const u8* table, u32 rd0, u32 rd1, float s00, float s01,
+                                          float s10, float s11, const u32 (&x0)[NT][8],
+                                          const u32 (&x1)[NT][8], float (&acc)[NT][4],
+                                          u32 piece2 = STR_PIECE2_DST) {
+    const u32 lane4 = 4 * (threadIdx.x & 31);
+    const u32x2 wa0 = ld_shared_8_volatile(rd0);
+    const u32x2 wb0 = ld_shared_8_volatile(rd0 + piece2);
+    const u32x2 wa1 = ld_shared_8_volatile(rd1);
+    const u32x2 wb1 = ld_shared_8_volatile(rd1 + piece2);
+    float d0[NT][4], d1[NT][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+        u32 a0[4], a1[4];
+        str_decode_step(table, wa0, wb0, st, lane4, a0);
+        str_decode_step(table, wa1, wb1, st, lane4, a1);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const u32 b0[2] = {x0[nt][2 * st], x0[nt][2 * st + 1]};
+            const u32 b1[2] = {x1[nt][2 * st], x1[nt][2 * st + 1]};
+            if (st == 0) {
+                mma_zero<DTYPE>(d0[nt], a0, b0);
+                mma_zero<DTYPE>(d1[nt], a1, b1);
+            } else {
+                mma_acc<DTYPE>(d0[nt], a0, b0);
+                mma_acc<DTYPE>(d1[nt], a1, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        acc[nt][0] = fmaf(s00, d0[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(s00, d0[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(s01, d0[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(s01, d0[nt][3], acc[nt][3]);
+        acc[nt][0] = fmaf(s10, d1[nt][0], acc[nt][0]);
+        acc[nt][1] = fmaf(s10, d1[nt][1], acc[nt][1]);
+        acc[nt][2] = fmaf(s11, d1[nt][2], acc[nt][2]);
+        acc[nt][3] = fmaf(s11, d1[nt][3], acc[nt][3]);
+    }
+}
+
 // The state of a warp's stream between str_prime and str_stream: the issue cursor and the
 // statistics of the chunks in its ring (raw codes or f32 bits, and the nested absmax values).
 //
@@ -904,6 +963,10 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
                           : 0u;
     const u32 rc1 = EXTRA ? opaque(rd1 - smem_addr(ring) + smem_addr(extra) - str_compact_shift(g))
                           : 0u;
+    // A whole chunk as two interleaved mma chains (str_chunk, STR_INTERLEAVE_MAX_NT), except in
+    // the deep-ring one-token kernels (EXTRA > 0, sm_90): 0.7-2% slower there (H200, sessions
+    // 31 and 32, two rounds each).
+    constexpr bool interleave = NT <= STR_INTERLEAVE_MAX_NT && EXTRA == 0;
     StrX<NT> x = str_x_at<NT>(src, jb);
     u32 x0[NT][8], x1[NT][8];  // activations of block 0 / block 1 of a chunk
     str_load_x<NT, XS>(x, cols, 0, x0);
@@ -931,11 +994,16 @@ __device__ __forceinline__ void str_stream(const StrLane& l, int jb, int n, int 
             const float s01 = __shfl_sync(0xffffffffu, am, sl01);
             const float s10 = __shfl_sync(0xffffffffu, am, sl10);
             const float s11 = __shfl_sync(0xffffffffu, am, sl11);
-            str_half<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd0, rc0), s00, s01, x0, acc,
-                                StrStage<EXTRA>::piece2(u));
+            if (interleave && second)
+                str_chunk<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd0, rc0),
+                                     StrStage<EXTRA>::at(u, rd1, rc1), s00, s01, s10, s11, x0, x1,
+                                     acc, StrStage<EXTRA>::piece2(u));
+            else
+                str_half<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd0, rc0), s00, s01, x0, acc,
+                                    StrStage<EXTRA>::piece2(u));
             str_x_next<NT>(x);
             if (i + 1 < n) str_load_x<NT, XS>(x, cols, 0, x0);
-            if (second)
+            if (!interleave && second)
                 str_half<DTYPE, NT>(table, StrStage<EXTRA>::at(u, rd1, rc1), s10, s11, x1, acc,
                                     StrStage<EXTRA>::piece2(u));
         }

@@ -22,6 +22,8 @@
 //   nf4_quantize_blocks_{bf16,f16,f32}              Nf4QuantizeParams
 //   nf4_quantize_mean                               Nf4QuantizeParams
 //   nf4_quantize_nested                             Nf4QuantizeParams
+// The linear's streams keep one 64-k block after the other (common.cuh, STR_INTERLEAVE_MAX_NT).
+#define STR_INTERLEAVE_MAX_NT 0
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
