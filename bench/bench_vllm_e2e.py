@@ -203,6 +203,7 @@ def worker(spec_path: str, out_path: str) -> None:
 
         gv.register()
     import torch
+    from gpu_clocks import ClockSampler  # bench/, this script's folder
     from vllm import LLM, SamplingParams, TokensPrompt
 
     kwargs = dict(spec["llm"])
@@ -241,22 +242,30 @@ def worker(spec_path: str, out_path: str) -> None:
         # budgets from one run each). The median run is the result; all are kept.
         first_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
-        def timed(p: Any, batch: int = batch, n_in: int = n_in) -> tuple[float, list[Any]]:
+        def timed(
+            p: Any, batch: int = batch, n_in: int = n_in
+        ) -> tuple[float, list[Any], dict[str, Any]]:
             torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            outs = llm.generate(prompts(batch, n_in), p, use_tqdm=False)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t1, outs
+            # The SM clock and power while the run lasts (gpu_clocks: an issue-bound kernel
+            # slows with the clock, a memory-bound one less). Every 50 ms: the sampler thread
+            # takes the GIL from vLLM's host loop, which a batch-1 step waits on.
+            with ClockSampler(period_s=0.05) as clocks:
+                t1 = time.perf_counter()
+                outs = llm.generate(prompts(batch, n_in), p, use_tqdm=False)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t1
+            return dt, outs, clocks.summary()
 
         runs = []
         for _ in range(spec.get("repeats", 1)):
-            dt, outs = timed(params)
+            dt, outs, clocks = timed(params)
             produced = sum(len(o.outputs[0].token_ids) for o in outs)
             run = {
                 "seconds": dt,
                 "output_tok_s": produced / dt,
                 "input_tok_s": batch * n_in / dt,
                 "tok_s": (batch * n_in if n_out == 1 else produced) / dt,
+                "clocks": clocks,
             }
             if n_out > 1:
                 # The same prompts' prefill and first token alone, on fresh prompts: what is
@@ -579,6 +588,9 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                     if "determinism" in v:
                         label = f"{w}, runs repeating the first exactly ({side} only)"
                         lines.append(_one_side_row(b, side, label, _determinism(v)))
+                    if "clocks" in v:
+                        label = f"{w}, SM clock and power ({side} only)"
+                        lines.append(_one_side_row(b, side, label, _clocks(v)))
                 if r:
                     label = f"{side}: experts per layer, 64 tokens"
                     lines.append(_one_side_row(b, side, label, _routed(r)))
@@ -602,6 +614,10 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                     f"| {b} | {w}, runs repeating the first exactly | {_determinism(sw)} | "
                     f"{_determinism(ow)} | | |"
                 )
+            if "clocks" in sw or "clocks" in ow:
+                lines.append(
+                    f"| {b} | {w}, SM clock and power | {_clocks(sw)} | {_clocks(ow)} | | |"
+                )
         sk, ok = s.get("kv_cache_tokens"), o.get("kv_cache_tokens")
         kv_ratio = f"{ok / sk:.2f}x" if isinstance(sk, int) and isinstance(ok, int) else ""
         lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
@@ -620,6 +636,21 @@ def _determinism(workload: dict[str, Any]) -> str:
     return (
         f"{d['identical_runs']} / {d['runs']} (earliest divergence "
         f"{min(d['earliest_divergence_per_run'])} / {d['tokens_per_request']})"
+    )
+
+
+def _clocks(workload: dict[str, Any]) -> str:
+    """The median run's SM clock and power (gpu_clocks.summarize) as a table cell: median and
+    lowest MHz, median watts, and the share of samples held down for power; why not, when
+    NVML gave nothing."""
+    c = workload.get("clocks")
+    if not c:
+        return ""
+    if not c.get("samples"):
+        return f"n/a ({c.get('error', 'no samples')})"
+    return (
+        f"{c['sm_mhz_median']:,.0f} MHz (min {c['sm_mhz_min']:,}), {c['power_w_median']:.0f} W, "
+        f"power-capped {c['power_capped_share']:.0%}"
     )
 
 
