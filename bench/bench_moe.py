@@ -86,6 +86,18 @@ def time_fn(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_fn_clocked(fn: Callable[[], Any], iters: int) -> tuple[float, dict[str, Any]]:
+    """:func:`time_fn` with the GPU's SM clock and power sampled meanwhile (gpu_clocks), so
+    that a kernel's time can be set against the clock it ran at (an issue-bound kernel slows
+    with it; vLLM's whole-model load may run the GPU at other clocks than this benchmark)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_clocks import ClockSampler
+
+    with ClockSampler(period_s=0.01) as clocks:
+        ms = time_fn(fn, iters)
+    return ms, clocks.summary()
+
+
 def copy_bandwidth(dev: torch.device) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
@@ -427,7 +439,7 @@ def main() -> None:
     hdr = (
         f"{'T':>5} {'tuning':>6} {'regime':>15} {'us/layer':>9} {'GB/s':>7} {'%copy':>6} "
         f"{'TFLOP/s':>8} {'bf16 us':>8} {'marlin us':>9} {'x bf16':>7} {'x marlin':>8} "
-        f"{'max pairs':>9}"
+        f"{'max pairs':>9} {'SM MHz':>6}"
     )
     print(hdr)
     for t in tokens:
@@ -443,7 +455,8 @@ def main() -> None:
                 base["marlin_us"] = None
                 base["marlin_note"] = mar
             else:
-                base["marlin_us"] = time_fn(mar, args.iters) / min(args.layers, 8) * 1e3
+                ms, base["marlin_clocks"] = time_fn_clocked(mar, args.iters)
+                base["marlin_us"] = ms / min(args.layers, 8) * 1e3
         for tuning in tunings:
             ours = Ours(
                 layers,
@@ -454,7 +467,7 @@ def main() -> None:
                 skew=args.routing_skew,
                 foreign=args.foreign_kernel,
             )
-            ms = time_fn(ours, args.iters)
+            ms, clocks = time_fn_clocked(ours, args.iters)
             us = ms / len(layers) * 1e3
             touched = ours.distinct_experts() * per_expert
             gbs = touched / (ms * 1e-3) / 1e9
@@ -470,6 +483,7 @@ def main() -> None:
                 "touched_GBps": gbs,
                 "pct_copy": 100 * gbs / copy_gbs,
                 "tflops": flops / (us * 1e-6) / 1e12,
+                "clocks": clocks,
                 **base,
             }
             rows.append(row)
@@ -478,7 +492,8 @@ def main() -> None:
             print(
                 f"{t:>5} {tuning:>6} {regime:>15} {us:>9.1f} {gbs:>7.0f} {row['pct_copy']:>6.1f} "
                 f"{row['tflops']:>8.1f} {_f(bf):>8} {_f(mr):>9} "
-                f"{_x(bf, us):>7} {_x(mr, us):>8} {row['max_pairs']:>9.1f}"
+                f"{_x(bf, us):>7} {_x(mr, us):>8} {row['max_pairs']:>9.1f} "
+                f"{clocks.get('sm_mhz_median', '-'):>6}"
             )
             del ours
             torch.cuda.empty_cache()

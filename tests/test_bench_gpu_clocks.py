@@ -148,3 +148,20 @@ def test_e2e_summary_has_a_clock_row_per_side() -> None:
         "1,980 MHz (min 1,965), 512 W, power-capped 0%",
         "n/a (NVML unavailable: ImportError: no pynvml)",
     ]
+
+
+def test_bench_moe_times_with_clocks(monkeypatch) -> None:
+    """bench_moe's timing keeps time_fn's result and adds the clock summary of the same span."""
+    moe = load_bench("bench_moe")
+    fake = FakeNvml([1755], [690_000], [0x04])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    def slow_time_fn(fn, iters: int, warmup: int = 3) -> float:
+        time.sleep(0.1)  # room for several 10 ms samples
+        return 2.5
+
+    monkeypatch.setattr(moe, "time_fn", slow_time_fn)
+    ms, summary = moe.time_fn_clocked(lambda: None, 5)
+    assert ms == 2.5
+    assert summary["samples"] >= 2
+    assert summary["sm_mhz_median"] == 1755 and summary["power_capped_share"] == 1.0
