@@ -90,6 +90,21 @@ def test_nf4_entries_exist_in_cubin():
         assert entry in cubin, entry
 
 
+def test_router_entries_exist_in_the_served_moe_family(cache_dir):
+    """The router op takes its kernels from ``moe_chunks`` (src/ops/router.rs, ROUTER_FAMILY),
+    the family vLLM serves the experts from, so a fresh ``vllm serve`` compiles one MoE family,
+    not two. Its cubin must hold every router entry. (The sm_86 cache entry comes from
+    test_every_source_compiles, else from this call.)"""
+    _nvrtc_or_skip()
+    _native.compile_kernels("sm_86")
+    (entry,) = [p for p in cache_dir.iterdir() if p.name.startswith("moe_chunks-sm86-")]
+    cubin = entry.read_bytes()[40:]
+    assert cubin[:4] == b"\x7fELF"
+    for dtype in ("bf16", "f16"):
+        for name in ("moe_router", "moe_router_topk", "moe_route"):
+            assert f"{name}_{dtype}\x00".encode() in cubin, (name, dtype)
+
+
 def _ptxas_per_entry(log: str, pattern: str) -> dict[str, int]:
     """The integer in group 1 of ``pattern`` for each entry of a ``ptxas -v`` log."""
     out: dict[str, int] = {}

@@ -25,6 +25,13 @@ pub const ROUTER_TOKENS: usize = 4;
 pub const MAX_HIDDEN: usize = 4096;
 /// Threads per block (kernels/moe.cu `ROUTER_WARPS` x 32).
 const ROUTER_THREADS: u32 = 128;
+/// Kernel family the router's entries are taken from. Both MoE families compile the same
+/// kernels/moe.cu (`moe_chunks` adds `STR_CHUNK_MAJOR`, which only the experts' streaming
+/// kernels read), so the router's kernels are the same source in either. vLLM serves
+/// chunk-major experts (`moe_chunks`), so taking the router from there spares a fresh
+/// `vllm serve` the row-order family's compile: 71 s of one core for sm_86 on a 2-core VM,
+/// nearly half of the kernels' first-start compile (session 32).
+const ROUTER_FAMILY: &str = "moe_chunks";
 /// Most experts (the grid's x dimension is one block per expert; the MoE's own bound).
 pub const MAX_EXPERTS: usize = 256;
 /// Blocks per cluster of `moe_router_topk` (kernels/moe.cu `ROUTER_TOPK_BLOCKS`, the portable
@@ -183,8 +190,11 @@ pub unsafe fn router_logits(dev: &GpuDevice, args: &RouterArgs) -> Result<bool> 
     }
     let grid = args.grid()?;
     if args.cluster_topk(crate::ops::sm90_launch_ok(dev, dev.tuning()))? {
-        let f =
-            dev.function_for_stream("moe", &args.dtype.entry("moe_router_topk"), args.stream)?;
+        let f = dev.function_for_stream(
+            ROUTER_FAMILY,
+            &args.dtype.entry("moe_router_topk"),
+            args.stream,
+        )?;
         let threads = TOPK_CLUSTER_GROUPS * ROUTER_THREADS;
         let opts = crate::cuda::LaunchOptions {
             cluster_y: TOPK_CLUSTER_BLOCKS,
@@ -206,12 +216,13 @@ pub unsafe fn router_logits(dev: &GpuDevice, args: &RouterArgs) -> Result<bool> 
         };
         return Ok(true);
     }
-    let f = dev.function_for_stream("moe", &args.dtype.entry("moe_router"), args.stream)?;
+    let f = dev.function_for_stream(ROUTER_FAMILY, &args.dtype.entry("moe_router"), args.stream)?;
     // SAFETY: forwarded contract; params mirrors MoeParams and the grid covers what
     // moe_router indexes (blockIdx.x < E, blockIdx.y * 4 < T).
     unsafe { dev.launch(&f, grid, (ROUTER_THREADS, 1, 1), 0, args.stream, &params)? };
     if args.topk.is_some() {
-        let f = dev.function_for_stream("moe", &args.dtype.entry("moe_route"), args.stream)?;
+        let f =
+            dev.function_for_stream(ROUTER_FAMILY, &args.dtype.entry("moe_route"), args.stream)?;
         let blocks = u32_of("router top-k", args.tokens.div_ceil(8))?;
         // SAFETY: forwarded contract; one warp per token (t = 8 x + warp < T) reads the logits
         // just written and writes its ids/weights row.
