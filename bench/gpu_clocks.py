@@ -64,6 +64,8 @@ class ClockSampler:
     ``CUDA_VISIBLE_DEVICES``'s) every ``period_s`` seconds while the block runs."""
 
     def __init__(self, index: int = 0, period_s: float = 0.02) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be a GPU index (an int >= 0), got {index!r}")
         if period_s <= 0:
             raise ValueError(f"period_s must be positive, got {period_s}")
         self.index = index

@@ -397,12 +397,41 @@ def test_summary_reports_determinism_of_both_sides(bench) -> None:
         }
     }
     md = bench.summary_md(report, ["full"], ["decode_b1"])
-    row = next(ln for ln in md.splitlines() if "runs repeating the first exactly" in ln)
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:4] == [
+    assert _row_cells(md, "runs repeating the first exactly")[:4] == [
         "full",
         "decode_b1, runs repeating the first exactly",
         "3 / 3 (earliest divergence 256 / 256)",
         "2 / 3 (earliest divergence 40 / 256)",
     ]
 
+
+def _row_cells(md: str, label: str) -> list[str]:
+    """The cells of the first summary row whose text holds ``label``."""
+    row = next(ln for ln in md.splitlines() if label in ln)
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_summary_has_a_clock_row_per_side(bench) -> None:
+    """Each side's SM clock and power (gpu_clocks) in its column; why not, where NVML gave
+    nothing."""
+    stock_clocks = {
+        "samples": 40,
+        "sm_mhz_median": 1980,
+        "sm_mhz_min": 1965,
+        "power_w_median": 512.3,
+        "power_capped_share": 0.0,
+    }
+    ours_clocks = {"samples": 0, "error": "NVML unavailable: ImportError: no pynvml"}
+    report = {
+        "runs": {
+            "stock_full": {"workloads": {"decode_b64": {"tok_s": 7900.0, "clocks": stock_clocks}}},
+            "ours_full": {"workloads": {"decode_b64": {"tok_s": 7500.0, "clocks": ours_clocks}}},
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b64"])
+    assert _row_cells(md, "SM clock and power")[:4] == [
+        "full",
+        "decode_b64, SM clock and power",
+        "1,980 MHz (min 1,965), 512 W, power-capped 0%",
+        "n/a (NVML unavailable: ImportError: no pynvml)",
+    ]

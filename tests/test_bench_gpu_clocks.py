@@ -1,5 +1,6 @@
 """bench/gpu_clocks.py (CPU): the NVML sampler against a fake ``pynvml`` module, its summary,
-its behaviour without NVML, and the clock row of bench_vllm_e2e's summary."""
+its behaviour without NVML, and bench_moe's clocked timing (the summary row of
+bench_vllm_e2e is tested in test_bench_e2e.py)."""
 
 from __future__ import annotations
 
@@ -123,31 +124,10 @@ def test_sampler_rejects_a_period_that_is_not_positive(clocks) -> None:
         clocks.ClockSampler(period_s=0)
 
 
-def test_e2e_summary_has_a_clock_row_per_side() -> None:
-    bench = load_bench("bench_vllm_e2e")
-    stock_clocks = {
-        "samples": 40,
-        "sm_mhz_median": 1980,
-        "sm_mhz_min": 1965,
-        "power_w_median": 512.3,
-        "power_capped_share": 0.0,
-    }
-    ours_clocks = {"samples": 0, "error": "NVML unavailable: ImportError: no pynvml"}
-    report = {
-        "runs": {
-            "stock_full": {"workloads": {"decode_b64": {"tok_s": 7900.0, "clocks": stock_clocks}}},
-            "ours_full": {"workloads": {"decode_b64": {"tok_s": 7500.0, "clocks": ours_clocks}}},
-        }
-    }
-    md = bench.summary_md(report, ["full"], ["decode_b64"])
-    row = next(ln for ln in md.splitlines() if "SM clock and power" in ln)
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:4] == [
-        "full",
-        "decode_b64, SM clock and power",
-        "1,980 MHz (min 1,965), 512 W, power-capped 0%",
-        "n/a (NVML unavailable: ImportError: no pynvml)",
-    ]
+@pytest.mark.parametrize("index", [-1, "0", 1.0, True])
+def test_sampler_rejects_an_index_that_is_not_a_gpu_index(clocks, index) -> None:
+    with pytest.raises(ValueError, match="index must be a GPU index"):
+        clocks.ClockSampler(index=index)
 
 
 def test_bench_moe_times_with_clocks(monkeypatch) -> None:

@@ -205,6 +205,17 @@ def test_no_gpu_raises_cuda_error():
     assert _native.cuda_driver_available() in (True, False)
 
 
+def test_misspelt_forced_tuning_stops_the_device_open(monkeypatch):
+    """A GPTOSS_3090_FORCE_TUNING the runtime cannot parse used to be ignored, silently running
+    the GPU's own configuration; the first open of a device now names the variable. (Ordinal 63
+    is never opened, so the check runs with or without a GPU.)"""
+    from gptoss_3090 import runtime
+
+    monkeypatch.setenv("GPTOSS_3090_FORCE_TUNING", "sm68")
+    with pytest.raises(ValueError, match='GPTOSS_3090_FORCE_TUNING="sm68": expected sm80, sm86'):
+        runtime.device_info(63)
+
+
 def test_nvrtc_discovery_reports_what_it_found():
     info = preload_nvrtc()
     assert isinstance(info.searched, list) and info.searched

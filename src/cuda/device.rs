@@ -177,6 +177,7 @@ pub fn device(ordinal: i32) -> Result<Arc<GpuDevice>> {
     if let Some(d) = map.get(&ordinal) {
         return Ok(d.clone());
     }
+    super::check_forced_tuning_env()?;
     driver_present()?;
     let dev = guard("creating the device", || GpuDevice::open(ordinal))?;
     let dev = Arc::new(dev);

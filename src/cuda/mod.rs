@@ -342,14 +342,33 @@ pub const FORCE_TUNING_ENV: &str = "GPTOSS_3090_FORCE_TUNING";
 static FORCED_TUNING: AtomicU8 = AtomicU8::new(0);
 const NO_OVERRIDE: u8 = 255;
 
+/// [`FORCE_TUNING_ENV`]'s setting (`None`: unset or empty), or an error naming the variable.
+pub fn forced_tuning_for(setting: Option<&str>) -> Result<Option<Tuning>> {
+    match setting.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => Tuning::parse(v).map(Some).map_err(|_| {
+            Error::arg(format!(
+                "{FORCE_TUNING_ENV}={v:?}: expected sm80, sm86 or sm90 (or unset)"
+            ))
+        }),
+    }
+}
+
+/// Fails when [`FORCE_TUNING_ENV`] holds a value [`Tuning::parse`] rejects, so that a misspelt
+/// override (which [`forced_tuning`] cannot report) stops the first device open instead of
+/// silently running the GPU's own configuration.
+pub fn check_forced_tuning_env() -> Result<()> {
+    forced_tuning_for(std::env::var(FORCE_TUNING_ENV).ok().as_deref()).map(|_| ())
+}
+
 /// The process-wide tuning override: [`set_tuning`] if called, else `GPTOSS_3090_FORCE_TUNING`.
 pub fn forced_tuning() -> Option<Tuning> {
     let mut code = FORCED_TUNING.load(Ordering::Relaxed);
     if code == 0 {
-        code = match std::env::var(FORCE_TUNING_ENV) {
-            Ok(v) if !v.trim().is_empty() => {
-                Tuning::parse(&v).map(Tuning::code).unwrap_or(NO_OVERRIDE)
-            }
+        // An invalid value is an error where a device is first opened (check_forced_tuning_env);
+        // here it only leaves the natural tuning.
+        code = match forced_tuning_for(std::env::var(FORCE_TUNING_ENV).ok().as_deref()) {
+            Ok(Some(t)) => t.code(),
             _ => NO_OVERRIDE,
         };
         // Another thread may have called set_tuning meanwhile; keep its value.
@@ -386,6 +405,22 @@ pub fn guard<T>(context: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn forced_tuning_setting_is_parsed_or_named_in_the_error() {
+        assert_eq!(forced_tuning_for(None).unwrap(), None);
+        assert_eq!(forced_tuning_for(Some("  ")).unwrap(), None);
+        assert_eq!(forced_tuning_for(Some("sm86")).unwrap(), Some(Tuning::Sm86));
+        assert_eq!(
+            forced_tuning_for(Some(" SM_90 ")).unwrap(),
+            Some(Tuning::Sm90)
+        );
+        let e = forced_tuning_for(Some("sm68")).unwrap_err().to_string();
+        assert!(
+            e.contains(FORCE_TUNING_ENV) && e.contains("\"sm68\""),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     #[test]
