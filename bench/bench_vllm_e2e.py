@@ -594,6 +594,9 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
                 if r:
                     label = f"{side}: experts per layer, 64 tokens"
                     lines.append(_one_side_row(b, side, label, _routed(r)))
+                if "startup_s" in r:
+                    label = f"{side}: engine start s"
+                    lines.append(_one_side_row(b, side, label, _seconds(r)))
                 if "error" in r:
                     lines.append(_one_side_row(b, side, f"{side} error", str(r["error"])))
             continue
@@ -623,8 +626,16 @@ def summary_md(report: dict[str, Any], budgets: list[str], workloads: list[str])
         lines.append(f"| {b} | KV cache tokens | {sk} | {ok} | {kv_ratio} | >= 1.0x at 24 GiB |")
         lines.append(f"| {b} | weights GiB | {s.get('weights_gib')} | {o.get('weights_gib')} | | |")
         lines.append(f"| {b} | experts per layer, 64 tokens | {_routed(s)} | {_routed(o)} | | |")
+        lines.append(f"| {b} | engine start s | {_seconds(s)} | {_seconds(o)} | | |")
     dev = next((r.get("device") for r in report["runs"].values() if "device" in r), "?")
     return f"Device: {dev}\n\n" + "\n".join(lines) + "\n"
+
+
+def _seconds(run: dict[str, Any]) -> str:
+    """A run's engine start (``LLM(...)`` until it returned: weight load, kernel compile and
+    load, torch.compile, memory profile, graph capture) as a table cell."""
+    t = run.get("startup_s")
+    return f"{t:.1f}" if isinstance(t, (int, float)) else ""
 
 
 def _determinism(workload: dict[str, Any]) -> str:

@@ -435,3 +435,19 @@ def test_summary_has_a_clock_row_per_side(bench) -> None:
         "1,980 MHz (min 1,965), 512 W, power-capped 0%",
         "n/a (NVML unavailable: ImportError: no pynvml)",
     ]
+
+
+def test_summary_has_each_sides_engine_start(bench) -> None:
+    """The engine start (LLM(...) until it returned) per side, paired and one-sided: the number
+    the background kernel compile (GPTOSS_3090_PRECOMPILE) is meant to lower."""
+    report = {
+        "runs": {
+            "stock_full": {"startup_s": 61.25, "workloads": {"decode_b1": {"tok_s": 350.0}}},
+            "ours_full": {"startup_s": 97.04, "workloads": {"decode_b1": {"tok_s": 470.0}}},
+        }
+    }
+    md = bench.summary_md(report, ["full"], ["decode_b1"])
+    assert _row_cells(md, "engine start s")[:4] == ["full", "engine start s", "61.2", "97.0"]
+    del report["runs"]["stock_full"]
+    md = bench.summary_md(report, ["full"], ["decode_b1"])
+    assert _row_cells(md, "engine start s")[:4] == ["full", "ours: engine start s", "", "97.0"]

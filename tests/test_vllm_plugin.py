@@ -1022,10 +1022,46 @@ def test_graph_settings_key_vllms_compile_cache(
     assert key(GPTOSS_3090_MOE_ROUTING="router") != default
     assert key(GPTOSS_3090_ATTN_ROPE="vllm") != key(GPTOSS_3090_MOE_ROUTING="router")
     paths = {"GPTOSS_3090_CACHE": str(tmp_path), "GPTOSS_3090_KERNEL_DIR": str(tmp_path)}
-    assert key(GPTOSS_3090_GIT_COMMIT="abc", **paths) == default
+    assert key(GPTOSS_3090_GIT_COMMIT="abc", GPTOSS_3090_PRECOMPILE="off", **paths) == default
     # Only our variables count.
     settings = M.graph_settings({"GPTOSS_3090_ATTN_ROPE": "vllm", "VLLM_X": "1", "OTHER": "x"})
     assert set(settings) == {"GPTOSS_3090_ATTN_ROPE", "version"}
+
+
+def test_served_kernel_families_follow_the_built_model(
+    cpu_vllm, synth_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The families the plugin compiles while the weights load are the ones the built model
+    launches: the MoE's (by weight order), the router's, nf4 for NF4 linears or quantize at
+    load; attention only with our backend (never on this CPU-only machine). On a machine
+    without a GPU nothing starts, and GPTOSS_3090_PRECOMPILE=off starts nothing anywhere."""
+    from gptoss_3090.vllm import model as M
+    from gptoss_3090.vllm.linear_method import Nf4LinearMethod
+
+    for name in [n for n in os.environ if n.startswith("GPTOSS_3090_")]:
+        monkeypatch.delenv(name)
+    model, _ = _build(synth_tiny)
+    nf4_linears = any(
+        isinstance(getattr(m, "quant_method", None), Nf4LinearMethod) for m in model.modules()
+    )
+    assert nf4_linears  # the tiny synth quantizes q/k/v/o
+    assert M.served_kernel_families(model) == ["nf4", "moe_chunks"]
+    with monkeypatch.context() as mp:
+        mp.setenv("GPTOSS_3090_MOE_WEIGHTS_ORDER", "rows")
+        mp.setenv("GPTOSS_3090_ROUTER", "vllm")
+        rows, _ = _build(synth_tiny)
+        assert M.served_kernel_families(rows) == ["nf4", "moe"]
+        mp.setenv("GPTOSS_3090_REFERENCE_KERNELS", "1")
+        reference, _ = _build(synth_tiny)
+        assert M.served_kernel_families(reference) == []
+    # The bf16 reference quantizes at load: nf4 even where no layer would keep NF4 linears.
+    at_load, vc = _build(synth_tiny / "reference", "bnb_moe")
+    assert not vc.quant_config.prequantized
+    assert "nf4" in M.served_kernel_families(at_load)
+    assert M.start_kernel_compile(model) is None  # no GPU here
+    monkeypatch.setenv(M.PRECOMPILE_ENV, "off")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert M.start_kernel_compile(model) is None
 
 
 def test_quantize_at_load_reproduces_synth_codes(cpu_vllm, synth_tiny: Path) -> None:

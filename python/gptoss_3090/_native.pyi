@@ -165,11 +165,13 @@ def fused_dequantize(
 # CUDA runtime (src/cuda/py.rs)
 # ---------------------------------------------------------------------------------------------
 
-def compile_kernels(arch: str) -> dict[str, int]:
-    """NVRTC-compiles every kernel family for ``arch`` (e.g. ``"sm_86"``) through the disk
-    cache, the families side by side (one thread each, up to the machine's cores); returns
-    ``{family: cubin_bytes}``. Needs NVRTC, not a GPU. Raises KernelCompileError (with the
-    NVRTC log of the first failing family, in family order) or CudaError (NVRTC not found)."""
+def compile_kernels(arch: str, families: list[str] | None = None) -> dict[str, int]:
+    """NVRTC-compiles the kernel families ``families`` (default: every one) for ``arch`` (e.g.
+    ``"sm_86"``) through the disk cache, the families side by side (one thread each, up to the
+    machine's cores); returns ``{family: cubin_bytes}``. Needs NVRTC, not a GPU. Raises
+    ValueError for an unknown family, KernelCompileError (with the NVRTC log of the first
+    failing family, in the given order) or CudaError (NVRTC not found). A family another
+    thread of this process is compiling for the same arch is waited for, not compiled twice."""
 
 def compile_source(src: str, arch: str, name: str = "test_source") -> bytes:
     """Compiles one source text (it may ``#include "common.cuh"``) for ``arch``, without the

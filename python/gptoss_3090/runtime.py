@@ -10,6 +10,7 @@ Example::
     import gptoss_3090.runtime as rt
     rt.device_info()          # {'name': 'NVIDIA GeForce RTX 3090', 'arch': 'sm_86', ...}
     rt.warmup()               # compile + load every kernel now
+    rt.compile_in_background(["moe_chunks"])  # or only compile, off the calling thread
     with rt.forced_tuning("sm86"):
         ...                   # run with the RTX 3090 launch configurations on any GPU
 """
@@ -17,8 +18,11 @@ Example::
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +33,8 @@ from gptoss_3090._cuda_libs import nvrtc_report, preload_nvrtc
 
 __all__ = [
     "LINEAR_STRATEGIES",
+    "KernelCompileThread",
+    "compile_in_background",
     "device_info",
     "doctor",
     "ensure_cuda_libs",
@@ -118,6 +124,97 @@ def warmup(device: int | str | torch.device | None = None) -> None:
     """Compiles (disk cache) and loads every kernel on ``device``. Call before graph capture."""
     ensure_cuda_libs()
     _native.warmup(ordinal_of(device))
+
+
+logger = logging.getLogger(__name__)
+
+
+def _arch_name(arch: str) -> str:
+    """``"sm_86"`` from any spelling ``_native`` accepts; ValueError naming ``arch`` else."""
+    text = arch.strip().removeprefix("sm_").removeprefix("sm").removeprefix("compute_")
+    major, dot, minor = text.partition(".")
+    digits = major + minor if dot else text
+    if not (digits.isdigit() and len(digits) >= 2 and int(digits[:-1]) >= 8):
+        raise ValueError(f"arch {arch!r}: expected 'sm_XY' with XY >= 80 (e.g. 'sm_86')")
+    return f"sm_{digits}"
+
+
+class KernelCompileThread(threading.Thread):
+    """The daemon thread :func:`compile_in_background` starts.
+
+    After ``join()``: ``error`` is the exception the compile raised (None on success; the first
+    use of a failed family raises it again, from the caller's thread), ``sizes`` maps each
+    family to its cubin's bytes, ``seconds`` is the time the compile took.
+    """
+
+    def __init__(self, arch: str, families: list[str], log: logging.Logger | None = None) -> None:
+        super().__init__(name="gptoss-3090-kernel-compile", daemon=True)
+        self.arch = arch
+        self.families = families
+        self.log = log or logger
+        self.error: BaseException | None = None
+        self.sizes: dict[str, int] = {}
+        self.seconds: float | None = None
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        try:  # the GIL is released while NVRTC runs
+            self.sizes = dict(_native.compile_kernels(self.arch, self.families))
+        except BaseException as e:  # noqa: BLE001 - kept for the caller; the first use re-raises
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+        if self.error is None:
+            self.log.info(
+                "gptoss-3090: kernels %s for %s ready in %.1f s",
+                ", ".join(self.families), self.arch, self.seconds,
+            )
+        else:
+            self.log.warning(
+                "gptoss-3090: compiling kernels %s for %s in the background failed (the first "
+                "use will raise it): %s", ", ".join(self.families), self.arch, self.error,
+            )
+
+
+def compile_in_background(
+    families: Sequence[str] | None = None,
+    device: int | str | torch.device | None = None,
+    *,
+    arch: str | None = None,
+    log: logging.Logger | None = None,
+) -> KernelCompileThread | None:
+    """Starts compiling kernel families for ``device``'s architecture into the disk cache on a
+    daemon thread, and returns that thread (already started).
+
+    Why: the first use of a family compiles it (NVRTC, one core, up to about a minute for the
+    MoE families), and vLLM's first forward reaches the families one after another. Started
+    before the weights load, the compile runs alongside the load, the families side by side.
+    A family this thread is still compiling when the first forward needs it is waited for, not
+    compiled again. Nothing is loaded on the GPU, so CUDA-graph capture still needs
+    :func:`warmup` (or a forward) first.
+
+    ``families``: names from ``_native.kernel_sources()`` (default: all). ``arch`` (e.g.
+    ``"sm_86"``) compiles for that architecture instead of ``device``'s, without a GPU. ``log``
+    gets the thread's one line when it ends (default: this module's logger). Returns
+    None, starting nothing, when the kernel cache is off (``GPTOSS_3090_CACHE=off``: a compile
+    here could not be reused). Raises ValueError for an unknown family or arch, and CudaError
+    without a usable GPU (when ``arch`` is not given), at once; compile errors are kept on the
+    thread (:class:`KernelCompileThread`).
+    """
+    ensure_cuda_libs()
+    known = list(_native.kernel_sources())
+    names = known if families is None else list(families)
+    unknown = [f for f in names if f not in known]
+    if unknown:
+        raise ValueError(f"families: unknown kernel families {unknown}; known: {known}")
+    if arch is None:
+        arch = str(_native.device_info(ordinal_of(device))["arch"])
+    else:
+        arch = _arch_name(arch)
+    if _native.kernel_cache_dir() is None:
+        return None
+    thread = KernelCompileThread(arch, names, log)
+    thread.start()
+    return thread
 
 
 def set_tuning(name: str | None) -> None:

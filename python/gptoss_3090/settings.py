@@ -9,6 +9,7 @@ and the docs (docs/RUNTIME.md explains each setting and the measurement behind i
 Kinds:
 
 * ``serving``: changes what the plugin runs in vLLM (attention backend, RoPE, routing, ...);
+* ``startup``: changes how the plugin starts, never what it runs (background kernel compile);
 * ``tuning``: forces one kernel choice over the automatic one, for benchmarks and sweeps;
 * ``debug``: diagnostics (pure-torch reference paths);
 * ``path``: where files are (kernel cache, NVRTC, kernel sources);
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 PREFIX = "GPTOSS_3090_"
-KINDS = ("serving", "tuning", "debug", "path", "metadata")
+KINDS = ("serving", "startup", "tuning", "debug", "path", "metadata")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GPTOSS_3090_PDL", "serving",
             "linear (default) / on / off: which kernel families use programmatic dependent "
             "launch on sm_90"),
+    # -- startup ----------------------------------------------------------------------------
+    Setting("GPTOSS_3090_PRECOMPILE", "startup",
+            "on (default) / off: compile the served kernels while vLLM loads the weights"),
     # -- tuning -----------------------------------------------------------------------------
     Setting("GPTOSS_3090_FORCE_TUNING", "tuning",
             "sm80 / sm86 / sm90: launch configurations of another GPU (sm86: a 3090's)"),

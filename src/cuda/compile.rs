@@ -14,11 +14,12 @@
 //! holds a magic tag, the SHA-256 of the cubin and the cubin; it is written to a temporary file
 //! and renamed into place (atomic), and an entry that fails verification is recompiled.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CString};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::nvrtc::sys;
 use sha2::{Digest, Sha256};
@@ -298,20 +299,54 @@ pub(crate) fn cache_path(src: &KernelSource, arch: Arch) -> Result<Option<PathBu
     ))))
 }
 
+/// The lock one family's compile for one architecture holds in this process.
+///
+/// Why: the vLLM plugin compiles the served families on a background thread while the weights
+/// load (`runtime.compile_in_background`), and the first forward may reach a family that thread
+/// is still compiling. Waiting for it and then reading its cache entry costs the rest of that
+/// compile; compiling it a second time would cost all of it, on a core the other families need.
+fn family_lock(name: &str, arch: Arch) -> Arc<Mutex<()>> {
+    type Locks = Mutex<HashMap<(String, i32), Arc<Mutex<()>>>>;
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    locks
+        .entry((name.to_string(), arch.number()))
+        .or_default()
+        .clone()
+}
+
 /// Compiles a kernel family to a cubin for `arch`, through the on-disk cache.
 ///
 /// NVRTC only; no GPU is needed. A cache that cannot be written is ignored (the cubin is still
-/// returned); a corrupt entry is recompiled and replaced.
+/// returned); a corrupt entry is recompiled and replaced. Calls for the same family and arch
+/// run one at a time in a process (`family_lock`): a second caller waits for the first and
+/// then finds its cache entry.
 pub fn compile_cubin(src: &KernelSource, arch: Arch) -> Result<Vec<u8>> {
     nvrtc_available()?;
     let path = cache_path(src, arch)?;
-    if let Some(p) = &path {
+    compile_cubin_at(src, arch, path.as_deref())
+}
+
+/// [`compile_cubin`] with the cache file given (`None`: no cache).
+fn compile_cubin_at(
+    src: &KernelSource,
+    arch: Arch,
+    path: Option<&std::path::Path>,
+) -> Result<Vec<u8>> {
+    let lock = family_lock(src.name, arch);
+    let _one_compile = lock.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = path {
         if let Some(cubin) = read_cache(p) {
             return Ok(cubin);
         }
     }
+    #[cfg(test)]
+    tests::count_compile(src.name);
     let cubin = compile_source(src.name, src.source, arch)?;
-    if let Some(p) = &path {
+    if let Some(p) = path {
         let _ = write_cache(p, &cubin);
     }
     Ok(cubin)
@@ -399,6 +434,50 @@ mod tests {
         assert!(compile_families(&[], arch).unwrap().is_empty());
         let err = compile_families(&["attention", "no_such_family"], arch).unwrap_err();
         assert!(err.to_string().contains("no_such_family"), "{err}");
+    }
+
+    /// NVRTC runs of `compile_cubin_at` per family name (names unique to a test).
+    static COMPILES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub(super) fn count_compile(name: &str) {
+        COMPILES.lock().unwrap().push(name.to_string());
+    }
+
+    #[test]
+    fn concurrent_compiles_of_a_family_run_nvrtc_once() {
+        if !nvrtc_or_skip() {
+            return;
+        }
+        static SRC: KernelSource = KernelSource {
+            name: "lock_test",
+            file: "lock_test",
+            prelude: "",
+            source:
+                "#include \"common.cuh\"\nextern \"C\" __global__ void k(float* p) { *p = 1.f; }",
+        };
+        let dir = std::env::temp_dir().join(format!("gptoss_lock_test_{}", std::process::id()));
+        let path = dir.join("lock_test.cubin");
+        let arch = Arch::parse("sm_86").unwrap();
+        let cubins: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| compile_cubin_at(&SRC, arch, Some(&path)).unwrap()))
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let runs = COMPILES
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == "lock_test")
+            .count();
+        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(
+            runs, 1,
+            "the waiting callers must read the first one's cache entry"
+        );
+        assert!(cubins
+            .iter()
+            .all(|c| c == &cubins[0] && c.starts_with(b"\x7fELF")));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! | function | purpose |
 //! |---|---|
-//! | `compile_kernels(arch: str) -> dict[str, int]` | NVRTC-compile every family (cubin bytes each); no GPU |
+//! | `compile_kernels(arch: str, families=None) -> dict[str, int]` | NVRTC-compile families (default all; cubin bytes each); no GPU |
 //! | `compile_source(src: str, arch: str) -> bytes` | test hook: compile one source text to a cubin |
 //! | `cuda_driver_available() -> bool` | libcuda loads and `cuInit` succeeds |
 //! | `nvrtc_version() -> tuple[int, int]` | NVRTC version (raises CudaError without NVRTC) |
@@ -18,13 +18,21 @@ use pyo3::types::{PyBytes, PyDict};
 use super::{Arch, Tuning, SOURCES};
 use crate::error::{Error, Result};
 
-/// Compiles every kernel family for `arch` (e.g. "sm_86") through the disk cache, several at
-/// once (`compile_families`).
+/// Compiles the kernel families `families` (default: every one) for `arch` (e.g. "sm_86")
+/// through the disk cache, several at once (`compile_families`).
 /// Returns `{family: cubin_bytes}`. Needs NVRTC, not a GPU.
 #[pyfunction]
-fn compile_kernels<'py>(py: Python<'py>, arch: &str) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (arch, families = None))]
+fn compile_kernels<'py>(
+    py: Python<'py>,
+    arch: &str,
+    families: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let arch = Arch::parse(arch)?;
-    let names: Vec<&str> = SOURCES.iter().map(|s| s.name).collect();
+    let names: Vec<&str> = match &families {
+        Some(f) => f.iter().map(String::as_str).collect(),
+        None => SOURCES.iter().map(|s| s.name).collect(),
+    };
     let cubins: Result<Vec<Vec<u8>>> = py.detach(|| super::compile_families(&names, arch));
     let d = PyDict::new(py);
     for (name, cubin) in names.iter().zip(cubins?) {

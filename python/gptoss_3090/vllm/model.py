@@ -74,6 +74,7 @@ from gptoss_3090.vllm.weights import (
 logger = logging.getLogger("vllm.gptoss_3090")
 
 __all__ = [
+    "PRECOMPILE_ENV",
     "BnbCheckpointLoader",
     "GptOssBnbForCausalLM",
     "choose_attention_backend",
@@ -97,8 +98,11 @@ def _is_bnb_moe(vllm_config: Any) -> bool:
 #: Key of our entry in ``vllm_config.additional_config``.
 COMPILE_KEY = "gptoss_3090"
 #: Our environment variables that cannot change a compiled graph: paths (the kernel cache,
-#: NVRTC, the kernel sources, which our opaque ops compile at run time) and benchmark metadata.
-_NOT_GRAPH_SETTINGS = frozenset(s.name for s in SETTINGS if s.kind in ("path", "metadata"))
+#: NVRTC, the kernel sources, which our opaque ops compile at run time), how the plugin starts
+#: (the background kernel compile) and benchmark metadata.
+_NOT_GRAPH_SETTINGS = frozenset(
+    s.name for s in SETTINGS if s.kind in ("path", "startup", "metadata")
+)
 
 
 def graph_settings(environ: Any = None) -> dict[str, str]:
@@ -342,6 +346,8 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
         self.logits_processor = LogitsProcessor(self.config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         _install_router_method(self.model)
+        # Before the weights load (vLLM loads them after __init__), so the two overlap.
+        start_kernel_compile(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self._bnb_moe:
@@ -367,6 +373,78 @@ class GptOssBnbForCausalLM(GptOssForCausalLM):
             use_tqdm=bool(getattr(load_config, "use_tqdm_on_load", True)),
         )
         return loader.load()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel compile alongside the weight load
+# ----------------------------------------------------------------------------------------------
+
+#: ``on`` (default): :func:`start_kernel_compile` compiles the kernel families the model will run
+#: on a background thread while its weights load; ``off``: each family compiles at its first use.
+PRECOMPILE_ENV = "GPTOSS_3090_PRECOMPILE"
+
+
+def served_kernel_families(model: nn.Module) -> list[str]:
+    """The kernel families (``_native.kernel_sources()`` names) the built ``model`` launches:
+    the MoE's (``moe_chunks`` for chunk-major experts, ``moe`` for rows), ``moe_chunks`` for our
+    router, ``nf4`` for NF4 linear layers or weights quantized at load, ``attention`` for our
+    attention backend. Empty with the reference kernels (``GPTOSS_3090_REFERENCE_KERNELS``)."""
+    from gptoss_3090.vllm.attention_backend import GptOssSinkAttentionImpl
+    from gptoss_3090.vllm.linear_method import (
+        Nf4LinearMethod,
+        RouterLinearMethod,
+        use_reference_kernels,
+    )
+    from gptoss_3090.vllm.moe_method import BnbMoeMethod, moe_weights_order
+
+    if use_reference_kernels():
+        return []
+    families: list[str] = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, BnbMoeMethod):
+            families.append("moe_chunks" if moe_weights_order() == "chunks" else "moe")
+        elif isinstance(method, RouterLinearMethod):
+            families.append("moe_chunks")  # src/ops/router.rs ROUTER_FAMILY
+        elif isinstance(method, Nf4LinearMethod):
+            families.append("nf4")
+        elif isinstance(getattr(module, "impl", None), GptOssSinkAttentionImpl):
+            families.append("attention")
+    quant_config = getattr(getattr(model, "vllm_config", None), "quant_config", None)
+    if quant_config is not None and not getattr(quant_config, "prequantized", True):
+        families.append("nf4")  # the GPU quantizer
+    return list(dict.fromkeys(families))
+
+
+def start_kernel_compile(model: nn.Module) -> Any:
+    """Starts compiling :func:`served_kernel_families` for the current GPU on a background
+    thread (:func:`gptoss_3090.runtime.compile_in_background`), unless
+    ``GPTOSS_3090_PRECOMPILE=off``. Returns the thread, or None.
+
+    Why: a fresh install compiles each family at its first use, and vLLM's first forward (the
+    memory profile, after the weights load) reaches them one after another: about 90 s of one
+    core for an RTX 3090's families. Started here, they compile side by side during the load.
+    Never raises: whatever goes wrong here happens again, with its real error, at first use.
+    """
+    mode = os.environ.get(PRECOMPILE_ENV, "on").strip().lower() or "on"
+    if mode in ("off", "0", "false", "no"):
+        return None
+    try:
+        from gptoss_3090.runtime import compile_in_background
+
+        families = served_kernel_families(model)
+        if not families or not torch.cuda.is_available():
+            return None
+        thread = compile_in_background(families, torch.cuda.current_device(), log=logger)
+        if thread is not None:
+            logger.info(
+                "gptoss-3090: compiling kernels %s for %s while the weights load "
+                "(%s=off: at first use)", ", ".join(families), thread.arch, PRECOMPILE_ENV,
+            )
+        return thread
+    except Exception as e:  # noqa: BLE001 - never break model construction over a head start
+        logger.warning("gptoss-3090: kernels not compiled ahead (%s); they compile at first use", e)
+        return None
 
 
 def _install_router_method(model: nn.Module) -> None:
