@@ -27,11 +27,13 @@
 # attntest, attnkeys, readfloor, smoke.
 # Results land in /root/e2e/{status,logs,res}.
 set -u
-W=/root/e2e
-CK=/root/ck
+# The folders are fixed on the GPU host; tests point them elsewhere (tests/test_gpu_e2e_script.py).
+W=${GPU_E2E_DIR:-/root/e2e}
+CK=${GPU_E2E_CK:-/root/ck}
+STAGE=${GPU_E2E_STAGE:-/root/stage}
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 export PYTHONPATH=/tmp/gp:/tmp/site PATH=/tmp/site/bin:/tmp/gp/bin:$PATH
-mkdir -p "$W/logs" "$W/res" "$CK" /root/stage
+mkdir -p "$W/logs" "$W/res" "$CK" "$STAGE"
 commit=$(cat COMMIT 2>/dev/null || echo unknown)
 # The device copy's git metadata can be stale: benchmarks record the wheel's commit instead.
 export GPTOSS_3090_GIT_COMMIT=$commit
@@ -58,8 +60,15 @@ job_moetest() {
     python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py -k "$MOETEST_K"
     return
   fi
-  python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py \
-    || echo "export GPTOSS_3090_MOE_DECODE=1 GPTOSS_3090_MOE_WEIGHTS_ORDER=rows" >> "$W/env"
+  # Only failed tests (pytest exit 1) switch the fallback on: a file that could not even be
+  # collected (exit 2, e.g. the wheel missing) says nothing about the kernels, and session 33's
+  # sitting ran every later job on the fallback that way.
+  python3 -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_moe_gpu.py
+  local rc=$?
+  if [ "$rc" = 1 ]; then
+    echo "export GPTOSS_3090_MOE_DECODE=1 GPTOSS_3090_MOE_WEIGHTS_ORDER=rows" >> "$W/env"
+  fi
+  return "$rc"
 }
 
 job_nf4bench() {
@@ -340,7 +349,10 @@ job_smoke() {
 case ${1:?stage|start|wait} in
 stage)
   n=${2:?part}
-  cp ".gpu-bundle/part-$n"/* /root/stage/ && ls /root/stage
+  # A warm machine keeps the parts of an earlier cut (other names and sizes), which
+  # install-bundle.sh would concatenate with these ones.
+  [ "$n" = 1 ] && rm -f "$STAGE"/bundle.tgz.part*
+  cp ".gpu-bundle/part-$n"/* "$STAGE"/ && ls "$STAGE"
   if [ "$n" = 1 ]; then
     echo "commit $commit $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)" \
       | tee "$W/card.txt"
@@ -364,20 +376,36 @@ start)
     jobs+=("$1"); shift
   done
   # Whatever part this call carried (the last one); the earlier ones are in /root/stage already.
-  cp .gpu-bundle/part-*/* /root/stage/ 2>/dev/null
-  bash /root/stage/install-bundle.sh /root/stage /tmp/site 2>&1 | tail -2
+  cp .gpu-bundle/part-*/* "$STAGE"/ 2>/dev/null
+  bash "$STAGE"/install-bundle.sh "$STAGE" /tmp/site 2>&1 | tail -2
   # Extra wheels (carried in .whl, e.g. oss-harmony, which embeds harmony's vocabularies) go
   # first on the path, ahead of the bundle.
   if ls .whl/*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-deps --no-compile --upgrade --target /tmp/gp .whl/*.whl 2>&1 | tail -1
   fi
-  python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+  vllm_line=$(python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1)
+  echo "$vllm_line"
+  if [[ $vllm_line != "vllm "* ]]; then
+    # Without vLLM every job fails; say so now instead of waiting out WAIT_S.
+    echo "vLLM did not install (parts missing or out of order?): nothing queued" | tee -a "$W/status"
+    ls -la "$STAGE"
+    pack
+    exit 1
+  fi
+  if [ -e "$W/queue.pid" ] && kill -0 "$(cat "$W/queue.pid")" 2> /dev/null; then
+    # A queue of an earlier start still runs: a second one would share its status and results,
+    # and `wait` would return on the first one's end.
+    echo "a queue is still running (pid $(cat "$W/queue.pid")): nothing queued" | tee -a "$W/status"
+    exec bash "$0" wait "$(( waits - ($(date +%s) - t_start) ))"
+  fi
+  rm -f "$W/queue.done"
   # The queue runs detached; its jobs run one after another.
   setsid bash -c "cd $(pwd); for j in ${jobs[*]}; do \
       echo \"\$(date -u +%T) start \$j\" >> $W/status; \
       bash bench/gpu_e2e.sh run \$j > $W/logs/\$j.log 2>&1; \
       echo \"\$(date -u +%T) end \$j rc=\$?\" >> $W/status; done; touch $W/queue.done" \
     < /dev/null > /dev/null 2>&1 &
+  echo $! > "$W/queue.pid"
   exec bash "$0" wait "$(( waits - ($(date +%s) - t_start) ))"
   ;;
 run)

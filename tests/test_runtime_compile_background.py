@@ -33,6 +33,14 @@ def test_background_compile_fills_the_cache(
     assert thread.error is None, thread.error
     assert thread.sizes == again and again["attention"] > 0
     assert thread.seconds is not None and thread.seconds > 0
+    assert thread.cached == []  # a fresh cache: the thread compiled it
+    assert _native.kernel_cache_path("attention", "sm_86") == str(
+        tmp_path / next(tmp_path.iterdir()).name
+    )
+    warm = runtime.compile_in_background(["attention"], arch="sm_86")
+    assert warm is not None
+    warm.join(timeout=600)
+    assert warm.error is None and warm.cached == ["attention"]
     entries = sorted(p.name for p in tmp_path.iterdir())
     assert len(entries) == 1 and entries[0].startswith("attention-sm86-"), entries
     assert (tmp_path / entries[0]).stat().st_size > again["attention"]  # header + cubin
@@ -54,3 +62,5 @@ def test_compile_kernels_takes_a_family_list() -> None:
     with pytest.raises(ValueError, match="no_such_family"):
         _native.compile_kernels("sm_86", ["no_such_family"])
     assert _native.compile_kernels("sm_86", []) == {}
+    with pytest.raises(ValueError, match="no_such_family"):
+        _native.kernel_cache_path("no_such_family", "sm_86")

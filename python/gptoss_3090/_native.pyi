@@ -201,6 +201,11 @@ def kernel_cache_dir() -> str | None:
     ``$XDG_CACHE_HOME/gptoss_3090/kernels`` or ``~/.cache/gptoss_3090/kernels``), or None when
     caching is off (``GPTOSS_3090_CACHE=off``)."""
 
+def kernel_cache_path(family: str, arch: str) -> str | None:
+    """The file kernel family ``family`` compiled for ``arch`` is cached in (whether or not it
+    exists yet), or None when caching is off. Raises ValueError for an unknown family or arch,
+    CudaError without NVRTC."""
+
 def device_info(ordinal: int) -> dict[str, Any]:
     """Facts about GPU ``ordinal``: ``ordinal``, ``name``, ``arch`` (``"sm_86"``), ``major``,
     ``minor``, ``sm_count``, ``max_shared_per_block_optin``, ``shared_per_sm``, ``l2_bytes``,

@@ -144,7 +144,8 @@ class KernelCompileThread(threading.Thread):
 
     After ``join()``: ``error`` is the exception the compile raised (None on success; the first
     use of a failed family raises it again, from the caller's thread), ``sizes`` maps each
-    family to its cubin's bytes, ``seconds`` is the time the compile took.
+    family to its cubin's bytes, ``seconds`` is the time the compile took, and ``cached`` lists
+    the families whose cache entry existed when the thread started (nothing to compile).
     """
 
     def __init__(self, arch: str, families: list[str], log: logging.Logger | None = None) -> None:
@@ -155,18 +156,26 @@ class KernelCompileThread(threading.Thread):
         self.error: BaseException | None = None
         self.sizes: dict[str, int] = {}
         self.seconds: float | None = None
+        self.cached: list[str] = []
 
     def run(self) -> None:
         t0 = time.perf_counter()
+        try:
+            paths = {f: _native.kernel_cache_path(f, self.arch) for f in self.families}
+            self.cached = [f for f, p in paths.items() if p is not None and os.path.exists(p)]
+        except Exception:  # noqa: BLE001 - the report only; the compile below raises for real
+            self.cached = []
         try:  # the GIL is released while NVRTC runs
             self.sizes = dict(_native.compile_kernels(self.arch, self.families))
         except BaseException as e:  # noqa: BLE001 - kept for the caller; the first use re-raises
             self.error = e
         self.seconds = time.perf_counter() - t0
         if self.error is None:
+            compiled = [f for f in self.families if f not in self.cached]
             self.log.info(
-                "gptoss-3090: kernels %s for %s ready in %.1f s",
-                ", ".join(self.families), self.arch, self.seconds,
+                "gptoss-3090: kernels for %s ready in %.1f s (compiled: %s; already cached: %s)",
+                self.arch, self.seconds, ", ".join(compiled) or "none",
+                ", ".join(self.cached) or "none",
             )
         else:
             self.log.warning(

@@ -7,6 +7,7 @@
 //! | `cuda_driver_available() -> bool` | libcuda loads and `cuInit` succeeds |
 //! | `nvrtc_version() -> tuple[int, int]` | NVRTC version (raises CudaError without NVRTC) |
 //! | `kernel_cache_dir() -> str \| None` | where cubins are cached |
+//! | `kernel_cache_path(family: str, arch: str) -> str \| None` | a family's cache file for `arch` |
 //! | `device_info(ordinal: int) -> dict` | name, arch, SMs, shared memory, L2, tuning, ... |
 //! | `warmup(ordinal: int) -> None` | compile + load every kernel (before CUDA-graph capture) |
 //! | `max_active_clusters(ordinal, family, entry, cluster_y, threads, dyn_smem) -> int` | clusters a GPU runs at once (sm_90+) |
@@ -102,6 +103,15 @@ fn kernel_cache_dir() -> Option<String> {
     super::cache_dir().map(|p| p.to_string_lossy().into_owned())
 }
 
+/// The cache file kernel family `family` compiled for `arch` has (whether or not it exists
+/// yet), or None when caching is off. Needs NVRTC (its version is part of the key).
+#[pyfunction]
+fn kernel_cache_path(family: &str, arch: &str) -> PyResult<Option<String>> {
+    let arch = Arch::parse(arch)?;
+    let path = super::compile::cache_path(super::source(family)?, arch)?;
+    Ok(path.map(|p| p.to_string_lossy().into_owned()))
+}
+
 /// Facts about GPU `ordinal`: name, arch, SM count, shared memory, L2, memory, tuning.
 #[pyfunction]
 fn device_info<'py>(py: Python<'py>, ordinal: i32) -> PyResult<Bound<'py, PyDict>> {
@@ -189,6 +199,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_driver_available, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_cache_path, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;
     m.add_function(wrap_pyfunction!(warmup, m)?)?;
     m.add_function(wrap_pyfunction!(max_active_clusters, m)?)?;
