@@ -23,8 +23,8 @@
 #
 # Jobs (run in the order given, one GPU job at a time): moetest, nf4test, kernels, kernels_skew,
 # nf4bench, profile, correctness, correctness1, correctness_knobs, correctness32, server, chat,
-# budget24, qal, e2e, e2e_decode, e2e_dummy, e2e_env, e2e_routing, e2e_profile, e2e_pdl, router,
-# attntest, attnkeys, readfloor, smoke.
+# budget24, qal, e2e, e2e_decode, e2e_dummy, e2e_env, e2e_coldstart, e2e_routing, e2e_profile,
+# e2e_pdl, router, attntest, attnkeys, readfloor, smoke.
 # Results land in /root/e2e/{status,logs,res}.
 set -u
 # The folders are fixed on the GPU host; tests point them elsewhere (tests/test_gpu_e2e_script.py).
@@ -190,6 +190,34 @@ job_e2e_decode() {
     python3 bench/decode_floor.py --result "$W/res/e2e_decode/result.json" \
       --read-floor "$W/res/read_floor.json" --out "$W/res/e2e_decode/floor.md" || true
   fi
+}
+
+job_e2e_coldstart() {
+  # Engine start with cold kernel caches, the background compile on and off alternated
+  # (COLD_RUNS, default "on off on off"), ours only, decode_b1 (COLD_WORKLOADS). Each engine
+  # compiles kernel sources nothing on this machine has compiled before: this checkout's kernels
+  # with a unique comment appended to common.cuh (GPTOSS_3090_KERNEL_DIR) and a fresh
+  # GPTOSS_3090_CACHE, so neither our cache nor any NVRTC-level cache can serve them (session
+  # 33's fresh-folder A/B found its families compiled in 1.2 s). Neither setting is part of
+  # vLLM's compile-cache key, so every engine loads the same torch.compile graph: queue it after
+  # e2e_decode or another ours engine of the default settings. Table: res/coldstart.md.
+  wait_synth
+  python3 -c "from gptoss_3090 import _native, runtime; runtime.ensure_cuda_libs(); \
+print('NVRTC', _native.nvrtc_version(), runtime.doctor().get('nvrtc'))" 2>&1 | tail -1
+  local i=0 mode kd folders=()
+  for mode in ${COLD_RUNS:-on off on off}; do
+    i=$((i + 1))
+    kd=$W/coldstart_kernels_$i
+    rm -rf "$kd" && mkdir -p "$kd" && cp kernels/*.cu kernels/common.cuh "$kd"/
+    echo "// e2e_coldstart $i $(date +%s%N)" >> "$kd/common.cuh"
+    # shellcheck disable=SC2086  # a list of workloads
+    GPTOSS_3090_KERNEL_DIR=$kd GPTOSS_3090_CACHE=$W/coldstart_cache_$i GPTOSS_3090_PRECOMPILE=$mode \
+      python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
+      --out "$W/res/coldstart_${i}_$mode" --budgets full --workloads ${COLD_WORKLOADS:-decode_b1}
+    folders+=("$W/res/coldstart_${i}_$mode")
+    rm -rf "$W/coldstart_cache_$i"
+  done
+  python3 bench/coldstart_summary.py "${folders[@]}" --out "$W/res/coldstart.md"
 }
 
 job_e2e_env() {

@@ -6,6 +6,7 @@ install, after which the start call waited out its limit with nothing able to ru
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -117,3 +118,53 @@ def test_stage_one_drops_the_parts_of_an_earlier_cut(sandbox) -> None:
     (part2 / "bundle.tgz.part01").write_text("this cut, part 2")
     assert _run(work, env, "stage", "2").returncode == 0
     assert (stage / "bundle.tgz.part00").exists() and (stage / "bundle.tgz.part01").exists()
+
+
+def test_coldstart_summary_reads_each_engines_start(tmp_path: Path) -> None:
+    """bench/coldstart_summary.py: the engine start from result.json, vLLM's init time and
+    its compile share, and our thread's line (both wheels' formats) from the engine log."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "coldstart_summary", SCRIPT.parent / "coldstart_summary.py"
+    )
+    assert spec is not None and spec.loader is not None
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def engine(name: str, start: float | None, log: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if start is not None:
+            runs = {"ours_full": {"startup_s": start, "workloads": {}}}
+            (d / "result.json").write_text(json.dumps({"runs": runs}))
+        (d / "ours_full.log").write_text(log)
+        return d
+
+    init = (
+        "INFO [core.py:340] init engine (profile, create kv cache, warmup model) took 18.60 s "
+        "(compilation: 2.30 s)\n"
+    )
+    on = engine(
+        "coldstart_1_on",
+        27.94,
+        "INFO [model.py:440] gptoss-3090: compiling kernels nf4 for sm_86 while the weights load\r"
+        "progress\rINFO [runtime.py:167] gptoss-3090: kernels for sm_86 ready in 41.3 s "
+        "(compiled: nf4, moe_chunks; already cached: attention)\n" + init,
+    )
+    old = engine(
+        "old_wheel", 30.0, "gptoss-3090: kernels nf4, attention for sm_90 ready in 1.2 s\n"
+    )
+    started = engine("started", None, "compiling kernels nf4 for sm_86 while the weights load\n")
+    off = engine("coldstart_2_off", 37.4, init)
+    md = summary.table([on, old, started, off])
+    rows = [ln.strip("|").split("|") for ln in md.splitlines()[2:]]
+    cells = [[c.strip() for c in r] for r in rows]
+    assert cells[0] == [
+        "coldstart_1_on", "27.9", "18.60", "2.30",
+        "41.3 s for sm_86; compiled: nf4, moe_chunks; cached: attention",
+    ]
+    assert cells[1][1] == "30.0"
+    assert cells[1][4] == "1.2 s for sm_90 (nf4, attention; cached not logged)"
+    assert cells[2][1:] == ["", "", "", "started; no end logged"]
+    assert cells[3] == ["coldstart_2_off", "37.4", "18.60", "2.30", "not started"]

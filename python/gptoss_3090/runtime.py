@@ -153,7 +153,7 @@ class KernelCompileThread(threading.Thread):
         self.arch = arch
         self.families = families
         self.log = log or logger
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.sizes: dict[str, int] = {}
         self.seconds: float | None = None
         self.cached: list[str] = []
@@ -167,7 +167,7 @@ class KernelCompileThread(threading.Thread):
             self.cached = []
         try:  # the GIL is released while NVRTC runs
             self.sizes = dict(_native.compile_kernels(self.arch, self.families))
-        except BaseException as e:  # noqa: BLE001 - kept for the caller; the first use re-raises
+        except Exception as e:  # noqa: BLE001 - kept for the caller; the first use re-raises
             self.error = e
         self.seconds = time.perf_counter() - t0
         if self.error is None:
