@@ -46,6 +46,20 @@
 // gate_up has N = 2I, K = H and INTERLEAVED rows (2j = gate j, 2j+1 = up j); down has N = H, K = I.
 #include "common.cuh"
 
+// Which entries this program defines. The runtime compiles moe.cu as two NVRTC programs per
+// weight order (src/cuda/mod.rs SOURCES): `moe` / `moe_chunks` with the bf16 entries and
+// `moe_f16` / `moe_chunks_f16` with the fp16 ones, and a launch of an `_f16` entry goes to the
+// second (GpuDevice::function). Why: GPT-OSS serves in bf16, and the fp16 half of the entries
+// is half of this file's compile (NVRTC runs one program on one core: 72 s for the whole
+// `moe_chunks` for sm_86 on a 2-core VM, session 32). Compiled on its own (tests, variants),
+// the file defines every entry.
+#ifndef MOE_MAIN_ENTRIES
+#define MOE_MAIN_ENTRIES 1
+#endif
+#ifndef MOE_F16_ENTRIES
+#define MOE_F16_ENTRIES 1
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Parameters (mirrored by `crate::ops::moe::MoeParams`; keep the field order identical).
 // ---------------------------------------------------------------------------------------------
@@ -2248,203 +2262,328 @@ __device__ void moe_combine(const MoeParams& p) {
 
 // ---------------------------------------------------------------------------------------------
 // Entries: one per stage and dtype, written out (no macros) so that the runtime's entry scan
-// (`crate::cuda::entry_names`, used by warmup before graph capture) sees every one.
+// (`crate::cuda::entry_names`, used by warmup before graph capture) sees every one. Each sits in
+// `#if MOE_MAIN_ENTRIES` (bf16) or `#if MOE_F16_ENTRIES` (fp16): see the top of the file.
 // Prefill variants: `_m64s2` (BM 64, 2 stages: sm_86/89, 2 blocks per SM in 100 KB), `_m64s3`,
 // `_m128s4` (double-buffered decoded B, one barrier per k tile; slower than m64s2 on the H100 in
 // bench/results, kept for tuning).
 // ---------------------------------------------------------------------------------------------
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(1024) void moe_route_bf16(const MoeParams p) {
     moe_route<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(1024) void moe_route_f16(const MoeParams p) {
     moe_route<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_bf16(const MoeParams p) {
     moe_router<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(ROUTER_WARPS * 32) void moe_router_f16(const MoeParams p) {
     moe_router<DTYPE_F16>(p);
 }
+#endif
 // sm_90 only (thread-block clusters); the launcher never runs them on older GPUs, where they
 // compile empty.
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(ROUTER_TOPK_GROUPS * ROUTER_WARPS * 32) void moe_router_topk_bf16(const MoeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     moe_router_topk<DTYPE_BF16>(p);
 #endif
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(ROUTER_TOPK_GROUPS * ROUTER_WARPS * 32) void moe_router_topk_f16(const MoeParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     moe_router_topk<DTYPE_F16>(p);
 #endif
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(1024) void moe_group_bf16(const MoeParams p) {
     moe_group<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(1024) void moe_group_f16(const MoeParams p) {
     moe_group<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(128) void moe_combine_bf16(const MoeParams p) {
     moe_combine<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(128) void moe_combine_f16(const MoeParams p) {
     moe_combine<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_up_bf16(const MoeParams p) {
     moe_dec_up<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_up_f16(const MoeParams p) {
     moe_dec_up<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_bf16(const MoeParams p) {
     moe_dec_down<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, 2) void moe_dec_down_f16(const MoeParams p) {
     moe_dec_down<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_UP_MIN_BLOCKS) void moe_dec2_up_bf16(const MoeParams p) {
     moe_dec2_up<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_UP_MIN_BLOCKS) void moe_dec2_up_f16(const MoeParams p) {
     moe_dec2_up<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) void moe_dec2_down_bf16(const MoeParams p) {
     moe_dec2_down<DTYPE_BF16>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(DEC_WARPS * 32, DEC2_DOWN_MIN_BLOCKS) void moe_dec2_down_f16(const MoeParams p) {
     moe_dec2_down<DTYPE_F16>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_up_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 64, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_up_m64s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, true, 64, 2, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_down_m64s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, false, 64, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, GEMM_M64_MIN_BLOCKS) void moe_gemm_down_m64s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 64, 2, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 128, 4, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_up_m128s4_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, true, 128, 4, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, false, 128, 4, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS) void moe_gemm_down_m128s4_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 128, 4, true>(p);
 }
+#endif
 // m128s2: 128-token tiles, 2 stages, one decoded-B buffer (63 KB): half the weight decoding
 // and B traffic per FLOP of m64s2, two blocks per SM within the registers.
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_up_m128s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, true, 128, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_up_m128s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, true, 128, 2, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_down_m128s2_bf16(const MoeParams p) {
     moe_gemm<DTYPE_BF16, false, 128, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(GEMM_THREADS, 2) void moe_gemm_down_m128s2_f16(const MoeParams p) {
     moe_gemm<DTYPE_F16, false, 128, 2, false>(p);
 }
+#endif
 
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 1, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 1, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 1, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 1, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 1, true, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 1, true, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 1, false, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_up_n1_deep_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 1, false, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 1, true, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 1, true, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 1, false, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_deep_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 1, false, MOE_STR_EXTRA_STAGES>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 2, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 2, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, true, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_up_n2_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, true, 2, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_bf16(const MoeParams p) {
     moe_str_fused<DTYPE_BF16, 1, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_f16(const MoeParams p) {
     moe_str_fused<DTYPE_F16, 1, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_plain_bf16(const MoeParams p) {
     moe_str_fused<DTYPE_BF16, 1, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_fused_n1_plain_f16(const MoeParams p) {
     moe_str_fused<DTYPE_F16, 1, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_bf16(const MoeParams p) {
     moe_str_fused<DTYPE_BF16, 2, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_f16(const MoeParams p) {
     moe_str_fused<DTYPE_F16, 2, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_plain_bf16(const MoeParams p) {
     moe_str_fused<DTYPE_BF16, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_fused_n2_plain_f16(const MoeParams p) {
     moe_str_fused<DTYPE_F16, 2, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 1, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 1, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 1, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N1) void moe_str_down_n1_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 1, false>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 2, true>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 2, true>(p);
 }
+#endif
+#if MOE_MAIN_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_plain_bf16(const MoeParams p) {
     moe_str<DTYPE_BF16, false, 2, false>(p);
 }
+#endif
+#if MOE_F16_ENTRIES
 extern "C" __global__ __launch_bounds__(STR_WARPS * 32, STR_MIN_BLOCKS_N2) void moe_str_down_n2_plain_f16(const MoeParams p) {
     moe_str<DTYPE_F16, false, 2, false>(p);
 }
+#endif

@@ -42,7 +42,7 @@ def cache_dir(tmp_path_factory):
 def test_every_source_compiles(arch, cache_dir):
     _nvrtc_or_skip()
     sizes = _native.compile_kernels(arch)
-    families = {"nf4", "moe", "moe_chunks", "attention"}
+    families = {"nf4", "moe", "moe_chunks", "attention", "moe_f16", "moe_chunks_f16"}
     assert set(sizes) == set(_native.kernel_sources()) == families
     for name, size in sizes.items():
         assert size > 0, f"{name} for {arch}: empty cubin"
@@ -93,14 +93,15 @@ def test_nf4_entries_exist_in_cubin():
 def test_router_entries_exist_in_the_served_moe_family(cache_dir):
     """The router op takes its kernels from ``moe_chunks`` (src/ops/router.rs, ROUTER_FAMILY),
     the family vLLM serves the experts from, so a fresh ``vllm serve`` compiles one MoE family,
-    not two. Its cubin must hold every router entry. (The sm_86 cache entry comes from
-    test_every_source_compiles, else from this call.)"""
+    not two. Its cubins (the bf16 program and the fp16 one, where fp16 entries go) must hold
+    every router entry. (The sm_86 cache entries come from test_every_source_compiles, else
+    from this call.)"""
     _nvrtc_or_skip()
     _native.compile_kernels("sm_86")
-    (entry,) = [p for p in cache_dir.iterdir() if p.name.startswith("moe_chunks-sm86-")]
-    cubin = entry.read_bytes()[40:]
-    assert cubin[:4] == b"\x7fELF"
-    for dtype in ("bf16", "f16"):
+    for dtype, program in (("bf16", "moe_chunks"), ("f16", "moe_chunks_f16")):
+        (entry,) = [p for p in cache_dir.iterdir() if p.name.startswith(f"{program}-sm86-")]
+        cubin = entry.read_bytes()[40:]
+        assert cubin[:4] == b"\x7fELF"
         for name in ("moe_router", "moe_router_topk", "moe_route"):
             assert f"{name}_{dtype}\x00".encode() in cubin, (name, dtype)
 
@@ -241,6 +242,32 @@ def test_tuning_override_round_trip():
 def test_chunk_major_moe_family_is_the_moe_source_with_its_define():
     moe, chunks = _native.kernel_source("moe"), _native.kernel_source("moe_chunks")
     assert chunks == "#define STR_CHUNK_MAJOR 1\n" + moe
+    moe16, chunks16 = _native.kernel_source("moe_f16"), _native.kernel_source("moe_chunks_f16")
+    assert chunks16 == "#define STR_CHUNK_MAJOR 1\n" + moe16
+
+
+@pytest.mark.parametrize("family", ["moe", "moe_chunks"])
+def test_moe_entries_split_by_dtype_between_two_programs(family, cache_dir):
+    """moe.cu compiles as two programs per weight order: the bf16 entries in `family`, the fp16
+    ones in `family`_f16, where GpuDevice::function sends every entry ending in _f16. Together
+    they hold every entry of the file, each exactly once, so no launch can miss its kernel. (The
+    sm_86 cache entries come from test_every_source_compiles, same module cache.)"""
+    _nvrtc_or_skip()
+    text = _native.kernel_source(family)
+    entries = set(re.findall(r'extern "C" __global__[^\n]*? void (\w+)\(const MoeParams', text))
+    assert len(entries) == 62 and all(e.endswith(("_bf16", "_f16")) for e in entries)
+    _native.compile_kernels("sm_86", [family, f"{family}_f16"])
+    cubins = {}
+    for program in (family, f"{family}_f16"):
+        path = _native.kernel_cache_path(program, "sm_86")
+        assert path is not None
+        with open(path, "rb") as f:
+            cubins[program] = f.read()[40:]
+    for entry in entries:
+        section = b".text." + entry.encode() + b"\x00"
+        want_f16 = entry.endswith("_f16")
+        assert (section in cubins[f"{family}_f16"]) == want_f16, entry
+        assert (section in cubins[family]) == (not want_f16), entry
 
 
 def test_chunk_major_linear_streaming_variant_compiles():

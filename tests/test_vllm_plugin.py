@@ -1032,8 +1032,8 @@ def test_served_kernel_families_follow_the_built_model(
     cpu_vllm, synth_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The families the plugin compiles while the weights load are the ones the built model
-    launches: the MoE's (by weight order), the router's, nf4 for NF4 linears or quantize at
-    load; attention only with our backend (never on this CPU-only machine). On a machine
+    launches: the MoE's (by weight order and dtype), the router's, nf4 for NF4 linears or
+    quantize at load; attention only with our backend (never on this CPU-only machine). On a machine
     without a GPU nothing starts, and GPTOSS_3090_PRECOMPILE=off starts nothing anywhere."""
     from gptoss_3090.vllm import model as M
     from gptoss_3090.vllm.linear_method import Nf4LinearMethod
@@ -1046,6 +1046,9 @@ def test_served_kernel_families_follow_the_built_model(
     )
     assert nf4_linears  # the tiny synth quantizes q/k/v/o
     assert M.served_kernel_families(model) == ["nf4", "moe_chunks"]
+    with monkeypatch.context() as mp:  # a float16 model runs the MoE's fp16 programs
+        mp.setattr(model.vllm_config.model_config, "dtype", torch.float16)
+        assert M.served_kernel_families(model) == ["nf4", "moe_chunks_f16"]
     with monkeypatch.context() as mp:
         mp.setenv("GPTOSS_3090_MOE_WEIGHTS_ORDER", "rows")
         mp.setenv("GPTOSS_3090_ROUTER", "vllm")

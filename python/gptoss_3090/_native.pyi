@@ -185,7 +185,8 @@ def compile_source_log(
 
 def kernel_source(name: str) -> str:
     """The embedded source text of kernel family ``name`` (``"nf4"``, ``"moe"``,
-    ``"moe_chunks"``, ``"attention"``)."""
+    ``"moe_chunks"``, ``"attention"``, and the MoE families' fp16 programs ``"moe_f16"``,
+    ``"moe_chunks_f16"``)."""
 
 def kernel_sources() -> list[str]:
     """Names of the kernel families embedded in the extension."""

@@ -454,6 +454,7 @@ mod tests {
             prelude: "",
             source:
                 "#include \"common.cuh\"\nextern \"C\" __global__ void k(float* p) { *p = 1.f; }",
+            f16_program: None,
         };
         let dir = std::env::temp_dir().join(format!("gptoss_lock_test_{}", std::process::id()));
         let path = dir.join("lock_test.cubin");

@@ -546,7 +546,8 @@ impl GpuDevice {
                 return Ok(k.clone());
             }
         }
-        let src = source(source_name)?;
+        // The program holding the entry: a MoE family's fp16 entries are compiled apart.
+        let src = source(source(source_name)?.program_for(entry))?;
         guard("resolving a kernel", || {
             let module = self.load_module(src.name)?;
             let entry_c = CString::new(entry)

@@ -34,7 +34,8 @@ use crate::error::{Error, Result};
 /// compiled as one NVRTC program / one CUDA module.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSource {
-    /// Family name: `"nf4"`, `"moe"`, `"moe_chunks"` or `"attention"`.
+    /// Family name: `"nf4"`, `"moe"`, `"moe_chunks"`, `"attention"`, or the fp16 halves of the
+    /// MoE families, `"moe_f16"` and `"moe_chunks_f16"`.
     pub name: &'static str,
     /// The file under `kernels/`, without `.cu`.
     pub file: &'static str,
@@ -43,6 +44,19 @@ pub struct KernelSource {
     /// The full text NVRTC compiles: prelude, then the `.cu` file, which includes `common.cuh`
     /// ([`COMMON_HEADER`]).
     pub source: &'static str,
+    /// The program that holds this family's fp16 entries (names ending in `_f16`), when they
+    /// are compiled apart: [`GpuDevice::function`] sends such an entry there.
+    pub f16_program: Option<&'static str>,
+}
+
+impl KernelSource {
+    /// The program (a [`SOURCES`] name) that defines `entry` of this family.
+    pub fn program_for(&self, entry: &str) -> &'static str {
+        match self.f16_program {
+            Some(p) if entry.ends_with("_f16") => p,
+            _ => self.name,
+        }
+    }
 }
 
 /// The prelude of the chunk-major builds (`STR_CHUNK_MAJOR`, kernels/common.cuh): their
@@ -52,6 +66,19 @@ pub struct KernelSource {
 macro_rules! chunk_major_prelude {
     () => {
         "#define STR_CHUNK_MAJOR 1\n"
+    };
+}
+
+/// Preludes that split moe.cu into its bf16 and fp16 entries (`MOE_MAIN_ENTRIES`,
+/// `MOE_F16_ENTRIES` in kernels/moe.cu): a bf16 model compiles and loads only the first half.
+macro_rules! bf16_entries_prelude {
+    () => {
+        "#define MOE_F16_ENTRIES 0\n"
+    };
+}
+macro_rules! f16_entries_prelude {
+    () => {
+        "#define MOE_MAIN_ENTRIES 0\n"
     };
 }
 
@@ -65,24 +92,53 @@ pub const SOURCES: &[KernelSource] = &[
         file: "nf4",
         prelude: "",
         source: include_str!("../../kernels/nf4.cu"),
+        f16_program: None,
     },
     KernelSource {
         name: "moe",
         file: "moe",
-        prelude: "",
-        source: include_str!("../../kernels/moe.cu"),
+        prelude: bf16_entries_prelude!(),
+        source: concat!(
+            bf16_entries_prelude!(),
+            include_str!("../../kernels/moe.cu")
+        ),
+        f16_program: Some("moe_f16"),
     },
     KernelSource {
         name: "moe_chunks",
         file: "moe",
-        prelude: chunk_major_prelude!(),
-        source: concat!(chunk_major_prelude!(), include_str!("../../kernels/moe.cu")),
+        prelude: concat!(chunk_major_prelude!(), bf16_entries_prelude!()),
+        source: concat!(
+            chunk_major_prelude!(),
+            bf16_entries_prelude!(),
+            include_str!("../../kernels/moe.cu")
+        ),
+        f16_program: Some("moe_chunks_f16"),
     },
     KernelSource {
         name: "attention",
         file: "attention",
         prelude: "",
         source: include_str!("../../kernels/attention.cu"),
+        f16_program: None,
+    },
+    KernelSource {
+        name: "moe_f16",
+        file: "moe",
+        prelude: f16_entries_prelude!(),
+        source: concat!(f16_entries_prelude!(), include_str!("../../kernels/moe.cu")),
+        f16_program: None,
+    },
+    KernelSource {
+        name: "moe_chunks_f16",
+        file: "moe",
+        prelude: concat!(chunk_major_prelude!(), f16_entries_prelude!()),
+        source: concat!(
+            chunk_major_prelude!(),
+            f16_entries_prelude!(),
+            include_str!("../../kernels/moe.cu")
+        ),
+        f16_program: None,
     },
 ];
 
@@ -451,6 +507,27 @@ mod tests {
         assert_eq!(Tuning::for_device(a("sm_120"), 99 * 1024), Tuning::Sm86);
         assert_eq!(Tuning::parse("SM_86").unwrap(), Tuning::Sm86);
         assert!(Tuning::parse("sm75").is_err());
+    }
+
+    #[test]
+    fn moe_fp16_entries_live_in_their_own_programs() {
+        for (family, f16) in [("moe", "moe_f16"), ("moe_chunks", "moe_chunks_f16")] {
+            let main = source(family).unwrap();
+            assert_eq!(main.program_for("moe_str_up_n2_bf16"), family);
+            assert_eq!(main.program_for("moe_str_up_n2_f16"), f16);
+            let half = source(f16).unwrap();
+            assert_eq!(half.file, "moe");
+            assert_eq!(half.program_for("moe_str_up_n2_f16"), f16);
+            assert!(main.source.contains("#define MOE_F16_ENTRIES 0\n"));
+            assert!(half.source.contains("#define MOE_MAIN_ENTRIES 0\n"));
+            assert_eq!(
+                main.source.contains("STR_CHUNK_MAJOR"),
+                half.source.contains("STR_CHUNK_MAJOR")
+            );
+        }
+        for other in ["nf4", "attention"] {
+            assert_eq!(source(other).unwrap().program_for("x_f16"), other);
+        }
     }
 
     #[test]

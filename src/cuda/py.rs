@@ -73,7 +73,8 @@ fn compile_source_log(
     Ok((cubin.len(), log))
 }
 
-/// The embedded text of kernel family `name` ("nf4", "moe", "moe_chunks", "attention").
+/// The embedded text of kernel family `name` ("nf4", "moe", "moe_chunks", "attention",
+/// "moe_f16", "moe_chunks_f16").
 #[pyfunction]
 fn kernel_source(name: &str) -> PyResult<&'static str> {
     Ok(super::source(name)?.source)

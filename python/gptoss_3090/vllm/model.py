@@ -388,7 +388,8 @@ def served_kernel_families(model: nn.Module) -> list[str]:
     """The kernel families (``_native.kernel_sources()`` names) the built ``model`` launches:
     the MoE's (``moe_chunks`` for chunk-major experts, ``moe`` for rows), ``moe_chunks`` for our
     router, ``nf4`` for NF4 linear layers or weights quantized at load, ``attention`` for our
-    attention backend. Empty with the reference kernels (``GPTOSS_3090_REFERENCE_KERNELS``)."""
+    attention backend. A float16 model's MoE and router entries live in the ``_f16`` programs
+    of the MoE families. Empty with the reference kernels (``GPTOSS_3090_REFERENCE_KERNELS``)."""
     from gptoss_3090.vllm.attention_backend import GptOssSinkAttentionImpl
     from gptoss_3090.vllm.linear_method import (
         Nf4LinearMethod,
@@ -399,13 +400,17 @@ def served_kernel_families(model: nn.Module) -> list[str]:
 
     if use_reference_kernels():
         return []
+    model_config = getattr(getattr(model, "vllm_config", None), "model_config", None)
+    # src/cuda/mod.rs SOURCES: moe.cu's fp16 entries compile as programs of their own.
+    moe_dtype = "_f16" if getattr(model_config, "dtype", None) == torch.float16 else ""
     families: list[str] = []
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, BnbMoeMethod):
-            families.append("moe_chunks" if moe_weights_order() == "chunks" else "moe")
+            order = moe_weights_order()
+            families.append(("moe_chunks" if order == "chunks" else "moe") + moe_dtype)
         elif isinstance(method, RouterLinearMethod):
-            families.append("moe_chunks")  # src/ops/router.rs ROUTER_FAMILY
+            families.append("moe_chunks" + moe_dtype)  # src/ops/router.rs ROUTER_FAMILY
         elif isinstance(method, Nf4LinearMethod):
             families.append("nf4")
         elif isinstance(getattr(module, "impl", None), GptOssSinkAttentionImpl):
