@@ -215,7 +215,7 @@ print('NVRTC', _native.nvrtc_version(), runtime.doctor().get('nvrtc'))" 2>&1 | t
       python3 bench/bench_vllm_e2e.py --ours "$CK/g20b" --sides ours \
       --out "$W/res/coldstart_${i}_$mode" --budgets full --workloads ${COLD_WORKLOADS:-decode_b1}
     folders+=("$W/res/coldstart_${i}_$mode")
-    rm -rf "$W/coldstart_cache_$i"
+    rm -rf "$W/coldstart_cache_$i" "$kd"
   done
   python3 bench/coldstart_summary.py "${folders[@]}" --out "$W/res/coldstart.md"
 }

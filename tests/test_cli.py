@@ -178,3 +178,70 @@ def test_settings_lists_the_variables_and_their_values(
     err = capsys.readouterr().err
     assert "GPTOSS_3090_ATTN_ROPES is not a setting" in err
     assert main(["settings", "--kind", "nonsense"]) == 2
+
+
+def test_served_programs_follow_dtype_and_weights_order() -> None:
+    from gptoss_3090 import _native
+    from gptoss_3090.cli import served_programs
+
+    assert served_programs() == ["nf4", "attention", "moe_chunks"]
+    assert served_programs("fp16") == ["nf4", "attention", "moe_chunks_f16"]
+    assert served_programs("bf16", "rows") == ["nf4", "attention", "moe", "moe_chunks"]
+    known = set(_native.kernel_sources())
+    for dtype in ("bf16", "fp16"):
+        for order in ("chunks", "rows"):
+            assert set(served_programs(dtype, order)) <= known
+    with pytest.raises(ValueError, match="dtype"):
+        served_programs("fp32")
+
+
+def test_compile_fills_the_kernel_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gptoss-3090 compile --arch` fills the cache without a GPU; a second run finds it there.
+    (The served programs are cut to the small attention one to keep this fast.)"""
+    from gptoss_3090 import _native, cli, runtime
+
+    runtime.ensure_cuda_libs()
+    try:
+        _native.nvrtc_version()
+    except Exception as e:  # noqa: BLE001 - any failure means no NVRTC here
+        pytest.skip(f"NVRTC not available: {e}")
+    monkeypatch.setenv("GPTOSS_3090_CACHE", str(tmp_path))
+    monkeypatch.setattr(cli, "served_programs", lambda dtype, order: ["attention"])
+    assert main(["compile", "--arch", "sm_86"]) == 0
+    out = capsys.readouterr().out
+    assert "attention" in out and "compiled" in out and "sm_86" in out and str(tmp_path) in out
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["attention"]
+    assert main(["compile", "--arch", "sm_86"]) == 0
+    assert "cached already" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["compile", "--arch", "sm_75"], {}, "arch"),
+        (["compile", "--arch", "sm_86"], {"GPTOSS_3090_CACHE": "off"}, "cache is off"),
+    ],
+)
+def test_compile_input_errors(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_compile_without_a_gpu_asks_for_an_arch(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: compile would use its architecture")
+    assert main(["compile"]) == 2
+    assert "--arch" in capsys.readouterr().err

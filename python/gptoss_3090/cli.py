@@ -15,6 +15,8 @@ Subcommands:
   one is set.
 * ``bench [--out DIR] ...``: benchmarks that fit this machine, JSON + PNG plots (see
   :mod:`gptoss_3090.bench_cli`).
+* ``compile [--arch sm_XY] [--dtype bf16|fp16] [--weights-order chunks|rows] [--all]``: fill
+  the kernel cache ahead of the first ``vllm serve`` (no GPU needed with ``--arch``).
 
 Adding a subcommand: write ``_add_<name>(subparsers)`` that creates its parser and sets
 ``func=<handler>`` (``handler(args) -> int``), and append it to :data:`SUBCOMMANDS`.
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "served_programs"]
 
 PROG = "gptoss-3090"
 
@@ -357,6 +359,70 @@ def _cmd_settings(args: argparse.Namespace) -> int:
     return 1 if unknown else 0
 
 
+#: The kernel programs ``vllm serve`` launches for a bnb_moe GPT-OSS model, by model dtype and
+#: expert byte order (gptoss_3090.vllm.model.served_kernel_families on a built model).
+def served_programs(dtype: str = "bf16", weights_order: str = "chunks") -> list[str]:
+    """The kernel programs vLLM serving runs: ``nf4`` (q/k/v/o, quantize at load), ``attention``
+    (our backend on sm_80-sm_89), the MoE family of ``weights_order`` and the router's
+    ``moe_chunks``, as the fp16 programs for an fp16 model."""
+    if dtype not in ("bf16", "fp16"):
+        raise ValueError(f"dtype {dtype!r}: expected 'bf16' or 'fp16'")
+    if weights_order not in ("chunks", "rows"):
+        raise ValueError(f"weights order {weights_order!r}: expected 'chunks' or 'rows'")
+    suffix = "_f16" if dtype == "fp16" else ""
+    moe = ["moe_chunks"] if weights_order == "chunks" else ["moe", "moe_chunks"]
+    return ["nf4", "attention", *(f + suffix for f in moe)]
+
+
+def _add_compile(sub: Any) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile the kernels into the kernel cache now (before the first vllm serve)",
+        description="NVRTC-compiles the kernel programs vllm serve runs (or --all) for one GPU "
+        "architecture into the kernel cache ($GPTOSS_3090_CACHE or "
+        "~/.cache/gptoss_3090/kernels), side by side. With --arch no GPU is needed (a "
+        "container image build, say); without it the current GPU's architecture is used. "
+        "The first vllm serve then loads them instead of compiling.",
+    )
+    p.add_argument("--arch", help="e.g. sm_86 (RTX 3090); default: the current GPU's")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="model dtype")
+    p.add_argument(
+        "--weights-order",
+        choices=("chunks", "rows"),
+        default="chunks",
+        help="expert byte order served (GPTOSS_3090_MOE_WEIGHTS_ORDER; default chunks)",
+    )
+    p.add_argument("--all", action="store_true", help="every kernel program, not only the served")
+    p.set_defaults(func=_cmd_compile)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from gptoss_3090 import _native, runtime
+
+    runtime.ensure_cuda_libs()
+    if _native.kernel_cache_dir() is None:
+        raise ValueError("the kernel cache is off (GPTOSS_3090_CACHE=off): nothing would be kept")
+    families = list(_native.kernel_sources()) if args.all else served_programs(
+        args.dtype, args.weights_order
+    )
+    try:
+        thread = runtime.compile_in_background(families, arch=args.arch)
+    except _native.CudaError as e:
+        if args.arch is None:  # no GPU to take the architecture from
+            raise ValueError(f"{e}; pass --arch (e.g. --arch sm_86) to compile without a GPU") from e
+        raise
+    assert thread is not None  # the cache is on
+    thread.join()
+    if thread.error is not None:
+        raise thread.error
+    for family in families:
+        state = "cached already" if family in thread.cached else "compiled"
+        print(f"{family:<16} {_size(thread.sizes[family]):>10}  {state}")
+    print(f"{len(families)} programs for {thread.arch} in {thread.seconds:.1f} s, in "
+          f"{_native.kernel_cache_dir()}")
+    return 0
+
+
 def _add_bench(sub: Any) -> None:
     from gptoss_3090 import bench_cli
 
@@ -374,6 +440,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_doctor,
     _add_demo,
     _add_settings,
+    _add_compile,
     _add_bench,
 ]
 
