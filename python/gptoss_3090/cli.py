@@ -409,7 +409,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         thread = runtime.compile_in_background(families, arch=args.arch)
     except _native.CudaError as e:
         if args.arch is None:  # no GPU to take the architecture from
-            raise ValueError(f"{e}; pass --arch (e.g. --arch sm_86) to compile without a GPU") from e
+            hint = "pass --arch (e.g. --arch sm_86) to compile without a GPU"
+            raise ValueError(f"{e}; {hint}") from e
         raise
     assert thread is not None  # the cache is on
     thread.join()
