@@ -359,12 +359,11 @@ def _cmd_settings(args: argparse.Namespace) -> int:
     return 1 if unknown else 0
 
 
-#: The kernel programs ``vllm serve`` launches for a bnb_moe GPT-OSS model, by model dtype and
-#: expert byte order (gptoss_3090.vllm.model.served_kernel_families on a built model).
 def served_programs(dtype: str = "bf16", weights_order: str = "chunks") -> list[str]:
     """The kernel programs vLLM serving runs: ``nf4`` (q/k/v/o, quantize at load), ``attention``
     (our backend on sm_80-sm_89), the MoE family of ``weights_order`` and the router's
-    ``moe_chunks``, as the fp16 programs for an fp16 model."""
+    ``moe_chunks``, as the fp16 programs for an fp16 model. Without a model to inspect; in
+    vLLM the plugin asks the built model (``gptoss_3090.vllm.model.served_kernel_families``)."""
     if dtype not in ("bf16", "fp16"):
         raise ValueError(f"dtype {dtype!r}: expected 'bf16' or 'fp16'")
     if weights_order not in ("chunks", "rows"):
