@@ -50,9 +50,14 @@ def test_background_compile_rejects_bad_arguments_at_once(monkeypatch: pytest.Mo
     _nvrtc_or_skip()
     with pytest.raises(ValueError, match="no_such_family"):
         runtime.compile_in_background(["attention", "no_such_family"], arch="sm_86")
-    for bad in ("sm_75", "sm_x6", "", "7.5"):
+    for bad in ("sm_75", "sm_x6", "", "7.5", "sm_860"):
         with pytest.raises(ValueError, match="arch"):
             runtime.compile_in_background(["attention"], arch=bad)
+    with pytest.raises(TypeError, match="list of family names"):
+        runtime.compile_in_background("attention", arch="sm_86")
+    with pytest.raises(TypeError):
+        runtime.compile_in_background(["attention"], arch=86)  # type: ignore[arg-type]
+    assert _native.arch_name("8.6") == _native.arch_name("86") == "sm_86"
     monkeypatch.setenv("GPTOSS_3090_CACHE", "off")
     assert runtime.compile_in_background(["attention"], arch="sm_86") is None
 

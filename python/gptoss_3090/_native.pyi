@@ -202,6 +202,10 @@ def kernel_cache_dir() -> str | None:
     ``$XDG_CACHE_HOME/gptoss_3090/kernels`` or ``~/.cache/gptoss_3090/kernels``), or None when
     caching is off (``GPTOSS_3090_CACHE=off``)."""
 
+def arch_name(arch: str) -> str:
+    """``arch`` in any spelling the runtime accepts (``"sm_86"``, ``"86"``, ``"8.6"``) as
+    ``"sm_XY"``. Raises ValueError when it is malformed or older than sm_80."""
+
 def kernel_cache_path(family: str, arch: str) -> str | None:
     """The file kernel family ``family`` compiled for ``arch`` is cached in (whether or not it
     exists yet), or None when caching is off. Raises ValueError for an unknown family or arch,

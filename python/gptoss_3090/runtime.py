@@ -129,16 +129,6 @@ def warmup(device: int | str | torch.device | None = None) -> None:
 logger = logging.getLogger(__name__)
 
 
-def _arch_name(arch: str) -> str:
-    """``"sm_86"`` from any spelling ``_native`` accepts; ValueError naming ``arch`` else."""
-    text = arch.strip().removeprefix("sm_").removeprefix("sm").removeprefix("compute_")
-    major, dot, minor = text.partition(".")
-    digits = major + minor if dot else text
-    if not (digits.isdigit() and len(digits) >= 2 and int(digits[:-1]) >= 8):
-        raise ValueError(f"arch {arch!r}: expected 'sm_XY' with XY >= 80 (e.g. 'sm_86')")
-    return f"sm_{digits}"
-
-
 class KernelCompileThread(threading.Thread):
     """The daemon thread :func:`compile_in_background` starts.
 
@@ -210,6 +200,8 @@ def compile_in_background(
     thread (:class:`KernelCompileThread`).
     """
     ensure_cuda_libs()
+    if isinstance(families, str):
+        raise TypeError(f"families: expected a list of family names, found the string {families!r}")
     known = list(_native.kernel_sources())
     names = known if families is None else list(families)
     unknown = [f for f in names if f not in known]
@@ -218,7 +210,7 @@ def compile_in_background(
     if arch is None:
         arch = str(_native.device_info(ordinal_of(device))["arch"])
     else:
-        arch = _arch_name(arch)
+        arch = _native.arch_name(arch)
     if _native.kernel_cache_dir() is None:
         return None
     thread = KernelCompileThread(arch, names, log)

@@ -8,6 +8,7 @@
 //! | `nvrtc_version() -> tuple[int, int]` | NVRTC version (raises CudaError without NVRTC) |
 //! | `kernel_cache_dir() -> str \| None` | where cubins are cached |
 //! | `kernel_cache_path(family: str, arch: str) -> str \| None` | a family's cache file for `arch` |
+//! | `arch_name(arch: str) -> str` | "sm_XY" from any accepted spelling; sm_80+ only |
 //! | `device_info(ordinal: int) -> dict` | name, arch, SMs, shared memory, L2, tuning, ... |
 //! | `warmup(ordinal: int) -> None` | compile + load every kernel (before CUDA-graph capture) |
 //! | `max_active_clusters(ordinal, family, entry, cluster_y, threads, dyn_smem) -> int` | clusters a GPU runs at once (sm_90+) |
@@ -102,6 +103,20 @@ fn nvrtc_version() -> PyResult<(i32, i32)> {
 #[pyfunction]
 fn kernel_cache_dir() -> Option<String> {
     super::cache_dir().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// `arch` (any spelling `Arch::parse` takes: "sm_86", "86", "8.6") as "sm_XY"; ValueError
+/// when it is malformed or older than sm_80.
+#[pyfunction]
+fn arch_name(arch: &str) -> PyResult<String> {
+    let parsed = Arch::parse(arch)?;
+    if !parsed.is_supported() {
+        return Err(Error::arg(format!(
+            "arch '{arch}': gptoss-3090 kernels need sm_80 or newer"
+        ))
+        .into());
+    }
+    Ok(parsed.to_string())
 }
 
 /// The cache file kernel family `family` compiled for `arch` has (whether or not it exists
@@ -201,6 +216,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_cache_path, m)?)?;
+    m.add_function(wrap_pyfunction!(arch_name, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;
     m.add_function(wrap_pyfunction!(warmup, m)?)?;
     m.add_function(wrap_pyfunction!(max_active_clusters, m)?)?;
